@@ -1,0 +1,1 @@
+"""Generation: sampling, the batch generator, and the LLM front door."""

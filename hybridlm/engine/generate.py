@@ -1,0 +1,256 @@
+"""Batched generation on the model's own HybridCache, in three layers (mlx-lm's shape):
+
+    BatchGenerator   token ids, one step at a time, for a batch of prompts (prefill, then decode)
+    stream_batch     StreamRecords: text deltas per request, stop strings, eos, finish reasons
+    generate_batch   blocking: GenerationResults with text, tokens and speeds
+
+Prompts of different lengths are left-padded into one batch; finished rows leave the batch.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridlm.engine.params import SamplingParams
+from hybridlm.engine.sampler import Sampler
+from hybridlm.model import HybridLM
+
+
+@dataclass
+class StreamRecord:
+    """One new token of request `index`: its id, the text it completed (may be ''), and the finish reason
+    ('stop' or 'length') on the request's last record."""
+
+    index: int
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int] = field(repr=False)
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_bytes: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def generation_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def check_prompt(prompt: Sequence[int], context_length: int, vocab_size: int) -> None:
+    if len(prompt) == 0:
+        raise ValueError("prompt is empty (0 tokens)")
+    if len(prompt) >= context_length:
+        raise ValueError(
+            f"prompt has {len(prompt)} tokens but the model's context is {context_length} tokens "
+            "(max_position_embeddings); shorten the prompt"
+        )
+    bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+
+
+class BatchGenerator:
+    """Prefill a left-padded batch, then decode one token per live row per `step()`."""
+
+    def __init__(
+        self,
+        model: HybridLM,
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        eos_token_ids: Sequence[int] = (),
+        prefill_chunk: int = 2048,
+    ) -> None:
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        config = model.config
+        for prompt in prompts:
+            check_prompt(prompt, config.max_position_embeddings, config.vocab_size)
+        self.model = model
+        self.device = model.device
+        self.params = list(params)
+        self.samplers = [Sampler(p, self.device) for p in params]
+        self.stop_ids = [set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_token_ids)) for p in params]
+        self.history = [torch.tensor(p, dtype=torch.long, device=self.device) for p in prompts]
+        self.prompt_lengths = [len(p) for p in prompts]
+        self.outputs: list[list[int]] = [[] for _ in prompts]
+        self.finish_reasons: list[str | None] = [None] * len(prompts)
+        self.live = list(range(len(prompts)))  # request index of each cache row
+        self.prefill_chunk = prefill_chunk
+        self.cache = None
+        self.next_tokens: dict[int, int] = {}
+        self.prefill_seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def finish(self, index: int, reason: str) -> None:
+        """End request `index` (also used by callers, e.g. on a stop string)."""
+        if self.finish_reasons[index] is None:
+            self.finish_reasons[index] = reason
+
+    @torch.inference_mode()
+    def _prefill(self) -> torch.Tensor:
+        longest = max(self.prompt_lengths)
+        batch = len(self.live)
+        ids = torch.zeros(batch, longest, dtype=torch.long, device=self.device)
+        valid = torch.zeros(batch, longest, dtype=torch.bool, device=self.device)
+        for row, index in enumerate(self.live):
+            length = self.prompt_lengths[index]
+            ids[row, longest - length:] = self.history[index]
+            valid[row, longest - length:] = True
+        self.cache = self.model.new_cache(batch)
+        mask = None if bool(valid.all()) else valid
+        logits = None
+        for start in range(0, longest, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, longest)
+            chunk_mask = None if mask is None else mask[:, start:end]
+            logits = self.model(ids[:, start:end], cache=self.cache, attention_mask=chunk_mask, logits_to_keep=1)
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, int]:
+        """One token for every live request: {request index: token id}. Finished requests leave the batch."""
+        if self.done:
+            return {}
+        if self.cache is None:
+            start = time.perf_counter()
+            logits = self._prefill()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.prefill_seconds = time.perf_counter() - start
+        else:
+            last = torch.tensor([[self.outputs[i][-1]] for i in self.live], device=self.device)
+            logits = self.model(last, cache=self.cache)[:, -1]
+        logits = logits.float()
+        new_tokens = {}
+        context = self.model.config.max_position_embeddings
+        for row, index in enumerate(self.live):
+            token = self.samplers[index](logits[row], self.history[index])
+            self.outputs[index].append(token)
+            self.history[index] = torch.cat([self.history[index], torch.tensor([token], device=self.device)])
+            new_tokens[index] = token
+            if token in self.stop_ids[index]:
+                self.finish(index, "stop")
+            elif len(self.outputs[index]) >= self.params[index].max_tokens:
+                self.finish(index, "length")
+            elif len(self.history[index]) >= context:
+                self.finish(index, "length")  # the context is full: no position left for another token
+        return new_tokens
+
+    def drop_finished(self) -> None:
+        keep = [row for row, index in enumerate(self.live) if self.finish_reasons[index] is None]
+        if len(keep) != len(self.live):
+            if keep:
+                self.cache.select(keep)
+            self.live = [self.live[row] for row in keep]
+
+
+class _TextState:
+    """Incremental text of one request, with stop strings held back until they can no longer match."""
+
+    def __init__(self, tokenizer, params: SamplingParams) -> None:
+        self.decoder = tokenizer.incremental_decoder(skip_special_tokens=params.skip_special_tokens)
+        self.stops = params.stop_strings
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int, is_stop_token: bool) -> str:
+        if not is_stop_token:
+            self.text += self.decoder.push(token)
+        return self._release(final=False)
+
+    def close(self) -> str:
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stops and not self.stopped:
+            search_from = max(0, self.emitted - self.hold)
+            hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+        end = len(self.text) if final or self.stopped else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+
+def stream_batch(
+    model: HybridLM,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    eos_token_ids: Sequence[int] = (),
+    generator: BatchGenerator | None = None,
+) -> Iterator[StreamRecord]:
+    """StreamRecords for every request of the batch, in generation order; each request ends with a record
+    whose finish_reason is set."""
+    generator = generator or BatchGenerator(model, prompts, params, eos_token_ids)
+    texts = [_TextState(tokenizer, p) for p in params]
+    while not generator.done:
+        for index, token in generator.step().items():
+            state = texts[index]
+            delta = state.push(token, token in generator.stop_ids[index])
+            if state.stopped:
+                generator.finish(index, "stop")
+            reason = generator.finish_reasons[index]
+            if reason is not None:
+                delta += state.close()
+            yield StreamRecord(index=index, token_id=token, text=delta, finish_reason=reason)
+        generator.drop_finished()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def generate_batch(
+    model: HybridLM,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    eos_token_ids: Sequence[int] = (),
+) -> list[GenerationResult]:
+    generator = BatchGenerator(model, prompts, params, eos_token_ids)
+    texts = [""] * len(prompts)
+    start = time.perf_counter()
+    for record in stream_batch(model, tokenizer, prompts, params, eos_token_ids, generator=generator):
+        texts[record.index] += record.text
+    elapsed = time.perf_counter() - start
+    decode_seconds = max(elapsed - generator.prefill_seconds, 1e-9)
+    total_prompt = sum(generator.prompt_lengths)
+    total_output = sum(len(o) for o in generator.outputs)
+    peak = peak_memory_bytes(model.device)
+    return [
+        GenerationResult(
+            text=texts[i],
+            token_ids=generator.outputs[i],
+            finish_reason=generator.finish_reasons[i],
+            prompt_token_ids=list(prompts[i]),
+            prompt_tps=total_prompt / max(generator.prefill_seconds, 1e-9),
+            generation_tps=max(total_output - len(prompts), 0) / decode_seconds,
+            peak_memory_bytes=peak,
+        )
+        for i in range(len(prompts))
+    ]

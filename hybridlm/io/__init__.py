@@ -1,0 +1,1 @@
+"""Checkpoint input/output: weights, tokenizer and chat template."""

@@ -1,0 +1,231 @@
+"""The blocks of a Qwen3.5 / Qwen3-Next hybrid. Parameter names match the checkpoints' keys."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm.config import ModelConfig
+from hybridlm.model.cache import HybridCache
+from hybridlm.ops import (
+    apply_partial_rope,
+    attention,
+    causal_conv1d,
+    chunk_gated_delta_rule,
+    gated_rms_norm,
+    gdn_gates,
+    recurrent_gated_delta_rule,
+    rms_norm,
+)
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: the weight is stored as w and applied as (1 + w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """The GDN output norm: plain weight (init 1), gated by silu(z)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with a delta-rule memory: projections -> short causal conv -> gated delta rule ->
+    gated RMSNorm -> out_proj."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_key_heads = config.linear_num_key_heads
+        self.num_value_heads = config.linear_num_value_heads
+        self.key_head_dim = config.linear_key_head_dim
+        self.value_head_dim = config.linear_value_head_dim
+        hidden, key_dim, value_dim = config.hidden_size, config.linear_key_dim, config.linear_value_dim
+        self.in_proj_qkv = nn.Linear(hidden, 2 * key_dim + value_dim, bias=False)
+        self.in_proj_z = nn.Linear(hidden, value_dim, bias=False)
+        self.in_proj_b = nn.Linear(hidden, self.num_value_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden, self.num_value_heads, bias=False)
+        self.conv1d = nn.Conv1d(config.conv_dim, config.conv_dim, config.linear_conv_kernel_dim,
+                                groups=config.conv_dim, bias=False)
+        # Decay parameters stay fp32 whatever the model dtype (see ops.delta_rule.gdn_gates).
+        self.A_log = nn.Parameter(torch.empty(self.num_value_heads).uniform_(0.01, 16).log_())
+        self.dt_bias = nn.Parameter(torch.ones(self.num_value_heads))
+        self.norm = GatedRMSNorm(self.value_head_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(value_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        conv_state = recurrent_state = None
+        if cache is not None:
+            conv_state = cache.conv_states.get(self.layer_idx)
+            recurrent_state = cache.recurrent_states.get(self.layer_idx)
+        qkv, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight[:, 0], initial_state=conv_state,
+                                        output_final_state=cache is not None)
+        key_dim = self.num_key_heads * self.key_head_dim
+        q, k, v = qkv.split([key_dim, key_dim, self.num_value_heads * self.value_head_dim], dim=-1)
+        q = q.reshape(batch, length, self.num_key_heads, self.key_head_dim)
+        k = k.reshape(batch, length, self.num_key_heads, self.key_head_dim)
+        v = v.reshape(batch, length, self.num_value_heads, self.value_head_dim)
+        g, beta = gdn_gates(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
+        # The step form for single-token decode, the chunked form for everything else (as transformers does).
+        rule = recurrent_gated_delta_rule if length == 1 and recurrent_state is not None else chunk_gated_delta_rule
+        o, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state,
+                                  output_final_state=cache is not None)
+        if cache is not None:
+            cache.conv_states[self.layer_idx] = conv_state
+            cache.recurrent_states[self.layer_idx] = recurrent_state
+        z = self.in_proj_z(x).reshape(batch, length, self.num_value_heads, self.value_head_dim)
+        o = self.norm(o, z)  # [B, T, Hv, dv]
+        return self.out_proj(o.reshape(batch, length, -1))
+
+
+class GatedAttention(nn.Module):
+    """GQA softmax attention with per-head q/k RMSNorm, partial RoPE and a sigmoid output gate."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        # q_proj output is per head [query_h | gate_h], not all queries then all gates.
+        self.q_proj = nn.Linear(hidden, 2 * self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: HybridCache | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        query, gate = self.q_proj(x).view(batch, length, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(query).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append_kv(self.layer_idx, k, v)
+        o = attention(q, k, v, mask, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
+        o = o.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All routed experts as fused tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden).normal_(std=0.02))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate).normal_(std=0.02))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids, weights [N, k] -> sum_k weight * expert(x), [N, H]."""
+        out = torch.zeros_like(x)
+        for expert in expert_ids.unique().tolist():
+            token, slot = torch.where(expert_ids == expert)
+            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Softmax router over E experts, top-k (renormalised when norm_topk_prob), plus a sigmoid-gated
+    shared expert."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(hidden, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size)
+        self.shared_expert = MLP(hidden, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if self.shared_expert is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, H]
+        router_logits = self.gate(x)
+        probs = router_logits.float().softmax(dim=-1)
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self.experts(x, expert_ids, weights.to(x.dtype))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_linear = config.layer_types[layer_idx] == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = GatedAttention(config, layer_idx)
+        if config.mlp_types[layer_idx] == "moe":
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        cache: HybridCache | None,
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            if valid is not None:
+                # Padding must not touch the recurrent state: zero inputs keep a zero state at zero and
+                # look like the conv's own zero padding (left padding only).
+                h = torch.where(valid[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+            h = self.linear_attn(h, cache)
+        else:
+            h = self.self_attn(h, cos, sin, mask, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))

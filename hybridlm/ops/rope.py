@@ -1,0 +1,70 @@
+"""Partial rotary position embedding (rotate-half convention) with default, linear and YaRN frequencies."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_inv_freq(
+    rotary_dim: int, theta: float, rope_type: str = "default", params: dict | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rotary_dim / 2] (fp32) and the scale applied to cos/sin (YaRN's attention factor)."""
+    params = params or {}
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    factor = float(params["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor, 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"unsupported rope_type {rope_type!r}")
+    # YaRN (arXiv 2309.00071): keep high frequencies (many rotations within the original context) as they
+    # are, interpolate low ones by `factor`, blend linearly in between; scale attention by 0.1 ln(s) + 1.
+    original = params["original_max_position_embeddings"]
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (inv_freq / factor) * ramp + inv_freq * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, rotary_dim] for integer positions [B, T], computed in fp32."""
+    freqs = positions.float()[..., None] * inv_freq.float().to(positions.device)  # [B, T, rotary_dim/2]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim channels of x [B, H, T, D]; the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    half = rotary_dim // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.checkpoints import FAMILIES, write_checkpoint
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(family) -> (directory, transformers model), built once per session."""
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            directory = tmp_path_factory.mktemp(family)
+            built[family] = (directory, write_checkpoint(family, directory))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
