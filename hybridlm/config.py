@@ -270,8 +270,10 @@ class ModelConfig:
                         "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"):
                 out.pop(key)
         elif text_type != "qwen3_next":
-            for key in ("decoder_sparse_step", "mlp_only_layers", "intermediate_size"):
+            for key in ("decoder_sparse_step", "mlp_only_layers"):
                 out.pop(key)
+        if not self.intermediate_size:
+            out.pop("intermediate_size")
         if self.eos_token_id:
             out["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) > 1 else self.eos_token_id[0]
         out["rope_parameters"] = {

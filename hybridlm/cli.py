@@ -1,0 +1,204 @@
+"""The `hybridlm` command: argument parsing that calls the library, nothing more."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run Gated DeltaNet hybrid language models.")
+
+ModelOption = Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint directory (HF layout).")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")]
+DtypeOption = Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's)")]
+StrictOption = Annotated[bool, typer.Option("--strict-config/--no-strict-config",
+                                            help="Refuse config.json fields hybridlm does not know.")]
+
+
+def _model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    from hybridlm.bundled import bundled_model_dir
+
+    bundled = bundled_model_dir()
+    if bundled is None:
+        raise typer.BadParameter("no --model given and this install has no bundled model", param_hint="--model")
+    return bundled
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop):
+    from hybridlm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
+
+
+@app.command()
+def generate(
+    prompt_arg: Annotated[Optional[str], typer.Argument(metavar="[PROMPT]", help="Text to complete.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to complete.")] = None,
+    model: ModelOption = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_p: float = 0.95,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: Optional[int] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    strict_config: StrictOption = True,
+) -> None:
+    """Complete a prompt, streaming the text to stdout; speeds go to stderr."""
+    from hybridlm import LLM
+
+    text = prompt if prompt is not None else prompt_arg
+    if text is None:
+        raise typer.BadParameter("give a prompt: hybridlm generate 'TEXT' or --prompt TEXT")
+    try:
+        params = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
+        llm = LLM(_model_dir(model), device=device, dtype=dtype, strict_config=strict_config)
+        sys.stdout.write(text)
+        stats = _stream(llm, llm.stream(text, sampling=params))
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        _fail(error)
+    sys.stdout.write("\n")
+    typer.echo(stats, err=True)
+
+
+def _stream(llm, records) -> str:
+    """Write text deltas as they come; return a one-line speed summary."""
+    import time
+
+    from hybridlm.engine.generate import peak_memory_bytes
+    from hybridlm.info import human_bytes
+
+    start, first, count, reason = time.perf_counter(), None, 0, None
+    for record in records:
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+        reason = record.finish_reason or reason
+        sys.stdout.write(record.text)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    decode = count - 1
+    speed = f"{decode / (end - first):.1f} tok/s" if decode > 0 and end > first else "n/a"
+    return (f"[{count} tokens, finish={reason}, first token {1000 * ((first or end) - start):.0f} ms, "
+            f"decode {speed}, peak memory {human_bytes(peak_memory_bytes(llm.model.device))}]")
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="Thinking on or off.")] = None,
+    max_tokens: int = 1024,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    top_k: int = 20,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: Optional[int] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    strict_config: StrictOption = True,
+) -> None:
+    """Interactive chat, streaming each reply. /reset clears the conversation, /exit (or EOF) quits."""
+    from hybridlm import LLM
+
+    try:
+        params = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, None)
+        llm = LLM(_model_dir(model), device=device, dtype=dtype, strict_config=strict_config)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        _fail(error)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write(">>> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for record in llm.chat_stream(messages, sampling=params, enable_thinking=think):
+                reply.append(record.text)
+                sys.stdout.write(record.text)
+                sys.stdout.flush()
+        except ValueError as error:  # e.g. the conversation outgrew the context
+            messages.pop()
+            typer.secho(f"\nerror: {error}", fg=typer.colors.RED, err=True)
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command()
+def info(
+    model: ModelOption = None,
+    context: Annotated[Optional[int], typer.Option(help="Context length for the memory estimate.")] = None,
+    dtype: Annotated[str, typer.Option(help="Dtype of weights, conv state and KV for the estimate.")] = "bfloat16",
+    strict_config: StrictOption = True,
+) -> None:
+    """Layer pattern, parameters, and state / KV memory per token and at a context length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hybridlm.config import ModelConfig
+    from hybridlm.io.checkpoint import DTYPES
+    from hybridlm.info import describe, human_bytes
+
+    try:
+        config = ModelConfig.from_file(_model_dir(model), strict=strict_config)
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+        if context is not None and context <= 0:
+            raise ValueError(f"--context must be positive, got {context}")
+        facts = describe(config, DTYPES[dtype])
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        _fail(error)
+    tokens = context or facts.context_length
+    table = Table(title=f"{_model_dir(model)}", show_header=False)
+    rows = [
+        ("model type", facts.model_type),
+        ("layers", f"{len(facts.layer_pattern)}: {facts.layer_pattern.count('L')} Gated DeltaNet, "
+                   f"{facts.layer_pattern.count('A')} full attention"),
+        ("layer pattern", facts.layer_pattern),
+        ("parameters", f"{facts.num_parameters:,} ({facts.num_parameters / 1e9:.3f} B)"),
+        (f"weights ({dtype})", human_bytes(facts.weight_bytes)),
+        ("context (max_position_embeddings)", f"{facts.context_length:,}"),
+        ("recurrent + conv state per sequence", human_bytes(facts.state_bytes_per_sequence)),
+        ("KV cache per token", human_bytes(facts.kv_bytes_per_token)),
+        (f"cache for one sequence of {tokens:,} tokens", human_bytes(facts.memory_at(tokens))),
+        ("  (if every layer were attention)", human_bytes(tokens * facts.all_attention_kv_bytes_per_token)),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(width=120).print(table)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
