@@ -67,14 +67,16 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.value_head_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: HybridCache | None = None, cu_seqlens: torch.LongTensor | None = None
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         conv_state = recurrent_state = None
         if cache is not None:
             conv_state = cache.conv_states.get(self.layer_idx)
             recurrent_state = cache.recurrent_states.get(self.layer_idx)
         qkv, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight[:, 0], initial_state=conv_state,
-                                        output_final_state=cache is not None)
+                                        output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         key_dim = self.num_key_heads * self.key_head_dim
         q, k, v = qkv.split([key_dim, key_dim, self.num_value_heads * self.value_head_dim], dim=-1)
         q = q.reshape(batch, length, self.num_key_heads, self.key_head_dim)
@@ -84,7 +86,7 @@ class GatedDeltaNet(nn.Module):
         # The step form for single-token decode, the chunked form for everything else (as transformers does).
         rule = recurrent_gated_delta_rule if length == 1 and recurrent_state is not None else chunk_gated_delta_rule
         o, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state,
-                                  output_final_state=cache is not None)
+                                  output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.conv_states[self.layer_idx] = conv_state
             cache.recurrent_states[self.layer_idx] = recurrent_state
@@ -217,6 +219,7 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         valid: torch.Tensor | None,
         cache: HybridCache | None,
+        cu_seqlens: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.is_linear:
@@ -224,7 +227,7 @@ class DecoderLayer(nn.Module):
                 # Padding must not touch the recurrent state: zero inputs keep a zero state at zero and
                 # look like the conv's own zero padding (left padding only).
                 h = torch.where(valid[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-            h = self.linear_attn(h, cache)
+            h = self.linear_attn(h, cache, cu_seqlens)
         else:
             h = self.self_attn(h, cos, sin, mask, cache)
         x = x + h

@@ -84,11 +84,14 @@ class HybridLM(nn.Module):
         cache: HybridCache | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        cu_seqlens: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (the last `logits_to_keep` positions when > 0).
 
         `attention_mask` [B, T] marks real tokens (1) and left padding (0) of this chunk. With a cache, the
-        chunk continues where the cache ends; positions count real tokens only.
+        chunk continues where the cache ends; positions count real tokens only. `cu_seqlens` [N+1] packs N
+        documents into one row (B = 1, no cache): positions restart, attention and recurrent state never
+        cross a document boundary (training on packed rows).
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -108,6 +111,10 @@ class HybridLM(nn.Module):
         past_slots = 0 if cache is None else cache.seq_len
         past_tokens = 0 if cache is None else cache.lengths[:, None]
         positions = (past_tokens + chunk_valid.cumsum(dim=1) - 1).clamp(min=0)  # RoPE positions [B, T]
+        if cu_seqlens is not None:
+            cu_seqlens, document = _check_packing(cu_seqlens, batch, length, cache, attention_mask, device)
+            positions = torch.arange(length, device=device) - cu_seqlens[document]  # [T], restarts per document
+            positions = positions[None]
         x = self.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = rope_cos_sin(positions, self._inv_freq, self._rope_scaling, x.dtype)
         mask = None
@@ -115,8 +122,10 @@ class HybridLM(nn.Module):
             key_valid = chunk_valid if cache is None else torch.cat([cache.key_valid, chunk_valid], dim=1)
             query_slots = torch.arange(past_slots, past_slots + length, device=device)
             mask = build_attention_mask(query_slots, torch.arange(past_slots + length, device=device), key_valid)
+            if cu_seqlens is not None:
+                mask = mask & (document[:, None] == document[None, :])
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, valid, cache)
+            x = layer(x, cos, sin, mask, valid, cache, cu_seqlens)
         if cache is not None:
             cache.advance(chunk_valid)
         if logits_to_keep:
@@ -145,3 +154,16 @@ class HybridLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+
+
+def _check_packing(cu_seqlens, batch, length, cache, attention_mask, device):
+    """Validate `cu_seqlens`; return it on `device` and the document index of every token [T]."""
+    if batch != 1 or cache is not None or attention_mask is not None:
+        raise ValueError("cu_seqlens packs documents into one row: it needs batch size 1, no cache and no attention_mask")
+    cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.long, device=device)
+    if cu_seqlens.ndim != 1 or len(cu_seqlens) < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
+        raise ValueError(f"cu_seqlens must run from 0 to the row length {length}, got {cu_seqlens.tolist()}")
+    if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")
+    document = torch.searchsorted(cu_seqlens, torch.arange(length, device=device), right=True) - 1
+    return cu_seqlens, document

@@ -90,3 +90,20 @@ def test_saved_checkpoint_loads_in_transformers(checkpoint, family, tmp_path):
         for name, tensor in reference.state_dict().items():
             if "visual" in name:
                 torch.testing.assert_close(reloaded.state_dict()[name], tensor, atol=0, rtol=0)
+
+
+def test_packed_documents_equal_separate_forwards(checkpoint, family):
+    directory, _ = checkpoint(family)
+    ours = hybridlm.load(directory)
+    lengths = [17, 64, 50]
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
+    cu_seqlens = torch.tensor([0, 17, 81, 131])
+    with torch.no_grad():
+        packed = ours(ids, cu_seqlens=cu_seqlens)
+        for i in range(3):
+            start, end = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+            torch.testing.assert_close(packed[:, start:end], ours(ids[:, start:end]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0"):
+        ours(ids, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="batch size 1"):
+        ours(ids.expand(2, -1), cu_seqlens=cu_seqlens)
