@@ -6,10 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.model.cache import HybridCache
+from hybridlm.model.context import ForwardContext
 from hybridlm.ops import (
     apply_partial_rope,
-    attention,
     causal_conv1d,
     chunk_gated_delta_rule,
     gated_rms_norm,
@@ -67,16 +66,12 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.value_head_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, hidden, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, cache: HybridCache | None = None, cu_seqlens: torch.LongTensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         batch, length, _ = x.shape
-        conv_state = recurrent_state = None
-        if cache is not None:
-            conv_state = cache.conv_states.get(self.layer_idx)
-            recurrent_state = cache.recurrent_states.get(self.layer_idx)
+        conv_state, recurrent_state = context.gdn_states(self.layer_idx)
+        keep, cu_seqlens = context.keeps_state, context.cu_seqlens
         qkv, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight[:, 0], initial_state=conv_state,
-                                        output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+                                        output_final_state=keep, cu_seqlens=cu_seqlens)
         key_dim = self.num_key_heads * self.key_head_dim
         q, k, v = qkv.split([key_dim, key_dim, self.num_value_heads * self.value_head_dim], dim=-1)
         q = q.reshape(batch, length, self.num_key_heads, self.key_head_dim)
@@ -84,12 +79,11 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(batch, length, self.num_value_heads, self.value_head_dim)
         g, beta = gdn_gates(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
         # The step form for single-token decode, the chunked form for everything else (as transformers does).
-        rule = recurrent_gated_delta_rule if length == 1 and recurrent_state is not None else chunk_gated_delta_rule
-        o, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state,
-                                  output_final_state=cache is not None, cu_seqlens=cu_seqlens)
-        if cache is not None:
-            cache.conv_states[self.layer_idx] = conv_state
-            cache.recurrent_states[self.layer_idx] = recurrent_state
+        rule = recurrent_gated_delta_rule if context.single_token_decode else chunk_gated_delta_rule
+        o, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state, output_final_state=keep,
+                                  cu_seqlens=cu_seqlens)
+        if keep:
+            context.store_gdn_states(self.layer_idx, conv_state, recurrent_state)
         z = self.in_proj_z(x).reshape(batch, length, self.num_value_heads, self.value_head_dim)
         o = self.norm(o, z)  # [B, T, Hv, dv]
         return self.out_proj(o.reshape(batch, length, -1))
@@ -118,8 +112,7 @@ class GatedAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
-        cache: HybridCache | None = None,
+        context: ForwardContext,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         query, gate = self.q_proj(x).view(batch, length, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
@@ -127,9 +120,7 @@ class GatedAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.append_kv(self.layer_idx, k, v)
-        o = attention(q, k, v, mask, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
+        o = context.attend(self.layer_idx, q, k, v, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
         o = o.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
         return self.o_proj(o)
 
@@ -216,19 +207,16 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        valid: torch.Tensor | None,
-        cache: HybridCache | None,
-        cu_seqlens: torch.LongTensor | None = None,
+        context: ForwardContext,
     ) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.is_linear:
-            if valid is not None:
+            if context.pad_mask is not None:
                 # Padding must not touch the recurrent state: zero inputs keep a zero state at zero and
                 # look like the conv's own zero padding (left padding only).
-                h = torch.where(valid[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-            h = self.linear_attn(h, cache, cu_seqlens)
+                h = torch.where(context.pad_mask[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+            h = self.linear_attn(h, context)
         else:
-            h = self.self_attn(h, cos, sin, mask, cache)
+            h = self.self_attn(h, cos, sin, context)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -9,7 +9,7 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.model.cache import HybridCache
 from hybridlm.model.layers import DecoderLayer, RMSNorm
-from hybridlm.ops import attention_mask as build_attention_mask
+from hybridlm.model.context import ForwardContext
 from hybridlm.ops import rope_cos_sin, rope_inv_freq
 
 
@@ -98,36 +98,21 @@ class HybridLM(nn.Module):
         batch, length = input_ids.shape
         if length == 0:
             raise ValueError("input_ids is empty (0 tokens)")
-        if cache is not None and cache.batch_size != batch:
-            raise ValueError(f"cache holds {cache.batch_size} sequences but input_ids has {batch}")
         vocab = self.config.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got min {int(input_ids.min())}, max {int(input_ids.max())}")
-        device = input_ids.device
-        valid = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
-        if valid is not None and valid.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(valid.shape)}")
-        chunk_valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
-        past_slots = 0 if cache is None else cache.seq_len
-        past_tokens = 0 if cache is None else cache.lengths[:, None]
-        positions = (past_tokens + chunk_valid.cumsum(dim=1) - 1).clamp(min=0)  # RoPE positions [B, T]
-        if cu_seqlens is not None:
-            cu_seqlens, document = _check_packing(cu_seqlens, batch, length, cache, attention_mask, device)
-            positions = torch.arange(length, device=device) - cu_seqlens[document]  # [T], restarts per document
-            positions = positions[None]
+        context = ForwardContext(input_ids, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        return self.forward_with_context(input_ids, context, logits_to_keep)
+
+    def forward_with_context(
+        self, input_ids: torch.LongTensor, context: ForwardContext, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """The forward pass proper; `context` says where positions, states and earlier keys come from."""
         x = self.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = rope_cos_sin(positions, self._inv_freq, self._rope_scaling, x.dtype)
-        mask = None
-        if self.cache_layout.attention_layers:
-            key_valid = chunk_valid if cache is None else torch.cat([cache.key_valid, chunk_valid], dim=1)
-            query_slots = torch.arange(past_slots, past_slots + length, device=device)
-            mask = build_attention_mask(query_slots, torch.arange(past_slots + length, device=device), key_valid)
-            if cu_seqlens is not None:
-                mask = mask & (document[:, None] == document[None, :])
+        cos, sin = rope_cos_sin(context.positions, self._inv_freq, self._rope_scaling, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, valid, cache, cu_seqlens)
-        if cache is not None:
-            cache.advance(chunk_valid)
+            x = layer(x, cos, sin, context)
+        context.finish()
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
@@ -155,15 +140,3 @@ class HybridLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-
-def _check_packing(cu_seqlens, batch, length, cache, attention_mask, device):
-    """Validate `cu_seqlens`; return it on `device` and the document index of every token [T]."""
-    if batch != 1 or cache is not None or attention_mask is not None:
-        raise ValueError("cu_seqlens packs documents into one row: it needs batch size 1, no cache and no attention_mask")
-    cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.long, device=device)
-    if cu_seqlens.ndim != 1 or len(cu_seqlens) < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
-        raise ValueError(f"cu_seqlens must run from 0 to the row length {length}, got {cu_seqlens.tolist()}")
-    if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")
-    document = torch.searchsorted(cu_seqlens, torch.arange(length, device=device), right=True) - 1
-    return cu_seqlens, document
