@@ -66,8 +66,9 @@ def generate(
     try:
         params = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
         llm = LLM(_model_dir(model), device=device, dtype=dtype, strict_config=strict_config)
+        records = llm.stream(text, sampling=params)  # validates the prompt before anything is printed
         sys.stdout.write(text)
-        stats = _stream(llm, llm.stream(text, sampling=params))
+        stats = _stream(llm, records)
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(error)
     sys.stdout.write("\n")

@@ -99,8 +99,9 @@ class BatchGenerator:
         return not self.live
 
     def finish(self, index: int, reason: str) -> None:
-        """End request `index` (also used by callers, e.g. on a stop string)."""
-        if self.finish_reasons[index] is None:
+        """End request `index`. The first reason stays, except that a matched stop string always reports
+        "stop" (even when it came with the last allowed token)."""
+        if self.finish_reasons[index] is None or (reason == "stop" and self.finish_reasons[index] == "length"):
             self.finish_reasons[index] = reason
 
     @torch.inference_mode()
@@ -203,9 +204,12 @@ def stream_batch(
     generator: BatchGenerator | None = None,
 ) -> Iterator[StreamRecord]:
     """StreamRecords for every request of the batch, in generation order; each request ends with a record
-    whose finish_reason is set."""
+    whose finish_reason is set. Bad input raises here, before the first record is asked for."""
     generator = generator or BatchGenerator(model, prompts, params, eos_token_ids)
-    texts = [_TextState(tokenizer, p) for p in params]
+    return _records(generator, [_TextState(tokenizer, p) for p in params])
+
+
+def _records(generator: BatchGenerator, texts: list[_TextState]) -> Iterator[StreamRecord]:
     while not generator.done:
         for index, token in generator.step().items():
             state = texts[index]
