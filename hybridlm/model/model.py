@@ -105,15 +105,24 @@ class HybridLM(nn.Module):
         return self.forward_with_context(input_ids, context, logits_to_keep)
 
     def forward_with_context(
-        self, input_ids: torch.LongTensor, context: ForwardContext, logits_to_keep: int = 0
+        self,
+        input_ids: torch.LongTensor,
+        context: ForwardContext,
+        logits_to_keep: int = 0,
+        logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The forward pass proper; `context` says where positions, states and earlier keys come from."""
+        """The forward pass proper; `context` says where positions, states and earlier keys come from.
+
+        `logits_indices` [N] (flat token indices into [B * T]) returns logits [N, vocab] for those tokens only.
+        """
         x = self.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = rope_cos_sin(context.positions, self._inv_freq, self._rope_scaling, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, context)
         context.finish()
-        if logits_to_keep:
+        if logits_indices is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_indices)
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         return torch.nn.functional.linear(x, self.output_weight())

@@ -1,0 +1,137 @@
+"""Engine: continuous batching over the paged hybrid cache. add_request, step, abort.
+
+One step = schedule (plain Python) -> run the model on every scheduled chunk at once -> sample a token for
+each sequence whose chunk reached its end -> detokenise, check stop conditions, finish sequences.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from hybridlm.engine.block_manager import BlockManager
+from hybridlm.engine.cache import EngineCache, plan_cache
+from hybridlm.engine.generate import StreamRecord, _TextState, check_prompt
+from hybridlm.engine.params import SamplingParams
+from hybridlm.engine.runner import ModelRunner
+from hybridlm.engine.sampler import Sampler
+from hybridlm.engine.scheduler import Scheduler
+from hybridlm.engine.sequence import Sequence
+from hybridlm.model import HybridLM
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Cache and batching limits. `cache_memory_bytes` None: a fraction of free GPU memory on CUDA
+    (`gpu_memory_utilization` of the total, minus what is in use), 1 GiB on CPU."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 64
+    cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    snapshot_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.block_size % 64 and 64 % self.block_size:
+            raise ValueError(f"block_size must divide or be a multiple of 64, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+def cache_budget(model: HybridLM, config: EngineConfig) -> int:
+    if config.cache_memory_bytes is not None:
+        return config.cache_memory_bytes
+    if model.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(model.device)
+        used = total - free
+        # keep room for activations: a prefill step of max_num_batched_tokens
+        activations = 64 * config.max_num_batched_tokens * model.config.hidden_size * 4
+        return max(int(total * config.gpu_memory_utilization) - used - activations, 0)
+    return 1 << 30
+
+
+class Engine:
+    def __init__(self, model: HybridLM, tokenizer, eos_token_ids: Seq[int] = (), config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.config = config or EngineConfig()
+        self.plan = plan_cache(model, cache_budget(model, self.config), self.config.max_num_seqs,
+                               self.config.block_size, self.config.snapshot_fraction)
+        self.blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, self.plan.num_state_slots,
+                                   self.plan.num_snapshot_slots)
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, EngineCache(model, self.plan))
+        self.requests: dict[str, Sequence] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._texts: dict[str, _TextState] = {}
+        self._history: dict[str, torch.Tensor] = {}
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        config = self.model.config
+        check_prompt(prompt_token_ids, config.max_position_embeddings, config.vocab_size)
+        sequence = Sequence(list(prompt_token_ids), params)
+        if request_id is not None:
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            sequence.request_id = request_id
+        self.scheduler.add(sequence)
+        self.requests[sequence.request_id] = sequence
+        self._samplers[sequence.request_id] = Sampler(params, self.model.device)
+        self._texts[sequence.request_id] = _TextState(self.tokenizer, params)
+        self._history[sequence.request_id] = torch.tensor(sequence.prompt_token_ids, device=self.model.device)
+        return sequence
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its cache is released at once. Unknown or finished ids are ignored."""
+        sequence = self.requests.get(request_id)
+        if sequence is not None and not sequence.is_finished:
+            self.scheduler.finish(sequence, "abort")
+            self._forget(sequence)
+
+    def _forget(self, sequence: Sequence) -> None:
+        for table in (self.requests, self._samplers, self._texts, self._history):
+            table.pop(sequence.request_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Sequence, StreamRecord]]:
+        """Advance every scheduled sequence; return a record for each one that produced a token."""
+        output = self.scheduler.schedule()
+        if not output.chunks:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no request can be scheduled: the cache is too small for the oldest waiting one")
+            return []
+        logits = self.runner.execute(output)
+        self.scheduler.commit(output)
+        records = []
+        sampling = [c.sequence for c in output.chunks if c.samples]
+        context = self.model.config.max_position_embeddings
+        for row, sequence in enumerate(sampling):
+            rid = sequence.request_id
+            token = self._samplers[rid](logits[row], self._history[rid])
+            sequence.output_token_ids.append(token)
+            self._history[rid] = torch.cat([self._history[rid], torch.tensor([token], device=self._history[rid].device)])
+            params = sequence.params
+            is_stop_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_token_ids)
+            text = self._texts[rid]
+            delta = text.push(token, is_stop_token)
+            reason = None
+            if text.stopped or is_stop_token:
+                reason = "stop"
+            elif len(sequence.output_token_ids) >= params.max_tokens or sequence.num_tokens >= context:
+                reason = "length"
+            if reason is not None:
+                delta += text.close()
+                self.scheduler.finish(sequence, reason)
+                self._forget(sequence)
+            records.append((sequence, StreamRecord(index=-1, token_id=token, text=delta, finish_reason=reason)))
+        return records
