@@ -196,6 +196,78 @@ def info(
     Console(width=120).print(table)
 
 
+@app.command()
+def train(
+    paths: Annotated[Optional[list[Path]], typer.Argument(metavar="[PATH...]", help="More data paths.")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Text/code files, folders or JSONL.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory.")] = None,
+    eval_data: Annotated[Optional[list[Path]], typer.Option(help="Held-out files (default: a share of --data).")] = None,
+    heldout_fraction: Annotated[float, typer.Option(help="Share of data files held out.")] = 0.05,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Reuse this checkpoint's tokenizer.")] = None,
+    ratio: Annotated[Optional[int], typer.Option(help="GDN layers per attention layer (3: LLLA).")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="Explicit layer pattern, e.g. LLLA.")] = None,
+    hidden: int = 256,
+    layers: int = 8,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 64,
+    gdn_heads: int = 4,
+    gdn_value_heads: int = 4,
+    gdn_head_dim: int = 64,
+    intermediate: Annotated[Optional[int], typer.Option(help="MLP width (default 3 x hidden).")] = None,
+    vocab: Annotated[int, typer.Option(help="BPE vocabulary to train.")] = 4096,
+    seq_len: int = 512,
+    batch_size: Annotated[int, typer.Option(help="Rows per optimizer step, all processes together.")] = 16,
+    grad_accum: int = 1,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 1000).")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Token budget instead of --steps.")] = None,
+    lr: float = 3e-3,
+    warmup: int = 100,
+    eval_every: int = 100,
+    eval_rows: Annotated[int, typer.Option(help="Held-out rows per evaluation.")] = 64,
+    save_every: int = 200,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    autocast: Annotated[bool, typer.Option("--autocast/--no-autocast", help="bf16 autocast.")] = True,
+    activation_checkpointing: bool = False,
+    fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Default: FSDP2 under torchrun.")] = None,
+    resume: bool = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train a hybrid from scratch (launch with torchrun for several GPUs)."""
+    import os
+    import shlex
+
+    from hybridlm.train import TrainConfig
+    from hybridlm.train import train as run_training
+
+    sources = [*(data or []), *(paths or [])]
+    if not sources:
+        raise typer.BadParameter("give the training data: --data PATH [PATH...]", param_hint="--data")
+    if out is None:
+        raise typer.BadParameter("give the run directory: --out DIR", param_hint="--out")
+    try:
+        config = TrainConfig(
+            data=tuple(str(p) for p in sources), out=str(out), eval_data=tuple(str(p) for p in eval_data or ()),
+            heldout_fraction=heldout_fraction, tokenizer=None if tokenizer is None else str(tokenizer),
+            vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=head_dim, gdn_heads=gdn_heads, gdn_value_heads=gdn_value_heads, gdn_head_dim=gdn_head_dim,
+            intermediate_size=intermediate, ratio=ratio, pattern=pattern, seq_len=seq_len, batch_size=batch_size,
+            grad_accum=grad_accum, steps=steps, tokens=tokens, lr=lr, warmup=warmup, eval_every=eval_every,
+            eval_rows=eval_rows, save_every=save_every, seed=seed, device=device, autocast=autocast,
+            activation_checkpointing=activation_checkpointing, fsdp=fsdp, progress=progress, resume=resume,
+            command=shlex.join(["hybridlm", *sys.argv[1:]]),
+        )
+        result = run_training(config)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        _fail(error)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary
+        return
+    heldout = "n/a" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
+    typer.echo(f"[{result.steps} steps, {result.tokens_seen:,} tokens, train loss {result.train_loss:.4f}, "
+               f"held-out loss {heldout}, {result.tokens_per_s:,.0f} tok/s] model: {result.model_dir}", err=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -1,0 +1,339 @@
+"""Gated DeltaNet kernels: hybridlm's Triton kernels vs fla 0.6.0 and FlashQLA 0.1.3, in one process on one GPU.
+
+    python benchmarks/bench_gdn.py [--quick] [--no-peers]
+
+Correctness gate first, in the same run: ours vs the float64 reference at a small shape, then ours vs each peer
+at every timed shape; a speed-up is printed only for a pair whose check passed. Timing: triton.testing.do_bench
+medians after warm-up (it flushes L2 between repetitions), each variant timed twice, the better median kept.
+Prints ms, tokens/s, the speed-up over each peer and the fraction of the memory floor (bytes that must move /
+3.02 TB/s, the H100's measured device copy rate); the table comes last. With $OUT set, the log goes there too.
+
+What each side does (so the ratios are read right):
+- ours: raw a, b in (gates, q/k L2 norm and scale in-kernel), o and final state out.
+- fla chunk_gated_delta_rule: g, beta precomputed (not timed), use_qk_l2norm_in_kernel=True.
+- FlashQLA chunk_gated_delta_rule: g, beta precomputed and q, k pre-normalised (not timed).
+- decode: ours = conv-state shift + conv + SiLU + norms + gates + delta rule on slot pools, one launch, eager and
+  inside a CUDA graph; fla fused_recurrent_gated_delta_rule = the delta rule alone (no conv), eager.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hybridlm.ops.conv import causal_conv1d  # noqa: E402
+from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, l2norm, recurrent_gated_delta_rule  # noqa: E402
+
+DEVICE = "cuda"
+PEAK_BYTES_PER_S = 3.02e12  # measured device copy on the H100 (BENCHMARKS.md)
+HEADS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128)}  # (key heads, value heads, head dim)
+REF_TOLERANCE = 1e-2  # bf16 kernel vs float64 reference, relative (norm) error
+PEER_TOLERANCE = 2e-2  # bf16 vs bf16 implementation: both carry bf16 round-off
+LINES: list[str] = []
+
+
+def log(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return math.inf
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def time_ms(fn) -> float:
+    import triton.testing
+
+    fn()  # warm-up / compile outside the timed region
+    torch.cuda.synchronize()
+    return min(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") for _ in range(2))
+
+
+@dataclass
+class Row:
+    kind: str
+    model: str
+    batch: int
+    length: int
+    impl: str
+    ms: float
+    tokens_per_s: float
+    floor_fraction: float
+    check: str
+    speedups: dict[str, float] = field(default_factory=dict)
+
+
+def load_peers(enabled: bool) -> dict[str, object]:
+    peers: dict[str, object] = {}
+    if not enabled:
+        log("peers: skipped (--no-peers)")
+        return peers
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
+
+        peers["fla"], peers["fla_recurrent"] = fla_chunk, fla_recurrent
+        import fla
+
+        log(f"peer fla {getattr(fla, '__version__', '?')}: loaded")
+    except Exception as error:  # ImportError, or its tilelang import failing
+        log(f"peer fla: skipped ({type(error).__name__}: {error})")
+    try:
+        try:
+            from flash_qla import chunk_gated_delta_rule as qla_chunk
+        except ImportError:
+            from flash_qla.ops.gated_delta_rule import chunk_gated_delta_rule as qla_chunk
+        peers["flashqla"] = qla_chunk
+        import flash_qla
+
+        log(f"peer FlashQLA {getattr(flash_qla, '__version__', '?')}: loaded")
+    except Exception as error:
+        log(f"peer FlashQLA: skipped ({type(error).__name__}: {error})")
+    return peers
+
+
+def gdn_inputs(batch, length, heads, seed=0, dtype=torch.bfloat16):
+    key_heads, value_heads, d = heads
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE).to(dtype)
+
+    q, k = randn(batch, length, key_heads, d), randn(batch, length, key_heads, d)
+    v = randn(batch, length, value_heads, d)
+    a, b = randn(batch, length, value_heads), randn(batch, length, value_heads)
+    A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()  # the usual A init
+    dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE) * 0.5
+    state = torch.randn(batch, value_heads, d, d, generator=gen, device=DEVICE) * 0.1
+    return q, k, v, a, b, A_log, dt_bias, state
+
+
+def forward_floor_bytes(batch, length, heads) -> int:
+    key_heads, value_heads, d = heads
+    tokens = batch * length
+    return tokens * 2 * (2 * key_heads * d + 2 * value_heads * d + 2 * value_heads)  # q, k, v, o, a, b in bf16
+
+
+def gate_reference(chunk_gdn_fwd) -> bool:
+    """Ours vs the float64 reference at a small shape (Hv > Hk, T not a multiple of 64, initial state)."""
+    q, k, v, a, b, A_log, dt_bias, state = gdn_inputs(2, 300, (2, 4, 128), seed=1)
+    o, final = chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state, output_final_state=True)
+    g, beta = gdn_gates(a.double(), b.double(), A_log.double(), dt_bias.double())
+    o_ref, final_ref = chunk_gated_delta_rule(q.double(), k.double(), v.double(), g, beta,
+                                              initial_state=state.double(), output_final_state=True)
+    err_o, err_s = rel_err(o, o_ref), rel_err(final, final_ref)
+    ok = err_o <= REF_TOLERANCE and err_s <= REF_TOLERANCE
+    log(f"gate chunk forward vs float64 reference (B=2 T=300 Hk=2 Hv=4 d=128 bf16): rel err o {err_o:.2e}, "
+        f"state {err_s:.2e} -> {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+def bench_forward(model, batch, length, peers, ours_ok, rows):
+    from hybridlm.ops.triton import chunk_gdn_fwd
+
+    heads = HEADS[model]
+    q, k, v, a, b, A_log, dt_bias, state = gdn_inputs(batch, length, heads)
+    g, beta = gdn_gates(a, b, A_log, dt_bias)  # fp32, for the peers
+    tokens = batch * length
+    floor_ms = forward_floor_bytes(batch, length, heads) / PEAK_BYTES_PER_S * 1e3
+
+    def ours():
+        return chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state, output_final_state=True)
+
+    o_ours, s_ours = ours()
+    results = {"ours": (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")}
+    if "fla" in peers:
+        def fla():
+            return peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state, output_final_state=True,
+                                use_qk_l2norm_in_kernel=True)
+        try:
+            o_peer, s_peer = fla()
+            err = max(rel_err(o_ours, o_peer), rel_err(s_ours, s_peer))
+            results["fla"] = (time_ms(fla), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
+        except Exception as error:
+            log(f"  fla failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
+    if "flashqla" in peers:
+        q_n, k_n = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+        beta_q = beta.to(q.dtype)
+
+        def flashqla():
+            return peers["flashqla"](q_n, k_n, v, g, beta_q, initial_state=state, output_final_state=True)
+        try:
+            o_peer, s_peer = flashqla()
+            err = max(rel_err(o_ours, o_peer), rel_err(s_ours, s_peer))
+            results["FlashQLA"] = (time_ms(flashqla), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
+        except Exception as error:
+            log(f"  FlashQLA failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
+    report("forward", model, batch, length, tokens, floor_ms, results, rows)
+
+
+def report(kind, model, batch, length, tokens, floor_ms, results, rows):
+    ours_ms, ours_check = results["ours"]
+    for impl, (ms, check) in results.items():
+        row = Row(kind, model, batch, length, impl, ms, tokens / ms * 1e3, floor_ms / ms, check)
+        if impl == "ours":
+            for peer, (peer_ms, peer_check) in results.items():
+                if peer != "ours" and peer_check.startswith("PASS") and ours_check.startswith("PASS"):
+                    row.speedups[peer] = peer_ms / ours_ms
+        rows.append(row)
+        speedups = " ".join(f"x{s:.2f} vs {p}" for p, s in row.speedups.items())
+        log(f"{kind:8s} {model:5s} B={batch:<4d} T={length:<6d} {impl:14s} {ms:9.4f} ms {row.tokens_per_s / 1e6:9.2f} "
+            f"Mtok/s  floor {row.floor_fraction:6.1%}  check {check}  {speedups}")
+
+
+def gate_decode(gdn_decode_step) -> bool:
+    """Ours vs causal_conv1d (T = 1) + recurrent_gated_delta_rule in float64 at a small shape, two steps."""
+    key_heads, value_heads, d, width, pool = 2, 4, 128, 4, 6
+    channels = 2 * key_heads * d + value_heads * d
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    weight = torch.randn(channels, width, generator=gen, device=DEVICE).to(torch.bfloat16)
+    A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE)
+    conv_pool = torch.randn(pool, channels, width - 1, generator=gen, device=DEVICE).to(torch.bfloat16)
+    state_pool = torch.randn(pool, value_heads, d, d, generator=gen, device=DEVICE) * 0.1
+    slots = torch.tensor([4, 1, 2], dtype=torch.int32, device=DEVICE)
+    conv_ref, state_ref = conv_pool.clone(), state_pool.double()
+    rows = slots.long()
+    worst = 0.0
+    for _ in range(2):
+        x = torch.randn(3, channels, generator=gen, device=DEVICE).to(torch.bfloat16)
+        a = torch.randn(3, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
+        b = torch.randn(3, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
+        o = gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv_pool, state_pool, slots,
+                            num_key_heads=key_heads, key_head_dim=d, value_head_dim=d)
+        y, conv_ref[rows] = causal_conv1d(x[:, None], weight, initial_state=conv_ref[rows], output_final_state=True)
+        y = y.double()
+        q = y[..., :key_heads * d].reshape(3, 1, key_heads, d)
+        k = y[..., key_heads * d:2 * key_heads * d].reshape(3, 1, key_heads, d)
+        v = y[..., 2 * key_heads * d:].reshape(3, 1, value_heads, d)
+        g, beta = gdn_gates(a[:, None].double(), b[:, None].double(), A_log.double(), dt_bias.double())
+        o_ref, state_ref[rows] = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state_ref[rows],
+                                                            output_final_state=True)
+        worst = max(worst, rel_err(o, o_ref[:, 0]), rel_err(state_pool[rows], state_ref[rows]))
+    ok = worst <= REF_TOLERANCE and torch.equal(conv_pool[rows], conv_ref[rows])
+    log(f"gate decode step vs float64 reference (B=3 of a pool of 6, Hk=2 Hv=4 d=128 bf16): rel err {worst:.2e} "
+        f"-> {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+def bench_decode(model, batch, peers, ours_ok, rows):
+    from hybridlm.ops.triton import gdn_decode_step
+
+    key_heads, value_heads, d = HEADS[model]
+    width, pool = 4, 2 * batch
+    channels = 2 * key_heads * d + value_heads * d
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    x = torch.randn(batch, channels, generator=gen, device=DEVICE).to(torch.bfloat16)
+    a = torch.randn(batch, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
+    b = torch.randn(batch, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
+    weight = torch.randn(channels, width, generator=gen, device=DEVICE).to(torch.bfloat16)
+    A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE)
+    conv_pool = torch.randn(pool, channels, width - 1, generator=gen, device=DEVICE).to(torch.bfloat16)
+    state_pool = torch.randn(pool, value_heads, d, d, generator=gen, device=DEVICE) * 0.1
+    slots = torch.randperm(pool, generator=gen, device=DEVICE)[:batch].to(torch.int32)
+    # floor: every touched recurrent state read and written once (fp32), plus the conv states and the activations
+    state_bytes = batch * value_heads * d * d * 4 * 2 + batch * channels * (width - 1) * 2 * 2
+    floor_ms = (state_bytes + batch * (channels + value_heads * d) * 2) / PEAK_BYTES_PER_S * 1e3
+
+    def ours():
+        return gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv_pool, state_pool, slots,
+                               num_key_heads=key_heads, key_head_dim=d, value_head_dim=d)
+
+    check = "PASS" if ours_ok else "FAIL (reference gate)"
+    results = {"ours": (time_ms(ours), check)}
+    # the same step captured in a CUDA graph: what the engine replays every token
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            ours()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours()
+    results["ours+graph"] = (time_ms(graph.replay), check)
+
+    if "fla_recurrent" in peers:
+        # the check runs both from the same copies of the pools; fla is then timed on its own copy
+        conv_copy, state_copy = conv_pool.clone(), state_pool.clone()
+        rows_ = slots.long()
+        y, _ = causal_conv1d(x[:, None], weight, initial_state=conv_copy[rows_], output_final_state=True)
+        q = y[..., :key_heads * d].reshape(batch, 1, key_heads, d)
+        k = y[..., key_heads * d:2 * key_heads * d].reshape(batch, 1, key_heads, d)
+        v = y[..., 2 * key_heads * d:].reshape(batch, 1, value_heads, d)
+        g, beta = gdn_gates(a[:, None], b[:, None], A_log, dt_bias)
+        states = state_copy[rows_].clone()  # [B, Hv, d, d]
+
+        def fla():
+            return peers["fla_recurrent"](q=q, k=k, v=v, g=g, beta=beta, initial_state=states,
+                                          output_final_state=True, use_qk_l2norm_in_kernel=True)
+        try:
+            o_peer, _ = fla()
+            o_ours = gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv_copy, state_copy, slots,
+                                     num_key_heads=key_heads, key_head_dim=d, value_head_dim=d)
+            err = rel_err(o_ours, o_peer[:, 0])
+            results["fla recurrent"] = (time_ms(fla), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
+        except Exception as error:
+            log(f"  fla fused_recurrent failed at {model} B={batch}: {type(error).__name__}: {error}")
+    report("decode", model, batch, 1, batch, floor_ms, results, rows)
+
+
+def print_table(rows: list[Row]) -> None:
+    log()
+    log("| kind | model | B | T | impl | ms | Mtok/s | floor | check | speed-up |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speedups = ", ".join(f"x{s:.2f} vs {p}" for p, s in r.speedups.items()) or "-"
+        log(f"| {r.kind} | {r.model} | {r.batch} | {r.length} | {r.impl} | {r.ms:.4f} | {r.tokens_per_s / 1e6:.2f} | "
+            f"{r.floor_fraction:.1%} | {r.check} | {speedups} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--no-peers", action="store_true", help="time hybridlm's kernels only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gdn.py needs a CUDA GPU")
+    import triton
+
+    from hybridlm.ops.triton import chunk_gdn_fwd, gdn_decode_step
+
+    torch.manual_seed(0)
+    log(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+        f"floor at {PEAK_BYTES_PER_S / 1e12:.2f} TB/s")
+    peers = load_peers(not args.no_peers)
+    forward_ok, decode_ok = gate_reference(chunk_gdn_fwd), gate_decode(gdn_decode_step)
+
+    rows: list[Row] = []
+    models = ["9B"] if args.quick else ["9B", "0.8B"]
+    shapes = [(1, 4096), (1, 16384)] if args.quick else [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
+    for model in models:
+        for batch, length in shapes:
+            bench_forward(model, batch, length, peers, forward_ok, rows)
+    for model in models:
+        for batch in ([1, 256] if args.quick else [1, 32, 256]):
+            bench_decode(model, batch, peers, decode_ok, rows)
+    print_table(rows)
+
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "bench_gdn.log")
+        with open(path, "w") as f:
+            f.write("\n".join(LINES) + "\n")
+        print(f"log written to {path}")
+
+
+if __name__ == "__main__":
+    main()

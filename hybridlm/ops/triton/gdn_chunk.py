@@ -1,0 +1,485 @@
+"""Chunked gated delta rule forward in Triton; the reference twin is `hybridlm.ops.delta_rule.chunk_gated_delta_rule`.
+
+Three launches, after fla's chunk_gated_delta_rule decomposition, with the gate math, q/k L2 norm and scale
+moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
+
+1. `chunk_gdn_fwd_prepare_kernel` (parallel over chunks and value heads): gates g, beta from the raw a, b;
+   cumulative log decay G inside the chunk; the strictly lower A = beta k k^T * exp(G_i - G_j) in 16-row
+   blocks; (I + A)^-1 by forward substitution on the four diagonal blocks and block substitution for the
+   rest (the WY form); w = (I + A)^-1 (beta k exp(G)) and u = (I + A)^-1 (beta v).
+2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
+   stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state.
+3. `chunk_gdn_fwd_o_kernel` (fully parallel): o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new.
+
+Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
+every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
+Room to fuse later: 1 into 2 (w, u never leave the SM), 3 into 2 (FlashQLA's fused forward), and splitting
+long sequences over SMs (intra-card context parallel) for B = 1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.ops.triton.utils import check_cu_seqlens, dot_precision, prepare_chunks, rows_packed
+
+CHUNK_SIZE = 64
+SUB_CHUNK = 16  # the triangular solve works on 16x16 blocks of the 64x64 chunk matrix
+
+
+@triton.jit
+def _load_rows(p, i_s, T, stride, D, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows i_s .. i_s + BR of a [T, D] view with row stride `stride` (zeros past T or D), in storage dtype."""
+    o_r = i_s + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r[:, None] < T) & (o_d[None, :] < D)
+    return tl.load(p + o_r[:, None].to(tl.int64) * stride + o_d[None, :], mask=m, other=0.)
+
+
+@triton.jit
+def _store_rows(p, b_x, i_s, T, stride, D, BR: tl.constexpr, BD: tl.constexpr):
+    o_r = i_s + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r[:, None] < T) & (o_d[None, :] < D)
+    tl.store(p + o_r[:, None].to(tl.int64) * stride + o_d[None, :], b_x.to(p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _l2norm_rows(b_x):
+    """x * rsqrt(sum(x^2) + 1e-6) per row, in fp32 (the form of `hybridlm.ops.delta_rule.l2norm`)."""
+    b_x = b_x.to(tl.float32)
+    return b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)[:, None]
+
+
+@triton.jit
+def _gates(a, b, b_A, b_dt_bias, i_s, T, HV: tl.constexpr, BR: tl.constexpr):
+    """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) for rows i_s .. i_s + BR (0 past T), fp32.
+
+    `a`, `b` point at this sequence's first token and this value head; b_A = exp(A_log)."""
+    o_r = i_s + tl.arange(0, BR)
+    m_r = o_r < T
+    b_x = tl.load(a + o_r * HV, mask=m_r, other=0.).to(tl.float32) + b_dt_bias
+    # torch's softplus: x above 20 passes through; below, the overflow-free log(1 + exp(x))
+    b_softplus = tl.where(b_x > 20., b_x, tl.maximum(b_x, 0.) + tl.log(1. + tl.exp(-tl.abs(b_x))))
+    b_g = tl.where(m_r, -b_A * b_softplus, 0.)
+    b_beta = tl.where(m_r, tl.sigmoid(tl.load(b + o_r * HV, mask=m_r, other=0.).to(tl.float32)), 0.)
+    return b_g, b_beta
+
+
+@triton.jit
+def _unit_lower_inverse(b_L, BC: tl.constexpr):
+    """(I + L)^-1 for a strictly lower BC x BC block, by forward substitution one row at a time (fp32)."""
+    o_i = tl.arange(0, BC)
+    b_X = tl.where(o_i[:, None] == o_i[None, :], 1., 0.)
+    for i in range(1, BC):
+        b_row = tl.sum(tl.where(o_i[:, None] == i, b_L, 0.), axis=0)  # L[i, :]
+        # X[i, :] = e_i - sum_{j < i} L[i, j] X[j, :]; rows j < i are final already
+        b_new = tl.where(o_i == i, 1., 0.) - tl.sum(b_row[:, None] * b_X, axis=0)
+        b_X = tl.where(o_i[:, None] == i, b_new[None, :], b_X)
+    return b_X
+
+
+@triton.jit
+def _kkt_block(b_kb_i, b_k_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Block (i, j) of A = beta_i k_i . k_j exp(G_i - G_j), strictly lower when on the diagonal."""
+    b_A = tl.dot(b_kb_i, tl.trans(b_k_j), input_precision=DOT_PRECISION)
+    if DIAGONAL:
+        o_i = tl.arange(0, BC)
+        # the exponent is masked too: above the diagonal G_i - G_j > 0 could overflow
+        m_A = o_i[:, None] > o_i[None, :]
+        b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc_i[:, None] - b_gc_j[None, :], 0.)), 0.)
+    else:
+        b_A = b_A * tl.exp(b_gc_i[:, None] - b_gc_j[None, :])
+    return b_A
+
+
+@triton.jit
+def _mm(b_x, b_y):
+    """fp32 product of two small fp32 blocks of the triangular solve, at full precision."""
+    return tl.dot(b_x, b_y, input_precision="ieee")
+
+
+@triton.jit
+def chunk_gdn_fwd_prepare_kernel(
+    k,  # [B, T, H, K], token stride stride_k
+    v,  # [B, T, HV, V], token stride stride_v
+    a,  # [B, T, HV]
+    b,  # [B, T, HV]
+    A_log,  # [HV] fp32
+    dt_bias,  # [HV] fp32
+    g_cumsum,  # out [B, T, HV] fp32, cumulative log decay inside each chunk
+    w,  # out [B, T, HV, K]
+    u,  # out [B, T, HV, V]
+    cu_seqlens,
+    chunk_indices,
+    T,
+    stride_k,
+    stride_v,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    dtype = k.dtype.element_ty
+
+    p_k = k + bos * stride_k + i_hk * K
+    p_v = v + bos * stride_v + i_h * V
+    p_a = a + bos * HV + i_h
+    p_b = b + bos * HV + i_h
+    b_A = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    b_dt_bias = tl.load(dt_bias + i_h).to(tl.float32)
+
+    # the chunk as four sub-chunks of BC rows: gates, cumulative decay, normalised keys, values
+    i_s0 = i_t * BT
+    b_g0, b_beta0 = _gates(p_a, p_b, b_A, b_dt_bias, i_s0, T, HV, BC)
+    b_g1, b_beta1 = _gates(p_a, p_b, b_A, b_dt_bias, i_s0 + BC, T, HV, BC)
+    b_g2, b_beta2 = _gates(p_a, p_b, b_A, b_dt_bias, i_s0 + 2 * BC, T, HV, BC)
+    b_g3, b_beta3 = _gates(p_a, p_b, b_A, b_dt_bias, i_s0 + 3 * BC, T, HV, BC)
+    b_gc0 = tl.cumsum(b_g0, axis=0)
+    b_gc1 = tl.cumsum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
+    b_gc2 = tl.cumsum(b_g2, axis=0) + tl.sum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
+    b_gc3 = tl.cumsum(b_g3, axis=0) + tl.sum(b_g2, axis=0) + tl.sum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
+    p_gc = g_cumsum + bos * HV + i_h
+    o_c = tl.arange(0, BC)
+    tl.store(p_gc + (i_s0 + o_c) * HV, b_gc0, mask=i_s0 + o_c < T)
+    tl.store(p_gc + (i_s0 + BC + o_c) * HV, b_gc1, mask=i_s0 + BC + o_c < T)
+    tl.store(p_gc + (i_s0 + 2 * BC + o_c) * HV, b_gc2, mask=i_s0 + 2 * BC + o_c < T)
+    tl.store(p_gc + (i_s0 + 3 * BC + o_c) * HV, b_gc3, mask=i_s0 + 3 * BC + o_c < T)
+
+    b_k0 = _l2norm_rows(_load_rows(p_k, i_s0, T, stride_k, K, BC, BK))
+    b_k1 = _l2norm_rows(_load_rows(p_k, i_s0 + BC, T, stride_k, K, BC, BK))
+    b_k2 = _l2norm_rows(_load_rows(p_k, i_s0 + 2 * BC, T, stride_k, K, BC, BK))
+    b_k3 = _l2norm_rows(_load_rows(p_k, i_s0 + 3 * BC, T, stride_k, K, BC, BK))
+    b_kb0 = (b_k0 * b_beta0[:, None]).to(dtype)
+    b_kb1 = (b_k1 * b_beta1[:, None]).to(dtype)
+    b_kb2 = (b_k2 * b_beta2[:, None]).to(dtype)
+    b_kb3 = (b_k3 * b_beta3[:, None]).to(dtype)
+    b_k0, b_k1, b_k2, b_k3 = b_k0.to(dtype), b_k1.to(dtype), b_k2.to(dtype), b_k3.to(dtype)
+
+    # A = strictly-lower(beta k k^T * D), block (i, j) for i >= j
+    b_A00 = _kkt_block(b_kb0, b_k0, b_gc0, b_gc0, True, BC, DOT_PRECISION)
+    b_A11 = _kkt_block(b_kb1, b_k1, b_gc1, b_gc1, True, BC, DOT_PRECISION)
+    b_A22 = _kkt_block(b_kb2, b_k2, b_gc2, b_gc2, True, BC, DOT_PRECISION)
+    b_A33 = _kkt_block(b_kb3, b_k3, b_gc3, b_gc3, True, BC, DOT_PRECISION)
+    b_A10 = _kkt_block(b_kb1, b_k0, b_gc1, b_gc0, False, BC, DOT_PRECISION)
+    b_A20 = _kkt_block(b_kb2, b_k0, b_gc2, b_gc0, False, BC, DOT_PRECISION)
+    b_A21 = _kkt_block(b_kb2, b_k1, b_gc2, b_gc1, False, BC, DOT_PRECISION)
+    b_A30 = _kkt_block(b_kb3, b_k0, b_gc3, b_gc0, False, BC, DOT_PRECISION)
+    b_A31 = _kkt_block(b_kb3, b_k1, b_gc3, b_gc1, False, BC, DOT_PRECISION)
+    b_A32 = _kkt_block(b_kb3, b_k2, b_gc3, b_gc2, False, BC, DOT_PRECISION)
+
+    # X = (I + A)^-1: diagonal blocks by forward substitution, then block forward substitution
+    # X_ij = -X_ii sum_{j <= m < i} A_im X_mj
+    b_X00 = _unit_lower_inverse(b_A00, BC)
+    b_X11 = _unit_lower_inverse(b_A11, BC)
+    b_X22 = _unit_lower_inverse(b_A22, BC)
+    b_X33 = _unit_lower_inverse(b_A33, BC)
+    b_X10 = -_mm(b_X11, _mm(b_A10, b_X00))
+    b_X21 = -_mm(b_X22, _mm(b_A21, b_X11))
+    b_X32 = -_mm(b_X33, _mm(b_A32, b_X22))
+    b_X20 = -_mm(b_X22, _mm(b_A20, b_X00) + _mm(b_A21, b_X10))
+    b_X31 = -_mm(b_X33, _mm(b_A31, b_X11) + _mm(b_A32, b_X21))
+    b_X30 = -_mm(b_X33, _mm(b_A30, b_X00) + _mm(b_A31, b_X10) + _mm(b_A32, b_X20))
+    b_X00, b_X11, b_X22, b_X33 = b_X00.to(dtype), b_X11.to(dtype), b_X22.to(dtype), b_X33.to(dtype)
+    b_X10, b_X21, b_X32 = b_X10.to(dtype), b_X21.to(dtype), b_X32.to(dtype)
+    b_X20, b_X31, b_X30 = b_X20.to(dtype), b_X31.to(dtype), b_X30.to(dtype)
+
+    # w = X (beta k exp(G)), written one sub-chunk of rows at a time
+    b_kg0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_gc0))[:, None]).to(dtype)
+    b_kg1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_gc1))[:, None]).to(dtype)
+    b_kg2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_gc2))[:, None]).to(dtype)
+    b_kg3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_gc3))[:, None]).to(dtype)
+    p_w = w + bos * HV * K + i_h * K
+    b_w = tl.dot(b_X00, b_kg0, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0, T, HV * K, K, BC, BK)
+    b_w = tl.dot(b_X10, b_kg0, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X11, b_kg1, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0 + BC, T, HV * K, K, BC, BK)
+    b_w = tl.dot(b_X20, b_kg0, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X21, b_kg1, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X22, b_kg2, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0 + 2 * BC, T, HV * K, K, BC, BK)
+    b_w = tl.dot(b_X30, b_kg0, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X31, b_kg1, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X32, b_kg2, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X33, b_kg3, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0 + 3 * BC, T, HV * K, K, BC, BK)
+
+    # u = X (beta v)
+    b_vb0 = (_load_rows(p_v, i_s0, T, stride_v, V, BC, BV).to(tl.float32) * b_beta0[:, None]).to(dtype)
+    b_vb1 = (_load_rows(p_v, i_s0 + BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta1[:, None]).to(dtype)
+    b_vb2 = (_load_rows(p_v, i_s0 + 2 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta2[:, None]).to(dtype)
+    b_vb3 = (_load_rows(p_v, i_s0 + 3 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta3[:, None]).to(dtype)
+    p_u = u + bos * HV * V + i_h * V
+    b_u = tl.dot(b_X00, b_vb0, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0, T, HV * V, V, BC, BV)
+    b_u = tl.dot(b_X10, b_vb0, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X11, b_vb1, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0 + BC, T, HV * V, V, BC, BV)
+    b_u = tl.dot(b_X20, b_vb0, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X21, b_vb1, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X22, b_vb2, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0 + 2 * BC, T, HV * V, V, BC, BV)
+    b_u = tl.dot(b_X30, b_vb0, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X31, b_vb1, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X32, b_vb2, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X33, b_vb3, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0 + 3 * BC, T, HV * V, V, BC, BV)
+
+
+@triton.jit
+def chunk_gdn_fwd_h_kernel(
+    k,  # [B, T, H, K], token stride stride_k
+    w,  # [B, T, HV, K]
+    u,  # [B, T, HV, V]
+    g_cumsum,  # [B, T, HV] fp32
+    h,  # out [NT, HV, K, V]: the state entering each chunk (all chunks of all sequences)
+    v_new,  # out [B, T, HV, V]: u - w h, the values corrected by what the state already predicts
+    initial_state,  # [N, HV, K, V]
+    final_state,  # out [N, HV, K, V] fp32
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    stride_k,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    i_hk = i_h // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        NT = tl.cdiv(T, BT)
+        boh = i_n.to(tl.int64) * NT
+    dtype = w.dtype.element_ty
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+
+    p_k = k + bos * stride_k + i_hk * K
+    p_w = w + bos * HV * K + i_h * K
+    p_u = u + bos * HV * V + i_h * V + i_v * BV
+    p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
+    p_gc = g_cumsum + bos * HV + i_h
+    for i_t in range(0, NT):
+        tl.store(h + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        i_s = i_t * BT
+        o_t = i_s + tl.arange(0, BT)
+        m_t = o_t < T
+        b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
+        b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        b_v -= tl.dot(b_w, b_h.to(dtype), input_precision=DOT_PRECISION)
+        _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
+
+        # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
+        b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
+        b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+        b_v = tl.where(m_t[:, None], b_v * tl.exp(b_g_last - b_gc)[:, None], 0.).to(dtype)
+        b_k = _l2norm_rows(_load_rows(p_k, i_s, T, stride_k, K, BT, BK)).to(dtype)
+        b_h = b_h * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
+
+    if STORE_FINAL_STATE:
+        tl.store(final_state + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+
+
+@triton.jit
+def chunk_gdn_fwd_o_kernel(
+    q,  # [B, T, H, K], token stride stride_q
+    k,  # [B, T, H, K], token stride stride_k
+    v_new,  # [B, T, HV, V]
+    h,  # [NT, HV, K, V]
+    g_cumsum,  # [B, T, HV] fp32
+    o,  # out [B, T, HV, V]
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    stride_q,
+    stride_k,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+    dtype = v_new.dtype.element_ty
+
+    i_s = i_t * BT
+    o_t = i_s + tl.arange(0, BT)
+    m_t = o_t < T
+    b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+    b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_h = h + (i_tg * HV + i_h) * K * V
+    b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
+    # inter-chunk: the state entering the chunk, decayed to each row
+    b_o = tl.dot(b_q, b_h, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
+    # intra-chunk: causal q k^T with decay (exponent masked: above the diagonal G_i - G_j > 0 could overflow)
+    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    o_i = tl.arange(0, BT)
+    m_A = o_i[:, None] >= o_i[None, :]
+    b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+    p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
+    b_vn = _load_rows(p_vn, i_s, T, HV * V, V - i_v * BV, BT, BV)
+    b_o += tl.dot(b_A.to(dtype), b_vn, input_precision=DOT_PRECISION)
+    _store_rows(o + bos * HV * V + i_h * V + i_v * BV, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
+
+
+def _check_inputs(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens):
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"expected q, k [B, T, Hk, dk] and v [B, T, Hv, dv], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, length, key_heads, _ = q.shape
+    value_heads = v.shape[2]
+    if value_heads % key_heads:
+        raise ValueError(f"value heads ({value_heads}) must be a multiple of key heads ({key_heads})")
+    if a.shape != v.shape[:3] or b.shape != v.shape[:3]:
+        raise ValueError(f"a and b must be [B, T, Hv] = {tuple(v.shape[:3])}, got {tuple(a.shape)}, {tuple(b.shape)}")
+    if A_log.shape != (value_heads,) or dt_bias.shape != (value_heads,):
+        raise ValueError(f"A_log and dt_bias must be [Hv] = [{value_heads}], got {tuple(A_log.shape)}, "
+                         f"{tuple(dt_bias.shape)}")
+    check_cu_seqlens(cu_seqlens, batch, length)
+    num_states = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    expected = (num_states, value_heads, q.shape[3], v.shape[3])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(f"initial_state must be {expected}, got {tuple(initial_state.shape)}")
+
+
+def chunk_gdn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule from raw gate inputs: o [B, T, Hv, dv] (dtype of v), final state fp32 or None.
+
+    q, k [B, T, Hk, dk] un-normalised (L2 norm and the 1/sqrt(dk) scale happen in-kernel); v [B, T, Hv, dv];
+    a, b [B, T, Hv] raw (g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b), in fp32); A_log, dt_bias [Hv];
+    states [N, Hv, dk, dv]; `cu_seqlens` [N + 1] packs N sequences into B = 1 (one host read of it).
+    q, k, v may be column slices of one [B, T, C] tensor (only the token stride is free).
+    """
+    _check_inputs(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens)
+    out = _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return out["o"], out["final_state"]
+
+
+def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens):
+    """The three launches; returns every intermediate (the backward recomputes from some of them)."""
+    q, k, v = rows_packed(q), rows_packed(k), rows_packed(v)
+    a, b = a.contiguous(), b.contiguous()
+    A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
+    batch, length, key_heads, dk = q.shape
+    value_heads, dv = v.shape[2], v.shape[3]
+    scale = dk ** -0.5 if scale is None else float(scale)
+    BT, BC = CHUNK_SIZE, SUB_CHUNK
+    BK = max(16, triton.next_power_of_2(dk))
+    BV_full = max(16, triton.next_power_of_2(dv))
+    BV = min(BV_full, 32)
+    precision = dot_precision(v.dtype)
+    device = v.device
+
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        chunk_indices, chunk_offsets, num_chunks = prepare_chunks(cu_seqlens, BT)
+        num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
+    else:
+        chunk_indices = chunk_offsets = None
+        grid_chunks = triton.cdiv(length, BT)
+        num_states, num_chunks = batch, batch * grid_chunks
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    common = dict(H=key_heads, HV=value_heads, K=dk, V=dv, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None,
+                  DOT_PRECISION=precision)
+
+    g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
+    w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
+    u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
+    chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
+        k, v, a, b, A_log, dt_bias, g_cumsum, w, u, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
+        BC=BC, BV=BV_full, num_warps=4, **common)
+
+    h = torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)  # [NT, Hv, dk, dv]
+    v_new = torch.empty_like(u)  # [B, T, Hv, dv]
+    final_state = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
+                   if output_final_state else None)
+    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV), num_states * value_heads)](
+        k, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length, k.stride(1),
+        BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, num_warps=4,
+        **common)
+
+    o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
+    chunk_gdn_fwd_o_kernel[(triton.cdiv(dv, BV), grid_chunks, batch * value_heads)](
+        q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
+        BV=BV, num_warps=4, **common)
+    return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, h=h, v_new=v_new, scale=scale,
+                chunk_indices=chunk_indices, chunk_offsets=chunk_offsets, num_chunks=num_chunks)

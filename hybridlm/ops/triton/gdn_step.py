@@ -1,0 +1,201 @@
+"""Fused Gated DeltaNet decode step, one launch; the reference twin is `hybridlm.ops.conv.causal_conv1d` with T = 1
+followed by `hybridlm.ops.delta_rule.recurrent_gated_delta_rule` (and optionally `hybridlm.ops.norm.gated_rms_norm`).
+
+One program per (batch row, key head) owns every channel that head touches: its q and k conv channels and the
+conv channels and recurrent states of its Hv/Hk value heads. That ownership is what lets the conv-state shift
+happen in place in the same launch: a channel's state is read and written by exactly one program, so no other
+program can read a half-shifted window. States live in pools indexed by slot ids; nothing here syncs with the
+host or allocates by data, so the step can be captured in a CUDA graph. A negative slot id marks a padding row
+(a graph captured for a larger batch): it touches no state and writes zeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_step(x, conv_weight, p_state, o_c, m_c, W: tl.constexpr, BW: tl.constexpr):
+    """One causal-conv step + SiLU for channels o_c, shifting their conv state [C, W-1] in place.
+
+    Matches causal_conv1d: computed in the weight's dtype (rounded there), returned in x's dtype, as fp32."""
+    W_DTYPE = conv_weight.dtype.element_ty
+    o_w = tl.arange(0, BW)
+    m_w = o_w < W - 1
+    b_x = tl.load(x + o_c, mask=m_c, other=0.)  # [BC], the new pre-conv input
+    p_win = p_state + o_c[:, None] * (W - 1) + o_w[None, :]
+    b_win = tl.load(p_win, mask=m_c[:, None] & m_w[None, :], other=0.).to(tl.float32)  # [BC, BW] oldest first
+    b_next = tl.load(p_win + 1, mask=m_c[:, None] & (o_w[None, :] + 1 < W - 1), other=0.)
+    b_w = tl.load(conv_weight + o_c[:, None] * W + o_w[None, :], mask=m_c[:, None] & m_w[None, :], other=0.)
+    b_y = tl.sum(b_w.to(tl.float32) * b_win, axis=1)
+    b_y += tl.load(conv_weight + o_c * W + (W - 1), mask=m_c, other=0.).to(tl.float32) * b_x.to(tl.float32)
+    b_y = b_y.to(W_DTYPE).to(tl.float32)
+    b_y = (b_y * tl.sigmoid(b_y)).to(W_DTYPE).to(x.dtype.element_ty).to(tl.float32)
+    # the window shifts left by one and takes the new input last; every load above happens before any store
+    b_next = tl.where(o_w[None, :] == W - 2, b_x[:, None], b_next)
+    tl.debug_barrier()
+    tl.store(p_win, b_next.to(p_state.dtype.element_ty), mask=m_c[:, None] & m_w[None, :])
+    return b_y
+
+
+@triton.jit
+def gdn_decode_step_kernel(
+    qkv,  # [B, C] raw projections, row stride stride_x; C = 2*H*K + HV*V
+    z,  # [B, HV, V] output gate (FUSE_NORM only), row stride stride_z
+    a,  # [B, HV]
+    b,  # [B, HV]
+    conv_weight,  # [C, W]
+    A_log,  # [HV]
+    dt_bias,  # [HV]
+    norm_weight,  # [V] (FUSE_NORM only)
+    conv_state_pool,  # [P, C, W-1], updated in place
+    state_pool,  # [P, HV, K, V] fp32, updated in place
+    slot_ids,  # [B] int32
+    o,  # out [B, HV, V]
+    scale,
+    norm_eps,
+    stride_x,
+    stride_z,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    W: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BW: tl.constexpr,
+    PROD_IN_X_DTYPE: tl.constexpr,
+    FUSE_NORM: tl.constexpr,
+):
+    i_b, i_hk = tl.program_id(0), tl.program_id(1)
+    G = HV // H  # value heads per key head (constexpr arithmetic)
+    C = 2 * H * K + HV * V
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_bv = tl.arange(0, BV)
+    i_slot = tl.load(slot_ids + i_b).to(tl.int64)
+    if i_slot < 0:  # padding row: no state is touched
+        for i_g in range(G):
+            for i_v in range(tl.cdiv(V, BV)):
+                o_v = i_v * BV + o_bv
+                tl.store(o + (i_b * HV + i_hk * G + i_g) * V + o_v, tl.zeros([BV], tl.float32).to(
+                    o.dtype.element_ty), mask=o_v < V)
+        return
+
+    p_x = qkv + i_b.to(tl.int64) * stride_x
+    p_conv = conv_state_pool + i_slot * C * (W - 1)
+    b_q = _conv_step(p_x, conv_weight, p_conv, i_hk * K + o_k, m_k, W, BW)
+    b_k = _conv_step(p_x, conv_weight, p_conv, H * K + i_hk * K + o_k, m_k, W, BW)
+    b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6) * scale
+    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
+
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        b_x = tl.load(a + i_b * HV + i_h).to(tl.float32) + tl.load(dt_bias + i_h).to(tl.float32)
+        b_softplus = tl.where(b_x > 20., b_x, tl.maximum(b_x, 0.) + tl.log(1. + tl.exp(-tl.abs(b_x))))
+        b_decay = tl.exp(-tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_softplus)
+        b_beta = tl.sigmoid(tl.load(b + i_b * HV + i_h).to(tl.float32))
+        p_s = state_pool + (i_slot * HV + i_h) * K * V
+        p_o = o + (i_b * HV + i_h) * V
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + o_bv
+            m_v = o_v < V
+            b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_v, m_v, W, BW)
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_s = tl.load(p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
+            b_s *= b_decay
+            # delta rule: write beta * (v - S^T k) along k, then read with q
+            b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
+            b_s += b_k[:, None] * b_delta[None, :]
+            b_o = tl.sum(b_s * b_q[:, None], axis=0)  # [BV]
+            tl.store(p_s + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
+            if FUSE_NORM:  # gated RMSNorm in gated_rms_norm's cast order (needs the whole row: BV >= V)
+                b_o = b_o.to(o.dtype.element_ty).to(tl.float32)
+                b_rstd = tl.rsqrt(tl.sum(tl.where(m_v, b_o * b_o, 0.)) / V + norm_eps)
+                b_n = (b_o * b_rstd).to(o.dtype.element_ty).to(tl.float32)
+                b_n = tl.load(norm_weight + o_v, mask=m_v, other=0.).to(tl.float32) * b_n
+                if PROD_IN_X_DTYPE:  # weight * normed rounds to torch's promoted dtype: x's, or else fp32
+                    b_n = b_n.to(o.dtype.element_ty)
+                b_z = tl.load(z + i_b.to(tl.int64) * stride_z + i_h * V + o_v, mask=m_v, other=0.).to(tl.float32)
+                b_o = b_n.to(tl.float32) * (b_z * tl.sigmoid(b_z))
+            tl.store(p_o + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+def gdn_decode_step(
+    qkv_raw: torch.Tensor,
+    z: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    conv_state_pool: torch.Tensor,
+    recurrent_state_pool: torch.Tensor,
+    slot_ids: torch.Tensor,
+    *,
+    num_key_heads: int,
+    key_head_dim: int,
+    value_head_dim: int,
+    scale: float | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """One decode token for each of B sequences; returns o [B, Hv, dv] in qkv_raw's dtype.
+
+    qkv_raw [B, C] = [q (Hk dk) | k (Hk dk) | v (Hv dv)] before the conv; a, b [B, Hv] raw gate inputs;
+    conv_weight [C, W]; A_log, dt_bias [Hv]; conv_state_pool [P, C, W-1] (dtype of qkv_raw) and
+    recurrent_state_pool [P, Hv, dk, dv] fp32 are updated in place at rows slot_ids [B] (int32, distinct;
+    negative = padding row). With z [B, Hv, dv] (or [B, Hv*dv]) and norm_weight [dv], the GDN output norm
+    gated_rms_norm(o, z, norm_weight, norm_eps) is fused and its result returned instead.
+    """
+    batch, channels = qkv_raw.shape
+    key_dim = num_key_heads * key_head_dim
+    num_value_heads = a.shape[-1]
+    if channels != 2 * key_dim + num_value_heads * value_head_dim:
+        raise ValueError(f"qkv_raw has {channels} channels, expected 2*{key_dim} + {num_value_heads}*{value_head_dim}")
+    if num_value_heads % num_key_heads:
+        raise ValueError(f"value heads ({num_value_heads}) must be a multiple of key heads ({num_key_heads})")
+    if a.shape != (batch, num_value_heads) or b.shape != (batch, num_value_heads):
+        raise ValueError(f"a and b must be [B, Hv] = {(batch, num_value_heads)}, got {tuple(a.shape)}, {tuple(b.shape)}")
+    width = conv_weight.shape[-1]
+    if conv_weight.shape != (channels, width) or width < 2:
+        raise ValueError(f"conv_weight must be [C, W] with C = {channels}, W >= 2, got {tuple(conv_weight.shape)}")
+    pool_size = conv_state_pool.shape[0]
+    if conv_state_pool.shape != (pool_size, channels, width - 1) or not conv_state_pool.is_contiguous():
+        raise ValueError(f"conv_state_pool must be a contiguous [P, {channels}, {width - 1}], got "
+                         f"{tuple(conv_state_pool.shape)}")
+    expected = (recurrent_state_pool.shape[0], num_value_heads, key_head_dim, value_head_dim)
+    if tuple(recurrent_state_pool.shape) != expected or not recurrent_state_pool.is_contiguous():
+        raise ValueError(f"recurrent_state_pool must be a contiguous {expected}, got {tuple(recurrent_state_pool.shape)}")
+    if recurrent_state_pool.dtype != torch.float32:
+        raise TypeError(f"recurrent_state_pool must be fp32, got {recurrent_state_pool.dtype}")
+    if slot_ids.shape != (batch,) or slot_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_ids must be an int32 [B] = [{batch}], got {slot_ids.dtype} {tuple(slot_ids.shape)}")
+    fuse_norm = z is not None
+    if fuse_norm:
+        if norm_weight is None or norm_weight.shape != (value_head_dim,):
+            raise ValueError(f"fusing the output norm needs norm_weight [{value_head_dim}]")
+        z = z.reshape(batch, num_value_heads * value_head_dim)
+        if z.stride(-1) != 1:
+            z = z.contiguous()
+
+    if qkv_raw.stride(-1) != 1:
+        qkv_raw = qkv_raw.contiguous()
+    a, b = a.contiguous(), b.contiguous()
+    conv_weight = conv_weight.contiguous()
+    A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
+    scale = key_head_dim ** -0.5 if scale is None else float(scale)
+    BV_full = triton.next_power_of_2(value_head_dim)
+    BV = BV_full if fuse_norm else min(BV_full, 64)
+    o = torch.empty(batch, num_value_heads, value_head_dim, dtype=qkv_raw.dtype, device=qkv_raw.device)
+    prod_in_x_dtype = not fuse_norm or torch.promote_types(norm_weight.dtype, qkv_raw.dtype) == qkv_raw.dtype
+    gdn_decode_step_kernel[(batch, num_key_heads)](
+        qkv_raw, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, recurrent_state_pool, slot_ids,
+        o, scale, norm_eps, qkv_raw.stride(0), z.stride(0) if fuse_norm else 0,
+        H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim, W=width,
+        BK=triton.next_power_of_2(key_head_dim), BV=BV, BW=triton.next_power_of_2(width - 1),
+        PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm,
+        num_warps=4 if key_head_dim * BV <= 64 * 64 else 8,
+    )
+    return o

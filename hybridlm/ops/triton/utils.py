@@ -1,0 +1,96 @@
+"""Host-side helpers shared by the Triton kernels: chunk tables for packed sequences, dtype maps, and a fix for
+the CPU interpreter so the kernels can be tested without a GPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full-precision dots ("ieee"); bf16/fp16 operands run on tensor cores anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def prepare_chunks(cu_seqlens: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Chunk tables for packed sequences; chunks never straddle a sequence boundary.
+
+    Returns chunk_indices [NT, 2] int32 (sequence id, chunk id within it) for the chunk-parallel kernels,
+    chunk_offsets [N + 1] int32 (first global chunk of each sequence) for the sequential state pass, and NT.
+    Reads cu_seqlens on the host once (one sync): the grid size depends on it.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    per_sequence = [triton.cdiv(int(n), chunk_size) for n in lengths]
+    indices = [(i, t) for i, n in enumerate(per_sequence) for t in range(n)]
+    offsets = [0]
+    for n in per_sequence:
+        offsets.append(offsets[-1] + n)
+    device = cu_seqlens.device
+    chunk_indices = torch.tensor(indices, dtype=torch.int32, device=device).reshape(-1, 2)
+    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return chunk_indices, chunk_offsets, offsets[-1]
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> None:
+    if cu_seqlens is None:
+        return
+    if batch != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
+    if cu_seqlens.ndim != 1 or len(cu_seqlens) < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [N + 1], got shape {tuple(cu_seqlens.shape)}")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
+        raise ValueError(f"cu_seqlens must run from 0 to T={length}, got {cu_seqlens.tolist()}")
+
+
+def rows_packed(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] with D and H packed (strides D, 1) and B, T mergeable into one token axis; the token stride
+    itself may be anything (q and k are usually column slices of the conv output). Copies otherwise."""
+    batch, length, heads, dim = x.shape
+    packed = x.stride(3) == 1 and (heads == 1 or x.stride(2) == dim)
+    mergeable = batch == 1 or x.stride(0) == length * x.stride(1)
+    return x if packed and mergeable else x.contiguous()
+
+
+def _patch_interpreter_bf16() -> None:
+    """Make triton's CPU interpreter treat bf16 as the GPU does (triton 3.9): it keeps bf16 as raw uint16 and
+    (1) multiplies the bit patterns in tl.dot, (2) truncates fp32 -> bf16 instead of rounding to nearest even.
+    Only ever applied under TRITON_INTERPRET=1: compiled kernels are untouched."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - a triton without the interpreter module
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_hybridlm_bf16", False):
+        return
+    original_dot, original_cast = builder.create_dot, builder.cast_impl
+
+    def as_float32(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x.data.astype(np.float32)
+        return (x.data.astype(np.uint32) << 16).view(np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            product = np.matmul(as_float32(a), as_float32(b), dtype=d.data.dtype)
+            return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+            return interpreter.TensorHandle(rounded, dst_type.scalar)
+        return original_cast(self, src, dst_type)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder._hybridlm_bf16 = True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_bf16()

@@ -1,0 +1,83 @@
+"""Triton causal conv1d (prefill) and gated RMSNorm vs their PyTorch references."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed")
+
+from hybridlm.ops.conv import causal_conv1d  # noqa: E402
+from hybridlm.ops.norm import gated_rms_norm  # noqa: E402
+from hybridlm.ops.triton import causal_conv1d_fwd, gated_rms_norm_fwd  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_matches(x, ref, dtype):
+    assert x.dtype == ref.dtype and x.shape == ref.shape and torch.isfinite(x).all()
+    if dtype == torch.float32:  # summation order differs from the reference's conv: round-off only
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+    else:  # the same fp32 sum rounded once to bf16: bit for bit
+        assert torch.equal(x, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 2, 63, 70])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_causal_conv1d(dtype, length, with_state):
+    gen = torch.Generator().manual_seed(length)
+    batch, channels, width = 2, 200, 4
+    x = torch.randn(batch, length, channels, generator=gen).to(dtype).to(DEVICE)
+    weight = torch.randn(channels, width, generator=gen).to(dtype).to(DEVICE)
+    state = torch.randn(batch, channels, width - 1, generator=gen).to(dtype).to(DEVICE) if with_state else None
+    y, final = causal_conv1d_fwd(x, weight, initial_state=state, output_final_state=True)
+    y_ref, final_ref = causal_conv1d(x, weight, initial_state=state, output_final_state=True)
+    assert_matches(y, y_ref, dtype)
+    assert torch.equal(final, final_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_packed(dtype, activation):
+    gen = torch.Generator().manual_seed(1)
+    channels, width = 96, 4
+    cu_seqlens = torch.tensor([0, 2, 40, 100], dtype=torch.int32, device=DEVICE)
+    x = torch.randn(1, 100, channels, generator=gen).to(dtype).to(DEVICE)
+    weight = torch.randn(channels, width, generator=gen).to(dtype).to(DEVICE)
+    state = torch.randn(3, channels, width - 1, generator=gen).to(dtype).to(DEVICE)
+    y, final = causal_conv1d_fwd(x, weight, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens,
+                                 activation=activation)
+    y_ref, final_ref = causal_conv1d(x, weight, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens,
+                                     activation=activation)
+    assert_matches(y, y_ref, dtype)
+    assert torch.equal(final, final_ref)
+
+
+def test_causal_conv1d_strided_input_and_no_state():
+    x = torch.randn(2, 33, 160, device=DEVICE)[..., :128]  # a column slice, token stride 160
+    weight = torch.randn(128, 4, device=DEVICE)
+    y, final = causal_conv1d_fwd(x, weight)
+    y_ref, _ = causal_conv1d(x, weight)
+    assert final is None
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dim", [32, 24])
+def test_gated_rms_norm(dtype, weight_dtype, dim):
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randn(3, 5, 4, dim, generator=gen).to(dtype).to(DEVICE)
+    gate = torch.randn(3, 5, 4, dim, generator=gen).to(dtype).to(DEVICE)
+    weight = torch.randn(dim, generator=gen).to(weight_dtype).to(DEVICE)
+    y = gated_rms_norm_fwd(x, gate, weight, 1e-6)
+    y_ref = gated_rms_norm(x, gate, weight, 1e-6)
+    assert y.dtype == y_ref.dtype and torch.isfinite(y).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    else:  # bf16 rounding points follow the reference; allow one ulp where fp32 rsqrt differs in its last bit
+        torch.testing.assert_close(y, y_ref, rtol=8e-3, atol=0)

@@ -1,0 +1,124 @@
+"""Triton chunked gated delta rule forward vs the float64 reference (CPU: the Triton interpreter)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed")
+
+from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates  # noqa: E402
+from hybridlm.ops.triton import chunk_gdn_fwd  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every float buffer the kernels' host code allocates starts as NaN, so an unwritten element fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: nan_fill(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: nan_fill(empty_like(*args, **kwargs)))
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite values (an unwritten NaN-poisoned element?)"
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states, seed=0):
+    """Raw inputs rounded to `dtype` (the reference sees exactly what the kernel sees)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype).to(DEVICE)
+
+    q, k = randn(batch, length, key_heads, dk), randn(batch, length, key_heads, dk)
+    v = randn(batch, length, value_heads, dv)
+    a, b = randn(batch, length, value_heads), randn(batch, length, value_heads, std=2.0)
+    A_log = torch.empty(value_heads).uniform_(-2.0, 0.5, generator=gen).to(DEVICE)
+    dt_bias = (torch.randn(value_heads, generator=gen) * 0.5).to(DEVICE)
+    state = torch.randn(num_states, value_heads, dk, dv, generator=gen).to(DEVICE)
+    return q, k, v, a, b, A_log, dt_bias, state
+
+
+def reference(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens=None):
+    g, beta = gdn_gates(a.double(), b.double(), A_log.double(), dt_bias.double())
+    return chunk_gated_delta_rule(q.double(), k.double(), v.double(), g, beta,
+                                  initial_state=None if state is None else state.double(),
+                                  output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def check(q, k, v, a, b, A_log, dt_bias, state, dtype, cu_seqlens=None):
+    o, final = chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state, output_final_state=True,
+                             cu_seqlens=cu_seqlens)
+    o_ref, final_ref = reference(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens)
+    assert o.shape == o_ref.shape and o.dtype == v.dtype
+    assert final.shape == final_ref.shape and final.dtype == torch.float32
+    assert rel_err(o, o_ref) <= TOLERANCE[dtype]
+    assert rel_err(final, final_ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("length", [1, 63, 65, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_fp32(poisoned, length, with_state):
+    inputs = make_inputs(2, length, 2, 4, 16, 16, torch.float32, num_states=2)
+    state = inputs[-1] if with_state else None
+    check(*inputs[:-1], state, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_half_precision(poisoned, dtype):
+    inputs = make_inputs(2, 130, 2, 4, 32, 32, dtype, num_states=2)
+    check(*inputs, dtype)
+
+
+@pytest.mark.parametrize("key_heads, value_heads, dk, dv", [(2, 2, 16, 32), (1, 4, 24, 40)])
+def test_chunk_head_layouts(poisoned, key_heads, value_heads, dk, dv):
+    """Hv == Hk, a group of 4 value heads per key head, and head dims that are not powers of two."""
+    inputs = make_inputs(1, 70, key_heads, value_heads, dk, dv, torch.float32, num_states=1)
+    check(*inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_packed_sequences(poisoned, dtype, with_state):
+    lengths = [5, 64, 61]  # a sub-chunk sequence, an exact chunk, and one ending mid-chunk
+    cu_seqlens = torch.tensor([0, 5, 69, 130], dtype=torch.int32, device=DEVICE)
+    inputs = make_inputs(1, sum(lengths), 2, 4, 16, 16, dtype, num_states=3)
+    state = inputs[-1] if with_state else None
+    check(*inputs[:-1], state, dtype, cu_seqlens=cu_seqlens)
+
+
+def test_chunk_strided_qkv(poisoned):
+    """q, k, v as column slices of one [B, T, C] conv output: read in place, same result as contiguous copies."""
+    batch, length, key_heads, value_heads, d = 2, 65, 2, 4, 16
+    q, k, v, a, b, A_log, dt_bias, state = make_inputs(batch, length, key_heads, value_heads, d, d, torch.float32, 2)
+    mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # [B, T, C]
+    key_dim = key_heads * d
+    views = (mixed[..., :key_dim].unflatten(-1, (key_heads, d)), mixed[..., key_dim:2 * key_dim].unflatten(-1, (key_heads, d)),
+             mixed[..., 2 * key_dim:].unflatten(-1, (value_heads, d)))
+    assert not views[0].is_contiguous()
+    o_views, s_views = chunk_gdn_fwd(*views, a, b, A_log, dt_bias, initial_state=state, output_final_state=True)
+    o, s = chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state, output_final_state=True)
+    torch.testing.assert_close(o_views, o, rtol=0, atol=0)
+    torch.testing.assert_close(s_views, s, rtol=0, atol=0)
+
+
+def test_chunk_no_final_state_and_bad_input():
+    q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, 3, 2, 4, 16, 16, torch.float32, 1)
+    o, final = chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias)
+    assert final is None and o.shape == v.shape
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        chunk_gdn_fwd(q, k, v[:, :, :3], a[..., :3], b[..., :3], A_log[:3], dt_bias[:3])
+    with pytest.raises(ValueError, match="initial_state"):
+        chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=torch.zeros(2, 4, 16, 16, device=DEVICE))
