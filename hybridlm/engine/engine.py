@@ -12,7 +12,8 @@ import torch
 
 from hybridlm.engine.block_manager import BlockManager
 from hybridlm.engine.cache import EngineCache, plan_cache
-from hybridlm.engine.generate import StreamRecord, _TextState, check_prompt
+from hybridlm.engine.detokenize import TextStream
+from hybridlm.engine.generate import StreamRecord, check_prompt
 from hybridlm.engine.params import SamplingParams
 from hybridlm.engine.runner import ModelRunner
 from hybridlm.engine.sampler import Sampler
@@ -51,7 +52,11 @@ def cache_budget(model: HybridLM, config: EngineConfig) -> int:
         # keep room for activations: a prefill step of max_num_batched_tokens
         activations = 64 * config.max_num_batched_tokens * model.config.hidden_size * 4
         return max(int(total * config.gpu_memory_utilization) - used - activations, 0)
-    return 1 << 30
+    # CPU: at most 1 GiB, and no more than every sequence at full context needs
+    layout, dtype = model.cache_layout, model.dtype
+    full = config.max_num_seqs * (layout.state_bytes_per_sequence(dtype)
+                                  + model.config.max_position_embeddings * layout.kv_bytes_per_token(dtype))
+    return min(1 << 30, int(full / (1 - config.snapshot_fraction)) + (1 << 20))
 
 
 class Engine:
@@ -68,7 +73,7 @@ class Engine:
         self.runner = ModelRunner(model, EngineCache(model, self.plan))
         self.requests: dict[str, Sequence] = {}
         self._samplers: dict[str, Sampler] = {}
-        self._texts: dict[str, _TextState] = {}
+        self._texts: dict[str, TextStream] = {}
         self._history: dict[str, torch.Tensor] = {}
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ class Engine:
         self.scheduler.add(sequence)
         self.requests[sequence.request_id] = sequence
         self._samplers[sequence.request_id] = Sampler(params, self.model.device)
-        self._texts[sequence.request_id] = _TextState(self.tokenizer, params)
+        self._texts[sequence.request_id] = TextStream(self.tokenizer, params)
         self._history[sequence.request_id] = torch.tensor(sequence.prompt_token_ids, device=self.model.device)
         return sequence
 
