@@ -72,6 +72,7 @@ def generate(
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(error)
     sys.stdout.write("\n")
+    sys.stdout.flush()
     typer.echo(stats, err=True)
 
 

@@ -27,15 +27,25 @@ def causal_conv1d(
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {x.shape[0]}")
-        outputs, states = [], []
-        for i in range(len(cu_seqlens) - 1):
-            start, end = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
-            state = None if initial_state is None else initial_state[i : i + 1]
-            y, s = causal_conv1d(x[:, start:end], weight, initial_state=state, output_final_state=True,
-                                 activation=activation)
-            outputs.append(y)
-            states.append(s)
-        return torch.cat(outputs, dim=1), torch.cat(states) if output_final_state else None
+        # one call on a right-padded batch [N, T_max, C]: padding comes after each sequence, so no real
+        # output sees it; the final state is read at each sequence's own end
+        from hybridlm.ops.delta_rule import packed_to_padded
+
+        cu_seqlens = cu_seqlens.to(x.device)
+        rows, cols, longest = packed_to_padded(cu_seqlens)
+        count, width = len(cu_seqlens) - 1, weight.shape[1]
+        padded = x.new_zeros(count, longest, x.shape[-1])
+        padded[rows, cols] = x[0]
+        if initial_state is None:
+            initial_state = x.new_zeros(count, x.shape[-1], width - 1)
+        y, _ = causal_conv1d(padded, weight, initial_state=initial_state, activation=activation)
+        final = None
+        if output_final_state:
+            history = torch.cat([initial_state.to(x.dtype), padded.transpose(1, 2)], dim=-1)  # [N, C, K-1+T_max]
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1])[:, None, None]
+            index = lengths + torch.arange(width - 1, device=x.device)  # the last K-1 inputs of each sequence
+            final = history.gather(-1, index.expand(-1, x.shape[-1], -1))
+        return y[rows, cols][None], final
     batch, length, channels = x.shape
     width = weight.shape[1]
     if initial_state is None:
