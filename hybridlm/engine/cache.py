@@ -119,6 +119,7 @@ class PagedContext:
         self.decode = all(n == 1 for n in lengths) and all(s > 0 for s in starts)
         self.single_token_decode = self.decode
         self.slots = torch.tensor(state_slots, dtype=torch.long, device=device)
+        self.slot_ids = self.slots.to(torch.int32)
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)
         if self.decode:
             self.positions = positions[:, None]  # [S, 1]
@@ -131,6 +132,13 @@ class PagedContext:
         slot_mapping = [table[p // size] * size + p % size
                         for s, n, table in zip(starts, lengths, block_tables) for p in range(s, s + n)]
         self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=device)
+
+    def decode_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """In a decode-only step: this layer's conv and recurrent pools and the rows' slot ids, for the fused
+        step kernel that updates the pools in place."""
+        if not self.decode:
+            return None
+        return self.cache.conv[layer], self.cache.recurrent[layer], self.slot_ids
 
     def gdn_states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.conv[layer].index_select(0, self.slots), self.cache.recurrent[layer].index_select(0, self.slots)

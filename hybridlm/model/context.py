@@ -46,6 +46,9 @@ class ForwardContext:
         if cu_seqlens is not None:
             self.cu_seqlens, document = _check_packing(cu_seqlens, batch, length, cache, attention_mask, device)
             self.positions = (torch.arange(length, device=device) - self.cu_seqlens[document])[None]
+        self._mask = None  # plain causal attention over this chunk alone needs no mask tensor
+        if cache is None and self.pad_mask is None and cu_seqlens is None:
+            return
         # attention may see key j from query i iff j is real, not in the future, and in the same document
         key_valid = self.valid if cache is None else torch.cat([cache.key_valid, self.valid], dim=1)
         query_slots = torch.arange(past_slots, past_slots + length, device=device)
@@ -62,6 +65,10 @@ class ForwardContext:
     def single_token_decode(self) -> bool:
         """Every row advances by one token from an existing state: the step form applies."""
         return self.cache is not None and self.positions.shape[1] == 1 and self.cache.seq_len > 0
+
+    def decode_pools(self, layer: int) -> None:
+        """State pools for a fused decode kernel; only the engine's paged context has them."""
+        return None
 
     def gdn_states(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.cache is None:

@@ -7,15 +7,9 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
-from hybridlm.ops import (
-    apply_partial_rope,
-    causal_conv1d,
-    chunk_gated_delta_rule,
-    gated_rms_norm,
-    gdn_gates,
-    recurrent_gated_delta_rule,
-    rms_norm,
-)
+from hybridlm.ops import apply_partial_rope, rms_norm
+from hybridlm.ops import dispatch
+from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -68,6 +62,9 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         batch, length, _ = x.shape
+        pools = context.decode_pools(self.layer_idx)
+        if pools is not None and dispatch.use_kernels(x):
+            return self._fused_decode(x, *pools)
         conv_state, recurrent_state = context.gdn_states(self.layer_idx)
         keep, cu_seqlens = context.keeps_state, context.cu_seqlens
         qkv, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight[:, 0], initial_state=conv_state,
@@ -77,16 +74,29 @@ class GatedDeltaNet(nn.Module):
         q = q.reshape(batch, length, self.num_key_heads, self.key_head_dim)
         k = k.reshape(batch, length, self.num_key_heads, self.key_head_dim)
         v = v.reshape(batch, length, self.num_value_heads, self.value_head_dim)
-        g, beta = gdn_gates(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
         # The step form for single-token decode, the chunked form for everything else (as transformers does).
-        rule = recurrent_gated_delta_rule if context.single_token_decode else chunk_gated_delta_rule
-        o, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state, output_final_state=keep,
-                                  cu_seqlens=cu_seqlens)
+        o, recurrent_state = gated_delta_rule(q, k, v, self.in_proj_a(x), self.in_proj_b(x), self.A_log,
+                                              self.dt_bias, initial_state=recurrent_state, output_final_state=keep,
+                                              cu_seqlens=cu_seqlens, single_step=context.single_token_decode)
         if keep:
             context.store_gdn_states(self.layer_idx, conv_state, recurrent_state)
         z = self.in_proj_z(x).reshape(batch, length, self.num_value_heads, self.value_head_dim)
         o = self.norm(o, z)  # [B, T, Hv, dv]
         return self.out_proj(o.reshape(batch, length, -1))
+
+    def _fused_decode(self, x: torch.Tensor, conv_pool: torch.Tensor, state_pool: torch.Tensor,
+                      slots: torch.Tensor) -> torch.Tensor:
+        """One token per row [B, 1, H], states in pools at `slots`: conv shift, conv, SiLU, norms, gates,
+        delta rule, gated norm in one kernel launch; the pools are updated in place."""
+        batch = x.shape[0]
+        h = x[:, 0]
+        o = dispatch.kernels().gdn_decode_step(
+            self.in_proj_qkv(h), self.in_proj_z(h).view(batch, self.num_value_heads, self.value_head_dim),
+            self.in_proj_a(h), self.in_proj_b(h), self.conv1d.weight[:, 0], self.A_log, self.dt_bias,
+            conv_pool, state_pool, slots, num_key_heads=self.num_key_heads, key_head_dim=self.key_head_dim,
+            value_head_dim=self.value_head_dim, norm_weight=self.norm.weight, norm_eps=self.norm.eps,
+        )  # [B, Hv, dv]
+        return self.out_proj(o.reshape(batch, 1, -1))
 
 
 class GatedAttention(nn.Module):

@@ -34,6 +34,15 @@ def attention_reference(
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Same contract as `attention_reference`, through PyTorch's fused SDPA (no K/V repeat in memory)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Same contract as `attention_reference`, through PyTorch's fused SDPA (no K/V repeat in memory).
+
+    mask None means plain causal attention of T queries over the same T keys: no mask tensor is built,
+    so SDPA can take its flash kernel (a [T, T] mask at 32k tokens would be 1 GB).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

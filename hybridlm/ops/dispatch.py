@@ -1,0 +1,69 @@
+"""Pick the fast kernel or the plain-PyTorch reference, behind the references' own signatures.
+
+The Triton kernels run on CUDA tensors when no gradient is needed (they have no backward yet); the
+references run everywhere else. HYBRIDLM_KERNELS=0 forces the references. The path taken is logged
+once, loudly, so a slow fallback never goes unnoticed (other runtimes' users suffer silent ones).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from hybridlm.ops.conv import causal_conv1d as causal_conv1d_reference
+from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, recurrent_gated_delta_rule
+from hybridlm.ops.norm import gated_rms_norm as gated_rms_norm_reference
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def kernels():
+    """The Triton kernel module, or None (no triton, or disabled). Imported only once CUDA is in use, so a
+    CPU process never loads Triton."""
+    if os.environ.get("HYBRIDLM_KERNELS", "1") == "0":
+        logger.warning("HYBRIDLM_KERNELS=0: Gated DeltaNet runs on the plain-PyTorch reference ops (slow)")
+        return None
+    try:
+        from hybridlm.ops import triton as module
+    except ImportError as error:
+        logger.warning("Triton kernels unavailable (%s): CUDA runs the plain-PyTorch reference ops (slow)", error)
+        return None
+    logger.info("Gated DeltaNet layers run on hybridlm's Triton kernels")
+    return module
+
+
+def use_kernels(*tensors: torch.Tensor) -> bool:
+    if not tensors[0].is_cuda:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # training: the references are differentiable, the kernels not yet
+    return kernels() is not None
+
+
+def causal_conv1d(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, activation="silu"):
+    if use_kernels(x, weight):
+        return kernels().causal_conv1d_fwd(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+                                           cu_seqlens=cu_seqlens, activation=activation)
+    return causal_conv1d_reference(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+                                   cu_seqlens=cu_seqlens, activation=activation)
+
+
+def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, single_step=False):
+    """The GDN core from raw gate inputs: q, k [B, T, Hk, dk], v [B, T, Hv, dv], a, b [B, T, Hv]."""
+    if use_kernels(q, k, v, a, b) and not single_step:
+        return kernels().chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    rule = recurrent_gated_delta_rule if single_step else chunk_gated_delta_rule
+    return rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens)
+
+
+def gated_rms_norm(x, gate, weight, eps=1e-6):
+    if use_kernels(x, gate, weight):
+        return kernels().gated_rms_norm_fwd(x, gate, weight, eps)
+    return gated_rms_norm_reference(x, gate, weight, eps)
