@@ -269,6 +269,40 @@ def train(
                f"held-out loss {heldout}, {result.tokens_per_s:,.0f} tok/s] model: {result.model_dir}", err=True)
 
 
+@app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="HYBRIDLM_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' on /v1/*.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: folder name).")] = None,
+    think: Annotated[Optional[bool], typer.Option("--think/--no-think",
+                                                  help="Default enable_thinking (requests may override).")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Sequences decoded together.")] = 64,
+    max_waiting: Annotated[int, typer.Option(help="Queued sequences beyond those before 429.")] = 256,
+    block_size: Annotated[int, typer.Option(help="Prefix-cache granularity in tokens.")] = 64,
+    shutdown_grace: Annotated[float, typer.Option(help="Seconds in-flight requests get on shutdown.")] = 30.0,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    strict_config: StrictOption = True,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, streaming)."""
+    from hybridlm.engine.engine import EngineConfig
+
+    try:
+        from hybridlm.serve import run
+    except ImportError as error:
+        _fail(ImportError(f"{error}; install the server's dependencies: pip install 'hybridlm[serve]'"))
+    try:
+        run(_model_dir(model), host=host, port=port, api_key=api_key, model_name=served_model_name,
+            device=device, dtype=dtype, strict_config=strict_config, max_waiting=max_waiting,
+            engine_config=EngineConfig(max_num_seqs=max_num_seqs, block_size=block_size),
+            enable_thinking=think, shutdown_grace_seconds=shutdown_grace)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        _fail(error)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

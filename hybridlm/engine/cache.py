@@ -73,11 +73,13 @@ class EngineCache:
                      for i in layout.recurrent_layers}
         self.recurrent = {i: torch.zeros(slots, *layout.recurrent_state_shape, dtype=torch.float32, device=device)
                           for i in layout.recurrent_layers}
-        # [num_blocks, block_size, Hkv, D] per attention layer; uninitialised: a slot is always written
-        # (slot_mapping) before any query can see it
+        # [num_blocks, block_size, Hkv, D] per attention layer. Contents need no init (a slot is always
+        # written before a query can see it), but on the CPU the pages are touched now: otherwise resident
+        # memory creeps up as the cache fills, which looks like a leak to anyone watching the process.
         kv_shape = (plan.num_blocks, plan.block_size, *layout.kv_shape_per_token)
-        self.keys = {i: torch.empty(kv_shape, dtype=dtype, device=device) for i in layout.attention_layers}
-        self.values = {i: torch.empty(kv_shape, dtype=dtype, device=device) for i in layout.attention_layers}
+        allocate = torch.zeros if device.type == "cpu" else torch.empty
+        self.keys = {i: allocate(kv_shape, dtype=dtype, device=device) for i in layout.attention_layers}
+        self.values = {i: allocate(kv_shape, dtype=dtype, device=device) for i in layout.attention_layers}
 
     def snapshot_index(self, snapshot_slot: int) -> int:
         """Row of a snapshot slot in the state pools (they follow the running-sequence slots)."""

@@ -5,6 +5,7 @@ each sequence whose chunk reached its end -> detokenise, check stop conditions, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -91,6 +92,11 @@ class Engine:
         self._texts[sequence.request_id] = TextStream(self.tokenizer, params)
         self._history[sequence.request_id] = torch.tensor(sequence.prompt_token_ids, device=self.model.device)
         return sequence
+
+    def wrap_sampler(self, request_id: str, wrap: Callable[[Sampler], Callable]) -> None:
+        """Replace a request's sampler by `wrap(sampler)`: a callable (logits [V], seen ids) -> token id. The
+        hook for what a serving layer adds on top of SamplingParams (penalties, logit bias, logprobs)."""
+        self._samplers[request_id] = wrap(self._samplers[request_id])
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its cache is released at once. Unknown or finished ids are ignored."""
