@@ -1,21 +1,18 @@
-"""Batched generation on the model's own HybridCache, in three layers (mlx-lm's shape):
+"""Generation records and the plain generator on the model's own HybridCache.
 
-    BatchGenerator   token ids, one step at a time, for a batch of prompts (prefill, then decode)
-    stream_batch     StreamRecords: text deltas per request, stop strings, eos, finish reasons
-    generate_batch   blocking: GenerationResults with text, tokens and speeds
-
-Prompts of different lengths are left-padded into one batch; finished rows leave the batch.
+    StreamRecord / GenerationResult   what LLM.stream / LLM.generate hand out
+    BatchGenerator                    left-padded batch prefill, then decode, with model.forward alone:
+                                      the simple reference the continuous-batching Engine is tested against
 """
 from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from hybridlm.engine.detokenize import TextStream
 from hybridlm.engine.params import SamplingParams
 from hybridlm.engine.sampler import Sampler
 from hybridlm.model import HybridLM
@@ -162,66 +159,7 @@ class BatchGenerator:
             self.live = [self.live[row] for row in keep]
 
 
-def stream_batch(
-    model: HybridLM,
-    tokenizer,
-    prompts: Sequence[Sequence[int]],
-    params: Sequence[SamplingParams],
-    eos_token_ids: Sequence[int] = (),
-    generator: BatchGenerator | None = None,
-) -> Iterator[StreamRecord]:
-    """StreamRecords for every request of the batch, in generation order; each request ends with a record
-    whose finish_reason is set. Bad input raises here, before the first record is asked for."""
-    generator = generator or BatchGenerator(model, prompts, params, eos_token_ids)
-    return _records(generator, [TextStream(tokenizer, p) for p in params])
-
-
-def _records(generator: BatchGenerator, texts: list[TextStream]) -> Iterator[StreamRecord]:
-    while not generator.done:
-        for index, token in generator.step().items():
-            state = texts[index]
-            delta = state.push(token, token in generator.stop_ids[index])
-            if state.stopped:
-                generator.finish(index, "stop")
-            reason = generator.finish_reasons[index]
-            if reason is not None:
-                delta += state.close()
-            yield StreamRecord(index=index, token_id=token, text=delta, finish_reason=reason)
-        generator.drop_finished()
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def generate_batch(
-    model: HybridLM,
-    tokenizer,
-    prompts: Sequence[Sequence[int]],
-    params: Sequence[SamplingParams],
-    eos_token_ids: Sequence[int] = (),
-) -> list[GenerationResult]:
-    generator = BatchGenerator(model, prompts, params, eos_token_ids)
-    texts = [""] * len(prompts)
-    start = time.perf_counter()
-    for record in stream_batch(model, tokenizer, prompts, params, eos_token_ids, generator=generator):
-        texts[record.index] += record.text
-    elapsed = time.perf_counter() - start
-    decode_seconds = max(elapsed - generator.prefill_seconds, 1e-9)
-    total_prompt = sum(generator.prompt_lengths)
-    total_output = sum(len(o) for o in generator.outputs)
-    peak = peak_memory_bytes(model.device)
-    return [
-        GenerationResult(
-            text=texts[i],
-            token_ids=generator.outputs[i],
-            finish_reason=generator.finish_reasons[i],
-            prompt_token_ids=list(prompts[i]),
-            prompt_tps=total_prompt / max(generator.prefill_seconds, 1e-9),
-            generation_tps=max(total_output - len(prompts), 0) / decode_seconds,
-            peak_memory_bytes=peak,
-        )
-        for i in range(len(prompts))
-    ]
