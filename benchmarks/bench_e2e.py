@@ -1,32 +1,63 @@
 """End to end on one GPU: hybridlm vs Hugging Face transformers (+ fla kernels), random-weight Qwen3.5 shapes.
 
-    python benchmarks/bench_e2e.py [--models 0.8B 9B] [--decode-tokens 128] [--prefill 4096 32768]
+    python benchmarks/bench_e2e.py [--parts gate,prefill,decode] [--models 0.8B 9B] [--log PATH] [--tiny]
 
 Both models get the same random bf16 weights (transformers' model is built first; ours takes its state
-dict). Correctness gate first, in the same run: last-token logits of a 64-token prompt compared (relative
-error) and the greedy next tokens; a speed-up is printed only when the gate passed.
-Measured: prefill tokens/s of one prompt (forward with the last token's logits only; ours through
-`model.forward`, transformers with use_cache=False), and decode tokens/s at batch 1 after a 512-token
-prompt (ours through the continuous-batching Engine, transformers through `generate`, greedy; decode time =
-time for N tokens minus time for 1). Floors: decode reads every weight once per token (bytes / 3.02 TB/s).
+dict). Correctness gate first, in the same run, for every model built beside transformers: last-token logits
+of a 64-token prompt compared (relative error); a speed-up is printed only when the gate passed.
+Parts (`--parts`, comma-separated; default gate,prefill,decode, the original measurements):
+  gate        only the gate (it runs anyway whenever transformers is built)
+  prefill     tokens/s of one prompt (forward with the last token's logits only; ours through `model.forward`,
+              transformers with use_cache=False), for each `--models` shape
+  decode      tokens/s at batch 1 after a 512-token prompt (ours through the Engine, transformers through
+              `generate`, greedy; time for N tokens minus time for 1). Floor: every weight read once per token
+              (bytes / 3.02 TB/s)
+  throughput  on `--serving-model` (0.8B): 256 requests at t=0, prompt lengths uniform in 128-2048 (seeded),
+              256 new tokens each, greedy, ignore_eos: output tokens/s of the Engine (continuous batching) vs
+              transformers' batched `generate` (left-padded batches of `--hf-batch`, on a seeded subset of
+              `--hf-requests` whose rate extrapolates; the output says so); TTFT, TPOT and inter-token p50/p99
+              from the same Engine run
+  prefix      on `--serving-model`: 32 requests sharing a 4096-token prefix + 64 own tokens, 32 new tokens:
+              wall time with prefix caching on vs off, and the cached prompt tokens
+  long        on `--long-model` (9B), ours alone: one prompt filling the 262,144-token context (262,143 prompt
+              tokens + 1 generated: the Engine needs room for the generated token) prefilled in chunks of
+              `--long-chunk` through the Engine: wall time and torch.cuda.max_memory_allocated
+`--tiny`: a tiny config and tiny sizes, on the CPU when there is no GPU (a few seconds; `--no-hf` skips
+transformers). The table comes last; `--log PATH` (and $OUT/bench_e2e.log when $OUT is set) gets every line.
+
+GPU minutes on one H100, estimated with the engine of 2026-11-23 (decode B=1 38 tok/s on 9B, 54 on 0.8B,
+overhead-bound; transformers 9B 25 tok/s at B=1). Fit each call in 10 minutes:
+  gate,prefill,decode (both shapes)  ~6 min (measured)
+  throughput (0.8B)  ~2.5-3 min: build + gate + Triton warm-up ~0.7; ours ~1-2 (~450 steps: 280k prompt tokens
+                     in 2048-token steps, then ~256 decode steps of up to 256 rows at ~0.2-0.3 s each, spent in
+                     per-sequence attention gathers and one host sync per sampled token); transformers 128 of the
+                     256 requests in 2 batches of 64, ~12 s each (prefill ~2k padded tokens x 64, 256 steps)
+  prefix (0.8B)      ~0.5 min: 4 Engine runs (on/off twice) of 4k + 31 x 64 or 32 x 4.2k prompt tokens
+  long (9B)          ~1-2 min: build ~0.3, warm-up ~0.2, prefill ~10 s at 30k tok/s with efficient attention;
+                     the chunk attention today is SDPA with a boolean mask and GQA, which runs the math
+                     backend ([16, chunk, context] fp32 scores, 34 GB at 2048 x 262k): expect OOM late in the
+                     prompt (reported as a row, not a crash) until the engine's prefill attention changes
+  throughput with --serving-model 9B: add ~2-4 min (transformers at batch 32)
+Recommended calls: `--parts gate,prefill,decode`, then `--parts throughput,prefix,long`.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_serving as serving  # noqa: E402
 from hybridlm.config import ModelConfig  # noqa: E402
 from hybridlm.engine.engine import Engine, EngineConfig  # noqa: E402
-from hybridlm.engine.params import SamplingParams  # noqa: E402
 from hybridlm.io.checkpoint import build_empty_model  # noqa: E402
 from hybridlm.io.tokenizer import Tokenizer  # noqa: E402
 
@@ -40,52 +71,81 @@ SHAPES = {
 COMMON = dict(vocab_size=248320, head_dim=256, linear_num_key_heads=16, linear_key_head_dim=128,
               linear_value_head_dim=128, linear_conv_kernel_dim=4, max_position_embeddings=262144,
               rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})
+# 3 GDN + 1 attention layer, head sizes the Triton kernels accept (multiples of 16), 4k context
+TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+            linear_value_head_dim=32, linear_conv_kernel_dim=4, intermediate_size=256, max_position_embeddings=4096,
+            tie_word_embeddings=True, rope_parameters=COMMON["rope_parameters"])
+PARTS = ("gate", "prefill", "decode", "throughput", "long", "prefix")
+# size options: (full, tiny)
+SIZES = dict(prefill=([4096, 32768], [256]), decode_tokens=(128, 8), prompt=(512, 64), requests=(256, 12),
+             prompt_min=(128, 16), prompt_max=(2048, 160), new_tokens=(256, 8), hf_requests=(128, 12),
+             max_num_seqs=(256, 8), chunk=(2048, 128), long_tokens=(262144, 4096), long_chunk=(2048, 512),
+             prefix_requests=(32, 4), prefix_tokens=(4096, 256), suffix_tokens=(64, 16), prefix_new_tokens=(32, 4))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LINES: list[str] = []
+LOG_FILES: list = []
 
 
 def log(line: str = "") -> None:
     print(line, flush=True)
     LINES.append(line)
+    for f in LOG_FILES:  # written as we go: a run killed at its time limit keeps what it measured
+        f.write(line + "\n")
+        f.flush()
 
 
-def cuda_time(fn, repeats: int = 3) -> float:
+def timed(fn, repeats: int = 3) -> float:
     """Median seconds of fn() over `repeats` runs after one warm-up."""
     fn()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        serving.sync(DEVICE)
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        serving.sync(DEVICE)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def build_hf(name: str):
-    import transformers
+def config_dict(name: str) -> dict:
+    return dict(TINY) if name == "tiny" else {**COMMON, **SHAPES[name]}
 
-    config = transformers.Qwen3_5TextConfig(**COMMON, **SHAPES[name])
-    with torch.device("meta"):
-        model = transformers.Qwen3_5ForCausalLM(config)
-    model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
-    generator = torch.Generator(device="cuda").manual_seed(0)
+
+def randomize(model, seed: int = 0) -> None:
+    """Random weights that keep a Qwen3.5 stack numerically tame (decays in (-16, -1) x dt, unit norms)."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if pname.endswith("A_log"):
-                param.copy_(torch.empty(param.shape, device="cuda").uniform_(1, 16, generator=generator).log_())
+                param.copy_(torch.empty(param.shape, device=DEVICE).uniform_(1, 16, generator=generator).log_())
             elif pname.endswith("dt_bias") or pname.endswith("linear_attn.norm.weight"):
                 param.fill_(1.0)
             elif param.ndim == 1:
                 param.normal_(0, 0.1, generator=generator)
             else:
                 param.normal_(0, 0.02, generator=generator)
+
+
+def build_hf(name: str):
+    import transformers
+
+    config = transformers.Qwen3_5TextConfig(**config_dict(name))
+    with torch.device("meta"):
+        model = transformers.Qwen3_5ForCausalLM(config)
+    model = model.to_empty(device=DEVICE).to(torch.bfloat16).eval()
+    randomize(model)
     model.tie_weights()  # building on meta and filling in place can leave a tied head untied
     return model
 
 
-def build_ours(name: str, hf_model):
-    config = ModelConfig.from_dict({"model_type": "qwen3_5_text", **COMMON, **SHAPES[name]})
-    model = build_empty_model(config, torch.device("cuda"), torch.bfloat16)
+def build_ours(name: str, hf_model=None):
+    """Ours with transformers' weights, or with its own random weights when `hf_model` is None."""
+    config = ModelConfig.from_dict({"model_type": "qwen3_5_text", **config_dict(name)})
+    model = build_empty_model(config, DEVICE, torch.bfloat16)
+    if hf_model is None:
+        randomize(model)
+        return model.eval()
     state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -97,9 +157,10 @@ def build_ours(name: str, hf_model):
 
 def gate(name: str, ours, hf_model) -> tuple[bool, str]:
     """Same function? Compare last-token logits of a 64-token prompt. Random-weight logits are nearly flat,
-    so bf16 rounding alone moves them by a few percent; where an fp32 copy fits (0.8B), both bf16 runs are
+    so bf16 rounding alone moves them by a few percent; where an fp32 copy fits (not 9B), both bf16 runs are
     measured against it and ours must be no further from it than transformers is (with a 1.5x margin)."""
-    ids = torch.randint(0, 248320, (1, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    vocab = ours.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 64), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
 
     def rel(x, y):
         return ((x - y).norm() / y.norm()).item()
@@ -107,8 +168,8 @@ def gate(name: str, ours, hf_model) -> tuple[bool, str]:
     with torch.inference_mode():
         a = ours(ids, logits_to_keep=1).float()[0, -1]
         b = hf_model(ids, logits_to_keep=1).logits.float()[0, -1]
-        if name == "0.8B":
-            reference = build_empty_model(ours.config, torch.device("cuda"), torch.float32)
+        if name != "9B":
+            reference = build_empty_model(ours.config, DEVICE, torch.float32)
             for (_, target), (_, source) in zip(reference.named_parameters(), ours.named_parameters()):
                 target.copy_(source)
             r = reference(ids, logits_to_keep=1)[0, -1]
@@ -119,22 +180,13 @@ def gate(name: str, ours, hf_model) -> tuple[bool, str]:
     return ok, f"ours vs transformers {rel(a, b):.2e} (no fp32 copy fits beside both bf16 models)"
 
 
-def prefill_rate(fn, tokens: int) -> float:
-    return tokens / cuda_time(fn)
-
-
 def ours_decode(model, tokenizer, prompt_len: int, new_tokens: int) -> float:
-    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8, cache_memory_bytes=4 << 30))
-    prompt = torch.randint(0, 248320, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache = serving.cache_bytes(model, 8, 8 * (prompt_len + new_tokens), EngineConfig.block_size, EngineConfig.snapshot_fraction)
+    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8, cache_memory_bytes=cache))
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
 
     def run(n: int) -> float:
-        engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        while engine.has_work:
-            engine.step()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return serving.run_engine(engine, [prompt], serving.greedy(n)).wall_s
 
     run(4)  # warm-up: Triton compiles
     one, many = min(run(1) for _ in range(2)), min(run(new_tokens) for _ in range(2))
@@ -142,14 +194,15 @@ def ours_decode(model, tokenizer, prompt_len: int, new_tokens: int) -> float:
 
 
 def hf_decode(model, prompt_len: int, new_tokens: int) -> float:
-    ids = torch.randint(0, 248320, (1, prompt_len), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=DEVICE, generator=generator)
     mask = torch.ones_like(ids)
 
     def run(n: int) -> float:
-        torch.cuda.synchronize()
+        serving.sync(DEVICE)
         start = time.perf_counter()
         model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
+        serving.sync(DEVICE)
         return time.perf_counter() - start
 
     run(2)
@@ -157,64 +210,150 @@ def hf_decode(model, prompt_len: int, new_tokens: int) -> float:
     return (new_tokens - 1) / (many - one)
 
 
-def main() -> None:
+def compare_parts(name: str, parts: set[str], ours, hf_model, tokenizer, passed: bool | None, args) -> list:
+    """prefill and decode, ours vs transformers."""
+    rows = []
+    ratio = lambda mine, theirs: (  # noqa: E731
+        "gate failed" if passed is False else f"x{mine / theirs:.2f}" if theirs == theirs and theirs > 0 else "-")
+    for tokens in args.prefill if "prefill" in parts else []:
+        ids = torch.randint(0, ours.config.vocab_size, (1, tokens), device=DEVICE)
+        with torch.inference_mode():
+            mine = tokens / timed(lambda: ours(ids, logits_to_keep=1))
+            theirs = float("nan")
+            if hf_model is not None:
+                try:
+                    theirs = tokens / timed(lambda: hf_model(ids, logits_to_keep=1, use_cache=False))
+                except torch.OutOfMemoryError:
+                    serving.free_memory()
+        rows.append((name, f"prefill {tokens}", f"{mine:,.1f} tok/s", f"{theirs:,.1f} tok/s", ratio(mine, theirs), ""))
+        log(f"  prefill {tokens}: ours {mine:,.0f} tok/s, transformers {theirs:,.0f} tok/s")
+    if "decode" in parts:
+        mine = ours_decode(ours, tokenizer, args.prompt, args.decode_tokens)
+        theirs = float("nan")
+        if hf_model is not None:
+            with torch.inference_mode():
+                theirs = hf_decode(hf_model, args.prompt, args.decode_tokens)
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        floor = BANDWIDTH / weight_bytes
+        rows.append((name, "decode B=1", f"{mine:,.1f} tok/s", f"{theirs:,.1f} tok/s", ratio(mine, theirs),
+                     f"{mine / floor:.1%} of floor ({floor:,.0f} tok/s)"))
+        log(f"  decode B=1: ours {mine:,.1f} tok/s, transformers {theirs:,.1f} tok/s, floor {floor:,.0f}")
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["0.8B", "9B"], choices=sorted(SHAPES))
-    parser.add_argument("--prefill", nargs="+", type=int, default=[4096, 32768])
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--prompt", type=int, default=512)
-    args = parser.parse_args()
-    import transformers
+    parser.add_argument("--parts", default="gate,prefill,decode", help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(SHAPES), help="shapes for gate/prefill/decode")
+    parser.add_argument("--serving-model", default="0.8B", choices=sorted(SHAPES), help="shape for throughput and prefix")
+    parser.add_argument("--long-model", default="9B", choices=sorted(SHAPES))
+    parser.add_argument("--tiny", action="store_true", help="tiny config and sizes (CPU without a GPU)")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers (no gate, no ratios)")
+    parser.add_argument("--hf-batch", type=int, default=None, help="transformers batch (default 64, 32 on 9B, 4 tiny)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log", type=Path, default=None)
+    for key, (full, _) in SIZES.items():
+        option = "--" + key.replace("_", "-")
+        if isinstance(full, list):
+            parser.add_argument(option, nargs="+", type=int, default=None, help=f"default {full}")
+        else:
+            parser.add_argument(option, type=int, default=None, help=f"default {full}")
+    args = parser.parse_args(argv)
+    for key, (full, tiny) in SIZES.items():
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
+    if args.tiny:
+        args.models = args.models or ["tiny"]
+        args.serving_model = args.long_model = "tiny"
+    args.models = args.models or ["0.8B", "9B"]
+    if args.hf_batch is None:
+        args.hf_batch = 4 if args.tiny else 32 if args.serving_model == "9B" else 64
+    args.parts = [p for p in args.parts.split(",") if p]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    return args
 
-    log(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}")
-    try:
-        import fla  # noqa: F401
 
-        log("transformers runs with fla's kernels (fla importable)")
-    except ImportError as error:
-        log(f"fla not importable ({error}): transformers runs its PyTorch fallback")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+def print_table(rows: list) -> None:
+    log()
+    log("| model | measure | hybridlm | transformers+fla | ratio | note |")
+    log("|---|---|---|---|---|---|")
+    for row in rows:
+        log("| " + " | ".join(row) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    parts = set(args.parts)
+    if args.tiny and DEVICE.type == "cpu":
+        torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than the math (100x on a busy machine)
+    for path in [args.log] + ([Path(os.environ["OUT"]) / "bench_e2e.log"] if os.environ.get("OUT") else []):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            LOG_FILES.append(open(path, "w"))
+    device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
+    header = f"device {device_name}  torch {torch.__version__}  parts {','.join(args.parts)}"
+    if not args.no_hf:
+        import transformers
+
+        header += f"  transformers {transformers.__version__}"
+    log(header + ("  (tiny)" if args.tiny else ""))
+    if not args.no_hf:
+        try:
+            import fla  # noqa: F401
+
+            log("transformers runs with fla's kernels (fla importable)")
+        except ImportError as error:
+            log(f"fla not importable ({error}): transformers runs its PyTorch fallback")
     from tests.tiny_tokenizer import write_tiny_tokenizer
 
     tokenizer_dir = tempfile.mkdtemp()
-    write_tiny_tokenizer(__import__("pathlib").Path(tokenizer_dir))
+    write_tiny_tokenizer(Path(tokenizer_dir))
     tokenizer = Tokenizer.from_dir(tokenizer_dir)  # token ids past its vocabulary decode to '' (text unused here)
-    rows = []
-    for name in args.models:
-        hf_model = build_hf(name)
-        ours = build_ours(name, hf_model)
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        passed, detail = gate(name, ours, hf_model)
-        log(f"{name}: {weight_bytes / 1e9:.2f} GB of weights; gate {'PASS' if passed else 'FAIL'} ({detail})")
-        for tokens in args.prefill:
-            ids = torch.randint(0, 248320, (1, tokens), device="cuda")
-            with torch.inference_mode():
-                mine = prefill_rate(lambda: ours(ids, logits_to_keep=1), tokens)
-                try:
-                    theirs = prefill_rate(lambda: hf_model(ids, logits_to_keep=1, use_cache=False), tokens)
-                except torch.OutOfMemoryError:
-                    theirs = float("nan")
-                    torch.cuda.empty_cache()
-            rows.append((name, f"prefill {tokens}", mine, theirs, passed, ""))
-            log(f"  prefill {tokens}: ours {mine:,.0f} tok/s, transformers {theirs:,.0f} tok/s")
-        mine = ours_decode(ours, tokenizer, args.prompt, args.decode_tokens)
-        with torch.inference_mode():
-            theirs = hf_decode(hf_model, args.prompt, args.decode_tokens)
-        floor = BANDWIDTH / weight_bytes
-        rows.append((name, "decode B=1", mine, theirs, passed, f"{mine / floor:.1%} of floor ({floor:,.0f} tok/s)"))
-        log(f"  decode B=1: ours {mine:,.1f} tok/s, transformers {theirs:,.1f} tok/s, floor {floor:,.0f}")
-        del ours, hf_model
-        gc.collect()
-        torch.cuda.empty_cache()
-    log()
-    log("| model | measure | hybridlm tok/s | transformers+fla tok/s | speed-up | note |")
-    log("|---|---|---|---|---|---|")
-    for name, what, mine, theirs, passed, note in rows:
-        ratio = f"x{mine / theirs:.2f}" if passed and theirs == theirs and theirs > 0 else "gate failed" if not passed else "-"
-        log(f"| {name} | {what} | {mine:,.1f} | {theirs:,.1f} | {ratio} | {note} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_e2e.log"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+    # which shapes to build beside transformers, and what to run on each
+    plan: dict[str, set[str]] = {}
+    if parts & {"gate", "prefill", "decode"}:
+        for name in args.models:
+            plan.setdefault(name, set()).update(parts & {"gate", "prefill", "decode"})
+    if parts & {"throughput", "prefix"}:
+        plan.setdefault(args.serving_model, set()).update(parts & {"throughput", "prefix"})
+    rows: list = []
+    try:
+        for name, todo in plan.items():
+            hf_model = None if args.no_hf else build_hf(name)
+            ours = build_ours(name, hf_model)
+            weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+            passed = None
+            if hf_model is not None:
+                passed, detail = gate(name, ours, hf_model)
+                log(f"{name}: {weight_bytes / 1e9:.2f} GB of weights; gate {'PASS' if passed else 'FAIL'} ({detail})")
+                rows.append((name, "gate", "PASS" if passed else "FAIL", "-", "-", detail))
+            else:
+                log(f"{name}: {weight_bytes / 1e9:.2f} GB of weights; no transformers, no gate")
+            rows += compare_parts(name, todo, ours, hf_model, tokenizer, passed, args)
+            if "throughput" in todo:
+                rows += serving.throughput_part(
+                    name, ours, hf_model, tokenizer, passed, requests=args.requests, low=args.prompt_min,
+                    high=args.prompt_max, new_tokens=args.new_tokens, hf_requests=args.hf_requests,
+                    hf_batch=args.hf_batch, max_num_seqs=args.max_num_seqs, chunk=args.chunk, seed=args.seed, log=log)
+            if "prefix" in todo:
+                rows += serving.prefix_part(
+                    name, ours, tokenizer, requests=args.prefix_requests, prefix=args.prefix_tokens,
+                    suffix=args.suffix_tokens, new_tokens=args.prefix_new_tokens, chunk=args.chunk, seed=args.seed, log=log)
+            del ours, hf_model
+            serving.free_memory()
+        if "long" in parts:
+            ours = build_ours(args.long_model)  # alone: the peak memory is ours
+            log(f"{args.long_model}: long prompt, hybridlm alone")
+            rows += serving.long_part(args.long_model, ours, tokenizer, tokens=args.long_tokens, chunk=args.long_chunk,
+                                      seed=args.seed, log=log)
+            del ours
+            serving.free_memory()
+    finally:
+        print_table(rows)
+        for f in LOG_FILES:
+            f.close()
 
 
 if __name__ == "__main__":

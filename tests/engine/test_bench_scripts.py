@@ -1,0 +1,65 @@
+"""benchmarks/bench_e2e.py in --tiny mode on the CPU: every part runs and the table has its rows.
+
+The GPU run costs device time that a crash at the end would waste; this catches the crash here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_serving import percentile  # noqa: E402
+
+
+def has_qwen3_5_transformers() -> bool:
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    import transformers
+
+    return hasattr(transformers, "Qwen3_5ForCausalLM")
+
+
+def test_percentile_matches_linear_interpolation():
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
+    assert percentile(values, 50) == 2.5
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+@pytest.mark.parametrize("with_hf", [has_qwen3_5_transformers()], ids=lambda hf: "transformers" if hf else "no-hf")
+def test_bench_e2e_tiny_runs_every_part(tmp_path, with_hf):
+    log = tmp_path / "bench.log"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--tiny", "--log", str(log),
+               "--parts", "gate,prefill,decode,throughput,long,prefix"]
+    if not with_hf:
+        command.append("--no-hf")
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("| model | measure |"):]
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in table.splitlines()[2:] if line.startswith("|"))}
+    expected = ["prefill 256", "decode B=1", "throughput 12 req x 8 tok", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms",
+                "ITL p50 / p99 ms", "prefix cache 4 x (256+16)", "long prompt 4,095"]
+    assert [m for m in expected if m not in rows] == [], table
+    assert ("gate" in rows) == with_hf
+    if with_hf:
+        assert rows["gate"][2] == "PASS", table
+        assert re.fullmatch(r"x[0-9.]+", rows["throughput 12 req x 8 tok"][4]), table
+    # every request shared 256 tokens: all but the first find them in the cache
+    assert rows["prefix cache 4 x (256+16)"][5].startswith("768 of 1,088 prompt tokens cached"), table
+    assert re.match(r"on [0-9.]+ s / off [0-9.]+ s", rows["prefix cache 4 x (256+16)"][2]), table
+    assert rows["long prompt 4,095"][2].endswith("peak n/a (CPU)"), table
+    for measure in ("TTFT p50 / p99 ms", "TPOT p50 / p99 ms", "ITL p50 / p99 ms"):
+        p50, p99 = (float(x.replace(",", "")) for x in rows[measure][2].split(" / "))
+        assert 0 <= p50 <= p99, (measure, table)
+    assert log.read_text().endswith(table.replace("\r", "")), "the log file ends with the same table"
