@@ -1,8 +1,10 @@
 """Pick the fast kernel or the plain-PyTorch reference, behind the references' own signatures.
 
-The Triton kernels run on CUDA tensors when no gradient is needed (they have no backward yet); the
-references run everywhere else. HYBRIDLM_KERNELS=0 forces the references. The path taken is logged
-once, loudly, so a slow fallback never goes unnoticed (other runtimes' users suffer silent ones).
+The Triton kernels run on CUDA tensors; the references run everywhere else. The chunked gated delta rule has a
+Triton backward (`chunk_gdn`), so it takes the kernels in training too; the other ops have no backward yet and
+fall back to the (differentiable) references when a gradient is needed. HYBRIDLM_KERNELS=0 forces the
+references. The path taken is logged once, loudly, so a slow fallback never goes unnoticed (other runtimes'
+users suffer silent ones).
 """
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ def kernels():
     return module
 
 
-def use_kernels(*tensors: torch.Tensor) -> bool:
+def use_kernels(*tensors: torch.Tensor, differentiable: bool = False) -> bool:
+    """Whether to run the Triton kernel; `differentiable` says the kernel has a backward of its own."""
     if not tensors[0].is_cuda:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # training: the references are differentiable, the kernels not yet
+    if not differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # training: the references are differentiable, these kernels not yet
     return kernels() is not None
 
 
@@ -53,10 +56,11 @@ def causal_conv1d(x, weight, *, initial_state=None, output_final_state=False, cu
 
 def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, initial_state=None, output_final_state=False,
                      cu_seqlens=None, single_step=False):
-    """The GDN core from raw gate inputs: q, k [B, T, Hk, dk], v [B, T, Hv, dv], a, b [B, T, Hv]."""
-    if use_kernels(q, k, v, a, b) and not single_step:
-        return kernels().chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    """The GDN core from raw gate inputs: q, k [B, T, Hk, dk], v [B, T, Hv, dv], a, b [B, T, Hv]. On CUDA the
+    chunked kernels run with or without gradients (chunk_gdn is differentiable in every input and state)."""
+    if not single_step and use_kernels(q, k, v, a, b, differentiable=True):
+        return kernels().chunk_gdn(q, k, v, a, b, A_log, dt_bias, initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     g, beta = gdn_gates(a, b, A_log, dt_bias)
     rule = recurrent_gated_delta_rule if single_step else chunk_gated_delta_rule
     return rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,

@@ -111,6 +111,7 @@ def chunk_gdn_fwd_prepare_kernel(
     g_cumsum,  # out [B, T, HV] fp32, cumulative log decay inside each chunk
     w,  # out [B, T, HV, K]
     u,  # out [B, T, HV, V]
+    x_inv,  # out [B, T, HV, BT] if STORE_X: (I + A)^-1 of each chunk, row-major, lower triangle only
     cu_seqlens,
     chunk_indices,
     T,
@@ -126,6 +127,7 @@ def chunk_gdn_fwd_prepare_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STORE_X: tl.constexpr,
 ):
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -202,6 +204,18 @@ def chunk_gdn_fwd_prepare_kernel(
     b_X00, b_X11, b_X22, b_X33 = b_X00.to(dtype), b_X11.to(dtype), b_X22.to(dtype), b_X33.to(dtype)
     b_X10, b_X21, b_X32 = b_X10.to(dtype), b_X21.to(dtype), b_X32.to(dtype)
     b_X20, b_X31, b_X30 = b_X20.to(dtype), b_X31.to(dtype), b_X30.to(dtype)
+    if STORE_X:  # kept for the backward's WY gradient (gdn_chunk_bwd.py)
+        p_x = x_inv + bos * HV * BT + i_h * BT
+        _store_rows(p_x, b_X00, i_s0, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x, b_X10, i_s0 + BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x + BC, b_X11, i_s0 + BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x, b_X20, i_s0 + 2 * BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x + BC, b_X21, i_s0 + 2 * BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x + 2 * BC, b_X22, i_s0 + 2 * BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x, b_X30, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x + BC, b_X31, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x + 2 * BC, b_X32, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
+        _store_rows(p_x + 3 * BC, b_X33, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
 
     # w = X (beta k exp(G)), written one sub-chunk of rows at a time
     b_kg0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_gc0))[:, None]).to(dtype)
@@ -433,8 +447,10 @@ def chunk_gdn_fwd(
     return out["o"], out["final_state"]
 
 
-def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens):
-    """The three launches; returns every intermediate (the backward recomputes from some of them)."""
+def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
+                   store_x=False):
+    """The three launches; returns every intermediate (the backward recomputes from some of them). With `store_x`
+    the prepare kernel also keeps X = (I + A)^-1 per chunk for the backward (x_inv [B, T, Hv, 64])."""
     q, k, v = rows_packed(q), rows_packed(k), rows_packed(v)
     a, b = a.contiguous(), b.contiguous()
     A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
@@ -464,9 +480,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
     w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
     u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
+    x_inv = torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device) if store_x else None
     chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
-        k, v, a, b, A_log, dt_bias, g_cumsum, w, u, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-        BC=BC, BV=BV_full, num_warps=4, **common)
+        k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, cu_seqlens, chunk_indices, length, k.stride(1),
+        v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, num_warps=4, **common)
 
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
@@ -481,5 +498,5 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     chunk_gdn_fwd_o_kernel[(triton.cdiv(dv, BV), grid_chunks, batch * value_heads)](
         q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
         BV=BV, num_warps=4, **common)
-    return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, h=h, v_new=v_new, scale=scale,
-                chunk_indices=chunk_indices, chunk_offsets=chunk_offsets, num_chunks=num_chunks)
+    return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, x_inv=x_inv, h=h, v_new=v_new,
+                scale=scale, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets, num_chunks=num_chunks)

@@ -1,0 +1,573 @@
+"""Backward of the chunked gated delta rule in Triton, and the differentiable `chunk_gdn`; the reference twin is
+autograd through `hybridlm.ops.delta_rule.gdn_gates` + `chunk_gated_delta_rule`.
+
+The forward (`ChunkGDNFunction`) runs `chunk_gdn_fwd`'s launches with the prepare kernel also keeping
+X = (I + A)^-1 per chunk, and saves the inputs, X and g_cumsum (as fla saves its A). The backward, after fla's
+chunk_gated_delta_rule backward:
+
+0. `chunk_gdn_bwd_wu_kernel` recomputes w = X (beta k exp(G)), u = X (beta v) (no triangular solve), then the
+   forward's h kernel recomputes the chunk states h and v_new.
+1. `chunk_gdn_bwd_dv_local_kernel` (parallel): dv_new = tril(q k^T exp(G_i - G_j))^T do, the values' share of o.
+2. `chunk_gdn_bwd_dh_kernel` (sequential over the chunks, backwards): with dH the gradient of the state leaving a
+   chunk, dv_new += (k exp(G_last - G)) dH and dH <- exp(G_last) dH + (q exp(G))^T do - w^T dv_new; stores dH per
+   chunk, the full dv_new and dh0.
+3. `chunk_gdn_bwd_dqkvg_kernel` (parallel): dq; dk and dG from o and the state update; dw = -dv_new h^T; then the
+   WY backward through w, u and X (dA = -X^T dX X^T on the strict lower triangle, A = beta k k^T exp(G_i - G_j))
+   for dk, dv, dbeta, dG; the reverse cumsum dG -> dg inside the chunk and the gate chain rules (softplus,
+   exp(A_log), sigmoid) -> da, db and per-chunk sums for dA_log, ddt_bias.
+4. `chunk_gdn_bwd_qk_norm_kernel` (parallel): sums dq, dk over the value heads of each key head and takes them
+   through the in-kernel L2 norm.
+
+The gradients of q and k are carried per value head in fp32 until step 4; every accumulation is fp32; w, u, h,
+v_new, dv_new and the per-chunk dH are stored in the input dtype (as the forward and fla do).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.ops.triton.gdn_chunk import (
+    CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _l2norm_rows, _load_rows, _store_rows, chunk_gdn_fwd,
+    chunk_gdn_fwd_h_kernel,
+)
+from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
+
+
+@triton.jit
+def _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(global chunk index, chunk index inside its sequence, first token of the sequence, sequence length)."""
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+    return i_tg, i_t, bos, T
+
+
+@triton.jit
+def chunk_gdn_bwd_wu_kernel(
+    k,  # [B, T, H, K], token stride stride_k
+    v,  # [B, T, HV, V], token stride stride_v
+    b,  # [B, T, HV]
+    g_cumsum,  # [B, T, HV] fp32
+    x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
+    w,  # out [B, T, HV, K]
+    u,  # out [B, T, HV, V]
+    cu_seqlens,
+    chunk_indices,
+    T,
+    stride_k,
+    stride_v,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    _, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    dtype = w.dtype.element_ty
+
+    i_s = i_t * BT
+    o_t = i_s + tl.arange(0, BT)
+    m_t = o_t < T
+    o_i = tl.arange(0, BT)
+    b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
+                  mask=(o_i[:, None] >= o_i[None, :]) & m_t[:, None], other=0.)  # [BT, BT]
+    b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
+    b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32)), 0.)
+    # the forward's roundings: k normalised in fp32, stored in dtype, scaled in fp32, stored in dtype
+    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+    b_kbg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
+    _store_rows(w + bos * HV * K + i_h * K, tl.dot(b_X, b_kbg, input_precision=DOT_PRECISION), i_s, T, HV * K, K,
+                BT, BK)
+    p_v = v + bos * stride_v + i_h * V
+    p_u = u + bos * HV * V + i_h * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        b_vb = (_load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32) * b_beta[:, None])
+        b_u = tl.dot(b_X, b_vb.to(dtype), input_precision=DOT_PRECISION)
+        _store_rows(p_u + i_v * BV, b_u, i_s, T, HV * V, V - i_v * BV, BT, BV)
+
+
+@triton.jit
+def chunk_gdn_bwd_dv_local_kernel(
+    q,  # [B, T, H, K], token stride stride_q
+    k,  # [B, T, H, K], token stride stride_k
+    do,  # [B, T, HV, V]
+    g_cumsum,  # [B, T, HV] fp32
+    dv,  # out [B, T, HV, V]
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    stride_q,
+    stride_k,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    _, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    dtype = do.dtype.element_ty
+
+    i_s = i_t * BT
+    o_t = i_s + tl.arange(0, BT)
+    b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+    b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=o_t < T, other=0.)
+    # the transposed intra-chunk scores [j, i] = k_j . q_i exp(G_i - G_j) for j <= i (exponent masked: overflow)
+    o_i = tl.arange(0, BT)
+    m_A = o_i[:, None] <= o_i[None, :]
+    b_At = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
+    b_At = tl.where(m_A, b_At * tl.exp(tl.where(m_A, b_gc[None, :] - b_gc[:, None], 0.)), 0.).to(dtype)
+    p_do = do + bos * HV * V + i_h * V
+    p_dv = dv + bos * HV * V + i_h * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        b_do = _load_rows(p_do + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        b_dv = tl.dot(b_At, b_do, input_precision=DOT_PRECISION)
+        _store_rows(p_dv + i_v * BV, b_dv, i_s, T, HV * V, V - i_v * BV, BT, BV)
+
+
+@triton.jit
+def chunk_gdn_bwd_dh_kernel(
+    q,  # [B, T, H, K], token stride stride_q
+    k,  # [B, T, H, K], token stride stride_k
+    w,  # [B, T, HV, K]
+    g_cumsum,  # [B, T, HV] fp32
+    do,  # [B, T, HV, V]
+    dv_local,  # [B, T, HV, V] from chunk_gdn_bwd_dv_local_kernel
+    dv_new,  # out [B, T, HV, V]: the full gradient of v_new
+    dh,  # out [NT, HV, K, V]: the gradient of the state leaving each chunk
+    dht,  # [N, HV, K, V] gradient of the final state
+    dh0,  # out [N, HV, K, V] fp32, gradient of the initial state
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    stride_q,
+    stride_k,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    i_hk = i_h // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        NT = tl.cdiv(T, BT)
+        boh = i_n.to(tl.int64) * NT
+    dtype = w.dtype.element_ty
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+
+    p_q = q + bos * stride_q + i_hk * K
+    p_k = k + bos * stride_k + i_hk * K
+    p_w = w + bos * HV * K + i_h * K
+    p_gc = g_cumsum + bos * HV + i_h
+    p_do = do + bos * HV * V + i_h * V + i_v * BV
+    p_dvl = dv_local + bos * HV * V + i_h * V + i_v * BV
+    p_dvn = dv_new + bos * HV * V + i_h * V + i_v * BV
+    for i_t in range(NT - 1, -1, -1):
+        tl.store(dh + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        i_s = i_t * BT
+        o_t = i_s + tl.arange(0, BT)
+        m_t = o_t < T
+        b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
+        b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+        # v_new also wrote the state: dv_new += (k exp(G_last - G)) dH
+        b_k = _l2norm_rows(_load_rows(p_k, i_s, T, stride_k, K, BT, BK)).to(dtype)
+        b_dv = tl.dot(b_k, b_dh.to(dtype), input_precision=DOT_PRECISION)
+        b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_gc), 0.)[:, None]
+        b_dv += _load_rows(p_dvl, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        _store_rows(p_dvn, b_dv, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        # dH of the state entering the chunk: decay, the read o += (q exp(G)) h, and v_new = u - w h
+        b_q = (_l2norm_rows(_load_rows(p_q, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+        b_do = _load_rows(p_do, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        b_do = (b_do * tl.exp(b_gc)[:, None]).to(dtype)
+        b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)
+        b_dh = b_dh * tl.exp(b_g_last) + tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PRECISION)
+        b_dh -= tl.dot(tl.trans(b_w), b_dv.to(dtype), input_precision=DOT_PRECISION)
+
+    if STORE_INITIAL_STATE_GRADIENT:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def chunk_gdn_bwd_dqkvg_kernel(
+    q,  # [B, T, H, K], token stride stride_q
+    k,  # [B, T, H, K], token stride stride_k
+    v,  # [B, T, HV, V], token stride stride_v
+    a,  # [B, T, HV]
+    b,  # [B, T, HV]
+    A_log,  # [HV] fp32
+    dt_bias,  # [HV] fp32
+    g_cumsum,  # [B, T, HV] fp32
+    x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
+    h,  # [NT, HV, K, V]: the state entering each chunk
+    dh,  # [NT, HV, K, V]: the gradient of the state leaving each chunk
+    v_new,  # [B, T, HV, V]
+    dv_new,  # [B, T, HV, V]
+    do,  # [B, T, HV, V]
+    dq,  # out [B, T, HV, K] fp32: gradient of l2norm(q), per value head
+    dk,  # out [B, T, HV, K] fp32: gradient of l2norm(k), per value head
+    dv,  # out [B, T, HV, V]
+    da,  # out [B, T, HV]
+    db,  # out [B, T, HV]
+    dA_log,  # out [NT, HV] fp32: per-chunk sums
+    ddt_bias,  # out [NT, HV] fp32: per-chunk sums
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    stride_q,
+    stride_k,
+    stride_v,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    i_tg, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    dtype = v_new.dtype.element_ty
+
+    i_s = i_t * BT
+    o_t = i_s + tl.arange(0, BT)
+    m_t = o_t < T
+    i_last = tl.minimum(i_s + BT, T) - 1
+    b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+    p_gc = g_cumsum + bos * HV + i_h
+    b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+    b_g_last = tl.load(p_gc + i_last * HV)
+
+    # --- o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new, S_next = exp(G_last) S + (k exp(G_last - G))^T v_new
+    o_k = tl.arange(0, BK)
+    p_h = h + (i_tg * HV + i_h) * K * V
+    p_dh = dh + (i_tg * HV + i_h) * K * V
+    p_do = do + bos * HV * V + i_h * V
+    p_vn = v_new + bos * HV * V + i_h * V
+    p_dvn = dv_new + bos * HV * V + i_h * V
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dg_last = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+        b_do = _load_rows(p_do + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)  # [BT, BV]
+        b_vn = _load_rows(p_vn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        b_dvn = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PRECISION)
+        b_dk += tl.dot(b_vn, tl.trans(b_dh), input_precision=DOT_PRECISION)
+        b_dw -= tl.dot(b_dvn, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
+        b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PRECISION)
+        b_dg_last += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+    b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
+    b_dq = b_dq * tl.exp(b_gc)[:, None]
+    b_dG = tl.sum(b_dq * b_qf, axis=1)  # dG: the gradient of the cumulative log decay G, per row
+    b_dk = b_dk * tl.where(m_t, tl.exp(b_g_last - b_gc), 0.)[:, None]
+    b_dG -= tl.sum(b_dk * b_kf, axis=1)
+    b_dG_last = tl.sum(b_dg_last, axis=0) * tl.exp(b_g_last) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
+    o_i = tl.arange(0, BT)
+    m_A = o_i[:, None] >= o_i[None, :]
+    b_ds = tl.where(m_A, b_ds * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+    b_dsA = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    b_dG += tl.sum(b_dsA, axis=1) - tl.sum(b_dsA, axis=0)
+    b_dG += tl.where(o_t == i_last, b_dG_last, 0.)
+    b_ds = b_ds.to(dtype)
+    b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
+    b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
+    # q entered as l2norm(q) * scale
+    _store_rows(dq + bos * HV * K + i_h * K, b_dq * scale, i_s, T, HV * K, K, BT, BK)
+
+    # --- the gates of these rows, recomputed from the raw a, b (rows past T: beta = 0, g = 0)
+    b_A_exp = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    b_x = tl.load(a + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32) + tl.load(dt_bias + i_h)
+    # torch's softplus and its gradient: x above 20 passes through with slope 1
+    b_softplus = tl.where(b_x > 20., b_x, tl.maximum(b_x, 0.) + tl.log(1. + tl.exp(-tl.abs(b_x))))
+    b_g = tl.where(m_t, -b_A_exp * b_softplus, 0.)
+    b_dg_dx = tl.where(m_t, -b_A_exp * tl.where(b_x > 20., 1., tl.sigmoid(b_x)), 0.)
+    b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32)), 0.)
+
+    # --- WY: u = X (beta v), w = X (beta k exp(G)) with du = dv_new, and X = (I + A)^-1
+    p_x = x_inv + bos * HV * BT + i_h * BT
+    b_X = tl.load(p_x + o_t[:, None] * (HV * BT) + o_i[None, :], mask=m_A & m_t[:, None], other=0.)  # [BT, BT]
+    b_dX = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    p_v = v + bos * stride_v + i_h * V
+    p_dv = dv + bos * HV * V + i_h * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        b_v = _load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV)
+        b_du = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        b_dX += tl.dot(b_du, tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(dtype)),
+                       input_precision=DOT_PRECISION)
+        b_dvb = tl.dot(tl.trans(b_X), b_du, input_precision=DOT_PRECISION)  # gradient of beta v
+        b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
+        _store_rows(p_dv + i_v * BV, b_dvb * b_beta[:, None], i_s, T, HV * V, V - i_v * BV, BT, BV)
+    b_kbg = b_kf * (b_beta * tl.exp(b_gc))[:, None]
+    b_dw = b_dw.to(dtype)
+    b_dX += tl.dot(b_dw, tl.trans(b_kbg.to(dtype)), input_precision=DOT_PRECISION)
+    b_dkbg = tl.dot(tl.trans(b_X), b_dw, input_precision=DOT_PRECISION)  # gradient of beta k exp(G)
+    b_dk += b_dkbg * (b_beta * tl.exp(b_gc))[:, None]
+    b_dbeta += tl.sum(b_dkbg * b_kf, axis=1) * tl.exp(b_gc)
+    b_dG += tl.sum(b_dkbg * b_kbg, axis=1)
+    # dA = -X^T dX X^T on the strict lower triangle (X is unit lower, so only that part of dX matters)
+    m_L = o_i[:, None] > o_i[None, :]
+    b_dX = tl.where(m_L, b_dX, 0.).to(dtype)
+    b_dA = tl.dot(b_dX, tl.trans(b_X), input_precision=DOT_PRECISION).to(dtype)
+    b_dA = tl.dot(tl.trans(b_X), b_dA, input_precision=DOT_PRECISION)
+    # through A_ij = beta_i k_i . k_j exp(G_i - G_j): E = dA exp(G_i - G_j)
+    b_E = tl.where(m_L, -b_dA * tl.exp(tl.where(m_L, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
+    b_dbeta += tl.sum(b_E * b_kk, axis=1)
+    b_dAA = b_E * b_kk * b_beta[:, None]
+    b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
+    b_Ed = b_E.to(dtype)
+    b_dk += tl.dot(b_Ed, b_k, input_precision=DOT_PRECISION) * b_beta[:, None]
+    b_dk += tl.dot(tl.trans(b_Ed), (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+    _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
+
+    # --- G = cumsum(g) inside the chunk, so dg_t = sum_{s >= t} dG_s; then the gate chain rules
+    b_dG = tl.where(m_t, b_dG, 0.)
+    b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
+    b_da = b_dg * b_dg_dx
+    tl.store(da + bos * HV + i_h + o_t * HV, b_da.to(da.dtype.element_ty), mask=m_t)
+    tl.store(db + bos * HV + i_h + o_t * HV, (b_dbeta * b_beta * (1. - b_beta)).to(db.dtype.element_ty), mask=m_t)
+    tl.store(dA_log + i_tg * HV + i_h, tl.sum(b_dg * b_g, axis=0))  # dg/dA_log = g
+    tl.store(ddt_bias + i_tg * HV + i_h, tl.sum(b_da, axis=0))
+
+
+@triton.jit
+def _l2norm_bwd_rows(x, dn, dx, i_r, NR, stride_x, i_hk, HV: tl.constexpr, GROUP: tl.constexpr,
+                     K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """dx = r (dn - n (n . dn)) for n = x r, r = rsqrt(sum(x^2) + 1e-6), with dn summed over the group of value heads."""
+    b_x = _load_rows(x + i_hk * K, i_r, NR, stride_x, K, BR, BK).to(tl.float32)
+    b_r = tl.rsqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)
+    b_n = b_x * b_r[:, None]
+    b_dn = tl.zeros([BR, BK], dtype=tl.float32)
+    for i_g in range(0, GROUP):
+        b_dn += _load_rows(dn + (i_hk * GROUP + i_g) * K, i_r, NR, HV * K, K, BR, BK)
+    b_dx = (b_dn - b_n * tl.sum(b_n * b_dn, axis=1)[:, None]) * b_r[:, None]
+    _store_rows(dx + i_hk * K, b_dx, i_r, NR, (HV // GROUP) * K, K, BR, BK)
+
+
+@triton.jit
+def chunk_gdn_bwd_qk_norm_kernel(
+    q,  # [B * T, H, K], token stride stride_q
+    k,  # [B * T, H, K], token stride stride_k
+    dq_n,  # [B * T, HV, K] fp32: gradient of l2norm(q) per value head
+    dk_n,  # [B * T, HV, K] fp32
+    dq,  # out [B * T, H, K]
+    dk,  # out [B * T, H, K]
+    NR,
+    stride_q,
+    stride_k,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_r, i_hk = tl.program_id(0) * BR, tl.program_id(1)
+    _l2norm_bwd_rows(q, dq_n, dq, i_r, NR, stride_q, i_hk, HV, HV // H, K, BR, BK)
+    _l2norm_bwd_rows(k, dk_n, dk, i_r, NR, stride_k, i_hk, HV, HV // H, K, BR, BK)
+
+
+def chunk_gdn_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    g_cumsum: torch.Tensor,
+    x_inv: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_tables: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Gradients of the forward's inputs given do [B, T, Hv, dv] and optionally dht, the gradient of the final
+    state [N, Hv, dk, dv]. g_cumsum and x_inv are the forward's (`_chunk_gdn_fwd(..., store_x=True)`).
+    Returns dq, dk, dv, da, db (each in its input's dtype), dA_log, ddt_bias (fp32) and dh0 (fp32; None without an
+    initial state). `chunk_tables` = prepare_chunks(cu_seqlens, 64) when known (saves a host read of cu_seqlens)."""
+    q, k, v = rows_packed(q), rows_packed(k), rows_packed(v)
+    a, b, do = a.contiguous(), b.contiguous(), do.contiguous()
+    A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
+    batch, length, key_heads, dk = q.shape
+    value_heads, dv = v.shape[2], v.shape[3]
+    scale = dk ** -0.5 if scale is None else float(scale)
+    BT = CHUNK_SIZE
+    BK = max(16, triton.next_power_of_2(dk))
+    BV_full = max(16, triton.next_power_of_2(dv))
+    BV, BV_chunk = min(BV_full, 32), min(BV_full, 64)  # V blocks of the sequential and of the parallel kernels
+    device, dtype = v.device, v.dtype
+
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        chunk_indices, chunk_offsets, num_chunks = chunk_tables or prepare_chunks(cu_seqlens, BT)
+        num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
+    else:
+        chunk_indices = chunk_offsets = None
+        grid_chunks = triton.cdiv(length, BT)
+        num_states, num_chunks = batch, batch * grid_chunks
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if dht is not None:
+        dht = dht.contiguous()
+    common = dict(H=key_heads, HV=value_heads, K=dk, V=dv, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None,
+                  DOT_PRECISION=dot_precision(dtype))
+    chunk_grid = (grid_chunks, batch * value_heads)
+    state_grid = (triton.cdiv(dv, BV), num_states * value_heads)
+
+    # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
+    w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
+    u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
+    chunk_gdn_bwd_wu_kernel[chunk_grid](
+        k, v, b, g_cumsum, x_inv, w, u, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
+        BV=BV_chunk, num_warps=4, **common)
+    h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
+    v_new = torch.empty_like(u)  # [B, T, Hv, dv]
+    chunk_gdn_fwd_h_kernel[state_grid](
+        k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
+        BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4, **common)
+
+    dv_local = torch.empty_like(u)  # [B, T, Hv, dv]
+    chunk_gdn_bwd_dv_local_kernel[chunk_grid](
+        q, k, do, g_cumsum, dv_local, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
+        BV=BV_chunk, num_warps=4, **common)
+
+    dv_new = torch.empty_like(u)  # [B, T, Hv, dv]
+    dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
+    dh0 = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
+           if initial_state is not None else None)
+    chunk_gdn_bwd_dh_kernel[state_grid](
+        q, k, w, g_cumsum, do, dv_local, dv_new, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, length,
+        q.stride(1), k.stride(1), BV=BV, USE_FINAL_STATE_GRADIENT=dht is not None,
+        STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=4, **common)
+
+    dq_n = torch.empty(batch, length, value_heads, dk, dtype=torch.float32, device=device)  # [B, T, Hv, dk]
+    dk_n = torch.empty_like(dq_n)
+    dv_out = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
+    da = torch.empty(batch, length, value_heads, dtype=a.dtype, device=device)  # [B, T, Hv]
+    db = torch.empty(batch, length, value_heads, dtype=b.dtype, device=device)
+    dA_log = torch.empty(num_chunks, value_heads, dtype=torch.float32, device=device)  # [NT, Hv] per-chunk sums
+    ddt_bias = torch.empty_like(dA_log)
+    chunk_gdn_bwd_dqkvg_kernel[chunk_grid](
+        q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dh, v_new, dv_new, do, dq_n, dk_n, dv_out, da, db,
+        dA_log, ddt_bias, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1), v.stride(1),
+        BV=BV_chunk, num_warps=8, **common)
+
+    rows, BR = batch * length, 32
+    dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
+    dk_out = torch.empty_like(dq)
+    chunk_gdn_bwd_qk_norm_kernel[(triton.cdiv(rows, BR), key_heads)](
+        q, k, dq_n, dk_n, dq, dk_out, rows, q.stride(1), k.stride(1), H=key_heads, HV=value_heads, K=dk, BR=BR,
+        BK=BK, num_warps=4)
+    return dict(dq=dq, dk=dk_out, dv=dv_out, da=da, db=db, dA_log=dA_log.sum(0), ddt_bias=ddt_bias.sum(0), dh0=dh0)
+
+
+class ChunkGDNFunction(torch.autograd.Function):
+    """`chunk_gdn_fwd` with its backward. Saves the inputs, g_cumsum [B, T, Hv] fp32 and X [B, T, Hv, 64]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, A_log, dt_bias, scale, initial_state, output_final_state, cu_seqlens):
+        out = _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, store_x=True)
+        ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, out["g_cumsum"], out["x_inv"], initial_state,
+                              cu_seqlens)
+        ctx.scale = out["scale"]
+        ctx.chunk_tables = (None if cu_seqlens is None else
+                            (out["chunk_indices"], out["chunk_offsets"], out["num_chunks"]))
+        return out["o"], out["final_state"]
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, initial_state, cu_seqlens = ctx.saved_tensors
+        grads = chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, dht, scale=ctx.scale,
+                              initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_tables=ctx.chunk_tables)
+        dh0 = grads["dh0"]
+        return (grads["dq"], grads["dk"], grads["dv"], grads["da"], grads["db"], grads["dA_log"].to(A_log.dtype),
+                grads["ddt_bias"].to(dt_bias.dtype), None, None if dh0 is None else dh0.to(initial_state.dtype),
+                None, None)
+
+
+def chunk_gdn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`chunk_gdn_fwd` (same arguments and results), differentiable in q, k, v, a, b, A_log, dt_bias and
+    initial_state, with a gradient flowing into the final state too. Without gradients it is `chunk_gdn_fwd`."""
+    inputs = (q, k, v, a, b, A_log, dt_bias, initial_state)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)):
+        return chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    _check_inputs(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens)
+    return ChunkGDNFunction.apply(q, k, v, a, b, A_log, dt_bias, scale, initial_state, output_final_state,
+                                  cu_seqlens)
