@@ -17,6 +17,7 @@ import torch
 from hybridlm.ops.conv import causal_conv1d as causal_conv1d_reference
 from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, recurrent_gated_delta_rule
 from hybridlm.ops.norm import gated_rms_norm as gated_rms_norm_reference
+from hybridlm.ops.paged_attention import paged_decode_attention_reference
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +72,10 @@ def gated_rms_norm(x, gate, weight, eps=1e-6):
     if use_kernels(x, gate, weight):
         return kernels().gated_rms_norm_fwd(x, gate, weight, eps)
     return gated_rms_norm_reference(x, gate, weight, eps)
+
+
+def paged_decode_attention(q, key_pool, value_pool, block_tables, rows, context_lens, scale):
+    """One query token per sequence over the paged KV pools (see `hybridlm.ops.paged_attention`)."""
+    if use_kernels(q, key_pool) and key_pool.shape[1] >= 16 and key_pool.shape[1] & (key_pool.shape[1] - 1) == 0:
+        return kernels().paged_decode_attention_fwd(q, key_pool, value_pool, block_tables, rows, context_lens, scale)
+    return paged_decode_attention_reference(q, key_pool, value_pool, block_tables, rows, context_lens, scale)

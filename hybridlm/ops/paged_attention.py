@@ -1,0 +1,43 @@
+"""Decode attention over a paged KV cache: one new query token per sequence, keys and values in fixed-size
+blocks found through a block table. The plain-PyTorch reference; the Triton kernel is
+`hybridlm.ops.triton.paged_attention`.
+
+Pools are [num_blocks, block_size, Hkv, D]; `block_tables` [R, max_blocks] is indexed by a row id per query
+(the engine uses state-slot ids, so a sequence's table lives in one place for its whole life) and
+`context_lens` [S] counts the tokens each query sees (its own included). A query with context length 0 is
+a padding row (a CUDA graph captured for a larger batch): its output is zero.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    rows: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [S, Hq, D] -> o [S, Hq, D]: query s attends to the first context_lens[s] tokens of the blocks listed
+    in block_tables[rows[s]]. Gathers every sequence's blocks up to the longest context (fine on the CPU)."""
+    num_queries, query_heads, dim = q.shape
+    block_size, kv_heads = key_pool.shape[1], key_pool.shape[2]
+    longest = int(context_lens.max()) if num_queries else 0
+    if longest == 0:
+        return torch.zeros_like(q)
+    num_blocks = -(-longest // block_size)
+    tables = block_tables.index_select(0, rows.clamp(min=0).long())[:, :num_blocks].long()  # [S, nb]
+    length = num_blocks * block_size
+    keys = key_pool[tables].reshape(num_queries, length, kv_heads, dim).transpose(1, 2)  # [S, Hkv, L, D]
+    values = value_pool[tables].reshape(num_queries, length, kv_heads, dim).transpose(1, 2)
+    visible = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].to(q.device)  # [S, L]
+    # padding rows see nothing: let them see one key, then zero their output
+    padding = context_lens.to(q.device) == 0
+    visible[:, 0] |= padding
+    o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None, :], scale=scale,
+                                       enable_gqa=query_heads != kv_heads)[:, :, 0]
+    return o.masked_fill(padding[:, None, None], 0)
