@@ -49,8 +49,10 @@ def reference_step(x, z, a, b, weight, A_log, dt_bias, conv_states, states, dims
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fuse_norm", [False, True])
 @pytest.mark.parametrize("key_heads, value_heads", [(2, 4), (2, 2)])
-def test_decode_steps_on_a_pool(dtype, fuse_norm, key_heads, value_heads):
-    dk, dv, width, pool_size = 16, 32, 4, 7
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_steps_on_a_pool(dtype, fuse_norm, key_heads, value_heads, split):
+    # the split path deals value channels in slices of 32: dv = 48 makes two, the second one ragged
+    dk, dv, width, pool_size = 16, 48 if split else 32, 4, 7
     channels = 2 * key_heads * dk + value_heads * dv
     gen = torch.Generator().manual_seed(0)
 
@@ -74,7 +76,7 @@ def test_decode_steps_on_a_pool(dtype, fuse_norm, key_heads, value_heads):
         z = randn(batch, value_heads, dv) if fuse_norm else None
         o = gdn_decode_step(x, z, a, b, weight, A_log, dt_bias, conv_pool, state_pool, slots,
                             num_key_heads=key_heads, key_head_dim=dk, value_head_dim=dv,
-                            norm_weight=norm_weight if fuse_norm else None)
+                            norm_weight=norm_weight if fuse_norm else None, split=split)
         o_ref, conv_ref[rows], state_ref[rows] = reference_step(
             x, z, a, b, weight, A_log, dt_bias, conv_ref[rows], state_ref[rows],
             (key_heads, dk, value_heads, dv), norm_weight)
@@ -87,7 +89,8 @@ def test_decode_steps_on_a_pool(dtype, fuse_norm, key_heads, value_heads):
         assert torch.equal(state_pool[untouched], state_before[untouched])
 
 
-def test_padding_rows_touch_nothing():
+@pytest.mark.parametrize("split", [False, True])
+def test_padding_rows_touch_nothing(split):
     key_heads, value_heads, dk, dv, width = 1, 2, 16, 16, 4
     channels = 2 * key_heads * dk + value_heads * dv
     conv_pool = torch.randn(3, channels, width - 1, device=DEVICE)
@@ -97,7 +100,8 @@ def test_padding_rows_touch_nothing():
     o = gdn_decode_step(torch.randn(2, channels, device=DEVICE), None, torch.randn(2, value_heads, device=DEVICE),
                         torch.randn(2, value_heads, device=DEVICE), torch.randn(channels, width, device=DEVICE),
                         torch.zeros(value_heads, device=DEVICE), torch.zeros(value_heads, device=DEVICE),
-                        conv_pool, state_pool, slots, num_key_heads=key_heads, key_head_dim=dk, value_head_dim=dv)
+                        conv_pool, state_pool, slots, num_key_heads=key_heads, key_head_dim=dk, value_head_dim=dv,
+                        split=split)
     assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.isfinite(o[1]).all()
     assert torch.equal(conv_pool[:2], conv_before[:2]) and torch.equal(state_pool[:2], state_before[:2])
     assert not torch.equal(state_pool[2], state_before[2])

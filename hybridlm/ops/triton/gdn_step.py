@@ -16,8 +16,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_step(x, conv_weight, p_state, o_c, m_c, W: tl.constexpr, BW: tl.constexpr):
-    """One causal-conv step + SiLU for channels o_c, shifting their conv state [C, W-1] in place.
+def _conv_step(x, conv_weight, p_state, o_c, m_c, W: tl.constexpr, BW: tl.constexpr, SHIFT: tl.constexpr):
+    """One causal-conv step + SiLU for channels o_c, shifting their conv state [C, W-1] in place (SHIFT).
 
     Matches causal_conv1d: computed in the weight's dtype (rounded there), returned in x's dtype, as fp32."""
     W_DTYPE = conv_weight.dtype.element_ty
@@ -33,10 +33,44 @@ def _conv_step(x, conv_weight, p_state, o_c, m_c, W: tl.constexpr, BW: tl.conste
     b_y = b_y.to(W_DTYPE).to(tl.float32)
     b_y = (b_y * tl.sigmoid(b_y)).to(W_DTYPE).to(x.dtype.element_ty).to(tl.float32)
     # the window shifts left by one and takes the new input last; every load above happens before any store
+    if SHIFT:
+        b_next = tl.where(o_w[None, :] == W - 2, b_x[:, None], b_next)
+        tl.debug_barrier()
+        tl.store(p_win, b_next.to(p_state.dtype.element_ty), mask=m_c[:, None] & m_w[None, :])
+    return b_y
+
+
+@triton.jit
+def _qk_step(p_x, conv_weight, p_conv, i_hk, scale, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
+             BK: tl.constexpr, BW: tl.constexpr, SHIFT: tl.constexpr):
+    """Key head i_hk's q and k after the conv step, SiLU and L2 norm (q also scaled)."""
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_q = _conv_step(p_x, conv_weight, p_conv, i_hk * K + o_k, m_k, W, BW, SHIFT)
+    b_k = _conv_step(p_x, conv_weight, p_conv, H * K + i_hk * K + o_k, m_k, W, BW, SHIFT)
+    return b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6) * scale, b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
+
+
+@triton.jit
+def _gates(a, b, A_log, dt_bias, i_b, i_h, HV: tl.constexpr):
+    """Decay exp(g) = exp(-exp(A_log) softplus(a + dt_bias)) and beta = sigmoid(b) of one row and value head."""
+    b_x = tl.load(a + i_b * HV + i_h).to(tl.float32) + tl.load(dt_bias + i_h).to(tl.float32)
+    b_softplus = tl.where(b_x > 20., b_x, tl.maximum(b_x, 0.) + tl.log(1. + tl.exp(-tl.abs(b_x))))
+    b_decay = tl.exp(-tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_softplus)
+    return b_decay, tl.sigmoid(tl.load(b + i_b * HV + i_h).to(tl.float32))
+
+
+@triton.jit
+def _conv_shift(x, p_state, o_c, m_c, W: tl.constexpr, BW: tl.constexpr):
+    """Shift the conv state of channels o_c left by one and append the new input x[o_c]."""
+    o_w = tl.arange(0, BW)
+    m_w = o_w < W - 1
+    b_x = tl.load(x + o_c, mask=m_c, other=0.)
+    p_win = p_state + o_c[:, None] * (W - 1) + o_w[None, :]
+    b_next = tl.load(p_win + 1, mask=m_c[:, None] & (o_w[None, :] + 1 < W - 1), other=0.)
     b_next = tl.where(o_w[None, :] == W - 2, b_x[:, None], b_next)
     tl.debug_barrier()
     tl.store(p_win, b_next.to(p_state.dtype.element_ty), mask=m_c[:, None] & m_w[None, :])
-    return b_y
 
 
 @triton.jit
@@ -85,23 +119,17 @@ def gdn_decode_step_kernel(
 
     p_x = qkv + i_b.to(tl.int64) * stride_x
     p_conv = conv_state_pool + i_slot * C * (W - 1)
-    b_q = _conv_step(p_x, conv_weight, p_conv, i_hk * K + o_k, m_k, W, BW)
-    b_k = _conv_step(p_x, conv_weight, p_conv, H * K + i_hk * K + o_k, m_k, W, BW)
-    b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6) * scale
-    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
+    b_q, b_k = _qk_step(p_x, conv_weight, p_conv, i_hk, scale, H, K, W, BK, BW, True)
 
     for i_g in range(G):
         i_h = i_hk * G + i_g
-        b_x = tl.load(a + i_b * HV + i_h).to(tl.float32) + tl.load(dt_bias + i_h).to(tl.float32)
-        b_softplus = tl.where(b_x > 20., b_x, tl.maximum(b_x, 0.) + tl.log(1. + tl.exp(-tl.abs(b_x))))
-        b_decay = tl.exp(-tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_softplus)
-        b_beta = tl.sigmoid(tl.load(b + i_b * HV + i_h).to(tl.float32))
+        b_decay, b_beta = _gates(a, b, A_log, dt_bias, i_b, i_h, HV)
         p_s = state_pool + (i_slot * HV + i_h) * K * V
         p_o = o + (i_b * HV + i_h) * V
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + o_bv
             m_v = o_v < V
-            b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_v, m_v, W, BW)
+            b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_v, m_v, W, BW, True)
             m_kv = m_k[:, None] & m_v[None, :]
             b_s = tl.load(p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
             b_s *= b_decay
@@ -111,15 +139,92 @@ def gdn_decode_step_kernel(
             b_o = tl.sum(b_s * b_q[:, None], axis=0)  # [BV]
             tl.store(p_s + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
             if FUSE_NORM:  # gated RMSNorm in gated_rms_norm's cast order (needs the whole row: BV >= V)
-                b_o = b_o.to(o.dtype.element_ty).to(tl.float32)
-                b_rstd = tl.rsqrt(tl.sum(tl.where(m_v, b_o * b_o, 0.)) / V + norm_eps)
-                b_n = (b_o * b_rstd).to(o.dtype.element_ty).to(tl.float32)
-                b_n = tl.load(norm_weight + o_v, mask=m_v, other=0.).to(tl.float32) * b_n
-                if PROD_IN_X_DTYPE:  # weight * normed rounds to torch's promoted dtype: x's, or else fp32
-                    b_n = b_n.to(o.dtype.element_ty)
-                b_z = tl.load(z + i_b.to(tl.int64) * stride_z + i_h * V + o_v, mask=m_v, other=0.).to(tl.float32)
-                b_o = b_n.to(tl.float32) * (b_z * tl.sigmoid(b_z))
+                b_o = _gated_norm(b_o, m_v, o_v, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps,
+                                  V, o.dtype.element_ty, PROD_IN_X_DTYPE)
             tl.store(p_o + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+
+@triton.jit
+def _gated_norm(b_o, m_v, o_v, z_row, norm_weight, norm_eps, V: tl.constexpr, O_DTYPE: tl.constexpr,
+                PROD_IN_X_DTYPE: tl.constexpr):
+    """gated_rms_norm of one head's row in its cast order: o rounded to the output dtype, normed, weighted,
+    times silu(z)."""
+    b_o = b_o.to(O_DTYPE).to(tl.float32)
+    b_rstd = tl.rsqrt(tl.sum(tl.where(m_v, b_o * b_o, 0.)) / V + norm_eps)
+    b_n = (b_o * b_rstd).to(O_DTYPE).to(tl.float32)
+    b_n = tl.load(norm_weight + o_v, mask=m_v, other=0.).to(tl.float32) * b_n
+    if PROD_IN_X_DTYPE:  # weight * normed rounds to torch's promoted dtype: x's, or else fp32
+        b_n = b_n.to(O_DTYPE)
+    b_z = tl.load(z_row + o_v, mask=m_v, other=0.).to(tl.float32)
+    return b_n.to(tl.float32) * (b_z * tl.sigmoid(b_z))
+
+
+@triton.jit
+def gdn_decode_split_kernel(
+    qkv, a, b, conv_weight, A_log, dt_bias, conv_state_pool, state_pool, slot_ids,
+    o,  # out [B, HV, V]: the delta rule's output, before the norm
+    scale, stride_x,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+):
+    """Small batches: one program per (row, value head, slice of BV value channels), so that a batch of one
+    still spreads over the GPU. Every program recomputes its key head's q and k conv (a few hundred MACs) but
+    none shifts their conv state: other programs still read it. gdn_decode_finish_kernel does that next."""
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G = HV // H
+    C = 2 * H * K + HV * V
+    i_hk = i_h // G
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_o = o + (i_b * HV + i_h) * V + o_v
+    i_slot = tl.load(slot_ids + i_b).to(tl.int64)
+    if i_slot < 0:  # padding row: no state is touched
+        tl.store(p_o, tl.zeros([BV], tl.float32).to(o.dtype.element_ty), mask=m_v)
+        return
+    p_x = qkv + i_b.to(tl.int64) * stride_x
+    p_conv = conv_state_pool + i_slot * C * (W - 1)
+    b_q, b_k = _qk_step(p_x, conv_weight, p_conv, i_hk, scale, H, K, W, BK, BW, False)
+    b_decay, b_beta = _gates(a, b, A_log, dt_bias, i_b, i_h, HV)
+    b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_v, m_v, W, BW, True)  # owned: shifted
+    p_s = state_pool + (i_slot * HV + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_s = tl.load(p_s, mask=m_kv, other=0.) * b_decay  # [BK, BV]
+    b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
+    b_s += b_k[:, None] * b_delta[None, :]
+    tl.store(p_s, b_s, mask=m_kv)
+    tl.store(p_o, tl.sum(b_s * b_q[:, None], axis=0).to(o.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def gdn_decode_finish_kernel(
+    qkv, z, norm_weight, conv_state_pool, slot_ids, o_raw, o, norm_eps, stride_x, stride_z,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, PROD_IN_X_DTYPE: tl.constexpr, FUSE_NORM: tl.constexpr,
+):
+    """One program per (row, value head): the gated output norm of its row (FUSE_NORM), and, for the first
+    value head of each key head, the q and k conv-state shift the split kernel left undone."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    G = HV // H
+    C = 2 * H * K + HV * V
+    if FUSE_NORM:
+        o_v = tl.arange(0, BV)
+        m_v = o_v < V
+        b_o = tl.load(o_raw + (i_b * HV + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_o = _gated_norm(b_o, m_v, o_v, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps, V,
+                          o.dtype.element_ty, PROD_IN_X_DTYPE)
+        tl.store(o + (i_b * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    i_slot = tl.load(slot_ids + i_b).to(tl.int64)
+    if i_slot >= 0 and i_h % G == 0:
+        i_hk = i_h // G
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        p_x = qkv + i_b.to(tl.int64) * stride_x
+        p_conv = conv_state_pool + i_slot * C * (W - 1)
+        _conv_shift(p_x, p_conv, i_hk * K + o_k, m_k, W, BW)
+        _conv_shift(p_x, p_conv, H * K + i_hk * K + o_k, m_k, W, BW)
 
 
 def gdn_decode_step(
@@ -140,6 +245,7 @@ def gdn_decode_step(
     scale: float | None = None,
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
+    split: bool | None = None,
 ) -> torch.Tensor:
     """One decode token for each of B sequences; returns o [B, Hv, dv] in qkv_raw's dtype.
 
@@ -148,6 +254,8 @@ def gdn_decode_step(
     recurrent_state_pool [P, Hv, dk, dv] fp32 are updated in place at rows slot_ids [B] (int32, distinct;
     negative = padding row). With z [B, Hv, dv] (or [B, Hv*dv]) and norm_weight [dv], the GDN output norm
     gated_rms_norm(o, z, norm_weight, norm_eps) is fused and its result returned instead.
+    `split` (default: when B x Hk programs would leave most SMs idle) spreads each head's value channels over
+    several programs and takes two launches instead of one.
     """
     batch, channels = qkv_raw.shape
     key_dim = num_key_heads * key_head_dim
@@ -190,12 +298,28 @@ def gdn_decode_step(
     BV = BV_full if fuse_norm else min(BV_full, 64)
     o = torch.empty(batch, num_value_heads, value_head_dim, dtype=qkv_raw.dtype, device=qkv_raw.device)
     prod_in_x_dtype = not fuse_norm or torch.promote_types(norm_weight.dtype, qkv_raw.dtype) == qkv_raw.dtype
+    BK, BW = triton.next_power_of_2(key_head_dim), triton.next_power_of_2(width - 1)
+    if split is None:
+        sms = torch.cuda.get_device_properties(qkv_raw.device).multi_processor_count if qkv_raw.is_cuda else 8
+        split = batch * num_key_heads < 2 * sms
+    if split:
+        BV_split = min(BV_full, 32)
+        o_raw = o if not fuse_norm else torch.empty_like(o)
+        gdn_decode_split_kernel[(batch, num_value_heads, triton.cdiv(value_head_dim, BV_split))](
+            qkv_raw, a, b, conv_weight, A_log, dt_bias, conv_state_pool, recurrent_state_pool, slot_ids, o_raw,
+            scale, qkv_raw.stride(0), H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim,
+            W=width, BK=BK, BV=BV_split, BW=BW, num_warps=4)
+        gdn_decode_finish_kernel[(batch, num_value_heads)](
+            qkv_raw, z, norm_weight, conv_state_pool, slot_ids, o_raw, o, norm_eps, qkv_raw.stride(0),
+            z.stride(0) if fuse_norm else 0, H=num_key_heads, HV=num_value_heads, K=key_head_dim,
+            V=value_head_dim, W=width, BK=BK, BV=BV_full, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype,
+            FUSE_NORM=fuse_norm, num_warps=4)
+        return o
     gdn_decode_step_kernel[(batch, num_key_heads)](
         qkv_raw, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, recurrent_state_pool, slot_ids,
         o, scale, norm_eps, qkv_raw.stride(0), z.stride(0) if fuse_norm else 0,
         H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim, W=width,
-        BK=triton.next_power_of_2(key_head_dim), BV=BV, BW=triton.next_power_of_2(width - 1),
-        PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm,
+        BK=BK, BV=BV, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm,
         num_warps=4 if key_head_dim * BV <= 64 * 64 else 8,
     )
     return o
