@@ -153,14 +153,33 @@ def chat(
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _cache_budget(gib: float | None, weight_bytes: int) -> tuple[int, str]:
+    if gib is not None:
+        return int(gib * 2**30), "--cache-memory"
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        budget = int(total * 0.9) - weight_bytes
+        if budget <= 0:
+            raise ValueError(f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit in 90% of this GPU's memory")
+        return budget, f"90% of {torch.cuda.get_device_name(0)} minus the weights"
+    return 16 * 2**30, "no GPU here: an example budget, set --cache-memory"
+
+
 @app.command()
 def info(
     model: ModelOption = None,
     context: Annotated[Optional[int], typer.Option(help="Context length for the memory estimate.")] = None,
     dtype: Annotated[str, typer.Option(help="Dtype of weights, conv state and KV for the estimate.")] = "bfloat16",
+    cache_memory: Annotated[Optional[float], typer.Option(
+        help="Cache budget in GiB for the capacity rows [default: 90% of this GPU's memory minus the weights; "
+             "without a GPU, 16 GiB].")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Running sequences the cache reserves state for.")] = 64,
     strict_config: StrictOption = True,
 ) -> None:
-    """Layer pattern, parameters, and state / KV memory per token and at a context length."""
+    """Layer pattern, parameters, state / KV memory per token and at a context length, and what a cache budget
+    holds (as the engine would plan it)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -174,7 +193,13 @@ def info(
             raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
         if context is not None and context <= 0:
             raise ValueError(f"--context must be positive, got {context}")
+        if cache_memory is not None and cache_memory <= 0:
+            raise ValueError(f"--cache-memory must be positive, got {cache_memory}")
+        if max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be >= 1, got {max_num_seqs}")
         facts = describe(config, DTYPES[dtype])
+        budget, source = _cache_budget(cache_memory, facts.weight_bytes)
+        plan = facts.cache_plan(budget, max_num_seqs)
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(error)
     tokens = context or facts.context_length
@@ -191,6 +216,13 @@ def info(
         ("KV cache per token", human_bytes(facts.kv_bytes_per_token)),
         (f"cache for one sequence of {tokens:,} tokens", human_bytes(facts.memory_at(tokens))),
         ("  (if every layer were attention)", human_bytes(tokens * facts.all_attention_kv_bytes_per_token)),
+        ("cache budget", f"{human_bytes(budget)} ({source})"),
+        (f"  state slots ({max_num_seqs} running sequences)", human_bytes(plan.state_bytes)),
+        ("  prefix-cache state snapshots", f"{plan.num_snapshot_slots:,} ({human_bytes(plan.snapshot_bytes)})"),
+        ("  KV capacity", f"{plan.max_cached_tokens:,} tokens ({plan.num_blocks:,} blocks of {plan.block_size})"
+                          if facts.layer_pattern.count("A") else "no attention layers: unbounded"),
+        (f"  sequences of {tokens:,} tokens at once", f"{min(max_num_seqs, plan.max_cached_tokens // tokens):,}"
+                                                      if facts.layer_pattern.count("A") else f"{max_num_seqs:,}"),
     ]
     for key, value in rows:
         table.add_row(key, value)

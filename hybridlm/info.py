@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from hybridlm.config import ModelConfig
-from hybridlm.model import HybridLM
+from hybridlm.engine.cache import CachePlan, plan_cache
+from hybridlm.model import CacheLayout, HybridLM
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,11 @@ class ModelInfo:
     state_bytes_per_sequence: int  # conv + recurrent state of every GDN layer (fixed, any length)
     kv_bytes_per_token: int  # K and V of every attention layer
     context_length: int
+    cache_layout: CacheLayout
+
+    def cache_plan(self, memory_bytes: int, max_num_seqs: int = 64, block_size: int = 64) -> CachePlan:
+        """How the engine would split `memory_bytes` of cache: state slots, snapshots, KV blocks."""
+        return plan_cache(self.cache_layout, self.dtype, memory_bytes, max_num_seqs, block_size)
 
     def memory_at(self, tokens: int) -> int:
         """Cache bytes of one sequence of `tokens` tokens."""
@@ -47,6 +53,7 @@ def describe(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> ModelI
         state_bytes_per_sequence=layout.state_bytes_per_sequence(dtype),
         kv_bytes_per_token=layout.kv_bytes_per_token(dtype),
         context_length=config.max_position_embeddings,
+        cache_layout=layout,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import hybridlm
@@ -54,6 +55,20 @@ def test_info_at_a_context_length(model_dir):
     assert "1,000 tokens" in result.stdout
     assert "512 tokens" in default.stdout
     assert result.stdout != default.stdout
+
+
+def test_info_cache_capacity_matches_the_engine_plan(model_dir, llm):
+    from hybridlm.engine.cache import plan_cache
+
+    model = llm.model
+    plan = plan_cache(model.cache_layout, torch.bfloat16, 1 << 20, 2)
+    result = invoke("info", "--model", model_dir, "--cache-memory", str(1 / 1024), "--max-num-seqs", "2",
+                    "--context", "100")
+    assert result.exit_code == 0, result.output
+    assert f"{plan.max_cached_tokens:,} tokens ({plan.num_blocks:,} blocks of 64)" in result.stdout
+    assert "sequences of 100 tokens at once" in result.stdout
+    bad = invoke("info", "--model", model_dir, "--cache-memory", "-1")
+    assert bad.exit_code == 2 and "--cache-memory" in bad.stderr
 
 
 def test_info_dtype_changes_the_weight_size(model_dir):

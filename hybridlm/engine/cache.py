@@ -2,7 +2,8 @@
 
 Sized once from the model's CacheLayout: per GDN layer a pool of conv and recurrent states (slots
 [0, num_state_slots) for running sequences, then the snapshot slots), per attention layer a pool of
-K/V blocks [num_blocks, block_size, Hkv, D]. The model never sees these tensors: it asks the context.
+K/V blocks [num_blocks, block_size, Hkv, D]. The model never sees these tensors: it asks the context
+(DecodeContext for decode-only steps, graph-safe; PagedContext for steps with prefill).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hybridlm.model import HybridLM
+from hybridlm.model import CacheLayout, HybridLM
+from hybridlm.ops import dispatch
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class CachePlan:
 
 
 def plan_cache(
-    model: HybridLM,
+    layout: CacheLayout,
+    dtype: torch.dtype,
     memory_bytes: int,
     max_num_seqs: int,
     block_size: int = 64,
@@ -45,7 +48,6 @@ def plan_cache(
     """Split `memory_bytes` into state slots for `max_num_seqs` running sequences, snapshot slots
     (`snapshot_fraction` of the budget) and KV blocks (the rest). Only attention layers get KV: a 3:1
     hybrid needs a quarter of what a planner that treats every layer as attention would reserve."""
-    layout, dtype = model.cache_layout, model.dtype
     state = layout.state_bytes_per_sequence(dtype)
     block = max(layout.kv_bytes_per_token(dtype) * block_size, 1)
     state_bytes = state * max_num_seqs
@@ -64,7 +66,10 @@ def plan_cache(
 
 
 class EngineCache:
-    def __init__(self, model: HybridLM, plan: CachePlan) -> None:
+    """The pools. One KV block past the plan's (`scratch_block`) and the state row -1 are never handed out:
+    padding rows of a CUDA graph captured for a larger batch write there and read nothing."""
+
+    def __init__(self, model: HybridLM, plan: CachePlan, max_model_len: int | None = None) -> None:
         layout, device, dtype = model.cache_layout, model.device, model.dtype
         self.plan = plan
         slots = plan.num_state_slots + plan.num_snapshot_slots
@@ -73,13 +78,19 @@ class EngineCache:
                      for i in layout.recurrent_layers}
         self.recurrent = {i: torch.zeros(slots, *layout.recurrent_state_shape, dtype=torch.float32, device=device)
                           for i in layout.recurrent_layers}
-        # [num_blocks, block_size, Hkv, D] per attention layer. Contents need no init (a slot is always
+        # [num_blocks + 1, block_size, Hkv, D] per attention layer. Contents need no init (a slot is always
         # written before a query can see it), but on the CPU the pages are touched now: otherwise resident
         # memory creeps up as the cache fills, which looks like a leak to anyone watching the process.
-        kv_shape = (plan.num_blocks, plan.block_size, *layout.kv_shape_per_token)
+        self.scratch_block = plan.num_blocks
+        kv_shape = (plan.num_blocks + 1, plan.block_size, *layout.kv_shape_per_token)
         allocate = torch.zeros if device.type == "cpu" else torch.empty
         self.keys = {i: allocate(kv_shape, dtype=dtype, device=device) for i in layout.attention_layers}
         self.values = {i: allocate(kv_shape, dtype=dtype, device=device) for i in layout.attention_layers}
+        # each running sequence's block table, indexed by its state slot: written when a block is added, read
+        # by the decode attention kernel (so a decode step sends no table to the GPU)
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        self.block_tables = torch.zeros(plan.num_state_slots, -(-max_model_len // plan.block_size), dtype=torch.int32,
+                                        device=device)
 
     def snapshot_index(self, snapshot_slot: int) -> int:
         """Row of a snapshot slot in the state pools (they follow the running-sequence slots)."""
@@ -96,16 +107,83 @@ class EngineCache:
             for pool in pools.values():
                 pool.index_fill_(0, rows, 0)
 
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """k, v [N, Hkv, D] in token order go to flat KV slots `slot_mapping` [N]."""
+        key_pool, value_pool = self.keys[layer], self.values[layer]
+        heads, dim = key_pool.shape[2], key_pool.shape[3]
+        key_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
+        value_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
 
-class PagedContext:
-    """ForwardContext over the engine's pools for one scheduled step.
+    def decode_attention(self, layer: int, q: torch.Tensor, slot_ids: torch.Tensor, context_lens: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """q [S, Hq, D], one token per sequence, over its blocks (table row = its state slot) -> [S, Hq, D]."""
+        return dispatch.paged_decode_attention(q, self.keys[layer], self.values[layer], self.block_tables, slot_ids,
+                                               context_lens, scale)
 
-    Layout: a decode-only step feeds [S, 1] (one row per sequence, the step form of the delta rule); a
-    step with any prefill packs every sequence into one row [1, N] with `cu_seqlens`.
+
+class _StateRows:
+    """The GDN states of a step's sequences: rows `slots` of the engine's pools (for the reference ops; the
+    fused decode kernel updates the pools in place instead)."""
+
+    cache: EngineCache
+    slots: torch.Tensor
+
+    def gdn_states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.conv[layer].index_select(0, self.slots), self.cache.recurrent[layer].index_select(0, self.slots)
+
+    def store_gdn_states(self, layer: int, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
+        self.cache.conv[layer].index_copy_(0, self.slots, conv_state.to(self.cache.conv[layer].dtype))
+        self.cache.recurrent[layer].index_copy_(0, self.slots, recurrent_state)
+
+
+class DecodeContext(_StateRows):
+    """ForwardContext of a decode-only step: one token per sequence, rows [S, 1], all inputs as device tensors.
+
+    Nothing here reads a tensor on the host or sizes anything by data, so a forward over it can be captured
+    in a CUDA graph and replayed with new contents in the same tensors. Padding rows carry slot id -1,
+    context length 0 and a KV slot in the scratch block.
     """
 
     pad_mask = None
     keeps_state = True
+    decode = True
+    single_token_decode = True
+    cu_seqlens = None
+
+    def __init__(self, cache: EngineCache, positions: torch.Tensor, slot_ids: torch.Tensor,
+                 slot_mapping: torch.Tensor, context_lens: torch.Tensor) -> None:
+        self.cache = cache
+        self.positions = positions[:, None]  # [S, 1]
+        self.slot_ids = slot_ids  # [S] int32
+        self.slots = slot_ids.long()
+        self.slot_mapping = slot_mapping  # [S] int64
+        self.context_lens = context_lens  # [S] int32
+
+    def decode_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This layer's conv and recurrent pools and the rows' slot ids, for the fused step kernel that updates
+        the pools in place."""
+        return self.cache.conv[layer], self.cache.recurrent[layer], self.slot_ids
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [S, Hq, 1, D], k, v [S, Hkv, 1, D] -> [S, Hq, 1, D]."""
+        self.cache.write_kv(layer, k[:, :, 0], v[:, :, 0], self.slot_mapping)
+        return self.cache.decode_attention(layer, q[:, :, 0], self.slot_ids, self.context_lens, scale)[:, :, None]
+
+    def finish(self) -> None:
+        pass
+
+
+class PagedContext(_StateRows):
+    """ForwardContext of a step with prefill: every sequence packed into one row [1, N] with `cu_seqlens`.
+
+    Attention: sequences that feed one token after earlier ones (decode rows mixed into the step) go through
+    the paged decode kernel together; each prefill chunk attends over its gathered blocks.
+    """
+
+    pad_mask = None
+    keeps_state = True
+    decode = False
+    single_token_decode = False
 
     def __init__(
         self,
@@ -118,65 +196,60 @@ class PagedContext:
     ) -> None:
         self.cache = cache
         self.starts, self.lengths, self.block_tables = starts, lengths, block_tables
-        self.decode = all(n == 1 for n in lengths) and all(s > 0 for s in starts)
-        self.single_token_decode = self.decode
         self.slots = torch.tensor(state_slots, dtype=torch.long, device=device)
-        self.slot_ids = self.slots.to(torch.int32)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)
-        if self.decode:
-            self.positions = positions[:, None]  # [S, 1]
-            self.cu_seqlens = None
-        else:
-            self.positions = positions[None]  # [1, N]
-            self.cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(device)
+        self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)[None]  # [1, N]
+        self.cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(device)
         # where each new token's K/V goes: block_table[position // block_size] * block_size + offset
         size = cache.plan.block_size
         slot_mapping = [table[p // size] * size + p % size
                         for s, n, table in zip(starts, lengths, block_tables) for p in range(s, s + n)]
         self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=device)
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        decode_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if n == 1 and s > 0]
+        self.prefill_rows = [i for i in range(len(lengths)) if i not in set(decode_rows)]
+        self.decode_tokens = None
+        if decode_rows:
+            self.decode_tokens = torch.tensor([offsets[i] for i in decode_rows], dtype=torch.long, device=device)
+            self.decode_slots = torch.tensor([state_slots[i] for i in decode_rows], dtype=torch.int32, device=device)
+            self.decode_lens = torch.tensor([starts[i] + 1 for i in decode_rows], dtype=torch.int32, device=device)
 
-    def decode_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """In a decode-only step: this layer's conv and recurrent pools and the rows' slot ids, for the fused
-        step kernel that updates the pools in place."""
-        if not self.decode:
-            return None
-        return self.cache.conv[layer], self.cache.recurrent[layer], self.slot_ids
-
-    def gdn_states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.conv[layer].index_select(0, self.slots), self.cache.recurrent[layer].index_select(0, self.slots)
-
-    def store_gdn_states(self, layer: int, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
-        self.cache.conv[layer].index_copy_(0, self.slots, conv_state.to(self.cache.conv[layer].dtype))
-        self.cache.recurrent[layer].index_copy_(0, self.slots, recurrent_state)
+    def decode_pools(self, layer: int) -> None:
+        return None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write this step's K/V into the blocks, then each sequence attends over its whole context.
 
-        q [B, Hq, T, D] and k, v [B, Hkv, T, D] in the step's layout ([S, ., 1, D] or [1, ., N, D]).
+        q [1, Hq, N, D] and k, v [1, Hkv, N, D] -> [1, Hq, N, D].
         """
+        self.cache.write_kv(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), self.slot_mapping)
         key_pool, value_pool = self.cache.keys[layer], self.cache.values[layer]
-        heads, dim = key_pool.shape[2], key_pool.shape[3]
-        flat_k = k.transpose(1, 2).reshape(-1, heads, dim)  # [N, Hkv, D] in token order
-        flat_v = v.transpose(1, 2).reshape(-1, heads, dim)
-        key_pool.view(-1, heads, dim).index_copy_(0, self.slot_mapping, flat_k)
-        value_pool.view(-1, heads, dim).index_copy_(0, self.slot_mapping, flat_v)
-        flat_q = q.transpose(1, 2).reshape(-1, q.shape[1], dim)  # [N, Hq, D]
-        outputs, offset = [], 0
-        for start, length, table in zip(self.starts, self.lengths, self.block_tables):
+        block_size, heads, dim = key_pool.shape[1], key_pool.shape[2], key_pool.shape[3]
+        flat_q = q[0].transpose(0, 1)  # [N, Hq, D]
+        o = torch.empty_like(flat_q)
+        if self.decode_tokens is not None:
+            rows = self.cache.decode_attention(layer, flat_q.index_select(0, self.decode_tokens), self.decode_slots,
+                                               self.decode_lens, scale)
+            o.index_copy_(0, self.decode_tokens, rows)
+        for i in self.prefill_rows:
+            start, length, table, offset = self.starts[i], self.lengths[i], self.block_tables[i], self.offsets[i]
             context = start + length
-            blocks = torch.tensor(table[: -(-context // key_pool.shape[1])], device=key_pool.device)
+            blocks = torch.tensor(table[: -(-context // block_size)], device=key_pool.device)
             keys = key_pool.index_select(0, blocks).reshape(-1, heads, dim)[:context].transpose(0, 1)  # [Hkv, ctx, D]
             values = value_pool.index_select(0, blocks).reshape(-1, heads, dim)[:context].transpose(0, 1)
             query = flat_q[offset : offset + length].transpose(0, 1)  # [Hq, len, D]
-            # query i (position start + i) sees keys 0 .. start + i
-            mask = torch.arange(context, device=q.device)[None, :] <= torch.arange(start, context, device=q.device)[:, None]
-            outputs.append(F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask,
-                                                          scale=scale, enable_gqa=query.shape[0] != heads)[0])
-            offset += length
-        o = torch.cat(outputs, dim=1)  # [Hq, N, D]
-        if self.decode:
-            return o.transpose(0, 1)[:, :, None, :]  # [S, Hq, 1, D]
-        return o[None]  # [1, Hq, N, D]
+            if start == 0:  # a first chunk: plain causal attention, no mask tensor (the flash path)
+                out = F.scaled_dot_product_attention(query[None], keys[None], values[None], is_causal=True,
+                                                     scale=scale, enable_gqa=query.shape[0] != heads)[0]
+            else:  # query i (position start + i) sees keys 0 .. start + i
+                mask = (torch.arange(context, device=q.device)[None, :]
+                        <= torch.arange(start, context, device=q.device)[:, None])
+                out = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask,
+                                                     scale=scale, enable_gqa=query.shape[0] != heads)[0]
+            o[offset : offset + length] = out.transpose(0, 1)
+        return o.transpose(0, 1)[None]  # [1, Hq, N, D]
 
     def finish(self) -> None:
         pass

@@ -34,6 +34,7 @@ class EngineConfig:
     cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     snapshot_fraction: float = 0.1
+    cuda_graphs: bool = True  # capture the decode step per batch-size bucket (CUDA, dense models)
 
     def __post_init__(self) -> None:
         if self.block_size % 64 and 64 % self.block_size:
@@ -66,16 +67,17 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.config = config or EngineConfig()
-        self.plan = plan_cache(model, cache_budget(model, self.config), self.config.max_num_seqs,
+        self.plan = plan_cache(model.cache_layout, model.dtype, cache_budget(model, self.config), self.config.max_num_seqs,
                                self.config.block_size, self.config.snapshot_fraction)
         self.blocks = BlockManager(self.plan.num_blocks, self.plan.block_size, self.plan.num_state_slots,
                                    self.plan.num_snapshot_slots)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, EngineCache(model, self.plan))
+        self.runner = ModelRunner(model, EngineCache(model, self.plan), self.config.max_num_seqs,
+                                  cuda_graphs=self.config.cuda_graphs)
         self.requests: dict[str, Sequence] = {}
-        self._samplers: dict[str, Sampler] = {}
+        self._samplers: dict[str, Callable] = {}
         self._texts: dict[str, TextStream] = {}
-        self._history: dict[str, torch.Tensor] = {}
+        self._history: dict[str, TokenHistory] = {}  # only for samplers that look at earlier tokens
 
     # ---- requests --------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -90,7 +92,6 @@ class Engine:
         self.requests[sequence.request_id] = sequence
         self._samplers[sequence.request_id] = Sampler(params, self.model.device)
         self._texts[sequence.request_id] = TextStream(self.tokenizer, params)
-        self._history[sequence.request_id] = torch.tensor(sequence.prompt_token_ids, device=self.model.device)
         return sequence
 
     def wrap_sampler(self, request_id: str, wrap: Callable[[Sampler], Callable]) -> None:
@@ -125,12 +126,13 @@ class Engine:
         self.scheduler.commit(output)
         records = []
         sampling = [c.sequence for c in output.chunks if c.samples]
+        tokens = self._sample(sampling, logits)
         context = self.model.config.max_position_embeddings
-        for row, sequence in enumerate(sampling):
+        for sequence, token in zip(sampling, tokens):
             rid = sequence.request_id
-            token = self._samplers[rid](logits[row], self._history[rid])
             sequence.output_token_ids.append(token)
-            self._history[rid] = torch.cat([self._history[rid], torch.tensor([token], device=self._history[rid].device)])
+            if rid in self._history:
+                self._history[rid].append(token)
             params = sequence.params
             is_stop_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_token_ids)
             text = self._texts[rid]
@@ -146,3 +148,55 @@ class Engine:
                 self._forget(sequence)
             records.append((sequence, StreamRecord(index=-1, token_id=token, text=delta, finish_reason=reason)))
         return records
+
+    def _seen(self, sequence: Sequence) -> torch.Tensor:
+        history = self._history.get(sequence.request_id)
+        if history is None:
+            history = self._history[sequence.request_id] = TokenHistory(sequence.token_ids(), self.model.device)
+        return history.tokens
+
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row of logits [n, V], read back to the host in one transfer: plain greedy rows by one
+        batched argmax, other engine samplers on the GPU without syncs; wrapped samplers (a serving layer's)
+        are called row by row and return ints."""
+        greedy, sampled, tokens = [], [], [None] * len(sequences)
+        for row, sequence in enumerate(sequences):
+            sampler = self._samplers[sequence.request_id]
+            if type(sampler) is Sampler and sampler.plain_greedy:
+                greedy.append(row)
+            elif type(sampler) is Sampler:
+                seen = self._seen(sequence) if sampler.needs_history else None
+                sampled.append((row, sampler.sample(logits[row], seen)))
+            else:
+                tokens[row] = int(sampler(logits[row], self._seen(sequence)))
+        parts = []
+        if greedy:
+            rows = logits if len(greedy) == len(sequences) else logits[torch.tensor(greedy, device=logits.device)]
+            parts.append(rows.argmax(-1))
+        parts += [token.view(1) for _, token in sampled]
+        if parts:
+            values = torch.cat(parts).tolist()
+            for row, value in zip(greedy + [row for row, _ in sampled], values):
+                tokens[row] = value
+        return tokens
+
+
+class TokenHistory:
+    """A request's prompt + output ids on the device, grown by doubling (appending never copies the past)."""
+
+    def __init__(self, token_ids: list[int], device: torch.device) -> None:
+        self.length = len(token_ids)
+        self.buffer = torch.zeros(max(16, 2 * self.length), dtype=torch.long, device=device)
+        self.buffer[: self.length] = torch.tensor(token_ids, dtype=torch.long)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.buffer[: self.length]
+
+    def append(self, token: int) -> None:
+        if self.length == len(self.buffer):
+            grown = torch.zeros(2 * self.length, dtype=torch.long, device=self.buffer.device)
+            grown[: self.length] = self.buffer
+            self.buffer = grown
+        self.buffer[self.length] = token
+        self.length += 1

@@ -1,18 +1,44 @@
 """ModelRunner: the only place where scheduled sequences become tensors."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from hybridlm.engine.cache import EngineCache, PagedContext
-from hybridlm.engine.scheduler import SchedulerOutput
+from hybridlm.engine.cache import DecodeContext, EngineCache, PagedContext
+from hybridlm.engine.graphs import DecodeGraphs
+from hybridlm.engine.scheduler import Chunk, SchedulerOutput
 from hybridlm.model import HybridLM
+from hybridlm.ops import dispatch
+
+logger = logging.getLogger(__name__)
+
+
+def graphs_supported(model: HybridLM) -> str | None:
+    """Why the decode step cannot be captured in a CUDA graph, or None if it can."""
+    if model.device.type != "cuda":
+        return "not on CUDA"
+    if dispatch.kernels() is None:
+        return "the Triton kernels are unavailable"
+    if "moe" in model.config.mlp_types:
+        return "mixture-of-experts layers route on the host"
+    return None
 
 
 class ModelRunner:
-    def __init__(self, model: HybridLM, cache: EngineCache) -> None:
+    def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.device = model.device
+        self._tables: dict[int, list[int]] = {}  # state slot -> the block table last written to cache.block_tables
+        self.graphs = None
+        if cuda_graphs:
+            reason = graphs_supported(model)
+            if reason is None:
+                self.graphs = DecodeGraphs(model, cache, max_batch)
+                self.graphs.capture()
+            else:
+                logger.info("decode runs without CUDA graphs: %s", reason)
 
     def _prepare_states(self, output: SchedulerOutput) -> None:
         """Fresh sequences start from zero; prefix-cache hits start from their snapshot."""
@@ -32,29 +58,63 @@ class ModelRunner:
             source, target = (torch.tensor(x, device=self.device) for x in zip(*saves))
             self.cache.copy_state(source, target)
 
+    def _sync_block_tables(self, chunks: list[Chunk]) -> None:
+        """Bring each scheduled sequence's row of cache.block_tables up to date: only blocks added since the last
+        write travel (a new block every block_size tokens); a table that changed otherwise (preemption, a new
+        owner of the slot) is written whole."""
+        rows, columns, blocks = [], [], []
+        for chunk in chunks:
+            slot, table = chunk.sequence.state_slot, chunk.sequence.block_table
+            written = self._tables.get(slot)
+            start = len(written) if written is not None and table[: len(written)] == written else 0
+            if start < len(table):
+                rows += [slot] * (len(table) - start)
+                columns += range(start, len(table))
+                blocks += table[start:]
+                self._tables[slot] = list(table)
+        if blocks:
+            index = torch.tensor([rows, columns], device=self.device)
+            self.cache.block_tables[index[0], index[1]] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+
+    def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
+        size = self.cache.plan.block_size
+        ids = [c.sequence.token_at(c.start) for c in chunks]
+        positions = [c.start for c in chunks]
+        slots = [c.sequence.state_slot for c in chunks]
+        mapping = [c.sequence.block_table[p // size] * size + p % size for c, p in zip(chunks, positions)]
+        lengths = [p + 1 for p in positions]
+        if self.graphs is not None and len(chunks) <= self.graphs.buckets[-1]:
+            return self.graphs.run(ids, positions, slots, mapping, lengths)
+        ids_t, positions_t, slots_t, mapping_t, lengths_t = torch.tensor(
+            [ids, positions, slots, mapping, lengths], dtype=torch.long).to(self.device, non_blocking=True)
+        context = DecodeContext(self.cache, positions_t, slots_t.to(torch.int32), mapping_t, lengths_t.to(torch.int32))
+        return self.model.forward_with_context(ids_t[:, None], context)[:, 0]
+
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
-        """Run one step; return fp32 logits [n, vocab] for the chunks that sample, in chunk order."""
+        """Run one step; return logits [n, vocab] (model dtype) for the chunks that sample, in chunk order."""
         chunks = output.chunks
         self._prepare_states(output)
-        tokens = [t for c in chunks for t in c.sequence.token_ids()[c.start : c.start + c.length]]
-        context = PagedContext(
-            self.cache,
-            starts=[c.start for c in chunks],
-            lengths=[c.length for c in chunks],
-            state_slots=[c.sequence.state_slot for c in chunks],
-            block_tables=[c.sequence.block_table for c in chunks],
-            device=self.device,
-        )
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        input_ids = input_ids[:, None] if context.decode else input_ids[None]
-        ends, total = [], 0
-        for c in chunks:
-            total += c.length
-            if c.samples:
-                ends.append(total - 1)
-        logits = None
-        indices = torch.tensor(ends, dtype=torch.long, device=self.device)
-        logits = self.model.forward_with_context(input_ids, context, logits_indices=indices)
+        self._sync_block_tables(chunks)
+        if all(c.length == 1 and c.start > 0 and c.samples for c in chunks):
+            logits = self._decode(chunks)
+        else:
+            tokens = [t for c in chunks for t in c.sequence.token_ids()[c.start : c.start + c.length]]
+            context = PagedContext(
+                self.cache,
+                starts=[c.start for c in chunks],
+                lengths=[c.length for c in chunks],
+                state_slots=[c.sequence.state_slot for c in chunks],
+                block_tables=[c.sequence.block_table for c in chunks],
+                device=self.device,
+            )
+            input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[None]
+            ends, total = [], 0
+            for c in chunks:
+                total += c.length
+                if c.samples:
+                    ends.append(total - 1)
+            indices = torch.tensor(ends, dtype=torch.long, device=self.device)
+            logits = self.model.forward_with_context(input_ids, context, logits_indices=indices)
         self._save_snapshots(output)
-        return logits.float()
+        return logits

@@ -46,10 +46,24 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
-        """logits [V]; seen: token ids of the prompt and output so far (for the repetition penalty)."""
+    @property
+    def needs_history(self) -> bool:
+        return self.params.repetition_penalty != 1.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: the engine takes these rows' tokens in one batched argmax."""
+        return self.params.greedy and not self.needs_history
+
+    def sample(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The token as a 0-d tensor on the logits' device (no host sync). seen: token ids of the prompt and
+        output so far, needed only for the repetition penalty."""
         logits = apply_repetition_penalty(logits.float(), seen, self.params.repetition_penalty)
         if self.params.greedy:
-            return int(logits.argmax())
+            return logits.argmax()
         probs = filter_logits(logits, self.params).softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> int:
+        """logits [V] -> the token id."""
+        return int(self.sample(logits, seen))

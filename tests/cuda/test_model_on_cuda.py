@@ -54,3 +54,46 @@ def test_engine_with_fused_decode_matches_cpu(models):
     while engine.has_work:
         engine.step()
     assert [s.output_token_ids for s in sequences] == expected
+
+
+def test_decode_cuda_graphs_match_eager(models):
+    """Requests of different lengths join at different steps; greedy and seeded sampling; a graph bucket larger
+    than the batch (padding rows) must change nothing."""
+    directory, _, cuda = models
+    llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 17, 64, 65, 130, 7, 200)]
+    params = [hybridlm.SamplingParams(max_tokens=12 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i,
+                                      ignore_eos=True) for i in range(len(prompts))]
+
+    def run(cuda_graphs):
+        engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
+                                                                 max_num_seqs=12, cuda_graphs=cuda_graphs))
+        assert (engine.runner.graphs is not None) == cuda_graphs
+        sequences, pending = [], list(zip(prompts, params))
+        while pending or engine.has_work:
+            if pending:  # one new request per step
+                sequences.append(engine.add_request(*pending.pop(0)))
+            engine.step()
+        return [s.output_token_ids for s in sequences]
+
+    assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_paged_decode_kernel_full_size(batch):
+    from hybridlm.ops.paged_attention import paged_decode_attention_reference
+    from hybridlm.ops.triton import paged_decode_attention_fwd
+
+    gen = torch.Generator().manual_seed(batch)
+    blocks, block_size, kv_heads, dim = 600, 64, 4, 256
+    key_pool = torch.randn(blocks, block_size, kv_heads, dim, generator=gen).bfloat16().cuda()
+    value_pool = torch.randn(blocks, block_size, kv_heads, dim, generator=gen).bfloat16().cuda()
+    lengths = torch.randint(1, 4000, (batch,), generator=gen)
+    tables = torch.stack([torch.randperm(blocks, generator=gen)[:63] for _ in range(batch)]).int().cuda()
+    rows = torch.arange(batch, dtype=torch.int32).cuda()
+    q = torch.randn(batch, 16, dim, generator=gen).bfloat16().cuda()
+    expected = paged_decode_attention_reference(q.float(), key_pool.float(), value_pool.float(), tables, rows,
+                                                lengths.int().cuda(), 0.0625)
+    got = paged_decode_attention_fwd(q, key_pool, value_pool, tables, rows, lengths.int().cuda(), 0.0625)
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
