@@ -51,7 +51,7 @@ class ServerState:
 # ------------------------------------------------------------------------------------------------ common
 def check_model(state: ServerState, model: str) -> None:
     if model != state.model_name:
-        raise ApiError(404, f"The model `{model}` does not exist; this server serves `{state.model_name}`",
+        raise ApiError(400, f"The model `{model}` does not exist; this server serves `{state.model_name}`",
                        param="model", code="model_not_found")
 
 

@@ -212,7 +212,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("body, status, param, code", [
-    ({"model": "gpt-4o", "messages": MESSAGES}, 404, "model", "model_not_found"),
+    ({"model": "gpt-4o", "messages": MESSAGES}, 400, "model", "model_not_found"),
     ({"model": MODEL, "messages": MESSAGES, "temperature": "hot"}, 400, "temperature", None),
     ({"model": MODEL, "messages": MESSAGES, "temperature": 3}, 400, "temperature", None),
     ({"model": MODEL, "messages": MESSAGES, "max_tokens": 1.5}, 400, "max_tokens", None),
@@ -250,7 +250,7 @@ def test_validation_errors_reach_the_openai_client(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="context length"):
         chat(client, "x", max_tokens=10_000)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=[1, 2, 10_000_000])
