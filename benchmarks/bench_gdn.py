@@ -1,6 +1,6 @@
 """Gated DeltaNet kernels: hybridlm's Triton kernels vs fla 0.6.0 and FlashQLA 0.1.3, in one process on one GPU.
 
-    python benchmarks/bench_gdn.py [--quick] [--no-peers]
+    python benchmarks/bench_gdn.py [--quick] [--no-peers] [--kinds forward,train,decode]
 
 Correctness gate first, in the same run: ours vs the float64 reference at a small shape, then ours vs each peer
 at every timed shape; a speed-up is printed only for a pair whose check passed. Timing: triton.testing.do_bench
@@ -12,6 +12,11 @@ What each side does (so the ratios are read right):
 - ours: raw a, b in (gates, q/k L2 norm and scale in-kernel), o and final state out.
 - fla chunk_gated_delta_rule: g, beta precomputed (not timed), use_qk_l2norm_in_kernel=True.
 - FlashQLA chunk_gated_delta_rule: g, beta precomputed and q, k pre-normalised (not timed).
+- train (forward + backward, torch.autograd.grad of o against a fixed do, no states): ours = chunk_gdn from raw
+  a, b with gradients for q, k, v, a, b, A_log, dt_bias; "fla" = fla's chunk_gated_delta_rule doing the same
+  work in its Triton kernels (use_gate_in_kernel, use_beta_sigmoid_in_kernel, use_qk_l2norm_in_kernel: those
+  flags also keep fla's dispatcher off its FlashQLA backend); "fla g,beta" = fla given g, beta precomputed (not
+  timed, gradients stop at g, beta) and whichever backend its dispatcher picks.
 - decode: ours = conv-state shift + conv + SiLU + norms + gates + delta rule on slot pools, one launch, eager and
   inside a CUDA graph; fla fused_recurrent_gated_delta_rule = the delta rule alone (no conv), eager.
 """
@@ -123,6 +128,15 @@ def forward_floor_bytes(batch, length, heads) -> int:
     return tokens * 2 * (2 * key_heads * d + 2 * value_heads * d + 2 * value_heads)  # q, k, v, o, a, b in bf16
 
 
+def train_floor_bytes(batch, length, heads) -> int:
+    """Forward reads q, k, v, a, b and writes o; backward reads them and do again and writes dq, dk, dv, da, db."""
+    key_heads, value_heads, d = heads
+    tokens = batch * length
+    forward = 2 * key_heads * d + 2 * value_heads * d + 2 * value_heads
+    backward = 2 * (2 * key_heads * d + value_heads * d + 2 * value_heads) + value_heads * d
+    return tokens * 2 * (forward + backward)
+
+
 def gate_reference(chunk_gdn_fwd) -> bool:
     """Ours vs the float64 reference at a small shape (Hv > Hk, T not a multiple of 64, initial state)."""
     q, k, v, a, b, A_log, dt_bias, state = gdn_inputs(2, 300, (2, 4, 128), seed=1)
@@ -174,6 +188,91 @@ def bench_forward(model, batch, length, peers, ours_ok, rows):
         except Exception as error:
             log(f"  FlashQLA failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
     report("forward", model, batch, length, tokens, floor_ms, results, rows)
+
+
+def gate_backward(chunk_gdn) -> bool:
+    """Every gradient of ours (q, k, v, a, b, A_log, dt_bias, initial state; do and a final-state gradient flowing
+    in) vs float64 autograd through the reference, at a small shape (Hv > Hk, T not a multiple of 64). dA_log and
+    ddt_bias sum per-token terms that cancel: their error is taken relative to the summed magnitudes of the terms."""
+    q, k, v, a, b, A_log, dt_bias, state = gdn_inputs(2, 300, (2, 4, 128), seed=4)
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    do = torch.randn(v.shape, generator=gen, device=DEVICE).to(v.dtype)
+    dht = torch.randn(state.shape, generator=gen, device=DEVICE)
+    inputs = (q, k, v, a, b, A_log, dt_bias, state)
+    try:
+        ours = [x.clone().requires_grad_() for x in inputs]
+        o, final = chunk_gdn(*ours[:7], initial_state=ours[7], output_final_state=True)
+        grads = torch.autograd.grad([o, final], ours, [do, dht])
+    except Exception as error:  # a compile failure must not hide the other results
+        log(f"gate chunk forward+backward: FAIL ({type(error).__name__}: {error})")
+        return False
+    ref = [x.detach().double().requires_grad_() for x in inputs]
+    g, beta = gdn_gates(*ref[3:7])
+    o_ref, final_ref = chunk_gated_delta_rule(*ref[:3], g, beta, initial_state=ref[7], output_final_state=True)
+    grads_ref = torch.autograd.grad([o_ref, final_ref], ref, [do.double(), dht.double()])
+    x = ref[3] + ref[6]
+    summed = {5: (grads_ref[3] * torch.nn.functional.softplus(x) / torch.sigmoid(x)).abs().sum((0, 1)),
+              6: grads_ref[3].abs().sum((0, 1))}
+    errors = {}
+    for i, name in enumerate(("q", "k", "v", "a", "b", "A_log", "dt_bias", "h0")):
+        scale = summed[i].norm() if i in summed else grads_ref[i].norm()
+        finite = bool(torch.isfinite(grads[i]).all())
+        errors[name] = ((grads[i].double() - grads_ref[i]).norm() / scale).item() if finite else math.inf
+    ok = max(errors.values()) <= REF_TOLERANCE and rel_err(o, o_ref) <= REF_TOLERANCE
+    log("gate chunk forward+backward vs float64 autograd (B=2 T=300 Hk=2 Hv=4 d=128 bf16, h0 and dht): rel err "
+        + " ".join(f"d{n} {e:.1e}" for n, e in errors.items()) + f" -> {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+def bench_train(model, batch, length, peers, ours_ok, rows):
+    """Forward + backward from raw a, b: ours vs fla with the gates in its kernels, and fla given g, beta."""
+    from hybridlm.ops.triton import chunk_gdn
+
+    heads = HEADS[model]
+    q, k, v, a, b, A_log, dt_bias, _ = gdn_inputs(batch, length, heads)
+    do = torch.randn(v.shape, generator=torch.Generator(device=DEVICE).manual_seed(6), device=DEVICE).to(v.dtype)
+    leaves = [x.requires_grad_() for x in (q, k, v, a, b, A_log, dt_bias)]
+    tokens = batch * length
+    floor_ms = train_floor_bytes(batch, length, heads) / PEAK_BYTES_PER_S * 1e3
+
+    def ours():
+        o, _ = chunk_gdn(*leaves)
+        return (o, *torch.autograd.grad(o, leaves, do))
+
+    try:
+        out_ours = ours()
+        results = {"ours": (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")}
+    except Exception as error:
+        log(f"  ours failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
+        return
+    if "fla" in peers:
+        def fla():
+            o, _ = peers["fla"](q=q, k=k, v=v, g=a, beta=b, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
+            return (o, *torch.autograd.grad(o, leaves, do))
+        try:
+            out_peer = fla()
+            # o and the per-token gradients (dA_log, ddt_bias are sums whose terms cancel: checked by the gate)
+            err = max(rel_err(x, y) for x, y in zip(out_ours[:6], out_peer[:6]))
+            results["fla"] = (time_ms(fla), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
+        except Exception as error:
+            log(f"  fla (gates in kernel) failed at train {model} B={batch} T={length}: "
+                f"{type(error).__name__}: {error}")
+        with torch.no_grad():
+            g, beta = gdn_gates(a, b, A_log, dt_bias)
+        fla_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
+
+        def fla_given_gates():
+            o, _ = peers["fla"](q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+            return (o, *torch.autograd.grad(o, fla_leaves, do))
+        try:
+            out_peer = fla_given_gates()
+            err = max(rel_err(x, y) for x, y in zip(out_ours[:4], out_peer[:4]))
+            check = f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}"
+            results["fla g,beta"] = (time_ms(fla_given_gates), check)
+        except Exception as error:
+            log(f"  fla (g, beta given) failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
+    report("train", model, batch, length, tokens, floor_ms, results, rows)
 
 
 def report(kind, model, batch, length, tokens, floor_ms, results, rows):
@@ -302,28 +401,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--no-peers", action="store_true", help="time hybridlm's kernels only")
+    parser.add_argument("--kinds", default="forward,train,decode", help="comma-separated subset to run")
     args = parser.parse_args()
+    kinds = set(args.kinds.split(","))
+    if not kinds <= {"forward", "train", "decode"}:
+        raise SystemExit(f"--kinds takes forward, train, decode; got {args.kinds}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_gdn.py needs a CUDA GPU")
     import triton
 
-    from hybridlm.ops.triton import chunk_gdn_fwd, gdn_decode_step
+    from hybridlm.ops.triton import chunk_gdn, chunk_gdn_fwd, gdn_decode_step
 
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
         f"floor at {PEAK_BYTES_PER_S / 1e12:.2f} TB/s")
     peers = load_peers(not args.no_peers)
-    forward_ok, decode_ok = gate_reference(chunk_gdn_fwd), gate_decode(gdn_decode_step)
 
     rows: list[Row] = []
     models = ["9B"] if args.quick else ["9B", "0.8B"]
-    shapes = [(1, 4096), (1, 16384)] if args.quick else [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
-    for model in models:
-        for batch, length in shapes:
-            bench_forward(model, batch, length, peers, forward_ok, rows)
-    for model in models:
-        for batch in ([1, 256] if args.quick else [1, 32, 256]):
-            bench_decode(model, batch, peers, decode_ok, rows)
+    if "forward" in kinds:
+        forward_ok = gate_reference(chunk_gdn_fwd)
+        shapes = [(1, 4096), (1, 16384)] if args.quick else [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
+        for model in models:
+            for batch, length in shapes:
+                bench_forward(model, batch, length, peers, forward_ok, rows)
+    if "train" in kinds:
+        train_ok = gate_backward(chunk_gdn)
+        # both head layouts even with --quick: the training comparison is one shape each
+        for model in ["9B", "0.8B"]:
+            for batch, length in ([(4, 4096)] if args.quick else [(4, 4096), (1, 16384)]):
+                bench_train(model, batch, length, peers, train_ok, rows)
+    if "decode" in kinds:
+        decode_ok = gate_decode(gdn_decode_step)
+        for model in models:
+            for batch in ([1, 256] if args.quick else [1, 32, 256]):
+                bench_decode(model, batch, peers, decode_ok, rows)
     print_table(rows)
 
     out = os.environ.get("OUT")

@@ -53,9 +53,12 @@ def summed_terms(inputs, grads_ref):
     return {"A_log": (da * F.softplus(x) / torch.sigmoid(x)).abs().sum((0, 1)), "dt_bias": da.abs().sum((0, 1))}
 
 
-def check(batch, length, key_heads, value_heads, dk, dv, dtype, *, with_state, with_dht, cu_seqlens=None, seed=0):
+def check(batch, length, key_heads, value_heads, dk, dv, dtype, *, with_state, with_dht, cu_seqlens=None, seed=0,
+          strong_decay=False):
     num_states = batch if cu_seqlens is None else len(cu_seqlens) - 1
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states, seed)
+    if strong_decay:  # exp(A_log) = 3: g ~ -2 a row, so G falls past -88 inside a chunk
+        inputs[5] = torch.full_like(inputs[5], 3.0).log()
     inputs = [*inputs, state if with_state else None]
     do, dht = output_grads(inputs[2], num_states, dk, with_dht, dtype)
 
@@ -92,6 +95,13 @@ def test_bwd_fp32(poisoned, length, with_state, with_dht):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_bwd_half_precision(poisoned, dtype):
     check(1, 130, 1, 2, 32, 32, dtype, with_state=True, with_dht=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bwd_strong_decay(poisoned, dtype):
+    """G of the last, partial chunk (50 rows) falls past -88, where exp(-G) overflows fp32: the padded rows must
+    never pair with the real ones in an exp (the forward's o kernel only drops such rows; the backward sums them)."""
+    check(1, 114, 1, 2, 16, 16, dtype, with_state=True, with_dht=True, strong_decay=True)
 
 
 @pytest.mark.parametrize("key_heads, value_heads, dk, dv", [(2, 2, 16, 16), (1, 4, 24, 40)])

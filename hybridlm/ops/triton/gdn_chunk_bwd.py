@@ -34,6 +34,8 @@ from hybridlm.ops.triton.gdn_chunk import (
 from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
 
 
+# The kernels taking T leave it unspecialised (as fla does): one compile for every length, and T = 1 is never a
+# constexpr that _chunk_coords would hand back.
 @triton.jit
 def _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(global chunk index, chunk index inside its sequence, first token of the sequence, sequence length)."""
@@ -51,6 +53,16 @@ def _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_V
 
 
 @triton.jit
+def _chunk_log_decay(p_gc, i_s, T, HV: tl.constexpr, BT: tl.constexpr):
+    """G of the chunk's rows, rows past T holding the last row's G (as the forward's prepare kernel has them): then
+    every exp(G_i - G_j) with i >= j is at most 1 even where a padded row i meets a real row j. (With 0 there, a
+    strongly decaying chunk, G < -88, overflows to inf and 0 * inf poisons the real rows.)"""
+    o_t = i_s + tl.arange(0, BT)
+    b_gc = tl.load(p_gc + o_t * HV, mask=o_t < T, other=0.)
+    return tl.where(o_t < T, b_gc, tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV))
+
+
+@triton.jit(do_not_specialize=["T"])
 def chunk_gdn_bwd_wu_kernel(
     k,  # [B, T, H, K], token stride stride_k
     v,  # [B, T, HV, V], token stride stride_v
@@ -101,7 +113,7 @@ def chunk_gdn_bwd_wu_kernel(
         _store_rows(p_u + i_v * BV, b_u, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def chunk_gdn_bwd_dv_local_kernel(
     q,  # [B, T, H, K], token stride stride_q
     k,  # [B, T, H, K], token stride stride_k
@@ -134,7 +146,7 @@ def chunk_gdn_bwd_dv_local_kernel(
     o_t = i_s + tl.arange(0, BT)
     b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
     b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
-    b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=o_t < T, other=0.)
+    b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
     # the transposed intra-chunk scores [j, i] = k_j . q_i exp(G_i - G_j) for j <= i (exponent masked: overflow)
     o_i = tl.arange(0, BT)
     m_A = o_i[:, None] <= o_i[None, :]
@@ -148,7 +160,7 @@ def chunk_gdn_bwd_dv_local_kernel(
         _store_rows(p_dv + i_v * BV, b_dv, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def chunk_gdn_bwd_dh_kernel(
     q,  # [B, T, H, K], token stride stride_q
     k,  # [B, T, H, K], token stride stride_k
@@ -224,16 +236,16 @@ def chunk_gdn_bwd_dh_kernel(
         # dH of the state entering the chunk: decay, the read o += (q exp(G)) h, and v_new = u - w h
         b_q = (_l2norm_rows(_load_rows(p_q, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
         b_do = _load_rows(p_do, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
-        b_do = (b_do * tl.exp(b_gc)[:, None]).to(dtype)
+        b_do_g = (b_do * tl.exp(b_gc)[:, None]).to(dtype)
         b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)
-        b_dh = b_dh * tl.exp(b_g_last) + tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PRECISION)
+        b_dh = b_dh * tl.exp(b_g_last) + tl.dot(tl.trans(b_q), b_do_g, input_precision=DOT_PRECISION)
         b_dh -= tl.dot(tl.trans(b_w), b_dv.to(dtype), input_precision=DOT_PRECISION)
 
     if STORE_INITIAL_STATE_GRADIENT:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def chunk_gdn_bwd_dqkvg_kernel(
     q,  # [B, T, H, K], token stride stride_q
     k,  # [B, T, H, K], token stride stride_k
@@ -285,9 +297,8 @@ def chunk_gdn_bwd_dqkvg_kernel(
     i_last = tl.minimum(i_s + BT, T) - 1
     b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
     b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
-    p_gc = g_cumsum + bos * HV + i_h
-    b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
-    b_g_last = tl.load(p_gc + i_last * HV)
+    b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
+    b_g_last = tl.load(g_cumsum + bos * HV + i_h + i_last * HV)
 
     # --- o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new, S_next = exp(G_last) S + (k exp(G_last - G))^T v_new
     o_k = tl.arange(0, BK)
@@ -392,7 +403,7 @@ def chunk_gdn_bwd_dqkvg_kernel(
 @triton.jit
 def _l2norm_bwd_rows(x, dn, dx, i_r, NR, stride_x, i_hk, HV: tl.constexpr, GROUP: tl.constexpr,
                      K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    """dx = r (dn - n (n . dn)) for n = x r, r = rsqrt(sum(x^2) + 1e-6), with dn summed over the group of value heads."""
+    """dx = r (dn - n (n . dn)) for n = x r, r = rsqrt(sum(x^2) + 1e-6); dn summed over the group's value heads."""
     b_x = _load_rows(x + i_hk * K, i_r, NR, stride_x, K, BR, BK).to(tl.float32)
     b_r = tl.rsqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)
     b_n = b_x * b_r[:, None]
@@ -512,7 +523,7 @@ def chunk_gdn_bwd(
     chunk_gdn_bwd_dqkvg_kernel[chunk_grid](
         q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dh, v_new, dv_new, do, dq_n, dk_n, dv_out, da, db,
         dA_log, ddt_bias, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1), v.stride(1),
-        BV=BV_chunk, num_warps=8, **common)
+        BV=BV_chunk, num_warps=8, num_stages=2, **common)
 
     rows, BR = batch * length, 32
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
