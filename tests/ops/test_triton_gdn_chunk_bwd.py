@@ -87,6 +87,7 @@ def check(batch, length, key_heads, value_heads, dk, dv, dtype, *, with_state, w
     (63, False, False),  # one partial chunk, no states at all
     (65, True, False),  # a full chunk and one row
     (130, True, True),  # three chunks, the last partial
+    (500, False, True),  # eight chunks: the reverse state pass runs long
 ])
 def test_bwd_fp32(poisoned, length, with_state, with_dht):
     check(2 if length < 100 else 1, length, 1, 2, 16, 32, torch.float32, with_state=with_state, with_dht=with_dht)
@@ -97,6 +98,9 @@ def test_bwd_half_precision(poisoned, dtype):
     check(1, 130, 1, 2, 32, 32, dtype, with_state=True, with_dht=True)
 
 
+# the forward's o kernel computes (and drops) inf and 0 * inf on the padded rows: numpy warns in the interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bwd_strong_decay(poisoned, dtype):
     """G of the last, partial chunk (50 rows) falls past -88, where exp(-G) overflows fp32: the padded rows must
