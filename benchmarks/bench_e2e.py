@@ -25,24 +25,27 @@ Parts (`--parts`, comma-separated; default gate,prefill,decode, the original mea
 `--tiny`: a tiny config and tiny sizes, on the CPU when there is no GPU (a few seconds; `--no-hf` skips
 transformers). The table comes last; `--log PATH` (and $OUT/bench_e2e.log when $OUT is set) gets every line.
 
-GPU minutes on one H100, estimated with the engine of 2026-11-23 (decode B=1 38 tok/s on 9B, 54 on 0.8B,
-overhead-bound; transformers 9B 25 tok/s at B=1). Fit each call in 10 minutes:
-  gate,prefill,decode (both shapes)  ~6 min (measured)
-  throughput (0.8B)  ~2.5-3 min: build + gate + Triton warm-up ~0.7; ours ~1-2 (~450 steps: 280k prompt tokens
-                     in 2048-token steps, then ~256 decode steps of up to 256 rows at ~0.2-0.3 s each, spent in
-                     per-sequence attention gathers and one host sync per sampled token); transformers 128 of the
-                     256 requests in 2 batches of 64, ~12 s each (prefill ~2k padded tokens x 64, 256 steps)
-  prefix (0.8B)      ~0.5 min: 4 Engine runs (on/off twice) of 4k + 31 x 64 or 32 x 4.2k prompt tokens
-  long (9B)          ~1-2 min: build ~0.3, warm-up ~0.2, prefill ~10 s at 30k tok/s with efficient attention;
-                     the chunk attention today is SDPA with a boolean mask and GQA, which runs the math
-                     backend ([16, chunk, context] fp32 scores, 34 GB at 2048 x 262k): expect OOM late in the
-                     prompt (reported as a row, not a crash) until the engine's prefill attention changes
-  throughput with --serving-model 9B: add ~2-4 min (transformers at batch 32)
-Recommended calls: `--parts gate,prefill,decode`, then `--parts throughput,prefix,long`.
+GPU time on one H100 (2026-11-23, engine mid-rework: its decode CUDA graphs did not capture yet, so these ran
+with `--engine-option cuda_graphs=False`; `[part: N s]` lines in the output give each run's own numbers):
+  process start (torch, transformers, fla imports)  ~20 s per call, plus the machine's start
+  gate,prefill,decode (both shapes)  ~6 min (earlier runs)
+  throughput,prefix (0.8B)  258 s measured with --hf-requests 128, ~235 s with the default 64:
+                     build + gate 80 s (mostly Triton and fla compiles); throughput 157 s = warm-ups ~25 s
+                     + ours 81.5 s for all 256 requests (804 tok/s; only ~3k tokens out in the first 32 s while
+                     prompts prefill beside running decodes) + transformers 51 s for 128 requests (2 batches
+                     of 64, ~25 s each); prefix 21 s (4 Engine runs + warm-ups)
+  long (9B)          56-67 s: 9B build and warm-up ~8 s, prefill 48-51 s (5.1-5.4k tok/s, slowing as the context
+                     grows: attention gathers the whole context per 2048-token chunk), peak 30.4 GB
+  throughput with --serving-model 9B: estimated +5-6 min (build + gate ~1.5, ours ~2-3, transformers 64
+                     requests in 2 batches of 32 ~1)
+Recommended calls (10 minutes each at most): `--parts gate,prefill,decode`, then
+`--parts throughput,prefix,long` (~5.5 min now, less as the engine gets faster).
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import math
 import os
 import sys
@@ -79,7 +82,7 @@ TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_
 PARTS = ("gate", "prefill", "decode", "throughput", "long", "prefix")
 # size options: (full, tiny)
 SIZES = dict(prefill=([4096, 32768], [256]), decode_tokens=(128, 8), prompt=(512, 64), requests=(256, 12),
-             prompt_min=(128, 16), prompt_max=(2048, 160), new_tokens=(256, 8), hf_requests=(128, 12),
+             prompt_min=(128, 16), prompt_max=(2048, 160), new_tokens=(256, 8), hf_requests=(64, 12),
              max_num_seqs=(256, 8), chunk=(2048, 128), long_tokens=(262144, 4096), long_chunk=(2048, 512),
              prefix_requests=(32, 4), prefix_tokens=(4096, 256), suffix_tokens=(64, 16), prefix_new_tokens=(32, 4))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +184,8 @@ def gate(name: str, ours, hf_model) -> tuple[bool, str]:
 
 
 def ours_decode(model, tokenizer, prompt_len: int, new_tokens: int) -> float:
-    cache = serving.cache_bytes(model, 8, 8 * (prompt_len + new_tokens), EngineConfig.block_size, EngineConfig.snapshot_fraction)
-    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8, cache_memory_bytes=cache))
+    cache = serving.cache_bytes(model, 8, 8 * (prompt_len + new_tokens))
+    engine = Engine(model, tokenizer, config=serving.engine_config(max_num_seqs=8, cache_memory_bytes=cache))
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
 
     def run(n: int) -> float:
@@ -252,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-batch", type=int, default=None, help="transformers batch (default 64, 32 on 9B, 4 tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--engine-option", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="EngineConfig fields forced on every engine, e.g. cuda_graphs=False")
     for key, (full, _) in SIZES.items():
         option = "--" + key.replace("_", "-")
         if isinstance(full, list):
@@ -268,11 +273,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.models = args.models or ["0.8B", "9B"]
     if args.hf_batch is None:
         args.hf_batch = 4 if args.tiny else 32 if args.serving_model == "9B" else 64
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    options = {}
+    for option in args.engine_option:
+        key, _, value = option.partition("=")
+        if key not in fields or not value:
+            parser.error(f"--engine-option {option!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    args.engine_option = options
     args.parts = [p for p in args.parts.split(",") if p]
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
     return args
+
+
+def took(what: str, start: float) -> float:
+    """Log the seconds since `start` (device time per part, for planning calls); return now."""
+    now = time.perf_counter()
+    log(f"  [{what}: {now - start:.0f} s]")
+    return now
 
 
 def print_table(rows: list) -> None:
@@ -285,6 +308,7 @@ def print_table(rows: list) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    serving.ENGINE_OPTIONS.update(args.engine_option)
     parts = set(args.parts)
     if args.tiny and DEVICE.type == "cpu":
         torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than the math (100x on a busy machine)
@@ -298,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         import transformers
 
         header += f"  transformers {transformers.__version__}"
-    log(header + ("  (tiny)" if args.tiny else ""))
+    options = "".join(f" {k}={v!r}" for k, v in args.engine_option.items())
+    log(header + ("  (tiny)" if args.tiny else "") + (f"  engine options:{options}" if options else ""))
     if not args.no_hf:
         try:
             import fla  # noqa: F401
@@ -319,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if parts & {"throughput", "prefix"}:
         plan.setdefault(args.serving_model, set()).update(parts & {"throughput", "prefix"})
     rows: list = []
+    started = clock = time.perf_counter()
     try:
         for name, todo in plan.items():
             hf_model = None if args.no_hf else build_hf(name)
@@ -331,16 +357,21 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((name, "gate", "PASS" if passed else "FAIL", "-", "-", detail))
             else:
                 log(f"{name}: {weight_bytes / 1e9:.2f} GB of weights; no transformers, no gate")
-            rows += compare_parts(name, todo, ours, hf_model, tokenizer, passed, args)
+            clock = took(f"{name} build + gate", clock)
+            if todo & {"prefill", "decode"}:
+                rows += compare_parts(name, todo, ours, hf_model, tokenizer, passed, args)
+                clock = took(f"{name} prefill + decode", clock)
             if "throughput" in todo:
                 rows += serving.throughput_part(
                     name, ours, hf_model, tokenizer, passed, requests=args.requests, low=args.prompt_min,
                     high=args.prompt_max, new_tokens=args.new_tokens, hf_requests=args.hf_requests,
                     hf_batch=args.hf_batch, max_num_seqs=args.max_num_seqs, chunk=args.chunk, seed=args.seed, log=log)
+                clock = took(f"{name} throughput", clock)
             if "prefix" in todo:
                 rows += serving.prefix_part(
                     name, ours, tokenizer, requests=args.prefix_requests, prefix=args.prefix_tokens,
                     suffix=args.suffix_tokens, new_tokens=args.prefix_new_tokens, chunk=args.chunk, seed=args.seed, log=log)
+                clock = took(f"{name} prefix", clock)
             del ours, hf_model
             serving.free_memory()
         if "long" in parts:
@@ -350,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
                                       seed=args.seed, log=log)
             del ours
             serving.free_memory()
+            clock = took(f"{args.long_model} long (build included)", clock)
     finally:
+        took("all parts", started)
         print_table(rows)
         for f in LOG_FILES:
             f.close()

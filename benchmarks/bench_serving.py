@@ -26,6 +26,11 @@ from hybridlm.engine.params import SamplingParams
 
 Row = tuple[str, str, str, str, str, str]
 Log = Callable[[str], None]
+ENGINE_OPTIONS: dict = {}  # EngineConfig fields the caller forces on every engine here (bench_e2e's --engine-option)
+
+
+def engine_config(**settings) -> EngineConfig:
+    return EngineConfig(**{**settings, **ENGINE_OPTIONS})
 
 
 def sync(device: torch.device) -> None:
@@ -57,13 +62,13 @@ def random_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> li
     return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
-def cache_bytes(model, num_seqs: int, tokens: int, block_size: int, snapshot_fraction: float) -> int:
+def cache_bytes(model, num_seqs: int, tokens: int) -> int:
     """A cache budget that holds `num_seqs` running sequences of `tokens` tokens in all without preemption
-    (plan_cache gives `snapshot_fraction` of what is left after the state slots to snapshots)."""
-    layout, dtype = model.cache_layout, model.dtype
+    (plan_cache gives a `snapshot_fraction` of what is left after the state slots to snapshots)."""
+    layout, dtype, config = model.cache_layout, model.dtype, engine_config()
     state = layout.state_bytes_per_sequence(dtype)
-    kv = layout.kv_bytes_per_token(dtype) * (tokens + num_seqs * block_size)
-    return num_seqs * state + int(kv / (1 - snapshot_fraction)) + 2 * state + (1 << 20)
+    kv = layout.kv_bytes_per_token(dtype) * (tokens + num_seqs * config.block_size)
+    return num_seqs * state + int(kv / (1 - config.snapshot_fraction)) + 2 * state + (1 << 20)
 
 
 def gigabytes(value: float) -> str:
@@ -170,9 +175,8 @@ def throughput_part(name: str, ours, hf_model, tokenizer, gate_passed: bool | No
     vocab = ours.config.vocab_size
     prompts = random_prompts(requests, low, high, vocab, seed)
     total_prompt = sum(map(len, prompts))
-    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk,
-                          cache_memory_bytes=cache_bytes(ours, max_num_seqs, total_prompt + requests * new_tokens,
-                                                         EngineConfig.block_size, EngineConfig.snapshot_fraction))
+    config = engine_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk,
+                          cache_memory_bytes=cache_bytes(ours, max_num_seqs, total_prompt + requests * new_tokens))
     engine = Engine(ours, tokenizer, config=config)
     warm_up(engine, vocab, [low, (low + high) // 2, high, low, high], 4)
     log(f"  throughput: {requests} requests, prompts {low}-{high} tokens ({total_prompt:,} in all), "
@@ -216,12 +220,13 @@ def long_part(name: str, ours, tokenizer, *, tokens: int, chunk: int, seed: int,
     prompt_len = min(tokens, context - 1)  # the Engine refuses a prompt that fills the context: 1 token must fit
     vocab = ours.config.vocab_size
     allocated = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    config = EngineConfig(max_num_seqs=1, max_num_batched_tokens=chunk,
-                          cache_memory_bytes=cache_bytes(ours, 1, prompt_len + 1, EngineConfig.block_size,
-                                                         EngineConfig.snapshot_fraction))
+    config = engine_config(max_num_seqs=1, max_num_batched_tokens=chunk,
+                          cache_memory_bytes=cache_bytes(ours, 1, prompt_len + 1))
     engine = Engine(ours, tokenizer, config=config)
     cache_gb = (torch.cuda.memory_allocated() - allocated) / 1e9 if device.type == "cuda" else float("nan")
-    warm_up(engine, vocab, [min(2 * chunk + 1, prompt_len)], 1)
+    # the same chunk lengths as the measured prompt: full chunks, then the tail past the last block boundary
+    # (Triton specialises kernels on length divisibility, so an unseen tail length compiles, seconds on 9B)
+    warm_up(engine, vocab, [min(2 * chunk + prompt_len % config.block_size, prompt_len)], 1)
     free_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -259,11 +264,12 @@ def long_part(name: str, ours, tokenizer, *, tokens: int, chunk: int, seed: int,
 def prefix_caching_config(enabled: bool, **kwargs) -> tuple[EngineConfig, str]:
     """EngineConfig with prefix caching on or off, and how it was switched off. Without an explicit switch
     the Engine caches a prefix only where it holds a recurrent-state snapshot, so no snapshots = no hits."""
+    settings = {**kwargs, **ENGINE_OPTIONS}
     if "enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)}:
-        return EngineConfig(enable_prefix_caching=enabled, **kwargs), "enable_prefix_caching=False"
+        return EngineConfig(**{**settings, "enable_prefix_caching": enabled}), "enable_prefix_caching=False"
     if enabled:
-        return EngineConfig(**kwargs), ""
-    return EngineConfig(snapshot_fraction=0.0, **kwargs), "snapshot_fraction=0 (no state snapshots, so no hits)"
+        return EngineConfig(**settings), ""
+    return EngineConfig(**{**settings, "snapshot_fraction": 0.0}), "snapshot_fraction=0 (no state snapshots, so no hits)"
 
 
 def prefix_part(name: str, ours, tokenizer, *, requests: int, prefix: int, suffix: int, new_tokens: int, chunk: int,
@@ -273,8 +279,7 @@ def prefix_part(name: str, ours, tokenizer, *, requests: int, prefix: int, suffi
     shared = torch.randint(0, vocab, (prefix,), generator=generator).tolist()
     prompts = [shared + torch.randint(0, vocab, (suffix,), generator=generator).tolist() for _ in range(requests)]
     total_prompt = requests * (prefix + suffix)
-    budget = cache_bytes(ours, requests, total_prompt + requests * new_tokens, EngineConfig.block_size,
-                         EngineConfig.snapshot_fraction)
+    budget = cache_bytes(ours, requests, total_prompt + requests * new_tokens)
     results, how_off = {}, ""
     for enabled in (False, True, False, True):  # interleaved, best of two each
         config, how = prefix_caching_config(enabled, max_num_seqs=requests, max_num_batched_tokens=chunk,
