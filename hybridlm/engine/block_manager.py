@@ -17,18 +17,23 @@ from collections import OrderedDict
 from collections.abc import Sequence as Seq
 
 
-def block_hashes(token_ids: Seq[int], block_size: int, limit: int | None = None) -> list[bytes]:
-    """Chained content hashes of the full blocks of `token_ids[:limit]`: hash i covers tokens
-    [0, (i+1)*block_size), so equal hashes mean equal prefixes."""
-    limit = len(token_ids) if limit is None else min(limit, len(token_ids))
-    hashes, previous = [], b""
-    for start in range(0, limit - block_size + 1, block_size):
-        block = token_ids[start : start + block_size]
+def extend_block_hashes(hashes: list[bytes], token_ids: Seq[int], block_size: int, limit: int) -> list[bytes]:
+    """Extend `hashes` (the chained hashes of the first len(hashes) full blocks of `token_ids`) in place to every
+    full block of token_ids[:limit]; return it. Hash i covers tokens [0, (i+1)*block_size), so equal hashes mean
+    equal prefixes."""
+    limit = min(limit, len(token_ids))
+    previous = hashes[-1] if hashes else b""
+    for start in range(len(hashes) * block_size, limit - block_size + 1, block_size):
         digest = hashlib.blake2b(previous, digest_size=16)
-        digest.update(b"".join(t.to_bytes(4, "little", signed=False) for t in block))
+        digest.update(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids[start : start + block_size]))
         previous = digest.digest()
         hashes.append(previous)
     return hashes
+
+
+def block_hashes(token_ids: Seq[int], block_size: int, limit: int | None = None) -> list[bytes]:
+    """Chained content hashes of the full blocks of `token_ids[:limit]`."""
+    return extend_block_hashes([], token_ids, block_size, len(token_ids) if limit is None else limit)
 
 
 class OutOfBlocks(Exception):
@@ -95,10 +100,11 @@ class BlockManager:
             raise OutOfBlocks()
         block_table.extend(self._take_block() for _ in range(needed))
 
-    def register_full_blocks(self, token_ids: Seq[int], block_table: list[int], num_computed: int) -> None:
-        """Index the blocks whose tokens are all computed, so later requests can share them."""
-        for index, digest in enumerate(block_hashes(token_ids, self.block_size, num_computed)):
-            block = block_table[index]
+    def register_full_blocks(self, hashes: Seq[bytes], block_table: list[int], first: int = 0) -> None:
+        """Index blocks first.. of `block_table` (all tokens computed; `hashes` are theirs), so later requests can
+        share them."""
+        for index in range(first, len(hashes)):
+            digest, block = hashes[index], block_table[index]
             if self.block_hash[block] is not None:
                 continue
             if digest in self.cached_blocks:
@@ -134,14 +140,15 @@ class BlockManager:
         return slot
 
     # ---- prefix matching -----------------------------------------------------------------------------
-    def match_prefix(self, token_ids: Seq[int]) -> tuple[int, list[int], int | None]:
-        """The longest block-aligned prefix of `token_ids` with cached KV blocks and a state snapshot.
+    def match_prefix(self, hashes: Seq[bytes], num_tokens: int) -> tuple[int, list[int], int | None]:
+        """The longest block-aligned prefix of a sequence of `num_tokens` tokens with cached KV blocks and a
+        state snapshot; `hashes` are those of its full blocks before its last token (at least one token is
+        left to compute: its logits pick the next token).
 
-        At least one token is left to compute (its logits pick the next token). Returns (tokens matched,
-        the shared blocks, the snapshot slot to restore); the blocks are taken (reference counted).
+        Returns (tokens matched, the shared blocks, the snapshot slot to restore); the blocks are taken
+        (reference counted).
         """
-        hashes = block_hashes(token_ids, self.block_size, len(token_ids) - 1)
-        self.queries += len(token_ids)
+        self.queries += num_tokens
         blocks = []
         for digest in hashes:
             block = self.cached_blocks.get(digest)

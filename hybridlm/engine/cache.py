@@ -197,7 +197,8 @@ class PagedContext(_StateRows):
         self.cache = cache
         self.starts, self.lengths, self.block_tables = starts, lengths, block_tables
         self.slots = torch.tensor(state_slots, dtype=torch.long, device=device)
-        self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)[None]  # [1, N]
+        positions = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
+        self.positions = torch.tensor(positions, device=device)[None]  # [1, N]
         self.cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(device)
         # where each new token's K/V goes: block_table[position // block_size] * block_size + offset
         size = cache.plan.block_size
@@ -209,7 +210,7 @@ class PagedContext(_StateRows):
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
         decode_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if n == 1 and s > 0]
-        self.prefill_rows = [i for i in range(len(lengths)) if i not in set(decode_rows)]
+        self.prefill_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if not (n == 1 and s > 0)]
         self.decode_tokens = None
         if decode_rows:
             self.decode_tokens = torch.tensor([offsets[i] for i in decode_rows], dtype=torch.long, device=device)

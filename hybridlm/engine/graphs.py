@@ -53,8 +53,8 @@ class DecodeGraphs:
             self.inputs[row].fill_(value)
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(stream):  # warm-up off the capture: compiles kernels, settles allocator
-            for size in (self.buckets[-1], self.buckets[0]):
+        with torch.cuda.stream(stream):  # warm-up off the capture: every bucket's kernel variants compile here
+            for size in reversed(self.buckets):
                 self._forward(size)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         for size in reversed(self.buckets):

@@ -99,7 +99,7 @@ class ModelRunner:
         if all(c.length == 1 and c.start > 0 and c.samples for c in chunks):
             logits = self._decode(chunks)
         else:
-            tokens = [t for c in chunks for t in c.sequence.token_ids()[c.start : c.start + c.length]]
+            tokens = [t for c in chunks for t in c.sequence.token_slice(c.start, c.start + c.length)]
             context = PagedContext(
                 self.cache,
                 starts=[c.start for c in chunks],

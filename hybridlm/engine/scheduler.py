@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from hybridlm.engine.block_manager import BlockManager, OutOfBlocks, block_hashes
+from hybridlm.engine.block_manager import BlockManager, OutOfBlocks, extend_block_hashes
 from hybridlm.engine.sequence import Sequence, Status
 
 
@@ -88,6 +88,7 @@ class Scheduler:
     def _release(self, sequence: Sequence) -> None:
         self.blocks.release_blocks(sequence.block_table)
         sequence.block_table = []
+        sequence.num_registered_blocks = 0
         if sequence.state_slot is not None:
             self.blocks.release_state_slot(sequence.state_slot)
             sequence.state_slot = None
@@ -117,12 +118,19 @@ class Scheduler:
                 length = aligned if aligned > 0 else length
         return length
 
+    def _hashes(self, sequence: Sequence, limit: int) -> list[bytes]:
+        """The sequence's block hashes, extended to the full blocks of its first `limit` tokens (hashed once each:
+        tokens are only ever appended)."""
+        if len(sequence.block_hashes) < min(limit, sequence.num_tokens) // self.blocks.block_size:
+            extend_block_hashes(sequence.block_hashes, sequence.token_ids(), self.blocks.block_size, limit)
+        return sequence.block_hashes
+
     def _snapshot_slot(self, sequence: Sequence, end: int) -> int | None:
         """Where to save the state after computing up to `end`, if that is a block boundary worth keeping."""
         size = self.blocks.block_size
         if end % size or end == 0:
             return None
-        digest = block_hashes(sequence.token_ids(), size, end)[-1]
+        digest = self._hashes(sequence, end)[end // size - 1]
         decoding = sequence.num_computed >= sequence.num_prompt_tokens
         if decoding:  # keep one decode snapshot per sequence: the latest boundary
             previous = self.decode_snapshots.get(sequence.request_id)
@@ -164,7 +172,9 @@ class Scheduler:
             sequence = self.waiting[0]
             if self.blocks.num_free_state_slots == 0:
                 break
-            matched, shared, snapshot = self.blocks.match_prefix(sequence.token_ids())
+            size = self.blocks.block_size
+            prefix = self._hashes(sequence, sequence.num_tokens - 1)[: (sequence.num_tokens - 1) // size]
+            matched, shared, snapshot = self.blocks.match_prefix(prefix, sequence.num_tokens)
             sequence.block_table = list(shared)
             sequence.num_computed = matched
             length = self._chunk_length(sequence, budget)
@@ -191,4 +201,8 @@ class Scheduler:
         for chunk in output.chunks:
             sequence = chunk.sequence
             sequence.num_computed = chunk.start + chunk.length
-            self.blocks.register_full_blocks(sequence.token_ids(), sequence.block_table, sequence.num_computed)
+            full = sequence.num_computed // self.blocks.block_size
+            if full > sequence.num_registered_blocks:
+                hashes = self._hashes(sequence, sequence.num_computed)[:full]
+                self.blocks.register_full_blocks(hashes, sequence.block_table, sequence.num_registered_blocks)
+                sequence.num_registered_blocks = full

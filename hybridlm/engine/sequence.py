@@ -38,6 +38,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, grown as needed
+    num_registered_blocks: int = 0  # blocks of block_table already indexed for prefix sharing
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +51,15 @@ class Sequence:
 
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """token_ids()[start:end] without building the whole list."""
+        prompt = len(self.prompt_token_ids)
+        if end <= prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt:
+            return self.output_token_ids[start - prompt : end - prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt]
 
     def token_at(self, index: int) -> int:
         prompt = len(self.prompt_token_ids)

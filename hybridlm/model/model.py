@@ -53,6 +53,15 @@ class HybridLM(nn.Module):
             config.rotary_dim, config.rope_theta, config.rope_type, config.rope_parameters
         )
 
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The RoPE frequencies on `device`, copied once (a copy per forward would also break CUDA-graph capture)."""
+        if self._inv_freq.device != device:
+            cached = getattr(self, "_inv_freq_device", None)
+            if cached is None or cached.device != device:
+                self._inv_freq_device = self._inv_freq.to(device)
+            return self._inv_freq_device
+        return self._inv_freq
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
@@ -116,7 +125,7 @@ class HybridLM(nn.Module):
         `logits_indices` [N] (flat token indices into [B * T]) returns logits [N, vocab] for those tokens only.
         """
         x = self.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = rope_cos_sin(context.positions, self._inv_freq, self._rope_scaling, x.dtype)
+        cos, sin = rope_cos_sin(context.positions, self._inv_freq_on(x.device), self._rope_scaling, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, context)
         context.finish()

@@ -82,21 +82,39 @@ def packed_to_padded(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _split_packed(fn, q, k, v, g, beta, initial_state, cu_seqlens, **kwargs):
-    """Run `fn` once on the packed sequences laid out as a right-padded batch [N, T_max].
+    """Run `fn` on the packed sequences laid out as right-padded batches [n, T_max].
 
-    Padding has k = v = 0, beta = 0 and g = 0: it neither writes to nor decays the state, so every real
-    token's output and every final state equal those of the sequence run alone.
+    Sequences go in groups of similar length (1, 2, 3-4, 5-8, ... tokens): one-token decode rows packed beside
+    a long prompt would otherwise each be padded to its length. Padding has k = v = 0, beta = 0 and g = 0: it
+    neither writes to nor decays the state, so every real token's output and every final state equal those of
+    the sequence run alone.
     """
-    rows, cols, longest = packed_to_padded(cu_seqlens.to(v.device))
+    cu_seqlens = cu_seqlens.to(v.device)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    groups: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths.tolist()):
+        groups.setdefault((length - 1).bit_length(), []).append(index)
+    o, final = torch.empty_like(v), None
+    for members in groups.values():
+        members = torch.tensor(members, device=v.device)
+        member_lengths = lengths[members]
+        member_cu = F.pad(member_lengths.cumsum(0), (1, 0))
+        rows, cols, longest = packed_to_padded(member_cu)
+        tokens = cu_seqlens[members][rows] + cols  # packed index of each of the group's tokens
 
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(len(cu_seqlens) - 1, longest, *x.shape[2:])
-        out[rows, cols] = x[0]
-        return out
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(len(members), longest, *x.shape[2:])
+            out[rows, cols] = x[0, tokens]
+            return out
 
-    o, s = fn(pad(q), pad(k), pad(v), pad(g), pad(beta), initial_state=initial_state, output_final_state=True,
-              **kwargs)
-    return o[rows, cols][None], s
+        state = None if initial_state is None else initial_state[members]
+        o_group, s_group = fn(pad(q), pad(k), pad(v), pad(g), pad(beta), initial_state=state,
+                              output_final_state=True, **kwargs)
+        o[0, tokens] = o_group[rows, cols]
+        if final is None:
+            final = s_group.new_empty(len(lengths), *s_group.shape[1:])
+        final[members] = s_group
+    return o, final
 
 
 def recurrent_gated_delta_rule(

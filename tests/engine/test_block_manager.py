@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybridlm.engine.block_manager import BlockManager, OutOfBlocks, block_hashes
+from hybridlm.engine.block_manager import BlockManager, OutOfBlocks, block_hashes, extend_block_hashes
 from hybridlm.engine.params import SamplingParams
 from hybridlm.engine.scheduler import Scheduler
 from hybridlm.engine.sequence import Sequence, Status
@@ -15,6 +15,12 @@ def test_block_hashes_chain_over_the_prefix():
     assert len(a) == 2 and a == b
     c = block_hashes([99] + list(range(1, 40)), 16)
     assert c[0] != a[0] and c[1] != a[1]  # a change early changes every later hash
+    grown = extend_block_hashes(block_hashes(list(range(20)), 16), list(range(40)), 16, 40)
+    assert grown == a  # extending a prefix's hashes equals hashing the whole
+
+
+def match(blocks, tokens):
+    return blocks.match_prefix(block_hashes(tokens, blocks.block_size, len(tokens) - 1), len(tokens))
 
 
 def test_blocks_are_shared_by_content_and_evicted_lru():
@@ -23,11 +29,11 @@ def test_blocks_are_shared_by_content_and_evicted_lru():
     table: list[int] = []
     blocks.grow(table, 12)
     assert len(table) == 3 and blocks.num_free_blocks == 1
-    blocks.register_full_blocks(tokens, table, 12)
+    blocks.register_full_blocks(block_hashes(tokens, 4), table)
     slot = blocks.save_snapshot(block_hashes(tokens, 4)[1])
     blocks.release_blocks(table)
     assert blocks.num_free_blocks == 4
-    matched, shared, snapshot = blocks.match_prefix(tokens + [50])
+    matched, shared, snapshot = match(blocks, tokens + [50])
     assert matched == 8 and shared == table[:2] and snapshot == slot
     blocks.release_blocks(shared)
     with pytest.raises(OutOfBlocks):
@@ -35,7 +41,7 @@ def test_blocks_are_shared_by_content_and_evicted_lru():
     other: list[int] = []
     blocks.grow(other, 16)  # takes every block, evicting the cached ones
     assert blocks.cached_blocks == {}
-    assert blocks.match_prefix(tokens + [50]) == (0, [], None)
+    assert match(blocks, tokens + [50]) == (0, [], None)
 
 
 def test_match_leaves_a_token_to_compute():
@@ -43,10 +49,10 @@ def test_match_leaves_a_token_to_compute():
     tokens = list(range(8))
     table: list[int] = []
     blocks.grow(table, 8)
-    blocks.register_full_blocks(tokens, table, 8)
+    blocks.register_full_blocks(block_hashes(tokens, 4), table)
     for digest in block_hashes(tokens, 4):
         blocks.save_snapshot(digest)
-    matched, _, _ = blocks.match_prefix(tokens)  # the whole prompt is cached: keep its last token to run
+    matched, _, _ = match(blocks, tokens)  # the whole prompt is cached: keep its last token to run
     assert matched == 4
 
 
