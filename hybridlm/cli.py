@@ -320,6 +320,12 @@ def serve(
     strict_config: StrictOption = True,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, streaming)."""
+    import os
+
+    # oneDNN (CPU matmuls) caches a primitive per input shape, and a server sees a new shape with nearly every
+    # step: the cache made resident memory climb by ~150 MiB over 1000 requests. Uncached, the load test ran
+    # as fast and memory levelled off (benchmarks/RESULTS.md). Set before the first CPU matmul; users may override.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     from hybridlm.engine.engine import EngineConfig
 
     try:
