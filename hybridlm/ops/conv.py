@@ -27,25 +27,30 @@ def causal_conv1d(
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {x.shape[0]}")
-        # one call on a right-padded batch [N, T_max, C]: padding comes after each sequence, so no real
-        # output sees it; the final state is read at each sequence's own end
-        from hybridlm.ops.delta_rule import packed_to_padded
-
+        # one call on one stream: each sequence's K-1 carried inputs, then its tokens, sequence after sequence,
+        # so every window sees only its own sequence (no padding to the longest: decode rows cost one column)
         cu_seqlens = cu_seqlens.to(x.device)
-        rows, cols, longest = packed_to_padded(cu_seqlens)
-        count, width = len(cu_seqlens) - 1, weight.shape[1]
-        padded = x.new_zeros(count, longest, x.shape[-1])
-        padded[rows, cols] = x[0]
-        if initial_state is None:
-            initial_state = x.new_zeros(count, x.shape[-1], width - 1)
-        y, _ = causal_conv1d(padded, weight, initial_state=initial_state, activation=activation)
+        count, width, channels = len(cu_seqlens) - 1, weight.shape[1], x.shape[-1]
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        sequence = torch.repeat_interleave(torch.arange(count, device=x.device), lengths)  # [T]
+        positions = torch.arange(x.shape[1], device=x.device) + (sequence + 1) * (width - 1)  # token -> stream
+        carried = (cu_seqlens[:-1] + torch.arange(count, device=x.device) * (width - 1))[:, None] + torch.arange(
+            width - 1, device=x.device)  # [N, K-1] stream columns of each carried state
+        # the stream keeps the inputs exactly (the final states are copies of them); the conv runs in weight's dtype
+        stream = x.new_zeros(channels, x.shape[1] + count * (width - 1), dtype=torch.promote_types(x.dtype, weight.dtype))
+        stream[:, positions] = x[0].T.to(stream.dtype)
+        if initial_state is not None:
+            stream[:, carried.flatten()] = initial_state.to(stream.dtype).permute(1, 0, 2).reshape(channels, -1)
+        y = F.conv1d(stream[None].to(weight.dtype), weight.unsqueeze(1), groups=channels)[0]  # [C, len - (K-1)]
+        if activation == "silu":
+            y = F.silu(y)
+        y = y[:, positions - (width - 1)].T[None].to(x.dtype)  # [1, T, C]
         final = None
-        if output_final_state:
-            history = torch.cat([initial_state.to(x.dtype), padded.transpose(1, 2)], dim=-1)  # [N, C, K-1+T_max]
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1])[:, None, None]
-            index = lengths + torch.arange(width - 1, device=x.device)  # the last K-1 inputs of each sequence
-            final = history.gather(-1, index.expand(-1, x.shape[-1], -1))
-        return y[rows, cols][None], final
+        if output_final_state:  # the last K-1 stream columns of each sequence
+            ends = cu_seqlens[1:] + torch.arange(1, count + 1, device=x.device) * (width - 1)
+            index = ends[:, None] - (width - 1) + torch.arange(width - 1, device=x.device)  # [N, K-1]
+            final = stream[:, index.flatten()].reshape(channels, count, width - 1).transpose(0, 1).to(x.dtype)
+        return y, final
     batch, length, channels = x.shape
     width = weight.shape[1]
     if initial_state is None:

@@ -122,6 +122,21 @@ def test_conv_packed_and_against_transformers():
     assert states.shape == (2, 6, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_packed_with_states_equals_each_sequence_alone(dtype):
+    """Ragged lengths, some shorter than the window, each sequence with its own carried state."""
+    lengths = [1, 2, 7, 5, 1]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    x, weight = torch.randn(1, sum(lengths), 6).to(dtype), torch.randn(6, 4).to(dtype)
+    states = torch.randn(len(lengths), 6, 3).to(dtype)
+    packed, finals = causal_conv1d(x, weight, initial_state=states, output_final_state=True, cu_seqlens=cu_seqlens)
+    for i in range(len(lengths)):
+        start, end = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        alone, final = causal_conv1d(x[:, start:end], weight, initial_state=states[i : i + 1], output_final_state=True)
+        torch.testing.assert_close(packed[:, start:end], alone)  # same sums; the conv may order them differently
+        assert torch.equal(finals[i : i + 1], final)  # the carried inputs are copies
+
+
 def test_norms_match_transformers_bitwise_in_bf16():
     from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
