@@ -8,6 +8,10 @@ import torch
 from tests.checkpoints import FAMILIES, write_checkpoint
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not torch.cuda.is_available():
+    # Triton reads TRITON_INTERPRET once, when it is first imported; anything may import it during collection
+    # (transformers does), so the Triton kernel tests' own setting would come too late.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
