@@ -63,11 +63,6 @@ def cache_budget(model: HybridLM, config: EngineConfig) -> int:
 
 class Engine:
     def __init__(self, model: HybridLM, tokenizer, eos_token_ids: Seq[int] = (), config: EngineConfig | None = None) -> None:
-        if model.device.type == "cpu":
-            # The GDN decays push chunk-local products below fp32's normal range; x86 handles such denormals in
-            # microcode, ~100x slower (a 128-request CPU prefill took minutes instead of seconds). Flushing them to
-            # zero changes nothing measurable: they are < 1.2e-38. Process-wide, as in oneDNN and llama.cpp.
-            torch.set_flush_denormal(True)
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
