@@ -234,13 +234,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per wave")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-waiting", type=int, default=256)
+    parser.add_argument("--dtype", default=None, help="the server's --dtype (default: the checkpoint's)")
     args = parser.parse_args()
     if args.clients > 1000:
         parser.error("--clients is capped at 1000 (loopback, one machine)")
     with tempfile.TemporaryDirectory() as tmp:
         result = load_test(args.model, args.clients, args.max_tokens, args.waves, args.timeout,
                            ["--max-num-seqs", str(args.max_num_seqs), "--max-waiting", str(args.max_waiting),
-                            "--shutdown-grace", "10"], Path(tmp))
+                            "--shutdown-grace", "10"] + (["--dtype", args.dtype] if args.dtype else []), Path(tmp))
         for wave in [result["warmup"], *result["waves"]]:
             for failure in wave.failures[:10]:
                 print("FAILURE", failure)

@@ -153,6 +153,31 @@ def chat(
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _cpu_serving_dtype(model_dir: Path, device: str | None, strict_config: bool) -> str | None:
+    """On the CPU, serve in float32 when its weights fit in half the available memory (None: the checkpoint's).
+
+    16-bit matmuls on the CPU go through oneDNN, which generates and keeps code for every new input shape: a
+    server sees new batch shapes all the time, and its resident memory grew ~15 MiB per 200 requests without
+    end; in float32 (MKL) it stayed flat, and ran as fast (benchmarks/RESULTS.md). transformers also computes
+    in float32 on the CPU by default.
+    """
+    import torch
+
+    from hybridlm.config import ModelConfig
+    from hybridlm.info import describe
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
+        return None
+    try:
+        config = ModelConfig.from_file(model_dir, strict=strict_config)
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, TypeError):
+        return None  # not Linux, or a bad config (the server reports that itself)
+    fp32_bytes = describe(config, torch.float32).weight_bytes
+    return "float32" if fp32_bytes <= available // 2 else None
+
+
 def _cache_budget(gib: float | None, weight_bytes: int) -> tuple[int, str]:
     if gib is not None:
         return int(gib * 2**30), "--cache-memory"
@@ -319,7 +344,9 @@ def serve(
     dtype: DtypeOption = None,
     strict_config: StrictOption = True,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, streaming)."""
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, tools, streaming).
+
+    On the CPU without --dtype, weights are computed in float32 when that fits in half the available memory."""
     import os
 
     # oneDNN (CPU matmuls) caches a primitive per input shape, and a server sees a new shape with nearly every
@@ -328,6 +355,8 @@ def serve(
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
     from hybridlm.engine.engine import EngineConfig
 
+    if dtype is None:
+        dtype = _cpu_serving_dtype(_model_dir(model), device, strict_config)
     try:
         from hybridlm.serve import run
     except ImportError as error:

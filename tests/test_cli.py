@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,11 @@ def test_refused_prompt_writes_nothing_to_stdout(model_dir):
     result = invoke("generate", "a " * 600, "--model", model_dir, "--max-tokens", "2")
     assert result.exit_code == 2
     assert result.stdout == ""
+
+
+def test_serve_defaults_to_float32_on_the_cpu(model_dir, monkeypatch):
+    from hybridlm.cli import _cpu_serving_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cpu_serving_dtype(Path(model_dir), None, True) == "float32"  # a tiny model fits
+    assert _cpu_serving_dtype(Path(model_dir), "cuda", True) is None  # the GPU keeps the checkpoint's dtype
