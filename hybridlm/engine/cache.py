@@ -69,7 +69,7 @@ class EngineCache:
     """The pools. One KV block past the plan's (`scratch_block`) and the state row -1 are never handed out:
     padding rows of a CUDA graph captured for a larger batch write there and read nothing."""
 
-    def __init__(self, model: HybridLM, plan: CachePlan, max_model_len: int | None = None) -> None:
+    def __init__(self, model: HybridLM, plan: CachePlan) -> None:
         layout, device, dtype = model.cache_layout, model.device, model.dtype
         self.plan = plan
         slots = plan.num_state_slots + plan.num_snapshot_slots
@@ -88,9 +88,8 @@ class EngineCache:
         self.values = {i: allocate(kv_shape, dtype=dtype, device=device) for i in layout.attention_layers}
         # each running sequence's block table, indexed by its state slot: written when a block is added, read
         # by the decode attention kernel (so a decode step sends no table to the GPU)
-        max_model_len = max_model_len or model.config.max_position_embeddings
-        self.block_tables = torch.zeros(plan.num_state_slots, -(-max_model_len // plan.block_size), dtype=torch.int32,
-                                        device=device)
+        max_blocks = -(-model.config.max_position_embeddings // plan.block_size)
+        self.block_tables = torch.zeros(plan.num_state_slots, max_blocks, dtype=torch.int32, device=device)
 
     def snapshot_index(self, snapshot_slot: int) -> int:
         """Row of a snapshot slot in the state pools (they follow the running-sequence slots)."""
