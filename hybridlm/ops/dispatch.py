@@ -47,6 +47,22 @@ def use_kernels(*tensors: torch.Tensor, differentiable: bool = False) -> bool:
     return kernels() is not None
 
 
+@functools.cache
+def _warn_untrusted_backward(reason: str) -> None:
+    logger.warning("training runs the Gated DeltaNet on the plain-PyTorch reference (slow): the Triton backward "
+                   "is not yet verified on a GPU for %s", reason)
+
+
+def _backward_trusted(q: torch.Tensor, v: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Inference always takes the kernels; a backward only where it has been checked on a GPU."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, v, *others))):
+        return True
+    reason = kernels().backward_verified(q.dtype, q.shape[-1], v.shape[-1])
+    if reason is not None:
+        _warn_untrusted_backward(reason)
+    return reason is None
+
+
 def causal_conv1d(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, activation="silu"):
     if use_kernels(x, weight):
         return kernels().causal_conv1d_fwd(x, weight, initial_state=initial_state, output_final_state=output_final_state,
@@ -59,7 +75,8 @@ def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, initial_state=None, outpu
                      cu_seqlens=None, single_step=False):
     """The GDN core from raw gate inputs: q, k [B, T, Hk, dk], v [B, T, Hv, dv], a, b [B, T, Hv]. On CUDA the
     chunked kernels run with or without gradients (chunk_gdn is differentiable in every input and state)."""
-    if not single_step and use_kernels(q, k, v, a, b, differentiable=True):
+    if not single_step and use_kernels(q, k, v, a, b, differentiable=True) and _backward_trusted(
+            q, v, k, a, b, A_log, dt_bias, initial_state):
         return kernels().chunk_gdn(q, k, v, a, b, A_log, dt_bias, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     g, beta = gdn_gates(a, b, A_log, dt_bias)

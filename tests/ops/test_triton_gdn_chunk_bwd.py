@@ -163,3 +163,36 @@ def test_no_grad_path_matches_forward():
     assert o.grad_fn is None
     torch.testing.assert_close(o, o_fwd, rtol=0, atol=0)
     torch.testing.assert_close(final, final_fwd, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, dk, dv, trusted", [
+    (torch.bfloat16, 128, 128, True), (torch.float16, 32, 64, True), (torch.float32, 64, 64, True),
+    (torch.bfloat16, 16, 16, False), (torch.bfloat16, 32, 16, False), (torch.float32, 128, 128, False),
+    (torch.bfloat16, 256, 256, False),
+])
+def test_backward_verified_shapes(dtype, dk, dv, trusted):
+    from hybridlm.ops.triton import backward_verified
+
+    reason = backward_verified(dtype, dk, dv)
+    assert (reason is None) == trusted
+    if reason is not None:
+        assert f"{dk}/{dv}" in reason
+
+
+def test_untrusted_backward_takes_the_reference(monkeypatch):
+    """Training at shapes whose backward has not passed on a GPU goes through the differentiable reference; the
+    same shapes without gradients still take the kernel."""
+    from hybridlm.ops import triton as kernel_module
+
+    calls = []
+    monkeypatch.setattr(dispatch, "use_kernels", lambda *tensors, **kwargs: True)
+    monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
+    monkeypatch.setattr(kernel_module, "chunk_gdn", lambda *args, **kwargs: calls.append(1) or chunk_gdn(*args, **kwargs))
+    q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, 20, 1, 2, 16, 16, torch.bfloat16, 1)
+    q.requires_grad_()
+    o, _ = dispatch.gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
+    o.float().sum().backward()
+    assert not calls and q.grad is not None
+    with torch.no_grad():
+        dispatch.gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
+    assert calls == [1]

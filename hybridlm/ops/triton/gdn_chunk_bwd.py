@@ -436,6 +436,23 @@ def chunk_gdn_bwd_qk_norm_kernel(
     _l2norm_bwd_rows(k, dk_n, dk, i_r, NR, stride_k, i_hk, HV, HV // H, K, BR, BK)
 
 
+def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
+    """Why the Triton backward is not yet trusted for these shapes on a GPU, or None if it is.
+
+    Checked against float64 autograd on an H100 (Triton 3.6, 2026-11-23): bf16 and fp16 at head dims 32, 64 and
+    128 (also packed sequences at 64) pass, and fp32 up to 64. fp32 at 128 failed in the dh kernel, and 16-bit
+    inputs with a 16-wide head dim faulted or gave wrong gradients before the tiles were padded to 32 (not yet
+    re-checked). Those shapes train through the differentiable reference until a GPU run clears them."""
+    largest, smallest = max(dk, dv), min(dk, dv)
+    if dtype in (torch.bfloat16, torch.float16):
+        if smallest < 32 or largest > 128:
+            return f"{dtype} head dims {dk}/{dv} (verified: 32 to 128)"
+        return None
+    if largest > 64:
+        return f"{dtype} head dims {dk}/{dv} (verified in fp32: up to 64)"
+    return None
+
+
 def chunk_gdn_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -465,8 +482,10 @@ def chunk_gdn_bwd(
     value_heads, dv = v.shape[2], v.shape[3]
     scale = dk ** -0.5 if scale is None else float(scale)
     BT = CHUNK_SIZE
-    BK = max(16, triton.next_power_of_2(dk))
-    BV_full = max(16, triton.next_power_of_2(dv))
+    # tiles at least 32 wide: on the H100 (Triton 3.6) 16-wide tiles in 16-bit dtypes made the dqkvg kernel fault
+    # (bf16, dk = 16) or return wrong gradients (dk or dv = 16); masks cover the padding
+    BK = max(32, triton.next_power_of_2(dk))
+    BV_full = max(32, triton.next_power_of_2(dv))
     BV, BV_chunk = min(BV_full, 32), min(BV_full, 64)  # V blocks of the sequential and of the parallel kernels
     device, dtype = v.device, v.dtype
 
