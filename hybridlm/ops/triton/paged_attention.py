@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.utils import dot_precision
+
 
 @triton.jit
 def paged_decode_attention_kernel(
@@ -35,6 +37,7 @@ def paged_decode_attention_kernel(
     BG: tl.constexpr,
     BD: tl.constexpr,
     P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     i_s, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_g, o_d, o_t = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BS)
@@ -53,13 +56,13 @@ def paged_decode_attention_kernel(
         p_kv = block * BS * HKV * D + o_t[:, None] * HKV * D + i_h * D + o_d[None, :]
         b_k = tl.load(key_pool + p_kv, mask=m_d[None, :], other=0.)  # [BS, BD]
         b_v = tl.load(value_pool + p_kv, mask=m_d[None, :], other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_k))  # [BG, BS] fp32
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BG, BS] fp32
         b_s = tl.where((i_b * BS + o_t)[None, :] < ctx, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
         b_alpha = tl.exp(b_m - b_m_new)
         b_p = tl.exp(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         b_m = b_m_new
     o_h = i_h * G + o_g
     if P == 1:
@@ -129,7 +132,7 @@ def paged_decode_attention_fwd(
     paged_decode_attention_kernel[(num_queries, kv_heads, P)](
         q, key_pool, value_pool, block_tables, rows, context_lens, o, partial_o, partial_ml, scale,
         block_tables.stride(0), HQ=query_heads, HKV=kv_heads, D=dim, BS=block_size, G=group,
-        BG=max(16, triton.next_power_of_2(group)), BD=BD, P=P, num_warps=4)
+        BG=max(16, triton.next_power_of_2(group)), BD=BD, P=P, DOT_PRECISION=dot_precision(q.dtype), num_warps=4)
     if P > 1:
         paged_decode_combine_kernel[(num_queries * query_heads,)](partial_o, partial_ml, o, D=dim, BD=BD, P=P,
                                                                    num_warps=4)
