@@ -63,3 +63,16 @@ def test_bench_e2e_tiny_runs_every_part(tmp_path, with_hf):
         p50, p99 = (float(x.replace(",", "")) for x in rows[measure][2].split(" / "))
         assert 0 <= p50 <= p99, (measure, table)
     assert log.read_text().endswith(table.replace("\r", "")), "the log file ends with the same table"
+
+
+def test_profile_engine_step_table_and_torch_profile():
+    """profile_engine.py on the tiny model: the step table and a torch.profiler window both print."""
+    script = str(ROOT / "benchmarks" / "profile_engine.py")
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    result = subprocess.run([sys.executable, script, "--requests", "6", "--new-tokens", "3", "--chunk", "512",
+                             "--steps-table", "--torch-profile", "1", "--top", "5"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| step kind |" in result.stdout and "decode only" in result.stdout
+    assert "Self CPU" in result.stdout  # the profiler's table
+    assert re.search(r"tiny: 6 requests x 3 new tokens .* steps in", result.stdout)
