@@ -9,8 +9,8 @@ Requests have seeded prompt lengths uniform in 128-2048, greedy, ignore_eos, all
 throughput part of bench_e2e.py). `--shape tiny` (the default) is a small random 3:1 model whose cost is Python,
 scheduling and the reference ops' shapes; `--shape 0.8B` / `9B` are bench_e2e.py's random-weight Qwen3.5 shapes
 in bf16 (a GPU's work). `--steps-table` synchronises after every step and prints step times grouped by make-up
-(decode-only, or mixed with N prefill tokens). `--torch-profile N` records N mixed steps after the first few
-(compiles) with torch.profiler and prints the ops by self time on the device and on the host; with $OUT set
+(decode-only, or mixed with N prefill tokens). `--torch-profile N` records N steps of `--profile-kind` (mixed or
+decode) after the first few (compiles) with torch.profiler and prints the ops by self time on the device and on the host; with $OUT set
 the Chrome trace goes there too. cProfile runs only without --torch-profile.
 """
 from __future__ import annotations
@@ -100,24 +100,28 @@ class StepTimer:
             f"{i}: {self.rows[i][0]}/{self.rows[i][1]}/{self.rows[i][2]}/{self.rows[i][3]:.0f}" for i in slowest))
 
 
-def run_profiled(engine: Engine, timer: StepTimer, steps: int, top: int) -> int:
-    """Step until `steps` mixed steps (prefill tokens in them) have run under torch.profiler, after three mixed
-    warm-up steps; then finish the run unprofiled. Returns the number of steps."""
+def run_profiled(engine: Engine, timer: StepTimer, steps: int, top: int, kind: str) -> int:
+    """Step until `steps` steps of `kind` ("mixed": prefill tokens in them; "decode": decode rows only) have run
+    under torch.profiler, after three warm-up steps of that kind; then finish the run unprofiled. Returns the
+    number of steps."""
+    def counted(rows):
+        return sum(1 for r in rows if (r[1] > 0) == (kind == "mixed"))
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    count, mixed_seen = 0, 0
-    while engine.has_work and mixed_seen < 3:
+    count, seen = 0, 0
+    while engine.has_work and seen < 3:
         engine.step()
         count += 1
-        mixed_seen = sum(1 for r in timer.rows if r[1])
+        seen = counted(timer.rows)
     with profile(activities=activities) as prof:
         recorded = 0
         while engine.has_work and recorded < steps:
             before = len(timer.rows)
             engine.step()
             count += 1
-            recorded += sum(1 for r in timer.rows[before:] if r[1])
+            recorded += counted(timer.rows[before:])
     device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=device_key, row_limit=top))
     if torch.cuda.is_available():
@@ -142,7 +146,9 @@ def main() -> None:
     parser.add_argument("--engine-option", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="more EngineConfig fields (int, float or bool values)")
     parser.add_argument("--steps-table", action="store_true", help="time every step (device sync) by its make-up")
-    parser.add_argument("--torch-profile", type=int, default=0, metavar="N", help="torch.profiler over N mixed steps")
+    parser.add_argument("--torch-profile", type=int, default=0, metavar="N", help="torch.profiler over N steps")
+    parser.add_argument("--profile-kind", default="mixed", choices=["mixed", "decode"],
+                        help="which steps --torch-profile records")
     parser.add_argument("--top", type=int, default=20, help="functions / ops to list")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(bundled_model_dir())
@@ -163,7 +169,7 @@ def main() -> None:
         engine.add_request(prompt, params)
     start = time.perf_counter()
     if args.torch_profile:
-        steps = run_profiled(engine, timer, args.torch_profile, args.top)
+        steps = run_profiled(engine, timer, args.torch_profile, args.top, args.profile_kind)
     else:
         profile, steps = cProfile.Profile(), 0
         profile.enable()
