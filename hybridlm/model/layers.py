@@ -7,9 +7,9 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
-from hybridlm.ops import apply_partial_rope, rms_norm
+from hybridlm.ops import apply_partial_rope
 from hybridlm.ops import dispatch
-from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm
+from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -20,8 +20,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(x + residual), x + residual) in one fused launch on CUDA."""
+        return rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class GatedRMSNorm(nn.Module):
@@ -228,5 +229,5 @@ class DecoderLayer(nn.Module):
             h = self.linear_attn(h, context)
         else:
             h = self.self_attn(h, cos, sin, context)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm(h, residual=x)  # x + h and its norm in one pass
+        return x + self.mlp(h)

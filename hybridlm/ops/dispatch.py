@@ -17,6 +17,7 @@ import torch
 from hybridlm.ops.conv import causal_conv1d as causal_conv1d_reference
 from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, recurrent_gated_delta_rule
 from hybridlm.ops.norm import gated_rms_norm as gated_rms_norm_reference
+from hybridlm.ops.norm import rms_norm as rms_norm_reference
 from hybridlm.ops.paged_attention import paged_decode_attention_reference
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, initial_state=None, outpu
     rule = recurrent_gated_delta_rule if single_step else chunk_gated_delta_rule
     return rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens)
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """Zero-centred RMSNorm; with `residual`, of s = x + residual, returning (rms_norm(s), s)."""
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if use_kernels(*tensors):
+        return kernels().rms_norm_fwd(x, weight, eps, residual=residual)
+    if residual is None:
+        return rms_norm_reference(x, weight, eps)
+    summed = x + residual
+    return rms_norm_reference(summed, weight, eps), summed
 
 
 def gated_rms_norm(x, gate, weight, eps=1e-6):

@@ -81,3 +81,38 @@ def test_gated_rms_norm(dtype, weight_dtype, dim):
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     else:  # bf16 rounding points follow the reference; allow one ulp where fp32 rsqrt differs in its last bit
         torch.testing.assert_close(y, y_ref, rtol=8e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, dim", [(1, 1024), (37, 256), (5, 80), (3, 4096)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, rows, dim, with_residual):
+    """The zero-centred RMSNorm in one launch, and with the residual add fused: the sum is rounded to the input
+    dtype as `x + h` is, so it matches the reference bit for bit; the norm up to reduction order."""
+    from hybridlm.ops.norm import rms_norm
+    from hybridlm.ops.triton import rms_norm_fwd
+
+    gen = torch.Generator().manual_seed(rows * dim)
+    x = (3 * torch.randn(2, rows, dim, generator=gen)).to(dtype).to(DEVICE)
+    weight = (0.5 * torch.randn(dim, generator=gen)).to(dtype).to(DEVICE)
+    residual = torch.randn(2, rows, dim, generator=gen).to(dtype).to(DEVICE) if with_residual else None
+    out = rms_norm_fwd(x, weight, 1e-6, residual=residual)
+    if with_residual:
+        y, summed = out
+        assert torch.equal(summed, x + residual)
+        y_ref = rms_norm(x + residual, weight, 1e-6)
+    else:
+        y, y_ref = out, rms_norm(x, weight, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape and torch.isfinite(y).all()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, y_ref, **tolerance)
+
+
+def test_rms_norm_bad_shapes():
+    from hybridlm.ops.triton import rms_norm_fwd
+
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm_fwd(x, torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_fwd(x, torch.zeros(8, device=DEVICE), residual=torch.zeros(2, 4, device=DEVICE))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -72,12 +71,16 @@ def test_tiny_study_then_report(study, tmp_path):
         assert (out / f"{name}.lm_log.jsonl").is_file() and (out / f"{name}.mqar_log.jsonl").is_file()
     assert "3:1" in (out / "ratio_study.log").read_text()
 
+    # the repo's page with its results section emptied again (the real run's results are in it now)
+    begin, end = "<!-- ratio-study-results:begin -->", "<!-- ratio-study-results:end -->"
+    head, rest = (REPO / "docs" / "ratio_study.md").read_text().split(begin)
+    tail = rest.split(end)[1]
     doc = tmp_path / "ratio_study.md"
-    shutil.copyfile(REPO / "docs" / "ratio_study.md", doc)
-    assert "Not yet run" in doc.read_text()
+    doc.write_text(f"{head}{begin}\n## Results\n\n**Not yet run.**\n{end}{tail}")
     study.main(["--report", str(out), "--doc", str(doc)])
     text = doc.read_text()
     assert "Not yet run" not in text and "## Method" in text  # only the results section is replaced
+    assert text.endswith(tail)  # what follows the section (the written conclusion) stays
     assert "| all-attn | `AAAAAAAA` |" in text and "| 3:1 | `LLLALLLA` |" in text
     assert "**Not run:** 1:1, 7:1, all-gdn." in text and "Verdict" in text
     assert (tmp_path / "ratio_study.png").stat().st_size > 10_000

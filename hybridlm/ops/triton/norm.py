@@ -1,7 +1,10 @@
-"""Fused gated RMSNorm (the GDN output norm); the reference twin is `hybridlm.ops.norm.gated_rms_norm`.
+"""Fused RMSNorms: the gated one (the GDN output norm; reference twin `hybridlm.ops.norm.gated_rms_norm`) and the
+zero-centred one with an optional fused residual add (twin `hybridlm.ops.norm.rms_norm`). A decode step of a
+PyTorch-op RMSNorm is ~8 kernels of a few microseconds each; at batch 1 those launches, not the bytes, set the
+step's time, so every norm of the model is one launch here.
 
-One program per block of rows; the whole row (one value head, dv) sits in registers. The casts follow the
-reference step by step (normalise in fp32, round to x's dtype, multiply by the weight in the promoted dtype,
+One program per block of rows; a whole row (a value head, a q/k head or the hidden state) sits in registers. The
+gated norm's casts follow the reference step by step (normalise in fp32, round to x's dtype, multiply by the weight in the promoted dtype,
 then by silu(gate) in fp32) so bf16 results match it bit for bit up to rsqrt rounding.
 """
 from __future__ import annotations
@@ -57,3 +60,56 @@ def gated_rms_norm_fwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
             x2, gate2, weight.contiguous(), y, eps, rows, D=dim, BR=BR, BD=BD, PROD_IN_X_DTYPE=prod_in_x_dtype,
             num_warps=4)
     return y.reshape(x.shape)
+
+
+@triton.jit
+def rms_norm_fwd_kernel(
+    x,  # [R, D]
+    residual,  # [R, D] (HAS_RESIDUAL)
+    weight,  # [D]: applied as 1 + w
+    y,  # out [R, D]
+    summed,  # out [R, D]: x + residual (HAS_RESIDUAL)
+    eps,
+    R,
+    D: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    i_r = tl.program_id(0)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r[:, None] < R) & (o_d[None, :] < D)
+    o_rd = o_r[:, None].to(tl.int64) * D + o_d[None, :]
+    b_x = tl.load(x + o_rd, mask=m, other=0.)
+    if HAS_RESIDUAL:  # the residual add rounds to x's dtype, as `x + h` does, before the norm reads it
+        b_x = (b_x.to(tl.float32) + tl.load(residual + o_rd, mask=m, other=0.).to(tl.float32)).to(x.dtype.element_ty)
+        tl.store(summed + o_rd, b_x, mask=m)
+    b_xf = b_x.to(tl.float32)
+    b_rstd = tl.rsqrt(tl.sum(b_xf * b_xf, axis=1) / D + eps)
+    b_w = 1. + tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
+    tl.store(y + o_rd, (b_xf * b_rstd[:, None] * b_w[None, :]).to(y.dtype.element_ty), mask=m)
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Zero-centred RMSNorm (`hybridlm.ops.norm.rms_norm`) over the last axis in one launch. With `residual`,
+    normalises s = x + residual and returns (rms_norm(s), s): the decoder's residual add fused into its norm."""
+    dim = x.shape[-1]
+    if weight.shape != (dim,) or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"expected x [..., D], weight [D] and residual like x, got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}, {None if residual is None else tuple(residual.shape)}")
+    x2 = x.reshape(-1, dim).contiguous()
+    rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    summed = torch.empty_like(x2) if residual is not None else y
+    residual2 = residual.reshape(-1, dim).contiguous() if residual is not None else x2
+    BD = triton.next_power_of_2(dim)
+    BR = max(1, min(16, 4096 // BD))
+    if rows:
+        rms_norm_fwd_kernel[(triton.cdiv(rows, BR),)](
+            x2, residual2, weight.contiguous(), y, summed, eps, rows, D=dim, BR=BR, BD=BD,
+            HAS_RESIDUAL=residual is not None, num_warps=4 if BD <= 1024 else 8)
+    if residual is None:
+        return y.reshape(x.shape)
+    return y.reshape(x.shape), summed.reshape(x.shape)
