@@ -1,6 +1,7 @@
-"""Decode attention over a paged KV cache: one new query token per sequence, keys and values in fixed-size
-blocks found through a block table. The plain-PyTorch reference; the Triton kernel is
-`hybridlm.ops.triton.paged_attention`.
+"""Attention over a paged KV cache: keys and values in fixed-size blocks found through a block table. The
+plain-PyTorch references: decode (one new query token per sequence; the Triton kernel is
+`hybridlm.ops.triton.paged_attention`) and prefill (packed chunks of query tokens attending causally to their
+cached context; the Triton kernel is `hybridlm.ops.triton.paged_prefill`).
 
 Pools are [num_blocks, block_size, Hkv, D]; `block_tables` [R, max_blocks] is indexed by a row id per query
 (the engine uses state-slot ids, so a sequence's table lives in one place for its whole life) and
@@ -41,3 +42,37 @@ def paged_decode_attention_reference(
     o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None, :], scale=scale,
                                        enable_gqa=query_heads != kv_heads)[:, :, 0]
     return o.masked_fill(padding[:, None, None], 0)
+
+
+def paged_prefill_attention_reference(
+    q: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    rows: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    starts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [N, Hq, D] -> o [N, Hq, D]: S chunks packed one after another, chunk s in rows cu_seqlens[s] ..
+    cu_seqlens[s + 1] of q. Its tokens sit at positions starts[s], starts[s] + 1, ... of sequence s, whose keys
+    and values for positions 0 .. starts[s] + L_s - 1 (the chunk's own included) are already in the blocks listed
+    by block_tables[rows[s]]. The query at position p sees key positions 0 .. p. Softmax in fp32 (float64 inputs
+    stay float64); one SDPA per sequence over its gathered blocks."""
+    block_size, kv_heads = key_pool.shape[1], key_pool.shape[2]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    bounds, offsets, table_rows = cu_seqlens.tolist(), starts.tolist(), rows.tolist()
+    outputs = []
+    for s, start in enumerate(offsets):
+        bos, eos = bounds[s], bounds[s + 1]
+        length, context = eos - bos, start + eos - bos
+        blocks = block_tables[table_rows[s], : -(-context // block_size)].long()
+        keys = key_pool[blocks].flatten(0, 1)[:context].transpose(0, 1)  # [Hkv, C, D]
+        values = value_pool[blocks].flatten(0, 1)[:context].transpose(0, 1)
+        positions = start + torch.arange(length, device=q.device)
+        visible = torch.arange(context, device=q.device)[None, :] <= positions[:, None]  # [L, C]
+        o = F.scaled_dot_product_attention(q[bos:eos].transpose(0, 1).to(compute), keys.to(compute),
+                                           values.to(compute), attn_mask=visible, scale=scale,
+                                           enable_gqa=q.shape[1] != kv_heads)  # [Hq, L, D]
+        outputs.append(o.transpose(0, 1).to(q.dtype))
+    return torch.cat(outputs) if outputs else torch.empty_like(q)
