@@ -175,8 +175,9 @@ class DecodeContext(_StateRows):
 class PagedContext(_StateRows):
     """ForwardContext of a step with prefill: every sequence packed into one row [1, N] with `cu_seqlens`.
 
-    Attention: sequences that feed one token after earlier ones (decode rows mixed into the step) go through
-    the paged decode kernel together; each prefill chunk attends over its gathered blocks.
+    Attention on CUDA: every chunk, decode rows included, reads the paged pools in one launch of the paged
+    prefill kernel. Elsewhere (the references): decode rows go through paged decode attention together, and
+    each prefill chunk attends over its gathered blocks with SDPA.
     """
 
     pad_mask = None
@@ -208,6 +209,14 @@ class PagedContext(_StateRows):
         for n in lengths:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
+        # on CUDA every chunk, decode rows included, attends in one launch of the paged prefill kernel
+        self.one_launch = dispatch.use_kernels(self.slots)
+        if self.one_launch:
+            self.max_len = max(lengths)
+            self.rows = self.slots.to(torch.int32)
+            self.cu_seqlens32 = self.cu_seqlens.to(torch.int32)
+            self.starts = torch.tensor(starts, dtype=torch.int32, device=device)
+            return
         decode_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if n == 1 and s > 0]
         self.prefill_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if not (n == 1 and s > 0)]
         self.decode_tokens = None
@@ -228,6 +237,11 @@ class PagedContext(_StateRows):
         key_pool, value_pool = self.cache.keys[layer], self.cache.values[layer]
         block_size, heads, dim = key_pool.shape[1], key_pool.shape[2], key_pool.shape[3]
         flat_q = q[0].transpose(0, 1)  # [N, Hq, D]
+        if self.one_launch:
+            o = dispatch.kernels().paged_prefill_attention_fwd(
+                flat_q, key_pool, value_pool, self.cache.block_tables, self.rows, self.cu_seqlens32, self.starts,
+                scale, max_len=self.max_len)
+            return o.transpose(0, 1)[None]
         o = torch.empty_like(flat_q)
         if self.decode_tokens is not None:
             rows = self.cache.decode_attention(layer, flat_q.index_select(0, self.decode_tokens), self.decode_slots,

@@ -128,3 +128,31 @@ def test_engine_rejects_bad_requests(llm):
         engine.add_request([1, 2], GREEDY, request_id="a")
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=48)
+
+
+def test_engine_on_the_triton_kernels_equals_the_reference(llm, monkeypatch):
+    """Every kernel forced on (the interpreter runs them on the CPU): fused GDN decode step and paged decode
+    attention in decode steps, the paged prefill kernel for every chunk of mixed steps, fused norms, conv and
+    chunked GDN; chunked prefill mixed with decode and a prefix-cache hit, token for token as the reference."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from hybridlm.ops import dispatch
+    from hybridlm.ops import triton as kernel_module
+
+    batch = prompts([5, 70, 40, 1], seed=5)
+    batch.append(batch[1][:64] + [3, 1, 4])  # shares 4 blocks of 16 with the second prompt
+    params = hybridlm.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    expected = [reference(llm, p, params) for p in batch]
+    calls = {}
+    for name in ("paged_prefill_attention_fwd", "paged_decode_attention_fwd", "gdn_decode_step"):
+        def spy(*args, _name=name, _fn=getattr(kernel_module, name), **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(kernel_module, name, spy)
+    monkeypatch.setattr(dispatch, "use_kernels", lambda *tensors, differentiable=False: True)
+    monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
+    engine = Engine(llm.model, llm.tokenizer, config=EngineConfig(max_num_batched_tokens=48, block_size=16))
+    sequences = run(engine, [(p, params) for p in batch[:4]], join_every=2) + run(engine, [(batch[4], params)])
+    assert [s.output_token_ids for s in sequences] == expected
+    assert sequences[-1].num_cached_prompt_tokens == 64
+    assert all(calls.get(name, 0) > 0 for name in ("paged_prefill_attention_fwd", "paged_decode_attention_fwd",
+                                                     "gdn_decode_step")), calls
