@@ -193,6 +193,7 @@ class PagedContext(_StateRows):
         state_slots: list[int],
         block_tables: list[list[int]],
         device: torch.device,
+        one_launch: bool = True,
     ) -> None:
         self.cache = cache
         self.starts, self.lengths, self.block_tables = starts, lengths, block_tables
@@ -210,7 +211,7 @@ class PagedContext(_StateRows):
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
         # on CUDA every chunk, decode rows included, attends in one launch of the paged prefill kernel
-        self.one_launch = dispatch.use_kernels(self.slots)
+        self.one_launch = one_launch and dispatch.use_kernels(self.slots)
         if self.one_launch:
             self.max_len = max(lengths)
             self.rows = self.slots.to(torch.int32)

@@ -35,6 +35,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     snapshot_fraction: float = 0.1
     cuda_graphs: bool = True  # capture the decode step per batch-size bucket (CUDA, dense models)
+    paged_prefill_kernel: bool = True  # CUDA: a mixed step's attention in one paged-prefill launch
 
     def __post_init__(self) -> None:
         if self.block_size % 64 and 64 % self.block_size:
@@ -73,7 +74,8 @@ class Engine:
                                    self.plan.num_snapshot_slots)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, EngineCache(model, self.plan), self.config.max_num_seqs,
-                                  cuda_graphs=self.config.cuda_graphs)
+                                  cuda_graphs=self.config.cuda_graphs,
+                                  paged_prefill_kernel=self.config.paged_prefill_kernel)
         self.requests: dict[str, Sequence] = {}
         self._samplers: dict[str, Callable] = {}
         self._texts: dict[str, TextStream] = {}

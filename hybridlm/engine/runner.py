@@ -26,10 +26,12 @@ def graphs_supported(model: HybridLM) -> str | None:
 
 
 class ModelRunner:
-    def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True) -> None:
+    def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True,
+                 paged_prefill_kernel: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.paged_prefill_kernel = paged_prefill_kernel
         self._tables: dict[int, list[int]] = {}  # state slot -> the block table last written to cache.block_tables
         self.graphs = None
         if cuda_graphs:
@@ -107,6 +109,7 @@ class ModelRunner:
                 state_slots=[c.sequence.state_slot for c in chunks],
                 block_tables=[c.sequence.block_table for c in chunks],
                 device=self.device,
+                one_launch=self.paged_prefill_kernel,
             )
             input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[None]
             ends, total = [], 0
