@@ -7,9 +7,8 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
-from hybridlm.ops import apply_partial_rope
 from hybridlm.ops import dispatch
-from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm
+from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope
 
 
 class RMSNorm(nn.Module):
@@ -127,10 +126,11 @@ class GatedAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         query, gate = self.q_proj(x).view(batch, length, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        q = self.q_norm(query).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        # per-head norm and partial RoPE (one launch each on CUDA)
+        q = rms_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        k = rms_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         o = context.attend(self.layer_idx, q, k, v, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
         o = o.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
         return self.o_proj(o)

@@ -19,6 +19,7 @@ from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, recurrent
 from hybridlm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from hybridlm.ops.norm import rms_norm as rms_norm_reference
 from hybridlm.ops.paged_attention import paged_decode_attention_reference
+from hybridlm.ops.rope import rms_norm_rope as rms_norm_rope_reference
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,13 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
         return rms_norm_reference(x, weight, eps)
     summed = x + residual
     return rms_norm_reference(summed, weight, eps), summed
+
+
+def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
+    """q or k [B, T, H, D]: RMSNorm per head, then partial RoPE; [B, T, H, D]."""
+    if use_kernels(x, weight, cos):
+        return kernels().rms_norm_rope_fwd(x, weight, cos, sin, eps)
+    return rms_norm_rope_reference(x, weight, cos, sin, eps)
 
 
 def gated_rms_norm(x, gate, weight, eps=1e-6):

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from hybridlm.ops.norm import rms_norm
+
 
 def rope_inv_freq(
     rotary_dim: int, theta: float, rope_type: str = "default", params: dict | None = None
@@ -68,3 +70,10 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     half = rotary_dim // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float = 1e-6) -> torch.Tensor:
+    """The attention's q/k path: zero-centred RMSNorm per head of x [B, T, H, D], then partial RoPE with cos, sin
+    [B, T, rotary_dim]; returns [B, T, H, D] (the Triton twin fuses both into one launch)."""
+    return apply_partial_rope(rms_norm(x, weight, eps).transpose(1, 2), cos, sin).transpose(1, 2)

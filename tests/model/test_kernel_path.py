@@ -1,5 +1,5 @@
 """The model's forward with every Triton kernel forced on (the interpreter runs them on the CPU) against the
-plain-PyTorch path: the fused norms (residual add included), the conv, the chunked GDN."""
+plain-PyTorch path: the fused norms (residual add included), q/k norm + RoPE, the conv, the chunked GDN."""
 from __future__ import annotations
 
 import pytest
@@ -23,7 +23,7 @@ def kernels_forced(monkeypatch):
     monkeypatch.setattr(dispatch, "use_kernels", forced)
     monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
     calls = {}
-    for name in ("rms_norm_fwd", "gated_rms_norm_fwd", "causal_conv1d_fwd", "chunk_gdn"):
+    for name in ("rms_norm_fwd", "rms_norm_rope_fwd", "gated_rms_norm_fwd", "causal_conv1d_fwd", "chunk_gdn"):
         def spy(*args, _name=name, _fn=getattr(kernel_module, name), **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
@@ -42,6 +42,8 @@ def test_forward_on_kernels_matches_reference(checkpoint, family, request):
         got = model(ids)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     layers = model.config.num_hidden_layers
-    # per layer: the input norm and the fused add + norm, plus q/k norms per attention layer and the final norm
-    assert calls["rms_norm_fwd"] >= 2 * layers + 1
+    # per layer: the input norm and the fused add + norm, and the final norm; q and k norm + RoPE per attention layer
+    assert calls["rms_norm_fwd"] == 2 * layers + 1
+    attention_layers = model.config.layer_types.count("full_attention")
+    assert calls["rms_norm_rope_fwd"] == 2 * attention_layers > 0
     assert calls["chunk_gdn"] == calls["causal_conv1d_fwd"] == calls["gated_rms_norm_fwd"] > 0

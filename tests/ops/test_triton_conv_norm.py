@@ -116,3 +116,31 @@ def test_rms_norm_bad_shapes():
         rms_norm_fwd(x, torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match="residual"):
         rms_norm_fwd(x, torch.zeros(8, device=DEVICE), residual=torch.zeros(2, 4, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length, heads, dim, rotary", [(1, 1, 8, 256, 64), (2, 5, 3, 80, 20), (1, 7, 2, 32, 32)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_rms_norm_rope(dtype, batch, length, heads, dim, rotary, strided):
+    """q/k norm + partial RoPE in one launch vs rms_norm then apply_partial_rope; `strided`: q as the model has
+    it, every other head-sized slice of a [B, T, H, 2D] projection (the output gate sits beside it)."""
+    from hybridlm.ops.rope import rms_norm_rope, rope_cos_sin
+    from hybridlm.ops.triton import rms_norm_rope_fwd
+
+    gen = torch.Generator().manual_seed(dim + length)
+    x = (2 * torch.randn(batch, length, heads, 2 * dim if strided else dim, generator=gen)).to(dtype).to(DEVICE)
+    if strided:
+        x = x[..., :dim]
+    weight = (0.3 * torch.randn(dim, generator=gen)).to(dtype).to(DEVICE)
+    positions = torch.randint(0, 5000, (batch, length), generator=gen).to(DEVICE)
+    inv_freq = 1.0 / (1e7 ** (torch.arange(0, rotary, 2).float() / rotary))
+    cos, sin = rope_cos_sin(positions, inv_freq, 1.0, dtype)
+    y = rms_norm_rope_fwd(x, weight, cos, sin, 1e-6)
+    y_ref = rms_norm_rope(x, weight, cos, sin, 1e-6)
+    assert y.shape == y_ref.shape and y.dtype == dtype and torch.isfinite(y).all()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(y, y_ref.contiguous(), **tolerance)
+    if dtype == torch.bfloat16:  # same roundings: nearly every element is bit-identical
+        assert (y == y_ref).float().mean() > 0.98
+    with pytest.raises(ValueError, match="rotary_dim"):
+        rms_norm_rope_fwd(x, weight, cos[..., :-1], sin[..., :-1], 1e-6)

@@ -9,6 +9,8 @@ from hybridlm.ops.triton.gdn_step import gdn_decode_step
 from hybridlm.ops.triton.norm import gated_rms_norm_fwd, rms_norm_fwd
 from hybridlm.ops.triton.paged_attention import paged_decode_attention_fwd
 from hybridlm.ops.triton.paged_prefill import paged_prefill_attention_fwd
+from hybridlm.ops.triton.rope import rms_norm_rope_fwd
 
 __all__ = ["backward_verified", "causal_conv1d_fwd", "chunk_gdn", "chunk_gdn_bwd", "chunk_gdn_fwd", "gdn_decode_step",
-           "gated_rms_norm_fwd", "paged_decode_attention_fwd", "paged_prefill_attention_fwd", "rms_norm_fwd"]
+           "gated_rms_norm_fwd", "paged_decode_attention_fwd", "paged_prefill_attention_fwd", "rms_norm_fwd",
+           "rms_norm_rope_fwd"]
