@@ -8,7 +8,7 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
 from hybridlm.ops import dispatch
-from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope
+from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -146,7 +146,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Experts(nn.Module):

@@ -13,6 +13,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from hybridlm.ops.conv import causal_conv1d as causal_conv1d_reference
 from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, recurrent_gated_delta_rule
@@ -103,6 +104,13 @@ def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
     if use_kernels(x, weight, cos):
         return kernels().rms_norm_rope_fwd(x, weight, cos, sin, eps)
     return rms_norm_rope_reference(x, weight, cos, sin, eps)
+
+
+def silu_mul(gate, up):
+    """SwiGLU's silu(gate) * up."""
+    if use_kernels(gate, up):
+        return kernels().silu_mul_fwd(gate, up)
+    return F.silu(gate) * up
 
 
 def gated_rms_norm(x, gate, weight, eps=1e-6):

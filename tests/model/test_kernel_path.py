@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hybridlm
+from hybridlm.model.layers import MLP
 from hybridlm.ops import dispatch
 from tests.checkpoints import VOCAB
 
@@ -23,7 +24,8 @@ def kernels_forced(monkeypatch):
     monkeypatch.setattr(dispatch, "use_kernels", forced)
     monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
     calls = {}
-    for name in ("rms_norm_fwd", "rms_norm_rope_fwd", "gated_rms_norm_fwd", "causal_conv1d_fwd", "chunk_gdn"):
+    for name in ("rms_norm_fwd", "rms_norm_rope_fwd", "gated_rms_norm_fwd", "causal_conv1d_fwd", "chunk_gdn",
+                 "silu_mul_fwd"):
         def spy(*args, _name=name, _fn=getattr(kernel_module, name), **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
@@ -46,4 +48,6 @@ def test_forward_on_kernels_matches_reference(checkpoint, family, request):
     assert calls["rms_norm_fwd"] == 2 * layers + 1
     attention_layers = model.config.layer_types.count("full_attention")
     assert calls["rms_norm_rope_fwd"] == 2 * attention_layers > 0
+    # every MLP module: the dense layers' and the MoE layers' shared experts
+    assert calls.get("silu_mul_fwd", 0) == sum(isinstance(m, MLP) for m in model.modules()) > 0
     assert calls["chunk_gdn"] == calls["causal_conv1d_fwd"] == calls["gated_rms_norm_fwd"] > 0

@@ -144,3 +144,22 @@ def test_rms_norm_rope(dtype, batch, length, heads, dim, rotary, strided):
         assert (y == y_ref).float().mean() > 0.98
     with pytest.raises(ValueError, match="rotary_dim"):
         rms_norm_rope_fwd(x, weight, cos[..., :-1], sin[..., :-1], 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype):
+    import torch.nn.functional as F
+
+    from hybridlm.ops.triton import silu_mul_fwd
+
+    gen = torch.Generator().manual_seed(0)
+    gate, up = (3 * torch.randn(2, 3, 1500, generator=gen)).to(dtype).to(DEVICE).unbind(0)
+    y = silu_mul_fwd(gate, up)
+    assert y.dtype == dtype and y.shape == gate.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(y, F.silu(gate) * up, rtol=1e-2, atol=1e-2)
+        assert (y == F.silu(gate) * up).float().mean() > 0.99
+    with pytest.raises(ValueError, match="must match"):
+        silu_mul_fwd(gate, up[..., :-1])

@@ -1,7 +1,7 @@
 """Fused RMSNorms: the gated one (the GDN output norm; reference twin `hybridlm.ops.norm.gated_rms_norm`) and the
 zero-centred one with an optional fused residual add (twin `hybridlm.ops.norm.rms_norm`). A decode step of a
 PyTorch-op RMSNorm is ~8 kernels of a few microseconds each; at batch 1 those launches, not the bytes, set the
-step's time, so every norm of the model is one launch here.
+step's time, so every norm of the model is one launch here (and SwiGLU's silu(gate) * up, for the same reason).
 
 One program per block of rows; a whole row (a value head, a q/k head or the hidden state) sits in registers. The
 gated norm's casts follow the reference step by step (normalise in fp32, round to x's dtype, multiply by the weight in the promoted dtype,
@@ -113,3 +113,26 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, resid
     if residual is None:
         return y.reshape(x.shape)
     return y.reshape(x.shape), summed.reshape(x.shape)
+
+
+@triton.jit
+def silu_mul_fwd_kernel(gate, up, y, N, BLOCK: tl.constexpr):
+    """silu(gate) * up, rounded as PyTorch does: silu's result to the dtype, then the product."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_g = tl.load(gate + o, mask=m, other=0.).to(tl.float32)
+    b_s = (b_g * tl.sigmoid(b_g)).to(y.dtype.element_ty).to(tl.float32)
+    b_u = tl.load(up + o, mask=m, other=0.).to(tl.float32)
+    tl.store(y + o, (b_s * b_u).to(y.dtype.element_ty), mask=m)
+
+
+def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU product silu(gate) * up in one launch (two as PyTorch ops)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must match, got {tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        silu_mul_fwd_kernel[(triton.cdiv(n, 1024),)](gate, up, y, n, BLOCK=1024, num_warps=4)
+    return y
