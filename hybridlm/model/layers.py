@@ -197,7 +197,7 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) (that last add is left to the next norm)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -219,8 +219,14 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         context: ForwardContext,
-    ) -> torch.Tensor:
-        h = self.input_layernorm(x)
+        pending: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream; `pending`: the previous layer's MLP output, not yet added to it. Returns the
+        stream and this layer's MLP output: each residual add happens inside the next norm (one launch on CUDA)."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm(pending, residual=x)
         if self.is_linear:
             if context.pad_mask is not None:
                 # Padding must not touch the recurrent state: zero inputs keep a zero state at zero and
@@ -230,4 +236,4 @@ class DecoderLayer(nn.Module):
         else:
             h = self.self_attn(h, cos, sin, context)
         h, x = self.post_attention_layernorm(h, residual=x)  # x + h and its norm in one pass
-        return x + self.mlp(h)
+        return x, self.mlp(h)

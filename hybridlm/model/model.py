@@ -126,14 +126,18 @@ class HybridLM(nn.Module):
         """
         x = self.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = rope_cos_sin(context.positions, self._inv_freq_on(x.device), self._rope_scaling, x.dtype)
+        pending = None  # the last MLP output, added to x inside the next norm
         for layer in self.layers:
-            x = layer(x, cos, sin, context)
+            x, pending = layer(x, cos, sin, context, pending)
         context.finish()
-        if logits_indices is not None:
-            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_indices)
-        elif logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        x = self.norm(x)
+
+        def kept(t: torch.Tensor) -> torch.Tensor:  # the tokens whose logits are wanted
+            if logits_indices is not None:
+                return t.reshape(-1, t.shape[-1]).index_select(0, logits_indices)
+            return t[:, -logits_to_keep:] if logits_to_keep else t
+
+        x = kept(x)
+        x = self.norm(x) if pending is None else self.norm(kept(pending), residual=x)[0]
         return torch.nn.functional.linear(x, self.output_weight())
 
     @torch.no_grad()
