@@ -440,9 +440,10 @@ def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
     """Why the Triton backward is not yet trusted for these shapes on a GPU, or None if it is.
 
     Checked against float64 autograd on an H100 (Triton 3.6, 2026-11-23): bf16 and fp16 at head dims 32, 64 and
-    128 (also packed sequences at 64) pass, and fp32 up to 64. fp32 at 128 failed in the dh kernel, and 16-bit
-    inputs with a 16-wide head dim faulted or gave wrong gradients before the tiles were padded to 32 (not yet
-    re-checked). Those shapes train through the differentiable reference until a GPU run clears them."""
+    128 (also packed sequences at 64) pass, and fp32 up to 64. fp32 at 128 failed in the dh kernel (280 KB of shared
+    memory with 3 stages; it now runs 2 and compiles for sm_90, `benchmarks/compile_check.py`), and 16-bit inputs
+    with a 16-wide head dim faulted or gave wrong gradients before the tiles were padded to 32. Neither fix has run
+    on a GPU yet. Those shapes train through the differentiable reference until a GPU run clears them."""
     largest, smallest = max(dk, dv), min(dk, dv)
     if dtype in (torch.bfloat16, torch.float16):
         if smallest < 32 or largest > 128:
@@ -530,7 +531,9 @@ def chunk_gdn_bwd(
     chunk_gdn_bwd_dh_kernel[state_grid](
         q, k, w, g_cumsum, do, dv_local, dv_new, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, length,
         q.stride(1), k.stride(1), BV=BV, USE_FINAL_STATE_GRADIENT=dht is not None,
-        STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=4, **common)
+        STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=4,
+        # three [64, dk] fp32 tiles per stage: at dk = 128, 3 stages need 280 KB of shared memory (sm_90: 227 KB)
+        num_stages=2 if dtype == torch.float32 else 3, **common)
 
     dq_n = torch.empty(batch, length, value_heads, dk, dtype=torch.float32, device=device)  # [B, T, Hv, dk]
     dk_n = torch.empty_like(dq_n)

@@ -1,0 +1,437 @@
+"""Compile every Triton kernel of hybridlm/ops/triton for an H100 (sm_90) without a GPU.
+
+Usage:
+    python benchmarks/compile_check.py            # prints the table; exit 1 if any FAIL (or a kernel no config reaches)
+    python benchmarks/compile_check.py -k 9B      # only the configurations whose label contains "9B"
+    python benchmarks/compile_check.py -v         # also each launch's signature and constexprs
+
+Run it with the Triton of the GPU machine (e.g. a venv holding triton==3.6.0): kernels that the CPU interpreter
+accepts can still be rejected by the compiler (a variable re-bound with another shape inside an `if`), and an
+older Triton rejects more. TRITON_INTERPRET must be unset (the script refuses otherwise).
+
+How: each configuration calls the real host wrapper (`chunk_gdn_fwd`, `gdn_decode_step`, ...) on small CPU
+tensors of the model's shapes, with `JITFunction.run` replaced by a recorder, so the launches (constexprs,
+pointer dtypes, None arguments, num_warps/num_stages) are exactly the ones the wrapper makes. Each recorded
+launch is specialised by Triton's own binder, as the JIT would do it on the GPU (16-byte alignment of pointers,
+integers divisible by 16 or equal to 1), and compiled ahead of time with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", 90, 32))`. Registers and spills come from running the bundled ptxas -v on the PTX;
+shared memory is the compiled kernel's metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter would replace the compiler being checked)")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton >= 3.9 warns when unset; 1 is the old default
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+import hybridlm.ops.triton as kernels  # noqa: E402
+from hybridlm.ops.triton import conv, gdn_chunk, gdn_chunk_bwd, gdn_step, norm, paged_attention, paged_prefill, rope  # noqa: E402,E501
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100
+H100_SMS = 132  # the wrappers size some grids from the SM count, which a CPU tensor cannot report
+H100_MAX_SHARED = 232448  # bytes of shared memory per block (opt-in): more fails at the first launch
+bf16, fp32 = torch.bfloat16, torch.float32
+
+# Qwen3.5 shapes (benchmarks/bench_e2e.py SHAPES + COMMON)
+MODELS = {
+    "0.8B": dict(hidden=1024, mlp=3584, hq=8, hkv=2, hk=16, hv=16),
+    "9B": dict(hidden=4096, mlp=12288, hq=16, hkv=4, hk=16, hv=32),
+}
+HEAD_DIM, ROTARY_DIM, GDN_DIM, CONV_WIDTH, BLOCK_SIZE = 256, 64, 128, 4, 64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One function per host wrapper: builds CPU inputs laid out as the model lays them out and calls the wrapper.
+
+def randn(*shape, dtype=bf16):
+    return torch.randn(*shape).to(dtype)
+
+
+def cu_seqlens_for(length, pieces=3):
+    """Packed sequences covering `length` tokens: (cu_seqlens int32 [N + 1], N)."""
+    cuts = sorted({0, length, *[length * i // pieces for i in range(1, pieces)]})
+    return torch.tensor(cuts, dtype=torch.int32), len(cuts) - 1
+
+
+def run_conv(channels, length, dtype=bf16, varlen=False, state=False, final=True, batch=1):
+    x = randn(batch, length, channels, dtype=dtype)  # in_proj_qkv output
+    weight = randn(channels, 1, CONV_WIDTH, dtype=dtype)[:, 0]  # conv1d.weight[:, 0]
+    cu, n = cu_seqlens_for(length) if varlen else (None, batch)
+    init = randn(n, channels, CONV_WIDTH - 1, dtype=dtype) if state else None
+    conv.causal_conv1d_fwd(x, weight, initial_state=init, output_final_state=final, cu_seqlens=cu)
+
+
+def gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state):
+    """q, k, v as column slices of one conv output [B, T, C] (as GatedDeltaNet.forward makes them)."""
+    qkv = randn(batch, length, 2 * hk * dk + hv * dv, dtype=dtype)
+    q = qkv[..., :hk * dk].unflatten(-1, (hk, dk))
+    k = qkv[..., hk * dk:2 * hk * dk].unflatten(-1, (hk, dk))
+    v = qkv[..., 2 * hk * dk:].unflatten(-1, (hv, dv))
+    a, b = randn(batch, length, hv, dtype=dtype), randn(batch, length, hv, dtype=dtype)
+    A_log, dt_bias = randn(hv, dtype=fp32), randn(hv, dtype=fp32)
+    cu, n = cu_seqlens_for(length) if varlen else (None, batch)
+    init = randn(n, hv, dk, dv, dtype=fp32) if state else None
+    return q, k, v, a, b, A_log, dt_bias, init, cu, n
+
+
+def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1):
+    q, k, v, a, b, A_log, dt_bias, init, cu, _ = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
+    gdn_chunk.chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=init, output_final_state=True,
+                            cu_seqlens=cu)
+
+
+def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1):
+    q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
+    g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
+    x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
+    do = randn(batch, length, hv, dv, dtype=dtype)
+    d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
+    gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final, initial_state=init,
+                                cu_seqlens=cu)
+
+
+def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8):
+    channels = 2 * hk * dk + hv * dv
+    z = randn(batch, hv, dv, dtype=dtype) if fuse_norm else None
+    norm_weight = randn(dv, dtype=norm_dtype or dtype) if fuse_norm else None
+    slots = torch.arange(batch, dtype=torch.int32) % pool
+    gdn_step.gdn_decode_step(
+        randn(batch, channels, dtype=dtype), z, randn(batch, hv, dtype=dtype), randn(batch, hv, dtype=dtype),
+        randn(channels, 1, CONV_WIDTH, dtype=dtype)[:, 0], randn(hv, dtype=fp32), randn(hv, dtype=fp32),
+        randn(pool, channels, CONV_WIDTH - 1, dtype=dtype), randn(pool, hv, dk, dv, dtype=fp32), slots,
+        num_key_heads=hk, key_head_dim=dk, value_head_dim=dv, norm_weight=norm_weight,
+        split=batch * hk < 2 * H100_SMS)  # the wrapper's default on an H100
+
+
+def run_rms_norm(dim, rows, dtype=bf16, residual=False, weight_dtype=None):
+    res = randn(rows, dim, dtype=dtype) if residual else None
+    norm.rms_norm_fwd(randn(rows, dim, dtype=dtype), randn(dim, dtype=weight_dtype or dtype), residual=res)
+
+
+def run_gated_norm(dim, rows, dtype=bf16, weight_dtype=None):
+    norm.gated_rms_norm_fwd(randn(rows, dim, dtype=dtype), randn(rows, dim, dtype=dtype),
+                            randn(dim, dtype=weight_dtype or dtype))
+
+
+def run_silu_mul(width, tokens, dtype=bf16):
+    """MLP: silu_mul(gate_proj(x), up_proj(x)) on [B, T, intermediate]."""
+    norm.silu_mul_fwd(randn(1, tokens, width, dtype=dtype), randn(1, tokens, width, dtype=dtype))
+
+
+def run_rope(heads, length, dim=HEAD_DIM, rotary=ROTARY_DIM, dtype=bf16, query=True, batch=1):
+    """query: the strided view q_proj(x).view(B, T, H, 2D).chunk(2)[0]; else k_proj(x).view(B, T, H, D)."""
+    if query:
+        x = randn(batch, length, heads, 2 * dim, dtype=dtype).chunk(2, dim=-1)[0]
+    else:
+        x = randn(batch, length, heads, dim, dtype=dtype)
+    cos, sin = randn(batch, length, rotary, dtype=dtype), randn(batch, length, rotary, dtype=dtype)
+    rope.rms_norm_rope_fwd(x, randn(dim, dtype=dtype), cos, sin)
+
+
+def kv_pools(hkv, dim, block_size, dtype, blocks=64):
+    return randn(blocks, block_size, hkv, dim, dtype=dtype), randn(blocks, block_size, hkv, dim, dtype=dtype)
+
+
+def h100_partitions(queries, hkv):
+    """paged_attention.num_partitions as it comes out on an H100."""
+    wanted = -(-2 * H100_SMS // max(queries * hkv, 1))
+    return min(32, triton.next_power_of_2(wanted)) if wanted > 1 else 1
+
+
+def run_paged_decode(hq, hkv, queries, dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=bf16):
+    keys, values = kv_pools(hkv, dim, block_size, dtype)
+    tables = torch.zeros(queries, 16, dtype=torch.int32)
+    rows = torch.arange(queries, dtype=torch.int32)
+    lens = torch.full((queries,), 100, dtype=torch.int32)
+    paged_attention.paged_decode_attention_fwd(randn(queries, hq, dim, dtype=dtype), keys, values, tables, rows, lens,
+                                               dim ** -0.5, partitions=h100_partitions(queries, hkv))
+
+
+def run_paged_prefill(hq, hkv, max_len, sequences, dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=bf16):
+    """`sequences` chunks; the first is max_len tokens long, the others 1 (decode rows of a mixed step)."""
+    lengths = [max_len] + [1] * (sequences - 1)
+    keys, values = kv_pools(hkv, dim, block_size, dtype)
+    q = randn(sum(lengths), hq, dim, dtype=dtype)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    rows = torch.arange(sequences, dtype=torch.int32)
+    starts = torch.full((sequences,), 10, dtype=torch.int32)
+    tables = torch.zeros(sequences, 160, dtype=torch.int32)
+    paged_prefill.paged_prefill_attention_fwd(q, keys, values, tables, rows, cu, starts, dim ** -0.5,
+                                              max_len=max_len)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The configurations: (label, call). A call may launch several kernels (the GDN forward launches 3).
+
+def configurations():
+    configs = []
+    add = lambda label, fn, **kw: configs.append((label, lambda: fn(**kw)))  # noqa: E731
+    for name, m in MODELS.items():
+        hk, hv, hq, hkv = m["hk"], m["hv"], m["hq"], m["hkv"]
+        channels = 2 * hk * GDN_DIM + hv * GDN_DIM  # 6144 (0.8B), 8192 (9B)
+        for varlen in (False, True):
+            for state in (False, True):
+                tag = f"{name} bf16 {'varlen' if varlen else 'batch'}{' +state' if state else ''}"
+                add(f"conv C={channels} {tag}", run_conv, channels=channels, length=256, varlen=varlen, state=state)
+                add(f"gdn_fwd Hv={hv} {tag}", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen,
+                    state=state)
+                add(f"gdn_bwd Hv={hv} {tag}", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen,
+                    state=state, dht=state)
+        # a 1-token prefill chunk: T == 1 is specialised to a constant by the JIT
+        add(f"conv C={channels} {name} bf16 varlen T=1", run_conv, channels=channels, length=1, varlen=True,
+            state=True)
+        add(f"gdn_fwd Hv={hv} {name} bf16 varlen T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
+            length=1, varlen=True, state=True)
+        add(f"conv C={channels} {name} bf16 batch B=2 T=1", run_conv, channels=channels, length=1, batch=2)
+        add(f"gdn_fwd Hv={hv} {name} bf16 batch B=2 T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
+            length=1, batch=2)
+        add(f"gdn_fwd Hv={hv} {name} bf16 batch T=100", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
+            length=100, state=True)
+        for batch in (1, 64):  # split (two launches) at B=1, one fused launch at B=64
+            for norm_dtype, norm_tag in ((bf16, ""), (fp32, " fp32 norm weight")):
+                add(f"gdn_decode {name} bf16 B={batch}{norm_tag}", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM,
+                    dv=GDN_DIM, batch=batch, norm_dtype=norm_dtype)
+        add(f"gdn_decode {name} bf16 B=1 no norm", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, batch=1,
+            fuse_norm=False)
+        for rows in (1, 64):  # one row (decode at B=1) is specialised to a constant
+            add(f"rms_norm D={m['hidden']} {name} bf16 rows={rows}", run_rms_norm, dim=m["hidden"], rows=rows)
+            add(f"rms_norm D={m['hidden']} {name} bf16 rows={rows} +residual", run_rms_norm, dim=m["hidden"],
+                rows=rows, residual=True)
+        for tokens in (1, 100):
+            add(f"silu_mul I={m['mlp']} {name} bf16 T={tokens}", run_silu_mul, width=m["mlp"], tokens=tokens)
+        add(f"rope q Hq={hq} {name} bf16 T=100", run_rope, heads=hq, length=100)
+        add(f"rope k Hkv={hkv} {name} bf16 T=1", run_rope, heads=hkv, length=1, query=False)
+        for queries in (1, 64, 256):
+            add(f"paged_decode Hq={hq}/Hkv={hkv} {name} bf16 S={queries}", run_paged_decode, hq=hq, hkv=hkv,
+                queries=queries)
+        for max_len in (1, 8192):
+            for sequences in (1, 8):
+                add(f"paged_prefill Hq={hq}/Hkv={hkv} {name} bf16 max_len={max_len} S={sequences}",
+                    run_paged_prefill, hq=hq, hkv=hkv, max_len=max_len, sequences=sequences)
+        add(f"paged_decode Hq={hq}/Hkv={hkv} {name} fp32 S=1", run_paged_decode, hq=hq, hkv=hkv, queries=1,
+            dtype=fp32)
+        add(f"paged_prefill Hq={hq}/Hkv={hkv} {name} fp32 max_len=8192 S=8", run_paged_prefill, hq=hq, hkv=hkv,
+            max_len=8192, sequences=8, dtype=fp32)
+        add(f"paged_prefill Hq={hq}/Hkv={hkv} {name} fp32 max_len=1 S=8", run_paged_prefill, hq=hq, hkv=hkv,
+            max_len=1, sequences=8, dtype=fp32)
+
+    for residual in (False, True):  # q/k head norm width, and the fp32 test path
+        add(f"rms_norm D=256 bf16{' +residual' if residual else ''}", run_rms_norm, dim=256, rows=64,
+            residual=residual)
+        add(f"rms_norm D=1024 fp32{' +residual' if residual else ''}", run_rms_norm, dim=1024, rows=1,
+            dtype=fp32, residual=residual)
+    add("gated_norm D=128 bf16", run_gated_norm, dim=128, rows=64 * 16)
+    add("gated_norm D=128 bf16 fp32 weight", run_gated_norm, dim=128, rows=64 * 16, weight_dtype=fp32)
+    add("gated_norm D=128 fp32", run_gated_norm, dim=128, rows=100, dtype=fp32)
+    add("silu_mul I=100 fp32 T=3", run_silu_mul, width=100, tokens=3, dtype=fp32)
+    # a whole model in fp32 on the GPU (0.8B shapes)
+    add("conv C=6144 0.8B fp32 varlen +state", run_conv, channels=6144, length=256, dtype=fp32, varlen=True,
+        state=True)
+    add("gdn_fwd Hv=16 0.8B fp32 varlen +state", run_gdn_fwd, hk=16, hv=16, dk=GDN_DIM, dv=GDN_DIM, dtype=fp32,
+        varlen=True, state=True)
+    for batch in (1, 64):
+        add(f"gdn_decode 0.8B fp32 B={batch}", run_gdn_decode, hk=16, hv=16, dk=GDN_DIM, dv=GDN_DIM, batch=batch,
+            dtype=fp32)
+
+    # the tests' shapes (tests/ops): small heads in fp32 and bf16
+    for dtype, tname in ((fp32, "fp32"), (bf16, "bf16")):
+        for d in (16, 32):
+            for varlen in (False, True):
+                tag = f"tests H=2/4 d={d} {tname} {'varlen' if varlen else 'batch'}"
+                add(f"gdn_fwd {tag}", run_gdn_fwd, hk=2, hv=4, dk=d, dv=d, dtype=dtype, length=130, varlen=varlen,
+                    state=True, batch=1 if varlen else 2)
+                add(f"gdn_bwd {tag}", run_gdn_bwd, hk=2, hv=4, dk=d, dv=d, dtype=dtype, length=130, varlen=varlen,
+                    state=True, dht=True, batch=1 if varlen else 2)
+        add(f"gdn_fwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype, length=70)
+        add(f"gdn_bwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
+            length=70)
+        add(f"gdn_decode tests H=2/4 d=32 {tname} B=3 split", run_gdn_decode, hk=2, hv=4, dk=32, dv=32, batch=3,
+            dtype=dtype)
+        add(f"conv tests C=96 {tname} T=70 +state", run_conv, channels=96, length=70, dtype=dtype, state=True,
+            batch=2)
+        add(f"paged_prefill tests Hq=4/Hkv=1 D=80 {tname} BS=16", run_paged_prefill, hq=4, hkv=1, max_len=90,
+            sequences=4, dim=80, block_size=16, dtype=dtype)
+    add("gdn_fwd tests H=2/4 d=64 fp32", run_gdn_fwd, hk=2, hv=4, dk=64, dv=64, dtype=fp32, length=130)
+    add("gdn_bwd tests H=2/4 d=64 fp32", run_gdn_bwd, hk=2, hv=4, dk=64, dv=64, dtype=fp32, length=130, state=True)
+    add("gdn_bwd tests H=2/4 d=128 fp32", run_gdn_bwd, hk=2, hv=4, dk=128, dv=128, dtype=fp32, length=130,
+        state=True)
+    add("paged_decode tests Hq=6/Hkv=2 D=64 bf16 BS=16 P=4", run_paged_decode, hq=6, hkv=2, queries=33, dim=64,
+        block_size=16)
+    add("paged_prefill tests Hq=4/Hkv=2 D=128 bf16 BS=256", run_paged_prefill, hq=4, hkv=2, max_len=90,
+        sequences=4, dim=128, block_size=256)
+    add("paged_prefill tests Hq=8/Hkv=1 D=40 bf16 BS=32", run_paged_prefill, hq=8, hkv=1, max_len=29, sequences=3,
+        dim=40, block_size=32)
+    add("rope tests H=3 D=80 rd=20 fp32", run_rope, heads=3, length=5, dim=80, rotary=20, dtype=fp32, batch=2)
+    return configs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording launches and compiling them ahead of time.
+
+@contextlib.contextmanager
+def recorded_launches(into):
+    """Within the block, `kernel[grid](*args, **kwargs)` records (kernel, args, kwargs) instead of launching."""
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        into.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield into
+    finally:
+        JITFunction.run = original
+
+
+def specialise(fn, args, kwargs):
+    """(signature, constexprs, attrs, options) as JITFunction.run derives them on an sm_90 device."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound_args, specialization, options)
+
+
+def ptxas_usage(ptx):
+    """(registers, spill stores, spill loads) from the bundled ptxas -v, or None if it cannot be run."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+        ptxas = get_ptxas(TARGET.arch).path
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(ptx)
+            log = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(TARGET.arch)}",
+                                  str(src), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True).stderr
+    except Exception:  # noqa: BLE001 - optional numbers only
+        return None
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs:
+        return None
+    return int(regs.group(1)), int(spills.group(1)) if spills else 0, int(spills.group(2)) if spills else 0
+
+
+def compile_launch(fn, args, kwargs):
+    """Compile one recorded launch; returns a dict with ok, note (registers, spills, shared memory) or error."""
+    signature, constexprs, attrs, options = None, None, None, None
+    try:
+        options, signature, constexprs, attrs = specialise(fn, args, kwargs)
+        src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+        # the compiler also prints ptxas failures to stdout; the exception carries the same text
+        with contextlib.redirect_stdout(sys.stderr if VERBOSE else io.StringIO()):
+            compiled = triton.compile(src, target=TARGET, options=options.__dict__)
+    except Exception as error:  # noqa: BLE001 - reported per launch
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        return dict(ok=False, error=f"{type(error).__name__}: " + "\n".join(lines[:12]), signature=signature,
+                    constexprs=constexprs)
+    usage = ptxas_usage(compiled.asm["ptx"])
+    regs = f"{usage[0]:3d} regs, spill {usage[1]}/{usage[2]} B" if usage else "regs ?"
+    note = f"{regs}, smem {compiled.metadata.shared:6d} B"
+    if compiled.metadata.shared > H100_MAX_SHARED:  # CompiledKernel._init_handles raises this at the first launch
+        return dict(ok=False, note=note, signature=signature, constexprs=constexprs,
+                    error=f"OutOfResources at launch: out of resource: shared memory, Required: "
+                          f"{compiled.metadata.shared}, Hardware limit: {H100_MAX_SHARED}")
+    return dict(ok=True, note=note, signature=signature, constexprs=constexprs)
+
+
+def describe(fn, kwargs):
+    """The launch's constexprs and options, compactly."""
+    names = {p.name for p in fn.params if p.is_constexpr}
+    values = []
+    for key, value in kwargs.items():
+        if key in names:
+            value = int(value) if isinstance(value, bool) else value
+            values.append(f"{key}={value}")
+    warps, stages = kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)
+    return f"w{warps} s{stages} " + " ".join(values)
+
+
+def defined_kernels():
+    """Every kernel of hybridlm/ops/triton/*.py (helpers start with an underscore and are inlined into them)."""
+    names = set()
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        names |= {f"{info.name}.{name}" for name, obj in vars(module).items()
+                  if isinstance(obj, JITFunction) and not name.startswith("_") and obj.__module__ == module.__name__}
+    return names
+
+
+VERBOSE = False
+
+
+def main():
+    global VERBOSE
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", "--filter", default="", help="only configurations whose label contains this")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    cli = parser.parse_args()
+    VERBOSE = cli.verbose
+    torch.manual_seed(0)
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target {TARGET.backend} sm_{TARGET.arch}")
+
+    results, failures, seen = {}, 0, set()
+    started = time.time()
+    for label, call in configurations():
+        if cli.filter not in label:
+            continue
+        launches = []
+        try:
+            with recorded_launches(launches):
+                call()
+        except Exception as error:  # noqa: BLE001 - a wrong configuration, not a kernel failure
+            failures += 1
+            print(f"ERROR {label}: the host wrapper raised {type(error).__name__}: {error}")
+            continue
+        for fn, args, kwargs in launches:
+            name = f"{fn.__module__.rsplit('.', 1)[1]}.{fn.__name__}"
+            seen.add(name)
+            try:
+                key = (name, repr(specialise(fn, args, kwargs)[1:]), repr(sorted(kwargs.items())))
+            except Exception:  # noqa: BLE001 - compile_launch reports it
+                key = (name, label, repr(sorted(kwargs.items())))
+            t0 = time.time()
+            fresh = key not in results
+            if fresh:
+                results[key] = compile_launch(fn, args, kwargs)
+            result = results[key]
+            seconds = f"{time.time() - t0:5.1f}s" if fresh else "  (dup)"
+            status = "OK  " if result["ok"] else "FAIL"
+            print(f"{status} {seconds} {name:45s} {result.get('note', ''):38s} [{label}] {describe(fn, kwargs)}",
+                  flush=True)
+            if VERBOSE:
+                print(f"       signature {result['signature']}\n       constexprs {result['constexprs']}")
+            if not result["ok"]:
+                failures += fresh
+                print("       " + result["error"].replace("\n", "\n       "))
+    if not cli.filter:
+        for name in sorted(defined_kernels() - seen):
+            failures += 1
+            print(f"MISSING {name}: no configuration launches it")
+    unique = len(results)
+    bad = sum(not r["ok"] for r in results.values())
+    print(f"{unique} distinct compiles, {unique - bad} OK, {bad} FAIL; {time.time() - started:.0f}s "
+          f"(triton {triton.__version__})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
