@@ -76,3 +76,17 @@ def test_profile_engine_step_table_and_torch_profile():
     assert "| step kind |" in result.stdout and "decode only" in result.stdout
     assert "Self CPU" in result.stdout  # the profiler's table
     assert re.search(r"tiny: 6 requests x 3 new tokens .* steps in", result.stdout)
+
+
+def test_count_launches_fused_below_unfused():
+    """count_launches.py on the tiny shape: the fused norms, RoPE and SwiGLU take fewer launches than PyTorch ops."""
+    script = str(ROOT / "benchmarks" / "count_launches.py")
+    counts = {}
+    for flag in ([], ["--unfused"]):
+        result = subprocess.run([sys.executable, script, "--shape", "tiny", *flag], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        match = re.search(r"(\d+) launches per decode step \((\d+) ATen, (\d+) Triton\)", result.stdout)
+        assert match, result.stdout
+        counts["unfused" if flag else "fused"] = int(match[1])
+    assert 0 < counts["fused"] < counts["unfused"]
