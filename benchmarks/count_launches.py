@@ -9,8 +9,8 @@ onto the CUDA code path, and counts:
 - ATen operators that launch a kernel on CUDA: views and allocations do not, everything else is counted once.
   A cuBLAS GEMM can launch 1-2 kernels and is counted as one.
 - Triton launches. Their kernels are not executed here, so the logits are meaningless: only the count matters.
-`--unfused` keeps the plain-PyTorch RMSNorm, q/k norm + RoPE and SwiGLU product (the ops before the fusions) for
-comparison. The count is per step and does not depend on the batch size.
+`--unfused` keeps the plain-PyTorch RMSNorm, q/k norm + RoPE and SwiGLU product and the four separate GDN input
+projections (the code before the fusions) for comparison. The count is per step and does not depend on the batch size.
 """
 from __future__ import annotations
 
@@ -92,6 +92,8 @@ def main() -> None:
         dispatch.silu_mul = lambda gate, up: torch.nn.functional.silu(gate) * up
         import hybridlm.model.layers as layers
         layers.rms_norm, layers.rms_norm_rope, layers.silu_mul = dispatch.rms_norm, dispatch.rms_norm_rope, dispatch.silu_mul
+    if not args.unfused:
+        model.fuse_input_projections()  # as the engine's runner does
     layout = model.cache_layout
     plan = plan_cache(layout, torch.bfloat16, 1 << 30, max_num_seqs=max(args.batch, 1), block_size=64)
     cache = EngineCache(model, plan)

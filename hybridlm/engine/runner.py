@@ -33,6 +33,7 @@ class ModelRunner:
         self.device = model.device
         self.paged_prefill_kernel = paged_prefill_kernel
         self._tables: dict[int, list[int]] = {}  # state slot -> the block table last written to cache.block_tables
+        model.fuse_input_projections()  # one GEMM instead of four per GDN layer (weights shared, not copied)
         self.graphs = None
         if cuda_graphs:
             reason = graphs_supported(model)

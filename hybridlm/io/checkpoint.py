@@ -315,7 +315,10 @@ def save_model(model: HybridLM, path: str | Path, max_shard_bytes: int = 5 * 102
         if shard and size + nbytes > max_shard_bytes:
             flush()
             shard, size = {}, 0
-        shard[key] = tensor.contiguous().cpu()
+        tensor = tensor.contiguous().cpu()
+        if tensor.untyped_storage().nbytes() != nbytes:  # a slice of a fused weight: safetensors wants its own
+            tensor = tensor.clone()
+        shard[key] = tensor
         size += nbytes
     flush()
     if len(written) == 1:

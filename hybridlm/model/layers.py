@@ -59,6 +59,37 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_value_heads))
         self.norm = GatedRMSNorm(self.value_head_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, hidden, bias=False)
+        self._in_weight: torch.Tensor | None = None  # set by fuse_input_projections
+
+    def fuse_input_projections(self) -> bool:
+        """One GEMM for in_proj_qkv, z, a and b (four launches at decode otherwise): their weights become row
+        slices of one [C + Hv*dv + 2 Hv, H] tensor, so parameter names, loading and saving are unchanged and no
+        memory is duplicated. Call it once the model sits on its device in its dtype (a later `.to()` splits the
+        weights again, and the layer then goes back to four GEMMs). Gradients flow only through the unfused path,
+        which the layer takes whenever they are needed. Returns False (nothing changed) for non-plain projections."""
+        projections = (self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b)
+        if self._in_weight is not None:
+            return True
+        if any(type(p) is not nn.Linear or p.bias is not None for p in projections):
+            return False
+        with torch.no_grad():
+            fused = torch.cat([p.weight for p in projections])
+            offset = 0
+            for p in projections:
+                rows = p.weight.shape[0]
+                p.weight.data = fused[offset : offset + rows]
+                offset += rows
+        self._in_weight = fused
+        return True
+
+    def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """qkv, z, a, b of x [..., H] (strided slices of one GEMM's output once fused)."""
+        fused = self._in_weight
+        if (fused is None or self.in_proj_qkv.weight.data_ptr() != fused.data_ptr()
+                or (torch.is_grad_enabled() and self.in_proj_qkv.weight.requires_grad)):
+            return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_a(x), self.in_proj_b(x)
+        sizes = [p.weight.shape[0] for p in (self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b)]
+        return F.linear(x, fused).split(sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -67,7 +98,8 @@ class GatedDeltaNet(nn.Module):
             return self._fused_decode(x, *pools)
         conv_state, recurrent_state = context.gdn_states(self.layer_idx)
         keep, cu_seqlens = context.keeps_state, context.cu_seqlens
-        qkv, conv_state = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight[:, 0], initial_state=conv_state,
+        qkv, z, a, b = self._input_projections(x)
+        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], initial_state=conv_state,
                                         output_final_state=keep, cu_seqlens=cu_seqlens)
         key_dim = self.num_key_heads * self.key_head_dim
         q, k, v = qkv.split([key_dim, key_dim, self.num_value_heads * self.value_head_dim], dim=-1)
@@ -75,12 +107,12 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(batch, length, self.num_key_heads, self.key_head_dim)
         v = v.reshape(batch, length, self.num_value_heads, self.value_head_dim)
         # The step form for single-token decode, the chunked form for everything else (as transformers does).
-        o, recurrent_state = gated_delta_rule(q, k, v, self.in_proj_a(x), self.in_proj_b(x), self.A_log,
+        o, recurrent_state = gated_delta_rule(q, k, v, a, b, self.A_log,
                                               self.dt_bias, initial_state=recurrent_state, output_final_state=keep,
                                               cu_seqlens=cu_seqlens, single_step=context.single_token_decode)
         if keep:
             context.store_gdn_states(self.layer_idx, conv_state, recurrent_state)
-        z = self.in_proj_z(x).reshape(batch, length, self.num_value_heads, self.value_head_dim)
+        z = z.reshape(batch, length, self.num_value_heads, self.value_head_dim)
         o = self.norm(o, z)  # [B, T, Hv, dv]
         return self.out_proj(o.reshape(batch, length, -1))
 
@@ -89,10 +121,10 @@ class GatedDeltaNet(nn.Module):
         """One token per row [B, 1, H], states in pools at `slots`: conv shift, conv, SiLU, norms, gates,
         delta rule, gated norm in one kernel launch; the pools are updated in place."""
         batch = x.shape[0]
-        h = x[:, 0]
+        qkv, z, a, b = self._input_projections(x[:, 0])
         o = dispatch.kernels().gdn_decode_step(
-            self.in_proj_qkv(h), self.in_proj_z(h).view(batch, self.num_value_heads, self.value_head_dim),
-            self.in_proj_a(h), self.in_proj_b(h), self.conv1d.weight[:, 0], self.A_log, self.dt_bias,
+            qkv, z.view(batch, self.num_value_heads, self.value_head_dim), a, b, self.conv1d.weight[:, 0],
+            self.A_log, self.dt_bias,
             conv_pool, state_pool, slots, num_key_heads=self.num_key_heads, key_head_dim=self.key_head_dim,
             value_head_dim=self.value_head_dim, norm_weight=self.norm.weight, norm_eps=self.norm.eps,
         )  # [B, Hv, dv]

@@ -140,6 +140,11 @@ class HybridLM(nn.Module):
         x = self.norm(x) if pending is None else self.norm(kept(pending), residual=x)[0]
         return torch.nn.functional.linear(x, self.output_weight())
 
+    def fuse_input_projections(self) -> int:
+        """Inference: one GEMM per GDN layer for its four input projections (`GatedDeltaNet.fuse_input_projections`).
+        Returns how many layers were fused."""
+        return sum(layer.linear_attn.fuse_input_projections() for layer in self.layers if layer.is_linear)
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """Fresh random weights as the reference initialises them (for training from scratch)."""

@@ -51,3 +51,39 @@ def test_forward_on_kernels_matches_reference(checkpoint, family, request):
     # every MLP module: the dense layers' and the MoE layers' shared experts
     assert calls.get("silu_mul_fwd", 0) == sum(isinstance(m, MLP) for m in model.modules()) > 0
     assert calls["chunk_gdn"] == calls["causal_conv1d_fwd"] == calls["gated_rms_norm_fwd"] > 0
+
+
+def test_fused_input_projections(checkpoint, tmp_path):
+    """One GEMM for a GDN layer's four input projections: same logits, weights shared (not copied), gradients
+    through the unfused path, a later .to() falls back safely, and the model still saves and reloads."""
+    directory, _ = checkpoint("qwen3_5_text")
+    model = hybridlm.load(directory)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids)
+    layers = [layer.linear_attn for layer in model.layers if layer.is_linear]
+    assert model.fuse_input_projections() == len(layers) > 0
+    gdn = layers[0]
+    assert gdn.in_proj_b.weight.data_ptr() == gdn._in_weight.data_ptr() + gdn._in_weight.element_size() * (
+        gdn._in_weight.shape[1] * (gdn._in_weight.shape[0] - gdn.in_proj_b.weight.shape[0]))
+    calls = []
+    original = torch.nn.functional.linear
+    with torch.no_grad():
+        torch.nn.functional.linear = lambda x, w, *a: calls.append(w.shape) or original(x, w, *a)
+        try:
+            got = model(ids)
+        finally:
+            torch.nn.functional.linear = original
+    assert gdn._in_weight.shape in calls
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    loss = model(ids).float().logsumexp(-1).mean()  # training: the unfused projections get their gradients
+    loss.backward()
+    assert gdn.in_proj_a.weight.grad is not None and gdn.in_proj_a.weight.grad.abs().sum() > 0
+
+    hybridlm.save(model, tmp_path / "saved")
+    reloaded = hybridlm.load(tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), expected, atol=1e-5, rtol=1e-5)
+        model.to(torch.float64)  # splits the shared weights: the layer must notice and use its own projections
+        torch.testing.assert_close(model(ids).float(), expected, atol=1e-4, rtol=1e-4)
