@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hybridlm.ops.paged_attention import paged_prefill_attention_reference  # noqa: E402
+from tests.ops.test_triton_gdn_chunk import poisoned, rel_err  # noqa: E402,F401 (a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -25,24 +26,6 @@ def kernel():
     from hybridlm.ops.triton.paged_prefill import paged_prefill_attention_fwd
 
     return paged_prefill_attention_fwd
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every float buffer the host code allocates starts as NaN, so an unwritten output element fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: nan_fill(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: nan_fill(empty_like(*args, **kwargs)))
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(x).all(), "non-finite values (an unread NaN slot, or an unwritten output element?)"
-    x, ref = x.double().cpu(), ref.double().cpu()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def worst_row_err(x: torch.Tensor, ref: torch.Tensor) -> float:

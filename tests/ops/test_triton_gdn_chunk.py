@@ -31,7 +31,7 @@ def poisoned(monkeypatch):
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.isfinite(x).all(), "non-finite values (an unwritten NaN-poisoned element?)"
-    x, ref = x.double(), ref.double()
+    x, ref = x.double().cpu(), ref.double().cpu()  # either side may be the CPU reference
     return ((x - ref).norm() / ref.norm()).item()
 
 
