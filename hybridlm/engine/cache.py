@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from hybridlm.model import CacheLayout, HybridLM
 from hybridlm.ops import dispatch
+from hybridlm.ops.varlen import attach_host_bounds
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,6 @@ class PagedContext(_StateRows):
         self.slots = torch.tensor(state_slots, dtype=torch.long, device=device)
         positions = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
         self.positions = torch.tensor(positions, device=device)[None]  # [1, N]
-        self.cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(device)
         # where each new token's K/V goes: block_table[position // block_size] * block_size + offset
         size = cache.plan.block_size
         slot_mapping = [table[p // size] * size + p % size
@@ -210,12 +210,14 @@ class PagedContext(_StateRows):
         for n in lengths:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
+        # the kernels' varlen tables come from these host values: no layer reads cu_seqlens back (a sync each)
+        self.cu_seqlens = attach_host_bounds(torch.tensor(offsets, device=device), offsets)
         # on CUDA every chunk, decode rows included, attends in one launch of the paged prefill kernel
         self.one_launch = one_launch and dispatch.use_kernels(self.slots)
         if self.one_launch:
             self.max_len = max(lengths)
             self.rows = self.slots.to(torch.int32)
-            self.cu_seqlens32 = self.cu_seqlens.to(torch.int32)
+            self.cu_seqlens32 = attach_host_bounds(self.cu_seqlens.to(torch.int32), offsets)
             self.starts = torch.tensor(starts, dtype=torch.int32, device=device)
             return
         decode_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if n == 1 and s > 0]

@@ -11,6 +11,7 @@ import torch
 from hybridlm.model.cache import HybridCache
 from hybridlm.ops import attention
 from hybridlm.ops import attention_mask as build_attention_mask
+from hybridlm.ops.varlen import attach_host_bounds, host_bounds
 
 
 class ForwardContext:
@@ -94,10 +95,16 @@ def _check_packing(cu_seqlens, batch, length, cache, attention_mask, device):
     """Validate `cu_seqlens`; return it on `device` and the document index of every token [T]."""
     if batch != 1 or cache is not None or attention_mask is not None:
         raise ValueError("cu_seqlens packs documents into one row: it needs batch size 1, no cache and no attention_mask")
+    given = cu_seqlens
     cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.long, device=device)
-    if cu_seqlens.ndim != 1 or len(cu_seqlens) < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
-        raise ValueError(f"cu_seqlens must run from 0 to the row length {length}, got {cu_seqlens.tolist()}")
-    if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")
+    if cu_seqlens.ndim != 1:
+        raise ValueError(f"cu_seqlens must be 1-D, got shape {tuple(cu_seqlens.shape)}")
+    # the host values, read once (or as attached by the caller) and kept with the tensor for every layer's kernels
+    bounds = host_bounds(given) if isinstance(given, torch.Tensor) and given.ndim == 1 else cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != length:
+        raise ValueError(f"cu_seqlens must run from 0 to the row length {length}, got {bounds}")
+    if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {bounds}")
+    attach_host_bounds(cu_seqlens, bounds)
     document = torch.searchsorted(cu_seqlens, torch.arange(length, device=device), right=True) - 1
     return cu_seqlens, document

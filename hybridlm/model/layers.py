@@ -36,6 +36,49 @@ class GatedRMSNorm(nn.Module):
         return gated_rms_norm(x, gate, self.weight, self.eps)
 
 
+class FusedLinears:
+    """Bias-free nn.Linear layers of one input computed by one GEMM at inference.
+
+    `fuse()` makes their weights row slices of one new tensor: parameter names, loading and saving are unchanged and
+    no memory is duplicated. Call it once the model sits on its device in its dtype (a later `.to()` gives every
+    weight its own storage again; `__call__` notices and goes back to one GEMM each). Gradients flow only through
+    the separate GEMMs, which are taken whenever they are needed. Fewer launches matter at decode, where each small
+    GEMM costs its launch more than its bytes.
+    """
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        self.linears = linears
+        self.weight: torch.Tensor | None = None
+        self._pointers: list[int] = []  # where each weight must start for the fused GEMM to be theirs
+
+    def fuse(self) -> bool:
+        """Returns False (nothing changed) when a projection is not a plain bias-free nn.Linear."""
+        if self.weight is not None:
+            return True
+        if any(type(p) is not nn.Linear or p.bias is not None for p in self.linears):
+            return False
+        with torch.no_grad():
+            fused = torch.cat([p.weight for p in self.linears])
+            offset = 0
+            for p in self.linears:
+                rows = p.weight.shape[0]
+                p.weight.data = fused[offset : offset + rows]
+                offset += rows
+        self.weight = fused
+        self._pointers = [p.weight.data_ptr() for p in self.linears]
+        return True
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each projection of x [..., H]: strided slices of one GEMM's output once fused."""
+        weights = [p.weight for p in self.linears]
+        if (self.weight is None or any(w.data_ptr() != at or w.dtype != self.weight.dtype
+                                       for w, at in zip(weights, self._pointers))
+                or (torch.is_grad_enabled() and any(w.requires_grad for w in weights))):
+            return tuple(p(x) for p in self.linears)
+        fused = self.weight
+        return F.linear(x, fused).split([w.shape[0] for w in weights], dim=-1)
+
+
 class GatedDeltaNet(nn.Module):
     """Linear attention with a delta-rule memory: projections -> short causal conv -> gated delta rule ->
     gated RMSNorm -> out_proj."""
@@ -59,37 +102,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_value_heads))
         self.norm = GatedRMSNorm(self.value_head_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, hidden, bias=False)
-        self._in_weight: torch.Tensor | None = None  # set by fuse_input_projections
-
-    def fuse_input_projections(self) -> bool:
-        """One GEMM for in_proj_qkv, z, a and b (four launches at decode otherwise): their weights become row
-        slices of one [C + Hv*dv + 2 Hv, H] tensor, so parameter names, loading and saving are unchanged and no
-        memory is duplicated. Call it once the model sits on its device in its dtype (a later `.to()` splits the
-        weights again, and the layer then goes back to four GEMMs). Gradients flow only through the unfused path,
-        which the layer takes whenever they are needed. Returns False (nothing changed) for non-plain projections."""
-        projections = (self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b)
-        if self._in_weight is not None:
-            return True
-        if any(type(p) is not nn.Linear or p.bias is not None for p in projections):
-            return False
-        with torch.no_grad():
-            fused = torch.cat([p.weight for p in projections])
-            offset = 0
-            for p in projections:
-                rows = p.weight.shape[0]
-                p.weight.data = fused[offset : offset + rows]
-                offset += rows
-        self._in_weight = fused
-        return True
-
-    def _input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """qkv, z, a, b of x [..., H] (strided slices of one GEMM's output once fused)."""
-        fused = self._in_weight
-        if (fused is None or self.in_proj_qkv.weight.data_ptr() != fused.data_ptr()
-                or (torch.is_grad_enabled() and self.in_proj_qkv.weight.requires_grad)):
-            return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_a(x), self.in_proj_b(x)
-        sizes = [p.weight.shape[0] for p in (self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b)]
-        return F.linear(x, fused).split(sizes, dim=-1)
+        self._inputs = FusedLinears(self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b)
 
     def forward(self, x: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -98,7 +111,7 @@ class GatedDeltaNet(nn.Module):
             return self._fused_decode(x, *pools)
         conv_state, recurrent_state = context.gdn_states(self.layer_idx)
         keep, cu_seqlens = context.keeps_state, context.cu_seqlens
-        qkv, z, a, b = self._input_projections(x)
+        qkv, z, a, b = self._inputs(x)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], initial_state=conv_state,
                                         output_final_state=keep, cu_seqlens=cu_seqlens)
         key_dim = self.num_key_heads * self.key_head_dim
@@ -121,7 +134,7 @@ class GatedDeltaNet(nn.Module):
         """One token per row [B, 1, H], states in pools at `slots`: conv shift, conv, SiLU, norms, gates,
         delta rule, gated norm in one kernel launch; the pools are updated in place."""
         batch = x.shape[0]
-        qkv, z, a, b = self._input_projections(x[:, 0])
+        qkv, z, a, b = self._inputs(x[:, 0])
         o = dispatch.kernels().gdn_decode_step(
             qkv, z.view(batch, self.num_value_heads, self.value_head_dim), a, b, self.conv1d.weight[:, 0],
             self.A_log, self.dt_bias,
@@ -148,6 +161,7 @@ class GatedAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self._inputs = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -157,12 +171,13 @@ class GatedAttention(nn.Module):
         context: ForwardContext,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        query, gate = self.q_proj(x).view(batch, length, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        query, k, v = self._inputs(x)
+        query, gate = query.view(batch, length, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         # per-head norm and partial RoPE (one launch each on CUDA)
         q = rms_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
         k = rms_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         o = context.attend(self.layer_idx, q, k, v, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
         o = o.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
         return self.o_proj(o)
@@ -176,9 +191,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self._inputs = FusedLinears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(*self._inputs(x)))
 
 
 class Experts(nn.Module):

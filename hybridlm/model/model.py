@@ -8,7 +8,7 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.model.cache import HybridCache
-from hybridlm.model.layers import DecoderLayer, RMSNorm
+from hybridlm.model.layers import DecoderLayer, FusedLinears, RMSNorm
 from hybridlm.model.context import ForwardContext
 from hybridlm.ops import rope_cos_sin, rope_inv_freq
 
@@ -141,9 +141,10 @@ class HybridLM(nn.Module):
         return torch.nn.functional.linear(x, self.output_weight())
 
     def fuse_input_projections(self) -> int:
-        """Inference: one GEMM per GDN layer for its four input projections (`GatedDeltaNet.fuse_input_projections`).
-        Returns how many layers were fused."""
-        return sum(layer.linear_attn.fuse_input_projections() for layer in self.layers if layer.is_linear)
+        """Inference: one GEMM for each block's input projections (`FusedLinears`): a GDN layer's in_proj_qkv, z,
+        a and b, an attention layer's q, k and v, an MLP's gate and up. Returns how many groups were fused."""
+        groups = [m._inputs for m in self.modules() if isinstance(getattr(m, "_inputs", None), FusedLinears)]
+        return sum(group.fuse() for group in groups)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybridlm.ops.varlen import host_bounds
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x * rsqrt(sum(x^2) + eps) over the last axis (the form fla and transformers use)."""
@@ -73,8 +75,9 @@ def _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens):
     if cu_seqlens is not None:
         if v.shape[0] != 1:
             raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {v.shape[0]}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != v.shape[1]:
-            raise ValueError(f"cu_seqlens must run from 0 to T={v.shape[1]}, got {cu_seqlens.tolist()}")
+        bounds = host_bounds(cu_seqlens)
+        if bounds[0] != 0 or bounds[-1] != v.shape[1]:
+            raise ValueError(f"cu_seqlens must run from 0 to T={v.shape[1]}, got {bounds}")
     expected = (num_states, v.shape[2], q.shape[3], v.shape[3])
     if initial_state is not None and tuple(initial_state.shape) != expected:
         raise ValueError(f"initial_state must be {expected}, got {tuple(initial_state.shape)}")

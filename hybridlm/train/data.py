@@ -23,6 +23,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as BackendTokenizer
 
 from hybridlm.io.tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
+from hybridlm.ops.varlen import attach_host_bounds, host_bounds
 from hybridlm.train.recipe import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,9 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.targets.to(device), self.cu_seqlens.to(device))
+        bounds = host_bounds(self.cu_seqlens)  # on the host already: the kernels then never read it back
+        return Batch(self.input_ids.to(device), self.targets.to(device),
+                     attach_host_bounds(self.cu_seqlens.to(device), bounds))
 
 
 class PackedRows:

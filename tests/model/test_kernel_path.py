@@ -54,7 +54,7 @@ def test_forward_on_kernels_matches_reference(checkpoint, family, request):
 
 
 def test_fused_input_projections(checkpoint, tmp_path):
-    """One GEMM for a GDN layer's four input projections: same logits, weights shared (not copied), gradients
+    """One GEMM for each block's input projections (GDN, attention, MLP): same logits, weights shared (not copied), gradients
     through the unfused path, a later .to() falls back safely, and the model still saves and reloads."""
     directory, _ = checkpoint("qwen3_5_text")
     model = hybridlm.load(directory)
@@ -62,10 +62,14 @@ def test_fused_input_projections(checkpoint, tmp_path):
     with torch.no_grad():
         expected = model(ids)
     layers = [layer.linear_attn for layer in model.layers if layer.is_linear]
-    assert model.fuse_input_projections() == len(layers) > 0
-    gdn = layers[0]
-    assert gdn.in_proj_b.weight.data_ptr() == gdn._in_weight.data_ptr() + gdn._in_weight.element_size() * (
-        gdn._in_weight.shape[1] * (gdn._in_weight.shape[0] - gdn.in_proj_b.weight.shape[0]))
+    attention = [layer.self_attn for layer in model.layers if not layer.is_linear]
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert model.fuse_input_projections() == len(layers) + len(attention) + len(mlps) and layers and attention
+    gdn, fused = layers[0], layers[0]._inputs.weight
+    assert gdn.in_proj_b.weight.data_ptr() == fused.data_ptr() + fused.element_size() * (
+        fused.shape[1] * (fused.shape[0] - gdn.in_proj_b.weight.shape[0]))
+    assert mlps[0].up_proj.weight.data_ptr() == mlps[0]._inputs.weight.data_ptr() + (
+        mlps[0].gate_proj.weight.numel() * fused.element_size())
     calls = []
     original = torch.nn.functional.linear
     with torch.no_grad():
@@ -74,7 +78,9 @@ def test_fused_input_projections(checkpoint, tmp_path):
             got = model(ids)
         finally:
             torch.nn.functional.linear = original
-    assert gdn._in_weight.shape in calls
+    fused_shapes = {layers[0]._inputs.weight.shape, attention[0]._inputs.weight.shape, mlps[0]._inputs.weight.shape}
+    assert fused_shapes <= set(calls)
+    assert mlps[0].gate_proj.weight.shape not in calls  # every MLP runs its one GEMM
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
     loss = model(ids).float().logsumexp(-1).mean()  # training: the unfused projections get their gradients

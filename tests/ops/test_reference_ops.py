@@ -75,10 +75,12 @@ def test_delta_rule_matches_transformers():
 
     q, k, v, g, beta, state = gdn_inputs(2, 130, dtype=torch.float32)
     ours, our_state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
-    # transformers swaps in fla's Triton kernel when fla is importable: compare with its plain-torch function
+    # transformers swaps in fla's Triton kernel when fla is importable: compare with its plain-torch function.
+    # Its layer repeats q and k over the value heads first (older releases' function takes no grouped heads).
     torch_chunk = inspect.unwrap(hf.torch_chunk_gated_delta_rule)
-    theirs, their_state = torch_chunk(q, k, v, g, beta, initial_state=state, output_final_state=True,
-                                      use_qk_l2norm_in_kernel=True)
+    group = v.shape[2] // q.shape[2]
+    theirs, their_state = torch_chunk(q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2), v, g,
+                                      beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(our_state, their_state, atol=1e-5, rtol=1e-5)
 

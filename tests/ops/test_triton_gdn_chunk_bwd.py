@@ -114,6 +114,17 @@ def test_bwd_head_layouts(poisoned, key_heads, value_heads, dk, dv):
     check(1, 70, key_heads, value_heads, dk, dv, torch.float32, with_state=True, with_dht=True)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="full-size heads: minutes under the interpreter; run on a GPU")
+@pytest.mark.parametrize("dtype, dk, dv", [
+    (torch.float32, 128, 128),  # the dh kernel's shared memory (2 stages since 2026-11-23)
+    (torch.bfloat16, 16, 32), (torch.bfloat16, 32, 16),  # 16-wide dims: wrong before tiles were padded to 32
+    (torch.float16, 16, 16), (torch.bfloat16, 128, 128), (torch.float32, 64, 128),
+])
+def test_bwd_full_size_heads(poisoned, dtype, dk, dv):
+    """The shapes `backward_verified` trusts (or is asked to), on a GPU: grouped heads, two sequences, states."""
+    check(2, 200, 2, 4, dk, dv, dtype, with_state=True, with_dht=True)
+
+
 @pytest.mark.parametrize("dtype, with_state", [(torch.float32, True), (torch.bfloat16, False)])
 def test_bwd_packed_sequences(poisoned, dtype, with_state):
     cu_seqlens = torch.tensor([0, 5, 69, 130], dtype=torch.int32, device=DEVICE)  # 5, 64 and 61 tokens
@@ -167,8 +178,8 @@ def test_no_grad_path_matches_forward():
 
 @pytest.mark.parametrize("dtype, dk, dv, trusted", [
     (torch.bfloat16, 128, 128, True), (torch.float16, 32, 64, True), (torch.float32, 64, 64, True),
-    (torch.bfloat16, 16, 16, False), (torch.bfloat16, 32, 16, False), (torch.float32, 128, 128, False),
-    (torch.bfloat16, 256, 256, False),
+    (torch.bfloat16, 16, 16, True), (torch.bfloat16, 32, 16, True), (torch.float32, 128, 128, False),
+    (torch.bfloat16, 256, 256, False), (torch.float16, 8, 8, False),
 ])
 def test_backward_verified_shapes(dtype, dk, dv, trusted):
     from hybridlm.ops.triton import backward_verified
@@ -188,7 +199,7 @@ def test_untrusted_backward_takes_the_reference(monkeypatch):
     monkeypatch.setattr(dispatch, "use_kernels", lambda *tensors, **kwargs: True)
     monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
     monkeypatch.setattr(kernel_module, "chunk_gdn", lambda *args, **kwargs: calls.append(1) or chunk_gdn(*args, **kwargs))
-    q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, 20, 1, 2, 16, 16, torch.bfloat16, 1)
+    q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, 20, 1, 2, 8, 8, torch.bfloat16, 1)  # 8-wide: untrusted
     q.requires_grad_()
     o, _ = dispatch.gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
     o.float().sum().backward()

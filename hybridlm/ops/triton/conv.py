@@ -119,8 +119,7 @@ def causal_conv1d_fwd(
         initial_state = initial_state.contiguous()
 
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.int32)
-        chunk_indices, _, grid_t = prepare_chunks(cu_seqlens, BLOCK_T)
+        cu_seqlens, chunk_indices, _, grid_t = prepare_chunks(cu_seqlens, BLOCK_T, x.device)  # memoised on cu_seqlens
     else:
         chunk_indices, grid_t = None, triton.cdiv(length, BLOCK_T)
     y = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)  # [B, T, C]

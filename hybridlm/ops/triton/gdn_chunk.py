@@ -285,6 +285,7 @@ def chunk_gdn_fwd_h_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    NORM_K: tl.constexpr = True,  # False: k arrives L2-normalised already (`benchmarks/sweep_gdn_h.py` times both)
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -328,7 +329,9 @@ def chunk_gdn_fwd_h_kernel(
         b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
         b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
         b_v = tl.where(m_t[:, None], b_v * tl.exp(b_g_last - b_gc)[:, None], 0.).to(dtype)
-        b_k = _l2norm_rows(_load_rows(p_k, i_s, T, stride_k, K, BT, BK)).to(dtype)
+        b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
+        if NORM_K:
+            b_k = _l2norm_rows(b_k).to(dtype)
         b_h = b_h * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
@@ -464,9 +467,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     precision = dot_precision(v.dtype)
     device = v.device
 
+    chunk_tables = None
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        chunk_indices, chunk_offsets, num_chunks = prepare_chunks(cu_seqlens, BT)
+        chunk_tables = prepare_chunks(cu_seqlens, BT, device)  # memoised: no host read after the first layer
+        cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
     else:
         chunk_indices = chunk_offsets = None
@@ -499,4 +503,4 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
         BV=BV, num_warps=4, **common)
     return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, x_inv=x_inv, h=h, v_new=v_new,
-                scale=scale, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets, num_chunks=num_chunks)
+                scale=scale, chunk_tables=chunk_tables)

@@ -439,15 +439,15 @@ def chunk_gdn_bwd_qk_norm_kernel(
 def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
     """Why the Triton backward is not yet trusted for these shapes on a GPU, or None if it is.
 
-    Checked against float64 autograd on an H100 (Triton 3.6, 2026-11-23): bf16 and fp16 at head dims 32, 64 and
-    128 (also packed sequences at 64) pass, and fp32 up to 64. fp32 at 128 failed in the dh kernel (280 KB of shared
-    memory with 3 stages; it now runs 2 and compiles for sm_90, `benchmarks/compile_check.py`), and 16-bit inputs
-    with a 16-wide head dim faulted or gave wrong gradients before the tiles were padded to 32. Neither fix has run
-    on a GPU yet. Those shapes train through the differentiable reference until a GPU run clears them."""
+    Checked against float64 autograd on an H100 (Triton 3.6, 2026-11-23, `benchmarks/gpu_tests.py`): bf16 and fp16
+    at head dims 16 to 128 (16-wide dims since tiles are padded to 32; before, they faulted or gave wrong
+    gradients), packed sequences included, and fp32 up to 64. fp32 at 128 once failed in the dh kernel (280 KB of
+    shared memory with 3 stages; it now runs 2 and compiles for sm_90) and has not run on a GPU since
+    (`test_bwd_full_size_heads`). Untrusted shapes train through the differentiable reference."""
     largest, smallest = max(dk, dv), min(dk, dv)
     if dtype in (torch.bfloat16, torch.float16):
-        if smallest < 32 or largest > 128:
-            return f"{dtype} head dims {dk}/{dv} (verified: 32 to 128)"
+        if smallest < 16 or largest > 128:
+            return f"{dtype} head dims {dk}/{dv} (verified: 16 to 128)"
         return None
     if largest > 64:
         return f"{dtype} head dims {dk}/{dv} (verified in fp32: up to 64)"
@@ -470,7 +470,7 @@ def chunk_gdn_bwd(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_tables: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    chunk_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of the forward's inputs given do [B, T, Hv, dv] and optionally dht, the gradient of the final
     state [N, Hv, dk, dv]. g_cumsum and x_inv are the forward's (`_chunk_gdn_fwd(..., store_x=True)`).
@@ -491,8 +491,7 @@ def chunk_gdn_bwd(
     device, dtype = v.device, v.dtype
 
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        chunk_indices, chunk_offsets, num_chunks = chunk_tables or prepare_chunks(cu_seqlens, BT)
+        cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables or prepare_chunks(cu_seqlens, BT, device)
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
     else:
         chunk_indices = chunk_offsets = None
@@ -566,8 +565,7 @@ class ChunkGDNFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, out["g_cumsum"], out["x_inv"], initial_state,
                               cu_seqlens)
         ctx.scale = out["scale"]
-        ctx.chunk_tables = (None if cu_seqlens is None else
-                            (out["chunk_indices"], out["chunk_offsets"], out["num_chunks"]))
+        ctx.chunk_tables = out["chunk_tables"]
         return out["o"], out["final_state"]
 
     @staticmethod

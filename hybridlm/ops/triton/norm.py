@@ -116,23 +116,29 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, resid
 
 
 @triton.jit
-def silu_mul_fwd_kernel(gate, up, y, N, BLOCK: tl.constexpr):
-    """silu(gate) * up, rounded as PyTorch does: silu's result to the dtype, then the product."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < N
-    b_g = tl.load(gate + o, mask=m, other=0.).to(tl.float32)
+def silu_mul_fwd_kernel(gate, up, y, C, stride_g, stride_u, BLOCK: tl.constexpr):
+    """silu(gate) * up for one row's BLOCK columns, rounded as PyTorch does: silu's result to the dtype, then the
+    product. gate and up may be column slices of one GEMM's output (row strides stride_g, stride_u)."""
+    i_r = tl.program_id(0).to(tl.int64)
+    o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = o < C
+    b_g = tl.load(gate + i_r * stride_g + o, mask=m, other=0.).to(tl.float32)
     b_s = (b_g * tl.sigmoid(b_g)).to(y.dtype.element_ty).to(tl.float32)
-    b_u = tl.load(up + o, mask=m, other=0.).to(tl.float32)
-    tl.store(y + o, (b_s * b_u).to(y.dtype.element_ty), mask=m)
+    b_u = tl.load(up + i_r * stride_u + o, mask=m, other=0.).to(tl.float32)
+    tl.store(y + i_r * C + o, (b_s * b_u).to(y.dtype.element_ty), mask=m)
 
 
 def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The SwiGLU product silu(gate) * up in one launch (two as PyTorch ops)."""
+    """The SwiGLU product silu(gate) * up [..., C] in one launch (two as PyTorch ops); gate and up may be strided
+    slices (the halves of one fused gate/up GEMM) as long as their last axis is contiguous."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate and up must match, got {tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        silu_mul_fwd_kernel[(triton.cdiv(n, 1024),)](gate, up, y, n, BLOCK=1024, num_warps=4)
-    return y
+    shape, columns = gate.shape, gate.shape[-1] if gate.ndim else 1
+    gate, up = (x.reshape(-1, columns) for x in (gate, up))  # views when the leading axes merge
+    gate, up = (x if x.stride(-1) == 1 else x.contiguous() for x in (gate, up))
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    rows, block = gate.shape[0], min(1024, triton.next_power_of_2(max(columns, 1)))
+    if rows and columns:
+        silu_mul_fwd_kernel[(rows, triton.cdiv(columns, block))](gate, up, y, columns, gate.stride(0), up.stride(0),
+                                                                BLOCK=block, num_warps=4)
+    return y.view(shape)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops.triton.utils import dot_precision
+from hybridlm.ops.varlen import host_bounds
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64  # score rows per program (BQ tokens x G heads); at most this many, fewer for short batches
@@ -157,8 +158,9 @@ def paged_prefill_attention_kernel(
 
 
 def _check_lengths(cu_seqlens: torch.Tensor, num_tokens: int) -> int:
-    """Reads cu_seqlens on the host (one sync): validates it and returns the longest length."""
-    bounds = cu_seqlens.tolist()
+    """Reads cu_seqlens on the host (one sync unless its values are attached): validates it and returns the
+    longest length."""
+    bounds = host_bounds(cu_seqlens)
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != num_tokens or min(lengths) < 1:
         raise ValueError(f"cu_seqlens must rise strictly from 0 to N={num_tokens}, got {bounds}")

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.varlen import host_bounds, host_memo
+
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -15,23 +17,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def prepare_chunks(cu_seqlens: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Chunk tables for packed sequences; chunks never straddle a sequence boundary.
+def prepare_chunks(cu_seqlens: torch.Tensor, chunk_size: int, device: torch.device | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Tables for packed sequences, chunks never straddling a sequence boundary; computed once per cu_seqlens
+    tensor and chunk size (every layer of a forward shares them).
 
-    Returns chunk_indices [NT, 2] int32 (sequence id, chunk id within it) for the chunk-parallel kernels,
-    chunk_offsets [N + 1] int32 (first global chunk of each sequence) for the sequential state pass, and NT.
-    Reads cu_seqlens on the host once (one sync): the grid size depends on it.
+    Returns cu_seqlens as int32 on `device` (default: its own), chunk_indices [NT, 2] int32 (sequence id, chunk id within it) for
+    the chunk-parallel kernels, chunk_offsets [N + 1] int32 (first global chunk of each sequence) for the
+    sequential state pass, and NT.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    per_sequence = [triton.cdiv(int(n), chunk_size) for n in lengths]
-    indices = [(i, t) for i, n in enumerate(per_sequence) for t in range(n)]
-    offsets = [0]
-    for n in per_sequence:
-        offsets.append(offsets[-1] + n)
-    device = cu_seqlens.device
-    chunk_indices = torch.tensor(indices, dtype=torch.int32, device=device).reshape(-1, 2)
-    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
-    return chunk_indices, chunk_offsets, offsets[-1]
+    bounds, memo = host_bounds(cu_seqlens), host_memo(cu_seqlens)
+    device = cu_seqlens.device if device is None else torch.device(device)
+    key = (chunk_size, device)
+    if key not in memo:
+        per_sequence = [triton.cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
+        indices = [(i, t) for i, n in enumerate(per_sequence) for t in range(n)]
+        offsets = [0]
+        for n in per_sequence:
+            offsets.append(offsets[-1] + n)
+        tables = torch.tensor([*bounds, *offsets, *(x for pair in indices for x in pair)], dtype=torch.int32)
+        tables = tables.to(device, non_blocking=True)  # one copy for all three
+        count = len(bounds)
+        memo[key] = (tables[:count], tables[2 * count:].reshape(-1, 2), tables[count:2 * count], offsets[-1])
+    return memo[key]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> None:
@@ -41,8 +49,9 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int) -
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
     if cu_seqlens.ndim != 1 or len(cu_seqlens) < 2:
         raise ValueError(f"cu_seqlens must be a 1-D tensor [N + 1], got shape {tuple(cu_seqlens.shape)}")
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
-        raise ValueError(f"cu_seqlens must run from 0 to T={length}, got {cu_seqlens.tolist()}")
+    bounds = host_bounds(cu_seqlens)
+    if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must run from 0 to T={length} without falling, got {bounds}")
 
 
 def rows_packed(x: torch.Tensor) -> torch.Tensor:
