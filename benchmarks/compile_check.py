@@ -134,8 +134,23 @@ def run_gated_norm(dim, rows, dtype=bf16, weight_dtype=None):
 
 
 def run_silu_mul(width, tokens, dtype=bf16):
-    """MLP: silu_mul(gate_proj(x), up_proj(x)) on [B, T, intermediate]."""
-    norm.silu_mul_fwd(randn(1, tokens, width, dtype=dtype), randn(1, tokens, width, dtype=dtype))
+    """MLP: silu_mul on the two halves of the fused gate/up GEMM's [B, T, 2 * intermediate] output."""
+    norm.silu_mul_fwd(*randn(1, tokens, 2 * width, dtype=dtype).chunk(2, dim=-1))
+
+
+def run_sigmoid_gate(heads, tokens, dim=HEAD_DIM, dtype=bf16):
+    """Attention output gate: o a transposed [B, Hq, T, D] output, gate half of the q projection per head."""
+    o = randn(1, heads, tokens, dim, dtype=dtype).transpose(1, 2)
+    norm.sigmoid_gate_fwd(o, randn(1, tokens, heads, 2 * dim, dtype=dtype)[..., dim:])
+
+
+def run_write_kv(hkv, tokens, dim=HEAD_DIM, block_size=64, dtype=bf16):
+    """The step's K/V into the pools: k a transposed norm output, v a slice of the fused q/k/v output."""
+    key_pool, value_pool = kv_pools(hkv, dim, block_size, dtype)
+    k = randn(hkv, tokens, dim, dtype=dtype).transpose(0, 1)
+    v = randn(tokens, 3 * hkv * dim, dtype=dtype)[:, hkv * dim : 2 * hkv * dim].view(tokens, hkv, dim)
+    slots = torch.arange(tokens, device=k.device) * 3
+    paged_attention.write_kv_fwd(key_pool, value_pool, k, v, slots)
 
 
 def run_rope(heads, length, dim=HEAD_DIM, rotary=ROTARY_DIM, dtype=bf16, query=True, batch=1):
@@ -220,6 +235,9 @@ def configurations():
         for tokens in (1, 100):
             add(f"silu_mul I={m['mlp']} {name} bf16 T={tokens}", run_silu_mul, width=m["mlp"], tokens=tokens)
         add(f"rope q Hq={hq} {name} bf16 T=100", run_rope, heads=hq, length=100)
+        for tokens in (1, 100):
+            add(f"sigmoid_gate Hq={hq} {name} bf16 T={tokens}", run_sigmoid_gate, heads=hq, tokens=tokens)
+            add(f"write_kv Hkv={hkv} {name} bf16 T={tokens}", run_write_kv, hkv=hkv, tokens=tokens)
         add(f"rope k Hkv={hkv} {name} bf16 T=1", run_rope, heads=hkv, length=1, query=False)
         for queries in (1, 64, 256):
             add(f"paged_decode Hq={hq}/Hkv={hkv} {name} bf16 S={queries}", run_paged_decode, hq=hq, hkv=hkv,
@@ -244,6 +262,8 @@ def configurations():
     add("gated_norm D=128 bf16 fp32 weight", run_gated_norm, dim=128, rows=64 * 16, weight_dtype=fp32)
     add("gated_norm D=128 fp32", run_gated_norm, dim=128, rows=100, dtype=fp32)
     add("silu_mul I=100 fp32 T=3", run_silu_mul, width=100, tokens=3, dtype=fp32)
+    add("sigmoid_gate Hq=8 fp32 T=3", run_sigmoid_gate, heads=8, tokens=3, dtype=fp32)
+    add("write_kv Hkv=2 fp32 T=3", run_write_kv, hkv=2, tokens=3, dtype=fp32)
     # a whole model in fp32 on the GPU (0.8B shapes)
     add("conv C=6144 0.8B fp32 varlen +state", run_conv, channels=6144, length=256, dtype=fp32, varlen=True,
         state=True)

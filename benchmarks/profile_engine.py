@@ -177,7 +177,10 @@ def main() -> None:
             engine.step()
             steps += 1
         profile.disable()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+        stats = pstats.Stats(profile)
+        stats.sort_stats("tottime").print_stats(args.top)
+        # the host side of a step: what runs around the model (scheduling, inputs, sampling, detokenising)
+        stats.sort_stats("cumtime").print_stats(r"engine/|tokenizer", args.top)
     seconds = time.perf_counter() - start
     if args.steps_table or args.torch_profile:
         timer.report()

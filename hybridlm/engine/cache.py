@@ -108,11 +108,8 @@ class EngineCache:
                 pool.index_fill_(0, rows, 0)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """k, v [N, Hkv, D] in token order go to flat KV slots `slot_mapping` [N]."""
-        key_pool, value_pool = self.keys[layer], self.values[layer]
-        heads, dim = key_pool.shape[2], key_pool.shape[3]
-        key_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
-        value_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
+        """k, v [N, Hkv, D] in token order go to flat KV slots `slot_mapping` [N] (one launch on CUDA)."""
+        dispatch.write_kv(self.keys[layer], self.values[layer], k, v, slot_mapping)
 
     def decode_attention(self, layer: int, q: torch.Tensor, slot_ids: torch.Tensor, context_lens: torch.Tensor,
                          scale: float) -> torch.Tensor:

@@ -8,7 +8,8 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
 from hybridlm.ops import dispatch
-from hybridlm.ops.dispatch import causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope, silu_mul
+from hybridlm.ops.dispatch import (causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope, sigmoid_gate,
+                                   silu_mul)
 
 
 class RMSNorm(nn.Module):
@@ -179,8 +180,7 @@ class GatedAttention(nn.Module):
         k = rms_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         o = context.attend(self.layer_idx, q, k, v, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
-        o = o.transpose(1, 2).reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
-        return self.o_proj(o)
+        return self.o_proj(sigmoid_gate(o.transpose(1, 2), gate))  # o * sigmoid(gate): one launch on CUDA
 
 
 class MLP(nn.Module):

@@ -19,7 +19,7 @@ from hybridlm.ops.conv import causal_conv1d as causal_conv1d_reference
 from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, recurrent_gated_delta_rule
 from hybridlm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from hybridlm.ops.norm import rms_norm as rms_norm_reference
-from hybridlm.ops.paged_attention import paged_decode_attention_reference
+from hybridlm.ops.paged_attention import paged_decode_attention_reference, write_kv_reference
 from hybridlm.ops.rope import rms_norm_rope as rms_norm_rope_reference
 
 logger = logging.getLogger(__name__)
@@ -113,10 +113,25 @@ def silu_mul(gate, up):
     return F.silu(gate) * up
 
 
+def sigmoid_gate(o, gate):
+    """The attention's output gate: o [B, T, H, D] * sigmoid(gate [B, T, H, D]) -> [B, T, H * D]."""
+    if use_kernels(o, gate):
+        return kernels().sigmoid_gate_fwd(o, gate)
+    batch, length = o.shape[:2]
+    return o.reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
+
+
 def gated_rms_norm(x, gate, weight, eps=1e-6):
     if use_kernels(x, gate, weight):
         return kernels().gated_rms_norm_fwd(x, gate, weight, eps)
     return gated_rms_norm_reference(x, gate, weight, eps)
+
+
+def write_kv(key_pool, value_pool, k, v, slot_mapping):
+    """k, v [N, Hkv, D] into the paged pools at flat token slots (see `hybridlm.ops.paged_attention`)."""
+    if use_kernels(k, key_pool) and key_pool.is_contiguous() and value_pool.is_contiguous():
+        return kernels().write_kv_fwd(key_pool, value_pool, k, v, slot_mapping)
+    return write_kv_reference(key_pool, value_pool, k, v, slot_mapping)
 
 
 def paged_decode_attention(q, key_pool, value_pool, block_tables, rows, context_lens, scale):

@@ -14,6 +14,14 @@ import torch
 import torch.nn.functional as F
 
 
+def write_kv_reference(key_pool: torch.Tensor, value_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """k, v [N, Hkv, D] (token order) into the pools [NB, BS, Hkv, D] at flat token slots `slot_mapping` [N]."""
+    heads, dim = key_pool.shape[2], key_pool.shape[3]
+    key_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
+    value_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
+
+
 def paged_decode_attention_reference(
     q: torch.Tensor,
     key_pool: torch.Tensor,

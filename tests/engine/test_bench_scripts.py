@@ -90,3 +90,15 @@ def test_count_launches_fused_below_unfused():
         assert match, result.stdout
         counts["unfused" if flag else "fused"] = int(match[1])
     assert 0 < counts["fused"] < counts["unfused"]
+
+
+def test_sweep_kernels_tiny_checks_every_setting():
+    """sweep_kernels.py at the tiny shape (interpreter): every setting of every kernel ran and matched the wrapper."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_kernels.py"), "--tiny"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    count = {name: sum(f"| {name}" in row for row in rows) for name in ("o BV=", "prepare", "conv one", "conv packed")}
+    assert count == {"o BV=": 4, "prepare": 9, "conv one": 18, "conv packed": 18}  # o: BV 32 only (head dim 32)
+    assert len(rows) == 8 + 4 + 9 + 36
+    assert all(row.rstrip(" |").endswith("0.0e+00") for row in rows), rows

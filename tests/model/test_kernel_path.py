@@ -1,5 +1,6 @@
 """The model's forward with every Triton kernel forced on (the interpreter runs them on the CPU) against the
-plain-PyTorch path: the fused norms (residual add included), q/k norm + RoPE, the conv, the chunked GDN."""
+plain-PyTorch path: the fused norms (residual add included), q/k norm + RoPE, the output gate, the conv, the
+chunked GDN."""
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,7 @@ def kernels_forced(monkeypatch):
     monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
     calls = {}
     for name in ("rms_norm_fwd", "rms_norm_rope_fwd", "gated_rms_norm_fwd", "causal_conv1d_fwd", "chunk_gdn",
-                 "silu_mul_fwd"):
+                 "silu_mul_fwd", "sigmoid_gate_fwd"):
         def spy(*args, _name=name, _fn=getattr(kernel_module, name), **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
@@ -48,6 +49,7 @@ def test_forward_on_kernels_matches_reference(checkpoint, family, request):
     assert calls["rms_norm_fwd"] == 2 * layers + 1
     attention_layers = model.config.layer_types.count("full_attention")
     assert calls["rms_norm_rope_fwd"] == 2 * attention_layers > 0
+    assert calls["sigmoid_gate_fwd"] == attention_layers
     # every MLP module: the dense layers' and the MoE layers' shared experts
     assert calls.get("silu_mul_fwd", 0) == sum(isinstance(m, MLP) for m in model.modules()) > 0
     assert calls["chunk_gdn"] == calls["causal_conv1d_fwd"] == calls["gated_rms_norm_fwd"] > 0

@@ -71,3 +71,31 @@ def test_triton_kernel_matches_reference(partitions, dtype, tol, heads):
     assert torch.isfinite(got).all()
     assert ((got.double() - expected).norm() / expected.norm()).item() < tol
     assert (got[-1] == 0).all()  # the padding row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_kernel_matches_index_copy(dtype):
+    """K/V of a step into the pools in one launch, from strided views as the model hands them over (k a transposed
+    norm output, v a column slice of the fused q/k/v GEMM); slots scattered over blocks, the rest untouched."""
+    if DEVICE == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton", reason="triton is not installed")
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
+    from hybridlm.ops.paged_attention import write_kv_reference
+    from hybridlm.ops.triton.paged_attention import write_kv_fwd
+
+    gen = torch.Generator().manual_seed(3)
+    tokens, heads, dim, blocks, block_size = 7, 2, 48, 6, 16
+    key_pool = torch.randn(blocks, block_size, heads, dim, generator=gen).to(dtype).to(DEVICE)
+    value_pool = torch.randn(blocks, block_size, heads, dim, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(heads, tokens, dim, generator=gen).to(dtype).to(DEVICE).transpose(0, 1)  # [N, Hkv, D] strided
+    v = torch.randn(tokens, 3 * heads * dim, generator=gen).to(dtype).to(DEVICE)[:, heads * dim : 2 * heads * dim]
+    v = v.view(tokens, heads, dim)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens].to(DEVICE)
+    expected_k, expected_v = key_pool.clone(), value_pool.clone()
+    write_kv_reference(expected_k, expected_v, k, v, slots)
+    write_kv_fwd(key_pool, value_pool, k, v, slots)
+    assert torch.equal(key_pool, expected_k) and torch.equal(value_pool, expected_v)
+    with pytest.raises(ValueError, match="must be"):
+        write_kv_fwd(key_pool, value_pool, k[:, :1], v[:, :1], slots)

@@ -171,3 +171,26 @@ def test_silu_mul(dtype, strided):
         assert (y == F.silu(gate) * up).float().mean() > 0.99
     with pytest.raises(ValueError, match="must match"):
         silu_mul_fwd(gate, up[..., :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length, heads, dim", [(1, 1, 8, 256), (2, 5, 3, 80)])
+def test_sigmoid_gate(dtype, batch, length, heads, dim):
+    """The attention's output gate as the model hands it over: o a transposed [B, H, T, D] attention output, gate
+    every other head-sized slice of the q projection [B, T, H, 2D]."""
+    from hybridlm.ops.triton import sigmoid_gate_fwd
+
+    gen = torch.Generator().manual_seed(dim + length)
+    o = (2 * torch.randn(batch, heads, length, dim, generator=gen)).to(dtype).to(DEVICE).transpose(1, 2)
+    gate = (2 * torch.randn(batch, length, heads, 2 * dim, generator=gen)).to(dtype).to(DEVICE)[..., dim:]
+    y = sigmoid_gate_fwd(o, gate)
+    y_ref = o.reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
+    assert y.shape == (batch, length, heads * dim) and y.dtype == dtype and y.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    else:  # the reference's two roundings: at least as close to float64 as it is
+        torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
+        exact = o.double().reshape(batch, length, -1) * torch.sigmoid(gate.double().reshape(batch, length, -1))
+        assert (y.double() - exact).abs().mean() <= 1.1 * (y_ref.double() - exact).abs().mean()
+    with pytest.raises(ValueError, match="must be"):
+        sigmoid_gate_fwd(o, gate[..., :-1])

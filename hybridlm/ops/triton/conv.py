@@ -14,6 +14,7 @@ from hybridlm.ops.triton.utils import check_cu_seqlens, prepare_chunks
 
 BLOCK_T = 32
 BLOCK_C = 128
+NUM_WARPS = 4  # the tile and warps: `benchmarks/sweep_kernels.py --kernels conv` times the alternatives
 
 
 @triton.jit
@@ -133,6 +134,6 @@ def causal_conv1d_fwd(
         x, weight, initial_state, y, final_state, cu_seqlens, chunk_indices, length, x.stride(1),
         C=channels, W=width, BT=BLOCK_T, BC=BLOCK_C, BW=triton.next_power_of_2(max(width - 1, 1)),
         SILU=activation == "silu", USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, num_warps=4,
+        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS,
     )
     return y, final_state

@@ -18,6 +18,8 @@ long sequences over SMs (intra-card context parallel) for B = 1.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -112,6 +114,7 @@ def chunk_gdn_fwd_prepare_kernel(
     w,  # out [B, T, HV, K]
     u,  # out [B, T, HV, V]
     x_inv,  # out [B, T, HV, BT] if STORE_X: (I + A)^-1 of each chunk, row-major, lower triangle only
+    kn,  # out [B, T, H, K] if STORE_KN: the L2-normalised keys (written by each key head's first value head)
     cu_seqlens,
     chunk_indices,
     T,
@@ -128,6 +131,7 @@ def chunk_gdn_fwd_prepare_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STORE_X: tl.constexpr,
+    STORE_KN: tl.constexpr,
 ):
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -176,6 +180,13 @@ def chunk_gdn_fwd_prepare_kernel(
     b_kb2 = (b_k2 * b_beta2[:, None]).to(dtype)
     b_kb3 = (b_k3 * b_beta3[:, None]).to(dtype)
     b_k0, b_k1, b_k2, b_k3 = b_k0.to(dtype), b_k1.to(dtype), b_k2.to(dtype), b_k3.to(dtype)
+    if STORE_KN:  # for the sequential state pass, which then keeps the norm off its critical path
+        if i_h % (HV // H) == 0:
+            p_kn = kn + bos * H * K + i_hk * K
+            _store_rows(p_kn, b_k0, i_s0, T, H * K, K, BC, BK)
+            _store_rows(p_kn, b_k1, i_s0 + BC, T, H * K, K, BC, BK)
+            _store_rows(p_kn, b_k2, i_s0 + 2 * BC, T, H * K, K, BC, BK)
+            _store_rows(p_kn, b_k3, i_s0 + 3 * BC, T, H * K, K, BC, BK)
 
     # A = strictly-lower(beta k k^T * D), block (i, j) for i >= j
     b_A00 = _kkt_block(b_kb0, b_k0, b_gc0, b_gc0, True, BC, DOT_PRECISION)
@@ -285,7 +296,7 @@ def chunk_gdn_fwd_h_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    NORM_K: tl.constexpr = True,  # False: k arrives L2-normalised already (`benchmarks/sweep_gdn_h.py` times both)
+    NORM_K: tl.constexpr = True,  # False: k arrives L2-normalised already (`benchmarks/sweep_kernels.py` times both)
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -450,6 +461,14 @@ def chunk_gdn_fwd(
     return out["o"], out["final_state"]
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100); 1 elsewhere (the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
                    store_x=False):
     """The three launches; returns every intermediate (the backward recomputes from some of them). With `store_x`
@@ -485,18 +504,25 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
     u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     x_inv = torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device) if store_x else None
+    k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
     chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
-        k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, cu_seqlens, chunk_indices, length, k.stride(1),
-        v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, num_warps=4, **common)
+        k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
+        v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, STORE_KN=True, num_warps=4, **common)
 
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
     final_state = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
                    if output_final_state else None)
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV), num_states * value_heads)](
-        k, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length, k.stride(1),
-        BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, num_warps=4,
-        **common)
+    # the pass is sequential over chunks, so its programs (V blocks x heads x sequences) should fill the GPU:
+    # narrower V blocks when there are too few. H100, 64k tokens at B = 1 (benchmarks/sweep_kernels.py): 0.8B heads
+    # (64 programs at BV = 32) 1.23 -> 0.94 ms with 16; 9B heads (128 programs) are best at 32 (1.26 vs 1.62 ms)
+    BV_h = BV
+    if BV > 16 and 2 * triton.cdiv(dv, BV) * num_states * value_heads <= _multiprocessors(device):
+        BV_h = 16
+    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
+        k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
+        key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        NORM_K=False, num_warps=4, **common)
 
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     chunk_gdn_fwd_o_kernel[(triton.cdiv(dv, BV), grid_chunks, batch * value_heads)](

@@ -1,7 +1,8 @@
 """Fused RMSNorms: the gated one (the GDN output norm; reference twin `hybridlm.ops.norm.gated_rms_norm`) and the
 zero-centred one with an optional fused residual add (twin `hybridlm.ops.norm.rms_norm`). A decode step of a
 PyTorch-op RMSNorm is ~8 kernels of a few microseconds each; at batch 1 those launches, not the bytes, set the
-step's time, so every norm of the model is one launch here (and SwiGLU's silu(gate) * up, for the same reason).
+step's time, so every norm of the model is one launch here (and SwiGLU's silu(gate) * up and the attention's
+output gate, for the same reason).
 
 One program per block of rows; a whole row (a value head, a q/k head or the hidden state) sits in registers. The
 gated norm's casts follow the reference step by step (normalise in fp32, round to x's dtype, multiply by the weight in the promoted dtype,
@@ -142,3 +143,37 @@ def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         silu_mul_fwd_kernel[(rows, triton.cdiv(columns, block))](gate, up, y, columns, gate.stride(0), up.stride(0),
                                                                 BLOCK=block, num_warps=4)
     return y.view(shape)
+
+
+@triton.jit
+def sigmoid_gate_fwd_kernel(o, gate, y, R, T, H, so_b, so_t, so_h, sg_b, sg_t, sg_h,
+                            D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """y = o * sigmoid(gate) for BR rows (b, t, h) of D channels, rounded as PyTorch does (sigmoid to the dtype, then
+    the product); o and gate may have any strides over b, t and h."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < R)[:, None] & (o_d < D)[None, :]
+    i_b, i_t, i_h = o_r // (T * H), (o_r // H) % T, o_r % H
+    b_o = tl.load(o + (i_b * so_b + i_t * so_t + i_h * so_h)[:, None] + o_d[None, :], mask=m, other=0.)
+    b_g = tl.load(gate + (i_b * sg_b + i_t * sg_t + i_h * sg_h)[:, None] + o_d[None, :], mask=m, other=0.)
+    b_s = tl.sigmoid(b_g.to(tl.float32)).to(y.dtype.element_ty).to(tl.float32)
+    tl.store(y + o_r[:, None] * D + o_d[None, :], (b_o.to(tl.float32) * b_s).to(y.dtype.element_ty), mask=m)
+
+
+def sigmoid_gate_fwd(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The attention's output gate: o [B, T, H, D] * sigmoid(gate [B, T, H, D]) -> [B, T, H * D] contiguous, in one
+    launch (a copy of the strided gate, sigmoid and the product as PyTorch ops). Any strides with a unit last one."""
+    if o.shape != gate.shape or o.ndim != 4 or o.dtype != gate.dtype:
+        raise ValueError(f"o and gate must be [B, T, H, D] of one dtype, got {tuple(o.shape)} {o.dtype} and "
+                         f"{tuple(gate.shape)} {gate.dtype}")
+    o, gate = (x if x.stride(-1) == 1 else x.contiguous() for x in (o, gate))
+    batch, length, heads, dim = o.shape
+    y = torch.empty(batch, length, heads * dim, dtype=o.dtype, device=o.device)
+    rows = batch * length * heads
+    BD = triton.next_power_of_2(dim)
+    BR = max(1, min(16, 4096 // BD))
+    if rows:
+        sigmoid_gate_fwd_kernel[(triton.cdiv(rows, BR),)](
+            o, gate, y, rows, length, heads, o.stride(0), o.stride(1), o.stride(2), gate.stride(0), gate.stride(1),
+            gate.stride(2), D=dim, BR=BR, BD=BD, num_warps=4)
+    return y

@@ -77,6 +77,43 @@ def paged_decode_attention_kernel(
 
 
 @triton.jit
+def write_kv_kernel(key_pool, value_pool, k, v, slot_mapping, R, HKV, sk_n, sk_h, sv_n, sv_h, D: tl.constexpr,
+                    BR: tl.constexpr, BD: tl.constexpr):
+    """BR rows (token n, kv head h) of k and v into the pools at flat token slot slot_mapping[n]."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m_r = o_r < R
+    m = m_r[:, None] & (o_d < D)[None, :]
+    i_n, i_h = o_r // HKV, o_r % HKV
+    b_slot = tl.load(slot_mapping + i_n, mask=m_r, other=0).to(tl.int64)
+    o_pool = ((b_slot * HKV + i_h) * D)[:, None] + o_d[None, :]
+    b_k = tl.load(k + (i_n * sk_n + i_h * sk_h)[:, None] + o_d[None, :], mask=m, other=0.)
+    b_v = tl.load(v + (i_n * sv_n + i_h * sv_h)[:, None] + o_d[None, :], mask=m, other=0.)
+    tl.store(key_pool + o_pool, b_k.to(key_pool.dtype.element_ty), mask=m)
+    tl.store(value_pool + o_pool, b_v.to(value_pool.dtype.element_ty), mask=m)
+
+
+def write_kv_fwd(key_pool: torch.Tensor, value_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """`write_kv_reference` in one launch (two index_copy_ otherwise): k, v [N, Hkv, D] with any strides over tokens
+    and heads (a unit last one) into contiguous pools [NB, BS, Hkv, D] at flat token slots `slot_mapping` [N]."""
+    if k.shape != v.shape or k.ndim != 3 or tuple(k.shape[1:]) != tuple(key_pool.shape[2:]):
+        raise ValueError(f"k and v must be [N, Hkv, D] matching the pools {tuple(key_pool.shape)}, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if not (key_pool.is_contiguous() and value_pool.is_contiguous()) or slot_mapping.shape != k.shape[:1]:
+        raise ValueError(f"pools must be contiguous and slot_mapping [N], got {tuple(slot_mapping.shape)}")
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    tokens, heads, dim = k.shape
+    rows = tokens * heads
+    BD = triton.next_power_of_2(dim)
+    BR = max(1, min(16, 4096 // BD))
+    if rows:
+        write_kv_kernel[(triton.cdiv(rows, BR),)](key_pool, value_pool, k, v, slot_mapping, rows, heads, k.stride(0),
+                                                 k.stride(1), v.stride(0), v.stride(1), D=dim, BR=BR, BD=BD,
+                                                 num_warps=4)
+
+
+@triton.jit
 def paged_decode_combine_kernel(partial_o, partial_ml, o, D: tl.constexpr, BD: tl.constexpr, P: tl.constexpr):
     """One program per (query, query head): merge the P partial softmax states."""
     i_sh = tl.program_id(0)

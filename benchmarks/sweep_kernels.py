@@ -1,0 +1,255 @@
+"""Launch settings of the prefill kernels on the GPU: the chunked GDN forward's three kernels (prepare, the
+sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
+
+    python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--kernels h,o,prepare,conv]
+
+For each shape (B=1, bf16): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
+wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, with k normalised in the kernel
+(as the wrapper runs it) or handed over normalised (NORM_K=False: what moving the norm out of the sequential
+loop would save). Every setting's v_new and final state are checked against the wrapper's. The h kernel runs
+cdiv(dv, BV) x Hv programs at B=1, each walking all T/64 chunks in order: the column "us/chunk" is its time per
+step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). The o kernel
+runs over BV x num_warps x num_stages, checked against the wrapper's o.
+With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import triton  # noqa: E402
+
+from hybridlm.ops.delta_rule import l2norm  # noqa: E402
+from hybridlm.ops.triton import gdn_chunk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODELS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128), "tiny": (1, 2, 32)}
+
+
+def time_ms(fn) -> float:
+    if DEVICE == "cpu":
+        fn()
+        return float("nan")
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def inputs(length, heads):
+    key_heads, value_heads, d = heads
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE).to(torch.bfloat16)
+
+    q, k, v = randn(1, length, key_heads, d), randn(1, length, key_heads, d), randn(1, length, value_heads, d)
+    a, b = randn(1, length, value_heads), randn(1, length, value_heads)
+    A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE) * 0.5
+    return q, k, v, a, b, A_log, dt_bias
+
+
+def kernel_times(args) -> dict[str, float]:
+    """Per-kernel device time of one chunk_gdn_fwd call (torch.profiler), ms."""
+    if DEVICE == "cpu":
+        return {}
+    gdn_chunk.chunk_gdn_fwd(*args)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            gdn_chunk.chunk_gdn_fwd(*args)
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        if event.key.startswith("chunk_gdn_fwd_"):
+            times[event.key.replace("chunk_gdn_fwd_", "").replace("_kernel", "")] = event.device_time_total / 5e3
+    return times
+
+
+def sweep(model, length, quick, rows):
+    heads = MODELS[model]
+    key_heads, value_heads, d = heads
+    args = inputs(length, heads)
+    q, k, v, a, b, A_log, dt_bias = args
+    out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
+                                   output_final_state=True, cu_seqlens=None)
+    chunks = triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
+    split = kernel_times(args)
+    if split:
+        total = sum(split.values())
+        print(f"{model} T={length}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in split.items())
+              + f" (sum {total:.3f} ms)", flush=True)
+    k_normed = l2norm(k.float()).to(k.dtype)
+    BK = max(16, triton.next_power_of_2(d))
+    common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE, BK=BK, IS_VARLEN=False,
+                  DOT_PRECISION="tf32", USE_INITIAL_STATE=False, STORE_FINAL_STATE=True)
+    grid_bv = (16, 32, 64) if not quick else (32, 64)
+    warps = (2, 4, 8) if not quick else (4, 8)
+    stages = (1, 2, 3, 4) if not quick else (2, 3)
+    for BV, num_warps, num_stages, norm_k in itertools.product(grid_bv, warps, stages, (True, False)):
+        if BV > d:
+            continue
+        h = torch.empty_like(out["h"])
+        v_new = torch.empty_like(out["v_new"])
+        final = torch.empty_like(out["final_state"])
+        key = k if norm_k else k_normed
+
+        def launch():
+            gdn_chunk.chunk_gdn_fwd_h_kernel[(triton.cdiv(d, BV), value_heads)](
+                key, out["w"], out["u"], out["g_cumsum"], h, v_new, None, final, None, None, length, key.stride(1),
+                BV=BV, NORM_K=norm_k, num_warps=num_warps, num_stages=num_stages, **common)
+
+        try:
+            ms = time_ms(launch)
+        except Exception as error:  # e.g. OutOfResources for a large BV with many stages
+            rows.append((model, length, BV, num_warps, num_stages, norm_k, None, type(error).__name__))
+            continue
+        error = max((v_new.float() - out["v_new"].float()).abs().max().item() / out["v_new"].float().abs().max().item(),
+                    (final - out["final_state"]).abs().max().item() / out["final_state"].abs().max().item())
+        rows.append((model, length, BV, num_warps, num_stages, norm_k, ms, f"{error:.1e}"))
+        per_chunk = ms * 1e3 / chunks
+        print(f"  BV={BV:3d} warps={num_warps} stages={num_stages} norm_k={'in' if norm_k else 'pre'}: "
+              f"{ms:.4f} ms  {per_chunk:.2f} us/chunk  max rel diff {error:.1e}", flush=True)
+
+
+def sweep_o(model, length, rows):
+    """The output kernel over BV x num_warps x num_stages: every V block recomputes q k^T, so wider blocks do less
+    of that; checked against the wrapper's output."""
+    heads = MODELS[model]
+    key_heads, value_heads, d = heads
+    q, k, v, a, b, A_log, dt_bias = inputs(length, heads)
+    out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
+                                   output_final_state=False, cu_seqlens=None)
+    BK = max(16, triton.next_power_of_2(d))
+    common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE, BK=BK, IS_VARLEN=False,
+                  DOT_PRECISION="tf32")
+    chunks = triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
+    for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):
+        if BV > d:
+            continue
+        o = torch.empty_like(out["o"])
+
+        def launch():
+            gdn_chunk.chunk_gdn_fwd_o_kernel[(triton.cdiv(d, BV), chunks, value_heads)](
+                q, k, out["v_new"], out["h"], out["g_cumsum"], o, None, None, out["scale"], length, q.stride(1),
+                k.stride(1), BV=BV, num_warps=num_warps, num_stages=num_stages, **common)
+
+        try:
+            ms = time_ms(launch)
+        except Exception as error:
+            rows.append((model, length, f"o BV={BV}", num_warps, num_stages, None, None, type(error).__name__))
+            continue
+        error = (o.float() - out["o"].float()).abs().max().item() / out["o"].float().abs().max().item()
+        rows.append((model, length, f"o BV={BV}", num_warps, num_stages, None, ms, f"{error:.1e}"))
+        print(f"  o kernel BV={BV:3d} warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}",
+              flush=True)
+
+
+def sweep_prepare(model, length, rows):
+    """The prepare kernel (gates, KKT, the triangular inverse, w and u) over num_warps x num_stages: it runs at the
+    register limit with spills at 4 warps (compile_check.py)."""
+    heads = MODELS[model]
+    key_heads, value_heads, d = heads
+    q, k, v, a, b, A_log, dt_bias = inputs(length, heads)
+    out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
+                                   output_final_state=False, cu_seqlens=None)
+    BK = max(16, triton.next_power_of_2(d))
+    common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE, BK=BK, IS_VARLEN=False,
+                  DOT_PRECISION="tf32")
+    chunks = triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
+    A_log32, dt32 = A_log.float(), dt_bias.float()
+    for num_warps, num_stages in itertools.product((2, 4, 8), (1, 2, 3)):
+        g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
+
+        def launch():
+            gdn_chunk.chunk_gdn_fwd_prepare_kernel[(chunks, value_heads)](
+                k, v, a, b, A_log32, dt32, g, w, u, None, kn, None, None, length, k.stride(1), v.stride(1),
+                BC=gdn_chunk.SUB_CHUNK, BV=BK, STORE_X=False, STORE_KN=True, num_warps=num_warps,
+                num_stages=num_stages, **common)
+
+        label = f"prepare w={num_warps}"
+        try:
+            ms = time_ms(launch)
+        except Exception as error:
+            rows.append((model, length, label, num_warps, num_stages, None, None, type(error).__name__))
+            continue
+        error = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
+                    for x, y in ((w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])))
+        rows.append((model, length, label, num_warps, num_stages, None, ms, f"{error:.1e}"))
+        print(f"  prepare warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
+
+
+def sweep_conv(model, length, rows):
+    """The causal conv over its tile (BT tokens x BC channels) and num_warps, on the model's conv channels as one
+    sequence and as 64 packed ones (a mixed engine step), checked against the wrapper's output."""
+    from hybridlm.ops.triton import conv
+
+    key_heads, value_heads, d = MODELS[model]
+    channels = (2 * key_heads + value_heads) * d
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(1, length, channels, generator=gen, device=DEVICE).to(torch.bfloat16)
+    weight = torch.randn(channels, 4, generator=gen, device=DEVICE).to(torch.bfloat16)
+    cu = torch.linspace(0, length, 65, device=DEVICE).long()
+    for packed in (False, True):
+        cu_seqlens = cu if packed else None
+        reference, _ = conv.causal_conv1d_fwd(x, weight, cu_seqlens=cu_seqlens)
+        saved = conv.BLOCK_T, conv.BLOCK_C, conv.NUM_WARPS
+        for BT, BC, num_warps in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
+            conv.BLOCK_T, conv.BLOCK_C, conv.NUM_WARPS = BT, BC, num_warps
+            label = f"conv {'packed' if packed else 'one'} BT={BT} BC={BC}"
+            try:
+                y, _ = conv.causal_conv1d_fwd(x, weight, cu_seqlens=cu_seqlens)  # compiles outside the timing
+                ms = time_ms(lambda: conv.causal_conv1d_fwd(x, weight, cu_seqlens=cu_seqlens))
+            except Exception as error:
+                rows.append((model, length, label, num_warps, 1, None, None, type(error).__name__))
+                continue
+            finally:
+                conv.BLOCK_T, conv.BLOCK_C, conv.NUM_WARPS = saved
+            error = (y.float() - reference.float()).abs().max().item()
+            rows.append((model, length, label, num_warps, 1, None, ms, f"{error:.1e}"))
+            print(f"  {label} warps={num_warps}: {ms:.4f} ms  max abs diff {error:.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["9B", "0.8B"], choices=sorted(MODELS))
+    parser.add_argument("--lengths", nargs="+", type=int, default=[16384, 65536])
+    parser.add_argument("--quick", action="store_true", help="a smaller grid")
+    parser.add_argument("--tiny", action="store_true", help="the tiny shape at 200 tokens (CPU check)")
+    parser.add_argument("--kernels", default="h,o,prepare,conv", help="comma-separated: h, o, prepare, conv")
+    args = parser.parse_args()
+    if args.tiny:
+        args.models, args.lengths, args.quick = ["tiny"], [200], True
+    rows = []
+    for model in args.models:
+        for length in args.lengths:
+            if "h" in args.kernels.split(","):
+                sweep(model, length, args.quick, rows)
+            if "o" in args.kernels.split(","):
+                sweep_o(model, length, rows)
+            if "prepare" in args.kernels.split(","):
+                sweep_prepare(model, length, rows)
+            if "conv" in args.kernels.split(","):
+                sweep_conv(model, length, rows)
+    lines = ["| model | T | BV (h kernel unless named) | warps | stages | k norm | ms | us/chunk | check |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, length, BV, num_warps, num_stages, norm_k, ms, check in sorted(
+            rows, key=lambda r: (r[0], r[1], str(r[2])[:1], float("inf") if r[6] is None or r[6] != r[6] else r[6])):
+        per_chunk = "-" if ms is None or norm_k is None else f"{ms * 1e3 / triton.cdiv(length, 64):.2f}"
+        lines.append(f"| {model} | {length} | {BV} | {num_warps} | {num_stages} | {'-' if norm_k is None else 'in' if norm_k else 'pre'} | "
+                     f"{'-' if ms is None else f'{ms:.4f}'} | {per_chunk} | {check} |")
+    table = "\n".join(lines)
+    print(table)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "sweep_kernels.md"), "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
