@@ -1,7 +1,9 @@
 """Engine: continuous batching over the paged hybrid cache. add_request, step, abort.
 
 One step = schedule (plain Python) -> run the model on every scheduled chunk at once -> sample a token for
-each sequence whose chunk reached its end -> detokenise, check stop conditions, finish sequences.
+each sequence whose chunk reached its end -> detokenise, check stop conditions, finish sequences. Between plain-
+greedy decode steps the engine runs one step ahead: the next step is launched on the device's argmax (a
+placeholder token stands in on the host) before the current step's tokens are read back (`overlap_decode`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from hybridlm.engine.generate import StreamRecord, check_prompt
 from hybridlm.engine.params import SamplingParams
 from hybridlm.engine.runner import ModelRunner
 from hybridlm.engine.sampler import Sampler
-from hybridlm.engine.scheduler import Scheduler
+from hybridlm.engine.scheduler import Scheduler, SchedulerOutput
 from hybridlm.engine.sequence import Sequence
 from hybridlm.model import HybridLM
 
@@ -36,6 +38,9 @@ class EngineConfig:
     snapshot_fraction: float = 0.1
     cuda_graphs: bool = True  # capture the decode step per batch-size bucket (CUDA, dense models)
     paged_prefill_kernel: bool = True  # CUDA: a mixed step's attention in one paged-prefill launch
+    # plain-greedy decode: launch the next step (its input ids taken on the device from this step's argmax) before
+    # reading this step's tokens back, so scheduling and detokenising overlap the GPU instead of stalling it
+    overlap_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size % 64 and 64 % self.block_size:
@@ -80,6 +85,10 @@ class Engine:
         self._samplers: dict[str, Callable] = {}
         self._texts: dict[str, TextStream] = {}
         self._history: dict[str, TokenHistory] = {}  # only for samplers that look at earlier tokens
+        self._inflight: _InFlight | None = None  # a decode step launched, its tokens not read back yet
+        pinned = model.device.type == "cuda"
+        self._token_buffers = [torch.empty(self.config.max_num_seqs, dtype=torch.long, pin_memory=pinned)
+                               for _ in range(2)]  # host copies of two steps' tokens in flight at once
 
     # ---- requests --------------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -118,21 +127,105 @@ class Engine:
 
     # ---- one step --------------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, StreamRecord]]:
-        """Advance every scheduled sequence; return a record for each one that produced a token."""
-        output = self.scheduler.schedule()
-        if not output.chunks:
-            if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("no request can be scheduled: the cache is too small for the oldest waiting one")
-            return []
-        logits = self.runner.execute(output)
-        self.scheduler.commit(output)
+        """Advance every scheduled sequence; return a record for each one that produced a token.
+
+        With `overlap_decode`, a plain-greedy decode step is read back one call later: this call launches the next
+        step first (when nothing but the same sequences' next tokens can be scheduled), then reads this one, so the
+        GPU does not wait for the host between such steps. Every call still returns one step's tokens."""
+        if self._inflight is None:
+            output = self.scheduler.schedule()
+            if not output.chunks:
+                if self.scheduler.waiting and not self.scheduler.running:
+                    raise RuntimeError("no request can be scheduled: the cache is too small for the oldest waiting one")
+                return []
+            logits = self.runner.execute(output)
+            self.scheduler.commit(output)
+            sampling = [c.sequence for c in output.chunks if c.samples]
+            if not self._overlaps(output):
+                return self._emit(sampling, self._sample(sampling, logits))
+            self._inflight = self._launch_tokens(output, logits)
+        current, self._inflight = self._inflight, None
+        if self._can_run_ahead(current):
+            for sequence in current.sequences:  # its next token, still on the device: a placeholder until read
+                sequence.output_token_ids.append(PLACEHOLDER)
+            output = self.scheduler.schedule()
+            if [(c.sequence, c.length) for c in output.chunks] != [(s, 1) for s in current.sequences]:
+                raise RuntimeError("internal error: a decode step scheduled ahead does not match the one in flight")
+            self._inflight = self._launch_tokens(output, self.runner.execute(output, input_ids=current.tokens))
+        tokens = self._read_tokens(current)
+        if self._inflight is not None:
+            for sequence, token in zip(current.sequences, tokens):
+                sequence.output_token_ids[-1] = token
+            self.scheduler.commit(self._inflight.output)  # its inputs are real tokens now: blocks can be hashed
+        records = self._emit(current.sequences, tokens, appended=self._inflight is not None)
+        if self._inflight is not None and all(s.is_finished for s in self._inflight.sequences):
+            self._inflight = None  # nothing left to read from it (its work on the GPU is simply wasted)
+        return records
+
+    def _overlaps(self, output: SchedulerOutput) -> bool:
+        """Whether this step's tokens may be read back one call later: a pure decode step, every row plain greedy
+        (its token is the argmax on the device, so the next step can take it from there)."""
+        if not self.config.overlap_decode:
+            return False
+        for chunk in output.chunks:
+            sampler = self._samplers[chunk.sequence.request_id]
+            if not (chunk.length == 1 and chunk.start > 0 and chunk.samples and type(sampler) is Sampler
+                    and sampler.plain_greedy):
+                return False
+        return True
+
+    def _can_run_ahead(self, current: _InFlight) -> bool:
+        """Whether the next step can be scheduled before `current`'s tokens are known: it would feed exactly those
+        tokens to the same sequences (nothing waiting, no sequence gone, none at its token limit or at a block
+        boundary, where a prefix-cache snapshot would hash the unknown token, and blocks to spare)."""
+        running = self.scheduler.running
+        if (self.scheduler.waiting or len(running) != len(current.sequences)
+                or any(a is not b for a, b in zip(running, current.sequences))):
+            return False
+        context, size, needed = self.model.config.max_position_embeddings, self.plan.block_size, 0
+        for sequence in running:
+            sampler = self._samplers[sequence.request_id]
+            if type(sampler) is not Sampler or not sampler.plain_greedy:
+                return False
+            if len(sequence.output_token_ids) + 1 >= sequence.params.max_tokens or sequence.num_tokens + 1 >= context:
+                return False
+            end = sequence.num_computed + 1
+            if end % size == 0:
+                return False
+            needed += self.blocks.blocks_needed(len(sequence.block_table), end)
+        return needed <= self.blocks.num_free_blocks
+
+    def _launch_tokens(self, output: SchedulerOutput, logits: torch.Tensor) -> _InFlight:
+        """Argmax on the device and its copy to the host, started but not waited for."""
+        sequences = [c.sequence for c in output.chunks]
+        tokens = logits.argmax(-1)
+        self._token_buffers.reverse()  # the other buffer may still be awaiting the step before
+        host = self._token_buffers[0][: len(sequences)]
+        host.copy_(tokens, non_blocking=True)
+        ready = None
+        if tokens.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _InFlight(output, sequences, tokens, host, ready)
+
+    @staticmethod
+    def _read_tokens(step: _InFlight) -> list[int]:
+        if step.ready is not None:
+            step.ready.synchronize()
+        return step.host.tolist()
+
+    def _emit(self, sampling: list[Sequence], tokens: list[int], appended: bool = False
+              ) -> list[tuple[Sequence, StreamRecord]]:
+        """Hand each sequence its token (already in place when `appended`): history, detokenising, stop checks;
+        finished sequences release their cache. Sequences that ended meanwhile (aborted) are skipped."""
         records = []
-        sampling = [c.sequence for c in output.chunks if c.samples]
-        tokens = self._sample(sampling, logits)
         context = self.model.config.max_position_embeddings
         for sequence, token in zip(sampling, tokens):
+            if sequence.is_finished:
+                continue
             rid = sequence.request_id
-            sequence.output_token_ids.append(token)
+            if not appended:
+                sequence.output_token_ids.append(token)
             if rid in self._history:
                 self._history[rid].append(token)
             params = sequence.params
@@ -181,6 +274,21 @@ class Engine:
             for row, value in zip(greedy + [row for row, _ in sampled], values):
                 tokens[row] = value
         return tokens
+
+
+PLACEHOLDER = -1  # an output token still on the device (overlapped decode); replaced before step() returns
+
+
+@dataclass
+class _InFlight:
+    """A decode step launched and committed whose tokens have not been read back: its chunks, its sequences (one
+    token each, in row order), the tokens on the device and their host copy (valid once `ready` has passed)."""
+
+    output: SchedulerOutput
+    sequences: list[Sequence]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 class TokenHistory:

@@ -35,7 +35,8 @@ class DecodeGraphs:
         device = model.device
         # rows: input ids, positions, slot ids, KV slots, context lengths
         self.inputs = torch.zeros(5, largest, dtype=torch.long, device=device)
-        self._host = torch.zeros(5, largest, dtype=torch.long, pin_memory=True)
+        # two pinned staging buffers, used in turn: with overlapped decode the previous step's copy may be pending
+        self._hosts = [torch.zeros(5, largest, dtype=torch.long, pin_memory=True) for _ in range(2)]
         self.padding = (0, 0, -1, cache.scratch_block * cache.plan.block_size, 0)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -66,15 +67,18 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.model.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], mapping: list[int], lengths: list[int]
-            ) -> torch.Tensor:
+    def run(self, ids: list[int], positions: list[int], slots: list[int], mapping: list[int], lengths: list[int],
+            input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One replay; `input_ids` [S] on the device, when given, replace `ids` (overlapped decode)."""
         size = len(ids)
         bucket = next(b for b in self.buckets if b >= size)
         rows = [list(values) + [pad] * (bucket - size)
                 for values, pad in zip((ids, positions, slots, mapping, lengths), self.padding)]
-        host = self._host[:, :bucket]
+        self._hosts.reverse()  # the other buffer's copy was enqueued one step ago and may not have run yet
+        host = self._hosts[0][:, :bucket]
         host.copy_(torch.tensor(rows))
-        # the engine reads each step's tokens on the host before the next step, so the pinned buffer is free
         self.inputs[:, :bucket].copy_(host, non_blocking=True)
+        if input_ids is not None:
+            self.inputs[0, :size].copy_(input_ids)
         self.graphs[bucket].replay()
         return self.outputs[bucket][:size]

@@ -79,28 +79,35 @@ class ModelRunner:
             index = torch.tensor([rows, columns], device=self.device)
             self.cache.block_tables[index[0], index[1]] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
 
-    def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
+    def _decode(self, chunks: list[Chunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`input_ids` [n] on the device, when the step's input tokens are not on the host yet (overlapped decode)."""
         size = self.cache.plan.block_size
-        ids = [c.sequence.token_at(c.start) for c in chunks]
+        ids = [0] * len(chunks) if input_ids is not None else [c.sequence.token_at(c.start) for c in chunks]
         positions = [c.start for c in chunks]
         slots = [c.sequence.state_slot for c in chunks]
         mapping = [c.sequence.block_table[p // size] * size + p % size for c, p in zip(chunks, positions)]
         lengths = [p + 1 for p in positions]
         if self.graphs is not None and len(chunks) <= self.graphs.buckets[-1]:
-            return self.graphs.run(ids, positions, slots, mapping, lengths)
+            return self.graphs.run(ids, positions, slots, mapping, lengths, input_ids=input_ids)
         ids_t, positions_t, slots_t, mapping_t, lengths_t = torch.tensor(
             [ids, positions, slots, mapping, lengths], dtype=torch.long).to(self.device, non_blocking=True)
+        if input_ids is not None:
+            ids_t = input_ids
         context = DecodeContext(self.cache, positions_t, slots_t.to(torch.int32), mapping_t, lengths_t.to(torch.int32))
         return self.model.forward_with_context(ids_t[:, None], context)[:, 0]
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> torch.Tensor:
-        """Run one step; return logits [n, vocab] (model dtype) for the chunks that sample, in chunk order."""
+    def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; return logits [n, vocab] (model dtype) for the chunks that sample, in chunk order.
+        `input_ids` [n] on the device replaces the sequences' own last tokens (a decode step only)."""
         chunks = output.chunks
         self._prepare_states(output)
         self._sync_block_tables(chunks)
-        if all(c.length == 1 and c.start > 0 and c.samples for c in chunks):
-            logits = self._decode(chunks)
+        decode = all(c.length == 1 and c.start > 0 and c.samples for c in chunks)
+        if input_ids is not None and not decode:
+            raise ValueError("input ids on the device are for decode steps only")
+        if decode:
+            logits = self._decode(chunks, input_ids)
         else:
             tokens = [t for c in chunks for t in c.sequence.token_slice(c.start, c.start + c.length)]
             context = PagedContext(

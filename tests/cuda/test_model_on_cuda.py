@@ -80,6 +80,31 @@ def test_decode_cuda_graphs_match_eager(models):
     assert run(True) == run(False)
 
 
+def test_overlapped_decode_with_graphs_matches_plain(models):
+    """Greedy decode run one step ahead (device-side input ids, pinned double buffers, events) inside CUDA graphs:
+    the same tokens as without the overlap, with requests joining, finishing at different lengths and across
+    block boundaries."""
+    directory, _, cuda = models
+    llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 17, 64, 65, 130, 7)]
+    params = [hybridlm.SamplingParams(max_tokens=5 + 9 * i, temperature=0.0, ignore_eos=True) for i in range(6)]
+
+    def run(overlap):
+        engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
+                                                                 max_num_seqs=8, overlap_decode=overlap))
+        assert engine.runner.graphs is not None
+        sequences, pending, steps = [], list(zip(prompts, params)), 0
+        while pending or engine.has_work:
+            if pending and steps % 5 == 0:  # a new request every 5 steps: runs ahead in between, not when joining
+                sequences.append(engine.add_request(*pending.pop(0)))
+            engine.step()
+            steps += 1
+        return [s.output_token_ids for s in sequences]
+
+    assert run(True) == run(False)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_paged_decode_kernel_full_size(batch):
     from hybridlm.ops.paged_attention import paged_decode_attention_reference

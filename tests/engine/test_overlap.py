@@ -1,0 +1,92 @@
+"""Overlapped decode: the next decode step is launched on the device's argmax before this step's tokens are read.
+
+Outputs must equal the engine without the overlap (itself checked against plain generation) in every situation
+that ends or changes a batch: token limits, stop tokens, aborts, requests joining, block boundaries, and prefix-
+cache blocks registered while steps ran ahead (their hashes must be of the real tokens, not of placeholders).
+"""
+from __future__ import annotations
+
+import pytest
+
+import hybridlm
+from hybridlm.engine.engine import PLACEHOLDER, Engine, EngineConfig
+from tests.engine.test_engine import prompts, reference, run
+
+CONFIG = dict(block_size=16, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return hybridlm.LLM(checkpoint("qwen3_5_text")[0])
+
+
+def engine_pair(llm, **config):
+    """The same engine with and without the overlap, and a count of steps scheduled ahead on device ids."""
+    engines = {}
+    for overlap in (True, False):
+        engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(overlap_decode=overlap, **config))
+        engine.ahead = 0
+        execute = engine.runner.execute
+
+        def counted(output, input_ids=None, _engine=engine, _execute=execute):
+            _engine.ahead += input_ids is not None
+            return _execute(output, input_ids=input_ids)
+
+        engine.runner.execute = counted
+        engines[overlap] = engine
+    return engines[True], engines[False]
+
+
+def test_mixed_limits_and_stop_tokens_match_the_plain_engine(llm):
+    batch = prompts([5, 40, 17, 64, 1, 90], seed=3)
+    plain_ref = reference(llm, batch[1], hybridlm.SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    params = [
+        hybridlm.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        hybridlm.SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+        hybridlm.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+        hybridlm.SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True, stop_token_ids=[plain_ref[7]]),
+        hybridlm.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),  # crosses block boundaries
+        hybridlm.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True),
+    ]
+    overlapped, plain = engine_pair(llm, **CONFIG)
+    for join_every in (0, 2):
+        got = run(overlapped, list(zip(batch, params)), join_every)
+        expected = run(plain, list(zip(batch, params)), join_every)
+        assert [s.output_token_ids for s in got] == [s.output_token_ids for s in expected]
+        assert [s.finish_reason for s in got] == [s.finish_reason for s in expected]
+        assert all(PLACEHOLDER not in s.output_token_ids for s in got)
+    assert got[1].output_token_ids == plain_ref
+    assert overlapped.ahead > 20 and plain.ahead == 0
+    assert overlapped.blocks.num_free_state_slots == overlapped.config.max_num_seqs  # everything released
+
+
+def test_abort_while_a_step_is_in_flight(llm):
+    params = hybridlm.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    batch = prompts([12, 30], seed=4)
+    expected = reference(llm, batch[1], params)
+    overlapped, _ = engine_pair(llm, **CONFIG)
+    first, second = (overlapped.add_request(p, params) for p in batch)
+    for _ in range(6):
+        overlapped.step()
+    assert overlapped._inflight is not None  # the next decode step is on the device
+    tokens_at_abort = list(first.output_token_ids)
+    overlapped.abort(first.request_id)
+    while overlapped.has_work:
+        for sequence, _ in overlapped.step():
+            assert sequence is not first
+    assert first.finish_reason == "abort" and first.output_token_ids == tokens_at_abort
+    assert second.output_token_ids == expected
+
+
+def test_blocks_registered_while_ahead_hash_the_real_tokens(llm):
+    """A request decodes past two block boundaries with steps run ahead; a later request whose prompt is the first
+    one's prompt + output must find those blocks in the prefix cache and continue exactly as without it."""
+    params = hybridlm.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompt = prompts([20], seed=5)[0]
+    overlapped, _ = engine_pair(llm, **CONFIG)
+    first = run(overlapped, [(prompt, params)])[0]
+    follow = prompt + first.output_token_ids[:36]  # 56 tokens: three full blocks of 16, the last from decoding
+    short = hybridlm.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    second = run(overlapped, [(follow, short)])[0]
+    assert second.num_cached_prompt_tokens == 48
+    assert second.output_token_ids == reference(llm, follow, short)
