@@ -1,9 +1,10 @@
 """Engine: continuous batching over the paged hybrid cache. add_request, step, abort.
 
 One step = schedule (plain Python) -> run the model on every scheduled chunk at once -> sample a token for
-each sequence whose chunk reached its end -> detokenise, check stop conditions, finish sequences. Between plain-
-greedy decode steps the engine runs one step ahead: the next step is launched on the device's argmax (a
-placeholder token stands in on the host) before the current step's tokens are read back (`overlap_decode`).
+each sequence whose chunk reached its end -> detokenise, check stop conditions, finish sequences. Between decode
+steps whose tokens are sampled on the device (greedy or by the engine's samplers, no repetition penalty) the engine
+runs one step ahead: the next step is launched on the device's tokens (a placeholder stands in on the host)
+before the current step's tokens are read back (`overlap_decode`).
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ class EngineConfig:
     snapshot_fraction: float = 0.1
     cuda_graphs: bool = True  # capture the decode step per batch-size bucket (CUDA, dense models)
     paged_prefill_kernel: bool = True  # CUDA: a mixed step's attention in one paged-prefill launch
-    # plain-greedy decode: launch the next step (its input ids taken on the device from this step's argmax) before
-    # reading this step's tokens back, so scheduling and detokenising overlap the GPU instead of stalling it
+    # decode sampled on the device (greedy, or the engine's samplers without a repetition penalty): launch the next
+    # step on this step's tokens still on the device, then read them back, so the host's scheduling and
+    # detokenising overlap the GPU instead of stalling it
     overlap_decode: bool = True
 
     def __post_init__(self) -> None:
@@ -129,7 +131,7 @@ class Engine:
     def step(self) -> list[tuple[Sequence, StreamRecord]]:
         """Advance every scheduled sequence; return a record for each one that produced a token.
 
-        With `overlap_decode`, a plain-greedy decode step is read back one call later: this call launches the next
+        With `overlap_decode`, a decode step sampled on the device is read back one call later: this call launches the next
         step first (when nothing but the same sequences' next tokens can be scheduled), then reads this one, so the
         GPU does not wait for the host between such steps. Every call still returns one step's tokens."""
         if self._inflight is None:
@@ -162,17 +164,19 @@ class Engine:
             self._inflight = None  # nothing left to read from it (its work on the GPU is simply wasted)
         return records
 
+    def _samples_on_device(self, sequence: Sequence) -> bool:
+        """The engine's own sampler without a repetition penalty: its token is made on the device from the logits
+        alone (greedy or seeded/unseeded sampling), so a next step can take it from there."""
+        sampler = self._samplers[sequence.request_id]
+        return type(sampler) is Sampler and not sampler.needs_history
+
     def _overlaps(self, output: SchedulerOutput) -> bool:
-        """Whether this step's tokens may be read back one call later: a pure decode step, every row plain greedy
-        (its token is the argmax on the device, so the next step can take it from there)."""
+        """Whether this step's tokens may be read back one call later: a pure decode step whose every row samples
+        on the device."""
         if not self.config.overlap_decode:
             return False
-        for chunk in output.chunks:
-            sampler = self._samplers[chunk.sequence.request_id]
-            if not (chunk.length == 1 and chunk.start > 0 and chunk.samples and type(sampler) is Sampler
-                    and sampler.plain_greedy):
-                return False
-        return True
+        return all(c.length == 1 and c.start > 0 and c.samples and self._samples_on_device(c.sequence)
+                   for c in output.chunks)
 
     def _can_run_ahead(self, current: _InFlight) -> bool:
         """Whether the next step can be scheduled before `current`'s tokens are known: it would feed exactly those
@@ -184,8 +188,7 @@ class Engine:
             return False
         context, size, needed = self.model.config.max_position_embeddings, self.plan.block_size, 0
         for sequence in running:
-            sampler = self._samplers[sequence.request_id]
-            if type(sampler) is not Sampler or not sampler.plain_greedy:
+            if not self._samples_on_device(sequence):
                 return False
             if len(sequence.output_token_ids) + 1 >= sequence.params.max_tokens or sequence.num_tokens + 1 >= context:
                 return False
@@ -196,9 +199,17 @@ class Engine:
         return needed <= self.blocks.num_free_blocks
 
     def _launch_tokens(self, output: SchedulerOutput, logits: torch.Tensor) -> _InFlight:
-        """Argmax on the device and its copy to the host, started but not waited for."""
+        """The step's tokens made on the device (one batched argmax for the plain-greedy rows, each other row by its
+        own sampler and generator) and their copy to the host, started but not waited for."""
         sequences = [c.sequence for c in output.chunks]
         tokens = logits.argmax(-1)
+        sampled = [(row, self._samplers[s.request_id]) for row, s in enumerate(sequences)
+                   if not self._samplers[s.request_id].plain_greedy]
+        if sampled:
+            rows = list(tokens.unbind(0))
+            for row, sampler in sampled:
+                rows[row] = sampler.sample(logits[row], None)
+            tokens = torch.stack(rows)
         self._token_buffers.reverse()  # the other buffer may still be awaiting the step before
         host = self._token_buffers[0][: len(sequences)]
         host.copy_(tokens, non_blocking=True)

@@ -81,14 +81,15 @@ def test_decode_cuda_graphs_match_eager(models):
 
 
 def test_overlapped_decode_with_graphs_matches_plain(models):
-    """Greedy decode run one step ahead (device-side input ids, pinned double buffers, events) inside CUDA graphs:
-    the same tokens as without the overlap, with requests joining, finishing at different lengths and across
-    block boundaries."""
+    """Decode run one step ahead (device-side input ids, pinned double buffers, events) inside CUDA graphs, greedy
+    and seeded rows: the same tokens as without the overlap, with requests joining, finishing at different lengths
+    and across block boundaries."""
     directory, _, cuda = models
     llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 17, 64, 65, 130, 7)]
-    params = [hybridlm.SamplingParams(max_tokens=5 + 9 * i, temperature=0.0, ignore_eos=True) for i in range(6)]
+    params = [hybridlm.SamplingParams(max_tokens=5 + 9 * i, temperature=0.8 if i % 3 == 1 else 0.0, top_p=0.9,
+                                      seed=i, ignore_eos=True) for i in range(6)]
 
     def run(overlap):
         engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,

@@ -90,3 +90,26 @@ def test_blocks_registered_while_ahead_hash_the_real_tokens(llm):
     second = run(overlapped, [(follow, short)])[0]
     assert second.num_cached_prompt_tokens == 48
     assert second.output_token_ids == reference(llm, follow, short)
+
+
+def test_seeded_sampling_runs_ahead_and_matches_the_plain_engine(llm):
+    """Rows sampled by the engine's samplers (temperature, top-k, top-p, each with its seed) run ahead too and draw
+    the same tokens; a row with a repetition penalty (it needs the history on the host) keeps the batch from
+    running ahead, and its tokens are the same as well."""
+    batch = prompts([9, 33, 20], seed=6)
+    sampled = [
+        hybridlm.SamplingParams(max_tokens=24, temperature=0.9, top_k=20, seed=1, ignore_eos=True),
+        hybridlm.SamplingParams(max_tokens=30, temperature=0.7, top_p=0.8, seed=2, ignore_eos=True),
+        hybridlm.SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True),
+    ]
+    penalised = hybridlm.SamplingParams(max_tokens=30, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
+    overlapped, plain = engine_pair(llm, **CONFIG)
+    got = run(overlapped, list(zip(batch, sampled)))
+    expected = run(plain, list(zip(batch, sampled)))
+    assert [s.output_token_ids for s in got] == [s.output_token_ids for s in expected]
+    assert overlapped.ahead > 10
+    before = overlapped.ahead
+    got = run(overlapped, list(zip(batch, [*sampled[:2], penalised])))
+    expected = run(plain, list(zip(batch, [*sampled[:2], penalised])))
+    assert [s.output_token_ids for s in got] == [s.output_token_ids for s in expected]
+    assert overlapped.ahead == before  # the penalised row is in every decode step: none ran ahead
