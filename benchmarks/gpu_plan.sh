@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The next GPU session's calls, one per argument, in order (benchmarks/NOTES.md says why each).
+# Each call installs the carried peer wheels, runs its part with timeouts that fit one 600 s call, and prints a
+# short summary last; full logs go to $OUT. Nothing runs beside a benchmark.
+#
+#   bash benchmarks/gpu_plan.sh 1   # carry .fla: kernel + engine tests on the GPU, then decode A/B (overlap on/off)
+#   bash benchmarks/gpu_plan.sh 2   # carry .fla: kernel sweeps (o, prepare, conv) at 64k tokens
+#   bash benchmarks/gpu_plan.sh 3   # carry .fla: 256 requests + prefix cache, and the mixed-step table
+#   bash benchmarks/gpu_plan.sh 4   # carry .whl (fla + tilelang): GDN forward and fwd+bwd against fla in one process
+# Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
+# hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
+# from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_plan}
+mkdir -p "$OUT"
+for wheels in .fla .whl .whl2; do
+  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl
+  fi
+done
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+
+case "${1:-}" in
+  1)
+    timeout 320 python3 benchmarks/gpu_tests.py tests/cuda tests/ops tests/model/test_kernel_path.py \
+      tests/engine/test_overlap.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2  # the test processes are gone (gpu_tests.py kills them on SIGTERM)
+    timeout 90 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B 9B --no-hf \
+      --log "$OUT/decode_overlap.log" > /dev/null 2>&1
+    timeout 90 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B 9B --no-hf \
+      --engine-option overlap_decode=False --log "$OUT/decode_plain.log" > /dev/null 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -12
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep -h 'decode B=1' "$OUT/decode_overlap.log" "$OUT/decode_plain.log" | grep -v '^|'
+    ;;
+  2)
+    timeout 560 python3 benchmarks/sweep_kernels.py --lengths 65536 --quick --kernels o,prepare,conv \
+      > "$OUT/sweep.log" 2>&1
+    grep '^|' "$OUT/sweep.log" | head -80
+    ;;
+  3)
+    timeout 200 python3 benchmarks/bench_e2e.py --parts throughput,prefix --no-hf --chunk 8192 \
+      --log "$OUT/throughput.log" > /dev/null 2>&1
+    timeout 200 python3 benchmarks/profile_engine.py --shape 0.8B --device cuda --requests 256 --new-tokens 16 \
+      --chunk 8192 --cache-gib 16 --steps-table > "$OUT/steps.log" 2>&1
+    grep -h 'throughput:\|TTFT\|TPOT\|prefix:' "$OUT/throughput.log" | grep -v '^|'
+    grep -A8 '| step kind' "$OUT/steps.log"
+    ;;
+  4)
+    timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds forward,train > "$OUT/gdn.log" 2>&1
+    tail -40 "$OUT/gdn.log"
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|3|4" >&2
+    exit 2
+    ;;
+esac
