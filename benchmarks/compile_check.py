@@ -94,10 +94,16 @@ def gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state):
     return q, k, v, a, b, A_log, dt_bias, init, cu, n
 
 
-def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1):
+def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1, split=None):
+    """`split`: force gdn_chunk.SPLIT_PREPARE (the inverse kernel + the w/u kernel) on or off for this launch."""
     q, k, v, a, b, A_log, dt_bias, init, cu, _ = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
-    gdn_chunk.chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=init, output_final_state=True,
-                            cu_seqlens=cu)
+    saved = gdn_chunk.SPLIT_PREPARE
+    gdn_chunk.SPLIT_PREPARE = saved if split is None else split
+    try:
+        gdn_chunk.chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=init, output_final_state=True,
+                                cu_seqlens=cu)
+    finally:
+        gdn_chunk.SPLIT_PREPARE = saved
 
 
 def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1):
@@ -222,6 +228,9 @@ def configurations():
             length=1, batch=2)
         add(f"gdn_fwd Hv={hv} {name} bf16 batch T=100", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
             length=100, state=True)
+        for varlen in (False, True):  # the split prepare step (SPLIT_PREPARE), off by default
+            add(f"gdn_fwd split Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd, hk=hk, hv=hv,
+                dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, split=True)
         for batch in (1, 64):  # split (two launches) at B=1, one fused launch at B=64
             for norm_dtype, norm_tag in ((bf16, ""), (fp32, " fp32 norm weight")):
                 add(f"gdn_decode {name} bf16 B={batch}{norm_tag}", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM,
@@ -262,6 +271,7 @@ def configurations():
     add("gated_norm D=128 bf16 fp32 weight", run_gated_norm, dim=128, rows=64 * 16, weight_dtype=fp32)
     add("gated_norm D=128 fp32", run_gated_norm, dim=128, rows=100, dtype=fp32)
     add("silu_mul I=100 fp32 T=3", run_silu_mul, width=100, tokens=3, dtype=fp32)
+    add("gdn_fwd split Hv=16 0.8B fp32", run_gdn_fwd, hk=16, hv=16, dk=GDN_DIM, dv=GDN_DIM, dtype=fp32, split=True)
     add("sigmoid_gate Hq=8 fp32 T=3", run_sigmoid_gate, heads=8, tokens=3, dtype=fp32)
     add("write_kv Hkv=2 fp32 T=3", run_write_kv, hkv=2, tokens=3, dtype=fp32)
     # a whole model in fp32 on the GPU (0.8B shapes)

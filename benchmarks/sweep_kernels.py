@@ -183,6 +183,29 @@ def sweep_prepare(model, length, rows):
                     for x, y in ((w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])))
         rows.append((model, length, label, num_warps, num_stages, None, ms, f"{error:.1e}"))
         print(f"  prepare warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
+    # SPLIT_PREPARE: the inverse kernel (no w, u) + the w/u kernel reading the stored X
+    x_inv = torch.empty(1, length, value_heads, gdn_chunk.CHUNK_SIZE, dtype=k.dtype, device=k.device)
+    for num_warps in (4, 8):
+        g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
+
+        def launch_split():
+            gdn_chunk.chunk_gdn_fwd_prepare_kernel[(chunks, value_heads)](
+                k, v, a, b, A_log32, dt32, g, w, u, x_inv, kn, None, None, length, k.stride(1), v.stride(1),
+                BC=gdn_chunk.SUB_CHUNK, BV=BK, STORE_X=True, STORE_KN=True, STORE_WU=False, num_warps=num_warps,
+                **common)
+            gdn_chunk.chunk_gdn_fwd_wu_kernel[(chunks, value_heads, 2)](
+                kn, v, b, g, x_inv, w, u, None, None, length, v.stride(1), BV=BK, num_warps=4, **common)
+
+        label = f"prepare split w={num_warps}"
+        try:
+            ms = time_ms(launch_split)
+        except Exception as error:
+            rows.append((model, length, label, num_warps, 3, None, None, type(error).__name__))
+            continue
+        error = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
+                    for x, y in ((w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])))
+        rows.append((model, length, label, num_warps, 3, None, ms, f"{error:.1e}"))
+        print(f"  prepare split (inverse warps={num_warps}) + w/u: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
 
 
 def sweep_conv(model, length, rows):

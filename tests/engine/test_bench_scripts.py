@@ -99,6 +99,6 @@ def test_sweep_kernels_tiny_checks_every_setting():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
     count = {name: sum(f"| {name}" in row for row in rows) for name in ("o BV=", "prepare", "conv one", "conv packed")}
-    assert count == {"o BV=": 4, "prepare": 9, "conv one": 18, "conv packed": 18}  # o: BV 32 only (head dim 32)
-    assert len(rows) == 8 + 4 + 9 + 36
+    assert count == {"o BV=": 4, "prepare": 9 + 2, "conv one": 18, "conv packed": 18}  # o: BV 32 only (dim 32)
+    assert len(rows) == 8 + 4 + 11 + 36
     assert all(row.rstrip(" |").endswith("0.0e+00") for row in rows), rows

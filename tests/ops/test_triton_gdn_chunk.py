@@ -122,3 +122,26 @@ def test_chunk_no_final_state_and_bad_input():
         chunk_gdn_fwd(q, k, v[:, :, :3], a[..., :3], b[..., :3], A_log[:3], dt_bias[:3])
     with pytest.raises(ValueError, match="initial_state"):
         chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=torch.zeros(2, 4, 16, 16, device=DEVICE))
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
+def test_split_prepare_matches_the_fused_one(poisoned, monkeypatch, case):
+    """SPLIT_PREPARE: the inverse kernel + the w/u kernel (reading the stored X, whose upper triangle was never
+    written: poisoned here) give the fused prepare kernel's results and pass the float64 check."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    cu_seqlens, dtype = None, torch.bfloat16 if case in ("bf16", "packed") else torch.float32
+    if case == "heads":
+        inputs = make_inputs(1, 70, 1, 4, 24, 40, dtype, num_states=1)
+    elif case == "packed":
+        cu_seqlens = torch.tensor([0, 5, 69, 130], dtype=torch.int32, device=DEVICE)
+        inputs = make_inputs(1, 130, 2, 4, 16, 16, dtype, num_states=3)
+    else:
+        inputs = make_inputs(2, 65 if case == "fp32" else 130, 2, 4, 32, 32, dtype, num_states=2)
+    args = dict(initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens)
+    fused = chunk_gdn_fwd(*inputs[:-1], **args)
+    monkeypatch.setattr(gdn_chunk, "SPLIT_PREPARE", True)
+    split = chunk_gdn_fwd(*inputs[:-1], **args)
+    for ours, theirs in zip(split, fused):
+        assert rel_err(ours, theirs) <= (1e-6 if dtype == torch.float32 else 5e-3)
+    check(*inputs, dtype, cu_seqlens=cu_seqlens)

@@ -6,7 +6,9 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
 1. `chunk_gdn_fwd_prepare_kernel` (parallel over chunks and value heads): gates g, beta from the raw a, b;
    cumulative log decay G inside the chunk; the strictly lower A = beta k k^T * exp(G_i - G_j) in 16-row
    blocks; (I + A)^-1 by forward substitution on the four diagonal blocks and block substitution for the
-   rest (the WY form); w = (I + A)^-1 (beta k exp(G)) and u = (I + A)^-1 (beta v).
+   rest (the WY form); w = (I + A)^-1 (beta k exp(G)) and u = (I + A)^-1 (beta v). It also writes the
+   normalised keys for 2. With `SPLIT_PREPARE` the products w, u move to `chunk_gdn_fwd_wu_kernel`, which
+   reads the stored (I + A)^-1.
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
    stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state.
 3. `chunk_gdn_fwd_o_kernel` (fully parallel): o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new.
@@ -132,6 +134,7 @@ def chunk_gdn_fwd_prepare_kernel(
     DOT_PRECISION: tl.constexpr,
     STORE_X: tl.constexpr,
     STORE_KN: tl.constexpr,
+    STORE_WU: tl.constexpr = True,  # False: w and u are left to `chunk_gdn_fwd_wu_kernel` (reads x_inv)
 ):
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -228,47 +231,107 @@ def chunk_gdn_fwd_prepare_kernel(
         _store_rows(p_x + 2 * BC, b_X32, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
         _store_rows(p_x + 3 * BC, b_X33, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
 
-    # w = X (beta k exp(G)), written one sub-chunk of rows at a time
-    b_kg0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_gc0))[:, None]).to(dtype)
-    b_kg1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_gc1))[:, None]).to(dtype)
-    b_kg2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_gc2))[:, None]).to(dtype)
-    b_kg3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_gc3))[:, None]).to(dtype)
-    p_w = w + bos * HV * K + i_h * K
-    b_w = tl.dot(b_X00, b_kg0, input_precision=DOT_PRECISION)
-    _store_rows(p_w, b_w, i_s0, T, HV * K, K, BC, BK)
-    b_w = tl.dot(b_X10, b_kg0, input_precision=DOT_PRECISION)
-    b_w += tl.dot(b_X11, b_kg1, input_precision=DOT_PRECISION)
-    _store_rows(p_w, b_w, i_s0 + BC, T, HV * K, K, BC, BK)
-    b_w = tl.dot(b_X20, b_kg0, input_precision=DOT_PRECISION)
-    b_w += tl.dot(b_X21, b_kg1, input_precision=DOT_PRECISION)
-    b_w += tl.dot(b_X22, b_kg2, input_precision=DOT_PRECISION)
-    _store_rows(p_w, b_w, i_s0 + 2 * BC, T, HV * K, K, BC, BK)
-    b_w = tl.dot(b_X30, b_kg0, input_precision=DOT_PRECISION)
-    b_w += tl.dot(b_X31, b_kg1, input_precision=DOT_PRECISION)
-    b_w += tl.dot(b_X32, b_kg2, input_precision=DOT_PRECISION)
-    b_w += tl.dot(b_X33, b_kg3, input_precision=DOT_PRECISION)
-    _store_rows(p_w, b_w, i_s0 + 3 * BC, T, HV * K, K, BC, BK)
+    if STORE_WU:
+        # w = X (beta k exp(G)), written one sub-chunk of rows at a time
+        b_kg0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_gc0))[:, None]).to(dtype)
+        b_kg1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_gc1))[:, None]).to(dtype)
+        b_kg2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_gc2))[:, None]).to(dtype)
+        b_kg3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_gc3))[:, None]).to(dtype)
+        p_w = w + bos * HV * K + i_h * K
+        b_w = tl.dot(b_X00, b_kg0, input_precision=DOT_PRECISION)
+        _store_rows(p_w, b_w, i_s0, T, HV * K, K, BC, BK)
+        b_w = tl.dot(b_X10, b_kg0, input_precision=DOT_PRECISION)
+        b_w += tl.dot(b_X11, b_kg1, input_precision=DOT_PRECISION)
+        _store_rows(p_w, b_w, i_s0 + BC, T, HV * K, K, BC, BK)
+        b_w = tl.dot(b_X20, b_kg0, input_precision=DOT_PRECISION)
+        b_w += tl.dot(b_X21, b_kg1, input_precision=DOT_PRECISION)
+        b_w += tl.dot(b_X22, b_kg2, input_precision=DOT_PRECISION)
+        _store_rows(p_w, b_w, i_s0 + 2 * BC, T, HV * K, K, BC, BK)
+        b_w = tl.dot(b_X30, b_kg0, input_precision=DOT_PRECISION)
+        b_w += tl.dot(b_X31, b_kg1, input_precision=DOT_PRECISION)
+        b_w += tl.dot(b_X32, b_kg2, input_precision=DOT_PRECISION)
+        b_w += tl.dot(b_X33, b_kg3, input_precision=DOT_PRECISION)
+        _store_rows(p_w, b_w, i_s0 + 3 * BC, T, HV * K, K, BC, BK)
 
-    # u = X (beta v)
-    b_vb0 = (_load_rows(p_v, i_s0, T, stride_v, V, BC, BV).to(tl.float32) * b_beta0[:, None]).to(dtype)
-    b_vb1 = (_load_rows(p_v, i_s0 + BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta1[:, None]).to(dtype)
-    b_vb2 = (_load_rows(p_v, i_s0 + 2 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta2[:, None]).to(dtype)
-    b_vb3 = (_load_rows(p_v, i_s0 + 3 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta3[:, None]).to(dtype)
-    p_u = u + bos * HV * V + i_h * V
-    b_u = tl.dot(b_X00, b_vb0, input_precision=DOT_PRECISION)
-    _store_rows(p_u, b_u, i_s0, T, HV * V, V, BC, BV)
-    b_u = tl.dot(b_X10, b_vb0, input_precision=DOT_PRECISION)
-    b_u += tl.dot(b_X11, b_vb1, input_precision=DOT_PRECISION)
-    _store_rows(p_u, b_u, i_s0 + BC, T, HV * V, V, BC, BV)
-    b_u = tl.dot(b_X20, b_vb0, input_precision=DOT_PRECISION)
-    b_u += tl.dot(b_X21, b_vb1, input_precision=DOT_PRECISION)
-    b_u += tl.dot(b_X22, b_vb2, input_precision=DOT_PRECISION)
-    _store_rows(p_u, b_u, i_s0 + 2 * BC, T, HV * V, V, BC, BV)
-    b_u = tl.dot(b_X30, b_vb0, input_precision=DOT_PRECISION)
-    b_u += tl.dot(b_X31, b_vb1, input_precision=DOT_PRECISION)
-    b_u += tl.dot(b_X32, b_vb2, input_precision=DOT_PRECISION)
-    b_u += tl.dot(b_X33, b_vb3, input_precision=DOT_PRECISION)
-    _store_rows(p_u, b_u, i_s0 + 3 * BC, T, HV * V, V, BC, BV)
+        # u = X (beta v)
+        b_vb0 = (_load_rows(p_v, i_s0, T, stride_v, V, BC, BV).to(tl.float32) * b_beta0[:, None]).to(dtype)
+        b_vb1 = (_load_rows(p_v, i_s0 + BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta1[:, None]).to(dtype)
+        b_vb2 = (_load_rows(p_v, i_s0 + 2 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta2[:, None]).to(dtype)
+        b_vb3 = (_load_rows(p_v, i_s0 + 3 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta3[:, None]).to(dtype)
+        p_u = u + bos * HV * V + i_h * V
+        b_u = tl.dot(b_X00, b_vb0, input_precision=DOT_PRECISION)
+        _store_rows(p_u, b_u, i_s0, T, HV * V, V, BC, BV)
+        b_u = tl.dot(b_X10, b_vb0, input_precision=DOT_PRECISION)
+        b_u += tl.dot(b_X11, b_vb1, input_precision=DOT_PRECISION)
+        _store_rows(p_u, b_u, i_s0 + BC, T, HV * V, V, BC, BV)
+        b_u = tl.dot(b_X20, b_vb0, input_precision=DOT_PRECISION)
+        b_u += tl.dot(b_X21, b_vb1, input_precision=DOT_PRECISION)
+        b_u += tl.dot(b_X22, b_vb2, input_precision=DOT_PRECISION)
+        _store_rows(p_u, b_u, i_s0 + 2 * BC, T, HV * V, V, BC, BV)
+        b_u = tl.dot(b_X30, b_vb0, input_precision=DOT_PRECISION)
+        b_u += tl.dot(b_X31, b_vb1, input_precision=DOT_PRECISION)
+        b_u += tl.dot(b_X32, b_vb2, input_precision=DOT_PRECISION)
+        b_u += tl.dot(b_X33, b_vb3, input_precision=DOT_PRECISION)
+        _store_rows(p_u, b_u, i_s0 + 3 * BC, T, HV * V, V, BC, BV)
+
+
+@triton.jit
+def chunk_gdn_fwd_wu_kernel(
+    kn,  # [B, T, H, K] the L2-normalised keys (the prepare kernel's)
+    v,  # [B, T, HV, V], token stride stride_v
+    b,  # [B, T, HV] raw
+    g_cumsum,  # [B, T, HV] fp32
+    x_inv,  # [B, T, HV, BT]: (I + A)^-1 of each chunk, lower triangle (the prepare kernel's)
+    w,  # out [B, T, HV, K]
+    u,  # out [B, T, HV, V]
+    cu_seqlens,
+    chunk_indices,
+    T,
+    stride_v,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """w = X (beta k exp(G)) (axis 2 = 0) or u = X (beta v) (axis 2 = 1) for one chunk and value head: the prepare
+    kernel's products, moved out of its registers (it runs at the register limit with them), from the X it stored.
+    Same operands in the same dtypes, so the same numbers up to the order of fp32 accumulation."""
+    i_t, i_bh, i_wu = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    dtype = w.dtype.element_ty
+    i_s = i_t * BT
+    o_t = i_s + tl.arange(0, BT)
+    m_t = o_t < T
+    # X: only its lower triangle was written (the rest of the buffer is uninitialised)
+    m_X = m_t[:, None] & (o_t[:, None] >= o_t[None, :])
+    p_X = x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + tl.arange(0, BT)[None, :]
+    b_X = tl.load(p_X, mask=m_X, other=0.)
+    b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)), 0.)
+    if i_wu == 0:
+        b_gc = tl.load(g_cumsum + (bos + o_t) * HV + i_h, mask=m_t, other=0.)
+        b_k = _load_rows(kn + bos * H * K + i_hk * K, i_s, T, H * K, K, BT, BK)
+        b_kg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
+        b_w = tl.dot(b_X, b_kg, input_precision=DOT_PRECISION)
+        _store_rows(w + bos * HV * K + i_h * K, b_w, i_s, T, HV * K, K, BT, BK)
+    else:
+        b_v = _load_rows(v + bos * stride_v + i_h * V, i_s, T, stride_v, V, BT, BV)
+        b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(dtype)
+        b_u = tl.dot(b_X, b_vb, input_precision=DOT_PRECISION)
+        _store_rows(u + bos * HV * V + i_h * V, b_u, i_s, T, HV * V, V, BT, BV)
 
 
 @triton.jit
@@ -461,6 +524,15 @@ def chunk_gdn_fwd(
     return out["o"], out["final_state"]
 
 
+# The prepare step as one kernel (False) or as the inverse kernel + a w/u kernel (True). The one kernel runs at the
+# register limit (255, with spills). Compiled offline for sm_90 (Triton 3.6, 9B heads, bf16), the split's inverse
+# kernel is still at 255 with ~180 B of spills (the k blocks and the 16x16 A and X blocks, not w/u, fill the
+# registers), and its w/u kernel takes 106. So the split alone does not cure it, and it writes and reads
+# X [T, Hv, 64] once more. Whether it is faster is for `benchmarks/sweep_kernels.py --kernels prepare` on the GPU
+# to say. Not measured yet, so it stays off.
+SPLIT_PREPARE = False
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (132 on an H100); 1 elsewhere (the CPU interpreter)."""
@@ -503,11 +575,18 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
     w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
     u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
-    x_inv = torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device) if store_x else None
+    split = SPLIT_PREPARE
+    x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device) if store_x or split
+             else None)
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
     chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
         k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
-        v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, STORE_KN=True, num_warps=4, **common)
+        v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x or split, STORE_KN=True, STORE_WU=not split, num_warps=4,
+        **common)
+    if split:
+        chunk_gdn_fwd_wu_kernel[(grid_chunks, batch * value_heads, 2)](
+            k_normed, v, b, g_cumsum, x_inv, w, u, cu_seqlens, chunk_indices, length, v.stride(1), BV=BV_full,
+            num_warps=4, **common)
 
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
