@@ -1,7 +1,8 @@
 """Launch settings of the prefill kernels on the GPU: the chunked GDN forward's three kernels (prepare, the
 sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
 
-    python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--kernels h,o,prepare,conv]
+    python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick]
+                                        [--kernels h,o,prepare,conv]
 
 For each shape (B=1, bf16): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
 wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, with k normalised in the kernel
@@ -265,7 +266,8 @@ def main() -> None:
     for model, length, BV, num_warps, num_stages, norm_k, ms, check in sorted(
             rows, key=lambda r: (r[0], r[1], str(r[2])[:1], float("inf") if r[6] is None or r[6] != r[6] else r[6])):
         per_chunk = "-" if ms is None or norm_k is None else f"{ms * 1e3 / triton.cdiv(length, 64):.2f}"
-        lines.append(f"| {model} | {length} | {BV} | {num_warps} | {num_stages} | {'-' if norm_k is None else 'in' if norm_k else 'pre'} | "
+        norm = "-" if norm_k is None else "in" if norm_k else "pre"
+        lines.append(f"| {model} | {length} | {BV} | {num_warps} | {num_stages} | {norm} | "
                      f"{'-' if ms is None else f'{ms:.4f}'} | {per_chunk} | {check} |")
     table = "\n".join(lines)
     print(table)

@@ -131,9 +131,10 @@ class Engine:
     def step(self) -> list[tuple[Sequence, StreamRecord]]:
         """Advance every scheduled sequence; return a record for each one that produced a token.
 
-        With `overlap_decode`, a decode step sampled on the device is read back one call later: this call launches the next
-        step first (when nothing but the same sequences' next tokens can be scheduled), then reads this one, so the
-        GPU does not wait for the host between such steps. Every call still returns one step's tokens."""
+        With `overlap_decode`, a decode step sampled on the device is read back one call later: this call launches
+        the next step first (when nothing but the same sequences' next tokens can be scheduled), then reads this
+        one, so the GPU does not wait for the host between such steps. Every call still returns one step's
+        tokens."""
         if self._inflight is None:
             output = self.scheduler.schedule()
             if not output.chunks:

@@ -8,8 +8,8 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
 from hybridlm.ops import dispatch
-from hybridlm.ops.dispatch import (causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope, sigmoid_gate,
-                                   silu_mul)
+from hybridlm.ops.dispatch import (causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope,
+                                   sigmoid_gate, silu_mul)
 
 
 class RMSNorm(nn.Module):

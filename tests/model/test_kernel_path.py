@@ -56,8 +56,8 @@ def test_forward_on_kernels_matches_reference(checkpoint, family, request):
 
 
 def test_fused_input_projections(checkpoint, tmp_path):
-    """One GEMM for each block's input projections (GDN, attention, MLP): same logits, weights shared (not copied), gradients
-    through the unfused path, a later .to() falls back safely, and the model still saves and reloads."""
+    """One GEMM for each block's input projections (GDN, attention, MLP): same logits, weights shared (not copied),
+    gradients through the unfused path, a later .to() falls back safely, and the model still saves and reloads."""
     directory, _ = checkpoint("qwen3_5_text")
     model = hybridlm.load(directory)
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))

@@ -11,7 +11,6 @@ import triton.language as tl
 from hybridlm.ops.varlen import host_bounds, host_memo
 
 
-
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots ("ieee"); bf16/fp16 operands run on tensor cores anyway."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -22,9 +21,9 @@ def prepare_chunks(cu_seqlens: torch.Tensor, chunk_size: int, device: torch.devi
     """Tables for packed sequences, chunks never straddling a sequence boundary; computed once per cu_seqlens
     tensor and chunk size (every layer of a forward shares them).
 
-    Returns cu_seqlens as int32 on `device` (default: its own), chunk_indices [NT, 2] int32 (sequence id, chunk id within it) for
-    the chunk-parallel kernels, chunk_offsets [N + 1] int32 (first global chunk of each sequence) for the
-    sequential state pass, and NT.
+    Returns cu_seqlens as int32 on `device` (default: its own), chunk_indices [NT, 2] int32 (sequence id, chunk
+    id within it) for the chunk-parallel kernels, chunk_offsets [N + 1] int32 (first global chunk of each
+    sequence) for the sequential state pass, and NT.
     """
     bounds, memo = host_bounds(cu_seqlens), host_memo(cu_seqlens)
     device = cu_seqlens.device if device is None else torch.device(device)
