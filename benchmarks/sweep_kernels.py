@@ -73,6 +73,24 @@ def kernel_times(args) -> dict[str, float]:
     return times
 
 
+def max_rel_diff(pairs) -> float:
+    """Largest max|x - y| / max|y| over (ours, the wrapper's) pairs."""
+    return max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item() for x, y in pairs)
+
+
+def timed_setting(rows, model, length, label, num_warps, num_stages, launch, pairs) -> None:
+    """Time `launch`, check its outputs against the wrapper's (`pairs` of tensors, compared after the timing) and
+    record a row; a setting that does not compile or launch (e.g. out of shared memory) is recorded by its error."""
+    try:
+        ms = time_ms(launch)
+    except Exception as error:
+        rows.append((model, length, label, num_warps, num_stages, None, None, type(error).__name__))
+        return
+    error = max_rel_diff(pairs)
+    rows.append((model, length, label, num_warps, num_stages, None, ms, f"{error:.1e}"))
+    print(f"  {label} warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
+
+
 def sweep(model, length, quick, rows):
     heads = MODELS[model]
     key_heads, value_heads, d = heads
@@ -111,8 +129,7 @@ def sweep(model, length, quick, rows):
         except Exception as error:  # e.g. OutOfResources for a large BV with many stages
             rows.append((model, length, BV, num_warps, num_stages, norm_k, None, type(error).__name__))
             continue
-        error = max((v_new.float() - out["v_new"].float()).abs().max().item() / out["v_new"].float().abs().max().item(),
-                    (final - out["final_state"]).abs().max().item() / out["final_state"].abs().max().item())
+        error = max_rel_diff([(v_new, out["v_new"]), (final, out["final_state"])])
         rows.append((model, length, BV, num_warps, num_stages, norm_k, ms, f"{error:.1e}"))
         per_chunk = ms * 1e3 / chunks
         print(f"  BV={BV:3d} warps={num_warps} stages={num_stages} norm_k={'in' if norm_k else 'pre'}: "
@@ -141,15 +158,7 @@ def sweep_o(model, length, rows):
                 q, k, out["v_new"], out["h"], out["g_cumsum"], o, None, None, out["scale"], length, q.stride(1),
                 k.stride(1), BV=BV, num_warps=num_warps, num_stages=num_stages, **common)
 
-        try:
-            ms = time_ms(launch)
-        except Exception as error:
-            rows.append((model, length, f"o BV={BV}", num_warps, num_stages, None, None, type(error).__name__))
-            continue
-        error = (o.float() - out["o"].float()).abs().max().item() / out["o"].float().abs().max().item()
-        rows.append((model, length, f"o BV={BV}", num_warps, num_stages, None, ms, f"{error:.1e}"))
-        print(f"  o kernel BV={BV:3d} warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}",
-              flush=True)
+        timed_setting(rows, model, length, f"o BV={BV}", num_warps, num_stages, launch, [(o, out["o"])])
 
 
 def sweep_prepare(model, length, rows):
@@ -174,16 +183,8 @@ def sweep_prepare(model, length, rows):
                 BC=gdn_chunk.SUB_CHUNK, BV=BK, STORE_X=False, STORE_KN=True, num_warps=num_warps,
                 num_stages=num_stages, **common)
 
-        label = f"prepare w={num_warps}"
-        try:
-            ms = time_ms(launch)
-        except Exception as error:
-            rows.append((model, length, label, num_warps, num_stages, None, None, type(error).__name__))
-            continue
-        error = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
-                    for x, y in ((w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])))
-        rows.append((model, length, label, num_warps, num_stages, None, ms, f"{error:.1e}"))
-        print(f"  prepare warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
+        timed_setting(rows, model, length, f"prepare w={num_warps}", num_warps, num_stages, launch,
+                      [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
     # SPLIT_PREPARE: the inverse kernel (no w, u) + the w/u kernel reading the stored X
     x_inv = torch.empty(1, length, value_heads, gdn_chunk.CHUNK_SIZE, dtype=k.dtype, device=k.device)
     for num_warps in (4, 8):
@@ -197,16 +198,8 @@ def sweep_prepare(model, length, rows):
             gdn_chunk.chunk_gdn_fwd_wu_kernel[(chunks, value_heads, 2)](
                 kn, v, b, g, x_inv, w, u, None, None, length, v.stride(1), BV=BK, num_warps=4, **common)
 
-        label = f"prepare split w={num_warps}"
-        try:
-            ms = time_ms(launch_split)
-        except Exception as error:
-            rows.append((model, length, label, num_warps, 3, None, None, type(error).__name__))
-            continue
-        error = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
-                    for x, y in ((w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])))
-        rows.append((model, length, label, num_warps, 3, None, ms, f"{error:.1e}"))
-        print(f"  prepare split (inverse warps={num_warps}) + w/u: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
+        timed_setting(rows, model, length, f"prepare split w={num_warps}", num_warps, 3, launch_split,
+                      [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
 
 
 def sweep_conv(model, length, rows):
