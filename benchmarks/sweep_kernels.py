@@ -91,23 +91,28 @@ def timed_setting(rows, model, length, label, num_warps, num_stages, launch, pai
     print(f"  {label} warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
 
 
+def forward_case(model, length):
+    """Inputs at this shape, the wrapper's intermediates (final state included) to check every setting against,
+    and the launch arguments the three GDN kernels share."""
+    key_heads, value_heads, d = MODELS[model]
+    args = inputs(length, MODELS[model])
+    out = gdn_chunk._chunk_gdn_fwd(*args, scale=None, initial_state=None, output_final_state=True, cu_seqlens=None)
+    common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE,
+                  BK=max(16, triton.next_power_of_2(d)), IS_VARLEN=False, DOT_PRECISION="tf32")
+    return args, out, common, triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
+
+
 def sweep(model, length, quick, rows):
-    heads = MODELS[model]
-    key_heads, value_heads, d = heads
-    args = inputs(length, heads)
-    q, k, v, a, b, A_log, dt_bias = args
-    out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
-                                   output_final_state=True, cu_seqlens=None)
-    chunks = triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
+    _, value_heads, d = MODELS[model]
+    args, out, common, chunks = forward_case(model, length)
+    k = args[1]
     split = kernel_times(args)
     if split:
         total = sum(split.values())
         print(f"{model} T={length}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in split.items())
               + f" (sum {total:.3f} ms)", flush=True)
     k_normed = l2norm(k.float()).to(k.dtype)
-    BK = max(16, triton.next_power_of_2(d))
-    common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE, BK=BK, IS_VARLEN=False,
-                  DOT_PRECISION="tf32", USE_INITIAL_STATE=False, STORE_FINAL_STATE=True)
+    common = dict(common, USE_INITIAL_STATE=False, STORE_FINAL_STATE=True)
     grid_bv = (16, 32, 64) if not quick else (32, 64)
     warps = (2, 4, 8) if not quick else (4, 8)
     stages = (1, 2, 3, 4) if not quick else (2, 3)
@@ -139,15 +144,8 @@ def sweep(model, length, quick, rows):
 def sweep_o(model, length, rows):
     """The output kernel over BV x num_warps x num_stages: every V block recomputes q k^T, so wider blocks do less
     of that; checked against the wrapper's output."""
-    heads = MODELS[model]
-    key_heads, value_heads, d = heads
-    q, k, v, a, b, A_log, dt_bias = inputs(length, heads)
-    out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
-                                   output_final_state=False, cu_seqlens=None)
-    BK = max(16, triton.next_power_of_2(d))
-    common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE, BK=BK, IS_VARLEN=False,
-                  DOT_PRECISION="tf32")
-    chunks = triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
+    _, value_heads, d = MODELS[model]
+    (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length)
     for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):
         if BV > d:
             continue
@@ -164,15 +162,9 @@ def sweep_o(model, length, rows):
 def sweep_prepare(model, length, rows):
     """The prepare kernel (gates, KKT, the triangular inverse, w and u) over num_warps x num_stages: it runs at the
     register limit with spills at 4 warps (compile_check.py)."""
-    heads = MODELS[model]
-    key_heads, value_heads, d = heads
-    q, k, v, a, b, A_log, dt_bias = inputs(length, heads)
-    out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
-                                   output_final_state=False, cu_seqlens=None)
-    BK = max(16, triton.next_power_of_2(d))
-    common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE, BK=BK, IS_VARLEN=False,
-                  DOT_PRECISION="tf32")
-    chunks = triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
+    _, value_heads, d = MODELS[model]
+    (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length)
+    BK = common["BK"]
     A_log32, dt32 = A_log.float(), dt_bias.float()
     for num_warps, num_stages in itertools.product((2, 4, 8), (1, 2, 3)):
         g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
