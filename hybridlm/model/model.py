@@ -107,6 +107,10 @@ class HybridLM(nn.Module):
         batch, length = input_ids.shape
         if length == 0:
             raise ValueError("input_ids is empty (0 tokens)")
+        device = self.embed_tokens.weight.device  # inputs built on the CPU follow the model (as a user expects)
+        input_ids = input_ids.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
         vocab = self.config.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got min {int(input_ids.min())}, max {int(input_ids.max())}")

@@ -33,6 +33,19 @@ def test_cuda_logits_match_the_cpu_reference(models, length):
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
 
 
+def test_inputs_on_the_cpu_follow_the_model(models):
+    """ids and attention mask built on the CPU work with a model on CUDA (moved, not refused)."""
+    _, _, cuda = models
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        expected = cuda(ids.cuda(), attention_mask=mask.cuda())
+        got = cuda(ids, attention_mask=mask)
+    assert got.device == expected.device
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_packed_prefill_on_cuda(models):
     _, cpu, cuda = models
     ids = torch.randint(0, VOCAB, (1, 131), generator=torch.Generator().manual_seed(1))

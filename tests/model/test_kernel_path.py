@@ -37,7 +37,7 @@ def kernels_forced(monkeypatch):
 @pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_next"])
 def test_forward_on_kernels_matches_reference(checkpoint, family, request):
     directory, _ = checkpoint(family)
-    model = hybridlm.load(directory)
+    model = hybridlm.load(directory, device="cpu")  # the interpreter runs the kernels
     ids = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(ids)
@@ -59,7 +59,7 @@ def test_fused_input_projections(checkpoint, tmp_path):
     """One GEMM for each block's input projections (GDN, attention, MLP): same logits, weights shared (not copied),
     gradients through the unfused path, a later .to() falls back safely, and the model still saves and reloads."""
     directory, _ = checkpoint("qwen3_5_text")
-    model = hybridlm.load(directory)
+    model = hybridlm.load(directory, device="cpu")  # the interpreter runs the kernels
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = model(ids)
@@ -90,7 +90,7 @@ def test_fused_input_projections(checkpoint, tmp_path):
     assert gdn.in_proj_a.weight.grad is not None and gdn.in_proj_a.weight.grad.abs().sum() > 0
 
     hybridlm.save(model, tmp_path / "saved")
-    reloaded = hybridlm.load(tmp_path / "saved")
+    reloaded = hybridlm.load(tmp_path / "saved", device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), expected, atol=1e-5, rtol=1e-5)
         model.to(torch.float64)  # splits the shared weights: the layer must notice and use its own projections

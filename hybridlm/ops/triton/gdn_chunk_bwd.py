@@ -439,18 +439,14 @@ def chunk_gdn_bwd_qk_norm_kernel(
 def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
     """Why the Triton backward is not yet trusted for these shapes on a GPU, or None if it is.
 
-    Checked against float64 autograd on an H100 (Triton 3.6, 2026-11-23, `benchmarks/gpu_tests.py`): bf16 and fp16
-    at head dims 16 to 128 (16-wide dims since tiles are padded to 32; before, they faulted or gave wrong
-    gradients), packed sequences included, and fp32 up to 64. fp32 at 128 once failed in the dh kernel (280 KB of
-    shared memory with 3 stages; it now runs 2 and compiles for sm_90) and has not run on a GPU since
-    (`test_bwd_full_size_heads`). Untrusted shapes train through the differentiable reference."""
+    Checked against float64 autograd on an H100 (Triton 3.6, `benchmarks/gpu_tests.py`): bf16 and fp16 at head dims
+    16 to 128 (16-wide dims since tiles are padded to 32; before, they faulted or gave wrong gradients), packed
+    sequences included; fp32 up to 64, and since 2026-11-23 (fifth session) fp32 at 64/128 and 128/128 as well
+    (the dh kernel once needed 280 KB of shared memory there; it runs 2 stages now). Untrusted shapes train
+    through the differentiable reference."""
     largest, smallest = max(dk, dv), min(dk, dv)
-    if dtype in (torch.bfloat16, torch.float16):
-        if smallest < 16 or largest > 128:
-            return f"{dtype} head dims {dk}/{dv} (verified: 16 to 128)"
-        return None
-    if largest > 64:
-        return f"{dtype} head dims {dk}/{dv} (verified in fp32: up to 64)"
+    if smallest < 16 or largest > 128:
+        return f"{dtype} head dims {dk}/{dv} (verified: 16 to 128)"
     return None
 
 
