@@ -13,6 +13,8 @@ first).
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 
@@ -25,10 +27,20 @@ def extend_block_hashes(hashes: list[bytes], token_ids: Seq[int], block_size: in
     previous = hashes[-1] if hashes else b""
     for start in range(len(hashes) * block_size, limit - block_size + 1, block_size):
         digest = hashlib.blake2b(previous, digest_size=16)
-        digest.update(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids[start : start + block_size]))
+        digest.update(_as_bytes(token_ids[start : start + block_size]))
         previous = digest.digest()
         hashes.append(previous)
     return hashes
+
+
+def _as_bytes(token_ids: Seq[int]) -> bytes:
+    """Token ids as little-endian uint32 bytes (one C-level conversion, not one Python call per token)."""
+    packed = array("I", token_ids)
+    if packed.itemsize != 4:  # no C unsigned int of 4 bytes here: the slow, portable way
+        return b"".join(int(t).to_bytes(4, "little", signed=False) for t in token_ids)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def block_hashes(token_ids: Seq[int], block_size: int, limit: int | None = None) -> list[bytes]:
@@ -130,14 +142,28 @@ class BlockManager:
         if digest in self.snapshots:
             self.snapshots.move_to_end(digest)
             return None  # already saved
-        if self.free_snapshot_slots:
-            slot = self.free_snapshot_slots.pop()
-        elif self.snapshots:
-            _, slot = self.snapshots.popitem(last=False)  # least recently used
-        else:
-            return None
-        self.snapshots[digest] = slot
+        slot = self.take_snapshot_slot()
+        if slot is not None:
+            self.snapshots[digest] = slot
         return slot
+
+    def take_snapshot_slot(self) -> int | None:
+        """A snapshot slot not yet keyed (a free one, else the least recently used); None if there are none."""
+        if self.free_snapshot_slots:
+            return self.free_snapshot_slots.pop()
+        if self.snapshots:
+            return self.snapshots.popitem(last=False)[1]
+        return None
+
+    def key_snapshot(self, digest: bytes, slot: int) -> bool:
+        """Index a slot taken by `take_snapshot_slot` (and since filled) under `digest`; if that prefix is already
+        saved, the slot goes back to the free ones. Returns whether it was indexed."""
+        if digest in self.snapshots:
+            self.snapshots.move_to_end(digest)
+            self.free_snapshot_slots.append(slot)
+            return False
+        self.snapshots[digest] = slot
+        return True
 
     # ---- prefix matching -----------------------------------------------------------------------------
     def match_prefix(self, hashes: Seq[bytes], num_tokens: int) -> tuple[int, list[int], int | None]:

@@ -22,7 +22,7 @@ from hybridlm.engine.params import SamplingParams
 from hybridlm.engine.runner import ModelRunner
 from hybridlm.engine.sampler import Sampler
 from hybridlm.engine.scheduler import Scheduler, SchedulerOutput
-from hybridlm.engine.sequence import Sequence
+from hybridlm.engine.sequence import PLACEHOLDER, Sequence
 from hybridlm.model import HybridLM
 
 
@@ -181,22 +181,20 @@ class Engine:
 
     def _can_run_ahead(self, current: _InFlight) -> bool:
         """Whether the next step can be scheduled before `current`'s tokens are known: it would feed exactly those
-        tokens to the same sequences (nothing waiting, no sequence gone, none at its token limit or at a block
-        boundary, where a prefix-cache snapshot would hash the unknown token, and blocks to spare)."""
+        tokens to the same sequences (nothing waiting, no sequence gone, none at its token limit, and blocks to
+        spare). A step that completes a block still runs ahead: the scheduler keys its state snapshot by the
+        block's hash only at commit, once the token is real."""
         running = self.scheduler.running
         if (self.scheduler.waiting or len(running) != len(current.sequences)
                 or any(a is not b for a, b in zip(running, current.sequences))):
             return False
-        context, size, needed = self.model.config.max_position_embeddings, self.plan.block_size, 0
+        context, needed = self.model.config.max_position_embeddings, 0
         for sequence in running:
             if not self._samples_on_device(sequence):
                 return False
             if len(sequence.output_token_ids) + 1 >= sequence.params.max_tokens or sequence.num_tokens + 1 >= context:
                 return False
-            end = sequence.num_computed + 1
-            if end % size == 0:
-                return False
-            needed += self.blocks.blocks_needed(len(sequence.block_table), end)
+            needed += self.blocks.blocks_needed(len(sequence.block_table), sequence.num_computed + 1)
         return needed <= self.blocks.num_free_blocks
 
     def _launch_tokens(self, output: SchedulerOutput, logits: torch.Tensor) -> _InFlight:
@@ -286,9 +284,6 @@ class Engine:
             for row, value in zip(greedy + [row for row, _ in sampled], values):
                 tokens[row] = value
         return tokens
-
-
-PLACEHOLDER = -1  # an output token still on the device (overlapped decode); replaced before step() returns
 
 
 @dataclass

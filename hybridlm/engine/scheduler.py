@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hybridlm.engine.block_manager import BlockManager, OutOfBlocks, extend_block_hashes
-from hybridlm.engine.sequence import Sequence, Status
+from hybridlm.engine.sequence import PLACEHOLDER, Sequence, Status
 
 
 @dataclass
@@ -56,6 +56,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.decode_snapshots: dict[str, bytes] = {}  # request id -> hash of its latest decode snapshot
+        # request id -> (snapshot slot, end) of a decode snapshot whose block ends in a token still on the device
+        # (a step scheduled ahead): keyed at commit, once the token is known
+        self.pending_snapshots: dict[str, tuple[int, int]] = {}
 
     # ---- requests --------------------------------------------------------------------------------------
     def add(self, sequence: Sequence) -> None:
@@ -80,6 +83,9 @@ class Scheduler:
         sequence.finish_reason = reason
         self._release(sequence)
         self.decode_snapshots.pop(sequence.request_id, None)
+        pending = self.pending_snapshots.pop(sequence.request_id, None)
+        if pending is not None:  # never committed: its slot was never indexed
+            self.blocks.free_snapshot_slots.append(pending[0])
 
     @property
     def has_work(self) -> bool:
@@ -130,16 +136,33 @@ class Scheduler:
         size = self.blocks.block_size
         if end % size or end == 0:
             return None
-        digest = self._hashes(sequence, end)[end // size - 1]
         decoding = sequence.num_computed >= sequence.num_prompt_tokens
-        if decoding:  # keep one decode snapshot per sequence: the latest boundary
-            previous = self.decode_snapshots.get(sequence.request_id)
-            if previous is not None and previous in self.blocks.snapshots:
-                self.blocks.free_snapshot_slots.append(self.blocks.snapshots.pop(previous))
+        if decoding and sequence.token_at(end - 1) == PLACEHOLDER:  # scheduled ahead: key it at commit
+            self._drop_decode_snapshot(sequence)  # first, so that its slot is reused before any other is evicted
+            slot = self.blocks.take_snapshot_slot()
+            if slot is not None:
+                self.pending_snapshots[sequence.request_id] = (slot, end)
+            return slot
+        digest = self._hashes(sequence, end)[end // size - 1]
+        if decoding:
+            self._drop_decode_snapshot(sequence)
         slot = self.blocks.save_snapshot(digest)
         if decoding and slot is not None:
             self.decode_snapshots[sequence.request_id] = digest
         return slot
+
+    def _drop_decode_snapshot(self, sequence: Sequence) -> None:
+        """Keep one decode snapshot per sequence (the latest boundary): free the one before."""
+        previous = self.decode_snapshots.pop(sequence.request_id, None)
+        if previous is not None and previous in self.blocks.snapshots:
+            self.blocks.free_snapshot_slots.append(self.blocks.snapshots.pop(previous))
+
+    def _key_pending_snapshot(self, sequence: Sequence) -> None:
+        """A snapshot taken by a step scheduled ahead: its block's tokens are real now, so index it."""
+        slot, end = self.pending_snapshots.pop(sequence.request_id)
+        digest = self._hashes(sequence, end)[end // self.blocks.block_size - 1]
+        if self.blocks.key_snapshot(digest, slot):
+            self.decode_snapshots[sequence.request_id] = digest
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
@@ -201,6 +224,8 @@ class Scheduler:
         for chunk in output.chunks:
             sequence = chunk.sequence
             sequence.num_computed = chunk.start + chunk.length
+            if sequence.request_id in self.pending_snapshots:
+                self._key_pending_snapshot(sequence)
             full = sequence.num_computed // self.blocks.block_size
             if full > sequence.num_registered_blocks:
                 hashes = self._hashes(sequence, sequence.num_computed)[:full]

@@ -10,6 +10,8 @@ from hybridlm.engine.params import SamplingParams
 
 _ids = itertools.count()
 
+PLACEHOLDER = -1  # an output token still on the device (overlapped decode); replaced before the engine's step returns
+
 
 class Status(enum.Enum):
     WAITING = "waiting"

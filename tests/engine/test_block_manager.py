@@ -66,6 +66,31 @@ def test_snapshots_are_bounded_and_lru():
     assert c == b and second not in blocks.snapshots and first in blocks.snapshots
 
 
+def test_block_hashes_are_of_uint32_little_endian_token_ids():
+    import hashlib
+
+    tokens = [0, 1, 255, 256, 2**32 - 1, 151_643, 7, 9]
+    expected = hashlib.blake2b(b"", digest_size=16)
+    expected.update(b"".join(t.to_bytes(4, "little") for t in tokens[:4]))
+    assert block_hashes(tokens, 4)[0] == expected.digest()
+    with pytest.raises(OverflowError):
+        block_hashes([-1, 0, 0, 0], 4)  # a placeholder (-1) is never hashed
+
+
+def test_snapshot_slots_keyed_later():
+    """A slot taken before its key is known (a step scheduled ahead) is indexed later, or given back if that
+    prefix was saved meanwhile."""
+    blocks = BlockManager(num_blocks=1, block_size=4, num_state_slots=1, num_snapshot_slots=2)
+    first, second = bytes([1]) * 16, bytes([2]) * 16
+    slot = blocks.take_snapshot_slot()
+    assert blocks.key_snapshot(first, slot) and blocks.snapshots[first] == slot
+    other = blocks.take_snapshot_slot()  # the last free one
+    assert blocks.save_snapshot(second) == slot  # no slot free: `first` is evicted
+    assert first not in blocks.snapshots
+    assert not blocks.key_snapshot(second, other)  # saved meanwhile: the slot goes back
+    assert blocks.free_snapshot_slots == [other] and blocks.snapshots == {second: slot}
+
+
 def make(n, max_tokens=4):
     return Sequence(list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens))
 

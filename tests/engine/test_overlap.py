@@ -21,15 +21,17 @@ def llm(checkpoint):
 
 
 def engine_pair(llm, **config):
-    """The same engine with and without the overlap, and a count of steps scheduled ahead on device ids."""
+    """The same engine with and without the overlap, a count of steps scheduled ahead on device ids, and of those
+    that save a state snapshot (a block completed by a token still on the device)."""
     engines = {}
     for overlap in (True, False):
         engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(overlap_decode=overlap, **config))
-        engine.ahead = 0
+        engine.ahead = engine.ahead_snapshots = 0
         execute = engine.runner.execute
 
         def counted(output, input_ids=None, _engine=engine, _execute=execute):
             _engine.ahead += input_ids is not None
+            _engine.ahead_snapshots += input_ids is not None and any(c.save_to is not None for c in output.chunks)
             return _execute(output, input_ids=input_ids)
 
         engine.runner.execute = counted
@@ -87,9 +89,30 @@ def test_blocks_registered_while_ahead_hash_the_real_tokens(llm):
     first = run(overlapped, [(prompt, params)])[0]
     follow = prompt + first.output_token_ids[:36]  # 56 tokens: three full blocks of 16, the last from decoding
     short = hybridlm.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert overlapped.ahead_snapshots == 2  # the snapshots at 32 and 48 were taken by steps run ahead
+    assert overlapped.scheduler.pending_snapshots == {}
     second = run(overlapped, [(follow, short)])[0]
     assert second.num_cached_prompt_tokens == 48
     assert second.output_token_ids == reference(llm, follow, short)
+
+
+def test_snapshots_taken_ahead_free_their_slots(llm):
+    """Many requests crossing block boundaries while running ahead (the usual case at large batches, where some row
+    is at a boundary in nearly every step): outputs equal the plain engine's, one decode snapshot per request is
+    kept until it ends, and every slot taken ahead is indexed or given back."""
+    batch = prompts([3, 14, 29, 47, 60, 8, 21, 36], seed=7)
+    params = [hybridlm.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (40, 33, 50, 21,
+                                                                                                 45, 38, 27, 52)]
+    overlapped, plain = engine_pair(llm, **CONFIG)
+    got = run(overlapped, list(zip(batch, params)))
+    expected = run(plain, list(zip(batch, params)))
+    assert [s.output_token_ids for s in got] == [s.output_token_ids for s in expected]
+    assert overlapped.ahead_snapshots >= 8
+    blocks, scheduler = overlapped.blocks, overlapped.scheduler
+    assert scheduler.pending_snapshots == {} and scheduler.decode_snapshots == {}
+    slots = list(blocks.snapshots.values()) + blocks.free_snapshot_slots
+    assert sorted(slots) == sorted(set(slots))  # no slot indexed twice or both indexed and free
+    assert sorted(blocks.snapshots) == sorted(plain.blocks.snapshots)  # the same prefixes were saved
 
 
 def test_seeded_sampling_runs_ahead_and_matches_the_plain_engine(llm):
