@@ -17,6 +17,16 @@ from hybridlm.ops import dispatch
 from hybridlm.ops.varlen import attach_host_bounds
 
 
+def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor on `device` from host values, without a host sync: on CUDA through pinned memory and an
+    asynchronous copy. (`torch.tensor(values, device="cuda")` waits for the stream to drain: a step that builds
+    its inputs that way stalls the host on the step before, which undoes overlapped decode.)"""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class CachePlan:
     """How many blocks and slots a memory budget buys."""
@@ -195,35 +205,35 @@ class PagedContext(_StateRows):
     ) -> None:
         self.cache = cache
         self.starts, self.lengths, self.block_tables = starts, lengths, block_tables
-        self.slots = torch.tensor(state_slots, dtype=torch.long, device=device)
+        self.slots = device_tensor(state_slots, device, torch.long)
         positions = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
-        self.positions = torch.tensor(positions, device=device)[None]  # [1, N]
+        self.positions = device_tensor(positions, device, torch.long)[None]  # [1, N]
         # where each new token's K/V goes: block_table[position // block_size] * block_size + offset
         size = cache.plan.block_size
         slot_mapping = [table[p // size] * size + p % size
                         for s, n, table in zip(starts, lengths, block_tables) for p in range(s, s + n)]
-        self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=device)
+        self.slot_mapping = device_tensor(slot_mapping, device, torch.long)
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
         # the kernels' varlen tables come from these host values: no layer reads cu_seqlens back (a sync each)
-        self.cu_seqlens = attach_host_bounds(torch.tensor(offsets, device=device), offsets)
+        self.cu_seqlens = attach_host_bounds(device_tensor(offsets, device, torch.long), offsets)
         # on CUDA every chunk, decode rows included, attends in one launch of the paged prefill kernel
         self.one_launch = one_launch and dispatch.use_kernels(self.slots)
         if self.one_launch:
             self.max_len = max(lengths)
             self.rows = self.slots.to(torch.int32)
             self.cu_seqlens32 = attach_host_bounds(self.cu_seqlens.to(torch.int32), offsets)
-            self.starts = torch.tensor(starts, dtype=torch.int32, device=device)
+            self.starts = device_tensor(starts, device, torch.int32)
             return
         decode_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if n == 1 and s > 0]
         self.prefill_rows = [i for i, (s, n) in enumerate(zip(starts, lengths)) if not (n == 1 and s > 0)]
         self.decode_tokens = None
         if decode_rows:
-            self.decode_tokens = torch.tensor([offsets[i] for i in decode_rows], dtype=torch.long, device=device)
-            self.decode_slots = torch.tensor([state_slots[i] for i in decode_rows], dtype=torch.int32, device=device)
-            self.decode_lens = torch.tensor([starts[i] + 1 for i in decode_rows], dtype=torch.int32, device=device)
+            self.decode_tokens = device_tensor([offsets[i] for i in decode_rows], device, torch.long)
+            self.decode_slots = device_tensor([state_slots[i] for i in decode_rows], device, torch.int32)
+            self.decode_lens = device_tensor([starts[i] + 1 for i in decode_rows], device, torch.int32)
 
     def decode_pools(self, layer: int) -> None:
         return None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridlm.engine.block_manager import BlockManager
-from hybridlm.engine.cache import EngineCache, plan_cache
+from hybridlm.engine.cache import EngineCache, device_tensor, plan_cache
 from hybridlm.engine.detokenize import TextStream
 from hybridlm.engine.generate import StreamRecord, check_prompt
 from hybridlm.engine.params import SamplingParams
@@ -276,7 +276,7 @@ class Engine:
                 tokens[row] = int(sampler(logits[row], self._seen(sequence)))
         parts = []
         if greedy:
-            rows = logits if len(greedy) == len(sequences) else logits[torch.tensor(greedy, device=logits.device)]
+            rows = logits if len(greedy) == len(sequences) else logits[device_tensor(greedy, logits.device, torch.long)]
             parts.append(rows.argmax(-1))
         parts += [token.view(1) for _, token in sampled]
         if parts:

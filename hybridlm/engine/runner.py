@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from hybridlm.engine.cache import DecodeContext, EngineCache, PagedContext
+from hybridlm.engine.cache import DecodeContext, EngineCache, PagedContext, device_tensor
 from hybridlm.engine.graphs import DecodeGraphs
 from hybridlm.engine.scheduler import Chunk, SchedulerOutput
 from hybridlm.model import HybridLM
@@ -47,18 +47,18 @@ class ModelRunner:
         """Fresh sequences start from zero; prefix-cache hits start from their snapshot."""
         reset = [c.sequence.state_slot for c in output.chunks if c.reset_state]
         if reset:
-            self.cache.zero_state(torch.tensor(reset, device=self.device))
+            self.cache.zero_state(device_tensor(reset, self.device, torch.long))
         restores = [(self.cache.snapshot_index(c.restore_from), c.sequence.state_slot)
                     for c in output.chunks if c.restore_from is not None]
         if restores:
-            source, target = (torch.tensor(x, device=self.device) for x in zip(*restores))
+            source, target = (device_tensor(x, self.device, torch.long) for x in zip(*restores))
             self.cache.copy_state(source, target)
 
     def _save_snapshots(self, output: SchedulerOutput) -> None:
         saves = [(c.sequence.state_slot, self.cache.snapshot_index(c.save_to))
                  for c in output.chunks if c.save_to is not None]
         if saves:
-            source, target = (torch.tensor(x, device=self.device) for x in zip(*saves))
+            source, target = (device_tensor(x, self.device, torch.long) for x in zip(*saves))
             self.cache.copy_state(source, target)
 
     def _sync_block_tables(self, chunks: list[Chunk]) -> None:
@@ -76,8 +76,8 @@ class ModelRunner:
                 blocks += table[start:]
                 self._tables[slot] = list(table)
         if blocks:
-            index = torch.tensor([rows, columns], device=self.device)
-            self.cache.block_tables[index[0], index[1]] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+            index = device_tensor([rows, columns], self.device, torch.long)
+            self.cache.block_tables[index[0], index[1]] = device_tensor(blocks, self.device, torch.int32)
 
     def _decode(self, chunks: list[Chunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`input_ids` [n] on the device, when the step's input tokens are not on the host yet (overlapped decode)."""
@@ -89,8 +89,8 @@ class ModelRunner:
         lengths = [p + 1 for p in positions]
         if self.graphs is not None and len(chunks) <= self.graphs.buckets[-1]:
             return self.graphs.run(ids, positions, slots, mapping, lengths, input_ids=input_ids)
-        ids_t, positions_t, slots_t, mapping_t, lengths_t = torch.tensor(
-            [ids, positions, slots, mapping, lengths], dtype=torch.long).to(self.device, non_blocking=True)
+        ids_t, positions_t, slots_t, mapping_t, lengths_t = device_tensor(
+            [ids, positions, slots, mapping, lengths], self.device, torch.long)
         if input_ids is not None:
             ids_t = input_ids
         context = DecodeContext(self.cache, positions_t, slots_t.to(torch.int32), mapping_t, lengths_t.to(torch.int32))
@@ -119,13 +119,13 @@ class ModelRunner:
                 device=self.device,
                 one_launch=self.paged_prefill_kernel,
             )
-            input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[None]
+            input_ids = device_tensor(tokens, self.device, torch.long)[None]
             ends, total = [], 0
             for c in chunks:
                 total += c.length
                 if c.samples:
                     ends.append(total - 1)
-            indices = torch.tensor(ends, dtype=torch.long, device=self.device)
+            indices = device_tensor(ends, self.device, torch.long)
             logits = self.model.forward_with_context(input_ids, context, logits_indices=indices)
         self._save_snapshots(output)
         return logits
