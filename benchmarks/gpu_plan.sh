@@ -51,8 +51,38 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds forward,train > "$OUT/gdn.log" 2>&1
     tail -40 "$OUT/gdn.log"
     ;;
+  5)  # fifth session: the decode GEMVs (tests, kernel timings, decode with and without them), 256 requests
+    timeout 170 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gemv.py tests/ops/test_triton_gdn_chunk.py \
+      tests/cuda -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 110 python3 benchmarks/bench_gemv.py --quick > "$OUT/gemv.log" 2>&1
+    timeout 80 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B 9B --no-hf \
+      --log "$OUT/decode_gemv.log" > /dev/null 2>&1
+    HYBRIDLM_GEMV=0 timeout 45 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B --no-hf \
+      --log "$OUT/decode_nogemv.log" > /dev/null 2>&1
+    HYBRIDLM_GEMV_PLAIN=1 timeout 45 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B --no-hf \
+      --log "$OUT/decode_plaingemv.log" > /dev/null 2>&1
+    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --chunk 8192 \
+      --log "$OUT/throughput.log" > /dev/null 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep '^|' "$OUT/gemv.log" | tail -24
+    for f in gemv nogemv plaingemv; do echo "$f:"; grep -h 'decode B=1' "$OUT/decode_$f.log" | grep -v '^|'; done
+    grep -h 'throughput:\|TTFT\|TPOT\|ITL' "$OUT/throughput.log" | grep -v '^|'
+    ;;
+  6)  # fifth session: the phased prepare kernel and the other GDN sweeps; a 256-row decode step profiled
+    timeout 300 python3 benchmarks/sweep_kernels.py --lengths 65536 --quick --kernels prepare,o > "$OUT/sweep.log" 2>&1
+    timeout 150 python3 benchmarks/profile_engine.py --shape 0.8B --device cuda --requests 256 --new-tokens 80 \
+      --chunk 8192 --cache-gib 16 --torch-profile 4 --profile-kind decode --top 25 > "$OUT/profile.log" 2>&1
+    timeout 100 python3 benchmarks/bench_e2e.py --parts prefill --models 0.8B --no-hf --log "$OUT/prefill.log" \
+      > /dev/null 2>&1
+    grep '^|' "$OUT/sweep.log" | head -60
+    head -32 "$OUT/profile.log" | cut -c1-160
+    grep -A6 '| step kind' "$OUT/profile.log"
+    grep -h 'prefill' "$OUT/prefill.log" | grep -v '^|'
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|3|4" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|3|4|5|6" >&2
     exit 2
     ;;
 esac

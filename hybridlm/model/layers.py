@@ -8,8 +8,16 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
 from hybridlm.ops import dispatch
-from hybridlm.ops.dispatch import (causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm, rms_norm_rope,
-                                   sigmoid_gate, silu_mul)
+from hybridlm.ops.dispatch import (causal_conv1d, gated_delta_rule, gated_rms_norm, norm_linear, rms_norm,
+                                   rms_norm_rope, sigmoid_gate, silu_mul, silu_mul_linear)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for an output projection; a plain bias-free nn.Linear goes through `dispatch.linear` (a GEMV
+    kernel at decode sizes where enabled)."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        return dispatch.linear(x, layer.weight)
+    return layer(x)
 
 
 class RMSNorm(nn.Module):
@@ -69,15 +77,26 @@ class FusedLinears:
         self._pointers = [p.weight.data_ptr() for p in self.linears]
         return True
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each projection of x [..., H]: strided slices of one GEMM's output once fused."""
+    def inference_weight(self) -> torch.Tensor | None:
+        """The fused weight [sum of N, H] if one GEMM may serve every projection now: fused, still shared, and no
+        gradient wanted; else None."""
         weights = [p.weight for p in self.linears]
         if (self.weight is None or any(w.data_ptr() != at or w.dtype != self.weight.dtype
                                        for w, at in zip(weights, self._pointers))
                 or (torch.is_grad_enabled() and any(w.requires_grad for w in weights))):
+            return None
+        return self.weight
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The fused GEMM's output [..., sum of N] as each projection's (strided views)."""
+        return y.split([p.weight.shape[0] for p in self.linears], dim=-1)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each projection of x [..., H]: strided slices of one GEMM's output once fused."""
+        fused = self.inference_weight()
+        if fused is None:
             return tuple(p(x) for p in self.linears)
-        fused = self.weight
-        return F.linear(x, fused).split([w.shape[0] for w in weights], dim=-1)
+        return self.split(F.linear(x, fused))
 
 
 class GatedDeltaNet(nn.Module):
@@ -105,14 +124,17 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(value_dim, hidden, bias=False)
         self._inputs = FusedLinears(self.in_proj_qkv, self.in_proj_z, self.in_proj_a, self.in_proj_b)
 
-    def forward(self, x: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: ForwardContext,
+                projected: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """x [B, T, H] (normalised); or, when the caller made the input projections (qkv, z, a, b) itself,
+        `projected`, and x only gives the shape."""
         batch, length, _ = x.shape
         pools = context.decode_pools(self.layer_idx)
         if pools is not None and dispatch.use_kernels(x):
-            return self._fused_decode(x, *pools)
+            return self._fused_decode(x, *pools, projected)
         conv_state, recurrent_state = context.gdn_states(self.layer_idx)
         keep, cu_seqlens = context.keeps_state, context.cu_seqlens
-        qkv, z, a, b = self._inputs(x)
+        qkv, z, a, b = self._inputs(x) if projected is None else projected
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], initial_state=conv_state,
                                         output_final_state=keep, cu_seqlens=cu_seqlens)
         key_dim = self.num_key_heads * self.key_head_dim
@@ -128,21 +150,24 @@ class GatedDeltaNet(nn.Module):
             context.store_gdn_states(self.layer_idx, conv_state, recurrent_state)
         z = z.reshape(batch, length, self.num_value_heads, self.value_head_dim)
         o = self.norm(o, z)  # [B, T, Hv, dv]
-        return self.out_proj(o.reshape(batch, length, -1))
+        return project(self.out_proj, o.reshape(batch, length, -1))
 
     def _fused_decode(self, x: torch.Tensor, conv_pool: torch.Tensor, state_pool: torch.Tensor,
-                      slots: torch.Tensor) -> torch.Tensor:
+                      slots: torch.Tensor, projected: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """One token per row [B, 1, H], states in pools at `slots`: conv shift, conv, SiLU, norms, gates,
         delta rule, gated norm in one kernel launch; the pools are updated in place."""
         batch = x.shape[0]
-        qkv, z, a, b = self._inputs(x[:, 0])
+        if projected is None:
+            qkv, z, a, b = self._inputs(x[:, 0])
+        else:
+            qkv, z, a, b = (t.reshape(batch, t.shape[-1]) for t in projected)
         o = dispatch.kernels().gdn_decode_step(
             qkv, z.view(batch, self.num_value_heads, self.value_head_dim), a, b, self.conv1d.weight[:, 0],
             self.A_log, self.dt_bias,
             conv_pool, state_pool, slots, num_key_heads=self.num_key_heads, key_head_dim=self.key_head_dim,
             value_head_dim=self.value_head_dim, norm_weight=self.norm.weight, norm_eps=self.norm.eps,
         )  # [B, Hv, dv]
-        return self.out_proj(o.reshape(batch, 1, -1))
+        return project(self.out_proj, o.reshape(batch, 1, -1))
 
 
 class GatedAttention(nn.Module):
@@ -170,9 +195,11 @@ class GatedAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         context: ForwardContext,
+        projected: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
+        """x [B, T, H] (normalised), or only its shape when `projected` holds the q, k, v projections."""
         batch, length, _ = x.shape
-        query, k, v = self._inputs(x)
+        query, k, v = self._inputs(x) if projected is None else projected
         query, gate = query.view(batch, length, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         # per-head norm and partial RoPE (one launch each on CUDA)
         q = rms_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)  # [B, Hq, T, D]
@@ -180,7 +207,7 @@ class GatedAttention(nn.Module):
         k = rms_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         o = context.attend(self.layer_idx, q, k, v, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
-        return self.o_proj(sigmoid_gate(o.transpose(1, 2), gate))  # o * sigmoid(gate): one launch on CUDA
+        return project(self.o_proj, sigmoid_gate(o.transpose(1, 2), gate))  # o * sigmoid(gate): one launch on CUDA
 
 
 class MLP(nn.Module):
@@ -270,8 +297,21 @@ class DecoderLayer(nn.Module):
         pending: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream; `pending`: the previous layer's MLP output, not yet added to it. Returns the
-        stream and this layer's MLP output: each residual add happens inside the next norm (one launch on CUDA)."""
-        if pending is None:
+        stream and this layer's MLP output: each residual add happens inside the next norm (one launch on CUDA).
+
+        With fused input projections (`FusedLinears`), each norm feeds its GEMM through `norm_linear`: at decode
+        sizes on CUDA the norm runs in the GEMV's prologue and SwiGLU in the down projection's, one launch each."""
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        fused = mixer._inputs.inference_weight() if context.pad_mask is None else None
+        projected = None
+        if fused is not None:
+            norm = self.input_layernorm
+            if pending is None:
+                y = norm_linear(x, norm.weight, norm.eps, fused)
+            else:
+                y, x = norm_linear(pending, norm.weight, norm.eps, fused, residual=x)
+            h, projected = x, mixer._inputs.split(y)  # the mixer takes only the shape from h
+        elif pending is None:
             h = self.input_layernorm(x)
         else:
             h, x = self.input_layernorm(pending, residual=x)
@@ -280,8 +320,13 @@ class DecoderLayer(nn.Module):
                 # Padding must not touch the recurrent state: zero inputs keep a zero state at zero and
                 # look like the conv's own zero padding (left padding only).
                 h = torch.where(context.pad_mask[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-            h = self.linear_attn(h, context)
+            h = self.linear_attn(h, context, projected)
         else:
-            h = self.self_attn(h, cos, sin, context)
+            h = self.self_attn(h, cos, sin, context, projected)
+        fused = self.mlp._inputs.inference_weight() if isinstance(self.mlp, MLP) else None
+        if fused is not None:
+            norm = self.post_attention_layernorm
+            gate_up, x = norm_linear(h, norm.weight, norm.eps, fused, residual=x)
+            return x, silu_mul_linear(gate_up, self.mlp.down_proj.weight)
         h, x = self.post_attention_layernorm(h, residual=x)  # x + h and its norm in one pass
         return x, self.mlp(h)

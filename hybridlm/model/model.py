@@ -11,6 +11,7 @@ from hybridlm.model.cache import HybridCache
 from hybridlm.model.layers import DecoderLayer, FusedLinears, RMSNorm
 from hybridlm.model.context import ForwardContext
 from hybridlm.ops import rope_cos_sin, rope_inv_freq
+from hybridlm.ops.dispatch import norm_linear
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,10 @@ class HybridLM(nn.Module):
             return t[:, -logits_to_keep:] if logits_to_keep else t
 
         x = kept(x)
-        x = self.norm(x) if pending is None else self.norm(kept(pending), residual=x)[0]
-        return torch.nn.functional.linear(x, self.output_weight())
+        if pending is None:
+            return torch.nn.functional.linear(self.norm(x), self.output_weight())
+        # the last residual add, the final norm and the LM head: one launch at decode sizes on CUDA
+        return norm_linear(kept(pending), self.norm.weight, self.norm.eps, self.output_weight(), residual=x)[0]
 
     def fuse_input_projections(self) -> int:
         """Inference: one GEMM for each block's input projections (`FusedLinears`): a GDN layer's in_proj_qkv, z,

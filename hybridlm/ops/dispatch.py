@@ -99,6 +99,46 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     return rms_norm_reference(summed, weight, eps), summed
 
 
+# The fused decode GEMVs (`ops.triton.gemv`) take products of at most this many rows; HYBRIDLM_GEMV=0 turns them
+# off (cuBLAS after a separate norm / SwiGLU launch), for A/B runs.
+GEMV_MAX_ROWS = 16
+FUSED_GEMV = os.environ.get("HYBRIDLM_GEMV", "1") != "0"
+# The same GEMV for plain products (out_proj, o_proj) instead of cuBLAS: HYBRIDLM_GEMV_PLAIN=1 (off until timed).
+PLAIN_GEMV = FUSED_GEMV and os.environ.get("HYBRIDLM_GEMV_PLAIN", "0") == "1"
+
+
+def _fused_gemv(x, weight) -> bool:
+    """Whether a GEMV kernel takes x [..., K] @ weight.T: few rows (decode), kernels on, no gradient needed."""
+    if not FUSED_GEMV or x.dtype != weight.dtype or x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
+        return False
+    return use_kernels(x, weight)
+
+
+def linear(x, weight):
+    """x @ weight.T (a bias-free projection): the GEMV kernel at decode sizes when PLAIN_GEMV, else F.linear."""
+    if PLAIN_GEMV and _fused_gemv(x, weight):
+        return kernels().linear_fwd(x, weight)
+    return F.linear(x, weight)
+
+
+def norm_linear(x, norm_weight, eps, weight, residual=None):
+    """rms_norm(x) @ weight.T; with `residual`, of s = x + residual, returning (y, s). On CUDA at decode sizes one
+    launch (the norm in the GEMV's prologue); otherwise the norm, then the GEMM."""
+    if _fused_gemv(x, weight):
+        return kernels().rms_norm_linear_fwd(x, norm_weight, eps, weight, residual)
+    if residual is None:
+        return F.linear(rms_norm(x, norm_weight, eps), weight)
+    normed, summed = rms_norm(x, norm_weight, eps, residual=residual)
+    return F.linear(normed, weight), summed
+
+
+def silu_mul_linear(gate_up, weight):
+    """(silu(gate) * up) @ weight.T for gate_up [..., 2I] (the gate columns, then the up columns)."""
+    if _fused_gemv(gate_up, weight):
+        return kernels().silu_mul_linear_fwd(gate_up, weight)
+    return F.linear(silu_mul(*gate_up.chunk(2, dim=-1)), weight)
+
+
 def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
     """q or k [B, T, H, D]: RMSNorm per head, then partial RoPE; [B, T, H, D]."""
     if use_kernels(x, weight, cos):
