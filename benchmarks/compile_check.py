@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/compile_check.py            # prints the table; exit 1 if any FAIL (or a kernel no config reaches)
     python benchmarks/compile_check.py -k 9B      # only the configurations whose label contains "9B"
+    python benchmarks/compile_check.py -k prepare # every way of running the GDN prepare step (gdn_chunk's flags)
     python benchmarks/compile_check.py -v         # also each launch's signature and constexprs
 
 Run it with the Triton of the GPU machine (e.g. a venv holding triton==3.6.0): kernels that the CPU interpreter
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import itertools
 import os
 import pkgutil
 import re
@@ -46,6 +48,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 import hybridlm.ops.triton as kernels  # noqa: E402
 from hybridlm.ops.triton import conv, gdn_chunk, gdn_chunk_bwd, gdn_step, norm, paged_attention, paged_prefill, rope  # noqa: E402,E501
+from hybridlm.ops.triton import gemv  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 H100_SMS = 132  # the wrappers size some grids from the SM count, which a CPU tensor cannot report
@@ -94,16 +97,30 @@ def gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state):
     return q, k, v, a, b, A_log, dt_bias, init, cu, n
 
 
-def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1, split=None):
-    """`split`: force gdn_chunk.SPLIT_PREPARE (the inverse kernel + the w/u kernel) on or off for this launch."""
+PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
+    "fused": dict(SPLIT_PREPARE=False, PHASED_PREPARE=False),
+    "split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=False),
+    "phased": dict(SPLIT_PREPARE=False, PHASED_PREPARE=True),
+    "phased+split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=True),
+}
+
+
+def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1, prepare=None,
+                warps=None, bw=None):
+    """`prepare`: a key of PREPARE_VARIANTS, forced for this launch (None: the module's defaults); `warps`, `bw`:
+    the phased kernel's num_warps and w/u column block (gdn_chunk.PHASED_WARPS, PHASED_BW) if not None."""
     q, k, v, a, b, A_log, dt_bias, init, cu, _ = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
-    saved = gdn_chunk.SPLIT_PREPARE
-    gdn_chunk.SPLIT_PREPARE = saved if split is None else split
+    flags = dict(PREPARE_VARIANTS[prepare]) if prepare else {}
+    flags.update({name: value for name, value in (("PHASED_WARPS", warps), ("PHASED_BW", bw)) if value})
+    saved = {name: getattr(gdn_chunk, name) for name in flags}
+    for name, value in flags.items():
+        setattr(gdn_chunk, name, value)
     try:
         gdn_chunk.chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=init, output_final_state=True,
                                 cu_seqlens=cu)
     finally:
-        gdn_chunk.SPLIT_PREPARE = saved
+        for name, value in saved.items():
+            setattr(gdn_chunk, name, value)
 
 
 def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1):
@@ -201,6 +218,18 @@ def run_paged_prefill(hq, hkv, max_len, sequences, dim=HEAD_DIM, block_size=BLOC
                                               max_len=max_len)
 
 
+def run_gemv(kind, n, k, rows, dtype=bf16, residual=True, config=None):
+    """A decode GEMV (gemv.py) on one projection's shape: "rms" (the residual add + RMSNorm prologue: in-proj, q/k/v,
+    gate/up, lm_head), "silu" (MLP down, from the gate/up GEMM's [M, 2I] output) or "linear" (out_proj, o_proj)."""
+    weight = torch.empty(n, k, dtype=dtype)  # never read here: only the launch is recorded
+    if kind == "rms":
+        res = randn(rows, k, dtype=dtype) if residual else None
+        gemv.rms_norm_linear_fwd(randn(rows, k, dtype=dtype), randn(k, dtype=dtype), 1e-6, weight, res, config=config)
+    elif kind == "silu":
+        gemv.silu_mul_linear_fwd(randn(rows, 2 * k, dtype=dtype), weight, config=config)
+    else:
+        gemv.linear_fwd(randn(rows, k, dtype=dtype), weight, config=config)
+
 # --------------------------------------------------------------------------------------------------------------
 # The configurations: (label, call). A call may launch several kernels (the GDN forward launches 3).
 
@@ -228,9 +257,17 @@ def configurations():
             length=1, batch=2)
         add(f"gdn_fwd Hv={hv} {name} bf16 batch T=100", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
             length=100, state=True)
-        for varlen in (False, True):  # the split prepare step (SPLIT_PREPARE), off by default
-            add(f"gdn_fwd split Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd, hk=hk, hv=hv,
-                dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, split=True)
+        for prepare in PREPARE_VARIANTS:  # each way of running the prepare step (`-k prepare` lists them all)
+            for varlen in (False, True):
+                add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,
+                    hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, prepare=prepare)
+        for warps, bw in ((4, 32), (4, 64), (8, 64)):  # the phased kernel's other settings that sweep_kernels.py times
+            add(f"gdn_fwd prepare=phased w={warps} BW={bw} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
+                dk=GDN_DIM, dv=GDN_DIM, prepare="phased", warps=warps, bw=bw)
+        add(f"gdn_fwd prepare=phased Hv={hv} {name} bf16 varlen T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
+            dv=GDN_DIM, length=1, varlen=True, state=True, prepare="phased")
+        add(f"gdn_fwd prepare=phased Hv={hv} {name} bf16 batch B=2 T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
+            dv=GDN_DIM, length=1, batch=2, prepare="phased")
         for batch in (1, 64):  # split (two launches) at B=1, one fused launch at B=64
             for norm_dtype, norm_tag in ((bf16, ""), (fp32, " fp32 norm weight")):
                 add(f"gdn_decode {name} bf16 B={batch}{norm_tag}", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM,
@@ -271,7 +308,9 @@ def configurations():
     add("gated_norm D=128 bf16 fp32 weight", run_gated_norm, dim=128, rows=64 * 16, weight_dtype=fp32)
     add("gated_norm D=128 fp32", run_gated_norm, dim=128, rows=100, dtype=fp32)
     add("silu_mul I=100 fp32 T=3", run_silu_mul, width=100, tokens=3, dtype=fp32)
-    add("gdn_fwd split Hv=16 0.8B fp32", run_gdn_fwd, hk=16, hv=16, dk=GDN_DIM, dv=GDN_DIM, dtype=fp32, split=True)
+    for prepare in ("split", "phased"):
+        add(f"gdn_fwd prepare={prepare} Hv=16 0.8B fp32", run_gdn_fwd, hk=16, hv=16, dk=GDN_DIM, dv=GDN_DIM,
+            dtype=fp32, prepare=prepare)
     add("sigmoid_gate Hq=8 fp32 T=3", run_sigmoid_gate, heads=8, tokens=3, dtype=fp32)
     add("write_kv Hkv=2 fp32 T=3", run_write_kv, hkv=2, tokens=3, dtype=fp32)
     # a whole model in fp32 on the GPU (0.8B shapes)
@@ -293,6 +332,12 @@ def configurations():
                 add(f"gdn_bwd {tag}", run_gdn_bwd, hk=2, hv=4, dk=d, dv=d, dtype=dtype, length=130, varlen=varlen,
                     state=True, dht=True, batch=1 if varlen else 2)
         add(f"gdn_fwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype, length=70)
+        for d in (16, 32):  # the prepare variants at the tests' small heads
+            for prepare in ("phased", "phased+split"):
+                add(f"gdn_fwd prepare={prepare} tests H=2/4 d={d} {tname} varlen", run_gdn_fwd, hk=2, hv=4, dk=d,
+                    dv=d, dtype=dtype, length=130, varlen=True, state=True, prepare=prepare)
+        add(f"gdn_fwd prepare=phased tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40,
+            dtype=dtype, length=70, prepare="phased")
         add(f"gdn_bwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
             length=70)
         add(f"gdn_decode tests H=2/4 d=32 {tname} B=3 split", run_gdn_decode, hk=2, hv=4, dk=32, dv=32, batch=3,
@@ -312,6 +357,39 @@ def configurations():
     add("paged_prefill tests Hq=8/Hkv=1 D=40 bf16 BS=32", run_paged_prefill, hq=8, hkv=1, max_len=29, sequences=3,
         dim=40, block_size=32)
     add("rope tests H=3 D=80 rd=20 fp32", run_rope, heads=3, length=5, dim=80, rotary=20, dtype=fp32, batch=2)
+    # decode GEMVs (gemv.py): every projection of both models at the rule's launch, 1 / 8 / 16 rows
+    for name, m in MODELS.items():
+        hidden, value_dim = m["hidden"], m["hv"] * GDN_DIM
+        projections = [("rms", "in_proj", 2 * m["hk"] * GDN_DIM + 2 * value_dim + 2 * m["hv"], hidden),
+                       ("rms", "qkv", (2 * m["hq"] + 2 * m["hkv"]) * HEAD_DIM, hidden),
+                       ("rms", "gate_up", 2 * m["mlp"], hidden), ("rms", "lm_head", 248320, hidden),
+                       ("silu", "down", hidden, m["mlp"]), ("linear", "out_proj", hidden, value_dim)]
+        for rows in (1, 8, 16):
+            for kind, what, n, k in projections:
+                add(f"gemv {kind} {what} N={n} K={k} {name} bf16 M={rows}", run_gemv, kind=kind, n=n, k=k, rows=rows)
+        add(f"gemv rms in_proj {name} bf16 M=1 no residual", run_gemv, kind="rms", n=projections[0][2], k=hidden,
+            rows=1, residual=False)
+        if name == "0.8B":  # the model in fp32 (CUDA cores at every row count)
+            for rows, (kind, what, n, k) in itertools.product((1, 8, 16), projections):
+                add(f"gemv {kind} {what} N={n} K={k} {name} fp32 M={rows}", run_gemv, kind=kind, n=n, k=k, rows=rows,
+                    dtype=fp32)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_gemv  # the settings its --quick sweep tries (0.8B in_proj and down)
+    for (block_n, block_k, warps), stages, rows in itertools.product(bench_gemv.sweep_grid(quick=True), (1, 3), (1, 8)):
+        for dot in (False, True) if rows > 1 and block_n >= 16 else (False,):
+            config = gemv.GemvConfig(block_n, block_k, warps, stages, dot)
+            for kind, n, k in (("rms", 8224, 1024), ("silu", 1024, 3584)):
+                add(f"gemv sweep {kind} 0.8B bf16 M={rows} bn={block_n} bk={block_k} w={warps} s={stages} dot={dot:d}",
+                    run_gemv, kind=kind, n=n, k=k, rows=rows, config=config)
+    # the tests' launches (tests/ops/test_triton_gemv.py): K = 200, N = 70, the rule's and the swept setting
+    for dtype, tname in ((fp32, "fp32"), (bf16, "bf16")):
+        for rows, kind in itertools.product((1, 3, 16), ("rms", "silu", "linear")):
+            for swept in (False, True):
+                dot = not gemv.gemv_config(rows, 70, 200, element_size=dtype.itemsize).use_dot  # the other path
+                config = gemv.GemvConfig(16 if dot else 8, 64, num_stages=1, use_dot=dot) if swept else None
+                add(f"gemv tests {kind} {tname} M={rows}{' swept' if swept else ''}", run_gemv, kind=kind, n=70,
+                    k=200, rows=rows, dtype=dtype, config=config)
+
     return configs
 
 

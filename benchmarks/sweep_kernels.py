@@ -10,7 +10,9 @@ wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, wi
 loop would save). Every setting's v_new and final state are checked against the wrapper's. The h kernel runs
 cdiv(dv, BV) x Hv programs at B=1, each walking all T/64 chunks in order: the column "us/chunk" is its time per
 step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). The o kernel
-runs over BV x num_warps x num_stages, checked against the wrapper's o.
+runs over BV x num_warps x num_stages, checked against the wrapper's o. The prepare step runs as each of its
+variants (gdn_chunk's SPLIT_PREPARE and PHASED_PREPARE) over their launch settings, checked against the wrapper's
+w, u and g_cumsum (the phased kernel's G differs in the last bits: one cumulative sum over the chunk).
 With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
 """
 from __future__ import annotations
@@ -160,8 +162,9 @@ def sweep_o(model, length, rows):
 
 
 def sweep_prepare(model, length, rows):
-    """The prepare kernel (gates, KKT, the triangular inverse, w and u) over num_warps x num_stages: it runs at the
-    register limit with spills at 4 warps (compile_check.py)."""
+    """The prepare step (gates, KKT, the triangular inverse, w and u): the fused kernel over num_warps x num_stages
+    (it runs at the register limit with spills, compile_check.py), the split (SPLIT_PREPARE), and the phased kernel
+    (PHASED_PREPARE: 80-167 registers, no spills) over num_warps x BW, alone and split."""
     _, value_heads, d = MODELS[model]
     (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length)
     BK = common["BK"]
@@ -191,6 +194,28 @@ def sweep_prepare(model, length, rows):
                 kn, v, b, g, x_inv, w, u, None, None, length, v.stride(1), BV=BK, num_warps=4, **common)
 
         timed_setting(rows, model, length, f"prepare split w={num_warps}", num_warps, 3, launch_split,
+                      [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
+    # PHASED_PREPARE: the inverse built in a private fp32 scratch (few registers), w and u BW columns at a time;
+    # alone, and split (STORE_WU=False, then the same w/u kernel as above)
+    scratch = torch.empty(chunks, value_heads, gdn_chunk.CHUNK_SIZE, gdn_chunk.CHUNK_SIZE, dtype=torch.float32,
+                          device=k.device)
+    for num_warps, BW, split in [(4, 32, False), (4, 64, False), (8, 32, False), (8, 64, False), (4, 32, True),
+                                 (8, 32, True)]:
+        if BW > BK:  # the tiny shape
+            continue
+        g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
+
+        def launch_phased():
+            gdn_chunk.chunk_gdn_fwd_prepare_phased_kernel[(chunks, value_heads)](
+                k, v, a, b, A_log32, dt32, g, w, u, x_inv, kn, scratch, None, None, length, k.stride(1), v.stride(1),
+                BC=gdn_chunk.SUB_CHUNK, BW=BW, STORE_X=split, STORE_KN=True, STORE_WU=not split,
+                num_warps=num_warps, **common)
+            if split:
+                gdn_chunk.chunk_gdn_fwd_wu_kernel[(chunks, value_heads, 2)](
+                    kn, v, b, g, x_inv, w, u, None, None, length, v.stride(1), BV=BK, num_warps=4, **common)
+
+        label = f"prepare phased{'+split' if split else ''} w={num_warps}" + ("" if split else f" BW={BW}")
+        timed_setting(rows, model, length, label, num_warps, 3, launch_phased,
                       [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
 
 

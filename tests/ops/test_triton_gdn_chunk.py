@@ -124,12 +124,15 @@ def test_chunk_no_final_state_and_bad_input():
         chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=torch.zeros(2, 4, 16, 16, device=DEVICE))
 
 
-@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
-def test_split_prepare_matches_the_fused_one(poisoned, monkeypatch, case):
-    """SPLIT_PREPARE: the inverse kernel + the w/u kernel (reading the stored X, whose upper triangle was never
-    written: poisoned here) give the fused prepare kernel's results and pass the float64 check."""
-    from hybridlm.ops.triton import gdn_chunk
+PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step (the default: fused)
+    "split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=False),
+    "phased": dict(SPLIT_PREPARE=False, PHASED_PREPARE=True),
+    "phased+split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=True),
+}
 
+
+def prepare_case(case):
+    """(inputs, cu_seqlens, dtype) of one prepare-variant case: fp32, bf16, grouped heads with odd dims, packed."""
     cu_seqlens, dtype = None, torch.bfloat16 if case in ("bf16", "packed") else torch.float32
     if case == "heads":
         inputs = make_inputs(1, 70, 1, 4, 24, 40, dtype, num_states=1)
@@ -138,10 +141,72 @@ def test_split_prepare_matches_the_fused_one(poisoned, monkeypatch, case):
         inputs = make_inputs(1, 130, 2, 4, 16, 16, dtype, num_states=3)
     else:
         inputs = make_inputs(2, 65 if case == "fp32" else 130, 2, 4, 32, 32, dtype, num_states=2)
+    return inputs, cu_seqlens, dtype
+
+
+def use_prepare(monkeypatch, variant):
+    from hybridlm.ops.triton import gdn_chunk
+
+    for name, value in PREPARE_VARIANTS[variant].items():
+        monkeypatch.setattr(gdn_chunk, name, value)
+
+
+@pytest.mark.parametrize("variant", list(PREPARE_VARIANTS))
+@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
+def test_prepare_variants_match_the_fused_one(poisoned, monkeypatch, variant, case):
+    """SPLIT_PREPARE (the w/u kernel reading the stored X, whose upper triangle was never written: poisoned here)
+    and PHASED_PREPARE (the inverse built in a NaN-poisoned scratch) give the fused prepare kernel's results and pass
+    the float64 check."""
+    inputs, cu_seqlens, dtype = prepare_case(case)
     args = dict(initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens)
     fused = chunk_gdn_fwd(*inputs[:-1], **args)
-    monkeypatch.setattr(gdn_chunk, "SPLIT_PREPARE", True)
-    split = chunk_gdn_fwd(*inputs[:-1], **args)
-    for ours, theirs in zip(split, fused):
-        assert rel_err(ours, theirs) <= (1e-6 if dtype == torch.float32 else 5e-3)
+    use_prepare(monkeypatch, variant)
+    ours = chunk_gdn_fwd(*inputs[:-1], **args)
+    for x, y in zip(ours, fused):
+        assert rel_err(x, y) <= (1e-6 if dtype == torch.float32 else 5e-3)
     check(*inputs, dtype, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
+def test_phased_prepare_intermediates(poisoned, monkeypatch, case):
+    """The phased kernel's g_cumsum, w, u, normalised keys and X (the lower block triangle of x_inv, which the
+    backward reads) against the fused kernel's; the upper blocks of x_inv stay unwritten as there."""
+    from hybridlm.ops.triton.gdn_chunk import CHUNK_SIZE, SUB_CHUNK, _chunk_gdn_fwd
+
+    inputs, cu_seqlens, dtype = prepare_case(case)
+    args = dict(scale=None, initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens, store_x=True)
+    fused = _chunk_gdn_fwd(*inputs[:-1], **args)
+    use_prepare(monkeypatch, "phased")
+    phased = _chunk_gdn_fwd(*inputs[:-1], **args)
+    tolerance = 1e-6 if dtype == torch.float32 else 5e-3
+    for name in ("g_cumsum", "w", "u", "h", "v_new"):
+        assert rel_err(phased[name], fused[name]) <= tolerance, name
+    length = inputs[0].shape[1]
+    starts = torch.zeros(length, dtype=torch.long) if cu_seqlens is None else cu_seqlens.cpu().long()[
+        torch.searchsorted(cu_seqlens.cpu().long(), torch.arange(length), right=True) - 1]
+    row = (torch.arange(length) - starts) % CHUNK_SIZE  # each token's row inside its chunk
+    column = torch.arange(CHUNK_SIZE)
+    lower = (row[:, None] // SUB_CHUNK >= column[None, :] // SUB_CHUNK).to(DEVICE)  # [T, 64]: X's written part
+    lower = lower[None, :, None, :].expand_as(fused["x_inv"])
+    assert rel_err(phased["x_inv"][lower], fused["x_inv"][lower]) <= tolerance
+    assert phased["x_inv"][~lower].isnan().all()
+
+
+def test_backward_through_the_phased_prepare(poisoned, monkeypatch):
+    """The backward reads the forward's X (x_inv): with the phased prepare kernel every gradient is the fused one's
+    (which tests/ops/test_triton_gdn_chunk_bwd.py checks against float64 autograd)."""
+    from hybridlm.ops.triton import chunk_gdn
+
+    *inputs, state = make_inputs(1, 130, 1, 2, 16, 16, torch.float32, num_states=1)
+    do = torch.randn(1, 130, 2, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def grads():
+        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+        o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True)
+        ((o * do).sum() + final.sum()).backward()
+        return [leaf.grad for leaf in leaves]
+
+    fused = grads()
+    use_prepare(monkeypatch, "phased")
+    for x, y in zip(grads(), fused):
+        assert rel_err(x, y) <= 1e-5
