@@ -70,15 +70,20 @@ case "${1:-}" in
     for f in gemv nogemv plaingemv; do echo "$f:"; grep -h 'decode B=1' "$OUT/decode_$f.log" | grep -v '^|'; done
     grep -h 'throughput:\|TTFT\|TPOT\|ITL' "$OUT/throughput.log" | grep -v '^|'
     ;;
-  6)  # fifth session: the phased prepare kernel and the other GDN sweeps; a 256-row decode step profiled
-    timeout 300 python3 benchmarks/sweep_kernels.py --lengths 65536 --quick --kernels prepare,o > "$OUT/sweep.log" 2>&1
-    timeout 150 python3 benchmarks/profile_engine.py --shape 0.8B --device cuda --requests 256 --new-tokens 80 \
-      --chunk 8192 --cache-gib 16 --torch-profile 4 --profile-kind decode --top 25 > "$OUT/profile.log" 2>&1
-    timeout 100 python3 benchmarks/bench_e2e.py --parts prefill --models 0.8B --no-hf --log "$OUT/prefill.log" \
+  6)  # fifth session: where the GEMVs win (9B, lm_head, 1-4 rows), the graph tests, the phased prepare kernel
+    timeout 100 python3 benchmarks/gpu_tests.py tests/cuda/test_model_on_cuda.py::test_decode_cuda_graphs_match_eager \
+      tests/cuda/test_model_on_cuda.py::test_overlapped_decode_with_graphs_matches_plain -j 2 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 150 python3 benchmarks/bench_gemv.py --models 0.8B 9B --rows 1 2 4 --no-sweep > "$OUT/gemv.log" 2>&1
+    HYBRIDLM_GEMV=0 timeout 50 python3 benchmarks/bench_e2e.py --parts decode --models 9B --no-hf \
+      --log "$OUT/decode_nogemv.log" > /dev/null 2>&1
+    timeout 200 python3 benchmarks/sweep_kernels.py --lengths 65536 --quick --kernels prepare > "$OUT/sweep.log" 2>&1
+    timeout 70 python3 benchmarks/bench_e2e.py --parts prefill --models 0.8B --no-hf --log "$OUT/prefill.log" \
       > /dev/null 2>&1
-    grep '^|' "$OUT/sweep.log" | head -60
-    head -32 "$OUT/profile.log" | cut -c1-160
-    grep -A6 '| step kind' "$OUT/profile.log"
+    cat "$OUT/gpu_tests.log" | tail -4
+    grep '^|' "$OUT/gemv.log" | tail -45
+    grep -h 'decode B=1' "$OUT/decode_nogemv.log" | grep -v '^|'
+    grep '^|' "$OUT/sweep.log" | head -40
     grep -h 'prefill' "$OUT/prefill.log" | grep -v '^|'
     ;;
   *)

@@ -99,24 +99,23 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     return rms_norm_reference(summed, weight, eps), summed
 
 
-# The fused decode GEMVs (`ops.triton.gemv`) take products of at most this many rows; HYBRIDLM_GEMV=0 turns them
-# off (cuBLAS after a separate norm / SwiGLU launch), for A/B runs.
-GEMV_MAX_ROWS = 16
+# The decode GEMVs (`ops.triton.gemv`) take products of a few rows where they were measured to win
+# (`gemv_preferred`); HYBRIDLM_GEMV=0 turns them off (the neighbour's own launch, then cuBLAS), for A/B runs.
 FUSED_GEMV = os.environ.get("HYBRIDLM_GEMV", "1") != "0"
-# The same GEMV for plain products (out_proj, o_proj) instead of cuBLAS: HYBRIDLM_GEMV_PLAIN=1 (off until timed).
-PLAIN_GEMV = FUSED_GEMV and os.environ.get("HYBRIDLM_GEMV_PLAIN", "0") == "1"
+GEMV_MAX_ROWS = 2  # no GEMV wins above this (gemv_preferred)
 
 
-def _fused_gemv(x, weight) -> bool:
-    """Whether a GEMV kernel takes x [..., K] @ weight.T: few rows (decode), kernels on, no gradient needed."""
+def _fused_gemv(x, weight, kind: str) -> bool:
+    """Whether a GEMV kernel takes x [..., K] @ weight.T: few rows (decode), kernels on, no gradient needed, and
+    the kernel measured faster than the unfused path at this shape."""
     if not FUSED_GEMV or x.dtype != weight.dtype or x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
         return False
-    return use_kernels(x, weight)
+    return use_kernels(x, weight) and kernels().gemv_preferred(kind, x.numel() // x.shape[-1], *weight.shape)
 
 
 def linear(x, weight):
-    """x @ weight.T (a bias-free projection): the GEMV kernel at decode sizes when PLAIN_GEMV, else F.linear."""
-    if PLAIN_GEMV and _fused_gemv(x, weight):
+    """x @ weight.T (a bias-free projection): the GEMV kernel at decode sizes where it wins, else F.linear."""
+    if _fused_gemv(x, weight, "linear"):
         return kernels().linear_fwd(x, weight)
     return F.linear(x, weight)
 
@@ -124,7 +123,7 @@ def linear(x, weight):
 def norm_linear(x, norm_weight, eps, weight, residual=None):
     """rms_norm(x) @ weight.T; with `residual`, of s = x + residual, returning (y, s). On CUDA at decode sizes one
     launch (the norm in the GEMV's prologue); otherwise the norm, then the GEMM."""
-    if _fused_gemv(x, weight):
+    if _fused_gemv(x, weight, "norm"):
         return kernels().rms_norm_linear_fwd(x, norm_weight, eps, weight, residual)
     if residual is None:
         return F.linear(rms_norm(x, norm_weight, eps), weight)
@@ -134,7 +133,7 @@ def norm_linear(x, norm_weight, eps, weight, residual=None):
 
 def silu_mul_linear(gate_up, weight):
     """(silu(gate) * up) @ weight.T for gate_up [..., 2I] (the gate columns, then the up columns)."""
-    if _fused_gemv(gate_up, weight):
+    if _fused_gemv(gate_up, weight, "silu"):
         return kernels().silu_mul_linear_fwd(gate_up, weight)
     return F.linear(silu_mul(*gate_up.chunk(2, dim=-1)), weight)
 

@@ -159,3 +159,16 @@ def test_gemv_config_rule():
 def test_gemv_no_rows():
     weight = torch.zeros(N, K, device=DEVICE)
     assert linear_fwd(torch.zeros(2, 0, K, device=DEVICE), weight).shape == (2, 0, N)
+
+
+def test_gemv_preferred_follows_the_measured_table():
+    from hybridlm.ops.triton.gemv import gemv_preferred
+
+    assert gemv_preferred("linear", 1, 1024, 2048) and gemv_preferred("linear", 2, 4096, 4096)
+    assert gemv_preferred("norm", 1, 8224, 1024) and gemv_preferred("norm", 2, 248320, 4096)  # 0.8B; LM heads
+    assert not gemv_preferred("norm", 1, 12352, 4096)  # 9B in_proj: cuBLAS wins
+    assert gemv_preferred("silu", 1, 1024, 3584) and not gemv_preferred("silu", 2, 1024, 3584)
+    assert not gemv_preferred("silu", 1, 4096, 12288)
+    assert not any(gemv_preferred(kind, 4, 1024, 1024) for kind in ("linear", "norm", "silu"))
+    with pytest.raises(ValueError, match="kind"):
+        gemv_preferred("gelu", 1, 8, 8)

@@ -126,6 +126,29 @@ class GemvConfig:
     use_dot: bool | None = None
 
 
+def gemv_preferred(kind: str, rows: int, n: int, k: int) -> bool:
+    """Whether this GEMV beats the unfused path (its neighbour's launch, then cuBLAS) for weight [n, k] and `rows`
+    rows; `kind` is "norm" (rms_norm_linear_fwd), "silu" (silu_mul_linear_fwd) or "linear" (linear_fwd).
+
+    From `bench_gemv.py --models 0.8B 9B --rows 1 2 4` on an H100, bf16, in CUDA graphs over cold weights
+    (benchmarks/RESULTS.md, 2026-11-23, fifth session), fused vs unfused:
+    - plain products (out_proj, o_proj; N 1024-4096): 1.15-1.26x at 1 and 2 rows, 0.92-1.07x at 4;
+    - norm prologue: 0.8B projections (K = 1024) 1.06-1.10x at 1 row, 1.02-1.03x at 2; the LM heads (N = 248k)
+      1.06-1.09x at 1-2 rows; but the 9B projections (K = 4096, N 10k-25k) 0.83-0.90x;
+    - SwiGLU prologue: 0.8B down (K = 3584) 1.17x at 1 row, 0.87x at 2; 9B down (K = 12288) 1.00x at 1 row;
+    - everything at 4 rows or more loses (0.19-0.75x for the prologue kernels: too few programs, no split over K).
+    """
+    if rows > 2:
+        return False
+    if kind == "linear":
+        return True
+    if kind == "norm":
+        return k <= 2048 or n >= 65536
+    if kind == "silu":
+        return rows == 1 and k <= 4096
+    raise ValueError(f"kind must be 'norm', 'silu' or 'linear', got {kind!r}")
+
+
 def gemv_config(rows: int, n: int, k: int, multiprocessors: int = 132, element_size: int = 2) -> GemvConfig:
     """The default launch, by a rule rather than a tuning table (benchmarks/bench_gemv.py sweeps around it):
     - tl.dot from 3 rows on in bf16/fp16. On CUDA cores every weight element costs `rows` multiply-adds, and the K
