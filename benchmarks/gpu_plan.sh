@@ -86,8 +86,20 @@ case "${1:-}" in
     grep '^|' "$OUT/sweep.log" | head -40
     grep -h 'prefill' "$OUT/prefill.log" | grep -v '^|'
     ;;
+  7)  # fifth session: decode with the measured GEMV rule; 0.8B prefill beside transformers + fla; a 256-row step
+    timeout 80 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B 9B --no-hf \
+      --log "$OUT/decode.log" > /dev/null 2>&1
+    timeout 150 python3 benchmarks/bench_e2e.py --parts gate,prefill --models 0.8B --log "$OUT/prefill.log" \
+      > /dev/null 2>&1
+    timeout 150 python3 benchmarks/profile_engine.py --shape 0.8B --device cuda --requests 256 --new-tokens 80 \
+      --chunk 8192 --cache-gib 16 --torch-profile 4 --profile-kind decode --top 25 > "$OUT/profile.log" 2>&1
+    grep -h 'decode B=1' "$OUT/decode.log" | grep -v '^|'
+    grep '^|' "$OUT/prefill.log"
+    head -34 "$OUT/profile.log" | cut -c1-150
+    grep -A6 '| step kind' "$OUT/profile.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|3|4|5|6" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|3|4|5|6|7" >&2
     exit 2
     ;;
 esac
