@@ -148,13 +148,14 @@ def build_ours(name: str, hf_model=None):
     model = build_empty_model(config, DEVICE, torch.bfloat16)
     if hf_model is None:
         randomize(model)
-        return model.eval()
-    state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            param.copy_(state[pname])
+    else:
+        state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                param.copy_(state[pname])
+    model.fuse_input_projections()  # as hybridlm.load does
     return model.eval()
 
 
