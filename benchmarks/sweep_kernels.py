@@ -87,6 +87,11 @@ def timed_setting(rows, model, length, label, num_warps, num_stages, launch, pai
         ms = time_ms(launch)
     except Exception as error:
         rows.append((model, length, label, num_warps, num_stages, None, None, type(error).__name__))
+        # the message tells an illegal address from a misaligned one or a launch failure (the 0.8B phased
+        # prepare died with only "AcceleratorError" recorded); after a CUDA error every later setting fails too
+        message = str(error).strip().splitlines()
+        print(f"  {label} warps={num_warps} stages={num_stages}: {type(error).__name__}: "
+              f"{message[0] if message else ''}", flush=True)
         return
     error = max_rel_diff(pairs)
     rows.append((model, length, label, num_warps, num_stages, None, ms, f"{error:.1e}"))
