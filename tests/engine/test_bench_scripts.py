@@ -78,6 +78,17 @@ def test_profile_engine_step_table_and_torch_profile():
     assert re.search(r"tiny: 6 requests x 3 new tokens .* steps in", result.stdout)
 
 
+def test_profile_prefill_tiny_prints_its_table():
+    """profile_prefill.py on the tiny model (CPU): the profiler's table and the summary row of each length."""
+    script = str(ROOT / "benchmarks" / "profile_prefill.py")
+    result = subprocess.run([sys.executable, script, "--lengths", "32", "96", "--top", "3"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Self CPU" in result.stdout
+    rows = re.findall(r"^\| tiny \| (\d+) \| [0-9.]+ \| [0-9,]+ \| [0-9.]+ \|$", result.stdout, flags=re.M)
+    assert rows == ["32", "96"], result.stdout[-1500:]
+
+
 def test_count_launches_fused_below_unfused():
     """count_launches.py on the tiny shape: the fused norms, RoPE and SwiGLU take fewer launches than PyTorch ops."""
     script = str(ROOT / "benchmarks" / "count_launches.py")
