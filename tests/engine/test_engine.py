@@ -156,3 +156,27 @@ def test_engine_on_the_triton_kernels_equals_the_reference(llm, monkeypatch):
     assert sequences[-1].num_cached_prompt_tokens == 64
     assert all(calls.get(name, 0) > 0 for name in ("paged_prefill_attention_fwd", "paged_decode_attention_fwd",
                                                      "gdn_decode_step")), calls
+
+
+def test_state_copies_and_clears_reach_every_gdn_layer(llm):
+    """copy_state / zero_state work on all GDN layers at once (the per-layer pools are views of one tensor per
+    kind): the chosen rows change in every layer, the others do not."""
+    from hybridlm.engine.cache import EngineCache, plan_cache
+
+    model = llm.model
+    cache = EngineCache(model, plan_cache(model.cache_layout, model.dtype, 1 << 22, max_num_seqs=4))
+    layers = list(model.cache_layout.recurrent_layers)
+    assert len(layers) > 1 and all(p.is_contiguous() for p in (*cache.conv.values(), *cache.recurrent.values()))
+    generator = torch.Generator().manual_seed(0)
+    for pool in (*cache.conv.values(), *cache.recurrent.values()):
+        pool.copy_(torch.randn(pool.shape, generator=generator).to(pool.dtype))
+    before = {(kind, layer): pool.clone() for kind, pools in (("conv", cache.conv), ("rec", cache.recurrent))
+              for layer, pool in pools.items()}
+    cache.copy_state(torch.tensor([0, 2]), torch.tensor([3, 1]))
+    cache.zero_state(torch.tensor([2]))
+    for (kind, layer), old in before.items():
+        pool = (cache.conv if kind == "conv" else cache.recurrent)[layer]
+        torch.testing.assert_close(pool[3], old[0], rtol=0, atol=0)
+        torch.testing.assert_close(pool[1], old[2], rtol=0, atol=0)
+        assert not pool[2].any()
+        torch.testing.assert_close(pool[0], old[0], rtol=0, atol=0)
