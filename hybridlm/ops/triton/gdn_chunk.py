@@ -100,6 +100,24 @@ def _kkt_block(b_kb_i, b_k_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC: tl.con
 
 
 @triton.jit
+def _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program's chunk -> (its global chunk index, its chunk within the sequence, the sequence's first token,
+    the sequence's length): packed sequences through `chunk_indices` [NT, 2] and `cu_seqlens`, else row i_b of
+    equal-length rows. (The default prepare / h / o kernels still spell this out; they move to it once a GPU run
+    has checked the change.)"""
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+    return i_tg, i_t, bos, T
+
+
+@triton.jit
 def _mm(b_x, b_y):
     """fp32 product of two small fp32 blocks of the triangular solve, at full precision."""
     return tl.dot(b_x, b_y, input_precision="ieee")
@@ -305,14 +323,7 @@ def chunk_gdn_fwd_wu_kernel(
     i_t, i_bh, i_wu = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
+    _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     dtype = w.dtype.element_ty
     i_s = i_t * BT
     o_t = i_s + tl.arange(0, BT)

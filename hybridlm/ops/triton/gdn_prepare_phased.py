@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.gdn_chunk import _gates, _kkt_block, _load_rows, _mm, _store_rows
+from hybridlm.ops.triton.gdn_chunk import _chunk_bounds, _gates, _kkt_block, _load_rows, _mm, _store_rows
 
 
 @triton.jit
@@ -97,16 +97,7 @@ def chunk_gdn_fwd_prepare_phased_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
-    if IS_VARLEN:
-        i_tg = i_t.to(tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-        bos = i_b.to(tl.int64) * T
+    i_tg, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     dtype = k.dtype.element_ty
 
     p_k = k + bos * stride_k + i_hk * K
