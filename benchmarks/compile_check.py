@@ -268,7 +268,7 @@ def configurations():
             dv=GDN_DIM, length=1, varlen=True, state=True, prepare="phased")
         add(f"gdn_fwd prepare=phased Hv={hv} {name} bf16 batch B=2 T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
             dv=GDN_DIM, length=1, batch=2, prepare="phased")
-        for batch in (1, 64):  # split (two launches) at B=1, one fused launch at B=64
+        for batch in (1, 64):  # the split kernel at B=1, the per-key-head one at B=64
             for norm_dtype, norm_tag in ((bf16, ""), (fp32, " fp32 norm weight")):
                 add(f"gdn_decode {name} bf16 B={batch}{norm_tag}", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM,
                     dv=GDN_DIM, batch=batch, norm_dtype=norm_dtype)

@@ -14,6 +14,7 @@ from hybridlm.ops.conv import causal_conv1d  # noqa: E402
 from hybridlm.ops.delta_rule import gdn_gates, recurrent_gated_delta_rule  # noqa: E402
 from hybridlm.ops.norm import gated_rms_norm  # noqa: E402
 from hybridlm.ops.triton import gdn_decode_step  # noqa: E402
+from hybridlm.ops.triton.gdn_step import _ARRIVALS  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -87,6 +88,8 @@ def test_decode_steps_on_a_pool(dtype, fuse_norm, key_heads, value_heads, split)
         assert torch.equal(conv_pool[rows], conv_ref[rows])
         assert torch.equal(conv_pool[untouched], conv_before[untouched])
         assert torch.equal(state_pool[untouched], state_before[untouched])
+        if split:  # the last program of each key head resets its arrival count for the next launch
+            assert not _ARRIVALS[o.device].any()
 
 
 @pytest.mark.parametrize("split", [False, True])

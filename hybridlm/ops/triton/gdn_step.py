@@ -7,6 +7,9 @@ happen in place in the same launch: a channel's state is read and written by exa
 program can read a half-shifted window. States live in pools indexed by slot ids; nothing here syncs with the
 host or allocates by data, so the step can be captured in a CUDA graph. A negative slot id marks a padding row
 (a graph captured for a larger batch): it touches no state and writes zeros.
+
+Small batches take the split kernel instead: several programs per key head, so a batch of one still fills the
+GPU, still one launch; the last of a key head's programs to finish does the shared work (see there).
 """
 from __future__ import annotations
 
@@ -162,15 +165,21 @@ def _gated_norm(b_o, m_v, o_v, z_row, norm_weight, norm_eps, V: tl.constexpr, O_
 
 @triton.jit
 def gdn_decode_split_kernel(
-    qkv, a, b, conv_weight, A_log, dt_bias, conv_state_pool, state_pool, slot_ids,
-    o,  # out [B, HV, V]: the delta rule's output, before the norm
-    scale, stride_x,
+    qkv, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, state_pool, slot_ids,
+    o_raw,  # [B, HV, V] scratch for the delta rule's output before the norm (o itself without FUSE_NORM)
+    o,  # out [B, HV, V]
+    arrivals,  # [>= B * H] int32, zero between launches: how many programs of each (row, key head) are done
+    scale, norm_eps, stride_x, stride_z,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
+    PROD_IN_X_DTYPE: tl.constexpr, FUSE_NORM: tl.constexpr,
 ):
     """Small batches: one program per (row, value head, slice of BV value channels), so that a batch of one
-    still spreads over the GPU. Every program recomputes its key head's q and k conv (a few hundred MACs) but
-    none shifts their conv state: other programs still read it. gdn_decode_finish_kernel does that next."""
+    still spreads over the GPU. Every program recomputes its key head's q and k conv (a few hundred MACs), so
+    none may shift their conv state while the others still read it, and the output norm needs the whole row.
+    The last program of a (row, key head) to arrive does both: each program counts itself in `arrivals` after
+    its reads and its output store (release), the one that sees the count complete (acquire) shifts the q/k
+    conv windows, norms the rows of the key head's G value heads and resets the count for the next launch."""
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G = HV // H
     C = 2 * H * K + HV * V
@@ -179,10 +188,9 @@ def gdn_decode_split_kernel(
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    p_o = o + (i_b * HV + i_h) * V + o_v
     i_slot = tl.load(slot_ids + i_b).to(tl.int64)
-    if i_slot < 0:  # padding row: no state is touched
-        tl.store(p_o, tl.zeros([BV], tl.float32).to(o.dtype.element_ty), mask=m_v)
+    if i_slot < 0:  # padding row: no state is touched, no program counts itself
+        tl.store(o + (i_b * HV + i_h) * V + o_v, tl.zeros([BV], tl.float32).to(o.dtype.element_ty), mask=m_v)
         return
     p_x = qkv + i_b.to(tl.int64) * stride_x
     p_conv = conv_state_pool + i_slot * C * (W - 1)
@@ -195,36 +203,39 @@ def gdn_decode_split_kernel(
     b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
     b_s += b_k[:, None] * b_delta[None, :]
     tl.store(p_s, b_s, mask=m_kv)
-    tl.store(p_o, tl.sum(b_s * b_q[:, None], axis=0).to(o.dtype.element_ty), mask=m_v)
+    tl.store(o_raw + (i_b * HV + i_h) * V + o_v, tl.sum(b_s * b_q[:, None], axis=0).to(o_raw.dtype.element_ty),
+             mask=m_v)
 
-
-@triton.jit
-def gdn_decode_finish_kernel(
-    qkv, z, norm_weight, conv_state_pool, slot_ids, o_raw, o, norm_eps, stride_x, stride_z,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, PROD_IN_X_DTYPE: tl.constexpr, FUSE_NORM: tl.constexpr,
-):
-    """One program per (row, value head): the gated output norm of its row (FUSE_NORM), and, for the first
-    value head of each key head, the q and k conv-state shift the split kernel left undone."""
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    G = HV // H
-    C = 2 * H * K + HV * V
-    if FUSE_NORM:
-        o_v = tl.arange(0, BV)
-        m_v = o_v < V
-        b_o = tl.load(o_raw + (i_b * HV + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        b_o = _gated_norm(b_o, m_v, o_v, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps, V,
-                          o.dtype.element_ty, PROD_IN_X_DTYPE)
-        tl.store(o + (i_b * HV + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
-    i_slot = tl.load(slot_ids + i_b).to(tl.int64)
-    if i_slot >= 0 and i_h % G == 0:
-        i_hk = i_h // G
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        p_x = qkv + i_b.to(tl.int64) * stride_x
-        p_conv = conv_state_pool + i_slot * C * (W - 1)
+    tl.debug_barrier()  # every thread's reads and stores come before the count (the release is cumulative)
+    p_count = arrivals + i_b * H + i_hk
+    if tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") == G * NV - 1:
+        tl.atomic_xchg(p_count, 0, sem="relaxed", scope="gpu")
         _conv_shift(p_x, p_conv, i_hk * K + o_k, m_k, W, BW)
         _conv_shift(p_x, p_conv, H * K + i_hk * K + o_k, m_k, W, BW)
+        if FUSE_NORM:
+            o_f = tl.arange(0, BVF)
+            m_f = o_f < V
+            for i_g in range(G):
+                i_r = i_b * HV + i_hk * G + i_g
+                # .cg: read the other programs' stores from L2, never from a stale L1 line
+                b_o = tl.load(o_raw + i_r * V + o_f, mask=m_f, other=0., cache_modifier=".cg").to(tl.float32)
+                b_o = _gated_norm(b_o, m_f, o_f, z + i_b.to(tl.int64) * stride_z + (i_hk * G + i_g) * V,
+                                  norm_weight, norm_eps, V, o.dtype.element_ty, PROD_IN_X_DTYPE)
+                tl.store(o + i_r * V + o_f, b_o.to(o.dtype.element_ty), mask=m_f)
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device, count: int) -> torch.Tensor:
+    """The split kernel's per-(row, key head) counters: zeros, kept per device (each launch leaves them at zero).
+    Launches on one device must not run concurrently on two streams; the engine's steps never do. The first call
+    allocates (outside any CUDA-graph capture: the engine warms every batch size up eagerly before capturing)."""
+    buffer = _ARRIVALS.get(device)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = buffer
+    return buffer
 
 
 def gdn_decode_step(
@@ -255,7 +266,7 @@ def gdn_decode_step(
     negative = padding row). With z [B, Hv, dv] (or [B, Hv*dv]) and norm_weight [dv], the GDN output norm
     gated_rms_norm(o, z, norm_weight, norm_eps) is fused and its result returned instead.
     `split` (default: when B x Hk programs would leave most SMs idle) spreads each head's value channels over
-    several programs and takes two launches instead of one.
+    several programs, still in one launch (the last program of each key head finishes it; see the kernel).
     """
     batch, channels = qkv_raw.shape
     key_dim = num_key_heads * key_head_dim
@@ -304,15 +315,13 @@ def gdn_decode_step(
         split = batch * num_key_heads < 2 * sms
     if split:
         BV_split = min(BV_full, 32)
+        num_slices = triton.cdiv(value_head_dim, BV_split)
         o_raw = o if not fuse_norm else torch.empty_like(o)
-        gdn_decode_split_kernel[(batch, num_value_heads, triton.cdiv(value_head_dim, BV_split))](
-            qkv_raw, a, b, conv_weight, A_log, dt_bias, conv_state_pool, recurrent_state_pool, slot_ids, o_raw,
-            scale, qkv_raw.stride(0), H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim,
-            W=width, BK=BK, BV=BV_split, BW=BW, num_warps=4)
-        gdn_decode_finish_kernel[(batch, num_value_heads)](
-            qkv_raw, z, norm_weight, conv_state_pool, slot_ids, o_raw, o, norm_eps, qkv_raw.stride(0),
-            z.stride(0) if fuse_norm else 0, H=num_key_heads, HV=num_value_heads, K=key_head_dim,
-            V=value_head_dim, W=width, BK=BK, BV=BV_full, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype,
+        gdn_decode_split_kernel[(batch, num_value_heads, num_slices)](
+            qkv_raw, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, recurrent_state_pool,
+            slot_ids, o_raw, o, _arrivals(o.device, batch * num_key_heads), scale, norm_eps, qkv_raw.stride(0),
+            z.stride(0) if fuse_norm else 0, H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim,
+            W=width, BK=BK, BV=BV_split, BVF=BV_full, BW=BW, NV=num_slices, PROD_IN_X_DTYPE=prod_in_x_dtype,
             FUSE_NORM=fuse_norm, num_warps=4)
         return o
     gdn_decode_step_kernel[(batch, num_key_heads)](
