@@ -7,6 +7,7 @@ K/V blocks [num_blocks, block_size, Hkv, D]. The model never sees these tensors:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -164,9 +165,13 @@ class DecodeContext(_StateRows):
         self.cache = cache
         self.positions = positions[:, None]  # [S, 1]
         self.slot_ids = slot_ids  # [S] int32
-        self.slots = slot_ids.long()
-        self.slot_mapping = slot_mapping  # [S] int64
+        self.slot_mapping = slot_mapping  # [S] int32 or int64
         self.context_lens = context_lens  # [S] int32
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """The slot ids as int64, for the reference ops' index_select / index_copy_ (the fused step never asks)."""
+        return self.slot_ids.long()
 
     def decode_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This layer's conv and recurrent pools and the rows' slot ids, for the fused step kernel that updates

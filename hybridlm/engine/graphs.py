@@ -33,10 +33,11 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         largest = self.buckets[-1]
         device = model.device
-        # rows: input ids, positions, slot ids, KV slots, context lengths
-        self.inputs = torch.zeros(5, largest, dtype=torch.long, device=device)
+        # rows: input ids, positions, slot ids, KV slots, context lengths; int32, the kernels' index type, so that
+        # no conversion is launched inside the graph (every value fits: KV slots count tokens of one GPU's cache)
+        self.inputs = torch.zeros(5, largest, dtype=torch.int32, device=device)
         # two pinned staging buffers, used in turn: with overlapped decode the previous step's copy may be pending
-        self._hosts = [torch.zeros(5, largest, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._hosts = [torch.zeros(5, largest, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.padding = (0, 0, -1, cache.scratch_block * cache.plan.block_size, 0)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -44,7 +45,7 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         ids, positions, slots, mapping, lengths = (row[:size] for row in self.inputs)
-        context = DecodeContext(self.cache, positions, slots.to(torch.int32), mapping, lengths.to(torch.int32))
+        context = DecodeContext(self.cache, positions, slots, mapping, lengths)
         return self.model.forward_with_context(ids[:, None], context)[:, 0]  # [size, vocab]
 
     @torch.inference_mode()
@@ -76,7 +77,7 @@ class DecodeGraphs:
                 for values, pad in zip((ids, positions, slots, mapping, lengths), self.padding)]
         self._hosts.reverse()  # the other buffer's copy was enqueued one step ago and may not have run yet
         host = self._hosts[0][:, :bucket]
-        host.copy_(torch.tensor(rows))
+        host.copy_(torch.tensor(rows, dtype=torch.int32))
         self.inputs[:, :bucket].copy_(host, non_blocking=True)
         if input_ids is not None:
             self.inputs[0, :size].copy_(input_ids)

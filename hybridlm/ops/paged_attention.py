@@ -18,6 +18,7 @@ def write_kv_reference(key_pool: torch.Tensor, value_pool: torch.Tensor, k: torc
                        slot_mapping: torch.Tensor) -> None:
     """k, v [N, Hkv, D] (token order) into the pools [NB, BS, Hkv, D] at flat token slots `slot_mapping` [N]."""
     heads, dim = key_pool.shape[2], key_pool.shape[3]
+    slot_mapping = slot_mapping.long()  # int32 (the decode graphs' inputs) or int64
     key_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
     value_pool.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
 
