@@ -11,7 +11,7 @@ Parts (`--parts`, comma-separated; default gate,prefill,decode, the original mea
               transformers with use_cache=False), for each `--models` shape
   decode      tokens/s at batch 1 after a 512-token prompt (ours through the Engine, transformers through
               `generate`, greedy; time for N tokens minus time for 1). Floor: every weight read once per token
-              (bytes / 3.02 TB/s)
+              (bytes / the device copy rate, measured in the same process: benchmarks/bandwidth.py)
   throughput  on `--serving-model` (0.8B): 256 requests at t=0, prompt lengths uniform in 128-2048 (seeded),
               256 new tokens each, greedy, ignore_eos: output tokens/s of the Engine (continuous batching) vs
               transformers' batched `generate` (left-padded batches of `--hf-batch`, on a seeded subset of
@@ -59,12 +59,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_serving as serving  # noqa: E402
+from bandwidth import copy_bandwidth  # noqa: E402
 from hybridlm.config import ModelConfig  # noqa: E402
 from hybridlm.engine.engine import Engine, EngineConfig  # noqa: E402
 from hybridlm.io.checkpoint import build_empty_model  # noqa: E402
 from hybridlm.io.tokenizer import Tokenizer  # noqa: E402
 
-BANDWIDTH = 3.02e12
 SHAPES = {
     "0.8B": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
                  linear_num_value_heads=16, intermediate_size=3584, tie_word_embeddings=True),
@@ -238,7 +238,7 @@ def compare_parts(name: str, parts: set[str], ours, hf_model, tokenizer, passed:
             with torch.inference_mode():
                 theirs = hf_decode(hf_model, args.prompt, args.decode_tokens)
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        floor = BANDWIDTH / weight_bytes
+        floor = copy_bandwidth() / weight_bytes
         rows.append((name, "decode B=1", f"{mine:,.1f} tok/s", f"{theirs:,.1f} tok/s", ratio(mine, theirs),
                      f"{mine / floor:.1%} of floor ({floor:,.0f} tok/s)"))
         log(f"  decode B=1: ours {mine:,.1f} tok/s, transformers {theirs:,.1f} tok/s, floor {floor:,.0f}")

@@ -6,7 +6,7 @@ Correctness gate first, in the same run: ours vs the float64 reference at a smal
 at every timed shape; a speed-up is printed only for a pair whose check passed. Timing: triton.testing.do_bench
 medians after warm-up (it flushes L2 between repetitions), each variant timed twice, the better median kept.
 Prints ms, tokens/s, the speed-up over each peer and the fraction of the memory floor (bytes that must move /
-3.02 TB/s, the H100's measured device copy rate); the table comes last. With $OUT set, the log goes there too.
+the device copy rate, measured in the same process by benchmarks/bandwidth.py); the table comes last. With $OUT set, the log goes there too.
 
 What each side does (so the ratios are read right):
 - ours: raw a, b in (gates, q/k L2 norm and scale in-kernel), o and final state out.
@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bandwidth import copy_bandwidth  # noqa: E402
 from hybridlm.ops.conv import causal_conv1d  # noqa: E402
 from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, l2norm, recurrent_gated_delta_rule  # noqa: E402
 
 DEVICE = "cuda"
-PEAK_BYTES_PER_S = 3.02e12  # measured device copy on the H100 (BENCHMARKS.md)
 HEADS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128)}  # (key heads, value heads, head dim)
 REF_TOLERANCE = 1e-2  # bf16 kernel vs float64 reference, relative (norm) error
 PEER_TOLERANCE = 2e-2  # bf16 vs bf16 implementation: both carry bf16 round-off
@@ -158,7 +159,7 @@ def bench_forward(model, batch, length, peers, ours_ok, rows):
     q, k, v, a, b, A_log, dt_bias, state = gdn_inputs(batch, length, heads)
     g, beta = gdn_gates(a, b, A_log, dt_bias)  # fp32, for the peers
     tokens = batch * length
-    floor_ms = forward_floor_bytes(batch, length, heads) / PEAK_BYTES_PER_S * 1e3
+    floor_ms = forward_floor_bytes(batch, length, heads) / copy_bandwidth() * 1e3
 
     def ours():
         return chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state, output_final_state=True)
@@ -233,7 +234,7 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
     do = torch.randn(v.shape, generator=torch.Generator(device=DEVICE).manual_seed(6), device=DEVICE).to(v.dtype)
     leaves = [x.requires_grad_() for x in (q, k, v, a, b, A_log, dt_bias)]
     tokens = batch * length
-    floor_ms = train_floor_bytes(batch, length, heads) / PEAK_BYTES_PER_S * 1e3
+    floor_ms = train_floor_bytes(batch, length, heads) / copy_bandwidth() * 1e3
 
     def ours():
         o, _ = chunk_gdn(*leaves)
@@ -342,7 +343,7 @@ def bench_decode(model, batch, peers, ours_ok, rows):
     slots = torch.randperm(pool, generator=gen, device=DEVICE)[:batch].to(torch.int32)
     # floor: every touched recurrent state read and written once (fp32), plus the conv states and the activations
     state_bytes = batch * value_heads * d * d * 4 * 2 + batch * channels * (width - 1) * 2 * 2
-    floor_ms = (state_bytes + batch * (channels + value_heads * d) * 2) / PEAK_BYTES_PER_S * 1e3
+    floor_ms = (state_bytes + batch * (channels + value_heads * d) * 2) / copy_bandwidth() * 1e3
 
     def ours():
         return gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv_pool, state_pool, slots,
@@ -414,7 +415,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
-        f"floor at {PEAK_BYTES_PER_S / 1e12:.2f} TB/s")
+        f"floor at {copy_bandwidth() / 1e12:.2f} TB/s")
     peers = load_peers(not args.no_peers)
 
     rows: list[Row] = []

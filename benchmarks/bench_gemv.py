@@ -19,8 +19,8 @@ Timing, both in microseconds per op, medians:
   layer's weights are cold in a real step), launch gaps included; replayed after warm-up.
 - eager: triton.testing.do_bench (L2 flushed between repetitions), for comparison with the other bench scripts.
 GB/s counts the bytes that must move (weight + activations in and out) over the graph time; the floor is the
-H100 SXM's 3.35 TB/s. --quick (0.8B, no lm_head, a smaller sweep) stays under a minute once compiled. With $OUT
-set the log goes there too.
+device copy rate measured in the same process (benchmarks/bandwidth.py). --quick (0.8B, no lm_head, a smaller
+sweep) stays under a minute once compiled. With $OUT set the log goes there too.
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bandwidth import copy_bandwidth  # noqa: E402
 from hybridlm.config import FULL, LINEAR, ModelConfig  # noqa: E402
 from hybridlm.model.model import HybridLM  # noqa: E402
 
 DEVICE = "cuda"
-PEAK_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, the datasheet's number
 L2_BYTES = 50 * 2**20
 TOLERANCE = 1e-2  # relative (norm) error of bf16 y against the unfused bf16 path: both carry bf16 round-off
 LINES: list[str] = []
@@ -185,7 +185,7 @@ def eager_us(fn, quick: bool) -> float:
 
 def rate(inp: Inputs, us: float) -> str:
     gbs = inp.bytes / (us * 1e-6) / 1e9
-    return f"{gbs:6.0f} GB/s {100 * gbs * 1e9 / PEAK_BYTES_PER_S:3.0f}%"
+    return f"{gbs:6.0f} GB/s {100 * gbs * 1e9 / copy_bandwidth():3.0f}%"
 
 
 def bench(p: Projection, rows: int, quick: bool, table: list) -> None:
@@ -207,9 +207,9 @@ def bench(p: Projection, rows: int, quick: bool, table: list) -> None:
     table.append((p, rows, base_graph, ours_graph, ok, inp.bytes, note))
 
 
-def sweep(p: Projection, rows: int, quick: bool, table: list) -> None:
+def sweep(p: Projection, rows: int, quick: bool, table: list, wide: bool = False) -> None:
     """block_n x block_k x num_warps at the rule's stages and path; then, around the best, the other stage count
-    and the other path (tl.dot / CUDA cores)."""
+    and the other path (tl.dot / CUDA cores). `wide`: WIDE_GRID instead, stages included (CUDA-core path)."""
     from hybridlm.ops.triton.gemv import GemvConfig, gemv_config
 
     inp = Inputs(p, rows)
@@ -224,7 +224,10 @@ def sweep(p: Projection, rows: int, quick: bool, table: list) -> None:
         results[config] = (us, ok, note)
 
     measure(default)
-    for block_n, block_k, warps in sweep_grid(quick):
+    if wide:
+        for block_n, block_k, warps, stages in WIDE_GRID:
+            measure(GemvConfig(block_n, block_k, warps, stages, default.use_dot))
+    for block_n, block_k, warps in () if wide else sweep_grid(quick):
         measure(GemvConfig(block_n, block_k, warps, default.num_stages, default.use_dot))
     ranked = sorted((c for c, r in results.items() if r[1]), key=lambda c: results[c][0])
     if ranked:
@@ -245,6 +248,11 @@ def sweep(p: Projection, rows: int, quick: bool, table: list) -> None:
         table.append((p, rows, results[ranked[0]][0], ranked[0]))
 
 
+# Bigger tiles and deeper pipelines for the small-N products at one row (out_proj, o_proj, mlp down reached only
+# ~0.9 TB/s with the rule's 4 x 256 tiles, 3 stages: too few bytes in flight per SM)
+WIDE_GRID = list(itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8), (3, 4)))
+
+
 def sweep_grid(quick: bool):
     """(block_n, block_k, num_warps) settings the sweep tries (benchmarks/compile_check.py compiles the quick ones)."""
     if quick:
@@ -259,11 +267,11 @@ def describe(config) -> str:
 
 def print_tables(rows: list, sweeps: list) -> None:
     log()
-    log("| model | projection | N | K | M | unfused (us, graph) | fused (us, graph) | speed-up | fused % of 3.35 TB/s"
+    log("| model | projection | N | K | M | unfused (us, graph) | fused (us, graph) | speed-up | fused % of copy rate"
         " |")
     log("|---|---|---|---|---|---|---|---|---|")
     for p, m, base, ours, ok, moved, note in rows:
-        pct = 100 * moved / (ours * 1e-6) / PEAK_BYTES_PER_S if ok else math.nan
+        pct = 100 * moved / (ours * 1e-6) / copy_bandwidth() if ok else math.nan
         speedup = f"{base / ours:.2f}x" if ok else f"check failed ({note})"
         log(f"| {p.model} | {p.name} ({p.kind}) | {p.n} | {p.k} | {m} | {base:.1f} | {ours:.1f} | {speedup} | "
             f"{pct:.0f}% |")
@@ -282,16 +290,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=None, choices=["0.8B", "9B"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--wide-sweep", action="store_true",
+                        help="sweep the 0.8B products with N <= 2048 (out_proj / o_proj, mlp down) and gdn in_proj over WIDE_GRID, "
+                             "stages included; no table of fused vs unfused")
     args = parser.parse_args(argv)
     models = args.models or (["0.8B"] if args.quick else ["0.8B", "9B"])
     torch.manual_seed(0)
     log(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16, rows {args.rows}")
     table, sweeps = [], []
-    for model in models:
+    if args.wide_sweep:  # the small-N products (once per shape and prologue) and the largest per-layer one
+        seen = set()
+        for p in projections("0.8B", lm_head=False):
+            if (p.n <= 2048 or p.name == "gdn in_proj") and (p.kind, p.n, p.k) not in seen:
+                seen.add((p.kind, p.n, p.k))
+                for rows in args.rows:
+                    sweep(p, rows, args.quick, sweeps, wide=True)
+    for model in () if args.wide_sweep else models:
         for p in projections(model, lm_head=not args.quick):
             for rows in args.rows:
                 bench(p, rows, args.quick, table)
-    if not args.no_sweep:
+    if not args.no_sweep and not args.wide_sweep:
         for p in projections("0.8B", lm_head=False):
             if p.name in ("gdn in_proj", "mlp down"):
                 for rows in args.rows:

@@ -98,8 +98,22 @@ case "${1:-}" in
     head -34 "$OUT/profile.log" | cut -c1-150
     grep -A6 '| step kind' "$OUT/profile.log"
     ;;
+  8)  # sixth session (H200): the one-launch GDN step and the attention launch cuts, decode, the GEMV tile sweep
+    timeout 230 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py tests/ops/test_triton_gemv.py \
+      tests/ops/test_triton_conv_norm.py tests/ops/test_paged_attention.py tests/cuda tests/model/test_kernel_path.py \
+      tests/ops/test_triton_gdn_chunk.py::test_phased_prepare_equal_heads -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 80 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B 9B --no-hf \
+      --log "$OUT/decode.log" > /dev/null 2>&1
+    timeout 200 python3 benchmarks/bench_gemv.py --wide-sweep --rows 1 > "$OUT/gemv_sweep.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -10
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep -h 'decode B=1' "$OUT/decode.log" | grep -v '^|'
+    grep -A12 '^| sweep' "$OUT/gemv_sweep.log"
+    grep -A7 '^sweep' "$OUT/gemv_sweep.log" | cut -c1-110 | head -40
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|3|4|5|6|7" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|8" >&2
     exit 2
     ;;
 esac
