@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.utils import pdl_enabled, pdl_wait
+
 
 @triton.jit
 def _conv_step(x, conv_weight, p_state, o_c, m_c, W: tl.constexpr, BW: tl.constexpr, SHIFT: tl.constexpr):
@@ -104,7 +106,9 @@ def gdn_decode_step_kernel(
     BW: tl.constexpr,
     PROD_IN_X_DTYPE: tl.constexpr,
     FUSE_NORM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
     G = HV // H  # value heads per key head (constexpr arithmetic)
     C = 2 * H * K + HV * V
@@ -172,7 +176,7 @@ def gdn_decode_split_kernel(
     scale, norm_eps, stride_x, stride_z,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
-    PROD_IN_X_DTYPE: tl.constexpr, FUSE_NORM: tl.constexpr,
+    PROD_IN_X_DTYPE: tl.constexpr, FUSE_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Small batches: one program per (row, value head, slice of BV value channels), so that a batch of one
     still spreads over the GPU. Every program recomputes its key head's q and k conv (a few hundred MACs), so
@@ -180,6 +184,7 @@ def gdn_decode_split_kernel(
     The last program of a (row, key head) to arrive does both: each program counts itself in `arrivals` after
     its reads and its output store (release), the one that sees the count complete (acquire) shifts the q/k
     conv windows, norms the rows of the key head's G value heads and resets the count for the next launch."""
+    pdl_wait(USE_PDL)
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G = HV // H
     C = 2 * H * K + HV * V
@@ -310,6 +315,7 @@ def gdn_decode_step(
     o = torch.empty(batch, num_value_heads, value_head_dim, dtype=qkv_raw.dtype, device=qkv_raw.device)
     prod_in_x_dtype = not fuse_norm or torch.promote_types(norm_weight.dtype, qkv_raw.dtype) == qkv_raw.dtype
     BK, BW = triton.next_power_of_2(key_head_dim), triton.next_power_of_2(width - 1)
+    pdl = pdl_enabled(o.device)
     if split is None:
         sms = torch.cuda.get_device_properties(qkv_raw.device).multi_processor_count if qkv_raw.is_cuda else 8
         split = batch * num_key_heads < 2 * sms
@@ -322,13 +328,13 @@ def gdn_decode_step(
             slot_ids, o_raw, o, _arrivals(o.device, batch * num_key_heads), scale, norm_eps, qkv_raw.stride(0),
             z.stride(0) if fuse_norm else 0, H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim,
             W=width, BK=BK, BV=BV_split, BVF=BV_full, BW=BW, NV=num_slices, PROD_IN_X_DTYPE=prod_in_x_dtype,
-            FUSE_NORM=fuse_norm, num_warps=4)
+            FUSE_NORM=fuse_norm, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
         return o
     gdn_decode_step_kernel[(batch, num_key_heads)](
         qkv_raw, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, recurrent_state_pool, slot_ids,
         o, scale, norm_eps, qkv_raw.stride(0), z.stride(0) if fuse_norm else 0,
         H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim, W=width,
-        BK=BK, BV=BV, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm,
-        num_warps=4 if key_head_dim * BV <= 64 * 64 else 8,
+        BK=BK, BV=BV, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm, USE_PDL=pdl,
+        num_warps=4 if key_head_dim * BV <= 64 * 64 else 8, launch_pdl=pdl,
     )
     return o

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import dot_precision
+from hybridlm.ops.triton.utils import dot_precision, pdl_enabled, pdl_wait
 
 
 @triton.jit
@@ -38,7 +38,9 @@ def paged_decode_attention_kernel(
     BD: tl.constexpr,
     P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     i_s, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_g, o_d, o_t = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BS)
     m_g, m_d = o_g < G, o_d < D
@@ -78,8 +80,9 @@ def paged_decode_attention_kernel(
 
 @triton.jit
 def write_kv_kernel(key_pool, value_pool, k, v, slot_mapping, R, HKV, sk_n, sk_h, sv_n, sv_h, D: tl.constexpr,
-                    BR: tl.constexpr, BD: tl.constexpr):
+                    BR: tl.constexpr, BD: tl.constexpr, USE_PDL: tl.constexpr):
     """BR rows (token n, kv head h) of k and v into the pools at flat token slot slot_mapping[n]."""
+    pdl_wait(USE_PDL)
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m_r = o_r < R
@@ -107,15 +110,18 @@ def write_kv_fwd(key_pool: torch.Tensor, value_pool: torch.Tensor, k: torch.Tens
     rows = tokens * heads
     BD = triton.next_power_of_2(dim)
     BR = max(1, min(16, 4096 // BD))
+    pdl = pdl_enabled(k.device)
     if rows:
         write_kv_kernel[(triton.cdiv(rows, BR),)](key_pool, value_pool, k, v, slot_mapping, rows, heads, k.stride(0),
                                                  k.stride(1), v.stride(0), v.stride(1), D=dim, BR=BR, BD=BD,
-                                                 num_warps=4)
+                                                 USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
 @triton.jit
-def paged_decode_combine_kernel(partial_o, partial_ml, o, D: tl.constexpr, BD: tl.constexpr, P: tl.constexpr):
+def paged_decode_combine_kernel(partial_o, partial_ml, o, D: tl.constexpr, BD: tl.constexpr, P: tl.constexpr,
+                                USE_PDL: tl.constexpr):
     """One program per (query, query head): merge the P partial softmax states."""
+    pdl_wait(USE_PDL)
     i_sh = tl.program_id(0)
     o_p, o_d = tl.arange(0, P), tl.arange(0, BD)
     m_d = o_d < D
@@ -160,6 +166,7 @@ def paged_decode_attention_fwd(
     group = query_heads // kv_heads
     P = num_partitions(num_queries, kv_heads, q.device) if partitions is None else partitions
     BD = triton.next_power_of_2(dim)
+    pdl = pdl_enabled(q.device)
     o = torch.empty_like(q)
     if P > 1:
         partial_o = torch.empty(num_queries, query_heads, P, dim, dtype=torch.float32, device=q.device)
@@ -169,8 +176,9 @@ def paged_decode_attention_fwd(
     paged_decode_attention_kernel[(num_queries, kv_heads, P)](
         q, key_pool, value_pool, block_tables, rows, context_lens, o, partial_o, partial_ml, scale,
         block_tables.stride(0), HQ=query_heads, HKV=kv_heads, D=dim, BS=block_size, G=group,
-        BG=max(16, triton.next_power_of_2(group)), BD=BD, P=P, DOT_PRECISION=dot_precision(q.dtype), num_warps=4)
+        BG=max(16, triton.next_power_of_2(group)), BD=BD, P=P, DOT_PRECISION=dot_precision(q.dtype), USE_PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
     if P > 1:
         paged_decode_combine_kernel[(num_queries * query_heads,)](partial_o, partial_ml, o, D=dim, BD=BD, P=P,
-                                                                   num_warps=4)
+                                                                   USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return o
