@@ -106,12 +106,14 @@ PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the pre
 
 
 def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1, prepare=None,
-                warps=None, bw=None):
+                warps=None, bw=None, output=None):
     """`prepare`: a key of PREPARE_VARIANTS, forced for this launch (None: the module's defaults); `warps`, `bw`:
-    the phased kernel's num_warps and w/u column block (gdn_chunk.PHASED_WARPS, PHASED_BW) if not None."""
+    the phased kernel's num_warps and w/u column block (gdn_chunk.PHASED_WARPS, PHASED_BW) if not None; `output`:
+    gdn_chunk's flags for the output kernel (LOOPED_O, LOOPED_O_BV, LOOPED_O_WARPS) if not None."""
     q, k, v, a, b, A_log, dt_bias, init, cu, _ = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     flags = dict(PREPARE_VARIANTS[prepare]) if prepare else {}
     flags.update({name: value for name, value in (("PHASED_WARPS", warps), ("PHASED_BW", bw)) if value})
+    flags.update(output or {})
     saved = {name: getattr(gdn_chunk, name) for name in flags}
     for name, value in flags.items():
         setattr(gdn_chunk, name, value)
@@ -264,6 +266,17 @@ def configurations():
         for warps, bw in ((4, 32), (4, 64), (8, 64)):  # the phased kernel's other settings that sweep_kernels.py times
             add(f"gdn_fwd prepare=phased w={warps} BW={bw} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
                 dk=GDN_DIM, dv=GDN_DIM, prepare="phased", warps=warps, bw=bw)
+        # the output kernels (`-k o=`): the per-V-block one, the looped one at the settings sweep_kernels.py times
+        # (bf16), and both at fp32 (the looped one at its fp32 settings, LOOPED_O_BV_FP32 / LOOPED_O_WARPS_FP32)
+        for dtype, dtype_tag, settings in ((bf16, "bf16", ((32, 4), (64, 4), (64, 8), (128, 8))), (fp32, "fp32", ())):
+            add(f"gdn_fwd o=per-block Hv={hv} {name} {dtype_tag} varlen", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
+                dv=GDN_DIM, dtype=dtype, varlen=True, output=dict(LOOPED_O=False))
+            add(f"gdn_fwd o=looped Hv={hv} {name} {dtype_tag} varlen", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
+                dv=GDN_DIM, dtype=dtype, varlen=True, output=dict(LOOPED_O=True))
+            for bv, warps in settings:
+                add(f"gdn_fwd o=looped BV={bv} w={warps} Hv={hv} {name} {dtype_tag} varlen", run_gdn_fwd, hk=hk,
+                    hv=hv, dk=GDN_DIM, dv=GDN_DIM, dtype=dtype, varlen=True,
+                    output=dict(LOOPED_O=True, LOOPED_O_BV=bv, LOOPED_O_WARPS=warps))
         add(f"gdn_fwd prepare=phased Hv={hv} {name} bf16 varlen T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
             dv=GDN_DIM, length=1, varlen=True, state=True, prepare="phased")
         add(f"gdn_fwd prepare=phased Hv={hv} {name} bf16 batch B=2 T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,

@@ -9,10 +9,11 @@ wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, wi
 (as the wrapper runs it) or handed over normalised (NORM_K=False: what moving the norm out of the sequential
 loop would save). Every setting's v_new and final state are checked against the wrapper's. The h kernel runs
 cdiv(dv, BV) x Hv programs at B=1, each walking all T/64 chunks in order: the column "us/chunk" is its time per
-step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). The o kernel
-runs over BV x num_warps x num_stages, checked against the wrapper's o. The prepare step runs as each of its
-variants (gdn_chunk's SPLIT_PREPARE and PHASED_PREPARE) over their launch settings, checked against the wrapper's
-w, u and g_cumsum (the phased kernel's G differs in the last bits: one cumulative sum over the chunk).
+step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). Both o kernels
+(per V block, and the looped one that makes q k^T once per chunk: gdn_chunk.LOOPED_O) run over BV x num_warps x
+num_stages, checked against the wrapper's o. The prepare step runs as each of its variants (gdn_chunk's
+SPLIT_PREPARE and PHASED_PREPARE) over their launch settings, checked against the wrapper's w, u and g_cumsum
+(the phased kernel's G differs in the last bits: one cumulative sum over the chunk).
 With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
 """
 from __future__ import annotations
@@ -149,10 +150,13 @@ def sweep(model, length, quick, rows):
 
 
 def sweep_o(model, length, rows):
-    """The output kernel over BV x num_warps x num_stages: every V block recomputes q k^T, so wider blocks do less
-    of that; checked against the wrapper's output."""
+    """Both output kernels over BV x num_warps x num_stages, checked against the wrapper's output: the per-block one
+    (gdn_chunk.LOOPED_O off: one program per V block, each recomputing q k^T, so wider blocks do less of that) and
+    the looped one (LOOPED_O, the default: one program per chunk and value head making q k^T once and walking the V
+    blocks; its k normalised beforehand, as the prepare kernel hands it over)."""
     _, value_heads, d = MODELS[model]
     (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length)
+    k_normed = l2norm(k.float()).to(k.dtype)  # [1, T, Hk, d], what the prepare kernel stores
     for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):
         if BV > d:
             continue
@@ -163,7 +167,19 @@ def sweep_o(model, length, rows):
                 q, k, out["v_new"], out["h"], out["g_cumsum"], o, None, None, out["scale"], length, q.stride(1),
                 k.stride(1), BV=BV, num_warps=num_warps, num_stages=num_stages, **common)
 
-        timed_setting(rows, model, length, f"o BV={BV}", num_warps, num_stages, launch, [(o, out["o"])])
+        timed_setting(rows, model, length, f"o per-block BV={BV}", num_warps, num_stages, launch, [(o, out["o"])])
+    for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
+        if BV > d:
+            continue
+        o = torch.empty_like(out["o"])
+
+        def launch_looped():
+            gdn_chunk.chunk_gdn_fwd_o_looped_kernel[(chunks, value_heads)](
+                q, k_normed, out["v_new"], out["h"], out["g_cumsum"], o, None, None, out["scale"], length,
+                q.stride(1), BV=BV, num_warps=num_warps, num_stages=num_stages, **common)
+
+        timed_setting(rows, model, length, f"o looped BV={BV}", num_warps, num_stages, launch_looped,
+                      [(o, out["o"])])
 
 
 def sweep_prepare(model, length, rows):

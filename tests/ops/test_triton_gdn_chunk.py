@@ -231,3 +231,36 @@ def test_phased_prepare_equal_heads(poisoned, monkeypatch, variant):
     written = ~fused["x_inv"].isnan()  # the lower block triangle of X; both kernels leave the rest unwritten
     assert torch.equal(~phased["x_inv"].isnan(), written)
     assert rel_err(phased["x_inv"][written], fused["x_inv"][written]) <= 5e-3
+
+
+OUTPUT_VARIANTS = {  # gdn_chunk's flags for the output kernel: the per-V-block one, the looped one at two widths
+    "per-block": dict(LOOPED_O=False),
+    "looped BV=32": dict(LOOPED_O=True, LOOPED_O_BV=32, LOOPED_O_BV_FP32=32),
+    "looped BV=64": dict(LOOPED_O=True, LOOPED_O_BV=64, LOOPED_O_BV_FP32=64),
+}
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "packed fp32", "packed bf16", "odd dims"])
+def test_output_kernels(poisoned, monkeypatch, case):
+    """Both output kernels (LOOPED_O off and on; the looped one walking 2-4 V blocks, the last one ragged for the odd
+    dims) against the float64 reference and each other: a ragged last chunk (T = 100), packed sequences, Hv = 2 Hk,
+    an initial state so the inter-chunk term counts from the first chunk."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    dtype = torch.bfloat16 if "bf16" in case else torch.float32
+    cu_seqlens = torch.tensor([0, 5, 69, 130], dtype=torch.int32, device=DEVICE) if "packed" in case else None
+    if case == "odd dims":
+        inputs = make_inputs(1, 100, 1, 2, 24, 40, dtype, num_states=1)
+    elif cu_seqlens is not None:
+        inputs = make_inputs(1, 130, 2, 4, 32, 128, dtype, num_states=3)
+    else:
+        inputs = make_inputs(2, 100, 2, 4, 32, 128, dtype, num_states=2)
+    o_ref, _ = reference(*inputs, cu_seqlens)
+    outputs = {}
+    for variant, flags in OUTPUT_VARIANTS.items():
+        for name, value in flags.items():
+            monkeypatch.setattr(gdn_chunk, name, value)
+        outputs[variant], _ = chunk_gdn_fwd(*inputs[:-1], initial_state=inputs[-1], cu_seqlens=cu_seqlens)
+        assert outputs[variant].dtype == dtype
+        assert rel_err(outputs[variant], o_ref) <= TOLERANCE[dtype], variant
+        assert rel_err(outputs[variant], outputs["per-block"]) <= (1e-6 if dtype == torch.float32 else 5e-3), variant

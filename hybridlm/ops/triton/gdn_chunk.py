@@ -12,7 +12,9 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
    replaces it: the same outputs, the inverse built in phases in a private fp32 scratch so that few blocks are live at a time.
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
    stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state.
-3. `chunk_gdn_fwd_o_kernel` (fully parallel): o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new.
+3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
+   + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
+   with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
 
 Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
 every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
@@ -103,8 +105,8 @@ def _kkt_block(b_kb_i, b_k_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC: tl.con
 def _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Program's chunk -> (its global chunk index, its chunk within the sequence, the sequence's first token,
     the sequence's length): packed sequences through `chunk_indices` [NT, 2] and `cu_seqlens`, else row i_b of
-    equal-length rows. (The default prepare / h / o kernels still spell this out; they move to it once a GPU run
-    has checked the change.)"""
+    equal-length rows. (The default prepare and h kernels and the old o kernel still spell this out; they move to it
+    once a GPU run has checked the change.)"""
     if IS_VARLEN:
         i_tg = i_t.to(tl.int64)
         i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
@@ -487,6 +489,66 @@ def chunk_gdn_fwd_o_kernel(
     _store_rows(o + bos * HV * V + i_h * V + i_v * BV, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
 
+@triton.jit
+def chunk_gdn_fwd_o_looped_kernel(
+    q,  # [B, T, H, K], token stride stride_q
+    kn,  # [B, T, H, K]: the L2-normalised keys (the prepare kernel's)
+    v_new,  # [B, T, HV, V]
+    h,  # [NT, HV, K, V]
+    g_cumsum,  # [B, T, HV] fp32
+    o,  # out [B, T, HV, V]
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    stride_q,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """`chunk_gdn_fwd_o_kernel` with one program per chunk and value head: q, k and the decayed causal q k^T are
+    made once, then the V blocks are walked (h block and v_new block per step) instead of being separate programs
+    that each redo them. k comes normalised (the prepare kernel stores it rounded to the input dtype, which is what
+    `chunk_gdn_fwd_o_kernel` makes of the raw k), so the operands and each product are the same."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    i_tg, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    dtype = v_new.dtype.element_ty
+
+    i_s = i_t * BT
+    o_t = i_s + tl.arange(0, BT)
+    m_t = o_t < T
+    b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+    b_k = _load_rows(kn + bos * H * K + i_hk * K, i_s, T, H * K, K, BT, BK)  # [BT, BK], already in dtype
+    b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
+    b_decay = tl.exp(b_gc)
+    # intra-chunk: causal q k^T with decay (exponent masked: above the diagonal G_i - G_j > 0 could overflow)
+    b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    o_i = tl.arange(0, BT)
+    m_A = o_i[:, None] >= o_i[None, :]
+    b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
+
+    o_k = tl.arange(0, BK)
+    p_h = h + (i_tg * HV + i_h) * K * V
+    p_vn = v_new + bos * HV * V + i_h * V
+    p_o = o + bos * HV * V + i_h * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
+        # inter-chunk: the state entering the chunk, decayed to each row
+        b_o = tl.dot(b_q, b_h, input_precision=DOT_PRECISION) * b_decay[:, None]
+        b_vn = _load_rows(p_vn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        b_o += tl.dot(b_A, b_vn, input_precision=DOT_PRECISION)
+        _store_rows(p_o + i_v * BV, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
+
+
 def _check_inputs(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens):
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [B, T, Hk, dk] and v [B, T, Hv, dv], got {tuple(q.shape)}, "
@@ -551,6 +613,22 @@ SPLIT_PREPARE = False
 PHASED_PREPARE = False
 PHASED_WARPS = 8
 PHASED_BW = 32  # w and u columns per product in the phased kernel: 64 takes 106 registers at 8 warps (167 at 4)
+
+# How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
+# - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
+#   kernel's normalised keys) and the 64x64 decayed q k^T once and walks the V blocks; else `chunk_gdn_fwd_o_kernel`,
+#   one program per 32-wide V block, each redoing all of that (1.79 ms on the H100 at 9B heads and 64k tokens,
+#   ~3-4x its memory floor). The looped kernel's speed is NOT yet measured on a GPU; registers and spills are in
+#   `benchmarks/compile_check.py -k o=`.
+# Registers (sm_90, Triton 3.6, 9B and 0.8B heads): bf16 at BV 64 and 4 warps 154, no spills, 80 KB of shared
+# memory (BV 32: 151-158; BV 64 at 8 warps: 161; the per-block kernel: 128). fp32 dots ("ieee") run on FMAs, which
+# hold whole operand rows per thread, so every fp32 forward kernel spills (the per-block o kernel 29 KB): the looped
+# one at 8 warps and BV 32 takes 128 registers with 1.3 KB of spills, at 4 warps and BV 64 31 KB.
+LOOPED_O = True
+LOOPED_O_BV = 64  # V columns per step of the looped kernel (bf16, fp16)
+LOOPED_O_WARPS = 4
+LOOPED_O_BV_FP32 = 32
+LOOPED_O_WARPS_FP32 = 8
 
 
 @functools.cache
@@ -634,8 +712,15 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         NORM_K=False, num_warps=4, **common)
 
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
-    chunk_gdn_fwd_o_kernel[(triton.cdiv(dv, BV), grid_chunks, batch * value_heads)](
-        q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
-        BV=BV, num_warps=4, **common)
+    if LOOPED_O:
+        fp32 = precision == "ieee"
+        BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)
+        chunk_gdn_fwd_o_looped_kernel[(grid_chunks, batch * value_heads)](
+            q, k_normed, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1),
+            BV=BV_o, num_warps=LOOPED_O_WARPS_FP32 if fp32 else LOOPED_O_WARPS, **common)
+    else:
+        chunk_gdn_fwd_o_kernel[(triton.cdiv(dv, BV), grid_chunks, batch * value_heads)](
+            q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
+            BV=BV, num_warps=4, **common)
     return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, x_inv=x_inv, h=h, v_new=v_new,
                 scale=scale, chunk_tables=chunk_tables)
