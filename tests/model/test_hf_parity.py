@@ -81,15 +81,16 @@ def test_saved_checkpoint_loads_in_transformers(checkpoint, family, tmp_path):
     assert (tmp_path / "saved" / "model.safetensors.index.json").is_file()
     _, model_class = hf_model_class(family)
     reloaded = model_class.from_pretrained(tmp_path / "saved").eval()
+    # every tensor comes back bit for bit; the logits only closely: transformers (5.25) may pick other kernels for a
+    # model it loads than for one built from a config (differences of ~1e-7 on the MoE families)
+    loaded = reloaded.state_dict()
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(loaded[name], tensor, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(hf_logits(reloaded, ids), hf_logits(reference, ids), atol=0, rtol=0)
+    torch.testing.assert_close(hf_logits(reloaded, ids), hf_logits(reference, ids), atol=1e-5, rtol=1e-5)
     again = hybridlm.load(tmp_path / "saved")
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
-    if family in ("qwen3_5", "qwen3_5_moe"):  # the vision tower travels through a text-only load
-        for name, tensor in reference.state_dict().items():
-            if "visual" in name:
-                torch.testing.assert_close(reloaded.state_dict()[name], tensor, atol=0, rtol=0)
 
 
 def test_packed_documents_equal_separate_forwards(checkpoint, family):
