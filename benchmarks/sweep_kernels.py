@@ -168,7 +168,7 @@ def sweep_o(model, length, rows):
                 k.stride(1), BV=BV, num_warps=num_warps, num_stages=num_stages, **common)
 
         timed_setting(rows, model, length, f"o per-block BV={BV}", num_warps, num_stages, launch, [(o, out["o"])])
-    for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
+    for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):  # 1 stage faulted (H200)
         if BV > d:
             continue
         o = torch.empty_like(out["o"])

@@ -109,10 +109,12 @@ def test_sweep_kernels_tiny_checks_every_setting():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
-    count = {name: sum(f"| {name}" in row for row in rows) for name in ("o BV=", "prepare", "conv one", "conv packed")}
-    # o: BV 32 only (dim 32); prepare: 9 fused, 2 split, 4 phased (BW 32 at 4 and 8 warps, and each split)
-    assert count == {"o BV=": 4, "prepare": 9 + 2 + 4, "conv one": 18, "conv packed": 18}
-    assert len(rows) == 8 + 4 + 15 + 36
+    names = ("o per-block", "o looped", "prepare", "conv one", "conv packed")
+    count = {name: sum(f"| {name}" in row for row in rows) for name in names}
+    # o: BV 32 only (dim 32) at 4 and 8 warps, 2 and 3 stages, for each of the two kernels; prepare: 9 fused,
+    # 2 split, 4 phased (BW 32 at 4 and 8 warps, and each split)
+    assert count == {"o per-block": 4, "o looped": 4, "prepare": 9 + 2 + 4, "conv one": 18, "conv packed": 18}
+    assert len(rows) == 8 + 8 + 15 + 36
     # every setting reproduces the wrapper exactly, except the phased prepare kernel: its decay sum G runs over the
     # whole chunk at once, so its fp32 outputs differ in the last bits
     checks = {row: float(row.rstrip(" |").rsplit("|", 1)[1]) for row in rows}

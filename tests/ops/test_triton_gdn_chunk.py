@@ -240,7 +240,7 @@ OUTPUT_VARIANTS = {  # gdn_chunk's flags for the output kernel: the per-V-block 
 }
 
 
-@pytest.mark.parametrize("case", ["fp32", "bf16", "packed fp32", "packed bf16", "odd dims"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "packed-fp32", "packed-bf16", "odd-dims"])
 def test_output_kernels(poisoned, monkeypatch, case):
     """Both output kernels (LOOPED_O off and on; the looped one walking 2-4 V blocks, the last one ragged for the odd
     dims) against the float64 reference and each other: a ragged last chunk (T = 100), packed sequences, Hv = 2 Hk,
@@ -249,7 +249,7 @@ def test_output_kernels(poisoned, monkeypatch, case):
 
     dtype = torch.bfloat16 if "bf16" in case else torch.float32
     cu_seqlens = torch.tensor([0, 5, 69, 130], dtype=torch.int32, device=DEVICE) if "packed" in case else None
-    if case == "odd dims":
+    if case == "odd-dims":
         inputs = make_inputs(1, 100, 1, 2, 24, 40, dtype, num_states=1)
     elif cu_seqlens is not None:
         inputs = make_inputs(1, 130, 2, 4, 32, 128, dtype, num_states=3)

@@ -618,8 +618,10 @@ PHASED_BW = 32  # w and u columns per product in the phased kernel: 64 takes 106
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
 #   kernel's normalised keys) and the 64x64 decayed q k^T once and walks the V blocks; else `chunk_gdn_fwd_o_kernel`,
 #   one program per 32-wide V block, each redoing all of that (1.79 ms on the H100 at 9B heads and 64k tokens,
-#   ~3-4x its memory floor). The looped kernel's speed is NOT yet measured on a GPU; registers and spills are in
-#   `benchmarks/compile_check.py -k o=`.
+#   ~3-4x its memory floor). On an H200 at 9B heads and 64k tokens (`sweep_kernels.py --kernels o`, sixth
+#   session): looped BV 64, 4 warps, 2 stages 0.882 ms (3 stages 0.954); the per-block kernel at its old default
+#   (BV 32) 1.709 ms, at its best (BV 128) 1.052. One stage faulted (illegal address) at BV 32: not used. Registers
+#   and spills: `benchmarks/compile_check.py -k o=`.
 # Registers (sm_90, Triton 3.6, 9B and 0.8B heads): bf16 at BV 64 and 4 warps 154, no spills, 80 KB of shared
 # memory (BV 32: 151-158; BV 64 at 8 warps: 161; the per-block kernel: 128). fp32 dots ("ieee") run on FMAs, which
 # hold whole operand rows per thread, so every fp32 forward kernel spills (the per-block o kernel 29 KB): the looped
@@ -627,6 +629,7 @@ PHASED_BW = 32  # w and u columns per product in the phased kernel: 64 takes 106
 LOOPED_O = True
 LOOPED_O_BV = 64  # V columns per step of the looped kernel (bf16, fp16)
 LOOPED_O_WARPS = 4
+LOOPED_O_STAGES = 2
 LOOPED_O_BV_FP32 = 32
 LOOPED_O_WARPS_FP32 = 8
 
@@ -717,7 +720,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)
         chunk_gdn_fwd_o_looped_kernel[(grid_chunks, batch * value_heads)](
             q, k_normed, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1),
-            BV=BV_o, num_warps=LOOPED_O_WARPS_FP32 if fp32 else LOOPED_O_WARPS, **common)
+            BV=BV_o, num_warps=LOOPED_O_WARPS_FP32 if fp32 else LOOPED_O_WARPS, num_stages=LOOPED_O_STAGES, **common)
     else:
         chunk_gdn_fwd_o_kernel[(triton.cdiv(dv, BV), grid_chunks, batch * value_heads)](
             q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
