@@ -50,6 +50,11 @@ import hybridlm.ops.triton as kernels  # noqa: E402
 from hybridlm.ops.triton import conv, gdn_chunk, gdn_chunk_bwd, gdn_step, norm, paged_attention, paged_prefill, rope  # noqa: E402,E501
 from hybridlm.ops.triton import gemv  # noqa: E402
 
+# the GPU launches the decode kernels with programmatic dependent launch (pdl_enabled on sm_90): compile those
+for _module in (gdn_step, gemv, paged_attention, rope):
+    if hasattr(_module, "pdl_enabled"):
+        _module.pdl_enabled = lambda device: True
+
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 H100_SMS = 132  # the wrappers size some grids from the SM count, which a CPU tensor cannot report
 H100_MAX_SHARED = 232448  # bytes of shared memory per block (opt-in): more fails at the first launch
@@ -220,11 +225,29 @@ def run_paged_prefill(hq, hkv, max_len, sequences, dim=HEAD_DIM, block_size=BLOC
                                               max_len=max_len)
 
 
+def run_qk_rope(hq, hkv, length, dim=HEAD_DIM, rotary=ROTARY_DIM, dtype=bf16, batch=1):
+    """The attention's q (a strided view of the q projection) and k through the one-launch norm + RoPE, the angles
+    made in the kernel."""
+    from hybridlm.ops.rope import RopeInputs
+
+    q = randn(batch, length, hq, 2 * dim, dtype=dtype).chunk(2, dim=-1)[0]
+    k = randn(batch, length, hkv, dim, dtype=dtype)
+    positions = torch.arange(batch * length, dtype=torch.int32).view(batch, length)
+    inputs = RopeInputs(positions, torch.rand(rotary // 2), 1.0, dtype)
+    rope.qk_rms_norm_rope_fwd(q, randn(dim, dtype=dtype), k, randn(dim, dtype=dtype), inputs)
+
+
 def run_gemv(kind, n, k, rows, dtype=bf16, residual=True, config=None):
     """A decode GEMV (gemv.py) on one projection's shape: "rms" (the residual add + RMSNorm prologue: in-proj, q/k/v,
-    gate/up, lm_head), "silu" (MLP down, from the gate/up GEMM's [M, 2I] output) or "linear" (out_proj, o_proj)."""
+    gate/up, lm_head), "silu" (MLP down, from the gate/up GEMM's [M, 2I] output), "gate" (o_proj after the
+    attention's output gate, o and gate as strided heads of 256) or "linear" (out_proj, o_proj)."""
     weight = torch.empty(n, k, dtype=dtype)  # never read here: only the launch is recorded
-    if kind == "rms":
+    if kind == "gate":
+        heads = k // HEAD_DIM
+        o = randn(rows, heads, HEAD_DIM, dtype=dtype)
+        gate = randn(rows, heads, 2 * HEAD_DIM, dtype=dtype)[..., HEAD_DIM:]
+        gemv.sigmoid_gate_linear_fwd(o, gate, weight, config=config)
+    elif kind == "rms":
         res = randn(rows, k, dtype=dtype) if residual else None
         gemv.rms_norm_linear_fwd(randn(rows, k, dtype=dtype), randn(k, dtype=dtype), 1e-6, weight, res, config=config)
     elif kind == "silu":
@@ -298,6 +321,8 @@ def configurations():
             add(f"sigmoid_gate Hq={hq} {name} bf16 T={tokens}", run_sigmoid_gate, heads=hq, tokens=tokens)
             add(f"write_kv Hkv={hkv} {name} bf16 T={tokens}", run_write_kv, hkv=hkv, tokens=tokens)
         add(f"rope k Hkv={hkv} {name} bf16 T=1", run_rope, heads=hkv, length=1, query=False)
+        for tokens in (1, 100):
+            add(f"rope qk Hq={hq}/Hkv={hkv} {name} bf16 T={tokens}", run_qk_rope, hq=hq, hkv=hkv, length=tokens)
         for queries in (1, 64, 256):
             add(f"paged_decode Hq={hq}/Hkv={hkv} {name} bf16 S={queries}", run_paged_decode, hq=hq, hkv=hkv,
                 queries=queries)
@@ -376,7 +401,8 @@ def configurations():
         projections = [("rms", "in_proj", 2 * m["hk"] * GDN_DIM + 2 * value_dim + 2 * m["hv"], hidden),
                        ("rms", "qkv", (2 * m["hq"] + 2 * m["hkv"]) * HEAD_DIM, hidden),
                        ("rms", "gate_up", 2 * m["mlp"], hidden), ("rms", "lm_head", 248320, hidden),
-                       ("silu", "down", hidden, m["mlp"]), ("linear", "out_proj", hidden, value_dim)]
+                       ("silu", "down", hidden, m["mlp"]), ("linear", "out_proj", hidden, value_dim),
+                       ("gate", "o_proj", hidden, m["hq"] * HEAD_DIM)]
         for rows in (1, 8, 16):
             for kind, what, n, k in projections:
                 add(f"gemv {kind} {what} N={n} K={k} {name} bf16 M={rows}", run_gemv, kind=kind, n=n, k=k, rows=rows)

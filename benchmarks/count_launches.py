@@ -9,8 +9,9 @@ onto the CUDA code path, and counts:
 - ATen operators that launch a kernel on CUDA: views and allocations do not, everything else is counted once.
   A cuBLAS GEMM can launch 1-2 kernels and is counted as one.
 - Triton launches. Their kernels are not executed here, so the logits are meaningless: only the count matters.
-`--unfused` keeps the plain-PyTorch RMSNorm, q/k norm + RoPE and SwiGLU product and the four separate GDN input
-projections (the code before the fusions) for comparison. The count is per step and does not depend on the batch size.
+`--unfused` keeps the plain-PyTorch RMSNorm, q/k norm + RoPE (cos and sin built once per step) and SwiGLU product,
+the output gate's own launch and the four separate GDN input projections (the code before the fusions) for
+comparison. The count is per step and does not depend on the batch size.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from hybridlm.engine.cache import DecodeContext, EngineCache, plan_cache  # noqa
 from hybridlm.io.checkpoint import build_empty_model  # noqa: E402
 from hybridlm.ops import dispatch  # noqa: E402
 from hybridlm.ops.norm import rms_norm as rms_norm_reference  # noqa: E402
-from hybridlm.ops.rope import rms_norm_rope as rms_norm_rope_reference  # noqa: E402
+from hybridlm.ops.rope import qk_rms_norm_rope as qk_rms_norm_rope_reference  # noqa: E402
 
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "detach",
              "alias", "set_", "resize_", "_local_scalar_dense", "promote_types", "result_type"}
@@ -88,10 +89,12 @@ def main() -> None:
             return rms_norm_reference(x + residual, weight, eps), x + residual
 
         dispatch.rms_norm = rms_norm
-        dispatch.rms_norm_rope = rms_norm_rope_reference
+        dispatch.qk_rms_norm_rope = qk_rms_norm_rope_reference
         dispatch.silu_mul = lambda gate, up: torch.nn.functional.silu(gate) * up
+        dispatch.sigmoid_gate_linear = lambda o, gate, weight: dispatch.linear(dispatch.sigmoid_gate(o, gate), weight)
         import hybridlm.model.layers as layers
-        layers.rms_norm, layers.rms_norm_rope, layers.silu_mul = dispatch.rms_norm, dispatch.rms_norm_rope, dispatch.silu_mul
+        layers.rms_norm, layers.qk_rms_norm_rope, layers.silu_mul = (dispatch.rms_norm, dispatch.qk_rms_norm_rope,
+                                                                     dispatch.silu_mul)
     if not args.unfused:
         model.fuse_input_projections()  # as the engine's runner does
     layout = model.cache_layout

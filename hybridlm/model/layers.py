@@ -8,8 +8,9 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.model.context import ForwardContext
 from hybridlm.ops import dispatch
-from hybridlm.ops.dispatch import (causal_conv1d, gated_delta_rule, gated_rms_norm, norm_linear, rms_norm,
-                                   rms_norm_rope, sigmoid_gate, silu_mul, silu_mul_linear)
+from hybridlm.ops.dispatch import (causal_conv1d, gated_delta_rule, gated_rms_norm, norm_linear, qk_rms_norm_rope,
+                                   rms_norm, sigmoid_gate, silu_mul, silu_mul_linear)
+from hybridlm.ops.rope import RopeInputs
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -18,6 +19,14 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(layer) is nn.Linear and layer.bias is None:
         return dispatch.linear(x, layer.weight)
     return layer(x)
+
+
+def project_gated(layer: nn.Module, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """layer(o * sigmoid(gate)) for the attention's output o and gate [B, T, H, D]; a plain bias-free nn.Linear goes
+    through `dispatch.sigmoid_gate_linear` (at decode sizes, where enabled, the gate in the GEMV's prologue)."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        return dispatch.sigmoid_gate_linear(o, gate, layer.weight)
+    return layer(sigmoid_gate(o, gate))
 
 
 class RMSNorm(nn.Module):
@@ -192,8 +201,7 @@ class GatedAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeInputs,
         context: ForwardContext,
         projected: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
@@ -201,13 +209,14 @@ class GatedAttention(nn.Module):
         batch, length, _ = x.shape
         query, k, v = self._inputs(x) if projected is None else projected
         query, gate = query.view(batch, length, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        # per-head norm and partial RoPE (one launch each on CUDA)
-        q = rms_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)  # [B, Hq, T, D]
         k = k.view(batch, length, self.num_kv_heads, self.head_dim)
-        k = rms_norm_rope(k, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
+        # per-head norms and partial RoPE of q and k: one launch on CUDA (both norms use config.rms_norm_eps)
+        q, k = qk_rms_norm_rope(query, self.q_norm.weight, k, self.k_norm.weight, rope, self.q_norm.eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, Hq, T, D], [B, Hkv, T, D]
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         o = context.attend(self.layer_idx, q, k, v, scale=self.head_dim**-0.5)  # [B, Hq, T, D]
-        return project(self.o_proj, sigmoid_gate(o.transpose(1, 2), gate))  # o * sigmoid(gate): one launch on CUDA
+        # o * sigmoid(gate), then o_proj: on CUDA the gate's launch, or at decode sizes the GEMV's prologue
+        return project_gated(self.o_proj, o.transpose(1, 2), gate)
 
 
 class MLP(nn.Module):
@@ -291,8 +300,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeInputs,
         context: ForwardContext,
         pending: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +330,7 @@ class DecoderLayer(nn.Module):
                 h = torch.where(context.pad_mask[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
             h = self.linear_attn(h, context, projected)
         else:
-            h = self.self_attn(h, cos, sin, context, projected)
+            h = self.self_attn(h, rope, context, projected)
         fused = self.mlp._inputs.inference_weight() if isinstance(self.mlp, MLP) else None
         if fused is not None:
             norm = self.post_attention_layernorm

@@ -10,8 +10,9 @@ from hybridlm.config import ModelConfig
 from hybridlm.model.cache import HybridCache
 from hybridlm.model.layers import DecoderLayer, FusedLinears, RMSNorm
 from hybridlm.model.context import ForwardContext
-from hybridlm.ops import rope_cos_sin, rope_inv_freq
+from hybridlm.ops import rope_inv_freq
 from hybridlm.ops.dispatch import norm_linear
+from hybridlm.ops.rope import RopeInputs
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,11 @@ class HybridLM(nn.Module):
         `logits_indices` [N] (flat token indices into [B * T]) returns logits [N, vocab] for those tokens only.
         """
         x = self.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = rope_cos_sin(context.positions, self._inv_freq_on(x.device), self._rope_scaling, x.dtype)
+        # the attention layers' q/k kernel computes cos and sin from these; the reference builds them once
+        rope = RopeInputs(context.positions, self._inv_freq_on(x.device), self._rope_scaling, x.dtype)
         pending = None  # the last MLP output, added to x inside the next norm
         for layer in self.layers:
-            x, pending = layer(x, cos, sin, context, pending)
+            x, pending = layer(x, rope, context, pending)
         context.finish()
 
         def kept(t: torch.Tensor) -> torch.Tensor:  # the tokens whose logits are wanted

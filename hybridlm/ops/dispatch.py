@@ -20,7 +20,8 @@ from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, recurrent
 from hybridlm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from hybridlm.ops.norm import rms_norm as rms_norm_reference
 from hybridlm.ops.paged_attention import paged_decode_attention_reference, write_kv_reference
-from hybridlm.ops.rope import rms_norm_rope as rms_norm_rope_reference
+from hybridlm.ops.rope import RopeInputs
+from hybridlm.ops.rope import qk_rms_norm_rope as qk_rms_norm_rope_reference
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +106,14 @@ FUSED_GEMV = os.environ.get("HYBRIDLM_GEMV", "1") != "0"
 GEMV_MAX_ROWS = 2  # no GEMV wins above this (gemv_preferred)
 
 
-def _fused_gemv(x, weight, kind: str) -> bool:
+def _fused_gemv(x, weight, kind: str, width: int | None = None) -> bool:
     """Whether a GEMV kernel takes x [..., K] @ weight.T: few rows (decode), kernels on, no gradient needed, and
-    the kernel measured faster than the unfused path at this shape."""
-    if not FUSED_GEMV or x.dtype != weight.dtype or x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
+    the kernel measured faster than the unfused path at this shape. `width`: the elements of one row of x, if not
+    its last axis."""
+    width = x.shape[-1] if width is None else width
+    if not FUSED_GEMV or x.dtype != weight.dtype or x.numel() > GEMV_MAX_ROWS * width:
         return False
-    return use_kernels(x, weight) and kernels().gemv_preferred(kind, x.numel() // x.shape[-1], *weight.shape)
+    return use_kernels(x, weight) and kernels().gemv_preferred(kind, x.numel() // width, *weight.shape)
 
 
 def linear(x, weight):
@@ -138,11 +141,13 @@ def silu_mul_linear(gate_up, weight):
     return F.linear(silu_mul(*gate_up.chunk(2, dim=-1)), weight)
 
 
-def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
-    """q or k [B, T, H, D]: RMSNorm per head, then partial RoPE; [B, T, H, D]."""
-    if use_kernels(x, weight, cos):
-        return kernels().rms_norm_rope_fwd(x, weight, cos, sin, eps)
-    return rms_norm_rope_reference(x, weight, cos, sin, eps)
+def qk_rms_norm_rope(q, q_weight, k, k_weight, rope: RopeInputs, eps=1e-6):
+    """q [B, T, Hq, D] and k [B, T, Hk, D]: RMSNorm per head, each with its weight, then partial RoPE at
+    `rope.positions`; returns (q, k). On CUDA one launch that computes the angles itself; the reference builds cos
+    and sin once per forward (`rope.cos_sin()`)."""
+    if use_kernels(q, q_weight, k, k_weight):
+        return kernels().qk_rms_norm_rope_fwd(q, q_weight, k, k_weight, rope, eps)
+    return qk_rms_norm_rope_reference(q, q_weight, k, k_weight, rope, eps)
 
 
 def silu_mul(gate, up):
@@ -158,6 +163,14 @@ def sigmoid_gate(o, gate):
         return kernels().sigmoid_gate_fwd(o, gate)
     batch, length = o.shape[:2]
     return o.reshape(batch, length, -1) * torch.sigmoid(gate.reshape(batch, length, -1))
+
+
+def sigmoid_gate_linear(o, gate, weight):
+    """The attention's output gate and o_proj: (o * sigmoid(gate)) @ weight.T for o, gate [B, T, H, D]. At decode sizes
+    where the GEMV wins, one launch (the gate in its prologue); otherwise the gate's launch, then `linear`."""
+    if gate.dtype == o.dtype and _fused_gemv(o, weight, "gate", width=weight.shape[-1]):
+        return kernels().sigmoid_gate_linear_fwd(o, gate, weight)
+    return linear(sigmoid_gate(o, gate), weight)
 
 
 def gated_rms_norm(x, gate, weight, eps=1e-6):

@@ -24,6 +24,12 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return F.linear(F.silu(gate) * up, weight)
 
 
+def sigmoid_gate_linear(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The attention's output gate and o_proj: o, gate [..., H, D], weight [N, H * D] -> [..., N]; o * sigmoid(gate)
+    rounds as the unfused gate does (sigmoid's result, then the product)."""
+    return F.linear(o.flatten(-2) * torch.sigmoid(gate.flatten(-2)), weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T, bias-free."""
     return F.linear(x, weight)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,6 +63,27 @@ def rope_cos_sin(
     return (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)
 
 
+@dataclass(eq=False)
+class RopeInputs:
+    """One forward's RoPE, shared by every attention layer: integer positions [B, T] and inv_freq [rotary_dim / 2]
+    (fp32) on the model's device, the attention scaling and the dtype that cos and sin are rounded to.
+
+    The Triton q/k kernel computes the angles from these itself, so the kernel path builds no cos/sin tensors (six
+    launches per step); the reference builds them once (`cos_sin`) and every layer reuses them."""
+
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    dtype: torch.dtype
+    _cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, rotary_dim] (`rope_cos_sin`), built on the first call."""
+        if self._cos_sin is None:
+            self._cos_sin = rope_cos_sin(self.positions, self.inv_freq, self.attention_scaling, self.dtype)
+        return self._cos_sin
+
+
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rotary_dim channels of x [B, H, T, D]; the rest pass through."""
     rotary_dim = cos.shape[-1]
@@ -77,3 +99,11 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     """The attention's q/k path: zero-centred RMSNorm per head of x [B, T, H, D], then partial RoPE with cos, sin
     [B, T, rotary_dim]; returns [B, T, H, D] (the Triton twin fuses both into one launch)."""
     return apply_partial_rope(rms_norm(x, weight, eps).transpose(1, 2), cos, sin).transpose(1, 2)
+
+
+def qk_rms_norm_rope(q: torch.Tensor, q_weight: torch.Tensor, k: torch.Tensor, k_weight: torch.Tensor,
+                     rope: RopeInputs, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention's q [B, T, Hq, D] and k [B, T, Hk, D], each through `rms_norm_rope` with its own norm weight and
+    the cos, sin of `rope`; returns (q, k) (the Triton twin does both in one launch, the angles computed in it)."""
+    cos, sin = rope.cos_sin()
+    return rms_norm_rope(q, q_weight, cos, sin, eps), rms_norm_rope(k, k_weight, cos, sin, eps)

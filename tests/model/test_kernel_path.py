@@ -25,7 +25,7 @@ def kernels_forced(monkeypatch):
     monkeypatch.setattr(dispatch, "use_kernels", forced)
     monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
     calls = {}
-    for name in ("rms_norm_fwd", "rms_norm_rope_fwd", "gated_rms_norm_fwd", "causal_conv1d_fwd", "chunk_gdn",
+    for name in ("rms_norm_fwd", "qk_rms_norm_rope_fwd", "gated_rms_norm_fwd", "causal_conv1d_fwd", "chunk_gdn",
                  "silu_mul_fwd", "sigmoid_gate_fwd"):
         def spy(*args, _name=name, _fn=getattr(kernel_module, name), **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
@@ -45,10 +45,11 @@ def test_forward_on_kernels_matches_reference(checkpoint, family, request):
         got = model(ids)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     layers = model.config.num_hidden_layers
-    # per layer: the input norm and the fused add + norm, and the final norm; q and k norm + RoPE per attention layer
+    # per layer: the input norm and the fused add + norm, and the final norm; q and k norm + RoPE in one launch per
+    # attention layer
     assert calls["rms_norm_fwd"] == 2 * layers + 1
     attention_layers = model.config.layer_types.count("full_attention")
-    assert calls["rms_norm_rope_fwd"] == 2 * attention_layers > 0
+    assert calls["qk_rms_norm_rope_fwd"] == attention_layers > 0
     assert calls["sigmoid_gate_fwd"] == attention_layers
     # every MLP module: the dense layers' and the MoE layers' shared experts
     assert calls.get("silu_mul_fwd", 0) == sum(isinstance(m, MLP) for m in model.modules()) > 0
@@ -100,9 +101,10 @@ def test_fused_input_projections(checkpoint, tmp_path):
 @pytest.mark.parametrize("rows, fused_norms, fused_silu", [((1, 1), True, True), ((2, 1), True, False),
                                                          ((1, 3), False, False), ((2, 8), False, False)])
 def test_fused_decode_gemvs_match_the_unfused_model(checkpoint, request, rows, fused_norms, fused_silu):
-    """At decode sizes with fused projections, each norm runs in its GEMV's prologue and SwiGLU in the down
-    projection's (`norm_linear`, `silu_mul_linear`), the final norm in the LM head's, where `gemv_preferred` says
-    they win (norms up to 2 rows at this model's K, SwiGLU at 1 row): same logits as the plain model either way."""
+    """At decode sizes with fused projections, each norm runs in its GEMV's prologue, SwiGLU in the down
+    projection's and the attention's output gate in o_proj's (`norm_linear`, `silu_mul_linear`,
+    `sigmoid_gate_linear`), the final norm in the LM head's, where `gemv_preferred` says they win (norms up to 2 rows
+    at this model's K, SwiGLU at 1 row, the gate up to 2 rows at this K): same logits as the plain model either way."""
     directory, _ = checkpoint("qwen3_5_text")
     model = hybridlm.load(directory, device="cpu")
     ids = torch.randint(0, VOCAB, rows, generator=torch.Generator().manual_seed(sum(rows)))
@@ -111,7 +113,7 @@ def test_fused_decode_gemvs_match_the_unfused_model(checkpoint, request, rows, f
         model.fuse_input_projections()
         calls = request.getfixturevalue("kernels_forced")
         from hybridlm.ops import triton as kernel_module
-        for name in ("rms_norm_linear_fwd", "silu_mul_linear_fwd", "linear_fwd"):
+        for name in ("rms_norm_linear_fwd", "silu_mul_linear_fwd", "sigmoid_gate_linear_fwd", "linear_fwd"):
             def spy(*args, _name=name, _fn=getattr(kernel_module, name), **kwargs):
                 calls[_name] = calls.get(_name, 0) + 1
                 return _fn(*args, **kwargs)
@@ -124,4 +126,7 @@ def test_fused_decode_gemvs_match_the_unfused_model(checkpoint, request, rows, f
     assert calls.get("rms_norm_fwd", 0) == (0 if fused_norms else 2 * layers + 1)
     assert calls.get("silu_mul_linear_fwd", 0) == (layers if fused_silu else 0)
     assert calls.get("silu_mul_fwd", 0) == (0 if fused_silu else layers)
-    assert calls.get("linear_fwd", 0) == (layers if fused_norms else 0)  # out_proj / o_proj, up to 2 rows
+    attention_layers = model.config.layer_types.count("full_attention")
+    assert calls.get("sigmoid_gate_linear_fwd", 0) == (attention_layers if fused_norms else 0)  # up to 2 rows here
+    assert calls.get("sigmoid_gate_fwd", 0) == (0 if fused_norms else attention_layers)
+    assert calls.get("linear_fwd", 0) == (layers - attention_layers if fused_norms else 0)  # out_proj, up to 2 rows

@@ -147,6 +147,63 @@ def test_rms_norm_rope(dtype, batch, length, heads, dim, rotary, strided):
         rms_norm_rope_fwd(x, weight, cos[..., :-1], sin[..., :-1], 1e-6)
 
 
+@pytest.mark.parametrize("angles_in_kernel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope_type", ["default", "yarn"])
+@pytest.mark.parametrize("batch, length, q_heads, k_heads, dim, rotary",
+                         [(1, 1, 8, 2, 256, 64), (3, 1, 2, 1, 64, 16), (2, 5, 3, 1, 80, 20), (1, 7, 2, 2, 32, 32)])
+def test_qk_rms_norm_rope(monkeypatch, angles_in_kernel, dtype, rope_type, batch, length, q_heads, k_heads, dim,
+                          rotary):
+    """q and k in one launch, cos and sin read from `RopeInputs.cos_sin` or computed in the kernel from the positions
+    (up to 262k, where an approximate cos is far off) vs the twin (rope_cos_sin, then rms_norm_rope on each) and vs
+    the cos/sin kernel run twice. q and k as the model has them: every other head-sized slice of [B, T, Hq, 2D], and
+    a column slice of the fused projection; positions as the engine's decode context has them ([S, 1] int32 views)
+    at T = 1."""
+    from hybridlm.ops.rope import RopeInputs, qk_rms_norm_rope, rope_inv_freq
+    from hybridlm.ops.triton import qk_rms_norm_rope_fwd, rms_norm_rope_fwd
+    from hybridlm.ops.triton import rope as triton_rope
+
+    monkeypatch.setattr(triton_rope, "ANGLES_IN_KERNEL", angles_in_kernel)
+
+    gen = torch.Generator().manual_seed(dim + length + batch)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(DEVICE)
+
+    q = randn(batch, length, q_heads, 2 * dim, scale=2.0)[..., :dim]
+    k = randn(batch, length, 2 * k_heads * dim, scale=2.0)[..., :k_heads * dim].view(batch, length, k_heads, dim)
+    q_weight, k_weight = randn(dim, scale=0.3), randn(dim, scale=0.3)
+    positions = torch.randint(0, 262144, (batch, length), generator=gen)
+    positions[0, 0] = 262143
+    positions[-1, -1] = 0
+    if length == 1:
+        positions = positions[:, 0].int().to(DEVICE)[:, None]
+    params = {"factor": 4.0, "original_max_position_embeddings": 65536} if rope_type == "yarn" else None
+    inv_freq, scaling = rope_inv_freq(rotary, 1e7, rope_type, params)
+    assert (scaling != 1.0) == (rope_type == "yarn")
+    rope = RopeInputs(positions.to(DEVICE), inv_freq.to(DEVICE), scaling, dtype)
+    q_out, k_out = qk_rms_norm_rope_fwd(q, q_weight, k, k_weight, rope, 1e-6)
+    q_ref, k_ref = qk_rms_norm_rope(q, q_weight, k, k_weight, rope, 1e-6)
+    cos, sin = rope.cos_sin()
+    q_old, k_old = rms_norm_rope_fwd(q, q_weight, cos, sin, 1e-6), rms_norm_rope_fwd(k, k_weight, cos, sin, 1e-6)
+    for y, y_ref, y_old in ((q_out, q_ref, q_old), (k_out, k_ref, k_old)):
+        assert y.shape == y_ref.shape and y.dtype == dtype and y.is_contiguous() and torch.isfinite(y).all()
+        if DEVICE == "cuda":  # libdevice's cosf/sinf are PyTorch's: the same bits as the cos/sin kernel
+            assert torch.equal(y, y_old)
+        else:  # numpy's float32 cos and sin in the interpreter differ from PyTorch's by an ulp here and there
+            torch.testing.assert_close(y, y_old, rtol=1e-5, atol=1e-5)
+            assert (y == y_old).float().mean() > (0.9 if dtype == torch.float32 else 0.999)
+        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(y, y_ref.contiguous(), **tolerance)
+    with pytest.raises(ValueError, match="rotary_dim must be at most"):
+        qk_rms_norm_rope_fwd(q, q_weight, k, k_weight, RopeInputs(rope.positions, torch.ones(dim, device=DEVICE),
+                                                                  1.0, dtype))
+    with pytest.raises(ValueError, match="positions"):
+        qk_rms_norm_rope_fwd(q, q_weight, k, k_weight, RopeInputs(rope.positions[:, :0], rope.inv_freq, 1.0, dtype))
+    with pytest.raises(ValueError, match=r"k \[B, T, Hk, D\]"):
+        qk_rms_norm_rope_fwd(q, q_weight, k[..., :-1], k_weight, rope)
+
+
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul(dtype, strided):

@@ -1,5 +1,5 @@
-"""Triton decode GEMVs with fused prologues (RMSNorm, residual add + RMSNorm, SwiGLU) vs their PyTorch twins
-(`hybridlm.ops.linear`) and float64."""
+"""Triton decode GEMVs with fused prologues (RMSNorm, residual add + RMSNorm, SwiGLU, sigmoid gate) vs their
+PyTorch twins (`hybridlm.ops.linear`) and float64."""
 from __future__ import annotations
 
 import os
@@ -12,18 +12,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
 
-from hybridlm.ops.linear import linear, rms_norm_linear, silu_mul_linear  # noqa: E402
+from hybridlm.ops.linear import linear, rms_norm_linear, sigmoid_gate_linear, silu_mul_linear  # noqa: E402
 from hybridlm.ops.triton.gemv import (  # noqa: E402
     GemvConfig,
     gemv_config,
     linear_fwd,
     rms_norm_linear_fwd,
+    sigmoid_gate_linear_fwd,
     silu_mul_linear_fwd,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 K, N, EPS = 200, 70, 1e-6  # neither a multiple of any block: every tile edge is masked
-OPS = ["rms_norm", "add_rms_norm", "silu_mul", "linear"]
+HEADS = 8  # sigmoid_gate: K = 8 heads of 25 channels (a head dim no power of two)
+OPS = ["rms_norm", "add_rms_norm", "silu_mul", "sigmoid_gate", "linear"]
 
 
 def inputs(op, rows, dtype, seed=0, lead=()):
@@ -36,6 +38,10 @@ def inputs(op, rows, dtype, seed=0, lead=()):
     x = randn(*lead, rows, width, scale=2.0)
     weight = randn(N, K, scale=K ** -0.5)
     extra = {}
+    if op == "sigmoid_gate":  # as the attention hands them over: o [.., H, T, D] transposed, the gate every other
+        head_dim = K // HEADS  # head-sized slice of the q projection [.., T, H, 2D]
+        x = randn(*lead, HEADS, rows, head_dim, scale=2.0).transpose(-3, -2)
+        extra["gate"] = randn(*lead, rows, HEADS, 2 * head_dim, scale=2.0)[..., head_dim:]
     if op in ("rms_norm", "add_rms_norm"):
         extra["norm_weight"] = randn(K, scale=0.5)
     if op == "add_rms_norm":
@@ -52,6 +58,8 @@ def run(op, x, weight, extra, config=None, reference=False):
         return out if op == "add_rms_norm" else (out, None)
     if op == "silu_mul":
         return (silu_mul_linear if reference else silu_mul_linear_fwd)(x, weight, **kw), None
+    if op == "sigmoid_gate":
+        return (sigmoid_gate_linear if reference else sigmoid_gate_linear_fwd)(x, extra["gate"], weight, **kw), None
     return (linear if reference else linear_fwd)(x, weight, **kw), None
 
 
@@ -61,6 +69,8 @@ def exact(op, x, weight, extra):
     if op == "silu_mul":
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
+    elif op == "sigmoid_gate":
+        x = (x * torch.sigmoid(extra["gate"].double())).flatten(-2)
     elif op != "linear":
         if op == "add_rms_norm":
             x = x + extra["residual"].double()
@@ -102,9 +112,11 @@ def test_gemv_matches_reference(op, rows, dtype, swept):
 
 @pytest.mark.parametrize("op", OPS)
 def test_gemv_leading_axes_and_row_strides(op):
-    """[B, T, K] inputs that are column slices of wider tensors (row stride > K): y [B, T, N], no copies needed."""
+    """[B, T, K] inputs that are column slices of wider tensors (row stride > K): y [B, T, N], no copies needed
+    (sigmoid_gate: [B, T, H, D], o and gate strided as `inputs` makes them)."""
     x, weight, extra = inputs(op, 3, torch.float32, seed=7, lead=(2,))
-    x = torch.cat([x, torch.ones_like(x[..., :5])], dim=-1)[..., :-5]  # row stride K + 5
+    if op != "sigmoid_gate":
+        x = torch.cat([x, torch.ones_like(x[..., :5])], dim=-1)[..., :-5]  # row stride K + 5
     assert not x.is_contiguous()
     if "residual" in extra:
         residual = extra["residual"]
@@ -140,6 +152,13 @@ def test_gemv_bad_inputs():
         silu_mul_linear_fwd(torch.zeros(1, 2 * K - 1, device=DEVICE), weight)
     with pytest.raises(ValueError, match=r"weight must be \[N, K\] with K = gate_up's gate half"):
         silu_mul_linear_fwd(torch.zeros(1, K, device=DEVICE), weight)
+    o, gate = torch.zeros(2, 1, HEADS, K // HEADS, device=DEVICE), torch.zeros(2, 1, HEADS, K // HEADS, device=DEVICE)
+    with pytest.raises(ValueError, match="o and gate must be"):
+        sigmoid_gate_linear_fwd(o, gate[..., :-1], weight)
+    with pytest.raises(ValueError, match=r"weight must be \[N, K\] with K = o's last two axes"):
+        sigmoid_gate_linear_fwd(o[..., :-1], gate[..., :-1], weight)
+    with pytest.raises(ValueError, match="gate must have o's dtype"):
+        sigmoid_gate_linear_fwd(o, gate.bfloat16(), weight)
     with pytest.raises(ValueError, match="contiguous in its last axis"):
         linear_fwd(x, torch.zeros(K, N, device=DEVICE).T)
     with pytest.raises(ValueError, match="tl.dot needs block_n and block_k >= 16"):
@@ -149,7 +168,9 @@ def test_gemv_bad_inputs():
 def test_gemv_config_rule():
     """The documented rule on the 0.8B decode shapes (H100: 132 SMs); fp32: 16-byte loads, CUDA cores."""
     assert gemv_config(1, 8224, 1024) == GemvConfig(block_n=16, block_k=256, use_dot=False)  # 514 programs
-    assert gemv_config(1, 1024, 3584) == GemvConfig(block_n=4, block_k=256, use_dot=False)  # 256 programs
+    assert gemv_config(1, 1024, 3584) == GemvConfig(block_n=4, block_k=2048, use_dot=False)  # small N: long rows
+    assert gemv_config(1, 1024, 2048, element_size=4) == GemvConfig(block_n=4, block_k=1024, use_dot=False)
+    assert gemv_config(2, 1024, 3584) == GemvConfig(block_n=4, block_k=256, use_dot=False)  # 256 programs
     assert gemv_config(8, 8224, 1024) == GemvConfig(block_n=16, block_k=256, use_dot=True)
     assert gemv_config(8, 248320, 1024) == GemvConfig(block_n=32, block_k=256, use_dot=True)
     assert gemv_config(2, 100, 24).block_k == 32
@@ -169,6 +190,8 @@ def test_gemv_preferred_follows_the_measured_table():
     assert not gemv_preferred("norm", 1, 12352, 4096)  # 9B in_proj: cuBLAS wins
     assert gemv_preferred("silu", 1, 1024, 3584) and not gemv_preferred("silu", 2, 1024, 3584)
     assert not gemv_preferred("silu", 1, 4096, 12288)
-    assert not any(gemv_preferred(kind, 4, 1024, 1024) for kind in ("linear", "norm", "silu"))
+    assert gemv_preferred("gate", 2, 1024, 2048) and gemv_preferred("gate", 1, 4096, 4096)  # 0.8B, 9B o_proj
+    assert not gemv_preferred("gate", 2, 4096, 4096)
+    assert not any(gemv_preferred(kind, 4, 1024, 1024) for kind in ("linear", "norm", "silu", "gate"))
     with pytest.raises(ValueError, match="kind"):
         gemv_preferred("gelu", 1, 8, 8)

@@ -25,9 +25,10 @@ def _pdl_capable(device: torch.device) -> bool:
 def pdl_enabled(device: torch.device) -> bool:
     """Whether the decode kernels launch with programmatic dependent launch (PDL, Hopper and later): each kernel of
     the chain is let onto the GPU while its predecessor is still finishing, waits (`pdl_wait`) before touching any
-    memory an earlier kernel wrote or reads, and meanwhile does what needs no such memory (the GEMVs fetch their
-    weights). That hides most of the ~2 us gap between a CUDA graph's kernels. `HYBRIDLM_PDL=0` turns it off."""
-    return device.type == "cuda" and os.environ.get("HYBRIDLM_PDL", "1") != "0" and _pdl_capable(device)
+    memory an earlier kernel wrote or reads, and meanwhile does what needs no such memory (the GEMVs send their
+    weights toward L2). Off unless `HYBRIDLM_PDL=1`: on an H200 it made the 0.8B batch-1 decode step slower, 751
+    against 774 tok/s, weight prefetch or not (benchmarks/RESULTS.md, sixth session)."""
+    return device.type == "cuda" and os.environ.get("HYBRIDLM_PDL", "0") == "1" and _pdl_capable(device)
 
 
 @triton.jit
