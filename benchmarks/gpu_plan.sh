@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_plan.sh 2   # carry .fla: kernel sweeps (o, prepare, conv) at 64k tokens
 #   bash benchmarks/gpu_plan.sh 3   # carry .fla: 256 requests + prefix cache, and the mixed-step table
 #   bash benchmarks/gpu_plan.sh 4   # carry .whl (fla + tilelang): GDN forward and fwd+bwd against fla in one process
+#   bash benchmarks/gpu_plan.sh 8   # carry .fla: the GEMV tile rule end to end (sixth session's open check), 256 requests
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -98,19 +99,19 @@ case "${1:-}" in
     head -34 "$OUT/profile.log" | cut -c1-150
     grep -A6 '| step kind' "$OUT/profile.log"
     ;;
-  8)  # sixth session (H200): the one-launch GDN step and the attention launch cuts, decode, the GEMV tile sweep
-    timeout 230 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py tests/ops/test_triton_gemv.py \
-      tests/ops/test_triton_conv_norm.py tests/ops/test_paged_attention.py tests/cuda tests/model/test_kernel_path.py \
-      tests/ops/test_triton_gdn_chunk.py::test_phased_prepare_equal_heads -j 16 > "$OUT/gpu_tests.log" 2>&1
-    sleep 2
+  8)  # next session (H200): the committed GEMV tile rule end to end, beside the trial rule; decode tests; 256 requests
+    timeout 120 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gemv.py tests/cuda -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 3
     timeout 80 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B 9B --no-hf \
       --log "$OUT/decode.log" > /dev/null 2>&1
-    timeout 200 python3 benchmarks/bench_gemv.py --wide-sweep --rows 1 > "$OUT/gemv_sweep.log" 2>&1
-    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -10
+    HYBRIDLM_GEMV_TILES=4,8,2048,2,8 timeout 45 python3 benchmarks/bench_e2e.py --parts decode --models 0.8B --no-hf \
+      --log "$OUT/decode_trial.log" > /dev/null 2>&1
+    timeout 150 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --chunk 8192 \
+      --log "$OUT/throughput.log" > /dev/null 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
-    grep -h 'decode B=1' "$OUT/decode.log" | grep -v '^|'
-    grep -A12 '^| sweep' "$OUT/gemv_sweep.log"
-    grep -A7 '^sweep' "$OUT/gemv_sweep.log" | cut -c1-110 | head -40
+    for f in decode decode_trial; do echo "$f:"; grep -h 'decode B=1' "$OUT/$f.log" | grep -v '^|'; done
+    grep -h 'throughput:\|TTFT\|TPOT\|ITL' "$OUT/throughput.log" | grep -v '^|'
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|8" >&2
