@@ -33,6 +33,9 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         largest = self.buckets[-1]
         device = model.device
+        if cache.plan.max_cached_tokens >= 2**31:
+            raise ValueError(f"the KV cache holds {cache.plan.max_cached_tokens} token slots; the decode graphs index "
+                             "them as int32: lower gpu_memory_utilization or turn cuda_graphs off")
         # rows: input ids, positions, slot ids, KV slots, context lengths; int32, the kernels' index type, so that
         # no conversion is launched inside the graph (every value fits: KV slots count tokens of one GPU's cache)
         self.inputs = torch.zeros(5, largest, dtype=torch.int32, device=device)
