@@ -50,10 +50,11 @@ import hybridlm.ops.triton as kernels  # noqa: E402
 from hybridlm.ops.triton import conv, gdn_chunk, gdn_chunk_bwd, gdn_step, norm, paged_attention, paged_prefill, rope  # noqa: E402,E501
 from hybridlm.ops.triton import gemv  # noqa: E402
 
-# the GPU launches the decode kernels with programmatic dependent launch (pdl_enabled on sm_90): compile those
+# programmatic dependent launch is off on the GPU unless HYBRIDLM_PDL=1: compile the variants the GPU would launch
+# (pdl_enabled cannot tell on CPU tensors, which it never enables)
 for _module in (gdn_step, gemv, paged_attention, rope):
     if hasattr(_module, "pdl_enabled"):
-        _module.pdl_enabled = lambda device: True
+        _module.pdl_enabled = lambda device: os.environ.get("HYBRIDLM_PDL", "0") == "1"
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 H100_SMS = 132  # the wrappers size some grids from the SM count, which a CPU tensor cannot report
