@@ -104,21 +104,20 @@ def gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state):
 
 
 PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
-    "fused": dict(SPLIT_PREPARE=False, PHASED_PREPARE=False),
-    "split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=False),
-    "phased": dict(SPLIT_PREPARE=False, PHASED_PREPARE=True),
-    "phased+split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=True),
+    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False),
+    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True),
+    "fused": dict(KKT_PREPARE=False),
 }
 
 
 def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1, prepare=None,
-                warps=None, bw=None, output=None):
-    """`prepare`: a key of PREPARE_VARIANTS, forced for this launch (None: the module's defaults); `warps`, `bw`:
-    the phased kernel's num_warps and w/u column block (gdn_chunk.PHASED_WARPS, PHASED_BW) if not None; `output`:
-    gdn_chunk's flags for the output kernel (LOOPED_O, LOOPED_O_BV, LOOPED_O_WARPS) if not None."""
+                warps=None, output=None):
+    """`prepare`: a key of PREPARE_VARIANTS, forced for this launch (None: the module's defaults); `warps`: the KKT
+    Gram/inverse kernel's num_warps (gdn_chunk.KKT_WARPS) if not None; `output`: gdn_chunk's flags for the output
+    kernel (LOOPED_O, LOOPED_O_BV, LOOPED_O_WARPS) if not None."""
     q, k, v, a, b, A_log, dt_bias, init, cu, _ = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     flags = dict(PREPARE_VARIANTS[prepare]) if prepare else {}
-    flags.update({name: value for name, value in (("PHASED_WARPS", warps), ("PHASED_BW", bw)) if value})
+    flags.update({"KKT_WARPS": warps} if warps else {})
     flags.update(output or {})
     saved = {name: getattr(gdn_chunk, name) for name in flags}
     for name, value in flags.items():
@@ -287,9 +286,9 @@ def configurations():
             for varlen in (False, True):
                 add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,
                     hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, prepare=prepare)
-        for warps, bw in ((4, 32), (4, 64), (8, 64)):  # the phased kernel's other settings that sweep_kernels.py times
-            add(f"gdn_fwd prepare=phased w={warps} BW={bw} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
-                dk=GDN_DIM, dv=GDN_DIM, prepare="phased", warps=warps, bw=bw)
+        for warps in (2, 4):  # the KKT kernel's other settings that sweep_kernels.py times
+            add(f"gdn_fwd prepare=kkt w={warps} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
+                dv=GDN_DIM, prepare="kkt", warps=warps)
         # the output kernels (`-k o=`): the per-V-block one, the looped one at the settings sweep_kernels.py times
         # (bf16), and both at fp32 (the looped one at its fp32 settings, LOOPED_O_BV_FP32 / LOOPED_O_WARPS_FP32)
         for dtype, dtype_tag, settings in ((bf16, "bf16", ((32, 4), (64, 4), (64, 8), (128, 8))), (fp32, "fp32", ())):
@@ -301,10 +300,8 @@ def configurations():
                 add(f"gdn_fwd o=looped BV={bv} w={warps} Hv={hv} {name} {dtype_tag} varlen", run_gdn_fwd, hk=hk,
                     hv=hv, dk=GDN_DIM, dv=GDN_DIM, dtype=dtype, varlen=True,
                     output=dict(LOOPED_O=True, LOOPED_O_BV=bv, LOOPED_O_WARPS=warps))
-        add(f"gdn_fwd prepare=phased Hv={hv} {name} bf16 varlen T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
-            dv=GDN_DIM, length=1, varlen=True, state=True, prepare="phased")
-        add(f"gdn_fwd prepare=phased Hv={hv} {name} bf16 batch B=2 T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
-            dv=GDN_DIM, length=1, batch=2, prepare="phased")
+        add(f"gdn_fwd prepare=fused Hv={hv} {name} bf16 varlen T=1", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
+            dv=GDN_DIM, length=1, varlen=True, state=True, prepare="fused")
         for batch in (1, 64):  # the split kernel at B=1, the per-key-head one at B=64
             for norm_dtype, norm_tag in ((bf16, ""), (fp32, " fp32 norm weight")):
                 add(f"gdn_decode {name} bf16 B={batch}{norm_tag}", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM,
@@ -347,9 +344,8 @@ def configurations():
     add("gated_norm D=128 bf16 fp32 weight", run_gated_norm, dim=128, rows=64 * 16, weight_dtype=fp32)
     add("gated_norm D=128 fp32", run_gated_norm, dim=128, rows=100, dtype=fp32)
     add("silu_mul I=100 fp32 T=3", run_silu_mul, width=100, tokens=3, dtype=fp32)
-    for prepare in ("split", "phased"):
-        add(f"gdn_fwd prepare={prepare} Hv=16 0.8B fp32", run_gdn_fwd, hk=16, hv=16, dk=GDN_DIM, dv=GDN_DIM,
-            dtype=fp32, prepare=prepare)
+    add("gdn_fwd prepare=fused Hv=16 0.8B fp32", run_gdn_fwd, hk=16, hv=16, dk=GDN_DIM, dv=GDN_DIM, dtype=fp32,
+        prepare="fused")
     add("sigmoid_gate Hq=8 fp32 T=3", run_sigmoid_gate, heads=8, tokens=3, dtype=fp32)
     add("write_kv Hkv=2 fp32 T=3", run_write_kv, hkv=2, tokens=3, dtype=fp32)
     # a whole model in fp32 on the GPU (0.8B shapes)
@@ -371,12 +367,12 @@ def configurations():
                 add(f"gdn_bwd {tag}", run_gdn_bwd, hk=2, hv=4, dk=d, dv=d, dtype=dtype, length=130, varlen=varlen,
                     state=True, dht=True, batch=1 if varlen else 2)
         add(f"gdn_fwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype, length=70)
-        for d in (16, 32):  # the prepare variants at the tests' small heads
-            for prepare in ("phased", "phased+split"):
+        for d in (16, 32):  # the other prepare variants at the tests' small heads
+            for prepare in ("fused", "kkt-interleaved"):
                 add(f"gdn_fwd prepare={prepare} tests H=2/4 d={d} {tname} varlen", run_gdn_fwd, hk=2, hv=4, dk=d,
                     dv=d, dtype=dtype, length=130, varlen=True, state=True, prepare=prepare)
-        add(f"gdn_fwd prepare=phased tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40,
-            dtype=dtype, length=70, prepare="phased")
+        add(f"gdn_fwd prepare=fused tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40,
+            dtype=dtype, length=70, prepare="fused")
         add(f"gdn_bwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
             length=70)
         add(f"gdn_decode tests H=2/4 d=32 {tname} B=3 split", run_gdn_decode, hk=2, hv=4, dk=32, dv=32, batch=3,

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_plan.sh 3   # carry .fla: 256 requests + prefix cache, and the mixed-step table
 #   bash benchmarks/gpu_plan.sh 4   # carry .whl (fla + tilelang): GDN forward and fwd+bwd against fla in one process
 #   bash benchmarks/gpu_plan.sh 8   # carry .fla: the GEMV tile rule end to end (sixth session's open check), 256 requests
+#   bash benchmarks/gpu_plan.sh 9   # carry .fla: the KKT prepare (interleaved or not) at 64k, then the forward per kernel
+#   bash benchmarks/gpu_plan.sh 10  # carry .whl, then .whl2 (see below): GDN forward + fwd+bwd beside fla and FlashQLA
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -113,8 +115,22 @@ case "${1:-}" in
     for f in decode decode_trial; do echo "$f:"; grep -h 'decode B=1' "$OUT/$f.log" | grep -v '^|'; done
     grep -h 'throughput:\|TTFT\|TPOT\|ITL' "$OUT/throughput.log" | grep -v '^|'
     ;;
+  9)  # eighth session: the KKT prepare's settings (interleaved inverses too), the per-kernel split, 256 requests
+    timeout 200 python3 benchmarks/sweep_kernels.py --lengths 65536 --quick --kernels kkt,prepare \
+      > "$OUT/sweep.log" 2>&1
+    timeout 120 python3 benchmarks/sweep_kernels.py --lengths 16384 --quick --kernels h > "$OUT/split.log" 2>&1
+    timeout 150 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --chunk 8192 \
+      --log "$OUT/throughput.log" > /dev/null 2>&1
+    grep '^|' "$OUT/sweep.log" | grep -v '^| model\|^|---' | head -60
+    grep 'T=16384:' "$OUT/split.log"
+    grep -h 'throughput:\|TTFT\|TPOT\|ITL' "$OUT/throughput.log" | grep -v '^|'
+    ;;
+  10)  # eighth session: the forward and fwd+bwd beside the peers (both head layouts; FlashQLA compiles ~3 min each)
+    timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds forward,train > "$OUT/gdn.log" 2>&1
+    grep -v 'TileLang\|Warning' "$OUT/gdn.log" | tail -30
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|8" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|10" >&2
     exit 2
     ;;
 esac

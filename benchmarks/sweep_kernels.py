@@ -2,7 +2,7 @@
 sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick]
-                                        [--kernels h,o,prepare,conv]
+                                        [--kernels h,o,prepare,kkt,conv]
 
 For each shape (B=1, bf16): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
 wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, with k normalised in the kernel
@@ -11,9 +11,9 @@ loop would save). Every setting's v_new and final state are checked against the 
 cdiv(dv, BV) x Hv programs at B=1, each walking all T/64 chunks in order: the column "us/chunk" is its time per
 step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). Both o kernels
 (per V block, and the looped one that makes q k^T once per chunk: gdn_chunk.LOOPED_O) run over BV x num_warps x
-num_stages, checked against the wrapper's o. The prepare step runs as each of its variants (gdn_chunk's
-SPLIT_PREPARE and PHASED_PREPARE) over their launch settings, checked against the wrapper's w, u and g_cumsum
-(the phased kernel's G differs in the last bits: one cumulative sum over the chunk).
+num_stages, checked against the wrapper's o. The prepare step runs both ways: the fused kernel over num_warps x
+num_stages ("prepare"), and KKT_PREPARE's two kernels (the Gram/inverse one and the w/u one) each over its settings
+("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way.
 With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import triton  # noqa: E402
 
 from hybridlm.ops.delta_rule import l2norm  # noqa: E402
-from hybridlm.ops.triton import gdn_chunk, gdn_prepare_phased  # noqa: E402
+from hybridlm.ops.triton import gdn_chunk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODELS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128), "tiny": (1, 2, 32)}
@@ -71,8 +71,9 @@ def kernel_times(args) -> dict[str, float]:
         torch.cuda.synchronize()
     times = {}
     for event in prof.key_averages():
-        if event.key.startswith("chunk_gdn_fwd_"):
-            times[event.key.replace("chunk_gdn_fwd_", "").replace("_kernel", "")] = event.device_time_total / 5e3
+        if event.key.startswith("chunk_gdn_"):
+            name = event.key.replace("chunk_gdn_fwd_", "").replace("chunk_gdn_", "").replace("_kernel", "")
+            times[name] = event.device_time_total / 5e3
     return times
 
 
@@ -99,12 +100,19 @@ def timed_setting(rows, model, length, label, num_warps, num_stages, launch, pai
     print(f"  {label} warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
 
 
-def forward_case(model, length):
+def forward_case(model, length, kkt=None):
     """Inputs at this shape, the wrapper's intermediates (final state included) to check every setting against,
-    and the launch arguments the three GDN kernels share."""
+    and the launch arguments the three GDN kernels share. `kkt`: run the wrapper with KKT_PREPARE set so (None: the
+    module's default)."""
     key_heads, value_heads, d = MODELS[model]
     args = inputs(length, MODELS[model])
-    out = gdn_chunk._chunk_gdn_fwd(*args, scale=None, initial_state=None, output_final_state=True, cu_seqlens=None)
+    saved = gdn_chunk.KKT_PREPARE
+    gdn_chunk.KKT_PREPARE = saved if kkt is None else kkt
+    try:
+        out = gdn_chunk._chunk_gdn_fwd(*args, scale=None, initial_state=None, output_final_state=True,
+                                       cu_seqlens=None)
+    finally:
+        gdn_chunk.KKT_PREPARE = saved
     common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE,
                   BK=max(16, triton.next_power_of_2(d)), IS_VARLEN=False, DOT_PRECISION="tf32")
     return args, out, common, triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
@@ -183,11 +191,10 @@ def sweep_o(model, length, rows):
 
 
 def sweep_prepare(model, length, rows):
-    """The prepare step (gates, KKT, the triangular inverse, w and u): the fused kernel over num_warps x num_stages
-    (it runs at the register limit with spills, compile_check.py), the split (SPLIT_PREPARE), and the phased kernel
-    (PHASED_PREPARE: 80-167 registers, no spills) over num_warps x BW, alone and split."""
+    """The fused prepare kernel (gates, KKT, the triangular inverse, w and u in one launch, at the register limit)
+    over num_warps x num_stages, checked against the wrapper's w, u and g_cumsum with KKT_PREPARE off."""
     _, value_heads, d = MODELS[model]
-    (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length)
+    (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length, kkt=False)
     BK = common["BK"]
     A_log32, dt32 = A_log.float(), dt_bias.float()
     for num_warps, num_stages in itertools.product((2, 4, 8), (1, 2, 3)):
@@ -201,43 +208,53 @@ def sweep_prepare(model, length, rows):
 
         timed_setting(rows, model, length, f"prepare w={num_warps}", num_warps, num_stages, launch,
                       [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
-    # SPLIT_PREPARE: the inverse kernel (no w, u) + the w/u kernel reading the stored X
-    x_inv = torch.empty(1, length, value_heads, gdn_chunk.CHUNK_SIZE, dtype=k.dtype, device=k.device)
-    for num_warps in (4, 8):
-        g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
 
-        def launch_split():
-            gdn_chunk.chunk_gdn_fwd_prepare_kernel[(chunks, value_heads)](
-                k, v, a, b, A_log32, dt32, g, w, u, x_inv, kn, None, None, length, k.stride(1), v.stride(1),
-                BC=gdn_chunk.SUB_CHUNK, BV=BK, STORE_X=True, STORE_KN=True, STORE_WU=False, num_warps=num_warps,
-                **common)
-            gdn_chunk.chunk_gdn_fwd_wu_kernel[(chunks, value_heads, 2)](
-                kn, v, b, g, x_inv, w, u, None, None, length, v.stride(1), BV=BK, num_warps=4, **common)
 
-        timed_setting(rows, model, length, f"prepare split w={num_warps}", num_warps, 3, launch_split,
-                      [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
-    # PHASED_PREPARE: the inverse built in a private fp32 scratch (few registers), w and u BW columns at a time;
-    # alone, and split (STORE_WU=False, then the same w/u kernel as above)
-    scratch = torch.empty(chunks, value_heads, gdn_chunk.CHUNK_SIZE, gdn_chunk.CHUNK_SIZE, dtype=torch.float32,
-                          device=k.device)
-    for num_warps, BW, split in [(4, 32, False), (4, 64, False), (8, 32, False), (8, 64, False), (4, 32, True),
-                                 (8, 32, True)]:
-        if BW > BK:  # the tiny shape
+def sweep_prepare_kkt(model, length, rows):
+    """KKT_PREPARE's two kernels, each over its settings and timed alone (the step costs the sum of the two best):
+    the Gram/inverse kernel over num_warps x BK (key columns per slice), the w/u kernel over num_warps x BV; then
+    the pair at gdn_chunk's defaults, checked against the wrapper's outputs."""
+    from hybridlm.ops.triton import gdn_prepare_kkt
+
+    key_heads, value_heads, d = MODELS[model]
+    (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length, kkt=True)
+    A_log32, dt32 = A_log.float(), dt_bias.float()
+    x_ref = out["w"].new_zeros(*out["w"].shape[:3], gdn_chunk.CHUNK_SIZE)  # the shape and dtype of x_inv
+
+    def solve(g, x, num_warps, BK, interleave=gdn_chunk.KKT_INTERLEAVE):
+        gdn_prepare_kkt.chunk_gdn_fwd_kkt_solve_kernel[(chunks, value_heads)](
+            k, a, b, A_log32, dt32, g, x, None, None, length, k.stride(1), H=key_heads, HV=value_heads, K=d,
+            BT=gdn_chunk.CHUNK_SIZE, BC=gdn_chunk.SUB_CHUNK, BK=BK, IS_VARLEN=False, DOT_PRECISION="tf32",
+            INTERLEAVE=interleave, num_warps=num_warps)
+
+    def wu(g, x, w, u, kn, num_warps, BV):
+        gdn_prepare_kkt.chunk_gdn_wu_kernel[(chunks, value_heads)](
+            k, v, b, g, x, w, u, kn, None, None, length, k.stride(1), v.stride(1), BV=BV, STORE_KN=True,
+            num_warps=num_warps, **dict(common, V=d))
+
+    for num_warps, BK, interleave in itertools.product((1, 2, 4), (32, 64), (False, True)):
+        g, x = torch.empty_like(out["g_cumsum"]), torch.zeros_like(x_ref)  # (X checked below through w and u)
+        label = f"prepare kkt-solve BK={BK}" + (" interleaved" if interleave else "")
+        timed_setting(rows, model, length, label, num_warps, 1, lambda: solve(g, x, num_warps, BK, interleave),
+                      [(g, out["g_cumsum"])])
+    for num_warps, BV in itertools.product((4, 8), (32, 64, 128)):
+        if BV > d:
             continue
-        g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
+        w, u, kn = torch.empty_like(out["w"]), torch.empty_like(out["u"]), torch.empty_like(k)
+        g, x = torch.empty_like(out["g_cumsum"]), torch.zeros_like(x_ref)
+        solve(g, x, gdn_chunk.KKT_WARPS, min(d, gdn_chunk.KKT_BK))  # X and G for the w/u kernel, not timed
+        timed_setting(rows, model, length, f"prepare kkt-wu BV={BV}", num_warps, 3,
+                      lambda: wu(g, x, w, u, kn, num_warps, BV), [(w, out["w"]), (u, out["u"])])
+    g, w, u, kn = torch.empty_like(out["g_cumsum"]), torch.empty_like(out["w"]), torch.empty_like(out["u"]), \
+        torch.empty_like(k)
+    x = torch.zeros_like(x_ref)
 
-        def launch_phased():
-            gdn_prepare_phased.chunk_gdn_fwd_prepare_phased_kernel[(chunks, value_heads)](
-                k, v, a, b, A_log32, dt32, g, w, u, x_inv, kn, scratch, None, None, length, k.stride(1), v.stride(1),
-                BC=gdn_chunk.SUB_CHUNK, BW=BW, STORE_X=split, STORE_KN=True, STORE_WU=not split,
-                num_warps=num_warps, **common)
-            if split:
-                gdn_chunk.chunk_gdn_fwd_wu_kernel[(chunks, value_heads, 2)](
-                    kn, v, b, g, x_inv, w, u, None, None, length, v.stride(1), BV=BK, num_warps=4, **common)
+    def both():
+        solve(g, x, gdn_chunk.KKT_WARPS, min(d, gdn_chunk.KKT_BK))
+        wu(g, x, w, u, kn, gdn_chunk.KKT_WU_WARPS, min(d, gdn_chunk.KKT_WU_BV))
 
-        label = f"prepare phased{'+split' if split else ''} w={num_warps}" + ("" if split else f" BW={BW}")
-        timed_setting(rows, model, length, label, num_warps, 3, launch_phased,
-                      [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
+    timed_setting(rows, model, length, "prepare kkt (defaults)", gdn_chunk.KKT_WARPS, 1, both,
+                  [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
 
 
 def sweep_conv(model, length, rows):
@@ -277,7 +294,8 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[16384, 65536])
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape at 200 tokens (CPU check)")
-    parser.add_argument("--kernels", default="h,o,prepare,conv", help="comma-separated: h, o, prepare, conv")
+    parser.add_argument("--kernels", default="h,o,prepare,kkt,conv",
+                        help="comma-separated: h, o, prepare, kkt, conv")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.lengths, args.quick = ["tiny"], [200], True
@@ -290,6 +308,8 @@ def main() -> None:
                 sweep_o(model, length, rows)
             if "prepare" in args.kernels.split(","):
                 sweep_prepare(model, length, rows)
+            if "kkt" in args.kernels.split(","):
+                sweep_prepare_kkt(model, length, rows)
             if "conv" in args.kernels.split(","):
                 sweep_conv(model, length, rows)
     lines = ["| model | T | BV (h kernel unless named) | warps | stages | k norm | ms | us/chunk | check |",

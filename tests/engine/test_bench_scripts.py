@@ -109,13 +109,14 @@ def test_sweep_kernels_tiny_checks_every_setting():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
-    names = ("o per-block", "o looped", "prepare", "conv one", "conv packed")
+    names = ("o per-block", "o looped", "prepare w=", "prepare kkt", "conv one", "conv packed")
     count = {name: sum(f"| {name}" in row for row in rows) for name in names}
-    # o: BV 32 only (dim 32) at 4 and 8 warps, 2 and 3 stages, for each of the two kernels; prepare: 9 fused,
-    # 2 split, 4 phased (BW 32 at 4 and 8 warps, and each split)
-    assert count == {"o per-block": 4, "o looped": 4, "prepare": 9 + 2 + 4, "conv one": 18, "conv packed": 18}
-    assert len(rows) == 8 + 8 + 15 + 36
-    # every setting reproduces the wrapper exactly, except the phased prepare kernel: its decay sum G runs over the
-    # whole chunk at once, so its fp32 outputs differ in the last bits
+    # o: BV 32 only (dim 32) at 4 and 8 warps, 2 and 3 stages, for each of the two kernels; the fused prepare kernel
+    # at 3 x 3 warps x stages; KKT: the Gram/inverse kernel at 3 warps x 2 BK x interleaved or not, the w/u kernel
+    # at BV 32 and 4 or 8 warps, and the pair at the defaults
+    assert count == {"o per-block": 4, "o looped": 4, "prepare w=": 9, "prepare kkt": 12 + 2 + 1, "conv one": 18,
+                     "conv packed": 18}
+    assert len(rows) == 8 + 8 + 24 + 36
+    # every setting reproduces the wrapper run the same way exactly
     checks = {row: float(row.rstrip(" |").rsplit("|", 1)[1]) for row in rows}
-    assert all(diff == 0 or ("phased" in row and diff < 1e-6) for row, diff in checks.items()), rows
+    assert all(diff == 0 for diff in checks.values()), rows

@@ -124,10 +124,10 @@ def test_chunk_no_final_state_and_bad_input():
         chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=torch.zeros(2, 4, 16, 16, device=DEVICE))
 
 
-PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step (the default: fused)
-    "split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=False),
-    "phased": dict(SPLIT_PREPARE=False, PHASED_PREPARE=True),
-    "phased+split": dict(SPLIT_PREPARE=True, PHASED_PREPARE=True),
+PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
+    "fused": dict(KKT_PREPARE=False),
+    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False),
+    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True),
 }
 
 
@@ -151,50 +151,47 @@ def use_prepare(monkeypatch, variant):
         monkeypatch.setattr(gdn_chunk, name, value)
 
 
-@pytest.mark.parametrize("variant", list(PREPARE_VARIANTS))
-@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
-def test_prepare_variants_match_the_fused_one(poisoned, monkeypatch, variant, case):
-    """SPLIT_PREPARE (the w/u kernel reading the stored X, whose upper triangle was never written: poisoned here)
-    and PHASED_PREPARE (the inverse built in a NaN-poisoned scratch) give the fused prepare kernel's results and pass
-    the float64 check."""
-    inputs, cu_seqlens, dtype = prepare_case(case)
-    args = dict(initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens)
-    fused = chunk_gdn_fwd(*inputs[:-1], **args)
-    use_prepare(monkeypatch, variant)
-    ours = chunk_gdn_fwd(*inputs[:-1], **args)
-    for x, y in zip(ours, fused):
-        assert rel_err(x, y) <= (1e-6 if dtype == torch.float32 else 5e-3)
-    check(*inputs, dtype, cu_seqlens=cu_seqlens)
+def x_written(x_inv, cu_seqlens):
+    """[B, T, Hv, 64] mask of X's lower block triangle, the part of x_inv the prepare kernels write."""
+    from hybridlm.ops.triton.gdn_chunk import CHUNK_SIZE, SUB_CHUNK
 
-
-@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
-def test_phased_prepare_intermediates(poisoned, monkeypatch, case):
-    """The phased kernel's g_cumsum, w, u, normalised keys and X (the lower block triangle of x_inv, which the
-    backward reads) against the fused kernel's; the upper blocks of x_inv stay unwritten as there."""
-    from hybridlm.ops.triton.gdn_chunk import CHUNK_SIZE, SUB_CHUNK, _chunk_gdn_fwd
-
-    inputs, cu_seqlens, dtype = prepare_case(case)
-    args = dict(scale=None, initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens, store_x=True)
-    fused = _chunk_gdn_fwd(*inputs[:-1], **args)
-    use_prepare(monkeypatch, "phased")
-    phased = _chunk_gdn_fwd(*inputs[:-1], **args)
-    tolerance = 1e-6 if dtype == torch.float32 else 5e-3
-    for name in ("g_cumsum", "w", "u", "h", "v_new"):
-        assert rel_err(phased[name], fused[name]) <= tolerance, name
-    length = inputs[0].shape[1]
+    length = x_inv.shape[1]
     starts = torch.zeros(length, dtype=torch.long) if cu_seqlens is None else cu_seqlens.cpu().long()[
         torch.searchsorted(cu_seqlens.cpu().long(), torch.arange(length), right=True) - 1]
     row = (torch.arange(length) - starts) % CHUNK_SIZE  # each token's row inside its chunk
     column = torch.arange(CHUNK_SIZE)
-    lower = (row[:, None] // SUB_CHUNK >= column[None, :] // SUB_CHUNK).to(DEVICE)  # [T, 64]: X's written part
-    lower = lower[None, :, None, :].expand_as(fused["x_inv"])
-    assert rel_err(phased["x_inv"][lower], fused["x_inv"][lower]) <= tolerance
-    assert phased["x_inv"][~lower].isnan().all()
+    lower = (row[:, None] // SUB_CHUNK >= column[None, :] // SUB_CHUNK).to(x_inv.device)  # [T, 64]
+    return lower[None, :, None, :].expand_as(x_inv)
 
 
-def test_backward_through_the_phased_prepare(poisoned, monkeypatch):
-    """The backward reads the forward's X (x_inv): with the phased prepare kernel every gradient is the fused one's
-    (which tests/ops/test_triton_gdn_chunk_bwd.py checks against float64 autograd)."""
+@pytest.mark.parametrize("variant", ["kkt", "kkt-interleaved"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
+def test_kkt_prepare_matches_the_fused_one(poisoned, monkeypatch, variant, case):
+    """KKT_PREPARE (the Gram matrix over key slices with the norms from its diagonal, the inverse, then w, u from
+    the stored X) gives the fused prepare kernel's outputs and intermediates (g_cumsum, w, u, h, v_new, and X in the
+    lower block triangle of x_inv, which the backward reads; the rest of x_inv stays unwritten, NaN here) and
+    passes the float64 check. In bf16 the two round differently (KKT takes A from the raw keys, the fused kernel
+    from the keys normalised and stored in bf16); both sit at bf16 round-off from the reference."""
+    from hybridlm.ops.triton.gdn_chunk import _chunk_gdn_fwd
+
+    inputs, cu_seqlens, dtype = prepare_case(case)
+    args = dict(scale=None, initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens, store_x=True)
+    use_prepare(monkeypatch, "fused")
+    fused = _chunk_gdn_fwd(*inputs[:-1], **args)
+    use_prepare(monkeypatch, variant)
+    ours = _chunk_gdn_fwd(*inputs[:-1], **args)
+    tolerance = 1e-6 if dtype == torch.float32 else 5e-3
+    for name in ("o", "final_state", "g_cumsum", "w", "u", "h", "v_new"):
+        assert rel_err(ours[name], fused[name]) <= tolerance, name
+    lower = x_written(fused["x_inv"], cu_seqlens)
+    assert rel_err(ours["x_inv"][lower], fused["x_inv"][lower]) <= tolerance
+    assert ours["x_inv"][~lower].isnan().all()
+    check(*inputs, dtype, cu_seqlens=cu_seqlens)
+
+
+def test_backward_after_either_prepare(poisoned, monkeypatch):
+    """The backward reads the forward's X (x_inv): after the KKT prepare every gradient is the fused one's (which
+    tests/ops/test_triton_gdn_chunk_bwd.py checks against float64 autograd, under the default)."""
     from hybridlm.ops.triton import chunk_gdn
 
     *inputs, state = make_inputs(1, 130, 1, 2, 16, 16, torch.float32, num_states=1)
@@ -206,31 +203,20 @@ def test_backward_through_the_phased_prepare(poisoned, monkeypatch):
         ((o * do).sum() + final.sum()).backward()
         return [leaf.grad for leaf in leaves]
 
+    use_prepare(monkeypatch, "fused")
     fused = grads()
-    use_prepare(monkeypatch, "phased")
+    use_prepare(monkeypatch, "kkt")
     for x, y in zip(grads(), fused):
         assert rel_err(x, y) <= 1e-5
 
 
-@pytest.mark.parametrize("variant", ["phased", "phased+split"])
-def test_phased_prepare_equal_heads(poisoned, monkeypatch, variant):
+@pytest.mark.parametrize("variant", ["fused", "kkt"])
+def test_prepare_equal_heads_full_dims(poisoned, variant, monkeypatch):
     """Hv == Hk, the 0.8B layout (every value head also writes its key head's normalised keys, which the state pass
-    reads), at d = 128 and with the launch whose first run at 0.8B heads died on the H100 (4 warps, BW 32:
-    benchmarks/NOTES.md): every output and intermediate is the fused prepare kernel's."""
-    from hybridlm.ops.triton import gdn_chunk
-
-    *inputs, state = make_inputs(1, 100, 2, 2, 128, 128, torch.bfloat16, num_states=1)
-    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=None, store_x=True)
-    fused = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    reads), at d = 128 in bf16: each prepare path against the float64 reference."""
     use_prepare(monkeypatch, variant)
-    monkeypatch.setattr(gdn_chunk, "PHASED_WARPS", 4)
-    monkeypatch.setattr(gdn_chunk, "PHASED_BW", 32)
-    phased = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
-    for name in ("o", "final_state", "g_cumsum", "w", "u", "h", "v_new"):
-        assert rel_err(phased[name], fused[name]) <= 5e-3, name
-    written = ~fused["x_inv"].isnan()  # the lower block triangle of X; both kernels leave the rest unwritten
-    assert torch.equal(~phased["x_inv"].isnan(), written)
-    assert rel_err(phased["x_inv"][written], fused["x_inv"][written]) <= 5e-3
+    inputs = make_inputs(1, 100, 2, 2, 128, 128, torch.bfloat16, num_states=1)
+    check(*inputs, torch.bfloat16)
 
 
 OUTPUT_VARIANTS = {  # gdn_chunk's flags for the output kernel: the per-V-block one, the looped one at two widths

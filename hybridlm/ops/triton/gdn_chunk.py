@@ -3,13 +3,12 @@
 Three launches, after fla's chunk_gated_delta_rule decomposition, with the gate math, q/k L2 norm and scale
 moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
 
-1. `chunk_gdn_fwd_prepare_kernel` (parallel over chunks and value heads): gates g, beta from the raw a, b;
-   cumulative log decay G inside the chunk; the strictly lower A = beta k k^T * exp(G_i - G_j) in 16-row
-   blocks; (I + A)^-1 by forward substitution on the four diagonal blocks and block substitution for the
-   rest (the WY form); w = (I + A)^-1 (beta k exp(G)) and u = (I + A)^-1 (beta v). It also writes the
-   normalised keys for 2. With `SPLIT_PREPARE` the products w, u move to `chunk_gdn_fwd_wu_kernel`, which
-   reads the stored (I + A)^-1. With `PHASED_PREPARE`, `gdn_prepare_phased.chunk_gdn_fwd_prepare_phased_kernel`
-   replaces it: the same outputs, the inverse built in phases in a private fp32 scratch so that few blocks are live at a time.
+1. The prepare step (parallel over chunks and value heads): gates g, beta from the raw a, b; cumulative log
+   decay G inside the chunk; the strictly lower A = beta k k^T * exp(G_i - G_j) in 16-row blocks; (I + A)^-1 by
+   forward substitution on the four diagonal blocks and block substitution for the rest (the WY form);
+   w = (I + A)^-1 (beta k exp(G)) and u = (I + A)^-1 (beta v); the normalised keys for 2. By default
+   (`KKT_PREPARE`) two launches from `gdn_prepare_kkt`: the Gram matrix and the inverse, then w and u; else
+   `chunk_gdn_fwd_prepare_kernel`, all of it in one launch.
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
    stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state.
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
@@ -88,6 +87,51 @@ def _unit_lower_inverse(b_L, BC: tl.constexpr):
 
 
 @triton.jit
+def _unit_lower_inverses(b_L0, b_L1, b_L2, b_L3, BC: tl.constexpr):
+    """`_unit_lower_inverse` of four blocks in one loop, so that their chains of dependent reductions can overlap
+    (more live registers: 255 with spills in the KKT kernel at 1 warp, against 212 one block at a time)."""
+    o_i = tl.arange(0, BC)
+    b_X0 = tl.where(o_i[:, None] == o_i[None, :], 1., 0.)
+    b_X1, b_X2, b_X3 = b_X0, b_X0, b_X0
+    for i in range(1, BC):
+        # X[i, :] = e_i - sum_{j < i} L[i, j] X[j, :]; rows j < i are final already
+        m_i = o_i[:, None] == i
+        b_e = tl.where(o_i == i, 1., 0.)
+        b_r0 = tl.sum(tl.where(m_i, b_L0, 0.), axis=0)  # L0[i, :]
+        b_r1 = tl.sum(tl.where(m_i, b_L1, 0.), axis=0)
+        b_r2 = tl.sum(tl.where(m_i, b_L2, 0.), axis=0)
+        b_r3 = tl.sum(tl.where(m_i, b_L3, 0.), axis=0)
+        b_X0 = tl.where(m_i, (b_e - tl.sum(b_r0[:, None] * b_X0, axis=0))[None, :], b_X0)
+        b_X1 = tl.where(m_i, (b_e - tl.sum(b_r1[:, None] * b_X1, axis=0))[None, :], b_X1)
+        b_X2 = tl.where(m_i, (b_e - tl.sum(b_r2[:, None] * b_X2, axis=0))[None, :], b_X2)
+        b_X3 = tl.where(m_i, (b_e - tl.sum(b_r3[:, None] * b_X3, axis=0))[None, :], b_X3)
+    return b_X0, b_X1, b_X2, b_X3
+
+
+@triton.jit
+def _chunk_inverse(b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """X = (I + A)^-1 of a chunk's strictly lower A given as its ten 16-row blocks (fp32): the diagonal blocks by
+    forward substitution (`_unit_lower_inverse`, or `_unit_lower_inverses` with INTERLEAVE), the rest by block
+    substitution X_ij = -X_ii sum_{j <= m < i} A_im X_mj. Returns X00, X11, X22, X33, X10, X20, X21, X30, X31, X32."""
+    if INTERLEAVE:
+        b_X00, b_X11, b_X22, b_X33 = _unit_lower_inverses(b_A00, b_A11, b_A22, b_A33, BC)
+    else:
+        b_X00 = _unit_lower_inverse(b_A00, BC)
+        b_X11 = _unit_lower_inverse(b_A11, BC)
+        b_X22 = _unit_lower_inverse(b_A22, BC)
+        b_X33 = _unit_lower_inverse(b_A33, BC)
+    P: tl.constexpr = DOT_PRECISION
+    b_X10 = -_mm(b_X11, _mm(b_A10, b_X00, P), P)
+    b_X21 = -_mm(b_X22, _mm(b_A21, b_X11, P), P)
+    b_X32 = -_mm(b_X33, _mm(b_A32, b_X22, P), P)
+    b_X20 = -_mm(b_X22, _mm(b_A20, b_X00, P) + _mm(b_A21, b_X10, P), P)
+    b_X31 = -_mm(b_X33, _mm(b_A31, b_X11, P) + _mm(b_A32, b_X21, P), P)
+    b_X30 = -_mm(b_X33, _mm(b_A30, b_X00, P) + _mm(b_A31, b_X10, P) + _mm(b_A32, b_X20, P), P)
+    return b_X00, b_X11, b_X22, b_X33, b_X10, b_X20, b_X21, b_X30, b_X31, b_X32
+
+
+@triton.jit
 def _kkt_block(b_kb_i, b_k_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Block (i, j) of A = beta_i k_i . k_j exp(G_i - G_j), strictly lower when on the diagonal."""
     b_A = tl.dot(b_kb_i, tl.trans(b_k_j), input_precision=DOT_PRECISION)
@@ -120,9 +164,12 @@ def _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_V
 
 
 @triton.jit
-def _mm(b_x, b_y):
-    """fp32 product of two small fp32 blocks of the triangular solve, at full precision."""
-    return tl.dot(b_x, b_y, input_precision="ieee")
+def _mm(b_x, b_y, DOT_PRECISION: tl.constexpr):
+    """Product of two small fp32 blocks of the triangular solve: "ieee" (FMA units, whole operand rows per thread)
+    for fp32 inputs; "tf32" tensor cores for bf16/fp16 inputs, as fla's solve_tril does: its ~1e-3 relative
+    rounding sits below the bf16 rounding of the stored w, u and X, and the operands stay spread over the warp's
+    lanes instead of filling every thread's registers."""
+    return tl.dot(b_x, b_y, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -155,7 +202,6 @@ def chunk_gdn_fwd_prepare_kernel(
     DOT_PRECISION: tl.constexpr,
     STORE_X: tl.constexpr,
     STORE_KN: tl.constexpr,
-    STORE_WU: tl.constexpr = True,  # False: w and u are left to `chunk_gdn_fwd_wu_kernel` (reads x_inv)
 ):
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -224,18 +270,9 @@ def chunk_gdn_fwd_prepare_kernel(
     b_A31 = _kkt_block(b_kb3, b_k1, b_gc3, b_gc1, False, BC, DOT_PRECISION)
     b_A32 = _kkt_block(b_kb3, b_k2, b_gc3, b_gc2, False, BC, DOT_PRECISION)
 
-    # X = (I + A)^-1: diagonal blocks by forward substitution, then block forward substitution
-    # X_ij = -X_ii sum_{j <= m < i} A_im X_mj
-    b_X00 = _unit_lower_inverse(b_A00, BC)
-    b_X11 = _unit_lower_inverse(b_A11, BC)
-    b_X22 = _unit_lower_inverse(b_A22, BC)
-    b_X33 = _unit_lower_inverse(b_A33, BC)
-    b_X10 = -_mm(b_X11, _mm(b_A10, b_X00))
-    b_X21 = -_mm(b_X22, _mm(b_A21, b_X11))
-    b_X32 = -_mm(b_X33, _mm(b_A32, b_X22))
-    b_X20 = -_mm(b_X22, _mm(b_A20, b_X00) + _mm(b_A21, b_X10))
-    b_X31 = -_mm(b_X33, _mm(b_A31, b_X11) + _mm(b_A32, b_X21))
-    b_X30 = -_mm(b_X33, _mm(b_A30, b_X00) + _mm(b_A31, b_X10) + _mm(b_A32, b_X20))
+    # X = (I + A)^-1 (the WY form's inverse)
+    b_X00, b_X11, b_X22, b_X33, b_X10, b_X20, b_X21, b_X30, b_X31, b_X32 = _chunk_inverse(
+        b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC, DOT_PRECISION, False)
     b_X00, b_X11, b_X22, b_X33 = b_X00.to(dtype), b_X11.to(dtype), b_X22.to(dtype), b_X33.to(dtype)
     b_X10, b_X21, b_X32 = b_X10.to(dtype), b_X21.to(dtype), b_X32.to(dtype)
     b_X20, b_X31, b_X30 = b_X20.to(dtype), b_X31.to(dtype), b_X30.to(dtype)
@@ -252,100 +289,47 @@ def chunk_gdn_fwd_prepare_kernel(
         _store_rows(p_x + 2 * BC, b_X32, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
         _store_rows(p_x + 3 * BC, b_X33, i_s0 + 3 * BC, T, HV * BT, BC, BC, BC)
 
-    if STORE_WU:
-        # w = X (beta k exp(G)), written one sub-chunk of rows at a time
-        b_kg0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_gc0))[:, None]).to(dtype)
-        b_kg1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_gc1))[:, None]).to(dtype)
-        b_kg2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_gc2))[:, None]).to(dtype)
-        b_kg3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_gc3))[:, None]).to(dtype)
-        p_w = w + bos * HV * K + i_h * K
-        b_w = tl.dot(b_X00, b_kg0, input_precision=DOT_PRECISION)
-        _store_rows(p_w, b_w, i_s0, T, HV * K, K, BC, BK)
-        b_w = tl.dot(b_X10, b_kg0, input_precision=DOT_PRECISION)
-        b_w += tl.dot(b_X11, b_kg1, input_precision=DOT_PRECISION)
-        _store_rows(p_w, b_w, i_s0 + BC, T, HV * K, K, BC, BK)
-        b_w = tl.dot(b_X20, b_kg0, input_precision=DOT_PRECISION)
-        b_w += tl.dot(b_X21, b_kg1, input_precision=DOT_PRECISION)
-        b_w += tl.dot(b_X22, b_kg2, input_precision=DOT_PRECISION)
-        _store_rows(p_w, b_w, i_s0 + 2 * BC, T, HV * K, K, BC, BK)
-        b_w = tl.dot(b_X30, b_kg0, input_precision=DOT_PRECISION)
-        b_w += tl.dot(b_X31, b_kg1, input_precision=DOT_PRECISION)
-        b_w += tl.dot(b_X32, b_kg2, input_precision=DOT_PRECISION)
-        b_w += tl.dot(b_X33, b_kg3, input_precision=DOT_PRECISION)
-        _store_rows(p_w, b_w, i_s0 + 3 * BC, T, HV * K, K, BC, BK)
+    # w = X (beta k exp(G)), written one sub-chunk of rows at a time
+    b_kg0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_gc0))[:, None]).to(dtype)
+    b_kg1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_gc1))[:, None]).to(dtype)
+    b_kg2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_gc2))[:, None]).to(dtype)
+    b_kg3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_gc3))[:, None]).to(dtype)
+    p_w = w + bos * HV * K + i_h * K
+    b_w = tl.dot(b_X00, b_kg0, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0, T, HV * K, K, BC, BK)
+    b_w = tl.dot(b_X10, b_kg0, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X11, b_kg1, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0 + BC, T, HV * K, K, BC, BK)
+    b_w = tl.dot(b_X20, b_kg0, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X21, b_kg1, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X22, b_kg2, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0 + 2 * BC, T, HV * K, K, BC, BK)
+    b_w = tl.dot(b_X30, b_kg0, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X31, b_kg1, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X32, b_kg2, input_precision=DOT_PRECISION)
+    b_w += tl.dot(b_X33, b_kg3, input_precision=DOT_PRECISION)
+    _store_rows(p_w, b_w, i_s0 + 3 * BC, T, HV * K, K, BC, BK)
 
-        # u = X (beta v)
-        b_vb0 = (_load_rows(p_v, i_s0, T, stride_v, V, BC, BV).to(tl.float32) * b_beta0[:, None]).to(dtype)
-        b_vb1 = (_load_rows(p_v, i_s0 + BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta1[:, None]).to(dtype)
-        b_vb2 = (_load_rows(p_v, i_s0 + 2 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta2[:, None]).to(dtype)
-        b_vb3 = (_load_rows(p_v, i_s0 + 3 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta3[:, None]).to(dtype)
-        p_u = u + bos * HV * V + i_h * V
-        b_u = tl.dot(b_X00, b_vb0, input_precision=DOT_PRECISION)
-        _store_rows(p_u, b_u, i_s0, T, HV * V, V, BC, BV)
-        b_u = tl.dot(b_X10, b_vb0, input_precision=DOT_PRECISION)
-        b_u += tl.dot(b_X11, b_vb1, input_precision=DOT_PRECISION)
-        _store_rows(p_u, b_u, i_s0 + BC, T, HV * V, V, BC, BV)
-        b_u = tl.dot(b_X20, b_vb0, input_precision=DOT_PRECISION)
-        b_u += tl.dot(b_X21, b_vb1, input_precision=DOT_PRECISION)
-        b_u += tl.dot(b_X22, b_vb2, input_precision=DOT_PRECISION)
-        _store_rows(p_u, b_u, i_s0 + 2 * BC, T, HV * V, V, BC, BV)
-        b_u = tl.dot(b_X30, b_vb0, input_precision=DOT_PRECISION)
-        b_u += tl.dot(b_X31, b_vb1, input_precision=DOT_PRECISION)
-        b_u += tl.dot(b_X32, b_vb2, input_precision=DOT_PRECISION)
-        b_u += tl.dot(b_X33, b_vb3, input_precision=DOT_PRECISION)
-        _store_rows(p_u, b_u, i_s0 + 3 * BC, T, HV * V, V, BC, BV)
-
-
-@triton.jit
-def chunk_gdn_fwd_wu_kernel(
-    kn,  # [B, T, H, K] the L2-normalised keys (the prepare kernel's)
-    v,  # [B, T, HV, V], token stride stride_v
-    b,  # [B, T, HV] raw
-    g_cumsum,  # [B, T, HV] fp32
-    x_inv,  # [B, T, HV, BT]: (I + A)^-1 of each chunk, lower triangle (the prepare kernel's)
-    w,  # out [B, T, HV, K]
-    u,  # out [B, T, HV, V]
-    cu_seqlens,
-    chunk_indices,
-    T,
-    stride_v,
-    H: tl.constexpr,
-    HV: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """w = X (beta k exp(G)) (axis 2 = 0) or u = X (beta v) (axis 2 = 1) for one chunk and value head: the prepare
-    kernel's products, moved out of its registers (it runs at the register limit with them), from the X it stored.
-    Same operands in the same dtypes, so the same numbers up to the order of fp32 accumulation."""
-    i_t, i_bh, i_wu = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // HV, i_bh % HV
-    i_hk = i_h // (HV // H)
-    _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    dtype = w.dtype.element_ty
-    i_s = i_t * BT
-    o_t = i_s + tl.arange(0, BT)
-    m_t = o_t < T
-    # X: only its lower triangle was written (the rest of the buffer is uninitialised)
-    m_X = m_t[:, None] & (o_t[:, None] >= o_t[None, :])
-    p_X = x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + tl.arange(0, BT)[None, :]
-    b_X = tl.load(p_X, mask=m_X, other=0.)
-    b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)), 0.)
-    if i_wu == 0:
-        b_gc = tl.load(g_cumsum + (bos + o_t) * HV + i_h, mask=m_t, other=0.)
-        b_k = _load_rows(kn + bos * H * K + i_hk * K, i_s, T, H * K, K, BT, BK)
-        b_kg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
-        b_w = tl.dot(b_X, b_kg, input_precision=DOT_PRECISION)
-        _store_rows(w + bos * HV * K + i_h * K, b_w, i_s, T, HV * K, K, BT, BK)
-    else:
-        b_v = _load_rows(v + bos * stride_v + i_h * V, i_s, T, stride_v, V, BT, BV)
-        b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(dtype)
-        b_u = tl.dot(b_X, b_vb, input_precision=DOT_PRECISION)
-        _store_rows(u + bos * HV * V + i_h * V, b_u, i_s, T, HV * V, V, BT, BV)
+    # u = X (beta v)
+    b_vb0 = (_load_rows(p_v, i_s0, T, stride_v, V, BC, BV).to(tl.float32) * b_beta0[:, None]).to(dtype)
+    b_vb1 = (_load_rows(p_v, i_s0 + BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta1[:, None]).to(dtype)
+    b_vb2 = (_load_rows(p_v, i_s0 + 2 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta2[:, None]).to(dtype)
+    b_vb3 = (_load_rows(p_v, i_s0 + 3 * BC, T, stride_v, V, BC, BV).to(tl.float32) * b_beta3[:, None]).to(dtype)
+    p_u = u + bos * HV * V + i_h * V
+    b_u = tl.dot(b_X00, b_vb0, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0, T, HV * V, V, BC, BV)
+    b_u = tl.dot(b_X10, b_vb0, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X11, b_vb1, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0 + BC, T, HV * V, V, BC, BV)
+    b_u = tl.dot(b_X20, b_vb0, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X21, b_vb1, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X22, b_vb2, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0 + 2 * BC, T, HV * V, V, BC, BV)
+    b_u = tl.dot(b_X30, b_vb0, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X31, b_vb1, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X32, b_vb2, input_precision=DOT_PRECISION)
+    b_u += tl.dot(b_X33, b_vb3, input_precision=DOT_PRECISION)
+    _store_rows(p_u, b_u, i_s0 + 3 * BC, T, HV * V, V, BC, BV)
 
 
 @triton.jit
@@ -598,21 +582,26 @@ def chunk_gdn_fwd(
     return out["o"], out["final_state"]
 
 
-# How the prepare step runs; `benchmarks/sweep_kernels.py --kernels prepare` times every combination on the GPU.
-# Registers below: offline compile for sm_90 (Triton 3.6, 9B heads, bf16; `benchmarks/compile_check.py -k prepare`).
-# - SPLIT_PREPARE: the products w, u move to `chunk_gdn_fwd_wu_kernel` (106-110 registers), which reads X from
-#   x_inv [T, Hv, 64] (written and read once more). It does not cure the fused kernel: the inverse alone fills the
-#   registers.
-# - PHASED_PREPARE: `gdn_prepare_phased.chunk_gdn_fwd_prepare_phased_kernel` instead of
-#   `chunk_gdn_fwd_prepare_kernel` (255 registers with 96-180 B of spills, so one program per SM). It builds the
-#   inverse in a private fp32 scratch [NT, Hv, 64, 64] (16 KB per chunk and value head, the size of w) and keeps
-#   few blocks live: 80 registers at 8 warps, 145 at 4 (PHASED_BW 32), no spills. On the H100 (2026-11-23) at 9B
-#   heads and 64k tokens: 2.29 ms at 4 warps and PHASED_BW 64 against the fused kernel's 2.58; at 0.8B heads its
-#   first launch died with a CUDA error not yet understood (benchmarks/NOTES.md), so it stays off.
-SPLIT_PREPARE = False
-PHASED_PREPARE = False
-PHASED_WARPS = 8
-PHASED_BW = 32  # w and u columns per product in the phased kernel: 64 takes 106 registers at 8 warps (167 at 4)
+# How the prepare step runs; `benchmarks/sweep_kernels.py --kernels prepare,kkt` times both ways and their settings.
+# On an H200 at 64k tokens (seventh session, benchmarks/RESULTS.md), ms:
+# - KKT_PREPARE (the default): `gdn_prepare_kkt`'s two kernels (fla's kkt_solve + recompute_w_u split): the Gram
+#   matrix summed over key slices with the norms from its diagonal, and the inverse, at 1 warp and BK 64 (9B heads
+#   0.695, 0.8B 0.353; 2 warps 1.09 / 0.55, 4 warps 2.02 / 1.01: its 16 x 16 dots repeat in every warp); then w and
+#   u as 64 x 64 by 64 x BV products, BV 128 at 8 warps (0.747 / 0.409; BV 64 at 4 warps 0.948 / 0.630).
+#   Registers (Triton 3.6, sm_90, 9B heads): 212 at 1 warp, no spills; the w/u kernel 145-156.
+# - else `chunk_gdn_fwd_prepare_kernel`, everything in one launch at 255 registers: 9B heads 1.54 at 2 warps, 2.39
+#   at 4, 4.88 at 8 (with the tf32 block merges of `_mm`).
+# Tried and removed (benchmarks/NOTES.md): w, u moved to a kernel of their own after the fused inverse (3.79 at 9B
+# heads) and an inverse built in phases in an fp32 scratch (2.10; wrong values or an illegal address at 0.8B heads).
+KKT_PREPARE = True
+KKT_BK = 64  # key columns per slice of the Gram sum
+KKT_WARPS = 1
+KKT_INTERLEAVE = False  # the four diagonal inverses in one loop (`_unit_lower_inverses`): 255 registers with
+# small spills at 1 warp, more overlap; not yet timed (`sweep_kernels.py --kernels kkt` has it)
+KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
+KKT_WU_BV = 128  # value columns per step of the w/u kernel
+KKT_WU_WARPS = 8
+FUSED_PREPARE_WARPS = 2
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
@@ -676,28 +665,26 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
     w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
     u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
-    split = SPLIT_PREPARE
-    x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device) if store_x or split
-             else None)
+    x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
+             if store_x or KKT_PREPARE else None)
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
-    if PHASED_PREPARE:
-        from hybridlm.ops.triton.gdn_prepare_phased import chunk_gdn_fwd_prepare_phased_kernel
+    fp32 = precision == "ieee"
+    if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
+        from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 
-        # one private fp32 [64, 64] per program, where A goes and X = (I + A)^-1 is built
-        scratch = torch.empty(num_chunks, value_heads, BT, BT, dtype=torch.float32, device=device)  # [NT, Hv, 64, 64]
-        chunk_gdn_fwd_prepare_phased_kernel[(grid_chunks, batch * value_heads)](
-            k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, scratch, cu_seqlens, chunk_indices, length,
-            k.stride(1), v.stride(1), BC=BC, BW=min(BK, BV_full, PHASED_BW), STORE_X=store_x or split, STORE_KN=True,
-            STORE_WU=not split, num_warps=PHASED_WARPS, **common)
+        chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
+            k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
+            HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
+            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
+        chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
+            k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
+            BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, num_warps=KKT_WU_WARPS,
+            **dict(common, BK=max(32, BK)))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
-            k.stride(1), v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x or split, STORE_KN=True, STORE_WU=not split,
-            num_warps=4, **common)
-    if split:
-        chunk_gdn_fwd_wu_kernel[(grid_chunks, batch * value_heads, 2)](
-            k_normed, v, b, g_cumsum, x_inv, w, u, cu_seqlens, chunk_indices, length, v.stride(1), BV=BV_full,
-            num_warps=4, **common)
+            k.stride(1), v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, STORE_KN=True,
+            num_warps=4 if fp32 else FUSED_PREPARE_WARPS, **common)
 
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
@@ -716,7 +703,6 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
 
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     if LOOPED_O:
-        fp32 = precision == "ieee"
         BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)
         chunk_gdn_fwd_o_looped_kernel[(grid_chunks, batch * value_heads)](
             q, k_normed, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1),

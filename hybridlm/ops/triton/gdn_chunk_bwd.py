@@ -5,7 +5,7 @@ The forward (`ChunkGDNFunction`) runs `chunk_gdn_fwd`'s launches with the prepar
 X = (I + A)^-1 per chunk, and saves the inputs, X and g_cumsum (as fla saves its A). The backward, after fla's
 chunk_gated_delta_rule backward:
 
-0. `chunk_gdn_bwd_wu_kernel` recomputes w = X (beta k exp(G)), u = X (beta v) (no triangular solve), then the
+0. `gdn_prepare_kkt.chunk_gdn_wu_kernel` recomputes w = X (beta k exp(G)), u = X (beta v) (no triangular solve), then the
    forward's h kernel recomputes the chunk states h and v_new.
 1. `chunk_gdn_bwd_dv_local_kernel` (parallel): dv_new = tril(q k^T exp(G_i - G_j))^T do, the values' share of o.
 2. `chunk_gdn_bwd_dh_kernel` (sequential over the chunks, backwards): with dH the gradient of the state leaving a
@@ -31,6 +31,7 @@ from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _l2norm_rows, _load_rows, _store_rows, chunk_gdn_fwd,
     chunk_gdn_fwd_h_kernel,
 )
+from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
 
 
@@ -60,57 +61,6 @@ def _chunk_log_decay(p_gc, i_s, T, HV: tl.constexpr, BT: tl.constexpr):
     o_t = i_s + tl.arange(0, BT)
     b_gc = tl.load(p_gc + o_t * HV, mask=o_t < T, other=0.)
     return tl.where(o_t < T, b_gc, tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV))
-
-
-@triton.jit(do_not_specialize=["T"])
-def chunk_gdn_bwd_wu_kernel(
-    k,  # [B, T, H, K], token stride stride_k
-    v,  # [B, T, HV, V], token stride stride_v
-    b,  # [B, T, HV]
-    g_cumsum,  # [B, T, HV] fp32
-    x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
-    w,  # out [B, T, HV, K]
-    u,  # out [B, T, HV, V]
-    cu_seqlens,
-    chunk_indices,
-    T,
-    stride_k,
-    stride_v,
-    H: tl.constexpr,
-    HV: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HV, i_bh % HV
-    i_hk = i_h // (HV // H)
-    _, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    dtype = w.dtype.element_ty
-
-    i_s = i_t * BT
-    o_t = i_s + tl.arange(0, BT)
-    m_t = o_t < T
-    o_i = tl.arange(0, BT)
-    b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
-                  mask=(o_i[:, None] >= o_i[None, :]) & m_t[:, None], other=0.)  # [BT, BT]
-    b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
-    b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32)), 0.)
-    # the forward's roundings: k normalised in fp32, stored in dtype, scaled in fp32, stored in dtype
-    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
-    b_kbg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
-    _store_rows(w + bos * HV * K + i_h * K, tl.dot(b_X, b_kbg, input_precision=DOT_PRECISION), i_s, T, HV * K, K,
-                BT, BK)
-    p_v = v + bos * stride_v + i_h * V
-    p_u = u + bos * HV * V + i_h * V
-    for i_v in range(0, tl.cdiv(V, BV)):
-        b_vb = (_load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32) * b_beta[:, None])
-        b_u = tl.dot(b_X, b_vb.to(dtype), input_precision=DOT_PRECISION)
-        _store_rows(p_u + i_v * BV, b_u, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -505,9 +455,9 @@ def chunk_gdn_bwd(
     # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
     w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
     u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
-    chunk_gdn_bwd_wu_kernel[chunk_grid](
-        k, v, b, g_cumsum, x_inv, w, u, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-        BV=BV_chunk, num_warps=4, **common)
+    chunk_gdn_wu_kernel[chunk_grid](
+        k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
+        BV=BV_chunk, STORE_KN=False, num_warps=4, **common)
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
     chunk_gdn_fwd_h_kernel[state_grid](
