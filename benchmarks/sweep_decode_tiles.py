@@ -27,9 +27,10 @@ from hybridlm.io.tokenizer import Tokenizer  # noqa: E402
 from hybridlm.ops.triton import gemv  # noqa: E402
 
 
-def parse_rule(text: str) -> tuple[int, ...] | None:
+def parse_rule(text: str) -> tuple[str, tuple[int, ...] | None]:
+    """(the rule as typed, its 5-tuple; None for "default")."""
     if text == "default":
-        return None
+        return text, None
     try:
         rule = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -37,19 +38,19 @@ def parse_rule(text: str) -> tuple[int, ...] | None:
     if len(rule) != 5 or min(rule) <= 0:
         raise argparse.ArgumentTypeError(
             f"rule {text!r}: expected 'default' or five positive integers bn_small,bn_large,bk_max,stages,warps")
-    return rule
+    return text, rule
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="0.8B", choices=sorted(bench_e2e.SHAPES) + ["tiny"],
                         help="tiny: a CPU smoke run of this script (no GEMV kernels there)")
-    parser.add_argument("--rules", nargs="+", default=["default"])
+    parser.add_argument("--rules", nargs="+", type=parse_rule, default=[parse_rule("default")])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
-    rules = [(text, parse_rule(text)) for text in args.rules]
+    rules = args.rules
     if not torch.cuda.is_available() and args.model != "tiny":
         raise SystemExit("sweep_decode_tiles.py times the GPU's decode: it needs a GPU (or --model tiny)")
     import tempfile

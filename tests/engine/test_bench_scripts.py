@@ -120,3 +120,21 @@ def test_sweep_kernels_tiny_checks_every_setting():
     # every setting reproduces the wrapper run the same way exactly
     checks = {row: float(row.rstrip(" |").rsplit("|", 1)[1]) for row in rows}
     assert all(diff == 0 for diff in checks.values()), rows
+
+
+def test_sweep_decode_tiles_tiny_runs_each_rule():
+    """sweep_decode_tiles.py on the CPU (tiny model): one row per rule with a number per round; a malformed rule is
+    refused by name before anything is built."""
+    script = str(ROOT / "benchmarks" / "sweep_decode_tiles.py")
+    result = subprocess.run([sys.executable, script, "--model", "tiny", "--rules", "default", "4,8,2048,2,8",
+                             "--rounds", "2", "--prompt", "16", "--new-tokens", "6"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| default") or line.startswith("| 4,8")]
+    assert len(rows) == 2
+    for row in rows:
+        speeds = [float(cell.replace(",", "")) for cell in row.strip(" |").split("|")[1:]]
+        assert len(speeds) == 3 and all(s > 0 for s in speeds)  # two rounds and the best
+    bad = subprocess.run([sys.executable, script, "--model", "tiny", "--rules", "4,8,2048"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "rule '4,8,2048'" in bad.stderr
