@@ -13,7 +13,8 @@ step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tok
 (per V block, and the looped one that makes q k^T once per chunk: gdn_chunk.LOOPED_O) run over BV x num_warps x
 num_stages, checked against the wrapper's o. The prepare step runs both ways: the fused kernel over num_warps x
 num_stages ("prepare"), and KKT_PREPARE's two kernels (the Gram/inverse one and the w/u one) each over its settings
-("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way.
+("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way; "kkt" also times the whole forward
+with and without FUSE_WU_INTO_H (w, u made inside the state pass).
 With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
 """
 from __future__ import annotations
@@ -255,6 +256,17 @@ def sweep_prepare_kkt(model, length, rows):
 
     timed_setting(rows, model, length, "prepare kkt (defaults)", gdn_chunk.KKT_WARPS, 1, both,
                   [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
+    # the whole forward with and without FUSE_WU_INTO_H (w, u made inside the state pass, no w/u kernel)
+    args = (q, k, v, a, b, A_log, dt_bias)
+    for fuse in (False, True):
+        saved = gdn_chunk.FUSE_WU_INTO_H
+        gdn_chunk.FUSE_WU_INTO_H = fuse
+        try:
+            o_once = gdn_chunk.chunk_gdn_fwd(*args, output_final_state=True)[0]  # checked after the timing
+            timed_setting(rows, model, length, f"prepare kkt whole forward{' wu-in-h' if fuse else ''}", 4, 3,
+                          lambda: gdn_chunk.chunk_gdn_fwd(*args, output_final_state=True), [(o_once, out["o"])])
+        finally:
+            gdn_chunk.FUSE_WU_INTO_H = saved
 
 
 def sweep_conv(model, length, rows):

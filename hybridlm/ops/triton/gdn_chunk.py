@@ -10,7 +10,8 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
    (`KKT_PREPARE`) two launches from `gdn_prepare_kkt`: the Gram matrix and the inverse, then w and u; else
    `chunk_gdn_fwd_prepare_kernel`, all of it in one launch.
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
-   stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state.
+   stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state. With
+   `FUSE_WU_INTO_H` it makes w and u itself from the stored X (no w/u kernel).
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
@@ -358,7 +359,14 @@ def chunk_gdn_fwd_h_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NORM_K: tl.constexpr = True,  # False: k arrives L2-normalised already (`benchmarks/sweep_kernels.py` times both)
+    FUSE_WU: tl.constexpr = False,  # w, u made here from X (x_inv), v and b instead of read (w, u unused)
+    x_inv=None,  # [B, T, HV, BT] if FUSE_WU: (I + A)^-1 of each chunk, lower block triangle
+    v=None,  # [B, T, HV, V] if FUSE_WU, token stride stride_v
+    b=None,  # [B, T, HV] raw if FUSE_WU
+    kn=None,  # out [B, T, H, K] if FUSE_WU: the normalised keys (V block 0 of each key head's first value head)
+    stride_v=0,
 ):
+    tl.static_assert(NORM_K or not FUSE_WU, "FUSE_WU normalises the raw keys (and stores them for the output pass)")
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // H)
@@ -372,7 +380,7 @@ def chunk_gdn_fwd_h_kernel(
         bos = i_n.to(tl.int64) * T
         NT = tl.cdiv(T, BT)
         boh = i_n.to(tl.int64) * NT
-    dtype = w.dtype.element_ty
+    dtype = h.dtype.element_ty
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -383,27 +391,43 @@ def chunk_gdn_fwd_h_kernel(
         b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
 
     p_k = k + bos * stride_k + i_hk * K
-    p_w = w + bos * HV * K + i_h * K
-    p_u = u + bos * HV * V + i_h * V + i_v * BV
+    if not FUSE_WU:
+        p_w = w + bos * HV * K + i_h * K
+        p_u = u + bos * HV * V + i_h * V + i_v * BV
     p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
     p_gc = g_cumsum + bos * HV + i_h
+    STORE_KN_HERE = FUSE_WU and (i_v == 0) and (i_h % (HV // H) == 0)
     for i_t in range(0, NT):
         tl.store(h + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         i_s = i_t * BT
         o_t = i_s + tl.arange(0, BT)
         m_t = o_t < T
-        b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
-        b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
+        b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+        b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
+        if NORM_K:
+            b_k = _l2norm_rows(b_k).to(dtype)
+        if FUSE_WU:  # the w/u kernel's products, with its roundings (w, u in dtype)
+            if STORE_KN_HERE:
+                _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
+            o_c = tl.arange(0, BT)
+            b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
+                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
+            b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
+                              0.)
+            b_kbg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
+            b_w = tl.dot(b_X, b_kbg, input_precision=DOT_PRECISION).to(dtype)
+            b_vb = _load_rows(v + bos * stride_v + i_h * V + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV)
+            b_vb = (b_vb.to(tl.float32) * b_beta[:, None]).to(dtype)
+            b_v = tl.dot(b_X, b_vb, input_precision=DOT_PRECISION).to(dtype).to(tl.float32)
+        else:
+            b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
+            b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
         b_v -= tl.dot(b_w, b_h.to(dtype), input_precision=DOT_PRECISION)
         _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
-        b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
-        b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
         b_v = tl.where(m_t[:, None], b_v * tl.exp(b_g_last - b_gc)[:, None], 0.).to(dtype)
-        b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
-        if NORM_K:
-            b_k = _l2norm_rows(b_k).to(dtype)
         b_h = b_h * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
@@ -602,6 +626,10 @@ KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 w
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
 FUSED_PREPARE_WARPS = 2
+# FUSE_WU_INTO_H (with KKT_PREPARE): no w/u kernel; the state pass makes w = X (beta k exp(G)) and u = X (beta v)
+# per chunk itself from the stored X, saving the w, u round trip through memory (~1 GB at 9B heads and 64k tokens)
+# at the price of two products per step on the sequential path (w repeated by each V block). Not yet timed.
+FUSE_WU_INTO_H = False
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
@@ -669,6 +697,9 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
              if store_x or KKT_PREPARE else None)
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
     fp32 = precision == "ieee"
+    fuse_wu = KKT_PREPARE and FUSE_WU_INTO_H
+    if fuse_wu:  # made inside the state pass instead
+        w = u = None
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 
@@ -676,10 +707,11 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
-        chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
-            k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-            BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, num_warps=KKT_WU_WARPS,
-            **dict(common, BK=max(32, BK)))
+        if not fuse_wu:
+            chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
+                k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
+                v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, num_warps=KKT_WU_WARPS,
+                **dict(common, BK=max(32, BK)))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
@@ -687,7 +719,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             num_warps=4 if fp32 else FUSED_PREPARE_WARPS, **common)
 
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)  # [NT, Hv, dk, dv]
-    v_new = torch.empty_like(u)  # [B, T, Hv, dv]
+    v_new = torch.empty_like(v, memory_format=torch.contiguous_format)  # [B, T, Hv, dv]
     final_state = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
                    if output_final_state else None)
     # the pass is sequential over chunks, so its programs (V blocks x heads x sequences) should fill the GPU:
@@ -696,10 +728,18 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     BV_h = BV
     if BV > 16 and 2 * triton.cdiv(dv, BV) * num_states * value_heads <= _multiprocessors(device):
         BV_h = 16
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
-        k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
-        key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        NORM_K=False, num_warps=4, **common)
+    state_grid = (triton.cdiv(dv, BV_h), num_states * value_heads)
+    if fuse_wu:  # raw keys in, normalised there (and stored for the output pass); w, u made from X, v, b
+        chunk_gdn_fwd_h_kernel[state_grid](
+            k, None, None, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
+            k.stride(1), BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+            NORM_K=True, FUSE_WU=True, x_inv=x_inv, v=v, b=b, kn=k_normed, stride_v=v.stride(1), num_warps=4,
+            **common)
+    else:
+        chunk_gdn_fwd_h_kernel[state_grid](
+            k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
+            key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
+            STORE_FINAL_STATE=output_final_state, NORM_K=False, num_warps=4, **common)
 
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     if LOOPED_O:
