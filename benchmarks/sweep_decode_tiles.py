@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| rule | " + " | ".join(f"round {i}" for i in range(args.rounds)) + " | best |")
     print("|---|" + "---|" * (args.rounds + 1))
     for text, speeds in results.items():
-        print(f"| {text} | " + " | ".join(f"{s:,.1f}" for s in speeds) + f" | {max(speeds, key=lambda s: -1 if s != s else s):,.1f} |")
+        best = max(speeds, key=lambda s: -1 if s != s else s)  # a failed rule's NaN ranks last
+        print(f"| {text} | " + " | ".join(f"{s:,.1f}" for s in speeds) + f" | {best:,.1f} |")
 
 
 if __name__ == "__main__":

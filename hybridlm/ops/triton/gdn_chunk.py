@@ -691,15 +691,13 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                   DOT_PRECISION=precision)
 
     g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
-    w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
-    u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
+    fuse_wu = KKT_PREPARE and FUSE_WU_INTO_H  # w, u then made inside the state pass, never stored
+    w = None if fuse_wu else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
+    u = None if fuse_wu else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
              if store_x or KKT_PREPARE else None)
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
     fp32 = precision == "ieee"
-    fuse_wu = KKT_PREPARE and FUSE_WU_INTO_H
-    if fuse_wu:  # made inside the state pass instead
-        w = u = None
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 

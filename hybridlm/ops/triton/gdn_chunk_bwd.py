@@ -5,8 +5,8 @@ The forward (`ChunkGDNFunction`) runs `chunk_gdn_fwd`'s launches with the prepar
 X = (I + A)^-1 per chunk, and saves the inputs, X and g_cumsum (as fla saves its A). The backward, after fla's
 chunk_gated_delta_rule backward:
 
-0. `gdn_prepare_kkt.chunk_gdn_wu_kernel` recomputes w = X (beta k exp(G)), u = X (beta v) (no triangular solve), then the
-   forward's h kernel recomputes the chunk states h and v_new.
+0. `gdn_prepare_kkt.chunk_gdn_wu_kernel` recomputes w = X (beta k exp(G)), u = X (beta v) (no triangular
+   solve), then the forward's h kernel recomputes the chunk states h and v_new.
 1. `chunk_gdn_bwd_dv_local_kernel` (parallel): dv_new = tril(q k^T exp(G_i - G_j))^T do, the values' share of o.
 2. `chunk_gdn_bwd_dh_kernel` (sequential over the chunks, backwards): with dH the gradient of the state leaving a
    chunk, dv_new += (k exp(G_last - G)) dH and dH <- exp(G_last) dH + (q exp(G))^T do - w^T dv_new; stores dH per

@@ -7,8 +7,9 @@
    with r = rsqrt(|k|^2 + 1e-6), the reference's norm. The inverse: forward substitution on the diagonal blocks,
    block substitution for the rest, on tensor cores in tf32 for bf16/fp16 inputs (fla's solve_tril does the same).
    X is stored in the input dtype, as the backward already reads it.
-2. `chunk_gdn_wu_kernel` (the backward recomputes w, u with it too): w = X (beta k_n exp(G)) and u = X (beta v), each one 64 x 64
-   by 64 x d tensor-core product, the keys normalised there (and, with STORE_KN, stored once per key head for the state pass).
+2. `chunk_gdn_wu_kernel` (the backward recomputes w, u with it too): w = X (beta k_n exp(G)) and u = X (beta v),
+   each one 64 x 64 by 64 x d tensor-core product, the keys normalised there (and, with STORE_KN, stored once per
+   key head for the state pass).
 
 Why: the fused kernel holds the four normalised 16 x 128 key blocks, their beta-scaled copies, ten A blocks and the
 inverse at once, and sits at 255 registers with spills (one program per SM). Here the first kernel keeps ten
