@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import triton  # noqa: E402
 
 from hybridlm.ops.delta_rule import l2norm  # noqa: E402
-from hybridlm.ops.triton import gdn_chunk  # noqa: E402
+from hybridlm.ops.triton import gdn_chunk, gdn_prepare  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODELS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128), "tiny": (1, 2, 32)}
@@ -202,7 +202,7 @@ def sweep_prepare(model, length, rows):
         g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
 
         def launch():
-            gdn_chunk.chunk_gdn_fwd_prepare_kernel[(chunks, value_heads)](
+            gdn_prepare.chunk_gdn_fwd_prepare_kernel[(chunks, value_heads)](
                 k, v, a, b, A_log32, dt32, g, w, u, None, kn, None, None, length, k.stride(1), v.stride(1),
                 BC=gdn_chunk.SUB_CHUNK, BV=BK, STORE_X=False, STORE_KN=True, num_warps=num_warps,
                 num_stages=num_stages, **common)

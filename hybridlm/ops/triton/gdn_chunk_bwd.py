@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops.triton.gdn_chunk import (
-    CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _l2norm_rows, _load_rows, _store_rows, chunk_gdn_fwd,
-    chunk_gdn_fwd_h_kernel,
+    CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, chunk_gdn_fwd, chunk_gdn_fwd_h_kernel,
 )
+from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
 

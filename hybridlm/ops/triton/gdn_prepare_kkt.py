@@ -1,5 +1,5 @@
 """The GDN prepare step as two light kernels (behind `gdn_chunk.KKT_PREPARE`): the same outputs as
-`gdn_chunk.chunk_gdn_fwd_prepare_kernel` (g_cumsum, w, u, the normalised keys, and X = (I + A)^-1 per chunk).
+`gdn_prepare.chunk_gdn_fwd_prepare_kernel` (g_cumsum, w, u, the normalised keys, and X = (I + A)^-1 per chunk).
 
 1. `chunk_gdn_fwd_kkt_solve_kernel` (per chunk and value head): the gates, their cumulative sum, A and X. The keys
    are never held whole: the ten 16x16 blocks of the raw Gram matrix K K^T are summed over slices of BK columns,
@@ -20,9 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.gdn_chunk import (
-    _chunk_bounds, _chunk_inverse, _gates, _l2norm_rows, _load_rows, _store_rows,
-)
+from hybridlm.ops.triton.gdn_common import _chunk_bounds, _gates, _l2norm_rows, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_prepare import _chunk_inverse
 
 
 @triton.jit

@@ -1,0 +1,64 @@
+"""Helpers shared by the chunked GDN kernels (`gdn_chunk`, `gdn_prepare`, `gdn_prepare_kkt`, `gdn_chunk_bwd`):
+row loads and stores, the L2 norm and the gates in the reference's form, and a chunk's place in a packed batch.
+They are inlined into the kernels that call them."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(p, i_s, T, stride, D, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows i_s .. i_s + BR of a [T, D] view with row stride `stride` (zeros past T or D), in storage dtype."""
+    o_r = i_s + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r[:, None] < T) & (o_d[None, :] < D)
+    return tl.load(p + o_r[:, None].to(tl.int64) * stride + o_d[None, :], mask=m, other=0.)
+
+
+@triton.jit
+def _store_rows(p, b_x, i_s, T, stride, D, BR: tl.constexpr, BD: tl.constexpr):
+    o_r = i_s + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r[:, None] < T) & (o_d[None, :] < D)
+    tl.store(p + o_r[:, None].to(tl.int64) * stride + o_d[None, :], b_x.to(p.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _l2norm_rows(b_x):
+    """x * rsqrt(sum(x^2) + 1e-6) per row, in fp32 (the form of `hybridlm.ops.delta_rule.l2norm`)."""
+    b_x = b_x.to(tl.float32)
+    return b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)[:, None]
+
+
+@triton.jit
+def _gates(a, b, b_A, b_dt_bias, i_s, T, HV: tl.constexpr, BR: tl.constexpr):
+    """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) for rows i_s .. i_s + BR (0 past T), fp32.
+
+    `a`, `b` point at this sequence's first token and this value head; b_A = exp(A_log)."""
+    o_r = i_s + tl.arange(0, BR)
+    m_r = o_r < T
+    b_x = tl.load(a + o_r * HV, mask=m_r, other=0.).to(tl.float32) + b_dt_bias
+    # torch's softplus: x above 20 passes through; below, the overflow-free log(1 + exp(x))
+    b_softplus = tl.where(b_x > 20., b_x, tl.maximum(b_x, 0.) + tl.log(1. + tl.exp(-tl.abs(b_x))))
+    b_g = tl.where(m_r, -b_A * b_softplus, 0.)
+    b_beta = tl.where(m_r, tl.sigmoid(tl.load(b + o_r * HV, mask=m_r, other=0.).to(tl.float32)), 0.)
+    return b_g, b_beta
+
+
+@triton.jit
+def _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program's chunk -> (its global chunk index, its chunk within the sequence, the sequence's first token,
+    the sequence's length): packed sequences through `chunk_indices` [NT, 2] and `cu_seqlens`, else row i_b of
+    equal-length rows. (The default prepare and h kernels and the old o kernel still spell this out; they move to it
+    once a GPU run has checked the change.)"""
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+    return i_tg, i_t, bos, T
