@@ -134,7 +134,9 @@ def test_sweep_decode_tiles_tiny_runs_each_rule():
     assert len(rows) == 2
     for row in rows:
         speeds = [float(cell.replace(",", "")) for cell in row.strip(" |").split("|")[1:]]
-        assert len(speeds) == 3 and all(s > 0 for s in speeds)  # two rounds and the best
+        # two rounds and the best; a rule that failed would show NaN (the value itself is CPU timing noise here:
+        # at this size the difference of two runs can even come out negative on a busy machine)
+        assert len(speeds) == 3 and all(s == s for s in speeds)
     bad = subprocess.run([sys.executable, script, "--model", "tiny", "--rules", "4,8,2048"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "rule '4,8,2048'" in bad.stderr
