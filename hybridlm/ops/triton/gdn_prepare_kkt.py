@@ -13,7 +13,7 @@
 
 Why: the fused kernel holds the four normalised 16 x 128 key blocks, their beta-scaled copies, ten A blocks and the
 inverse at once, and sits at 255 registers with spills (one program per SM). Here the first kernel keeps ten
-fp32 16 x 16 accumulators and two key slices; the second is two plain products.
+fp32 16 x 16 accumulators and four 16 x BK key slices; the second is two plain products.
 """
 from __future__ import annotations
 
