@@ -104,9 +104,8 @@ def gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state):
 
 
 PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
-    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False, FUSE_WU_INTO_H=False),
-    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True, FUSE_WU_INTO_H=False),
-    "kkt-wu-in-h": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False, FUSE_WU_INTO_H=True),
+    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False),
+    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True),
     "fused": dict(KKT_PREPARE=False),
 }
 
@@ -369,7 +368,7 @@ def configurations():
                     state=True, dht=True, batch=1 if varlen else 2)
         add(f"gdn_fwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype, length=70)
         for d in (16, 32):  # the other prepare variants at the tests' small heads
-            for prepare in ("fused", "kkt-interleaved", "kkt-wu-in-h"):
+            for prepare in ("fused", "kkt"):
                 add(f"gdn_fwd prepare={prepare} tests H=2/4 d={d} {tname} varlen", run_gdn_fwd, hk=2, hv=4, dk=d,
                     dv=d, dtype=dtype, length=130, varlen=True, state=True, prepare=prepare)
         add(f"gdn_fwd prepare=fused tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40,

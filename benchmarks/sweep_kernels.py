@@ -2,7 +2,7 @@
 sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick]
-                                        [--kernels h,o,prepare,kkt,conv]
+                                        [--kernels h,o,prepare,kkt,conv,bwd]
 
 For each shape (B=1, bf16): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
 wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, with k normalised in the kernel
@@ -13,8 +13,9 @@ step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tok
 (per V block, and the looped one that makes q k^T once per chunk: gdn_chunk.LOOPED_O) run over BV x num_warps x
 num_stages, checked against the wrapper's o. The prepare step runs both ways: the fused kernel over num_warps x
 num_stages ("prepare"), and KKT_PREPARE's two kernels (the Gram/inverse one and the w/u one) each over its settings
-("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way; "kkt" also times the whole forward
-with and without FUSE_WU_INTO_H (w, u made inside the state pass).
+("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way. "bwd" (not in the default list)
+times the backward's launch settings at the training shape (B = 4, T = 4k), each checked against the defaults'
+gradients.
 With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
 """
 from __future__ import annotations
@@ -256,17 +257,80 @@ def sweep_prepare_kkt(model, length, rows):
 
     timed_setting(rows, model, length, "prepare kkt (defaults)", gdn_chunk.KKT_WARPS, 1, both,
                   [(w, out["w"]), (u, out["u"]), (g, out["g_cumsum"])])
-    # the whole forward with and without FUSE_WU_INTO_H (w, u made inside the state pass, no w/u kernel)
-    args = (q, k, v, a, b, A_log, dt_bias)
-    for fuse in (False, True):
-        saved = gdn_chunk.FUSE_WU_INTO_H
-        gdn_chunk.FUSE_WU_INTO_H = fuse
-        try:
-            o_once = gdn_chunk.chunk_gdn_fwd(*args, output_final_state=True)[0]  # checked after the timing
-            timed_setting(rows, model, length, f"prepare kkt whole forward{' wu-in-h' if fuse else ''}", 4, 3,
-                          lambda: gdn_chunk.chunk_gdn_fwd(*args, output_final_state=True), [(o_once, out["o"])])
-        finally:
-            gdn_chunk.FUSE_WU_INTO_H = saved
+
+
+def sweep_bwd(model, rows, tiny=False, only=()):
+    """The backward's launch settings (gdn_chunk_bwd's BWD_* flags) at the training shape (B = 4, T = 4k; tiny: B = 2,
+    T = 200), one group at a time with the rest at the defaults: each setting's whole backward timed and its
+    gradients checked against the defaults' (largest relative difference over dq, dk, dv, da, db); first the
+    per-kernel split of the backward at the defaults. `only`: the groups to run (all if empty)."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    key_heads, value_heads, d = MODELS[model]
+    batch, length = (2, 200) if tiny else (4, 4096)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE).to(torch.bfloat16)
+
+    q, k = randn(batch, length, key_heads, d), randn(batch, length, key_heads, d)
+    v, a, b = randn(batch, length, value_heads, d), randn(batch, length, value_heads), randn(batch, length, value_heads)
+    A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE) * 0.5
+    do = randn(batch, length, value_heads, d)
+    out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
+                                   output_final_state=False, cu_seqlens=None, store_x=True)
+
+    def backward():
+        return gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, out["g_cumsum"], out["x_inv"], do)
+
+    names = ("dq", "dk", "dv", "da", "db")
+    reference = backward()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                backward()
+            torch.cuda.synchronize()
+        split = {event.key.replace("_kernel", ""): event.device_time_total / 5e3 for event in prof.key_averages()
+                 if event.key.startswith("chunk_gdn_")}
+        print(f"{model} B={batch} T={length} backward: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in split.items())
+              + f" (sum {sum(split.values()):.3f} ms)", flush=True)
+    groups = {
+        "wu": ("BWD_WU_BV", "BWD_WU_WARPS"), "dv-local": ("BWD_DV_LOCAL_WARPS",),
+        "dh": ("BWD_DH_BV", "BWD_DH_WARPS", "BWD_DH_STAGES"),
+        "dqk": ("BWD_DQK_WARPS", "BWD_WY_WARPS", "BWD_DQK_STAGES"),
+    }
+    grids = {
+        "wu": [(64, 4), (128, 8), (128, 4), (64, 8)], "dv-local": [(4,), (8,)],
+        "dh": list(itertools.product((32, 64), (4, 8), (2, 3))),  # 16-wide tiles: see chunk_gdn_bwd
+        "dqk": list(itertools.product((4, 8), (4, 8), (2, 3))),
+    }
+    groups = {name: flags for name, flags in groups.items() if name in only} if only else groups
+    for group, flags in groups.items():
+        saved = tuple(getattr(gdn_chunk_bwd, flag) for flag in flags)
+        for setting in grids[group]:
+            if tiny and (group == "dh" and setting[0] > 32 or group == "dqk" and setting[:2] != (8, 8)):
+                continue
+            for flag, value in zip(flags, setting):
+                setattr(gdn_chunk_bwd, flag, value)
+            label = f"bwd {group} " + " ".join(f"{flag.removeprefix('BWD_').lower()}={value}"
+                                               for flag, value in zip(flags, setting))
+            warps = dict(zip(flags, setting)).get(f"BWD_{group.upper().replace('-', '_')}_WARPS", "-")
+            stages = dict(zip(flags, setting)).get(f"BWD_{group.upper()}_STAGES", "-")
+            warps = dict(zip(flags, setting)).get("BWD_DQK_WARPS", warps)
+            try:
+                try:
+                    first = backward()  # checked against the defaults' gradients after the timing
+                except Exception as error:  # e.g. out of shared memory
+                    rows.append((model, length, label, warps, stages, None, None, type(error).__name__))
+                    print(f"  {label}: {type(error).__name__}", flush=True)
+                    continue
+                timed_setting(rows, model, length, label, warps, stages, backward,
+                              [(first[name], reference[name]) for name in names])
+            finally:
+                for flag, value in zip(flags, saved):
+                    setattr(gdn_chunk_bwd, flag, value)
 
 
 def sweep_conv(model, length, rows):
@@ -307,7 +371,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape at 200 tokens (CPU check)")
     parser.add_argument("--kernels", default="h,o,prepare,kkt,conv",
-                        help="comma-separated: h, o, prepare, kkt, conv")
+                        help="comma-separated: h, o, prepare, kkt, conv, bwd (the backward, at B=4 T=4k)")
+    parser.add_argument("--bwd-groups", default="", help="with bwd: comma-separated subset of wu, dv-local, dh, "
+                        "dqk (default: all)")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.lengths, args.quick = ["tiny"], [200], True
@@ -324,6 +390,8 @@ def main() -> None:
                 sweep_prepare_kkt(model, length, rows)
             if "conv" in args.kernels.split(","):
                 sweep_conv(model, length, rows)
+        if "bwd" in args.kernels.split(","):  # its own shape: the training one
+            sweep_bwd(model, rows, tiny=args.tiny, only=tuple(args.bwd_groups.split(",")) if args.bwd_groups else ())
     lines = ["| model | T | BV (h kernel unless named) | warps | stages | k norm | ms | us/chunk | check |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, length, BV, num_warps, num_stages, norm_k, ms, check in sorted(

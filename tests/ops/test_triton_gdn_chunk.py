@@ -126,9 +126,8 @@ def test_chunk_no_final_state_and_bad_input():
 
 PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
     "fused": dict(KKT_PREPARE=False),
-    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False, FUSE_WU_INTO_H=False),
-    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True, FUSE_WU_INTO_H=False),
-    "kkt-wu-in-h": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False, FUSE_WU_INTO_H=True),
+    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False),
+    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True),
 }
 
 
@@ -187,24 +186,6 @@ def test_kkt_prepare_matches_the_fused_one(poisoned, monkeypatch, variant, case)
     lower = x_written(fused["x_inv"], cu_seqlens)
     assert rel_err(ours["x_inv"][lower], fused["x_inv"][lower]) <= tolerance
     assert ours["x_inv"][~lower].isnan().all()
-    check(*inputs, dtype, cu_seqlens=cu_seqlens)
-
-
-@pytest.mark.parametrize("case", ["fp32", "bf16", "heads", "packed"])
-def test_wu_made_in_the_state_pass(poisoned, monkeypatch, case):
-    """FUSE_WU_INTO_H (no w/u kernel: the state pass makes w and u from X, v and b, with the w/u kernel's roundings,
-    and stores the normalised keys the output pass reads) gives the KKT path's outputs and states."""
-    from hybridlm.ops.triton.gdn_chunk import _chunk_gdn_fwd
-
-    inputs, cu_seqlens, dtype = prepare_case(case)
-    args = dict(scale=None, initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens, store_x=True)
-    use_prepare(monkeypatch, "kkt")
-    kkt = _chunk_gdn_fwd(*inputs[:-1], **args)
-    use_prepare(monkeypatch, "kkt-wu-in-h")
-    ours = _chunk_gdn_fwd(*inputs[:-1], **args)
-    assert ours["w"] is None and ours["u"] is None
-    for name in ("o", "final_state", "g_cumsum", "h", "v_new"):
-        assert rel_err(ours[name], kkt[name]) <= 1e-6, name
     check(*inputs, dtype, cu_seqlens=cu_seqlens)
 
 

@@ -10,16 +10,16 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
    (`KKT_PREPARE`) two launches from `gdn_prepare_kkt`: the Gram matrix and the inverse, then w and u; else
    `gdn_prepare.chunk_gdn_fwd_prepare_kernel`, all of it in one launch.
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
-   stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state. With
-   `FUSE_WU_INTO_H` it makes w and u itself from the stored X (no w/u kernel).
+   stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state.
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
 
 Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
 every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
-Room to fuse later: 1 into 2 (w, u never leave the SM), 3 into 2 (FlashQLA's fused forward), and splitting
-long sequences over SMs (intra-card context parallel) for B = 1.
+Room left: splitting long sequences over SMs (intra-card context parallel) for B = 1. Tried and removed
+(benchmarks/NOTES.md, eighth session): w and u made inside 2. from the stored X, and 3. made inside 2. (FlashQLA's
+fused forward); each put more dots on 2.'s sequential chain and took 1.5-3x as long on an H200.
 """
 from __future__ import annotations
 
@@ -64,14 +64,7 @@ def chunk_gdn_fwd_h_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NORM_K: tl.constexpr = True,  # False: k arrives L2-normalised already (`benchmarks/sweep_kernels.py` times both)
-    FUSE_WU: tl.constexpr = False,  # w, u made here from X (x_inv), v and b instead of read (w, u unused)
-    x_inv=None,  # [B, T, HV, BT] if FUSE_WU: (I + A)^-1 of each chunk, lower block triangle
-    v=None,  # [B, T, HV, V] if FUSE_WU, token stride stride_v
-    b=None,  # [B, T, HV] raw if FUSE_WU
-    kn=None,  # out [B, T, H, K] if FUSE_WU: the normalised keys (V block 0 of each key head's first value head)
-    stride_v=0,
 ):
-    tl.static_assert(NORM_K or not FUSE_WU, "FUSE_WU normalises the raw keys (and stores them for the output pass)")
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // H)
@@ -96,14 +89,13 @@ def chunk_gdn_fwd_h_kernel(
         b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
 
     p_k = k + bos * stride_k + i_hk * K
-    if not FUSE_WU:
-        p_w = w + bos * HV * K + i_h * K
-        p_u = u + bos * HV * V + i_h * V + i_v * BV
+    p_w = w + bos * HV * K + i_h * K
+    p_u = u + bos * HV * V + i_h * V + i_v * BV
     p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
     p_gc = g_cumsum + bos * HV + i_h
-    STORE_KN_HERE = FUSE_WU and (i_v == 0) and (i_h % (HV // H) == 0)
     for i_t in range(0, NT):
-        tl.store(h + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        b_hd = b_h.to(dtype)  # the state entering the chunk as the dot and the output pass take it
+        tl.store(h + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_hd, mask=m_kv)
         i_s = i_t * BT
         o_t = i_s + tl.arange(0, BT)
         m_t = o_t < T
@@ -112,23 +104,9 @@ def chunk_gdn_fwd_h_kernel(
         b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
         if NORM_K:
             b_k = _l2norm_rows(b_k).to(dtype)
-        if FUSE_WU:  # the w/u kernel's products, with its roundings (w, u in dtype)
-            if STORE_KN_HERE:
-                _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
-            o_c = tl.arange(0, BT)
-            b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
-            b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
-                              0.)
-            b_kbg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
-            b_w = tl.dot(b_X, b_kbg, input_precision=DOT_PRECISION).to(dtype)
-            b_vb = _load_rows(v + bos * stride_v + i_h * V + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV)
-            b_vb = (b_vb.to(tl.float32) * b_beta[:, None]).to(dtype)
-            b_v = tl.dot(b_X, b_vb, input_precision=DOT_PRECISION).to(dtype).to(tl.float32)
-        else:
-            b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
-            b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
-        b_v -= tl.dot(b_w, b_h.to(dtype), input_precision=DOT_PRECISION)
+        b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
+        b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        b_v -= tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
         _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
@@ -325,16 +303,13 @@ def chunk_gdn_fwd(
 KKT_PREPARE = True
 KKT_BK = 64  # key columns per slice of the Gram sum
 KKT_WARPS = 1
-KKT_INTERLEAVE = False  # the four diagonal inverses in one loop (`_unit_lower_inverses`): 255 registers with
-# small spills at 1 warp, more overlap; not yet timed (`sweep_kernels.py --kernels kkt` has it)
+KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_inverses`): 255 registers with small
+# spills at 1 warp, more overlap. H200, 64k tokens (eighth session): 9B heads 0.569 ms (0.694 one after another),
+# 0.8B 0.289 (0.353)
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
 FUSED_PREPARE_WARPS = 2
-# FUSE_WU_INTO_H (with KKT_PREPARE): no w/u kernel; the state pass makes w = X (beta k exp(G)) and u = X (beta v)
-# per chunk itself from the stored X, saving the w, u round trip through memory (~1 GB at 9B heads and 64k tokens)
-# at the price of two products per step on the sequential path (w repeated by each V block). Not yet timed.
-FUSE_WU_INTO_H = False
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
@@ -396,9 +371,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                   DOT_PRECISION=precision)
 
     g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
-    fuse_wu = KKT_PREPARE and FUSE_WU_INTO_H  # w, u then made inside the state pass, never stored
-    w = None if fuse_wu else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
-    u = None if fuse_wu else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
+    w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
+    u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
              if store_x or KKT_PREPARE else None)
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
@@ -408,11 +382,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
-        if not fuse_wu:
-            chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
-                k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
-                v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, num_warps=KKT_WU_WARPS,
-                **dict(common, BK=max(32, BK)))
+        chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
+            k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
+            v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, num_warps=KKT_WU_WARPS,
+            **dict(common, BK=max(32, BK)))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
@@ -429,18 +402,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     BV_h = BV
     if BV > 16 and 2 * triton.cdiv(dv, BV) * num_states * value_heads <= _multiprocessors(device):
         BV_h = 16
-    state_grid = (triton.cdiv(dv, BV_h), num_states * value_heads)
-    if fuse_wu:  # raw keys in, normalised there (and stored for the output pass); w, u made from X, v, b
-        chunk_gdn_fwd_h_kernel[state_grid](
-            k, None, None, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
-            k.stride(1), BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-            NORM_K=True, FUSE_WU=True, x_inv=x_inv, v=v, b=b, kn=k_normed, stride_v=v.stride(1), num_warps=4,
-            **common)
-    else:
-        chunk_gdn_fwd_h_kernel[state_grid](
-            k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
-            key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
-            STORE_FINAL_STATE=output_final_state, NORM_K=False, num_warps=4, **common)
+    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
+        k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
+        key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        NORM_K=False, num_warps=4, **common)
 
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     if LOOPED_O:

@@ -11,10 +11,11 @@ chunk_gated_delta_rule backward:
 2. `chunk_gdn_bwd_dh_kernel` (sequential over the chunks, backwards): with dH the gradient of the state leaving a
    chunk, dv_new += (k exp(G_last - G)) dH and dH <- exp(G_last) dH + (q exp(G))^T do - w^T dv_new; stores dH per
    chunk, the full dv_new and dh0.
-3. `chunk_gdn_bwd_dqkvg_kernel` (parallel): dq; dk and dG from o and the state update; dw = -dv_new h^T; then the
-   WY backward through w, u and X (dA = -X^T dX X^T on the strict lower triangle, A = beta k k^T exp(G_i - G_j))
-   for dk, dv, dbeta, dG; the reverse cumsum dG -> dg inside the chunk and the gate chain rules (softplus,
-   exp(A_log), sigmoid) -> da, db and per-chunk sums for dA_log, ddt_bias.
+3. `chunk_gdn_bwd_dqk_kernel` (parallel): dq; the shares of dk and dG from o and the state update.
+   `chunk_gdn_bwd_wy_kernel` (parallel): dw = -dv_new h^T; the WY backward through w, u and X (dA = -X^T dX X^T on
+   the strict lower triangle, A = beta k k^T exp(G_i - G_j)) for dk, dv, dbeta, dG; the reverse cumsum dG -> dg
+   inside the chunk and the gate chain rules (softplus, exp(A_log), sigmoid) -> da, db and per-chunk sums for
+   dA_log, ddt_bias.
 4. `chunk_gdn_bwd_qk_norm_kernel` (parallel): sums dq, dk over the value heads of each key head and takes them
    through the in-kernel L2 norm.
 
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops.triton.gdn_chunk import (
-    CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, chunk_gdn_fwd, chunk_gdn_fwd_h_kernel,
+    CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, chunk_gdn_fwd, chunk_gdn_fwd_h_kernel,
 )
 from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
@@ -196,35 +197,23 @@ def chunk_gdn_bwd_dh_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_gdn_bwd_dqkvg_kernel(
+def chunk_gdn_bwd_dqk_kernel(
     q,  # [B, T, H, K], token stride stride_q
     k,  # [B, T, H, K], token stride stride_k
-    v,  # [B, T, HV, V], token stride stride_v
-    a,  # [B, T, HV]
-    b,  # [B, T, HV]
-    A_log,  # [HV] fp32
-    dt_bias,  # [HV] fp32
     g_cumsum,  # [B, T, HV] fp32
-    x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
     h,  # [NT, HV, K, V]: the state entering each chunk
     dh,  # [NT, HV, K, V]: the gradient of the state leaving each chunk
     v_new,  # [B, T, HV, V]
-    dv_new,  # [B, T, HV, V]
     do,  # [B, T, HV, V]
     dq,  # out [B, T, HV, K] fp32: gradient of l2norm(q), per value head
-    dk,  # out [B, T, HV, K] fp32: gradient of l2norm(k), per value head
-    dv,  # out [B, T, HV, V]
-    da,  # out [B, T, HV]
-    db,  # out [B, T, HV]
-    dA_log,  # out [NT, HV] fp32: per-chunk sums
-    ddt_bias,  # out [NT, HV] fp32: per-chunk sums
+    dk,  # out [B, T, HV, K] fp32: the output's and the state update's share of the gradient of l2norm(k)
+    dG,  # out [B, T, HV] fp32: their share of the gradient of the cumulative log decay G
     cu_seqlens,
     chunk_indices,
     scale,
     T,
     stride_q,
     stride_k,
-    stride_v,
     H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
@@ -235,6 +224,7 @@ def chunk_gdn_bwd_dqkvg_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
@@ -250,16 +240,14 @@ def chunk_gdn_bwd_dqkvg_kernel(
     b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
     b_g_last = tl.load(g_cumsum + bos * HV + i_h + i_last * HV)
 
-    # --- o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new, S_next = exp(G_last) S + (k exp(G_last - G))^T v_new
+    # o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new, S_next = exp(G_last) S + (k exp(G_last - G))^T v_new
     o_k = tl.arange(0, BK)
     p_h = h + (i_tg * HV + i_h) * K * V
     p_dh = dh + (i_tg * HV + i_h) * K * V
     p_do = do + bos * HV * V + i_h * V
     p_vn = v_new + bos * HV * V + i_h * V
-    p_dvn = dv_new + bos * HV * V + i_h * V
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
     b_dg_last = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -269,15 +257,13 @@ def chunk_gdn_bwd_dqkvg_kernel(
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
         b_do = _load_rows(p_do + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)  # [BT, BV]
         b_vn = _load_rows(p_vn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
-        b_dvn = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
         b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PRECISION)
         b_dk += tl.dot(b_vn, tl.trans(b_dh), input_precision=DOT_PRECISION)
-        b_dw -= tl.dot(b_dvn, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
         b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PRECISION)
         b_dg_last += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
     b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
     b_dq = b_dq * tl.exp(b_gc)[:, None]
-    b_dG = tl.sum(b_dq * b_qf, axis=1)  # dG: the gradient of the cumulative log decay G, per row
+    b_dG = tl.sum(b_dq * b_qf, axis=1)
     b_dk = b_dk * tl.where(m_t, tl.exp(b_g_last - b_gc), 0.)[:, None]
     b_dG -= tl.sum(b_dk * b_kf, axis=1)
     b_dG_last = tl.sum(b_dg_last, axis=0) * tl.exp(b_g_last) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
@@ -292,8 +278,60 @@ def chunk_gdn_bwd_dqkvg_kernel(
     b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
     # q entered as l2norm(q) * scale
     _store_rows(dq + bos * HV * K + i_h * K, b_dq * scale, i_s, T, HV * K, K, BT, BK)
+    _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
+    tl.store(dG + bos * HV + i_h + o_t * HV, b_dG, mask=m_t)
 
-    # --- the gates of these rows, recomputed from the raw a, b (rows past T: beta = 0, g = 0)
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_gdn_bwd_wy_kernel(
+    k,  # [B, T, H, K], token stride stride_k
+    v,  # [B, T, HV, V], token stride stride_v
+    a,  # [B, T, HV]
+    b,  # [B, T, HV]
+    A_log,  # [HV] fp32
+    dt_bias,  # [HV] fp32
+    g_cumsum,  # [B, T, HV] fp32
+    x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
+    h,  # [NT, HV, K, V]: the state entering each chunk
+    dv_new,  # [B, T, HV, V]
+    dk,  # in/out [B, T, HV, K] fp32: chunk_gdn_bwd_dqk_kernel's share in, the whole gradient of l2norm(k) out
+    dG,  # [B, T, HV] fp32: chunk_gdn_bwd_dqk_kernel's share
+    dv,  # out [B, T, HV, V]
+    da,  # out [B, T, HV]
+    db,  # out [B, T, HV]
+    dA_log,  # out [NT, HV] fp32: per-chunk sums
+    ddt_bias,  # out [NT, HV] fp32: per-chunk sums
+    cu_seqlens,
+    chunk_indices,
+    T,
+    stride_k,
+    stride_v,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dw = -dv_new h^T, the WY backward and the gates' chain rules; `chunk_gdn_bwd_dqk_kernel`'s shares of dk and
+    dG are added last, so they are not held through the products."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
+    i_tg, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    dtype = dv_new.dtype.element_ty
+
+    i_s = i_t * BT
+    o_t = i_s + tl.arange(0, BT)
+    m_t = o_t < T
+    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+    b_kf = b_k.to(tl.float32)
+    b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
+
+    # the gates of these rows, recomputed from the raw a, b (rows past T: beta = 0, g = 0)
     b_A_exp = tl.exp(tl.load(A_log + i_h).to(tl.float32))
     b_x = tl.load(a + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32) + tl.load(dt_bias + i_h)
     # torch's softplus and its gradient: x above 20 passes through with slope 1
@@ -302,16 +340,25 @@ def chunk_gdn_bwd_dqkvg_kernel(
     b_dg_dx = tl.where(m_t, -b_A_exp * tl.where(b_x > 20., 1., tl.sigmoid(b_x)), 0.)
     b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32)), 0.)
 
-    # --- WY: u = X (beta v), w = X (beta k exp(G)) with du = dv_new, and X = (I + A)^-1
+    # WY: u = X (beta v), w = X (beta k exp(G)) with du = dv_new, and X = (I + A)^-1
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_A = o_i[:, None] >= o_i[None, :]
     p_x = x_inv + bos * HV * BT + i_h * BT
     b_X = tl.load(p_x + o_t[:, None] * (HV * BT) + o_i[None, :], mask=m_A & m_t[:, None], other=0.)  # [BT, BT]
     b_dX = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    p_h = h + (i_tg * HV + i_h) * K * V
+    p_dvn = dv_new + bos * HV * V + i_h * V
     p_v = v + bos * stride_v + i_h * V
     p_dv = dv + bos * HV * V + i_h * V
     for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
         b_v = _load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV)
         b_du = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
         b_dX += tl.dot(b_du, tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(dtype)),
                        input_precision=DOT_PRECISION)
         b_dvb = tl.dot(tl.trans(b_X), b_du, input_precision=DOT_PRECISION)  # gradient of beta v
@@ -321,9 +368,9 @@ def chunk_gdn_bwd_dqkvg_kernel(
     b_dw = b_dw.to(dtype)
     b_dX += tl.dot(b_dw, tl.trans(b_kbg.to(dtype)), input_precision=DOT_PRECISION)
     b_dkbg = tl.dot(tl.trans(b_X), b_dw, input_precision=DOT_PRECISION)  # gradient of beta k exp(G)
-    b_dk += b_dkbg * (b_beta * tl.exp(b_gc))[:, None]
+    b_dk = b_dkbg * (b_beta * tl.exp(b_gc))[:, None]
     b_dbeta += tl.sum(b_dkbg * b_kf, axis=1) * tl.exp(b_gc)
-    b_dG += tl.sum(b_dkbg * b_kbg, axis=1)
+    b_dG = tl.sum(b_dkbg * b_kbg, axis=1)
     # dA = -X^T dX X^T on the strict lower triangle (X is unit lower, so only that part of dX matters)
     m_L = o_i[:, None] > o_i[None, :]
     b_dX = tl.where(m_L, b_dX, 0.).to(dtype)
@@ -338,10 +385,12 @@ def chunk_gdn_bwd_dqkvg_kernel(
     b_Ed = b_E.to(dtype)
     b_dk += tl.dot(b_Ed, b_k, input_precision=DOT_PRECISION) * b_beta[:, None]
     b_dk += tl.dot(tl.trans(b_Ed), (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
-    _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
+    p_dk = dk + bos * HV * K + i_h * K
+    b_dk += _load_rows(p_dk, i_s, T, HV * K, K, BT, BK)
+    _store_rows(p_dk, b_dk, i_s, T, HV * K, K, BT, BK)
 
-    # --- G = cumsum(g) inside the chunk, so dg_t = sum_{s >= t} dG_s; then the gate chain rules
-    b_dG = tl.where(m_t, b_dG, 0.)
+    # G = cumsum(g) inside the chunk, so dg_t = sum_{s >= t} dG_s; then the gate chain rules
+    b_dG = tl.where(m_t, b_dG + tl.load(dG + bos * HV + i_h + o_t * HV, mask=m_t, other=0.), 0.)
     b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
     b_da = b_dg * b_dg_dx
     tl.store(da + bos * HV + i_h + o_t * HV, b_da.to(da.dtype.element_ty), mask=m_t)
@@ -400,6 +449,23 @@ def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
     return None
 
 
+# Launch settings of the backward; `benchmarks/sweep_kernels.py --kernels bwd` times each at the training shape
+# (B = 4, T = 4k) against the whole backward's gradients at these defaults. H200, bf16 (eighth session, whole
+# backward, ms, 9B / 0.8B heads): the dH pass at BV 64, 4 warps, 2 stages 4.12 / 2.19 (BV 32, 3 stages: 4.46 / 2.30);
+# the w/u recompute at BV 128, 8 warps 4.45 / 2.28 (BV 64, 4 warps 4.46 / 2.29); the h recompute reading keys
+# normalised by the w/u recompute instead of normalising them itself was slower (4.49 / 2.33). The dq/dk/dv/dg step
+# was one kernel at 255 registers with ~1.3 KB spilled (Triton 3.6, sm_90, 8 warps) and took 2.86 / 1.43 ms of it;
+# as fla splits it, two kernels now (dk and dG shares through memory between them, fp32): the whole backward
+# 4.06 -> 2.90 at 9B heads and 2.17 -> 1.61 at 0.8B (8 + 8 warps, V blocks of 64, 3 stages; 2 stages 2.99 / 1.66,
+# 4 warps in either 3.05-3.13 at 9B, V blocks of 32 or 128 3.33-3.34).
+BWD_WU_BV, BWD_WU_WARPS = 128, 8  # the w/u recompute
+BWD_DV_LOCAL_WARPS = 4
+# the sequential dH pass (fp32: 2 stages, shared memory); BV 64 only while that leaves at least half as many
+# programs as SMs (B = 4 at 9B and 0.8B heads was measured; B = 1 keeps 32, unmeasured at 64)
+BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
+BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
+
+
 def chunk_gdn_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -429,11 +495,12 @@ def chunk_gdn_bwd(
     value_heads, dv = v.shape[2], v.shape[3]
     scale = dk ** -0.5 if scale is None else float(scale)
     BT = CHUNK_SIZE
-    # tiles at least 32 wide: on the H100 (Triton 3.6) 16-wide tiles in 16-bit dtypes made the dqkvg kernel fault
+    # tiles at least 32 wide: on the H100 (Triton 3.6) 16-wide tiles in 16-bit dtypes made the dq/dk/dv/dg kernel fault
     # (bf16, dk = 16) or return wrong gradients (dk or dv = 16); masks cover the padding
     BK = max(32, triton.next_power_of_2(dk))
     BV_full = max(32, triton.next_power_of_2(dv))
     BV, BV_chunk = min(BV_full, 32), min(BV_full, 64)  # V blocks of the sequential and of the parallel kernels
+    BV_dh = max(32, min(BV_full, BWD_DH_BV))
     device, dtype = v.device, v.dtype
 
     if cu_seqlens is not None:
@@ -451,13 +518,15 @@ def chunk_gdn_bwd(
                   DOT_PRECISION=dot_precision(dtype))
     chunk_grid = (grid_chunks, batch * value_heads)
     state_grid = (triton.cdiv(dv, BV), num_states * value_heads)
+    if BV_dh > BV and 2 * triton.cdiv(dv, BV_dh) * num_states * value_heads < _multiprocessors(device):
+        BV_dh = BV
 
     # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
     w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
     u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
     chunk_gdn_wu_kernel[chunk_grid](
         k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-        BV=BV_chunk, STORE_KN=False, num_warps=4, **common)
+        BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
     chunk_gdn_fwd_h_kernel[state_grid](
@@ -467,18 +536,18 @@ def chunk_gdn_bwd(
     dv_local = torch.empty_like(u)  # [B, T, Hv, dv]
     chunk_gdn_bwd_dv_local_kernel[chunk_grid](
         q, k, do, g_cumsum, dv_local, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
-        BV=BV_chunk, num_warps=4, **common)
+        BV=BV_chunk, num_warps=BWD_DV_LOCAL_WARPS, **common)
 
     dv_new = torch.empty_like(u)  # [B, T, Hv, dv]
     dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
     dh0 = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
            if initial_state is not None else None)
-    chunk_gdn_bwd_dh_kernel[state_grid](
+    chunk_gdn_bwd_dh_kernel[(triton.cdiv(dv, BV_dh), num_states * value_heads)](
         q, k, w, g_cumsum, do, dv_local, dv_new, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, length,
-        q.stride(1), k.stride(1), BV=BV, USE_FINAL_STATE_GRADIENT=dht is not None,
-        STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=4,
+        q.stride(1), k.stride(1), BV=BV_dh, USE_FINAL_STATE_GRADIENT=dht is not None,
+        STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=BWD_DH_WARPS,
         # three [64, dk] fp32 tiles per stage: at dk = 128, 3 stages need 280 KB of shared memory (sm_90: 227 KB)
-        num_stages=2 if dtype == torch.float32 else 3, **common)
+        num_stages=2 if dtype == torch.float32 else BWD_DH_STAGES, **common)
 
     dq_n = torch.empty(batch, length, value_heads, dk, dtype=torch.float32, device=device)  # [B, T, Hv, dk]
     dk_n = torch.empty_like(dq_n)
@@ -487,10 +556,15 @@ def chunk_gdn_bwd(
     db = torch.empty(batch, length, value_heads, dtype=b.dtype, device=device)
     dA_log = torch.empty(num_chunks, value_heads, dtype=torch.float32, device=device)  # [NT, Hv] per-chunk sums
     ddt_bias = torch.empty_like(dA_log)
-    chunk_gdn_bwd_dqkvg_kernel[chunk_grid](
-        q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dh, v_new, dv_new, do, dq_n, dk_n, dv_out, da, db,
-        dA_log, ddt_bias, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1), v.stride(1),
-        BV=BV_chunk, num_warps=8, num_stages=2, **common)
+    dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
+    dqk_stages = 2 if dtype == torch.float32 else BWD_DQK_STAGES  # fp32 tiles: 3 stages were never run
+    chunk_gdn_bwd_dqk_kernel[chunk_grid](
+        q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length, q.stride(1),
+        k.stride(1), BV=BV_chunk, num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common)
+    chunk_gdn_bwd_wy_kernel[chunk_grid](
+        k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
+        cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1), BV=BV_chunk, num_warps=BWD_WY_WARPS,
+        num_stages=dqk_stages, **common)
 
     rows, BR = batch * length, 32
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
