@@ -47,15 +47,15 @@ def time_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def inputs(length, heads):
+def inputs(length, heads, batch=1):
     key_heads, value_heads, d = heads
     gen = torch.Generator(device=DEVICE).manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=DEVICE).to(torch.bfloat16)
 
-    q, k, v = randn(1, length, key_heads, d), randn(1, length, key_heads, d), randn(1, length, value_heads, d)
-    a, b = randn(1, length, value_heads), randn(1, length, value_heads)
+    q, k = randn(batch, length, key_heads, d), randn(batch, length, key_heads, d)
+    v, a, b = randn(batch, length, value_heads, d), randn(batch, length, value_heads), randn(batch, length, value_heads)
     A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
     dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE) * 0.5
     return q, k, v, a, b, A_log, dt_bias
@@ -102,12 +102,12 @@ def timed_setting(rows, model, length, label, num_warps, num_stages, launch, pai
     print(f"  {label} warps={num_warps} stages={num_stages}: {ms:.4f} ms  max rel diff {error:.1e}", flush=True)
 
 
-def forward_case(model, length, kkt=None):
+def forward_case(model, length, kkt=None, batch=1):
     """Inputs at this shape, the wrapper's intermediates (final state included) to check every setting against,
     and the launch arguments the three GDN kernels share. `kkt`: run the wrapper with KKT_PREPARE set so (None: the
     module's default)."""
     key_heads, value_heads, d = MODELS[model]
-    args = inputs(length, MODELS[model])
+    args = inputs(length, MODELS[model], batch)
     saved = gdn_chunk.KKT_PREPARE
     gdn_chunk.KKT_PREPARE = saved if kkt is None else kkt
     try:
@@ -120,18 +120,20 @@ def forward_case(model, length, kkt=None):
     return args, out, common, triton.cdiv(length, gdn_chunk.CHUNK_SIZE)
 
 
-def sweep(model, length, quick, rows):
+def sweep(model, length, quick, rows, batch=1):
     _, value_heads, d = MODELS[model]
-    args, out, common, chunks = forward_case(model, length)
+    args, out, common, chunks = forward_case(model, length, batch=batch)
     k = args[1]
     split = kernel_times(args)
     if split:
         total = sum(split.values())
-        print(f"{model} T={length}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in split.items())
-              + f" (sum {total:.3f} ms)", flush=True)
+        print(f"{model} B={batch} T={length}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in split.items())
+              + f" (sum {total:.3f} ms); the wrapper's state-pass block BV "
+              + str(gdn_chunk.state_pass_block(d, d, batch * value_heads, 2, torch.device(DEVICE), False)),
+              flush=True)
     k_normed = l2norm(k.float()).to(k.dtype)
     common = dict(common, USE_INITIAL_STATE=False, STORE_FINAL_STATE=True)
-    grid_bv = (16, 32, 64) if not quick else (32, 64)
+    grid_bv = (16, 32, 64, 128) if not quick else (32, 64) if batch == 1 else (32, 64, 128)
     warps = (2, 4, 8) if not quick else (4, 8)
     stages = (1, 2, 3, 4) if not quick else (2, 3)
     for BV, num_warps, num_stages, norm_k in itertools.product(grid_bv, warps, stages, (True, False)):
@@ -143,17 +145,19 @@ def sweep(model, length, quick, rows):
         key = k if norm_k else k_normed
 
         def launch():
-            gdn_chunk.chunk_gdn_fwd_h_kernel[(triton.cdiv(d, BV), value_heads)](
+            gdn_chunk.chunk_gdn_fwd_h_kernel[(triton.cdiv(d, BV), batch * value_heads)](
                 key, out["w"], out["u"], out["g_cumsum"], h, v_new, None, final, None, None, length, key.stride(1),
                 BV=BV, NORM_K=norm_k, num_warps=num_warps, num_stages=num_stages, **common)
 
         try:
             ms = time_ms(launch)
         except Exception as error:  # e.g. OutOfResources for a large BV with many stages
-            rows.append((model, length, BV, num_warps, num_stages, norm_k, None, type(error).__name__))
+            rows.append((model, length, f"B={batch} {BV}" if batch > 1 else BV, num_warps, num_stages, norm_k, None,
+                         type(error).__name__))
             continue
         error = max_rel_diff([(v_new, out["v_new"]), (final, out["final_state"])])
-        rows.append((model, length, BV, num_warps, num_stages, norm_k, ms, f"{error:.1e}"))
+        rows.append((model, length, f"B={batch} {BV}" if batch > 1 else BV, num_warps, num_stages, norm_k, ms,
+                     f"{error:.1e}"))
         per_chunk = ms * 1e3 / chunks
         print(f"  BV={BV:3d} warps={num_warps} stages={num_stages} norm_k={'in' if norm_k else 'pre'}: "
               f"{ms:.4f} ms  {per_chunk:.2f} us/chunk  max rel diff {error:.1e}", flush=True)
@@ -372,6 +376,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny shape at 200 tokens (CPU check)")
     parser.add_argument("--kernels", default="h,o,prepare,kkt,conv",
                         help="comma-separated: h, o, prepare, kkt, conv, bwd (the backward, at B=4 T=4k)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences of the h kernel's sweep (B x T tokens)")
     parser.add_argument("--bwd-groups", default="", help="with bwd: comma-separated subset of wu, dv-local, dh, "
                         "dqk (default: all)")
     args = parser.parse_args()
@@ -381,7 +386,7 @@ def main() -> None:
     for model in args.models:
         for length in args.lengths:
             if "h" in args.kernels.split(","):
-                sweep(model, length, args.quick, rows)
+                sweep(model, length, args.quick, rows, batch=args.batch)
             if "o" in args.kernels.split(","):
                 sweep_o(model, length, rows)
             if "prepare" in args.kernels.split(","):

@@ -250,3 +250,20 @@ def test_output_kernels(poisoned, monkeypatch, case):
         assert outputs[variant].dtype == dtype
         assert rel_err(outputs[variant], o_ref) <= TOLERANCE[dtype], variant
         assert rel_err(outputs[variant], outputs["per-block"]) <= (1e-6 if dtype == torch.float32 else 5e-3), variant
+
+
+def test_state_pass_block_rule(monkeypatch):
+    """The state pass's V block by its traffic model (gdn_chunk.state_pass_block) on 132 SMs: B = 1 keeps the
+    blocks measured best (9B heads 32, 0.8B 16), B = 4 takes 64 (measured on an H200), fp32 stays at 32, and a
+    block never exceeds the padded value width."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    monkeypatch.setattr(gdn_chunk, "_multiprocessors", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert gdn_chunk.state_pass_block(128, 128, 1 * 32, 2, cpu, False) == 32
+    assert gdn_chunk.state_pass_block(128, 128, 1 * 16, 2, cpu, False) == 16
+    assert gdn_chunk.state_pass_block(128, 128, 4 * 32, 2, cpu, False) == 64
+    assert gdn_chunk.state_pass_block(128, 128, 4 * 16, 2, cpu, False) == 64
+    assert gdn_chunk.state_pass_block(128, 128, 4 * 32, 4, cpu, True) == 32
+    assert gdn_chunk.state_pass_block(16, 16, 64, 2, cpu, False) == 16
+    assert gdn_chunk.state_pass_block(24, 40, 4, 2, cpu, False) in gdn_chunk.STATE_PASS_BVS

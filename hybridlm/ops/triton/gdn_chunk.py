@@ -339,6 +339,35 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# The state pass's V block. Each program walks its sequence's chunks in order, and per chunk moves
+# 2 BT dk (w, k in) + BV (BT + dk + BT) (u in, h and v_new out) elements, so narrower blocks re-read w and k more
+# often, wider ones leave SMs idle. What bounds the pass on an H200 is what one SM can move from L2 per step: at 9B
+# heads, B = 1, 16k tokens its 128 programs (BV 32) move 48 KB per 1.27 us step, ~4.8 TB/s in all, and at B = 4 (four
+# programs per SM) a step takes ~4x as long (eighth session, benchmarks/NOTES.md). So a block costs
+# max(1, programs / SMs) x bytes per program-step, and the narrowest of the cheapest wins: B = 1 keeps BV 32 at 9B
+# heads and 16 at 0.8B; B = 4, T = 4k takes 64 for both: 9B 0.331 -> 0.220 ms, 0.8B 0.171 -> 0.115 (keys normalised
+# beforehand; normalised in the loop, as the backward's recompute runs it: 0.336 -> 0.238-0.279, 0.171 -> 0.142).
+# BV 128 (8 warps: the fp32 state alone is 128 registers a thread at 4) lost to 64 at both (0.240, 0.244), so the
+# list stops at 64. fp32 keeps 32 (its FMA dots spill at wider blocks).
+STATE_PASS_BVS = (16, 32, 64)
+
+
+def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
+                     fp32: bool) -> int:
+    """The V block of `chunk_gdn_fwd_h_kernel` for `programs_per_block` = sequences x value heads."""
+    BT, BK = CHUNK_SIZE, max(16, triton.next_power_of_2(dk))
+    widest = max(16, triton.next_power_of_2(dv))
+    if fp32:
+        return min(widest, 32)
+    sms = _multiprocessors(device)
+
+    def cost(BV):
+        programs = triton.cdiv(dv, BV) * programs_per_block
+        return max(1.0, programs / sms) * (2 * BT * BK + BV * (2 * BT + BK)) * element_size
+
+    return min((bv for bv in STATE_PASS_BVS if bv <= widest), key=lambda bv: (cost(bv), bv))
+
+
 def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
                    store_x=False):
     """The three launches; returns every intermediate (the backward recomputes from some of them). With `store_x`
@@ -396,12 +425,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     v_new = torch.empty_like(v, memory_format=torch.contiguous_format)  # [B, T, Hv, dv]
     final_state = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
                    if output_final_state else None)
-    # the pass is sequential over chunks, so its programs (V blocks x heads x sequences) should fill the GPU:
-    # narrower V blocks when there are too few. H100, 64k tokens at B = 1 (benchmarks/sweep_kernels.py): 0.8B heads
-    # (64 programs at BV = 32) 1.23 -> 0.94 ms with 16; 9B heads (128 programs) are best at 32 (1.26 vs 1.62 ms)
-    BV_h = BV
-    if BV > 16 and 2 * triton.cdiv(dv, BV) * num_states * value_heads <= _multiprocessors(device):
-        BV_h = 16
+    BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32)
     chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
         k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
         key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,

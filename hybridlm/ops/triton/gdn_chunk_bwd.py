@@ -30,6 +30,7 @@ import triton.language as tl
 
 from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, chunk_gdn_fwd, chunk_gdn_fwd_h_kernel,
+    state_pass_block,
 )
 from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
@@ -517,7 +518,6 @@ def chunk_gdn_bwd(
     common = dict(H=key_heads, HV=value_heads, K=dk, V=dv, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None,
                   DOT_PRECISION=dot_precision(dtype))
     chunk_grid = (grid_chunks, batch * value_heads)
-    state_grid = (triton.cdiv(dv, BV), num_states * value_heads)
     if BV_dh > BV and 2 * triton.cdiv(dv, BV_dh) * num_states * value_heads < _multiprocessors(device):
         BV_dh = BV
 
@@ -529,9 +529,10 @@ def chunk_gdn_bwd(
         BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
-    chunk_gdn_fwd_h_kernel[state_grid](
+    BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32)
+    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
         k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
-        BV=BV, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4, **common)
+        BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4, **common)
 
     dv_local = torch.empty_like(u)  # [B, T, Hv, dv]
     chunk_gdn_bwd_dv_local_kernel[chunk_grid](
