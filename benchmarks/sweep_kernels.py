@@ -1,13 +1,12 @@
 """Launch settings of the prefill kernels on the GPU: the chunked GDN forward's three kernels (prepare, the
 sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
 
-    python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick]
-                                        [--kernels h,o,prepare,kkt,conv,bwd]
+    python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
+                                        [--kernels h,o,prepare,kkt,conv,bwd] [--bwd-groups wu,dv-local,dh,dqk]
 
-For each shape (B=1, bf16): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
+For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
 wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, with k normalised in the kernel
-(as the wrapper runs it) or handed over normalised (NORM_K=False: what moving the norm out of the sequential
-loop would save). Every setting's v_new and final state are checked against the wrapper's. The h kernel runs
+(as the backward's recompute runs it) or handed over normalised (NORM_K=False, as the forward runs it). Every setting's v_new and final state are checked against the wrapper's. The h kernel runs
 cdiv(dv, BV) x Hv programs at B=1, each walking all T/64 chunks in order: the column "us/chunk" is its time per
 step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). Both o kernels
 (per V block, and the looped one that makes q k^T once per chunk: gdn_chunk.LOOPED_O) run over BV x num_warps x
@@ -270,18 +269,9 @@ def sweep_bwd(model, rows, tiny=False, only=()):
     per-kernel split of the backward at the defaults. `only`: the groups to run (all if empty)."""
     from hybridlm.ops.triton import gdn_chunk_bwd
 
-    key_heads, value_heads, d = MODELS[model]
     batch, length = (2, 200) if tiny else (4, 4096)
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=DEVICE).to(torch.bfloat16)
-
-    q, k = randn(batch, length, key_heads, d), randn(batch, length, key_heads, d)
-    v, a, b = randn(batch, length, value_heads, d), randn(batch, length, value_heads), randn(batch, length, value_heads)
-    A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
-    dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE) * 0.5
-    do = randn(batch, length, value_heads, d)
+    q, k, v, a, b, A_log, dt_bias = inputs(length, MODELS[model], batch)
+    do = torch.randn(v.shape, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE).to(v.dtype)
     out = gdn_chunk._chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None,
                                    output_final_state=False, cu_seqlens=None, store_x=True)
 

@@ -122,6 +122,17 @@ def test_sweep_kernels_tiny_checks_every_setting():
     assert all(diff == 0 for diff in checks.values()), rows
 
 
+def test_sweep_kernels_tiny_backward_settings():
+    """sweep_kernels.py --kernels bwd at the tiny shape (interpreter): each dH-pass setting ran the whole backward and
+    matched the defaults' gradients."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_kernels.py"), "--tiny", "--kernels",
+                             "bwd", "--bwd-groups", "dh"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | 200 | bwd dh ")]
+    assert len(rows) == 4  # BV 32 (the tiny heads' width) x 4 or 8 warps x 2 or 3 stages
+    assert all(float(row.rstrip(" |").rsplit("|", 1)[1]) == 0 for row in rows), rows
+
+
 def test_sweep_decode_tiles_tiny_runs_each_rule():
     """sweep_decode_tiles.py on the CPU (tiny model): one row per rule with a number per round; a malformed rule is
     refused by name before anything is built."""
