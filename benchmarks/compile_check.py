@@ -104,9 +104,10 @@ def gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state):
 
 
 PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
-    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False),
-    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True),
-    "fused": dict(KKT_PREPARE=False),
+    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False, FOLD_WU_INTO_H=False),
+    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True, FOLD_WU_INTO_H=False),
+    "kkt-fold": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True, FOLD_WU_INTO_H=True),
+    "fused": dict(KKT_PREPARE=False, FOLD_WU_INTO_H=False),
 }
 
 
@@ -368,7 +369,7 @@ def configurations():
                     state=True, dht=True, batch=1 if varlen else 2)
         add(f"gdn_fwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype, length=70)
         for d in (16, 32):  # the other prepare variants at the tests' small heads
-            for prepare in ("fused", "kkt"):
+            for prepare in ("fused", "kkt", "kkt-fold"):
                 add(f"gdn_fwd prepare={prepare} tests H=2/4 d={d} {tname} varlen", run_gdn_fwd, hk=2, hv=4, dk=d,
                     dv=d, dtype=dtype, length=130, varlen=True, state=True, prepare=prepare)
         add(f"gdn_fwd prepare=fused tests H=1/4 dk=24 dv=40 {tname}", run_gdn_fwd, hk=1, hv=4, dk=24, dv=40,
@@ -509,14 +510,18 @@ def describe(fn, kwargs):
     return f"w{warps} s{stages} " + " ".join(values)
 
 
+SHARED_HELPERS = {"utils.pdl_wait"}  # jit helpers without an underscore: other modules import them
+
+
 def defined_kernels():
-    """Every kernel of hybridlm/ops/triton/*.py (helpers start with an underscore and are inlined into them)."""
+    """Every kernel of hybridlm/ops/triton/*.py (helpers start with an underscore, or sit in SHARED_HELPERS, and are
+    inlined into them)."""
     names = set()
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         names |= {f"{info.name}.{name}" for name, obj in vars(module).items()
                   if isinstance(obj, JITFunction) and not name.startswith("_") and obj.__module__ == module.__name__}
-    return names
+    return names - SHARED_HELPERS
 
 
 VERBOSE = False

@@ -2,7 +2,7 @@
 sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
-                                        [--kernels h,o,prepare,kkt,conv,bwd] [--bwd-groups wu,dv-local,dh,dqk]
+                                        [--kernels h,o,prepare,kkt,conv,fold,bwd] [--bwd-groups wu,dv-local,dh,dqk]
 
 For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
 wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, with k normalised in the kernel
@@ -12,7 +12,8 @@ step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tok
 (per V block, and the looped one that makes q k^T once per chunk: gdn_chunk.LOOPED_O) run over BV x num_warps x
 num_stages, checked against the wrapper's o. The prepare step runs both ways: the fused kernel over num_warps x
 num_stages ("prepare"), and KKT_PREPARE's two kernels (the Gram/inverse one and the w/u one) each over its settings
-("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way. "bwd" (not in the default list)
+("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way. "fold" (not in the default list)
+times the state pass with gdn_chunk.FOLD_WU_INTO_H and the whole forward with and without it. "bwd" (neither)
 times the backward's launch settings at the training shape (B = 4, T = 4k), each checked against the defaults'
 gradients.
 With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
@@ -327,6 +328,44 @@ def sweep_bwd(model, rows, tiny=False, only=()):
                     setattr(gdn_chunk_bwd, flag, value)
 
 
+def sweep_fold(model, length, rows, batch=1):
+    """gdn_chunk.FOLD_WU_INTO_H: the state pass taking v_new = X (beta (v - exp(G) k h)) (no w, u stored) over BV x
+    num_warps x num_stages, checked against the wrapper's v_new and final state (the default path: the products
+    regrouped round differently, ~1e-3); then the whole forward both ways, with the per-kernel split."""
+    _, value_heads, d = MODELS[model]
+    args, out, common, chunks = forward_case(model, length, batch=batch)
+    q, k, v, a, b = args[:5]
+    k_normed = l2norm(k.float()).to(k.dtype)
+    common = dict(common, USE_INITIAL_STATE=False, STORE_FINAL_STATE=True, NORM_K=False)
+    for BV, num_warps, num_stages in itertools.product((32, 64), (4, 8), (2, 3)):
+        if BV > max(32, d):
+            continue
+        h, v_new, final = torch.empty_like(out["h"]), torch.empty_like(out["v_new"]), torch.empty_like(out["final_state"])
+
+        def launch():
+            gdn_chunk.chunk_gdn_fwd_h_kernel[(triton.cdiv(d, BV), batch * value_heads)](
+                k_normed, None, None, out["g_cumsum"], h, v_new, None, final, None, None, length, k_normed.stride(1),
+                BV=BV, FOLD_WU=True, x_inv=out["x_inv"], v=v, b=b, stride_v=v.stride(1), num_warps=num_warps,
+                num_stages=num_stages, **common)
+
+        timed_setting(rows, model, length, f"fold h B={batch} BV={BV}", num_warps, num_stages, launch,
+                      [(v_new, out["v_new"]), (final, out["final_state"])])
+    saved = gdn_chunk.FOLD_WU_INTO_H
+    for fold in (False, True):
+        gdn_chunk.FOLD_WU_INTO_H = fold
+        try:
+            o_once = gdn_chunk.chunk_gdn_fwd(*args, output_final_state=True)[0]  # checked after the timing
+            timed_setting(rows, model, length, f"fold whole forward B={batch}{' folded' if fold else ''}", 4, 3,
+                          lambda: gdn_chunk.chunk_gdn_fwd(*args, output_final_state=True), [(o_once, out["o"])])
+            split = kernel_times(args)
+            if split:
+                print(f"{model} B={batch} T={length} FOLD_WU_INTO_H={fold}: "
+                      + ", ".join(f"{name} {ms:.3f} ms" for name, ms in split.items())
+                      + f" (sum {sum(split.values()):.3f} ms)", flush=True)
+        finally:
+            gdn_chunk.FOLD_WU_INTO_H = saved
+
+
 def sweep_conv(model, length, rows):
     """The causal conv over its tile (BT tokens x BC channels) and num_warps, on the model's conv channels as one
     sequence and as 64 packed ones (a mixed engine step), checked against the wrapper's output."""
@@ -365,8 +404,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape at 200 tokens (CPU check)")
     parser.add_argument("--kernels", default="h,o,prepare,kkt,conv",
-                        help="comma-separated: h, o, prepare, kkt, conv, bwd (the backward, at B=4 T=4k)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences of the h kernel's sweep (B x T tokens)")
+                        help="comma-separated: h, o, prepare, kkt, conv, fold (FOLD_WU_INTO_H), bwd (the backward, "
+                        "at B=4 T=4k)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences of the h and fold sweeps (B x T tokens)")
     parser.add_argument("--bwd-groups", default="", help="with bwd: comma-separated subset of wu, dv-local, dh, "
                         "dqk (default: all)")
     args = parser.parse_args()
@@ -383,6 +423,8 @@ def main() -> None:
                 sweep_prepare(model, length, rows)
             if "kkt" in args.kernels.split(","):
                 sweep_prepare_kkt(model, length, rows)
+            if "fold" in args.kernels.split(","):
+                sweep_fold(model, length, rows, batch=args.batch)
             if "conv" in args.kernels.split(","):
                 sweep_conv(model, length, rows)
         if "bwd" in args.kernels.split(","):  # its own shape: the training one

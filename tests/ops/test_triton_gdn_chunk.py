@@ -267,3 +267,47 @@ def test_state_pass_block_rule(monkeypatch):
     assert gdn_chunk.state_pass_block(128, 128, 4 * 32, 4, cpu, True) == 32
     assert gdn_chunk.state_pass_block(16, 16, 64, 2, cpu, False) == 16
     assert gdn_chunk.state_pass_block(24, 40, 4, 2, cpu, False) in gdn_chunk.STATE_PASS_BVS
+
+
+FOLD_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens)
+    "bf16": (2, 130, 2, 4, 32, 32, torch.bfloat16, None),
+    "fp16-heads": (1, 70, 1, 4, 24, 40, torch.float16, None),
+    "bf16-one-token": (2, 1, 2, 4, 32, 32, torch.bfloat16, None),
+    "bf16-packed-d16": (1, 130, 2, 4, 16, 16, torch.bfloat16, [0, 5, 69, 130]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLD_CASES))
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fold_wu_into_the_state_pass(poisoned, monkeypatch, case, with_state):
+    """FOLD_WU_INTO_H (no w, u stored; the state pass takes v_new = X (beta (v - exp(G) k h))) gives the default
+    path's o, final state, h and v_new up to the regrouped products' rounding, and passes the float64 check."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = FOLD_CASES[case]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
+                                 batch if offsets is None else len(offsets) - 1)
+    state = state if with_state else None
+    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", False)
+    plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    folded = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert folded["w"] is None and folded["u"] is None and plain["w"] is not None
+    for name in ("o", "final_state", "h", "v_new"):  # (h is all zeros at one token without a state)
+        x, ref = folded[name].double().cpu(), plain[name].double().cpu()
+        assert torch.isfinite(x).all() and (x - ref).norm() <= 1e-2 * ref.norm(), name
+    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
+
+
+def test_fold_wu_leaves_fp32_alone(poisoned, monkeypatch):
+    """fp32 keeps w and u (the fold is for 16-bit inputs): FOLD_WU_INTO_H changes nothing there."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    *inputs, state = make_inputs(1, 65, 2, 4, 16, 16, torch.float32, num_states=1)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    out = gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state, output_final_state=True,
+                                   cu_seqlens=None)
+    assert out["w"] is not None
+    check(*inputs, state, torch.float32)

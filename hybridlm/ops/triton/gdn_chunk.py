@@ -64,6 +64,11 @@ def chunk_gdn_fwd_h_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NORM_K: tl.constexpr = True,  # False: k arrives L2-normalised already (`benchmarks/sweep_kernels.py` times both)
+    FOLD_WU: tl.constexpr = False,  # v_new = X (beta (v - exp(G) k h)) from X, v, b instead of u - w h (w, u unused)
+    x_inv=None,  # [B, T, HV, BT] if FOLD_WU: (I + A)^-1 of each chunk, lower triangle
+    v=None,  # [B, T, HV, V] if FOLD_WU, token stride stride_v
+    b=None,  # [B, T, HV] raw if FOLD_WU
+    stride_v=0,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -89,8 +94,12 @@ def chunk_gdn_fwd_h_kernel(
         b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
 
     p_k = k + bos * stride_k + i_hk * K
-    p_w = w + bos * HV * K + i_h * K
-    p_u = u + bos * HV * V + i_h * V + i_v * BV
+    if FOLD_WU:
+        p_v = v + bos * stride_v + i_h * V + i_v * BV
+        o_c = tl.arange(0, BT)
+    else:
+        p_w = w + bos * HV * K + i_h * K
+        p_u = u + bos * HV * V + i_h * V + i_v * BV
     p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
     p_gc = g_cumsum + bos * HV + i_h
     for i_t in range(0, NT):
@@ -104,9 +113,18 @@ def chunk_gdn_fwd_h_kernel(
         b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
         if NORM_K:
             b_k = _l2norm_rows(b_k).to(dtype)
-        b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
-        b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
-        b_v -= tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
+        if FOLD_WU:  # w h = X (beta exp(G) (k h)) and u = X (beta v), so v_new = X (beta (v - exp(G) (k h)))
+            b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
+                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
+            b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
+                              0.)
+            b_r = _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
+            b_r -= tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
+            b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+        else:
+            b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
+            b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+            b_v -= tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
         _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
@@ -310,6 +328,13 @@ KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 w
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
 FUSED_PREPARE_WARPS = 2
+# FOLD_WU_INTO_H (with KKT_PREPARE, 16-bit inputs): w and u are not stored; the state pass takes v_new =
+# X (beta (v - exp(G) (k h))), the same products regrouped: per chunk step it reads X (64 x 64) and v instead of w
+# (64 x dk) and u, 40 KB instead of 48 at 9B heads and BV 32 (the pass is bound by those bytes, see
+# `state_pass_block`), and the w/u kernel only stores the normalised keys; one more 64 x 64 x BV product on the
+# sequential chain. Not yet timed (`sweep_kernels.py --kernels fold`). Unlike FUSE_WU_INTO_H (removed: made w and u
+# whole in the pass, two products more, 2x slower) it adds one small product.
+FOLD_WU_INTO_H = False
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
@@ -400,12 +425,13 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                   DOT_PRECISION=precision)
 
     g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
-    w = torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [B, T, Hv, dk]
-    u = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
+    fp32 = precision == "ieee"
+    fold = KKT_PREPARE and FOLD_WU_INTO_H and not fp32  # w h and u made inside the state pass from X
+    w = None if fold else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
+    u = None if fold else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
              if store_x or KKT_PREPARE else None)
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
-    fp32 = precision == "ieee"
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
@@ -413,8 +439,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
         chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
-            v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, num_warps=KKT_WU_WARPS,
-            **dict(common, BK=max(32, BK)))
+            v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, STORE_WU=not fold,
+            num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
@@ -426,10 +452,13 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     final_state = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
                    if output_final_state else None)
     BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32)
+    fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
+    if fold:  # X times a 16-wide block (64 x 64 by 64 x 16, 16-bit) faulted in the w/u kernel (Triton 3.6): pad to 32
+        BV_h = max(BV_h, 32)
     chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
         k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
         key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        NORM_K=False, num_warps=4, **common)
+        NORM_K=False, num_warps=4, **fold_args, **common)
 
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     if LOOPED_O:

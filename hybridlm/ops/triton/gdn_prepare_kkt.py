@@ -194,6 +194,7 @@ def chunk_gdn_wu_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STORE_KN: tl.constexpr,
+    STORE_WU: tl.constexpr = True,  # False: only the normalised keys (gdn_chunk.FOLD_WU_INTO_H makes w h, u later)
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
@@ -201,27 +202,30 @@ def chunk_gdn_wu_kernel(
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
     _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    dtype = w.dtype.element_ty
+    dtype = k.dtype.element_ty
 
     i_s = i_t * BT
     o_t = i_s + tl.arange(0, BT)
     m_t = o_t < T
-    o_i = tl.arange(0, BT)
-    b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
-                  mask=(o_i[:, None] >= o_i[None, :]) & m_t[:, None], other=0.)  # [BT, BT]
-    b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
-    b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32)), 0.)
     # the forward's roundings: k normalised in fp32, stored in dtype, scaled in fp32, stored in dtype
     b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
     if STORE_KN:
         if i_h % (HV // H) == 0:
             _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
-    b_kbg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
-    _store_rows(w + bos * HV * K + i_h * K, tl.dot(b_X, b_kbg, input_precision=DOT_PRECISION), i_s, T, HV * K, K,
-                BT, BK)
-    p_v = v + bos * stride_v + i_h * V
-    p_u = u + bos * HV * V + i_h * V
-    for i_v in range(0, tl.cdiv(V, BV)):
-        b_vb = (_load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32) * b_beta[:, None])
-        b_u = tl.dot(b_X, b_vb.to(dtype), input_precision=DOT_PRECISION)
-        _store_rows(p_u + i_v * BV, b_u, i_s, T, HV * V, V - i_v * BV, BT, BV)
+    if STORE_WU:
+        o_i = tl.arange(0, BT)
+        b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
+                      mask=(o_i[:, None] >= o_i[None, :]) & m_t[:, None], other=0.)  # [BT, BT]
+        b_gc = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
+        b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32)),
+                          0.)
+        b_kbg = (b_k.to(tl.float32) * (b_beta * tl.exp(b_gc))[:, None]).to(dtype)
+        _store_rows(w + bos * HV * K + i_h * K, tl.dot(b_X, b_kbg, input_precision=DOT_PRECISION), i_s, T, HV * K,
+                    K, BT, BK)
+        p_v = v + bos * stride_v + i_h * V
+        p_u = u + bos * HV * V + i_h * V
+        for i_v in range(0, tl.cdiv(V, BV)):
+            b_vb = (_load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
+                    * b_beta[:, None])
+            b_u = tl.dot(b_X, b_vb.to(dtype), input_precision=DOT_PRECISION)
+            _store_rows(p_u + i_v * BV, b_u, i_s, T, HV * V, V - i_v * BV, BT, BV)
