@@ -4,11 +4,12 @@ sequential state pass h, the output o) and the causal conv, each setting checked
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
                                         [--kernels h,o,prepare,kkt,conv,fold,bwd] [--bwd-groups wu,dv-local,dh,dqk]
 
-For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd` timed one by one (prepare, h, o) with the
-wrapper's settings, then the h kernel alone over BV x num_warps x num_stages, with k normalised in the kernel
-(as the backward's recompute runs it) or handed over normalised (NORM_K=False, as the forward runs it). Every setting's v_new and final state are checked against the wrapper's. The h kernel runs
-cdiv(dv, BV) x Hv programs at B=1, each walking all T/64 chunks in order: the column "us/chunk" is its time per
-step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). Both o kernels
+For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd`
+timed one by one (prepare, h, o) with the wrapper's settings, then the h kernel alone over BV x num_warps x
+num_stages, with k normalised in the kernel (as the backward's recompute runs it) or handed over normalised
+(NORM_K=False, as the forward runs it). Every setting's v_new and final state are checked against the wrapper's. The
+h kernel runs cdiv(dv, BV) x Hv programs at B=1, each walking all T/64 chunks in order: the column "us/chunk" is its
+time per step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads, 64k tokens: 1.66 ms). Both o kernels
 (per V block, and the looped one that makes q k^T once per chunk: gdn_chunk.LOOPED_O) run over BV x num_warps x
 num_stages, checked against the wrapper's o. The prepare step runs both ways: the fused kernel over num_warps x
 num_stages ("prepare"), and KKT_PREPARE's two kernels (the Gram/inverse one and the w/u one) each over its settings
@@ -340,7 +341,8 @@ def sweep_fold(model, length, rows, batch=1):
     for BV, num_warps, num_stages in itertools.product((32, 64), (4, 8), (2, 3)):
         if BV > max(32, d):
             continue
-        h, v_new, final = torch.empty_like(out["h"]), torch.empty_like(out["v_new"]), torch.empty_like(out["final_state"])
+        h, v_new = torch.empty_like(out["h"]), torch.empty_like(out["v_new"])
+        final = torch.empty_like(out["final_state"])
 
         def launch():
             gdn_chunk.chunk_gdn_fwd_h_kernel[(triton.cdiv(d, BV), batch * value_heads)](

@@ -10,7 +10,8 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
    (`KKT_PREPARE`) two launches from `gdn_prepare_kkt`: the Gram matrix and the inverse, then w and u; else
    `gdn_prepare.chunk_gdn_fwd_prepare_kernel`, all of it in one launch.
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
-   stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state.
+   stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state. With
+   `FOLD_WU_INTO_H` (off, not yet timed) it takes v_new = X (beta (v - exp(G) k h)) instead, and 1. stores no w, u.
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.

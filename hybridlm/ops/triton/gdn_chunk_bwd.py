@@ -496,8 +496,8 @@ def chunk_gdn_bwd(
     value_heads, dv = v.shape[2], v.shape[3]
     scale = dk ** -0.5 if scale is None else float(scale)
     BT = CHUNK_SIZE
-    # tiles at least 32 wide: on the H100 (Triton 3.6) 16-wide tiles in 16-bit dtypes made the dq/dk/dv/dg kernel fault
-    # (bf16, dk = 16) or return wrong gradients (dk or dv = 16); masks cover the padding
+    # tiles at least 32 wide: on the H100 (Triton 3.6) 16-wide tiles in 16-bit dtypes made the (then one) dq/dk/dv/dg
+    # kernel fault (bf16, dk = 16) or return wrong gradients (dk or dv = 16); masks cover the padding
     BK = max(32, triton.next_power_of_2(dk))
     BV_full = max(32, triton.next_power_of_2(dv))
     BV, BV_chunk = min(BV_full, 32), min(BV_full, 64)  # V blocks of the sequential and of the parallel kernels
