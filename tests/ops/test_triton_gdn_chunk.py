@@ -254,8 +254,8 @@ def test_output_kernels(poisoned, monkeypatch, case):
 
 def test_state_pass_block_rule(monkeypatch):
     """The state pass's V block by its traffic model (gdn_chunk.state_pass_block) on 132 SMs: B = 1 keeps the
-    blocks measured best (9B heads 32, 0.8B 16), B = 4 takes 64 (measured on an H200), fp32 stays at 32, and a
-    block never exceeds the padded value width."""
+    blocks measured best (9B heads 32, 0.8B 16), B = 4 takes 64 (measured on an H200), fp32 stays at 32, a block
+    never exceeds the padded value width, and `narrowest` holds it at 32 or more."""
     from hybridlm.ops.triton import gdn_chunk
 
     monkeypatch.setattr(gdn_chunk, "_multiprocessors", lambda device: 132)
@@ -267,6 +267,9 @@ def test_state_pass_block_rule(monkeypatch):
     assert gdn_chunk.state_pass_block(128, 128, 4 * 32, 4, cpu, True) == 32
     assert gdn_chunk.state_pass_block(16, 16, 64, 2, cpu, False) == 16
     assert gdn_chunk.state_pass_block(24, 40, 4, 2, cpu, False) in gdn_chunk.STATE_PASS_BVS
+    assert gdn_chunk.state_pass_block(128, 128, 1 * 16, 2, cpu, False, narrowest=32) == 32  # backward, fold
+    assert gdn_chunk.state_pass_block(16, 16, 64, 2, cpu, False, narrowest=32) == 32  # padded past dv
+    assert gdn_chunk.state_pass_block(16, 16, 64, 4, cpu, True, narrowest=32) == 32
 
 
 FOLD_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens)

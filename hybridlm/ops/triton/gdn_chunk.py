@@ -379,19 +379,20 @@ STATE_PASS_BVS = (16, 32, 64)
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
-                     fp32: bool) -> int:
-    """The V block of `chunk_gdn_fwd_h_kernel` for `programs_per_block` = sequences x value heads."""
+                     fp32: bool, narrowest: int = 16) -> int:
+    """The V block of `chunk_gdn_fwd_h_kernel` for `programs_per_block` = sequences x value heads, at least
+    `narrowest` (32 where a 16-wide block was never run on a GPU, or faulted: the backward, FOLD_WU_INTO_H)."""
     BT, BK = CHUNK_SIZE, max(16, triton.next_power_of_2(dk))
-    widest = max(16, triton.next_power_of_2(dv))
+    widest = max(narrowest, triton.next_power_of_2(dv))
     if fp32:
-        return min(widest, 32)
+        return min(widest, max(narrowest, 32))
     sms = _multiprocessors(device)
 
     def cost(BV):
         programs = triton.cdiv(dv, BV) * programs_per_block
         return max(1.0, programs / sms) * (2 * BT * BK + BV * (2 * BT + BK)) * element_size
 
-    return min((bv for bv in STATE_PASS_BVS if bv <= widest), key=lambda bv: (cost(bv), bv))
+    return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
 
 
 def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
@@ -452,10 +453,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     v_new = torch.empty_like(v, memory_format=torch.contiguous_format)  # [B, T, Hv, dv]
     final_state = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
                    if output_final_state else None)
-    BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32)
+    # with the fold, X meets a 16-wide block (64 x 64 by 64 x 16, 16-bit), which faulted in the w/u kernel (Triton 3.6)
+    BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32,
+                            narrowest=32 if fold else 16)
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
-    if fold:  # X times a 16-wide block (64 x 64 by 64 x 16, 16-bit) faulted in the w/u kernel (Triton 3.6): pad to 32
-        BV_h = max(BV_h, 32)
     chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
         k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
         key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,

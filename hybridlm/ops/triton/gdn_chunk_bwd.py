@@ -529,9 +529,8 @@ def chunk_gdn_bwd(
         BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty_like(u)  # [B, T, Hv, dv]
-    # the forward's V-block rule, but never below the backward's 32 (the rule can pick 16 for few programs)
-    BV_h = max(32, state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device,
-                                    dtype == torch.float32))
+    BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
+                            narrowest=32)  # the backward's tiles are all at least 32 wide
     chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
         k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
         BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4, **common)
