@@ -138,6 +138,14 @@ def build_hf(name: str):
         model = transformers.Qwen3_5ForCausalLM(config)
     model = model.to_empty(device=DEVICE).to(torch.bfloat16).eval()
     randomize(model)
+    # `to_empty` leaves buffers uninitialised too: the rotary tables (`inv_freq`) held whatever memory was there,
+    # which made transformers' logits NaN on some runs. Take them, in fp32 as `from_pretrained` keeps them, from a
+    # fresh module built for real.
+    for module in model.modules():
+        if hasattr(module, "inv_freq"):
+            fresh = type(module)(module.config)
+            for bname, buffer in fresh.named_buffers(recurse=False):
+                setattr(module, bname, buffer.to(DEVICE))
     model.tie_weights()  # building on meta and filling in place can leave a tied head untied
     return model
 
