@@ -19,8 +19,9 @@ chunk_gated_delta_rule backward:
 4. `chunk_gdn_bwd_qk_norm_kernel` (parallel): sums dq, dk over the value heads of each key head and takes them
    through the in-kernel L2 norm.
 
-The gradients of q and k are carried per value head in fp32 until step 4; every accumulation is fp32; w, u, h,
-v_new, dv_new and the per-chunk dH are stored in the input dtype (as the forward and fla do).
+The gradients of q and k are carried per value head until step 4, stored in the input dtype (`BWD_QK_GRAD_DTYPE`);
+every accumulation is fp32; w, u, h, v_new, dv_new and the per-chunk dH are stored in the input dtype too (as the
+forward and fla do).
 """
 from __future__ import annotations
 
@@ -206,8 +207,8 @@ def chunk_gdn_bwd_dqk_kernel(
     dh,  # [NT, HV, K, V]: the gradient of the state leaving each chunk
     v_new,  # [B, T, HV, V]
     do,  # [B, T, HV, V]
-    dq,  # out [B, T, HV, K] fp32: gradient of l2norm(q), per value head
-    dk,  # out [B, T, HV, K] fp32: the output's and the state update's share of the gradient of l2norm(k)
+    dq,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): gradient of l2norm(q), per value head
+    dk,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): the output's and the state update's share of d l2norm(k)
     dG,  # out [B, T, HV] fp32: their share of the gradient of the cumulative log decay G
     cu_seqlens,
     chunk_indices,
@@ -295,7 +296,7 @@ def chunk_gdn_bwd_wy_kernel(
     x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
     h,  # [NT, HV, K, V]: the state entering each chunk
     dv_new,  # [B, T, HV, V]
-    dk,  # in/out [B, T, HV, K] fp32: chunk_gdn_bwd_dqk_kernel's share in, the whole gradient of l2norm(k) out
+    dk,  # in/out [B, T, HV, K]: chunk_gdn_bwd_dqk_kernel's share in, the whole gradient of l2norm(k) out
     dG,  # [B, T, HV] fp32: chunk_gdn_bwd_dqk_kernel's share
     dv,  # out [B, T, HV, V]
     da,  # out [B, T, HV]
@@ -418,8 +419,8 @@ def _l2norm_bwd_rows(x, dn, dx, i_r, NR, stride_x, i_hk, HV: tl.constexpr, GROUP
 def chunk_gdn_bwd_qk_norm_kernel(
     q,  # [B * T, H, K], token stride stride_q
     k,  # [B * T, H, K], token stride stride_k
-    dq_n,  # [B * T, HV, K] fp32: gradient of l2norm(q) per value head
-    dk_n,  # [B * T, HV, K] fp32
+    dq_n,  # [B * T, HV, K]: gradient of l2norm(q) per value head (summed here in fp32)
+    dk_n,  # [B * T, HV, K]
     dq,  # out [B * T, H, K]
     dk,  # out [B * T, H, K]
     NR,
@@ -465,6 +466,10 @@ BWD_DV_LOCAL_WARPS = 4
 # programs as SMs (B = 4 at 9B and 0.8B heads was measured; B = 1 keeps 32, unmeasured at 64)
 BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
 BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
+# The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
+# (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
+# each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
+BWD_QK_GRAD_DTYPE = "input"
 
 
 def chunk_gdn_bwd(
@@ -551,7 +556,8 @@ def chunk_gdn_bwd(
         # three [64, dk] fp32 tiles per stage: at dk = 128, 3 stages need 280 KB of shared memory (sm_90: 227 KB)
         num_stages=2 if dtype == torch.float32 else BWD_DH_STAGES, **common)
 
-    dq_n = torch.empty(batch, length, value_heads, dk, dtype=torch.float32, device=device)  # [B, T, Hv, dk]
+    grad_dtype = dtype if BWD_QK_GRAD_DTYPE == "input" else torch.float32
+    dq_n = torch.empty(batch, length, value_heads, dk, dtype=grad_dtype, device=device)  # [B, T, Hv, dk]
     dk_n = torch.empty_like(dq_n)
     dv_out = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
     da = torch.empty(batch, length, value_heads, dtype=a.dtype, device=device)  # [B, T, Hv]
