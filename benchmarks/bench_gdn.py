@@ -1,6 +1,7 @@
 """Gated DeltaNet kernels: hybridlm's Triton kernels vs fla 0.6.0 and FlashQLA 0.1.3, in one process on one GPU.
 
     python benchmarks/bench_gdn.py [--quick] [--no-peers] [--kinds forward,train,decode]
+                                   [--set gdn_chunk.FOLD_WU_INTO_H=True ...]
 
 Correctness gate first, in the same run: ours vs the float64 reference at a small shape, then ours vs each peer
 at every timed shape; a speed-up is printed only for a pair whose check passed. Timing: triton.testing.do_bench
@@ -398,15 +399,48 @@ def print_table(rows: list[Row]) -> None:
             f"{r.floor_fraction:.1%} | {r.check} | {speedups} |")
 
 
+def apply_settings(settings: list[str]) -> list[str]:
+    """`MODULE.FLAG=VALUE` for modules of hybridlm.ops.triton (an upper-case flag that exists, a Python literal of
+    the flag's type): set before anything runs, so one process times a kernel option end to end."""
+    import ast
+    import importlib
+
+    applied = []
+    for setting in settings:
+        name, sep, text = setting.partition("=")
+        module_name, _, flag = name.rpartition(".")
+        if not sep or not module_name or not flag.isupper():
+            raise SystemExit(f"--set takes MODULE.FLAG=VALUE (e.g. gdn_chunk.FOLD_WU_INTO_H=True); got {setting!r}")
+        try:
+            module = importlib.import_module(f"hybridlm.ops.triton.{module_name}")
+        except ModuleNotFoundError:
+            raise SystemExit(f"--set: no module hybridlm.ops.triton.{module_name}") from None
+        if not hasattr(module, flag):
+            raise SystemExit(f"--set: hybridlm.ops.triton.{module_name} has no flag {flag}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--set: {text!r} is not a Python literal (True, 64, 'input', (16, 32))") from None
+        old = getattr(module, flag)
+        if type(value) is not type(old):
+            raise SystemExit(f"--set: {module_name}.{flag} is a {type(old).__name__}; got {value!r}")
+        setattr(module, flag, value)
+        applied.append(f"{module_name}.{flag}={value!r}")
+    return applied
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--no-peers", action="store_true", help="time hybridlm's kernels only")
     parser.add_argument("--kinds", default="forward,train,decode", help="comma-separated subset to run")
+    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
+                        help="kernel options of hybridlm.ops.triton to change first, e.g. gdn_chunk.FOLD_WU_INTO_H=True")
     args = parser.parse_args()
     kinds = set(args.kinds.split(","))
     if not kinds <= {"forward", "train", "decode"}:
         raise SystemExit(f"--kinds takes forward, train, decode; got {args.kinds}")
+    applied = apply_settings(args.set)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gdn.py needs a CUDA GPU")
     import triton
@@ -415,7 +449,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
-        f"floor at {copy_bandwidth() / 1e12:.2f} TB/s")
+        f"floor at {copy_bandwidth() / 1e12:.2f} TB/s" + (f"  settings {', '.join(applied)}" if applied else ""))
     peers = load_peers(not args.no_peers)
 
     rows: list[Row] = []

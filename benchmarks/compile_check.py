@@ -131,14 +131,20 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
             setattr(gdn_chunk, name, value)
 
 
-def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1):
+def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, fold=None):
+    """`fold`: gdn_chunk.FOLD_WU_INTO_H forced for this launch (None: the module's default)."""
     q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
     do = randn(batch, length, hv, dv, dtype=dtype)
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
-    gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final, initial_state=init,
-                                cu_seqlens=cu)
+    saved = gdn_chunk.FOLD_WU_INTO_H
+    gdn_chunk.FOLD_WU_INTO_H = saved if fold is None else fold
+    try:
+        gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final,
+                                    initial_state=init, cu_seqlens=cu)
+    finally:
+        gdn_chunk.FOLD_WU_INTO_H = saved
 
 
 def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8):
@@ -273,6 +279,8 @@ def configurations():
                     state=state)
                 add(f"gdn_bwd Hv={hv} {tag}", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen,
                     state=state, dht=state)
+                add(f"gdn_bwd fold Hv={hv} {tag}", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
+                    varlen=varlen, state=state, dht=state, fold=True)
         # a 1-token prefill chunk: T == 1 is specialised to a constant by the JIT
         add(f"conv C={channels} {name} bf16 varlen T=1", run_conv, channels=channels, length=1, varlen=True,
             state=True)
@@ -376,6 +384,8 @@ def configurations():
             dtype=dtype, length=70, prepare="fused")
         add(f"gdn_bwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
             length=70)
+        add(f"gdn_bwd fold tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
+            length=70, fold=True)
         add(f"gdn_decode tests H=2/4 d=32 {tname} B=3 split", run_gdn_decode, hk=2, hv=4, dk=32, dv=32, batch=3,
             dtype=dtype)
         add(f"conv tests C=96 {tname} T=70 +state", run_conv, channels=96, length=70, dtype=dtype, state=True,

@@ -151,3 +151,25 @@ def test_sweep_decode_tiles_tiny_runs_each_rule():
     bad = subprocess.run([sys.executable, script, "--model", "tiny", "--rules", "4,8,2048"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "rule '4,8,2048'" in bad.stderr
+
+
+def test_bench_gdn_settings_are_checked_before_anything_runs():
+    """bench_gdn.py --set MODULE.FLAG=VALUE: a kernel option changed for the whole process (and put back here);
+    an unknown module or flag, a value of another type or a malformed setting stops it with a message naming it."""
+    import bench_gdn
+
+    from hybridlm.ops.triton import gdn_chunk
+
+    old = gdn_chunk.FOLD_WU_INTO_H
+    try:
+        assert bench_gdn.apply_settings([f"gdn_chunk.FOLD_WU_INTO_H={not old}"]) == [
+            f"gdn_chunk.FOLD_WU_INTO_H={not old!r}"]
+        assert gdn_chunk.FOLD_WU_INTO_H is (not old)
+    finally:
+        gdn_chunk.FOLD_WU_INTO_H = old
+    for setting, message in [("gdn_chunk.NOPE=1", "has no flag NOPE"), ("nomod.X=1", "no module"),
+                             ("gdn_chunk.FOLD_WU_INTO_H=1", "is a bool"), ("bad", "MODULE.FLAG=VALUE"),
+                             ("gdn_chunk.FOLD_WU_INTO_H=yes", "not a Python literal")]:
+        with pytest.raises(SystemExit, match=message):
+            bench_gdn.apply_settings([setting])
+    assert gdn_chunk.FOLD_WU_INTO_H is old

@@ -334,7 +334,10 @@ FUSED_PREPARE_WARPS = 2
 # (64 x dk) and u, 40 KB instead of 48 at 9B heads and BV 32 (the pass is bound by those bytes, see
 # `state_pass_block`), and the w/u kernel only stores the normalised keys; one more 64 x 64 x BV product on the
 # sequential chain. Not yet timed (`sweep_kernels.py --kernels fold`). Unlike FUSE_WU_INTO_H (removed: made w and u
-# whole in the pass, two products more, 2x slower) it adds one small product.
+# whole in the pass, two products more, 2x slower) it adds one small product. The backward (`gdn_chunk_bwd`) follows
+# the flag too: no w/u recompute at all, its state pass folds the same way and its dH pass takes
+# w^T dv_new = k^T (beta exp(G) (X^T dv_new)) (`sweep_kernels.py --kernels bwd --bwd-groups fold`,
+# `bench_gdn.py --set gdn_chunk.FOLD_WU_INTO_H=True`).
 FOLD_WU_INTO_H = False
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
