@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_plan.sh 8   # carry .fla: the GEMV tile rule end to end (sixth session's open check), 256 requests
 #   bash benchmarks/gpu_plan.sh 9   # carry .fla: the KKT prepare (interleaved or not) at 64k, then the forward per kernel
 #   bash benchmarks/gpu_plan.sh 10  # carry .whl, then .whl2 (see below): GDN forward + fwd+bwd beside fla and FlashQLA
-#   bash benchmarks/gpu_plan.sh 11  # carry .fla: GDN kernel tests; forward/train at every shape (ours); qk grads dtype; fold
+#   bash benchmarks/gpu_plan.sh 11  # carry .fla: GDN kernel tests; forward/train at every shape (ours); fold A/B (fwd+bwd)
+#   bash benchmarks/gpu_plan.sh 13  # carry .fla: the folded state pass's settings, whole forward with/without, 16k/64k
 #   bash benchmarks/gpu_plan.sh 12  # carry .whl, then .whl2: as 10 (after any GDN kernel change)
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
@@ -131,21 +132,26 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds forward,train > "$OUT/gdn.log" 2>&1
     grep -v 'TileLang\|Warning' "$OUT/gdn.log" | tail -30
     ;;
-  11)  # ninth session: the eighth's untimed V-block rule end to end, the kernel tests, the per-value-head dq/dk in
-       # bf16 or fp32, and FOLD_WU_INTO_H (untimed) at 16k and 64k; the four parts' limits add up to 570 s of 600
+  11)  # the eighth's untimed V-block rule and the ninth's bf16 per-head dq/dk end to end, the kernel tests, and
+       # FOLD_WU_INTO_H (untimed; forward and backward) A/B; the parts' limits add up to 580 s of a call's 600
     timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
       -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 120 python3 benchmarks/bench_gdn.py --no-peers --kinds forward,train > "$OUT/gdn.log" 2>&1
-    timeout 120 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups qkgrad \
+    timeout 130 python3 benchmarks/bench_gdn.py --no-peers --kinds forward,train > "$OUT/gdn.log" 2>&1
+    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds forward,train \
+      --set gdn_chunk.FOLD_WU_INTO_H=True > "$OUT/gdn_fold.log" 2>&1
+    timeout 200 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups qkgrad,fold \
       > "$OUT/bwd.log" 2>&1
-    timeout 180 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fold \
-      > "$OUT/fold.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     grep '^|' "$OUT/gdn.log" | tail -14
+    grep '^|' "$OUT/gdn_fold.log" | tail -5
     grep 'backward:' "$OUT/bwd.log"
     grep '^|' "$OUT/bwd.log" | grep -v '^| model\|^|---' | head -30
+    ;;
+  13)  # after 11: the folded state pass's launch settings and the whole forward with and without it, 16k and 64k
+    timeout 560 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fold \
+      > "$OUT/fold.log" 2>&1
     grep 'FOLD_WU_INTO_H' "$OUT/fold.log"
     grep '^|' "$OUT/fold.log" | grep -v '^| model\|^|---' | head -40
     ;;
@@ -154,7 +160,7 @@ case "${1:-}" in
     grep -v 'TileLang\|Warning\|dk_fragment\|Initialize the buffer\|-->' "$OUT/gdn.log" | tail -30
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|12" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|13" >&2
     exit 2
     ;;
 esac
