@@ -112,14 +112,16 @@ PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the pre
 
 
 def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, batch=1, prepare=None,
-                warps=None, output=None):
+                warps=None, output=None, cp=False):
     """`prepare`: a key of PREPARE_VARIANTS, forced for this launch (None: the module's defaults); `warps`: the KKT
     Gram/inverse kernel's num_warps (gdn_chunk.KKT_WARPS) if not None; `output`: gdn_chunk's flags for the output
-    kernel (LOOPED_O, LOOPED_O_BV, LOOPED_O_WARPS) if not None."""
+    kernel (LOOPED_O, LOOPED_O_BV, LOOPED_O_WARPS) if not None; `cp`: the context-parallel state pass
+    (STATE_PASS_CP, segments of 4 chunks)."""
     q, k, v, a, b, A_log, dt_bias, init, cu, _ = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     flags = dict(PREPARE_VARIANTS[prepare]) if prepare else {}
     flags.update({"KKT_WARPS": warps} if warps else {})
     flags.update(output or {})
+    flags.update(dict(STATE_PASS_CP=True, CP_SEGMENT_CHUNKS=4) if cp else {})
     saved = {name: getattr(gdn_chunk, name) for name in flags}
     for name, value in flags.items():
         setattr(gdn_chunk, name, value)
@@ -291,6 +293,9 @@ def configurations():
             length=1, batch=2)
         add(f"gdn_fwd Hv={hv} {name} bf16 batch T=100", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
             length=100, state=True)
+        for prepare in ("kkt-interleaved", "kkt-fold"):  # the context-parallel state pass, 16 chunks in 4 segments
+            add(f"gdn_fwd cp prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
+                dv=GDN_DIM, length=1024, state=True, prepare=prepare, cp=True)
         for prepare in PREPARE_VARIANTS:  # each way of running the prepare step (`-k prepare` lists them all)
             for varlen in (False, True):
                 add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,

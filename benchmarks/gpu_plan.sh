@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_plan.sh 9   # carry .fla: the KKT prepare (interleaved or not) at 64k, then the forward per kernel
 #   bash benchmarks/gpu_plan.sh 10  # carry .whl, then .whl2 (see below): GDN forward + fwd+bwd beside fla and FlashQLA
 #   bash benchmarks/gpu_plan.sh 11  # carry .fla: GDN kernel tests; forward/train at every shape (ours); fold A/B (fwd+bwd)
-#   bash benchmarks/gpu_plan.sh 13  # carry .fla: the folded state pass's settings, whole forward with/without, 16k/64k
+#   bash benchmarks/gpu_plan.sh 13  # carry .fla: context-parallel state pass A/B (alone, with the fold); fold settings
 #   bash benchmarks/gpu_plan.sh 12  # carry .whl, then .whl2: as 10 (after any GDN kernel change)
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
@@ -149,9 +149,16 @@ case "${1:-}" in
     grep 'backward:' "$OUT/bwd.log"
     grep '^|' "$OUT/bwd.log" | grep -v '^| model\|^|---' | head -30
     ;;
-  13)  # after 11: the folded state pass's launch settings and the whole forward with and without it, 16k and 64k
-    timeout 560 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fold \
+  13)  # after 11: the context-parallel state pass (STATE_PASS_CP, untimed) A/B on every forward shape, alone and with
+       # the fold; then the folded state pass's launch settings and the whole forward with and without it
+    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --set gdn_chunk.STATE_PASS_CP=True \
+      > "$OUT/gdn_cp.log" 2>&1
+    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward \
+      --set gdn_chunk.STATE_PASS_CP=True gdn_chunk.FOLD_WU_INTO_H=True > "$OUT/gdn_cp_fold.log" 2>&1
+    timeout 370 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fold \
       > "$OUT/fold.log" 2>&1
+    grep '^|' "$OUT/gdn_cp.log" | tail -9
+    grep '^|' "$OUT/gdn_cp_fold.log" | tail -9
     grep 'FOLD_WU_INTO_H' "$OUT/fold.log"
     grep '^|' "$OUT/fold.log" | grep -v '^| model\|^|---' | head -40
     ;;

@@ -30,10 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton import gdn_cp
 from hybridlm.ops.triton.gdn_common import _chunk_bounds, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare import chunk_gdn_fwd_prepare_kernel
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import check_cu_seqlens, dot_precision, prepare_chunks, rows_packed
+from hybridlm.ops.varlen import host_bounds
 
 CHUNK_SIZE = 64
 SUB_CHUNK = 16  # the triangular solve works on 16x16 blocks of the 64x64 chunk matrix
@@ -70,6 +72,14 @@ def chunk_gdn_fwd_h_kernel(
     v=None,  # [B, T, HV, V] if FOLD_WU, token stride stride_v
     b=None,  # [B, T, HV] raw if FOLD_WU
     stride_v=0,
+    # the context-parallel passes (`gdn_cp`): STORE_H False stores neither h nor v_new (only the final state);
+    # ZERO_U takes u = 0 (v = 0 with FOLD_WU) and IDENTITY_INIT starts from the identity, so the pass makes a
+    # segment's 128 x 128 transition; first_chunk [N, HV] int32: the chunk each program starts at (h = 0 or I there)
+    STORE_H: tl.constexpr = True,
+    ZERO_U: tl.constexpr = False,
+    IDENTITY_INIT: tl.constexpr = False,
+    HAS_FIRST_CHUNK: tl.constexpr = False,
+    first_chunk=None,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -84,28 +94,37 @@ def chunk_gdn_fwd_h_kernel(
         bos = i_n.to(tl.int64) * T
         NT = tl.cdiv(T, BT)
         boh = i_n.to(tl.int64) * NT
-    dtype = h.dtype.element_ty
+    dtype = k.dtype.element_ty
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     o_kv = o_k[:, None] * V + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if IDENTITY_INIT:
+        b_h = tl.where(o_k[:, None] == o_v[None, :], 1., b_h)
     if USE_INITIAL_STATE:
         b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+    i_t0 = 0
+    if HAS_FIRST_CHUNK:
+        i_t0 = tl.load(first_chunk + i_nh)
 
     p_k = k + bos * stride_k + i_hk * K
     if FOLD_WU:
-        p_v = v + bos * stride_v + i_h * V + i_v * BV
+        if not ZERO_U:
+            p_v = v + bos * stride_v + i_h * V + i_v * BV
         o_c = tl.arange(0, BT)
     else:
         p_w = w + bos * HV * K + i_h * K
-        p_u = u + bos * HV * V + i_h * V + i_v * BV
-    p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
+        if not ZERO_U:
+            p_u = u + bos * HV * V + i_h * V + i_v * BV
+    if STORE_H:
+        p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
     p_gc = g_cumsum + bos * HV + i_h
-    for i_t in range(0, NT):
+    for i_t in range(i_t0, NT):
         b_hd = b_h.to(dtype)  # the state entering the chunk as the dot and the output pass take it
-        tl.store(h + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_hd, mask=m_kv)
+        if STORE_H:
+            tl.store(h + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_hd, mask=m_kv)
         i_s = i_t * BT
         o_t = i_s + tl.arange(0, BT)
         m_t = o_t < T
@@ -119,14 +138,17 @@ def chunk_gdn_fwd_h_kernel(
                           mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
-            b_r = _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
-            b_r -= tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
+            b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
+            if not ZERO_U:
+                b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
             b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
         else:
             b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
-            b_v = _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
-            b_v -= tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
-        _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
+            b_v = -tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
+            if not ZERO_U:
+                b_v += _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        if STORE_H:
+            _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
         b_v = tl.where(m_t[:, None], b_v * tl.exp(b_g_last - b_gc)[:, None], 0.).to(dtype)
@@ -379,6 +401,12 @@ def _multiprocessors(device: torch.device) -> int:
 # BV 128 (8 warps: the fp32 state alone is 128 registers a thread at 4) lost to 64 at both (0.240, 0.244), so the
 # list stops at 64. fp32 keeps 32 (its FMA dots spill at wider blocks).
 STATE_PASS_BVS = (16, 32, 64)
+# STATE_PASS_CP: cut long sequences into segments that run in parallel (`gdn_cp`: a pre-pass from the gates, a chain
+# over the segments, then the state pass over every segment at once) where few sequences x heads leave SMs idle or
+# force narrow V blocks (B = 1 at 9B and 0.8B heads). Not yet timed; CP_SEGMENT_CHUNKS (None: `gdn_cp`'s rule)
+# fixes the segment length (tests use 2).
+STATE_PASS_CP = False
+CP_SEGMENT_CHUNKS: int | None = None
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
@@ -396,6 +424,57 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
         return max(1.0, programs / sms) * (2 * BT * BK + BV * (2 * BT + BK)) * element_size
 
     return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
+
+
+def _segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device) -> gdn_cp.SegmentPlan | None:
+    """The context-parallel segments for these sequences, or None where the plain state pass fits better."""
+    total_chunks = sum(triton.cdiv(b - a, CHUNK_SIZE) for a, b in zip(bounds[:-1], bounds[1:]))
+    if total_chunks == 0 or any(b == a for a, b in zip(bounds[:-1], bounds[1:])):
+        return None
+    segment = CP_SEGMENT_CHUNKS or gdn_cp.segment_chunks_for(value_heads, total_chunks, _multiprocessors(device))
+    if not gdn_cp.worth_splitting(bounds, value_heads, segment, CHUNK_SIZE):
+        return None
+    return gdn_cp.plan_segments(bounds, segment, CHUNK_SIZE, device)
+
+
+def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length, fold_args,
+                          common, narrowest):
+    """`chunk_gdn_fwd_h_kernel` over the segments of `plan` (gdn_cp's three steps): the same h, v_new and final
+    state as the plain pass, up to rounding and (for segments whose gates decay fast) terms below e^CP_LOG_DECAY."""
+    value_heads, dk, dv = common["HV"], common["K"], common["V"]
+    segments, device, fp32 = plan.num_segments, h.device, common["DOT_PRECISION"] == "ieee"
+    stride_k = k_normed.stride(1)
+    seg = dict(common, IS_VARLEN=True, NORM_K=False, num_warps=4)
+    tables = (plan.cu_seqlens, plan.chunk_offsets, length, stride_k)
+    first, fallback = gdn_cp.warmup_chunks(g_cumsum, plan)
+    # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
+    BV = state_pass_block(dk, dv, segments * value_heads, h.element_size(), device, fp32, narrowest)
+    ht = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
+    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV), segments * value_heads)](
+        k_normed, w, u, g_cumsum, None, None, None, ht, *tables, BV=BV, USE_INITIAL_STATE=False,
+        STORE_FINAL_STATE=True, STORE_H=False, HAS_FIRST_CHUNK=True, first_chunk=first, **fold_args, **seg)
+    BV_m = state_pass_block(dk, dk, segments * value_heads, h.element_size(), device, fp32, narrowest)
+    mt = torch.empty(segments, value_heads, dk, dk, dtype=torch.float32, device=device)
+    first_m = torch.where(fallback != 0, 0, plan.segment_chunks + 1).to(torch.int32)
+    chunk_gdn_fwd_h_kernel[(triton.cdiv(dk, BV_m), segments * value_heads)](
+        k_normed, w, None, g_cumsum, None, None, None, mt, *tables, BV=BV_m, USE_INITIAL_STATE=False,
+        STORE_FINAL_STATE=True, STORE_H=False, ZERO_U=True, IDENTITY_INIT=True, HAS_FIRST_CHUNK=True,
+        first_chunk=first_m, **fold_args, **dict(seg, V=dk))
+    # 2. the state entering each segment, along each sequence
+    h_in = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
+    BK = common["BK"]
+    BV_c = min(32, max(16, triton.next_power_of_2(dv)))
+    sequences = len(plan.last_segment)
+    gdn_cp.gdn_cp_chain_kernel[(triton.cdiv(dv, BV_c), sequences * value_heads)](
+        initial_state, ht, mt, fallback, plan.first_segment, h_in, HV=value_heads, K=dk, V=dv, BK=BK, BV=BV_c,
+        BKC=min(32, BK), USE_INITIAL_STATE=initial_state is not None, num_warps=4)
+    # 3. the state pass proper, every segment at once
+    seg_final = None if final_state is None else torch.empty_like(h_in)
+    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV), segments * value_heads)](
+        k_normed, w, u, g_cumsum, h, v_new, h_in, seg_final, *tables, BV=BV, USE_INITIAL_STATE=True,
+        STORE_FINAL_STATE=final_state is not None, **fold_args, **seg)
+    if final_state is not None:
+        final_state.copy_(seg_final[plan.last_segment])
 
 
 def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
@@ -417,6 +496,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
 
     chunk_tables = None
     if cu_seqlens is not None:
+        bounds = tuple(host_bounds(cu_seqlens)) if STATE_PASS_CP else None
         chunk_tables = prepare_chunks(cu_seqlens, BT, device)  # memoised: no host read after the first layer
         cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
@@ -460,10 +540,19 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32,
                             narrowest=32 if fold else 16)
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
-        k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
-        key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        NORM_K=False, num_warps=4, **fold_args, **common)
+    plan = None
+    if STATE_PASS_CP:
+        if cu_seqlens is None:
+            bounds = tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1)
+        plan = _segment_plan(bounds, value_heads, device)
+    if plan is None:
+        chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
+            k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
+            key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
+            STORE_FINAL_STATE=output_final_state, NORM_K=False, num_warps=4, **fold_args, **common)
+    else:
+        _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length,
+                              fold_args, common, narrowest=32 if fold else 16)
 
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     if LOOPED_O:

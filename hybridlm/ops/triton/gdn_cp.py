@@ -1,0 +1,160 @@
+"""Context parallelism inside one GPU for the chunked state pass (`gdn_chunk.STATE_PASS_CP`); the reference is the
+plain pass (`chunk_gdn_fwd_h_kernel` over whole sequences), which it reproduces.
+
+At B = 1 (or a few long sequences) the state pass has one program per value head and V block, too few to fill the
+GPU once the V block is wide, and a wide block is what stops k and w being re-read per block. So a long sequence is
+cut into segments of `segment_chunks` chunks that run in parallel, each from the state entering it:
+
+1. Pre-pass (parallel over segments, heads, V blocks; `chunk_gdn_fwd_h_kernel` storing no h, v_new): for every
+   segment with a successor, the state it leaves from zero, over only its last W chunks where the gates make that
+   exact to e^CP_LOG_DECAY (`warmup_chunks`: the decay over those W chunks is below e^-10 and every factor
+   exp(g) (I - beta k k^T) has norm <= 1, so what came before is scaled by less than 4.5e-5), else over the whole
+   segment ("fallback"), and then also the segment's transition M (the same pass from the identity with u = 0).
+2. Chain (`gdn_cp_chain_kernel`, sequential over the segments of a sequence): h_in[0] = the initial state,
+   h_in[s + 1] = M_s h_in[s] + ht_s for fallback heads and ht_s for the others.
+3. The state pass proper over the segments with h_in as initial states: the chunks' h and v_new land where the
+   plain pass puts them (segments are whole chunks of one sequence), the final state comes from each sequence's
+   last segment.
+
+FlashQLA (the Qwen team's TileLang kernels) cuts sequences the same way ("gate-driven intra-card CP"); the segment
+rule below is the shape of its latency model (segments of ~3 sqrt(heads x chunks / SMs) chunks, a power of two).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+CP_LOG_DECAY = -10.0  # a pre-pass may start where the gates have decayed by e^-10 over the chunks up to the boundary
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Segments of `segment_chunks` chunks (the last of a sequence may be shorter), chunk-aligned, never across
+    sequences. Device tensors: cu_seqlens [S + 1] int32 (token bounds, as the varlen kernels take them),
+    chunk_offsets [S + 1] int32 (first global chunk of each segment), first_segment [N + 1] int32 (segments of
+    sequence i are first_segment[i] ... first_segment[i + 1] - 1), last_segment [N] int64, inner [P] int64 (the
+    segments with a successor), inner_last_rows [P, segment_chunks] int64 (each of their chunks' last row)."""
+    segment_chunks: int
+    num_segments: int
+    cu_seqlens: torch.Tensor
+    chunk_offsets: torch.Tensor
+    first_segment: torch.Tensor
+    last_segment: torch.Tensor
+    inner: torch.Tensor
+    inner_last_rows: torch.Tensor
+
+
+def segment_chunks_for(value_heads: int, total_chunks: int, multiprocessors: int) -> int:
+    """Chunks per segment: 3 sqrt(heads x chunks / SMs) rounded to a power of two, at least 4."""
+    return max(4, 2 ** round(math.log2(3 * math.sqrt(value_heads * total_chunks / multiprocessors))))
+
+
+def worth_splitting(bounds: tuple[int, ...], value_heads: int, segment_chunks: int, chunk_size: int) -> bool:
+    """Whether to cut: few heads x sequence-equivalents (the total over the longest, as FlashQLA weighs it) and a
+    longest sequence of at least two segments."""
+    chunks = [triton.cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    longest = max(chunks)
+    return longest >= 2 * segment_chunks and sum(chunks) / longest * value_heads <= 40
+
+
+@functools.lru_cache(maxsize=64)
+def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int, device: torch.device
+                  ) -> SegmentPlan:
+    """The segment tables for sequences with token bounds `bounds` (cu_seqlens on the host)."""
+    cu, offsets, first, last, inner, inner_rows = [0], [0], [0], [], [], []
+    chunk_base = 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunks = triton.cdiv(b - a, chunk_size)
+        segments = triton.cdiv(chunks, segment_chunks) if chunks else 0
+        for s in range(segments):
+            start = a + s * segment_chunks * chunk_size
+            end = min(b, start + segment_chunks * chunk_size)
+            index = len(cu) - 1
+            if s + 1 < segments:  # full segment_chunks chunks, with a successor
+                inner.append(index)
+                inner_rows.append([min(end, start + (c + 1) * chunk_size) - 1 for c in range(segment_chunks)])
+            cu.append(end)
+            offsets.append(offsets[-1] + triton.cdiv(end - start, chunk_size))
+        chunk_base += chunks
+        first.append(len(cu) - 1)
+        last.append(len(cu) - 2 if segments else -1)
+    if any(x < 0 for x in last):
+        raise ValueError("context-parallel state pass: a sequence of zero tokens has no segment")
+    as_int32 = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    as_int64 = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    return SegmentPlan(
+        segment_chunks=segment_chunks, num_segments=len(cu) - 1, cu_seqlens=as_int32(cu),
+        chunk_offsets=as_int32(offsets), first_segment=as_int32(first), last_segment=as_int64(last),
+        inner=as_int64(inner), inner_last_rows=as_int64(inner_rows).reshape(len(inner), segment_chunks))
+
+
+def warmup_chunks(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the pre-pass starts: first_chunk [S, HV] int32 (chunk index within the segment; segments without a
+    successor get one past their end, so their programs do nothing) and fallback [S, HV] int8 (1 where even the whole
+    segment decays by less than e^log_decay: the chain then needs the segment's transition). g_cumsum [rows, HV] is
+    the in-chunk cumulative log decay, so a chunk's last row holds its total. `log_decay`: CP_LOG_DECAY if None
+    (-inf makes every segment a fallback: the chain is then exact up to rounding)."""
+    log_decay = CP_LOG_DECAY if log_decay is None else log_decay
+    value_heads = g_cumsum.shape[-1]
+    S, P = plan.segment_chunks, len(plan.inner)
+    first = torch.full((plan.num_segments, value_heads), S + 1, dtype=torch.int32, device=g_cumsum.device)
+    fallback = torch.zeros(plan.num_segments, value_heads, dtype=torch.int8, device=g_cumsum.device)
+    if P:
+        totals = g_cumsum.reshape(-1, value_heads)[plan.inner_last_rows.reshape(-1)].reshape(P, S, value_heads)
+        tail = totals.flip(1).cumsum(1)  # [P, w - 1]: the decay over the segment's last w chunks
+        needed = (tail > log_decay).sum(1)  # chunks whose tail decay is still above the bound
+        fallback[plan.inner] = (needed >= S).to(torch.int8)
+        first[plan.inner] = (S - 1 - needed).clamp(min=0).to(torch.int32)
+    return first, fallback
+
+
+@triton.jit
+def gdn_cp_chain_kernel(
+    initial_state,  # [N, HV, K, V] fp32 (None: zeros)
+    ht,  # [S, HV, K, V] fp32: what each segment leaves from zero (over its warmup chunks or all of it)
+    mt,  # [S, HV, K, K] fp32: each fallback segment's transition
+    fallback,  # [S, HV] int8
+    first_segment,  # [N + 1] int32
+    h_in,  # out [S, HV, K, V] fp32: the state entering each segment
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKC: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+):
+    """h_in[s + 1] = M_s h_in[s] + ht_s (fallback heads) or ht_s, along one sequence's segments, for one value head
+    and V block; M_s h_in[s] in fp32 (ieee), BKC rows of h_in[s] at a time, read back from where it was stored."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // HV, i_nh % HV
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.)
+    s0 = tl.load(first_segment + i_n)
+    s1 = tl.load(first_segment + i_n + 1)
+    for s in range(s0, s1):
+        i_sh = (s * HV + i_h).to(tl.int64)
+        tl.store(h_in + i_sh * K * V + o_kv, b_h, mask=m_kv)
+        if s + 1 < s1:
+            b_next = tl.load(ht + i_sh * K * V + o_kv, mask=m_kv, other=0.)
+            if tl.load(fallback + i_sh) != 0:
+                tl.debug_barrier()  # h_in[s] is read back by other threads than those that stored it
+                for i_c in range(0, tl.cdiv(K, BKC)):
+                    o_c = i_c * BKC + tl.arange(0, BKC)
+                    b_m = tl.load(mt + i_sh * K * K + o_k[:, None] * K + o_c[None, :],
+                                  mask=(o_k[:, None] < K) & (o_c[None, :] < K), other=0.)  # [BK, BKC]
+                    b_hc = tl.load(h_in + i_sh * K * V + o_c[:, None] * V + o_v[None, :],
+                                   mask=(o_c[:, None] < K) & (o_v[None, :] < V), other=0.)  # [BKC, BV]
+                    b_next += tl.dot(b_m, b_hc, input_precision="ieee")
+            b_h = b_next

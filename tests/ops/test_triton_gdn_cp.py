@@ -1,0 +1,106 @@
+"""The context-parallel state pass (gdn_chunk.STATE_PASS_CP, gdn_cp) against the plain pass and float64
+(CPU: the Triton interpreter, segments of 2 chunks)."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed")
+
+from hybridlm.ops.triton import gdn_chunk, gdn_cp  # noqa: E402
+from tests.ops.test_triton_gdn_chunk import DEVICE, check, make_inputs, poisoned, rel_err  # noqa: E402,F401
+
+CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens)
+    "fp32-batch": (2, 300, 1, 2, 16, 16, torch.float32, None),
+    "fp32-packed": (1, 460, 2, 4, 16, 32, torch.float32, [0, 5, 300, 330, 460]),
+    "bf16-batch-odd-dims": (1, 330, 1, 4, 24, 40, torch.bfloat16, None),
+}
+
+
+def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_decay=False):
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = CASES[case]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
+                                 batch if offsets is None else len(offsets) - 1)
+    if strong_decay:  # exp(A_log) = 3: g ~ -2 a token, so one chunk decays by far more than e^-10
+        inputs[5] = torch.full_like(inputs[5], 3.0).log()
+    monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", cp)
+    monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
+    if log_decay is not None:
+        monkeypatch.setattr(gdn_cp, "CP_LOG_DECAY", log_decay)
+    calls, segmented = [], gdn_chunk._segmented_state_pass
+    monkeypatch.setattr(gdn_chunk, "_segmented_state_pass", lambda *a, **kw: calls.append(1) or segmented(*a, **kw))
+    out = gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state if with_state else None,
+                                   output_final_state=True, cu_seqlens=cu_seqlens)
+    assert calls == ([1] if cp else [])  # the segments really ran
+    return out, inputs, (state if with_state else None), cu_seqlens, dtype
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("with_state", [False, True])
+def test_segments_chained_exactly_match_the_plain_pass(poisoned, monkeypatch, case, with_state):
+    """Every segment a fallback (log decay bound -inf): the transitions chain the segments exactly, so h, v_new, o
+    and the final state are the plain pass's up to rounding (and pass the float64 check)."""
+    plain, *_ = run(case, with_state, monkeypatch, cp=False)
+    cut, inputs, state, cu_seqlens, dtype = run(case, with_state, monkeypatch, cp=True, log_decay=-math.inf)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for name in ("h", "v_new", "o", "final_state"):
+        assert rel_err(cut[name], plain[name].double()) <= tolerance, name
+    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
+
+
+def test_segments_with_the_fold(poisoned, monkeypatch):
+    """FOLD_WU_INTO_H (no w, u) through the pre-pass, the transitions and the main pass."""
+    plain, *_ = run("bf16-batch-odd-dims", True, monkeypatch, cp=False, fold=True)
+    cut, inputs, state, cu_seqlens, dtype = run("bf16-batch-odd-dims", True, monkeypatch, cp=True, fold=True,
+                                                log_decay=-math.inf)
+    for name in ("h", "v_new", "o", "final_state"):
+        assert rel_err(cut[name], plain[name].double()) <= 1e-2, name
+    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the o kernel's padded rows
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+def test_fast_decay_takes_the_warmup(poisoned, monkeypatch):
+    """With gates that decay by far more than e^-10 in a chunk the pre-pass starts one chunk before each boundary
+    and no segment needs its transition; the result still matches the plain pass and float64."""
+    plan = gdn_cp.plan_segments((0, 300, 600), 2, 64, torch.device(DEVICE))
+    plain, *_ = run("fp32-batch", True, monkeypatch, cp=False, strong_decay=True)
+    cut, inputs, state, cu_seqlens, dtype = run("fp32-batch", True, monkeypatch, cp=True, strong_decay=True)
+    first, fallback = gdn_cp.warmup_chunks(plain["g_cumsum"], plan)
+    assert fallback.sum() == 0 and (first[plan.inner] == 1).all()  # one warmup chunk of two
+    for name in ("h", "v_new", "o", "final_state"):
+        assert rel_err(cut[name], plain[name].double()) <= 1e-5, name
+    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
+
+
+def test_segment_plan_tables():
+    """Chunk-aligned segments of 2 chunks inside each sequence; the inner ones (with a successor) and the last
+    row of each of their chunks."""
+    plan = gdn_cp.plan_segments((0, 5, 300, 330), 2, 64, torch.device("cpu"))
+    # sequence 0: 5 tokens, 1 chunk; sequence 1: 295 tokens, 5 chunks -> segments of 2, 2, 1; sequence 2: 1 chunk
+    assert plan.cu_seqlens.tolist() == [0, 5, 133, 261, 300, 330]
+    assert plan.chunk_offsets.tolist() == [0, 1, 3, 5, 6, 7]
+    assert plan.first_segment.tolist() == [0, 1, 4, 5]
+    assert plan.last_segment.tolist() == [0, 3, 4]
+    assert plan.inner.tolist() == [1, 2]
+    assert plan.inner_last_rows.tolist() == [[68, 132], [196, 260]]
+    with pytest.raises(ValueError, match="zero tokens"):
+        gdn_cp.plan_segments((0, 0, 10), 2, 64, torch.device("cpu"))
+
+
+def test_segment_rule():
+    """Segments of ~3 sqrt(heads x chunks / SMs) chunks (a power of two, at least 4); cut only few sequences of
+    at least two segments (9B heads at B = 1 and 16k tokens on 132 SMs: 32-chunk segments; B = 4 stays whole)."""
+    assert gdn_cp.segment_chunks_for(32, 256, 132) == 32
+    assert gdn_cp.segment_chunks_for(32, 1024, 132) == 64
+    assert gdn_cp.segment_chunks_for(2, 8, 132) == 4
+    assert gdn_cp.worth_splitting((0, 16384), 32, 32, 64)
+    assert not gdn_cp.worth_splitting(tuple(range(0, 5 * 4096, 4096)), 32, 32, 64)  # 4 x 4k at 32 heads
+    assert not gdn_cp.worth_splitting((0, 2048), 32, 32, 64)  # one segment only
