@@ -401,7 +401,8 @@ def print_table(rows: list[Row]) -> None:
 
 def apply_settings(settings: list[str]) -> list[str]:
     """`MODULE.FLAG=VALUE` for modules of hybridlm.ops.triton (an upper-case flag that exists, a Python literal of
-    the flag's type): set before anything runs, so one process times a kernel option end to end."""
+    the flag's type, or None / anything for a flag that may be None): set before anything runs, so one process times
+    a kernel option end to end."""
     import ast
     import importlib
 
@@ -422,7 +423,7 @@ def apply_settings(settings: list[str]) -> list[str]:
         except (ValueError, SyntaxError):
             raise SystemExit(f"--set: {text!r} is not a Python literal (True, 64, 'input', (16, 32))") from None
         old = getattr(module, flag)
-        if type(value) is not type(old):
+        if old is not None and value is not None and type(value) is not type(old):
             raise SystemExit(f"--set: {module_name}.{flag} is a {type(old).__name__}; got {value!r}")
         setattr(module, flag, value)
         applied.append(f"{module_name}.{flag}={value!r}")

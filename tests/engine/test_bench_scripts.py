@@ -173,3 +173,8 @@ def test_bench_gdn_settings_are_checked_before_anything_runs():
         with pytest.raises(SystemExit, match=message):
             bench_gdn.apply_settings([setting])
     assert gdn_chunk.FOLD_WU_INTO_H is old
+    saved = gdn_chunk.CP_SEGMENT_CHUNKS  # a flag that may be None takes an int
+    try:
+        assert bench_gdn.apply_settings(["gdn_chunk.CP_SEGMENT_CHUNKS=8"]) == ["gdn_chunk.CP_SEGMENT_CHUNKS=8"]
+    finally:
+        gdn_chunk.CP_SEGMENT_CHUNKS = saved
