@@ -12,15 +12,16 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
    stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state. With
    `FOLD_WU_INTO_H` (off, not yet timed) it takes v_new = X (beta (v - exp(G) k h)) instead, and 1. stores no w, u.
+   With `STATE_PASS_CP` (off, not yet timed) long sequences are cut into segments that run at once (`gdn_cp`).
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
 
 Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
 every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
-Room left: splitting long sequences over SMs (intra-card context parallel) for B = 1. Tried and removed
-(benchmarks/NOTES.md, eighth session): w and u made inside 2. from the stored X, and 3. made inside 2. (FlashQLA's
-fused forward); each put more dots on 2.'s sequential chain and took 1.5-3x as long on an H200.
+Tried and removed (benchmarks/NOTES.md, eighth session): w and u made inside 2. from the stored X, and 3. made
+inside 2. (FlashQLA's fused forward); each put more dots on 2.'s sequential chain and took 1.5-3x as long on an
+H200.
 """
 from __future__ import annotations
 
