@@ -162,7 +162,7 @@ def chunk_gdn_bwd_dh_kernel(
         bos = i_n.to(tl.int64) * T
         NT = tl.cdiv(T, BT)
         boh = i_n.to(tl.int64) * NT
-    dtype = do.dtype.element_ty
+    dtype = dv_new.dtype.element_ty
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
