@@ -133,20 +133,24 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
             setattr(gdn_chunk, name, value)
 
 
-def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, fold=None):
-    """`fold`: gdn_chunk.FOLD_WU_INTO_H forced for this launch (None: the module's default)."""
+def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, fold=None,
+                cp=False):
+    """`fold`: gdn_chunk.FOLD_WU_INTO_H forced for this launch (None: the module's default); `cp`: the
+    context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks)."""
     q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
     do = randn(batch, length, hv, dv, dtype=dtype)
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
-    saved = gdn_chunk.FOLD_WU_INTO_H
-    gdn_chunk.FOLD_WU_INTO_H = saved if fold is None else fold
+    saved = gdn_chunk.FOLD_WU_INTO_H, gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS
+    gdn_chunk.FOLD_WU_INTO_H = saved[0] if fold is None else fold
+    if cp:
+        gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS = True, 4
     try:
         gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final,
                                     initial_state=init, cu_seqlens=cu)
     finally:
-        gdn_chunk.FOLD_WU_INTO_H = saved
+        gdn_chunk.FOLD_WU_INTO_H, gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS = saved
 
 
 def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8):
@@ -296,6 +300,9 @@ def configurations():
         for prepare in ("kkt-interleaved", "kkt-fold"):  # the context-parallel state pass, 16 chunks in 4 segments
             add(f"gdn_fwd cp prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
                 dv=GDN_DIM, length=1024, state=True, prepare=prepare, cp=True)
+        for fold in (False, True):
+            add(f"gdn_bwd cp fold={int(fold)} Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM,
+                dv=GDN_DIM, length=1024, state=True, dht=True, fold=fold, cp=True)
         for prepare in PREPARE_VARIANTS:  # each way of running the prepare step (`-k prepare` lists them all)
             for varlen in (False, True):
                 add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,

@@ -104,3 +104,39 @@ def test_segment_rule():
     assert gdn_cp.worth_splitting((0, 16384), 32, 32, 64)
     assert not gdn_cp.worth_splitting(tuple(range(0, 5 * 4096, 4096)), 32, 32, 64)  # 4 x 4k at 32 heads
     assert not gdn_cp.worth_splitting((0, 2048), 32, 32, 64)  # one segment only
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_backward_recompute_through_segments(poisoned, monkeypatch, fold):
+    """Training with STATE_PASS_CP: the forward and the backward's recomputation of h and v_new both run
+    segmented (keys normalised in the loop there); every gradient matches the plain path's and float64."""
+    from tests.ops.test_triton_gdn_chunk_bwd import check as check_backward
+
+    from hybridlm.ops.triton import chunk_gdn
+
+    batch, length, key_heads, value_heads, d, dtype = 1, 330, 1, 2, 32, torch.bfloat16
+    *inputs, state = make_inputs(batch, length, key_heads, value_heads, d, d, dtype, batch)
+    monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
+    monkeypatch.setattr(gdn_cp, "CP_LOG_DECAY", -math.inf)
+    calls, segmented = [], gdn_chunk._segmented_state_pass
+
+    def grads(cp):
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", cp)
+        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+        o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True)
+        (o.float().square().sum() + final.square().sum()).backward()
+        return [leaf.grad for leaf in leaves]
+
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    monkeypatch.setattr(gdn_chunk_bwd, "_segmented_state_pass",
+                        lambda *a, **kw: calls.append("bwd") or segmented(*a, **kw))
+    plain = grads(False)
+    assert calls == []
+    cut = grads(True)
+    assert calls == ["bwd"]  # the backward's recomputation went through the segments
+    for x, ref in zip(cut, plain):
+        assert rel_err(x, ref.double()) <= 1e-2
+    monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
+    check_backward(batch, length, key_heads, value_heads, d, d, dtype, with_state=True, with_dht=True)

@@ -427,7 +427,7 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
     return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
 
 
-def _segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device) -> gdn_cp.SegmentPlan | None:
+def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device) -> gdn_cp.SegmentPlan | None:
     """The context-parallel segments for these sequences, or None where the plain state pass fits better."""
     total_chunks = sum(triton.cdiv(b - a, CHUNK_SIZE) for a, b in zip(bounds[:-1], bounds[1:]))
     if total_chunks == 0 or any(b == a for a, b in zip(bounds[:-1], bounds[1:])):
@@ -439,13 +439,14 @@ def _segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.devic
 
 
 def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length, fold_args,
-                          common, narrowest):
+                          common, narrowest, norm_k=False):
     """`chunk_gdn_fwd_h_kernel` over the segments of `plan` (gdn_cp's three steps): the same h, v_new and final
-    state as the plain pass, up to rounding and (for segments whose gates decay fast) terms below e^CP_LOG_DECAY."""
+    state as the plain pass, up to rounding and (for segments whose gates decay fast) terms below e^CP_LOG_DECAY.
+    `norm_k`: k arrives raw (token stride k.stride(1)) and is normalised in the loop, as the backward runs it."""
     value_heads, dk, dv = common["HV"], common["K"], common["V"]
     segments, device, fp32 = plan.num_segments, h.device, common["DOT_PRECISION"] == "ieee"
     stride_k = k_normed.stride(1)
-    seg = dict(common, IS_VARLEN=True, NORM_K=False, num_warps=4)
+    seg = dict(common, IS_VARLEN=True, NORM_K=norm_k, num_warps=4)
     tables = (plan.cu_seqlens, plan.chunk_offsets, length, stride_k)
     first, fallback = gdn_cp.warmup_chunks(g_cumsum, plan)
     # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
@@ -545,7 +546,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     if STATE_PASS_CP:
         if cu_seqlens is None:
             bounds = tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1)
-        plan = _segment_plan(bounds, value_heads, device)
+        plan = segment_plan(bounds, value_heads, device)
     if plan is None:
         chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,

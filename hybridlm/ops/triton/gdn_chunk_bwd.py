@@ -33,12 +33,13 @@ import triton.language as tl
 
 from hybridlm.ops.triton import gdn_chunk
 from hybridlm.ops.triton.gdn_chunk import (
-    CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, chunk_gdn_fwd, chunk_gdn_fwd_h_kernel,
-    state_pass_block,
+    CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, _segmented_state_pass, chunk_gdn_fwd,
+    chunk_gdn_fwd_h_kernel, segment_plan, state_pass_block,
 )
 from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
+from hybridlm.ops.varlen import host_bounds
 
 
 # The kernels taking T leave it unspecialised (as fla does): one compile for every length, and T = 1 is never a
@@ -526,6 +527,9 @@ def chunk_gdn_bwd(
     BV_dh = max(32, min(BV_full, BWD_DH_BV))
     device, dtype = v.device, v.dtype
 
+    if gdn_chunk.STATE_PASS_CP:
+        bounds = (tuple(host_bounds(cu_seqlens)) if cu_seqlens is not None
+                  else tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1))
     if cu_seqlens is not None:
         cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables or prepare_chunks(cu_seqlens, BT, device)
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
@@ -558,10 +562,15 @@ def chunk_gdn_bwd(
     BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
                             narrowest=32)  # the backward's tiles are all at least 32 wide
     fold_h = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
-        k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
-        BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4, **fold_h,
-        **common)
+    plan = segment_plan(bounds, value_heads, device) if gdn_chunk.STATE_PASS_CP else None
+    if plan is None:
+        chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
+            k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
+            BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4, **fold_h,
+            **common)
+    else:  # the forward's context-parallel pass, keys normalised in the loop
+        _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, fold_h, common,
+                              narrowest=32, norm_k=True)
 
     dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
     chunk_gdn_bwd_dv_local_kernel[chunk_grid](
