@@ -130,3 +130,26 @@ def test_fused_decode_gemvs_match_the_unfused_model(checkpoint, request, rows, f
     assert calls.get("sigmoid_gate_linear_fwd", 0) == (attention_layers if fused_norms else 0)  # up to 2 rows here
     assert calls.get("sigmoid_gate_fwd", 0) == (0 if fused_norms else attention_layers)
     assert calls.get("linear_fwd", 0) == (layers - attention_layers if fused_norms else 0)  # out_proj, up to 2 rows
+
+
+def test_forward_through_context_parallel_segments(checkpoint, monkeypatch):
+    """gdn_chunk.STATE_PASS_CP in the model (segments of 2 chunks: one 260-token row is cut in three): the same
+    logits as the plain-PyTorch path, and the segmented pass really ran in every GDN layer."""
+    from hybridlm.ops import triton as kernel_module
+    from hybridlm.ops.triton import gdn_chunk
+
+    directory, _ = checkpoint("qwen3_5_text")
+    model = hybridlm.load(directory, device="cpu")
+    ids = torch.randint(0, VOCAB, (1, 260), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids)  # plain PyTorch on the CPU
+    monkeypatch.setattr(dispatch, "use_kernels", lambda *tensors, **kwargs: True)
+    monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
+    monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
+    monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+    calls, segmented = [], gdn_chunk._segmented_state_pass
+    monkeypatch.setattr(gdn_chunk, "_segmented_state_pass", lambda *a, **kw: calls.append(1) or segmented(*a, **kw))
+    with torch.no_grad():
+        got = model(ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert len(calls) == model.config.layer_types.count("linear_attention") > 0
