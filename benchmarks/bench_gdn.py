@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gdn.py [--quick] [--no-peers] [--kinds forward,train,decode]
                                    [--set gdn_chunk.FOLD_WU_INTO_H=True ...]
+                                   [--variant fold:gdn_chunk.FOLD_WU_INTO_H=True cp:gdn_chunk.STATE_PASS_CP=True ...]
 
 Correctness gate first, in the same run: ours vs the float64 reference at a small shape, then ours vs each peer
 at every timed shape; a speed-up is printed only for a pair whose check passed. Timing: triton.testing.do_bench
@@ -24,6 +25,7 @@ What each side does (so the ratios are read right):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -42,6 +44,7 @@ DEVICE = "cuda"
 HEADS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128)}  # (key heads, value heads, head dim)
 REF_TOLERANCE = 1e-2  # bf16 kernel vs float64 reference, relative (norm) error
 PEER_TOLERANCE = 2e-2  # bf16 vs bf16 implementation: both carry bf16 round-off
+VARIANTS: dict[str, list] = {}  # --variant: ours timed again under each set of kernel options
 LINES: list[str] = []
 
 
@@ -167,6 +170,14 @@ def bench_forward(model, batch, length, peers, ours_ok, rows):
 
     o_ours, s_ours = ours()
     results = {"ours": (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")}
+    for name, settings in VARIANTS.items():
+        with settings_applied(settings):
+            try:
+                o_var, s_var = ours()
+                err = max(rel_err(o_var, o_ours), rel_err(s_var, s_ours))
+                results[f"ours[{name}]"] = (time_ms(ours), variant_check(ours_ok, err))
+            except Exception as error:
+                log(f"  ours[{name}] failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
     if "fla" in peers:
         def fla():
             return peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state, output_final_state=True,
@@ -247,6 +258,14 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
     except Exception as error:
         log(f"  ours failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
         return
+    for name, settings in VARIANTS.items():
+        with settings_applied(settings):
+            try:
+                out_var = ours()
+                err = max(rel_err(x, y) for x, y in zip(out_var[:6], out_ours[:6]))
+                results[f"ours[{name}]"] = (time_ms(ours), variant_check(ours_ok, err))
+            except Exception as error:
+                log(f"  ours[{name}] failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
     if "fla" in peers:
         def fla():
             o, _ = peers["fla"](q=q, k=k, v=v, g=a, beta=b, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
@@ -277,14 +296,21 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
     report("train", model, batch, length, tokens, floor_ms, results, rows)
 
 
+def variant_check(ours_ok: bool, err: float) -> str:
+    """A --variant's check: the reference gate (run at the defaults) and its output against the default's."""
+    return f"{'PASS' if ours_ok and err <= PEER_TOLERANCE else 'FAIL'} {err:.1e} vs ours"
+
+
 def report(kind, model, batch, length, tokens, floor_ms, results, rows):
-    ours_ms, ours_check = results["ours"]
+    ours_ms = results["ours"][0]
     for impl, (ms, check) in results.items():
         row = Row(kind, model, batch, length, impl, ms, tokens / ms * 1e3, floor_ms / ms, check)
-        if impl == "ours":
+        if impl.startswith("ours") and check.startswith("PASS"):  # ours and each --variant of it
             for peer, (peer_ms, peer_check) in results.items():
-                if peer != "ours" and peer_check.startswith("PASS") and ours_check.startswith("PASS"):
-                    row.speedups[peer] = peer_ms / ours_ms
+                if not peer.startswith("ours") and peer_check.startswith("PASS"):
+                    row.speedups[peer] = peer_ms / ms
+            if impl != "ours":
+                row.speedups["ours"] = ours_ms / ms
         rows.append(row)
         speedups = " ".join(f"x{s:.2f} vs {p}" for p, s in row.speedups.items())
         log(f"{kind:8s} {model:5s} B={batch:<4d} T={length:<6d} {impl:14s} {ms:9.4f} ms {row.tokens_per_s / 1e6:9.2f} "
@@ -399,35 +425,66 @@ def print_table(rows: list[Row]) -> None:
             f"{r.floor_fraction:.1%} | {r.check} | {speedups} |")
 
 
-def apply_settings(settings: list[str]) -> list[str]:
+def parse_settings(settings: list[str], option: str = "--set") -> list[tuple[object, str, object]]:
     """`MODULE.FLAG=VALUE` for modules of hybridlm.ops.triton (an upper-case flag that exists, a Python literal of
-    the flag's type, or None / anything for a flag that may be None): set before anything runs, so one process times
-    a kernel option end to end."""
+    the flag's type, or anything for a flag that may be None) -> (module, flag, value); refused by name otherwise."""
     import ast
     import importlib
 
-    applied = []
+    parsed = []
     for setting in settings:
         name, sep, text = setting.partition("=")
         module_name, _, flag = name.rpartition(".")
         if not sep or not module_name or not flag.isupper():
-            raise SystemExit(f"--set takes MODULE.FLAG=VALUE (e.g. gdn_chunk.FOLD_WU_INTO_H=True); got {setting!r}")
+            raise SystemExit(f"{option} takes MODULE.FLAG=VALUE (e.g. gdn_chunk.FOLD_WU_INTO_H=True); got {setting!r}")
         try:
             module = importlib.import_module(f"hybridlm.ops.triton.{module_name}")
         except ModuleNotFoundError:
-            raise SystemExit(f"--set: no module hybridlm.ops.triton.{module_name}") from None
+            raise SystemExit(f"{option}: no module hybridlm.ops.triton.{module_name}") from None
         if not hasattr(module, flag):
-            raise SystemExit(f"--set: hybridlm.ops.triton.{module_name} has no flag {flag}")
+            raise SystemExit(f"{option}: hybridlm.ops.triton.{module_name} has no flag {flag}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"--set: {text!r} is not a Python literal (True, 64, 'input', (16, 32))") from None
+            raise SystemExit(f"{option}: {text!r} is not a Python literal (True, 64, 'input', (16, 32))") from None
         old = getattr(module, flag)
         if old is not None and value is not None and type(value) is not type(old):
-            raise SystemExit(f"--set: {module_name}.{flag} is a {type(old).__name__}; got {value!r}")
+            raise SystemExit(f"{option}: {module_name}.{flag} is a {type(old).__name__}; got {value!r}")
+        parsed.append((module, flag, value))
+    return parsed
+
+
+def apply_settings(settings: list[str]) -> list[str]:
+    """--set: kernel options changed before anything runs, so one process times an option end to end."""
+    applied = []
+    for module, flag, value in parse_settings(settings):
         setattr(module, flag, value)
-        applied.append(f"{module_name}.{flag}={value!r}")
+        applied.append(f"{module.__name__.rsplit('.', 1)[-1]}.{flag}={value!r}")
     return applied
+
+
+def parse_variants(variants: list[str]) -> dict[str, list[tuple[object, str, object]]]:
+    """--variant NAME:MODULE.FLAG=VALUE[,MODULE.FLAG=VALUE...] -> {NAME: settings}: ours timed again under each, in
+    the same process as the default and the peers."""
+    parsed = {}
+    for variant in variants:
+        name, sep, settings = variant.partition(":")
+        if not sep or not name or not settings or name in parsed:
+            raise SystemExit(f"--variant takes NAME:MODULE.FLAG=VALUE[,...] with a new NAME; got {variant!r}")
+        parsed[name] = parse_settings(settings.split(","), "--variant")
+    return parsed
+
+
+@contextlib.contextmanager
+def settings_applied(settings: list[tuple[object, str, object]]):
+    saved = [(module, flag, getattr(module, flag)) for module, flag, _ in settings]
+    try:
+        for module, flag, value in settings:
+            setattr(module, flag, value)
+        yield
+    finally:
+        for module, flag, value in saved:
+            setattr(module, flag, value)
 
 
 def main() -> None:
@@ -437,11 +494,15 @@ def main() -> None:
     parser.add_argument("--kinds", default="forward,train,decode", help="comma-separated subset to run")
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
                         help="kernel options of hybridlm.ops.triton to change first, e.g. gdn_chunk.FOLD_WU_INTO_H=True")
+    parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:MODULE.FLAG=VALUE[,...]",
+                        help="also time ours under these options, each in a row ours[NAME] beside the default and the "
+                        "peers (forward and train), e.g. fold:gdn_chunk.FOLD_WU_INTO_H=True")
     args = parser.parse_args()
     kinds = set(args.kinds.split(","))
     if not kinds <= {"forward", "train", "decode"}:
         raise SystemExit(f"--kinds takes forward, train, decode; got {args.kinds}")
     applied = apply_settings(args.set)
+    VARIANTS.update(parse_variants(args.variant))
     if not torch.cuda.is_available():
         raise SystemExit("bench_gdn.py needs a CUDA GPU")
     import triton

@@ -10,8 +10,8 @@
 #   bash benchmarks/gpu_plan.sh 8   # carry .fla: the GEMV tile rule end to end (sixth session's open check), 256 requests
 #   bash benchmarks/gpu_plan.sh 9   # carry .fla: the KKT prepare (interleaved or not) at 64k, then the forward per kernel
 #   bash benchmarks/gpu_plan.sh 10  # carry .whl, then .whl2 (see below): GDN forward + fwd+bwd beside fla and FlashQLA
-#   bash benchmarks/gpu_plan.sh 11  # carry .fla: GDN kernel tests; forward/train at every shape (ours); fold A/B (fwd+bwd)
-#   bash benchmarks/gpu_plan.sh 13  # carry .fla: context-parallel state pass A/B (alone, with the fold); fold settings
+#   bash benchmarks/gpu_plan.sh 11  # carry .fla: GDN tests; forward/train at every shape, defaults and the options (ours)
+#   bash benchmarks/gpu_plan.sh 13  # carry .fla (optional): the context-parallel pass's worst case; fold settings
 #   bash benchmarks/gpu_plan.sh 12  # carry .whl, then .whl2: as 10 (after any GDN kernel change)
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
@@ -26,6 +26,10 @@ for wheels in .fla .whl .whl2; do
   fi
 done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# the ninth session's untimed options, as bench_gdn.py --variant rows
+VARIANTS_FOLD="fold:gdn_chunk.FOLD_WU_INTO_H=True"
+VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
+VARIANTS_BOTH="fold+cp:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"
 
 case "${1:-}" in
   1)
@@ -132,44 +136,38 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds forward,train > "$OUT/gdn.log" 2>&1
     grep -v 'TileLang\|Warning' "$OUT/gdn.log" | tail -30
     ;;
-  11)  # the eighth's untimed V-block rule and the ninth's bf16 per-head dq/dk end to end, the kernel tests, and
-       # FOLD_WU_INTO_H (untimed; forward and backward) A/B; the parts' limits add up to 580 s of a call's 600
+  11)  # the ninth session's untimed work, ours only: kernel tests; forward and train at every shape at the defaults
+       # (the V-block rule and bf16 per-head dq/dk end to end) and under the options, in one process (--variant);
+       # the backward's qkgrad and fold settings. Limits add up to 590 s of a call's 600.
     timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
-      -j 16 > "$OUT/gpu_tests.log" 2>&1
+      tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 130 python3 benchmarks/bench_gdn.py --no-peers --kinds forward,train > "$OUT/gdn.log" 2>&1
-    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds forward,train \
-      --set gdn_chunk.FOLD_WU_INTO_H=True > "$OUT/gdn_fold.log" 2>&1
-    timeout 200 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups qkgrad,fold \
+    timeout 280 python3 benchmarks/bench_gdn.py --no-peers --kinds forward,train --variant "$VARIANTS_FOLD" \
+      "$VARIANTS_CP" "$VARIANTS_BOTH" > "$OUT/gdn.log" 2>&1
+    timeout 150 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups qkgrad,fold \
       > "$OUT/bwd.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
-    grep '^|' "$OUT/gdn.log" | tail -14
-    grep '^|' "$OUT/gdn_fold.log" | tail -5
+    grep '^|' "$OUT/gdn.log" | tail -40
     grep 'backward:' "$OUT/bwd.log"
-    grep '^|' "$OUT/bwd.log" | grep -v '^| model\|^|---' | head -30
+    grep '^|' "$OUT/bwd.log" | grep -v '^| model\|^|---' | head -12
     ;;
-  13)  # after 11: the context-parallel state pass (STATE_PASS_CP, untimed) A/B on every forward shape, alone and with
-       # the fold; then the folded state pass's launch settings and the whole forward with and without it
-    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --set gdn_chunk.STATE_PASS_CP=True \
-      > "$OUT/gdn_cp.log" 2>&1
-    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward \
-      --set gdn_chunk.STATE_PASS_CP=True gdn_chunk.FOLD_WU_INTO_H=True > "$OUT/gdn_cp_fold.log" 2>&1
-    # bench_gdn's gates decay fast (exp(A_log) in 1..16): one warmup chunk per segment. The worst case, every head
-    # slow (a pre-pass over everything plus transitions), by a bound no gate reaches:
-    timeout 60 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds forward \
-      --set gdn_chunk.STATE_PASS_CP=True gdn_cp.CP_LOG_DECAY=-1e30 > "$OUT/gdn_cp_slow.log" 2>&1
-    timeout 310 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fold \
+  13)  # optional, after 11: the context-parallel pass's worst case (every head slow: a pre-pass over everything plus
+       # transitions; bench_gdn's gates decay fast, one warmup chunk a segment), and the folded state pass's settings
+    timeout 120 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds forward \
+      --variant "cp-slow:gdn_chunk.STATE_PASS_CP=True,gdn_cp.CP_LOG_DECAY=-1e30" "$VARIANTS_CP" > "$OUT/gdn_cp.log" 2>&1
+    timeout 420 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fold \
       > "$OUT/fold.log" 2>&1
     grep '^|' "$OUT/gdn_cp.log" | tail -9
-    grep '^|' "$OUT/gdn_cp_fold.log" | tail -9
-    grep '^|' "$OUT/gdn_cp_slow.log" | tail -3
     grep 'FOLD_WU_INTO_H' "$OUT/fold.log"
     grep '^|' "$OUT/fold.log" | grep -v '^| model\|^|---' | head -40
     ;;
-  12)  # as 10: the peers beside ours in one process (--quick: forward at 9B heads, 4k and 16k; train both layouts)
-    timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds forward,train > "$OUT/gdn.log" 2>&1
-    grep -v 'TileLang\|Warning\|dk_fragment\|Initialize the buffer\|-->' "$OUT/gdn.log" | tail -30
+  12)  # as 10: the peers beside ours in one process (--quick: forward at 9B heads, 4k and 16k; train both layouts).
+       # Adopt what call 11 showed faster first (the defaults are what this times); the peers alone took 510 s, so
+       # at most one extra row: VARIANT="NAME:MODULE.FLAG=VALUE" bash benchmarks/gpu_plan.sh 12
+    timeout 570 python3 benchmarks/bench_gdn.py --quick --kinds forward,train ${VARIANT:+--variant "$VARIANT"} \
+      > "$OUT/gdn.log" 2>&1
+    grep -v 'TileLang\|Warning\|dk_fragment\|Initialize the buffer\|-->' "$OUT/gdn.log" | tail -40
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|13" >&2

@@ -173,6 +173,26 @@ def test_bench_gdn_settings_are_checked_before_anything_runs():
         with pytest.raises(SystemExit, match=message):
             bench_gdn.apply_settings([setting])
     assert gdn_chunk.FOLD_WU_INTO_H is old
+    # --variant: named sets of options, applied only inside settings_applied and put back after
+    variants = bench_gdn.parse_variants(["fold:gdn_chunk.FOLD_WU_INTO_H=True",
+                                         "both:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"])
+    assert list(variants) == ["fold", "both"] and len(variants["both"]) == 2
+    with bench_gdn.settings_applied(variants["both"]):
+        assert gdn_chunk.FOLD_WU_INTO_H is True and gdn_chunk.STATE_PASS_CP is True
+    assert gdn_chunk.FOLD_WU_INTO_H is old and gdn_chunk.STATE_PASS_CP is False
+    for variant, message in [("fold", "NAME:MODULE.FLAG=VALUE"), ("x:gdn_chunk.NOPE=1", "has no flag NOPE")]:
+        with pytest.raises(SystemExit, match=message):
+            bench_gdn.parse_variants([variant])
+    with pytest.raises(SystemExit, match="a new NAME"):
+        bench_gdn.parse_variants(["a:gdn_chunk.FOLD_WU_INTO_H=True", "a:gdn_chunk.STATE_PASS_CP=True"])
+    # a variant's row: its speed-up over each peer and over ours at the defaults; a failed check gets none
+    rows = []
+    bench_gdn.report("forward", "9B", 1, 4096, 4096, 0.05, {
+        "ours": (0.2, "PASS"), "ours[fold]": (0.1, bench_gdn.variant_check(True, 1e-3)),
+        "ours[bad]": (0.1, bench_gdn.variant_check(True, 0.5)), "fla": (0.4, "PASS 1e-3")}, rows)
+    speedups = {row.impl: row.speedups for row in rows}
+    assert speedups["ours"] == {"fla": 2.0} and speedups["ours[fold]"] == {"fla": 4.0, "ours": 2.0}
+    assert speedups["ours[bad]"] == {} and speedups["fla"] == {}
     saved = gdn_chunk.CP_SEGMENT_CHUNKS  # a flag that may be None takes an int
     try:
         assert bench_gdn.apply_settings(["gdn_chunk.CP_SEGMENT_CHUNKS=8"]) == ["gdn_chunk.CP_SEGMENT_CHUNKS=8"]
