@@ -493,7 +493,8 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="time hybridlm's kernels only")
     parser.add_argument("--kinds", default="forward,train,decode", help="comma-separated subset to run")
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
-                        help="kernel options of hybridlm.ops.triton to change first, e.g. gdn_chunk.FOLD_WU_INTO_H=True")
+                        help="kernel options of hybridlm.ops.triton to change first, "
+                        "e.g. gdn_chunk.FOLD_WU_INTO_H=True")
     parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:MODULE.FLAG=VALUE[,...]",
                         help="also time ours under these options, each in a row ours[NAME] beside the default and the "
                         "peers (forward and train), e.g. fold:gdn_chunk.FOLD_WU_INTO_H=True")

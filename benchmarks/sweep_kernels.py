@@ -2,7 +2,8 @@
 sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
-                                        [--kernels h,o,prepare,kkt,conv,fold,bwd] [--bwd-groups wu,dv-local,dh,dqk,qkgrad,fold]
+                                        [--kernels h,o,prepare,kkt,conv,fold,bwd]
+                                        [--bwd-groups wu,dv-local,dh,dqk,qkgrad,fold]
 
 For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd`
 timed one by one (prepare, h, o) with the wrapper's settings, then the h kernel alone over BV x num_warps x

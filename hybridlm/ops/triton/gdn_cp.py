@@ -67,7 +67,6 @@ def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int,
                   ) -> SegmentPlan:
     """The segment tables for sequences with token bounds `bounds` (cu_seqlens on the host)."""
     cu, offsets, first, last, inner, inner_rows = [0], [0], [0], [], [], []
-    chunk_base = 0
     for a, b in zip(bounds[:-1], bounds[1:]):
         chunks = triton.cdiv(b - a, chunk_size)
         segments = triton.cdiv(chunks, segment_chunks) if chunks else 0
@@ -80,7 +79,6 @@ def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int,
                 inner_rows.append([min(end, start + (c + 1) * chunk_size) - 1 for c in range(segment_chunks)])
             cu.append(end)
             offsets.append(offsets[-1] + triton.cdiv(end - start, chunk_size))
-        chunk_base += chunks
         first.append(len(cu) - 1)
         last.append(len(cu) - 2 if segments else -1)
     if any(x < 0 for x in last):
