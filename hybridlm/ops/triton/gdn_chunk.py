@@ -427,6 +427,13 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
     return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
 
 
+def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> tuple[int, ...]:
+    """Token bounds of the sequences on the host: cu_seqlens' (read once per tensor), else B rows of T."""
+    if cu_seqlens is not None:
+        return tuple(host_bounds(cu_seqlens))
+    return tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1)
+
+
 def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device) -> gdn_cp.SegmentPlan | None:
     """The context-parallel segments for these sequences, or None where the plain state pass fits better."""
     total_chunks = sum(triton.cdiv(b - a, CHUNK_SIZE) for a, b in zip(bounds[:-1], bounds[1:]))
@@ -496,9 +503,9 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     precision = dot_precision(v.dtype)
     device = v.device
 
+    bounds = sequence_bounds(cu_seqlens, batch, length) if STATE_PASS_CP else None
     chunk_tables = None
     if cu_seqlens is not None:
-        bounds = tuple(host_bounds(cu_seqlens)) if STATE_PASS_CP else None
         chunk_tables = prepare_chunks(cu_seqlens, BT, device)  # memoised: no host read after the first layer
         cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
@@ -542,11 +549,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32,
                             narrowest=32 if fold else 16)
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
-    plan = None
-    if STATE_PASS_CP:
-        if cu_seqlens is None:
-            bounds = tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1)
-        plan = segment_plan(bounds, value_heads, device)
+    plan = segment_plan(bounds, value_heads, device) if STATE_PASS_CP else None
     if plan is None:
         chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,

@@ -34,12 +34,11 @@ import triton.language as tl
 from hybridlm.ops.triton import gdn_chunk
 from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, _segmented_state_pass, chunk_gdn_fwd,
-    chunk_gdn_fwd_h_kernel, segment_plan, state_pass_block,
+    chunk_gdn_fwd_h_kernel, segment_plan, sequence_bounds, state_pass_block,
 )
 from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
-from hybridlm.ops.varlen import host_bounds
 
 
 # The kernels taking T leave it unspecialised (as fla does): one compile for every length, and T = 1 is never a
@@ -527,9 +526,7 @@ def chunk_gdn_bwd(
     BV_dh = max(32, min(BV_full, BWD_DH_BV))
     device, dtype = v.device, v.dtype
 
-    if gdn_chunk.STATE_PASS_CP:
-        bounds = (tuple(host_bounds(cu_seqlens)) if cu_seqlens is not None
-                  else tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1))
+    bounds = sequence_bounds(cu_seqlens, batch, length) if gdn_chunk.STATE_PASS_CP else None
     if cu_seqlens is not None:
         cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables or prepare_chunks(cu_seqlens, BT, device)
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
