@@ -48,7 +48,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 import hybridlm.ops.triton as kernels  # noqa: E402
 from hybridlm.ops.triton import conv, gdn_chunk, gdn_chunk_bwd, gdn_step, norm, paged_attention, paged_prefill, rope  # noqa: E402,E501
-from hybridlm.ops.triton import gemv  # noqa: E402
+from hybridlm.ops.triton import gdn_cp, gemv  # noqa: E402
 
 # programmatic dependent launch is off on the GPU unless HYBRIDLM_PDL=1: compile the variants the GPU would launch
 # (pdl_enabled cannot tell on CPU tensors, which it never enables)
@@ -123,34 +123,34 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
     flags.update(output or {})
     flags.update(dict(STATE_PASS_CP=True, CP_SEGMENT_CHUNKS=4) if cp else {})
     saved = {name: getattr(gdn_chunk, name) for name in flags}
+    saved_min = gdn_cp.CP_MIN_HEAD_CHUNKS
     for name, value in flags.items():
         setattr(gdn_chunk, name, value)
+    gdn_cp.CP_MIN_HEAD_CHUNKS = 0 if cp else saved_min
     try:
         gdn_chunk.chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=init, output_final_state=True,
                                 cu_seqlens=cu)
     finally:
         for name, value in saved.items():
             setattr(gdn_chunk, name, value)
+        gdn_cp.CP_MIN_HEAD_CHUNKS = saved_min
 
 
-def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, fold=None,
-                cp=False):
-    """`fold`: gdn_chunk.FOLD_WU_INTO_H forced for this launch (None: the module's default); `cp`: the
-    context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks)."""
+def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, cp=False):
+    """`cp`: the context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks, cut however short)."""
     q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
     do = randn(batch, length, hv, dv, dtype=dtype)
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
-    saved = gdn_chunk.FOLD_WU_INTO_H, gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS
-    gdn_chunk.FOLD_WU_INTO_H = saved[0] if fold is None else fold
+    saved = gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS
     if cp:
-        gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS = True, 4
+        gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = True, 4, 0
     try:
         gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final,
                                     initial_state=init, cu_seqlens=cu)
     finally:
-        gdn_chunk.FOLD_WU_INTO_H, gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS = saved
+        gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = saved
 
 
 def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8):
@@ -285,8 +285,6 @@ def configurations():
                     state=state)
                 add(f"gdn_bwd Hv={hv} {tag}", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen,
                     state=state, dht=state)
-                add(f"gdn_bwd fold Hv={hv} {tag}", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
-                    varlen=varlen, state=state, dht=state, fold=True)
         # a 1-token prefill chunk: T == 1 is specialised to a constant by the JIT
         add(f"conv C={channels} {name} bf16 varlen T=1", run_conv, channels=channels, length=1, varlen=True,
             state=True)
@@ -300,9 +298,8 @@ def configurations():
         for prepare in ("kkt-interleaved", "kkt-fold"):  # the context-parallel state pass, 16 chunks in 4 segments
             add(f"gdn_fwd cp prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
                 dv=GDN_DIM, length=1024, state=True, prepare=prepare, cp=True)
-        for fold in (False, True):
-            add(f"gdn_bwd cp fold={int(fold)} Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM,
-                dv=GDN_DIM, length=1024, state=True, dht=True, fold=fold, cp=True)
+        add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
+            state=True, dht=True, cp=True)
         for prepare in PREPARE_VARIANTS:  # each way of running the prepare step (`-k prepare` lists them all)
             for varlen in (False, True):
                 add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,
@@ -396,8 +393,6 @@ def configurations():
             dtype=dtype, length=70, prepare="fused")
         add(f"gdn_bwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
             length=70)
-        add(f"gdn_bwd fold tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
-            length=70, fold=True)
         add(f"gdn_decode tests H=2/4 d=32 {tname} B=3 split", run_gdn_decode, hk=2, hv=4, dk=32, dv=32, batch=3,
             dtype=dtype)
         add(f"conv tests C=96 {tname} T=70 +state", run_conv, channels=96, length=70, dtype=dtype, state=True,

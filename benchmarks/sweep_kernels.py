@@ -3,7 +3,7 @@ sequential state pass h, the output o) and the causal conv, each setting checked
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
                                         [--kernels h,o,prepare,kkt,conv,fold,bwd]
-                                        [--bwd-groups wu,dv-local,dh,dqk,qkgrad,fold]
+                                        [--bwd-groups wu,dv-local,dh,dqk,qkgrad]
 
 For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd`
 timed one by one (prepare, h, o) with the wrapper's settings, then the h kernel alone over BV x num_warps x
@@ -298,18 +298,16 @@ def sweep_bwd(model, rows, tiny=False, only=()):
         "dh": ("BWD_DH_BV", "BWD_DH_WARPS", "BWD_DH_STAGES"),
         "dqk": ("BWD_DQK_WARPS", "BWD_WY_WARPS", "BWD_DQK_STAGES"),
         "qkgrad": ("BWD_QK_GRAD_DTYPE",),
-        "fold": ("FOLD_WU_INTO_H",),  # gdn_chunk's: the backward's state and dH passes take X, v, b (no w, u)
     }
     grids = {
         "wu": [(64, 4), (128, 8), (128, 4), (64, 8)], "dv-local": [(4,), (8,)],
         "dh": list(itertools.product((32, 64), (4, 8), (2, 3))),  # 16-wide tiles: see chunk_gdn_bwd
         "dqk": list(itertools.product((4, 8), (4, 8), (2, 3))),
         "qkgrad": [("input",), ("fp32",)],
-        "fold": [(False,), (True,)],
     }
     groups = {name: flags for name, flags in groups.items() if name in only} if only else groups
     for group, flags in groups.items():
-        home = gdn_chunk if group == "fold" else gdn_chunk_bwd
+        home = gdn_chunk_bwd
         saved = tuple(getattr(home, flag) for flag in flags)
         for setting in grids[group]:
             if tiny and (group == "dh" and setting[0] > 32 or group == "dqk" and setting[:2] != (8, 8)):
@@ -416,7 +414,7 @@ def main() -> None:
                         "at B=4 T=4k)")
     parser.add_argument("--batch", type=int, default=1, help="sequences of the h and fold sweeps (B x T tokens)")
     parser.add_argument("--bwd-groups", default="", help="with bwd: comma-separated subset of wu, dv-local, dh, dqk, "
-                        "qkgrad (BWD_QK_GRAD_DTYPE), fold (FOLD_WU_INTO_H; default: all)")
+                        "qkgrad (BWD_QK_GRAD_DTYPE; default: all)")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.lengths, args.quick = ["tiny"], [200], True

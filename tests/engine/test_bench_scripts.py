@@ -160,26 +160,29 @@ def test_bench_gdn_settings_are_checked_before_anything_runs():
 
     from hybridlm.ops.triton import gdn_chunk
 
-    old = gdn_chunk.FOLD_WU_INTO_H
+    old = gdn_chunk.STATE_PASS_CP
     try:
-        assert bench_gdn.apply_settings([f"gdn_chunk.FOLD_WU_INTO_H={not old}"]) == [
-            f"gdn_chunk.FOLD_WU_INTO_H={not old!r}"]
-        assert gdn_chunk.FOLD_WU_INTO_H is (not old)
+        assert bench_gdn.apply_settings([f"gdn_chunk.STATE_PASS_CP={not old}"]) == [
+            f"gdn_chunk.STATE_PASS_CP={not old!r}"]
+        assert gdn_chunk.STATE_PASS_CP is (not old)
+        # a flag that may be None (FOLD_WU_INTO_H: None is the rule) takes a bool or None
+        assert bench_gdn.apply_settings(["gdn_chunk.FOLD_WU_INTO_H=True"]) == ["gdn_chunk.FOLD_WU_INTO_H=True"]
     finally:
-        gdn_chunk.FOLD_WU_INTO_H = old
+        gdn_chunk.STATE_PASS_CP = old
+        gdn_chunk.FOLD_WU_INTO_H = None
     for setting, message in [("gdn_chunk.NOPE=1", "has no flag NOPE"), ("nomod.X=1", "no module"),
-                             ("gdn_chunk.FOLD_WU_INTO_H=1", "is a bool"), ("bad", "MODULE.FLAG=VALUE"),
-                             ("gdn_chunk.FOLD_WU_INTO_H=yes", "not a Python literal")]:
+                             ("gdn_chunk.STATE_PASS_CP=1", "is a bool"), ("bad", "MODULE.FLAG=VALUE"),
+                             ("gdn_chunk.STATE_PASS_CP=yes", "not a Python literal")]:
         with pytest.raises(SystemExit, match=message):
             bench_gdn.apply_settings([setting])
-    assert gdn_chunk.FOLD_WU_INTO_H is old
+    assert gdn_chunk.STATE_PASS_CP is old
     # --variant: named sets of options, applied only inside settings_applied and put back after
     variants = bench_gdn.parse_variants(["fold:gdn_chunk.FOLD_WU_INTO_H=True",
-                                         "both:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"])
+                                         "both:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=False"])
     assert list(variants) == ["fold", "both"] and len(variants["both"]) == 2
     with bench_gdn.settings_applied(variants["both"]):
-        assert gdn_chunk.FOLD_WU_INTO_H is True and gdn_chunk.STATE_PASS_CP is True
-    assert gdn_chunk.FOLD_WU_INTO_H is old and gdn_chunk.STATE_PASS_CP is False
+        assert gdn_chunk.FOLD_WU_INTO_H is True and gdn_chunk.STATE_PASS_CP is False
+    assert gdn_chunk.FOLD_WU_INTO_H is None and gdn_chunk.STATE_PASS_CP is old
     for variant, message in [("fold", "NAME:MODULE.FLAG=VALUE"), ("x:gdn_chunk.NOPE=1", "has no flag NOPE")]:
         with pytest.raises(SystemExit, match=message):
             bench_gdn.parse_variants([variant])
@@ -198,3 +201,17 @@ def test_bench_gdn_settings_are_checked_before_anything_runs():
         assert bench_gdn.apply_settings(["gdn_chunk.CP_SEGMENT_CHUNKS=8"]) == ["gdn_chunk.CP_SEGMENT_CHUNKS=8"]
     finally:
         gdn_chunk.CP_SEGMENT_CHUNKS = saved
+
+
+def test_host_overhead_checks_its_shapes_and_needs_a_gpu(monkeypatch):
+    """host_overhead.py: MODEL:B:T shapes parsed or refused by name; without CUDA it stops with a message."""
+    import host_overhead
+
+    assert host_overhead.parse_shape("9B:1:16384") == ("9B", 1, 16384)
+    for bad in ("9X:1:4096", "9B:one:4096", "9B"):
+        with pytest.raises(SystemExit, match="MODEL:B:T"):
+            host_overhead.parse_shape(bad)
+    if not __import__("torch").cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["host_overhead.py", "--shapes", "0.8B:1:4096"])
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            host_overhead.main()

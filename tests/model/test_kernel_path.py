@@ -136,7 +136,7 @@ def test_forward_through_context_parallel_segments(checkpoint, monkeypatch):
     """gdn_chunk.STATE_PASS_CP in the model (segments of 2 chunks: one 260-token row is cut in three): the same
     logits as the plain-PyTorch path, and the segmented pass really ran in every GDN layer."""
     from hybridlm.ops import triton as kernel_module
-    from hybridlm.ops.triton import gdn_chunk
+    from hybridlm.ops.triton import gdn_chunk, gdn_cp
 
     directory, _ = checkpoint("qwen3_5_text")
     model = hybridlm.load(directory, device="cpu")
@@ -147,6 +147,7 @@ def test_forward_through_context_parallel_segments(checkpoint, monkeypatch):
     monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
     monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut this short sequence too
     calls, segmented = [], gdn_chunk._segmented_state_pass
     monkeypatch.setattr(gdn_chunk, "_segmented_state_pass", lambda *a, **kw: calls.append(1) or segmented(*a, **kw))
     with torch.no_grad():

@@ -31,6 +31,7 @@ def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_de
         inputs[5] = torch.full_like(inputs[5], 3.0).log()
     monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", cp)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut these short sequences too
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
     if log_decay is not None:
         monkeypatch.setattr(gdn_cp, "CP_LOG_DECAY", log_decay)
@@ -95,6 +96,27 @@ def test_segment_plan_tables():
         gdn_cp.plan_segments((0, 0, 10), 2, 64, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("segment_chunks", [2, 4])
+@pytest.mark.parametrize("log_decay", [-10.0, -math.inf])
+def test_warmup_kernel_matches_the_reference(segment_chunks, log_decay):
+    """gdn_cp_warmup_kernel (one launch) gives warmup_chunks' first chunks and fallbacks, and the transition pass's
+    first chunk (0 where a fallback, past the end elsewhere), for heads whose chunks decay from e^-0.3 to e^-30."""
+    bounds = (0, 5, 1000, 1300, 1900)
+    heads = 3
+    plan = gdn_cp.plan_segments(bounds, segment_chunks, 64, torch.device(DEVICE))
+    gen = torch.Generator().manual_seed(7)
+    scale = torch.tensor([0.3, 4.0, 30.0])  # a chunk's last row holds its total: -0.15 to -0.3, -2 to -4, -15 to -30
+    g_cumsum = -((0.5 + 0.5 * torch.rand(bounds[-1], heads, generator=gen)) * scale).to(DEVICE)
+    first, fallback = gdn_cp.warmup_chunks(g_cumsum, plan, log_decay)
+    tables = gdn_cp.warmup_tables(g_cumsum, plan, log_decay)
+    assert len(plan.inner) > 0
+    assert torch.equal(tables[0].cpu(), first.cpu())
+    assert torch.equal(tables[2].cpu(), fallback.to(torch.int32).cpu())
+    assert torch.equal(tables[1].cpu(), torch.where(fallback.cpu() != 0, 0, segment_chunks + 1).to(torch.int32))
+    if log_decay == -10.0:  # the slow head needs its transitions, the fast one starts one chunk before the end
+        assert fallback[plan.inner, 0].all() and (first[plan.inner, 2] == segment_chunks - 1).all()
+
+
 def test_segment_rule():
     """Segments of ~3 sqrt(heads x chunks / SMs) chunks (a power of two, at least 4); cut only few sequences of
     at least two segments (9B heads at B = 1 and 16k tokens on 132 SMs: 32-chunk segments; B = 4 stays whole)."""
@@ -104,10 +126,13 @@ def test_segment_rule():
     assert gdn_cp.worth_splitting((0, 16384), 32, 32, 64)
     assert not gdn_cp.worth_splitting(tuple(range(0, 5 * 4096, 4096)), 32, 32, 64)  # 4 x 4k at 32 heads
     assert not gdn_cp.worth_splitting((0, 2048), 32, 32, 64)  # one segment only
+    assert not gdn_cp.worth_splitting((0, 8192), 32, 16, 64)  # 128 chunks x 32 heads: below CP_MIN_HEAD_CHUNKS
+    assert gdn_cp.worth_splitting((0, 8192), 32, 16, 64, min_head_chunks=0)
+    assert not gdn_cp.worth_splitting((0, 16384), 16, 16, 64)  # 0.8B heads are cut from 32k tokens
+    assert gdn_cp.worth_splitting((0, 32768), 16, 32, 64)
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_backward_recompute_through_segments(poisoned, monkeypatch, fold):
+def test_backward_recompute_through_segments(poisoned, monkeypatch):
     """Training with STATE_PASS_CP: the forward and the backward's recomputation of h and v_new both run
     segmented (keys normalised in the loop there); every gradient matches the plain path's and float64."""
     from tests.ops.test_triton_gdn_chunk_bwd import check as check_backward
@@ -117,7 +142,7 @@ def test_backward_recompute_through_segments(poisoned, monkeypatch, fold):
     batch, length, key_heads, value_heads, d, dtype = 1, 330, 1, 2, 32, torch.bfloat16
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, d, d, dtype, batch)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
-    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut these short sequences too
     monkeypatch.setattr(gdn_cp, "CP_LOG_DECAY", -math.inf)
     calls, segmented = [], gdn_chunk._segmented_state_pass
 

@@ -11,8 +11,9 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
    `gdn_prepare.chunk_gdn_fwd_prepare_kernel`, all of it in one launch.
 2. `chunk_gdn_fwd_h_kernel` (sequential over the chunks of a sequence, parallel over heads and V blocks):
    stores the state entering each chunk h, the corrected values v_new = u - w h, and the final state. With
-   `FOLD_WU_INTO_H` (off, not yet timed) it takes v_new = X (beta (v - exp(G) k h)) instead, and 1. stores no w, u.
-   With `STATE_PASS_CP` (off, not yet timed) long sequences are cut into segments that run at once (`gdn_cp`).
+   `FOLD_WU_INTO_H` it takes v_new = X (beta (v - exp(G) k h)) instead, and 1. stores no w, u (where many programs
+   run the pass). With `STATE_PASS_CP` long sequences (from 16k tokens at 9B heads) are cut into segments that run
+   at once (`gdn_cp`).
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
@@ -81,6 +82,8 @@ def chunk_gdn_fwd_h_kernel(
     IDENTITY_INIT: tl.constexpr = False,
     HAS_FIRST_CHUNK: tl.constexpr = False,
     first_chunk=None,
+    FINAL_SLOT: tl.constexpr = False,  # final_slot [N] int32: where program row i_n's final state goes (-1: nowhere)
+    final_slot=None,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -156,7 +159,12 @@ def chunk_gdn_fwd_h_kernel(
         b_h = b_h * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
-        tl.store(final_state + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+        if FINAL_SLOT:
+            i_f = tl.load(final_slot + i_n)
+            if i_f >= 0:
+                tl.store(final_state + (i_f * HV + i_h).to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+        else:
+            tl.store(final_state + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
 
 
 @triton.jit
@@ -356,12 +364,17 @@ FUSED_PREPARE_WARPS = 2
 # X (beta (v - exp(G) (k h))), the same products regrouped: per chunk step it reads X (64 x 64) and v instead of w
 # (64 x dk) and u, 40 KB instead of 48 at 9B heads and BV 32 (the pass is bound by those bytes, see
 # `state_pass_block`), and the w/u kernel only stores the normalised keys; one more 64 x 64 x BV product on the
-# sequential chain. Not yet timed (`sweep_kernels.py --kernels fold`). Unlike FUSE_WU_INTO_H (removed: made w and u
-# whole in the pass, two products more, 2x slower) it adds one small product. The backward (`gdn_chunk_bwd`) follows
-# the flag too: no w/u recompute at all, its state pass folds the same way and its dH pass takes
-# w^T dv_new = k^T (beta exp(G) (X^T dv_new)) (`sweep_kernels.py --kernels bwd --bwd-groups fold`,
-# `bench_gdn.py --set gdn_chunk.FOLD_WU_INTO_H=True`).
-FOLD_WU_INTO_H = False
+# sequential chain. Unlike FUSE_WU_INTO_H (removed: made w and u whole in the pass, two products more, 2x slower) it
+# adds one small product. None (the default) folds where the state pass runs at least FOLD_MIN_PROGRAMS sequences (or
+# context-parallel segments) x value heads; True / False force it. H200, tenth session, CUDA graphs: with 128 or more
+# the fold won (B = 8, T = 4k: 9B 1.49 -> 1.40 ms, 0.8B 0.81 -> 0.77; B = 1, 16k cut into 8 segments: 0.882 -> 0.819;
+# 64k 3.33 -> 3.07), with 16 or 32 it lost (B = 1 uncut, 9B 16k 0.899 -> 1.065, 0.8B 64k 2.20 -> 3.36): each chunk
+# step's extra product lengthens the chain, which few programs cannot hide. Training never folds: the forward that
+# keeps X for the backward makes w, u as usual and the backward recomputes them (folded training was no faster on the
+# H200: 9B heads, B = 4, T = 4k 3.36 vs 3.41 ms with the backward folded too, 0.8B 2.05 vs 1.90, 1 x 16k 0.79-0.86x;
+# and at fp16 with 24/40-wide heads the backward's WY kernel faulted after a folded forward, cause not found).
+FOLD_WU_INTO_H: bool | None = None
+FOLD_MIN_PROGRAMS = 128
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
@@ -404,9 +417,9 @@ def _multiprocessors(device: torch.device) -> int:
 STATE_PASS_BVS = (16, 32, 64)
 # STATE_PASS_CP: cut long sequences into segments that run in parallel (`gdn_cp`: a pre-pass from the gates, a chain
 # over the segments, then the state pass over every segment at once) where few sequences x heads leave SMs idle or
-# force narrow V blocks (B = 1 at 9B and 0.8B heads). Not yet timed; CP_SEGMENT_CHUNKS (None: `gdn_cp`'s rule)
-# fixes the segment length (tests use 2).
-STATE_PASS_CP = False
+# force narrow V blocks (B = 1 at 9B and 0.8B heads), from gdn_cp.CP_MIN_HEAD_CHUNKS on (timings there);
+# CP_SEGMENT_CHUNKS (None: `gdn_cp`'s rule) fixes the segment length (tests use 2).
+STATE_PASS_CP = True
 CP_SEGMENT_CHUNKS: int | None = None
 
 
@@ -425,6 +438,12 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
         return max(1.0, programs / sms) * (2 * BT * BK + BV * (2 * BT + BK)) * element_size
 
     return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
+
+
+def may_split(tokens: int, value_heads: int) -> bool:
+    """STATE_PASS_CP is on and `tokens` (all sequences together) could hold a sequence long enough to cut, so the
+    sequence bounds are worth reading (cheap host-side exit for short batches)."""
+    return STATE_PASS_CP and triton.cdiv(tokens, CHUNK_SIZE) * value_heads >= gdn_cp.CP_MIN_HEAD_CHUNKS
 
 
 def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> tuple[int, ...]:
@@ -455,7 +474,7 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
     stride_k = k_normed.stride(1)
     seg = dict(common, IS_VARLEN=True, NORM_K=norm_k, num_warps=4)
     tables = (plan.cu_seqlens, plan.chunk_offsets, length, stride_k)
-    first, fallback = gdn_cp.warmup_chunks(g_cumsum, plan)
+    first, first_m, fallback = gdn_cp.warmup_tables(g_cumsum, plan).unbind(0)
     # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
     BV = state_pass_block(dk, dv, segments * value_heads, h.element_size(), device, fp32, narrowest)
     ht = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
@@ -464,7 +483,6 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
         STORE_FINAL_STATE=True, STORE_H=False, HAS_FIRST_CHUNK=True, first_chunk=first, **fold_args, **seg)
     BV_m = state_pass_block(dk, dk, segments * value_heads, h.element_size(), device, fp32, narrowest)
     mt = torch.empty(segments, value_heads, dk, dk, dtype=torch.float32, device=device)
-    first_m = torch.where(fallback != 0, 0, plan.segment_chunks + 1).to(torch.int32)
     chunk_gdn_fwd_h_kernel[(triton.cdiv(dk, BV_m), segments * value_heads)](
         k_normed, w, None, g_cumsum, None, None, None, mt, *tables, BV=BV_m, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, ZERO_U=True, IDENTITY_INIT=True, HAS_FIRST_CHUNK=True,
@@ -478,12 +496,9 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
         initial_state, ht, mt, fallback, plan.first_segment, h_in, HV=value_heads, K=dk, V=dv, BK=BK, BV=BV_c,
         BKC=min(32, BK), USE_INITIAL_STATE=initial_state is not None, num_warps=4)
     # 3. the state pass proper, every segment at once
-    seg_final = None if final_state is None else torch.empty_like(h_in)
     chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV), segments * value_heads)](
-        k_normed, w, u, g_cumsum, h, v_new, h_in, seg_final, *tables, BV=BV, USE_INITIAL_STATE=True,
-        STORE_FINAL_STATE=final_state is not None, **fold_args, **seg)
-    if final_state is not None:
-        final_state.copy_(seg_final[plan.last_segment])
+        k_normed, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
+        STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, **fold_args, **seg)
 
 
 def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
@@ -503,7 +518,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     precision = dot_precision(v.dtype)
     device = v.device
 
-    bounds = sequence_bounds(cu_seqlens, batch, length) if STATE_PASS_CP else None
+    bounds = sequence_bounds(cu_seqlens, batch, length) if may_split(batch * length, value_heads) else None
     chunk_tables = None
     if cu_seqlens is not None:
         chunk_tables = prepare_chunks(cu_seqlens, BT, device)  # memoised: no host read after the first layer
@@ -520,7 +535,11 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
 
     g_cumsum = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
     fp32 = precision == "ieee"
-    fold = KKT_PREPARE and FOLD_WU_INTO_H and not fp32  # w h and u made inside the state pass from X
+    plan = segment_plan(bounds, value_heads, device) if bounds is not None else None
+    programs = (plan.num_segments if plan is not None else num_states) * value_heads
+    # w h and u made inside the state pass from X; never for training (store_x), see FOLD_WU_INTO_H
+    fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
+                                                         else FOLD_WU_INTO_H)
     w = None if fold else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
     u = None if fold else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
@@ -549,7 +568,6 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32,
                             narrowest=32 if fold else 16)
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
-    plan = segment_plan(bounds, value_heads, device) if STATE_PASS_CP else None
     if plan is None:
         chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,

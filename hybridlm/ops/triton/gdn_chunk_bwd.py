@@ -6,9 +6,9 @@ X = (I + A)^-1 per chunk, and saves the inputs, X and g_cumsum (as fla saves its
 chunk_gated_delta_rule backward:
 
 0. `gdn_prepare_kkt.chunk_gdn_wu_kernel` recomputes w = X (beta k exp(G)), u = X (beta v) (no triangular
-   solve), then the forward's h kernel recomputes the chunk states h and v_new. With `gdn_chunk.FOLD_WU_INTO_H`
-   (16-bit inputs) w and u are never made: the h kernel folds them in (v_new = X (beta (v - exp(G) k h))) and step 2
-   takes w^T dv_new = k^T (beta exp(G) (X^T dv_new)).
+   solve), then the forward's h kernel recomputes the chunk states h and v_new. (The forward may fold w and u into
+   its state pass, `gdn_chunk.FOLD_WU_INTO_H`; the backward never does: on an H200 the folded recompute and dH pass
+   were no faster at 9B heads and 6% slower at 0.8B, B = 4, T = 4k.)
 1. `chunk_gdn_bwd_dv_local_kernel` (parallel): dv_new = tril(q k^T exp(G_i - G_j))^T do, the values' share of o.
 2. `chunk_gdn_bwd_dh_kernel` (sequential over the chunks, backwards): with dH the gradient of the state leaving a
    chunk, dv_new += (k exp(G_last - G)) dH and dH <- exp(G_last) dH + (q exp(G))^T do - w^T dv_new; stores dH per
@@ -31,10 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton import gdn_chunk
 from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, _segmented_state_pass, chunk_gdn_fwd,
-    chunk_gdn_fwd_h_kernel, segment_plan, sequence_bounds, state_pass_block,
+    chunk_gdn_fwd_h_kernel, may_split, segment_plan, sequence_bounds, state_pass_block,
 )
 from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
@@ -120,7 +119,7 @@ def chunk_gdn_bwd_dv_local_kernel(
 def chunk_gdn_bwd_dh_kernel(
     q,  # [B, T, H, K], token stride stride_q
     k,  # [B, T, H, K], token stride stride_k
-    w,  # [B, T, HV, K] (None with FOLD_WU)
+    w,  # [B, T, HV, K]
     g_cumsum,  # [B, T, HV] fp32
     do,  # [B, T, HV, V]
     dv_local,  # [B, T, HV, V] from chunk_gdn_bwd_dv_local_kernel
@@ -145,9 +144,6 @@ def chunk_gdn_bwd_dh_kernel(
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FOLD_WU: tl.constexpr = False,  # w^T dv_new = (beta exp(G) k)^T (X^T dv_new) from X and b (w unused)
-    x_inv=None,  # [B, T, HV, BT] if FOLD_WU: (I + A)^-1 of each chunk, lower triangle
-    b=None,  # [B, T, HV] raw if FOLD_WU
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -174,8 +170,7 @@ def chunk_gdn_bwd_dh_kernel(
 
     p_q = q + bos * stride_q + i_hk * K
     p_k = k + bos * stride_k + i_hk * K
-    if not FOLD_WU:
-        p_w = w + bos * HV * K + i_h * K
+    p_w = w + bos * HV * K + i_h * K
     p_gc = g_cumsum + bos * HV + i_h
     p_do = do + bos * HV * V + i_h * V + i_v * BV
     p_dvl = dv_local + bos * HV * V + i_h * V + i_v * BV
@@ -198,18 +193,8 @@ def chunk_gdn_bwd_dh_kernel(
         b_do = _load_rows(p_do, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
         b_do_g = (b_do * tl.exp(b_gc)[:, None]).to(dtype)
         b_dh = b_dh * tl.exp(b_g_last) + tl.dot(tl.trans(b_q), b_do_g, input_precision=DOT_PRECISION)
-        if FOLD_WU:  # w = X (beta exp(G) k), so w^T dv_new = k^T (beta exp(G) (X^T dv_new))
-            o_c = tl.arange(0, BT)
-            b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
-            b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
-                              0.)
-            b_r = tl.dot(tl.trans(b_X), b_dv.to(dtype), input_precision=DOT_PRECISION)
-            b_r = b_r * (b_beta * tl.exp(b_gc))[:, None]
-            b_dh -= tl.dot(tl.trans(b_k), b_r.to(dtype), input_precision=DOT_PRECISION)
-        else:
-            b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)
-            b_dh -= tl.dot(tl.trans(b_w), b_dv.to(dtype), input_precision=DOT_PRECISION)
+        b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)
+        b_dh -= tl.dot(tl.trans(b_w), b_dv.to(dtype), input_precision=DOT_PRECISION)
 
     if STORE_INITIAL_STATE_GRADIENT:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
@@ -526,7 +511,7 @@ def chunk_gdn_bwd(
     BV_dh = max(32, min(BV_full, BWD_DH_BV))
     device, dtype = v.device, v.dtype
 
-    bounds = sequence_bounds(cu_seqlens, batch, length) if gdn_chunk.STATE_PASS_CP else None
+    bounds = sequence_bounds(cu_seqlens, batch, length) if may_split(batch * length, value_heads) else None
     if cu_seqlens is not None:
         cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables or prepare_chunks(cu_seqlens, BT, device)
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
@@ -544,29 +529,24 @@ def chunk_gdn_bwd(
     if BV_dh > BV and 2 * triton.cdiv(dv, BV_dh) * num_states * value_heads < _multiprocessors(device):
         BV_dh = BV
 
-    # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel); with the fold
-    # (gdn_chunk.FOLD_WU_INTO_H, 16-bit inputs) w and u are never made: the h and dH passes take X, v and b instead
-    fold = gdn_chunk.FOLD_WU_INTO_H and dtype != torch.float32
-    w = u = None
-    if not fold:
-        w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
-        u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
-        chunk_gdn_wu_kernel[chunk_grid](
-            k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-            BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
+    # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
+    w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
+    u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
+    chunk_gdn_wu_kernel[chunk_grid](
+        k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
+        BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
     h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
     v_new = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
     BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
                             narrowest=32)  # the backward's tiles are all at least 32 wide
-    fold_h = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
-    plan = segment_plan(bounds, value_heads, device) if gdn_chunk.STATE_PASS_CP else None
+    plan = segment_plan(bounds, value_heads, device) if bounds is not None else None
     if plan is None:
         chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
             k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
-            BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4, **fold_h,
+            BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4,
             **common)
     else:  # the forward's context-parallel pass, keys normalised in the loop
-        _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, fold_h, common,
+        _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, {}, common,
                               narrowest=32, norm_k=True)
 
     dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
@@ -584,7 +564,7 @@ def chunk_gdn_bwd(
         STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=BWD_DH_WARPS,
         # three [64, dk] fp32 tiles per stage: at dk = 128, 3 stages need 280 KB of shared memory (sm_90: 227 KB)
         num_stages=2 if dtype == torch.float32 else BWD_DH_STAGES,
-        **(dict(FOLD_WU=True, x_inv=x_inv, b=b) if fold else {}), **common)
+        **common)
 
     grad_dtype = dtype if BWD_QK_GRAD_DTYPE == "input" else torch.float32
     dq_n = torch.empty(batch, length, value_heads, dk, dtype=grad_dtype, device=device)  # [B, T, Hv, dk]

@@ -30,6 +30,12 @@ import triton
 import triton.language as tl
 
 CP_LOG_DECAY = -10.0  # a pre-pass may start where the gates have decayed by e^-10 over the chunks up to the boundary
+# Cut only where the longest sequence's chunks x value heads reach this. On an H200 (fast gates) the cut lost at 4k
+# tokens (in CUDA graphs: 9B heads 0.278 vs 0.238 ms, 0.8B 0.193 vs 0.156) and won in GPU time from 16k on (9B 0.770
+# vs 0.899 with the fold, 64k 3.02 vs 3.68; 0.8B 16k 0.462 vs 0.566). But its host work (four more launches) is
+# ~0.2-0.3 ms, so where the GPU time is near that it loses when not in a graph (0.8B 16k: 0.843 vs 0.570 eager, 9B 16k
+# 0.781 vs 0.902): 9B heads (32) cut from 16k tokens, 0.8B heads (16) from 32k.
+CP_MIN_HEAD_CHUNKS = 32 * 256
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,9 @@ class SegmentPlan:
     sequences. Device tensors: cu_seqlens [S + 1] int32 (token bounds, as the varlen kernels take them),
     chunk_offsets [S + 1] int32 (first global chunk of each segment), first_segment [N + 1] int32 (segments of
     sequence i are first_segment[i] ... first_segment[i + 1] - 1), last_segment [N] int64, inner [P] int64 (the
-    segments with a successor), inner_last_rows [P, segment_chunks] int64 (each of their chunks' last row)."""
+    segments with a successor), inner_last_rows [P, segment_chunks] int64 (each of their chunks' last row),
+    has_successor [S] int32 (1 for the inner segments), final_slot [S] int32 (the sequence whose final state a
+    segment leaves, -1 for the inner ones)."""
     segment_chunks: int
     num_segments: int
     cu_seqlens: torch.Tensor
@@ -47,6 +55,8 @@ class SegmentPlan:
     last_segment: torch.Tensor
     inner: torch.Tensor
     inner_last_rows: torch.Tensor
+    has_successor: torch.Tensor
+    final_slot: torch.Tensor
 
 
 def segment_chunks_for(value_heads: int, total_chunks: int, multiprocessors: int) -> int:
@@ -54,20 +64,24 @@ def segment_chunks_for(value_heads: int, total_chunks: int, multiprocessors: int
     return max(4, 2 ** round(math.log2(3 * math.sqrt(value_heads * total_chunks / multiprocessors))))
 
 
-def worth_splitting(bounds: tuple[int, ...], value_heads: int, segment_chunks: int, chunk_size: int) -> bool:
-    """Whether to cut: few heads x sequence-equivalents (the total over the longest, as FlashQLA weighs it) and a
-    longest sequence of at least two segments."""
+def worth_splitting(bounds: tuple[int, ...], value_heads: int, segment_chunks: int, chunk_size: int,
+                    min_head_chunks: int | None = None) -> bool:
+    """Whether to cut: few heads x sequence-equivalents (the total over the longest, as FlashQLA weighs it), a
+    longest sequence of at least two segments, and its chunks x value heads at least `min_head_chunks`
+    (CP_MIN_HEAD_CHUNKS if None)."""
     chunks = [triton.cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
     longest = max(chunks)
-    return longest >= 2 * segment_chunks and sum(chunks) / longest * value_heads <= 40
+    min_head_chunks = CP_MIN_HEAD_CHUNKS if min_head_chunks is None else min_head_chunks
+    return (longest >= 2 * segment_chunks and longest * value_heads >= min_head_chunks
+            and sum(chunks) / longest * value_heads <= 40)
 
 
 @functools.lru_cache(maxsize=64)
 def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int, device: torch.device
                   ) -> SegmentPlan:
     """The segment tables for sequences with token bounds `bounds` (cu_seqlens on the host)."""
-    cu, offsets, first, last, inner, inner_rows = [0], [0], [0], [], [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    cu, offsets, first, last, inner, inner_rows, slot = [0], [0], [0], [], [], [], []
+    for sequence, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         chunks = triton.cdiv(b - a, chunk_size)
         segments = triton.cdiv(chunks, segment_chunks) if chunks else 0
         for s in range(segments):
@@ -77,6 +91,7 @@ def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int,
             if s + 1 < segments:  # full segment_chunks chunks, with a successor
                 inner.append(index)
                 inner_rows.append([min(end, start + (c + 1) * chunk_size) - 1 for c in range(segment_chunks)])
+            slot.append(-1 if s + 1 < segments else sequence)
             cu.append(end)
             offsets.append(offsets[-1] + triton.cdiv(end - start, chunk_size))
         first.append(len(cu) - 1)
@@ -88,7 +103,8 @@ def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int,
     return SegmentPlan(
         segment_chunks=segment_chunks, num_segments=len(cu) - 1, cu_seqlens=as_int32(cu),
         chunk_offsets=as_int32(offsets), first_segment=as_int32(first), last_segment=as_int64(last),
-        inner=as_int64(inner), inner_last_rows=as_int64(inner_rows).reshape(len(inner), segment_chunks))
+        inner=as_int64(inner), inner_last_rows=as_int64(inner_rows).reshape(len(inner), segment_chunks),
+        has_successor=as_int32([int(x < 0) for x in slot]), final_slot=as_int32(slot))
 
 
 def warmup_chunks(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | None = None
@@ -112,12 +128,63 @@ def warmup_chunks(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | 
     return first, fallback
 
 
+def warmup_tables(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | None = None) -> torch.Tensor:
+    """`warmup_chunks` in one launch (`gdn_cp_warmup_kernel`): int32 [3, S, HV] holding first_chunk, the transition
+    pass's first chunk (0 for fallback heads, past the end otherwise) and fallback."""
+    log_decay = CP_LOG_DECAY if log_decay is None else log_decay
+    value_heads = g_cumsum.shape[-1]
+    tables = torch.empty(3, plan.num_segments, value_heads, dtype=torch.int32, device=g_cumsum.device)
+    gdn_cp_warmup_kernel[(plan.num_segments,)](
+        g_cumsum, plan.cu_seqlens, plan.has_successor, tables, float(log_decay), plan.num_segments, HV=value_heads,
+        S=plan.segment_chunks, BS=triton.next_power_of_2(plan.segment_chunks),
+        BH=triton.next_power_of_2(value_heads), BT=64, num_warps=1)
+    return tables
+
+
+@triton.jit
+def gdn_cp_warmup_kernel(
+    g_cumsum,  # [rows, HV] fp32: the in-chunk cumulative log decay (a chunk's last row holds its total)
+    cu_seqlens,  # [S + 1] int32: the segments' token bounds
+    has_successor,  # [S] int32
+    tables,  # out [3, S, HV] int32: first_chunk, the transition pass's first chunk, fallback
+    log_decay,
+    num_segments,
+    HV: tl.constexpr,
+    S: tl.constexpr,
+    BS: tl.constexpr,
+    BH: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """One segment, every head: how many of its last w chunks (w = 1 ... S) still decay by more than e^log_decay."""
+    i_s = tl.program_id(0)
+    o_h = tl.arange(0, BH)
+    m_h = o_h < HV
+    p_out = tables + i_s * HV + o_h
+    stride = num_segments * HV
+    if tl.load(has_successor + i_s) != 0:  # a full segment of S chunks
+        start = tl.load(cu_seqlens + i_s).to(tl.int64)
+        o_c = tl.arange(0, BS)
+        m_c = o_c < S
+        rows = start + o_c * BT + BT - 1
+        b_tot = tl.load(g_cumsum + rows[:, None] * HV + o_h[None, :], mask=m_c[:, None] & m_h[None, :], other=0.)
+        b_tail = tl.sum(b_tot, axis=0)[None, :] - tl.cumsum(b_tot, axis=0) + b_tot  # decay from chunk c to the end
+        b_needed = tl.sum((m_c[:, None] & (b_tail > log_decay)).to(tl.int32), axis=0)
+        b_fallback = b_needed >= S
+        tl.store(p_out, tl.maximum(S - 1 - b_needed, 0), mask=m_h)
+        tl.store(p_out + stride, tl.where(b_fallback, 0, S + 1), mask=m_h)
+        tl.store(p_out + 2 * stride, b_fallback.to(tl.int32), mask=m_h)
+    else:
+        tl.store(p_out, tl.full([BH], S + 1, tl.int32), mask=m_h)
+        tl.store(p_out + stride, tl.full([BH], S + 1, tl.int32), mask=m_h)
+        tl.store(p_out + 2 * stride, tl.zeros([BH], tl.int32), mask=m_h)
+
+
 @triton.jit
 def gdn_cp_chain_kernel(
     initial_state,  # [N, HV, K, V] fp32 (None: zeros)
     ht,  # [S, HV, K, V] fp32: what each segment leaves from zero (over its warmup chunks or all of it)
     mt,  # [S, HV, K, K] fp32: each fallback segment's transition
-    fallback,  # [S, HV] int8
+    fallback,  # [S, HV] int8 or int32
     first_segment,  # [N + 1] int32
     h_in,  # out [S, HV, K, V] fp32: the state entering each segment
     HV: tl.constexpr,
