@@ -136,21 +136,26 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
         gdn_cp.CP_MIN_HEAD_CHUNKS = saved_min
 
 
-def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, cp=False):
-    """`cp`: the context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks, cut however short)."""
+def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, cp=False,
+                wy_bk=None):
+    """`cp`: the context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks, cut however short); `wy_bk`:
+    gdn_chunk_bwd.BWD_WY_BK for this launch (the key-blocked WY kernel) if not None."""
     q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
     do = randn(batch, length, hv, dv, dtype=dtype)
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
     saved = gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS
+    saved_wy = gdn_chunk_bwd.BWD_WY_BK
     if cp:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = True, 4, 0
+    gdn_chunk_bwd.BWD_WY_BK = saved_wy if wy_bk is None else wy_bk
     try:
         gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final,
                                     initial_state=init, cu_seqlens=cu)
     finally:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = saved
+        gdn_chunk_bwd.BWD_WY_BK = saved_wy
 
 
 def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8):
@@ -300,6 +305,10 @@ def configurations():
                 dv=GDN_DIM, length=1024, state=True, prepare=prepare, cp=True)
         add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
             state=True, dht=True, cp=True)
+        for wy_bk in (32, 64):  # the key-blocked WY kernel (gdn_chunk_bwd.BWD_WY_BK)
+            for varlen in (False, True):
+                add(f"gdn_bwd wy_bk={wy_bk} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_bwd,
+                    hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, state=True, dht=True, wy_bk=wy_bk)
         for prepare in PREPARE_VARIANTS:  # each way of running the prepare step (`-k prepare` lists them all)
             for varlen in (False, True):
                 add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,
@@ -393,6 +402,8 @@ def configurations():
             dtype=dtype, length=70, prepare="fused")
         add(f"gdn_bwd tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
             length=70)
+        add(f"gdn_bwd wy_bk=32 tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
+            length=70, wy_bk=32)
         add(f"gdn_decode tests H=2/4 d=32 {tname} B=3 split", run_gdn_decode, hk=2, hv=4, dk=32, dv=32, batch=3,
             dtype=dtype)
         add(f"conv tests C=96 {tname} T=70 +state", run_conv, channels=96, length=70, dtype=dtype, state=True,

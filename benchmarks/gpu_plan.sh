@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_plan.sh 11  # carry .fla: GDN tests; forward/train at every shape, defaults and the options (ours)
 #   bash benchmarks/gpu_plan.sh 13  # carry .fla (optional): the context-parallel pass's worst case; fold settings
 #   bash benchmarks/gpu_plan.sh 12  # carry .whl, then .whl2: as 10 (after any GDN kernel change)
+#   bash benchmarks/gpu_plan.sh 14  # carry .fla: the key-blocked WY kernel (tests, sweep, train end to end); host time
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -169,8 +170,26 @@ case "${1:-}" in
       > "$OUT/gdn.log" 2>&1
     grep -v 'TileLang\|Warning\|dk_fragment\|Initialize the buffer\|-->' "$OUT/gdn.log" | tail -40
     ;;
+  14)  # tenth session's untimed work: the WY kernel over key blocks (gdn_chunk_bwd.BWD_WY_BK, gdn_bwd_wy): its tests,
+       # its settings beside the whole-row kernel (whole backward, B = 4, T = 4k, both layouts), train end to end at
+       # every shape with it as a variant; then where the host time of the forward goes (cProfile at 4k)
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_cp.py \
+      -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 150 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups wy > "$OUT/wy.log" 2>&1
+    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant "wykb32:gdn_chunk_bwd.BWD_WY_BK=32" \
+      "wykb64:gdn_chunk_bwd.BWD_WY_BK=64,gdn_chunk_bwd.BWD_WY_KB_WARPS=8" > "$OUT/gdn.log" 2>&1
+    timeout 100 python3 benchmarks/host_overhead.py --shapes 9B:1:4096 9B:1:16384 0.8B:1:4096 0.8B:1:32768 \
+      --profile 9B:1:4096 > "$OUT/host.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep 'backward:' "$OUT/wy.log"
+    grep '^|' "$OUT/wy.log" | grep -v '^| model\|^|---' | head -14
+    grep '^|' "$OUT/gdn.log" | tail -12
+    grep '^|' "$OUT/host.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|13" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|14" >&2
     exit 2
     ;;
 esac

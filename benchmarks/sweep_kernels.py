@@ -3,7 +3,7 @@ sequential state pass h, the output o) and the causal conv, each setting checked
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
                                         [--kernels h,o,prepare,kkt,conv,fold,bwd]
-                                        [--bwd-groups wu,dv-local,dh,dqk,qkgrad]
+                                        [--bwd-groups wu,dv-local,dh,dqk,qkgrad,wy]
 
 For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd`
 timed one by one (prepare, h, o) with the wrapper's settings, then the h kernel alone over BV x num_warps x
@@ -298,12 +298,14 @@ def sweep_bwd(model, rows, tiny=False, only=()):
         "dh": ("BWD_DH_BV", "BWD_DH_WARPS", "BWD_DH_STAGES"),
         "dqk": ("BWD_DQK_WARPS", "BWD_WY_WARPS", "BWD_DQK_STAGES"),
         "qkgrad": ("BWD_QK_GRAD_DTYPE",),
+        "wy": ("BWD_WY_BK", "BWD_WY_KB_WARPS", "BWD_WY_KB_STAGES"),  # None: the whole-row WY kernel
     }
     grids = {
         "wu": [(64, 4), (128, 8), (128, 4), (64, 8)], "dv-local": [(4,), (8,)],
         "dh": list(itertools.product((32, 64), (4, 8), (2, 3))),  # 16-wide tiles: see chunk_gdn_bwd
         "dqk": list(itertools.product((4, 8), (4, 8), (2, 3))),
         "qkgrad": [("input",), ("fp32",)],
+        "wy": [(None, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2), (64, 4, 2)],
     }
     groups = {name: flags for name, flags in groups.items() if name in only} if only else groups
     for group, flags in groups.items():
@@ -414,7 +416,7 @@ def main() -> None:
                         "at B=4 T=4k)")
     parser.add_argument("--batch", type=int, default=1, help="sequences of the h and fold sweeps (B x T tokens)")
     parser.add_argument("--bwd-groups", default="", help="with bwd: comma-separated subset of wu, dv-local, dh, dqk, "
-                        "qkgrad (BWD_QK_GRAD_DTYPE; default: all)")
+                        "qkgrad (BWD_QK_GRAD_DTYPE), wy (BWD_WY_BK: the key-blocked WY kernel; default: all)")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.lengths, args.quick = ["tiny"], [200], True

@@ -232,3 +232,49 @@ def test_training_never_folds(poisoned, monkeypatch, case):
     chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
     assert len(forwards) == 1 and forwards[0]["w"] is not None and forwards[0]["u"] is not None
     check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True, cu_seqlens=cu_seqlens)
+
+
+WY_BLOCKED_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens); blocks of 32 key columns
+    "fp32-two-blocks": (1, 130, 1, 2, 64, 32, torch.float32, None),
+    "bf16-grouped-two-blocks": (2, 70, 1, 2, 64, 64, torch.bfloat16, None),
+    "fp16-odd-dims": (1, 70, 1, 4, 24, 40, torch.float16, None),
+    "bf16-packed": (1, 130, 1, 2, 32, 32, torch.bfloat16, [0, 5, 69, 130]),
+    "bf16-three-blocks-one-token": (2, 1, 1, 2, 96, 32, torch.bfloat16, None),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # as in test_bwd_strong_decay
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("case", sorted(WY_BLOCKED_CASES))
+def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_WY_BK: the WY kernel walking the key columns in blocks (two passes, dk stored and read back)
+    gives the whole-row kernel's gradients up to rounding and passes the float64 check."""
+    from hybridlm.ops.triton import gdn_bwd_wy, gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = WY_BLOCKED_CASES[case]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    num_states = batch if offsets is None else len(offsets) - 1
+    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states)
+    do, dht = output_grads(inputs[2], num_states, dk, True, dtype)
+    launched = []
+    blocked = gdn_bwd_wy.chunk_gdn_bwd_wy_kblocked_kernel
+    monkeypatch.setattr(gdn_chunk_bwd, "chunk_gdn_bwd_wy_kblocked_kernel", type("Recorder", (), {
+        "__getitem__": lambda self, grid: (lambda *args, **kwargs: launched.append(kwargs["BKW"])
+                                           or blocked[grid](*args, **kwargs))
+    })())
+
+    def grads(block):
+        monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
+        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+        o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
+        loss_of(o, final, do, dht).backward()
+        return [leaf.grad for leaf in leaves]
+
+    whole = grads(None)
+    assert launched == []
+    split = grads(32)
+    assert launched == [32]
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, x, ref in zip(NAMES, split, whole):
+        assert rel_err(x, ref.double()) <= tolerance, name
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True, cu_seqlens=cu_seqlens)

@@ -35,39 +35,14 @@ from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, _segmented_state_pass, chunk_gdn_fwd,
     chunk_gdn_fwd_h_kernel, may_split, segment_plan, sequence_bounds, state_pass_block,
 )
-from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chunk_gdn_bwd_wy_kernel
+from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
 
 
 # The kernels taking T leave it unspecialised (as fla does): one compile for every length, and T = 1 is never a
-# constexpr that _chunk_coords would hand back.
-@triton.jit
-def _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(global chunk index, chunk index inside its sequence, first token of the sequence, sequence length)."""
-    if IS_VARLEN:
-        i_tg = i_t.to(tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-        bos = i_b.to(tl.int64) * T
-    return i_tg, i_t, bos, T
-
-
-@triton.jit
-def _chunk_log_decay(p_gc, i_s, T, HV: tl.constexpr, BT: tl.constexpr):
-    """G of the chunk's rows, rows past T holding the last row's G (as the forward's prepare kernel has them): then
-    every exp(G_i - G_j) with i >= j is at most 1 even where a padded row i meets a real row j. (With 0 there, a
-    strongly decaying chunk, G < -88, overflows to inf and 0 * inf poisons the real rows.)"""
-    o_t = i_s + tl.arange(0, BT)
-    b_gc = tl.load(p_gc + o_t * HV, mask=o_t < T, other=0.)
-    return tl.where(o_t < T, b_gc, tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV))
-
-
+# constexpr that _chunk_bounds would hand back.
 @triton.jit(do_not_specialize=["T"])
 def chunk_gdn_bwd_dv_local_kernel(
     q,  # [B, T, H, K], token stride stride_q
@@ -94,7 +69,7 @@ def chunk_gdn_bwd_dv_local_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
-    _, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     dtype = do.dtype.element_ty
 
     i_s = i_t * BT
@@ -232,7 +207,7 @@ def chunk_gdn_bwd_dqk_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
-    i_tg, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    i_tg, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     dtype = v_new.dtype.element_ty
 
     i_s = i_t * BT
@@ -284,123 +259,6 @@ def chunk_gdn_bwd_dqk_kernel(
     _store_rows(dq + bos * HV * K + i_h * K, b_dq * scale, i_s, T, HV * K, K, BT, BK)
     _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
     tl.store(dG + bos * HV + i_h + o_t * HV, b_dG, mask=m_t)
-
-
-@triton.jit(do_not_specialize=["T"])
-def chunk_gdn_bwd_wy_kernel(
-    k,  # [B, T, H, K], token stride stride_k
-    v,  # [B, T, HV, V], token stride stride_v
-    a,  # [B, T, HV]
-    b,  # [B, T, HV]
-    A_log,  # [HV] fp32
-    dt_bias,  # [HV] fp32
-    g_cumsum,  # [B, T, HV] fp32
-    x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
-    h,  # [NT, HV, K, V]: the state entering each chunk
-    dv_new,  # [B, T, HV, V]
-    dk,  # in/out [B, T, HV, K]: chunk_gdn_bwd_dqk_kernel's share in, the whole gradient of l2norm(k) out
-    dG,  # [B, T, HV] fp32: chunk_gdn_bwd_dqk_kernel's share
-    dv,  # out [B, T, HV, V]
-    da,  # out [B, T, HV]
-    db,  # out [B, T, HV]
-    dA_log,  # out [NT, HV] fp32: per-chunk sums
-    ddt_bias,  # out [NT, HV] fp32: per-chunk sums
-    cu_seqlens,
-    chunk_indices,
-    T,
-    stride_k,
-    stride_v,
-    H: tl.constexpr,
-    HV: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dw = -dv_new h^T, the WY backward and the gates' chain rules; `chunk_gdn_bwd_dqk_kernel`'s shares of dk and
-    dG are added last, so they are not held through the products."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HV, i_bh % HV
-    i_hk = i_h // (HV // H)
-    i_tg, i_t, bos, T = _chunk_coords(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    dtype = dv_new.dtype.element_ty
-
-    i_s = i_t * BT
-    o_t = i_s + tl.arange(0, BT)
-    m_t = o_t < T
-    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
-    b_kf = b_k.to(tl.float32)
-    b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
-
-    # the gates of these rows, recomputed from the raw a, b (rows past T: beta = 0, g = 0)
-    b_A_exp = tl.exp(tl.load(A_log + i_h).to(tl.float32))
-    b_x = tl.load(a + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32) + tl.load(dt_bias + i_h)
-    # torch's softplus and its gradient: x above 20 passes through with slope 1
-    b_softplus = tl.where(b_x > 20., b_x, tl.maximum(b_x, 0.) + tl.log(1. + tl.exp(-tl.abs(b_x))))
-    b_g = tl.where(m_t, -b_A_exp * b_softplus, 0.)
-    b_dg_dx = tl.where(m_t, -b_A_exp * tl.where(b_x > 20., 1., tl.sigmoid(b_x)), 0.)
-    b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + bos * HV + i_h + o_t * HV, mask=m_t, other=0.).to(tl.float32)), 0.)
-
-    # WY: u = X (beta v), w = X (beta k exp(G)) with du = dv_new, and X = (I + A)^-1
-    o_i = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    m_A = o_i[:, None] >= o_i[None, :]
-    p_x = x_inv + bos * HV * BT + i_h * BT
-    b_X = tl.load(p_x + o_t[:, None] * (HV * BT) + o_i[None, :], mask=m_A & m_t[:, None], other=0.)  # [BT, BT]
-    b_dX = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    p_h = h + (i_tg * HV + i_h) * K * V
-    p_dvn = dv_new + bos * HV * V + i_h * V
-    p_v = v + bos * stride_v + i_h * V
-    p_dv = dv + bos * HV * V + i_h * V
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
-        b_v = _load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV)
-        b_du = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
-        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
-        b_dX += tl.dot(b_du, tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(dtype)),
-                       input_precision=DOT_PRECISION)
-        b_dvb = tl.dot(tl.trans(b_X), b_du, input_precision=DOT_PRECISION)  # gradient of beta v
-        b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
-        _store_rows(p_dv + i_v * BV, b_dvb * b_beta[:, None], i_s, T, HV * V, V - i_v * BV, BT, BV)
-    b_kbg = b_kf * (b_beta * tl.exp(b_gc))[:, None]
-    b_dw = b_dw.to(dtype)
-    b_dX += tl.dot(b_dw, tl.trans(b_kbg.to(dtype)), input_precision=DOT_PRECISION)
-    b_dkbg = tl.dot(tl.trans(b_X), b_dw, input_precision=DOT_PRECISION)  # gradient of beta k exp(G)
-    b_dk = b_dkbg * (b_beta * tl.exp(b_gc))[:, None]
-    b_dbeta += tl.sum(b_dkbg * b_kf, axis=1) * tl.exp(b_gc)
-    b_dG = tl.sum(b_dkbg * b_kbg, axis=1)
-    # dA = -X^T dX X^T on the strict lower triangle (X is unit lower, so only that part of dX matters)
-    m_L = o_i[:, None] > o_i[None, :]
-    b_dX = tl.where(m_L, b_dX, 0.).to(dtype)
-    b_dA = tl.dot(b_dX, tl.trans(b_X), input_precision=DOT_PRECISION).to(dtype)
-    b_dA = tl.dot(tl.trans(b_X), b_dA, input_precision=DOT_PRECISION)
-    # through A_ij = beta_i k_i . k_j exp(G_i - G_j): E = dA exp(G_i - G_j)
-    b_E = tl.where(m_L, -b_dA * tl.exp(tl.where(m_L, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
-    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
-    b_dbeta += tl.sum(b_E * b_kk, axis=1)
-    b_dAA = b_E * b_kk * b_beta[:, None]
-    b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
-    b_Ed = b_E.to(dtype)
-    b_dk += tl.dot(b_Ed, b_k, input_precision=DOT_PRECISION) * b_beta[:, None]
-    b_dk += tl.dot(tl.trans(b_Ed), (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
-    p_dk = dk + bos * HV * K + i_h * K
-    b_dk += _load_rows(p_dk, i_s, T, HV * K, K, BT, BK)
-    _store_rows(p_dk, b_dk, i_s, T, HV * K, K, BT, BK)
-
-    # G = cumsum(g) inside the chunk, so dg_t = sum_{s >= t} dG_s; then the gate chain rules
-    b_dG = tl.where(m_t, b_dG + tl.load(dG + bos * HV + i_h + o_t * HV, mask=m_t, other=0.), 0.)
-    b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
-    b_da = b_dg * b_dg_dx
-    tl.store(da + bos * HV + i_h + o_t * HV, b_da.to(da.dtype.element_ty), mask=m_t)
-    tl.store(db + bos * HV + i_h + o_t * HV, (b_dbeta * b_beta * (1. - b_beta)).to(db.dtype.element_ty), mask=m_t)
-    tl.store(dA_log + i_tg * HV + i_h, tl.sum(b_dg * b_g, axis=0))  # dg/dA_log = g
-    tl.store(ddt_bias + i_tg * HV + i_h, tl.sum(b_da, axis=0))
 
 
 @triton.jit
@@ -468,6 +326,14 @@ BWD_DV_LOCAL_WARPS = 4
 # programs as SMs (B = 4 at 9B and 0.8B heads was measured; B = 1 keeps 32, unmeasured at 64)
 BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
 BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
+# The WY kernel's key columns per block (`gdn_bwd_wy`): None keeps whole rows (`chunk_gdn_bwd_wy_kernel`); a number
+# takes `chunk_gdn_bwd_wy_kblocked_kernel` with blocks of max(32, min(dk, BWD_WY_BK)) columns, BWD_WY_KB_WARPS warps
+# and BWD_WY_KB_STAGES stages (fp32: 8 and 2). Not yet timed (`sweep_kernels.py --kernels bwd --bwd-groups wy`): at
+# 9B heads the whole-row kernel takes 1.04 of the backward's 2.65 ms (255 registers at 8 warps, 76 B spilled, 139 KB
+# of shared memory: one program per SM). Blocks of 32 at 4 warps compile to 242 registers, no spills, 40 KB (two
+# programs per SM); of 32 at 8 warps 224; of 64 at 8 warps 242, at 4 warps 255 with 152 B spilled (Triton 3.6).
+BWD_WY_BK: int | None = None
+BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
@@ -579,10 +445,17 @@ def chunk_gdn_bwd(
     chunk_gdn_bwd_dqk_kernel[chunk_grid](
         q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length, q.stride(1),
         k.stride(1), BV=BV_chunk, num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common)
-    chunk_gdn_bwd_wy_kernel[chunk_grid](
-        k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
-        cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1), BV=BV_chunk, num_warps=BWD_WY_WARPS,
-        num_stages=dqk_stages, **common)
+    wy_args = (k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
+               cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1))
+    if BWD_WY_BK is None:
+        chunk_gdn_bwd_wy_kernel[chunk_grid](*wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS, num_stages=dqk_stages,
+                                            **common)
+    else:
+        chunk_gdn_bwd_wy_kblocked_kernel[chunk_grid](
+            *wy_args, BV=BV_chunk, BKW=max(32, min(BK, BWD_WY_BK)),
+            # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
+            num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
+            num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common)
 
     rows, BR = batch * length, 32
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]

@@ -1,6 +1,6 @@
-"""Helpers shared by the chunked GDN kernels (`gdn_chunk`, `gdn_prepare`, `gdn_prepare_kkt`, `gdn_chunk_bwd`):
-row loads and stores, the L2 norm and the gates in the reference's form, and a chunk's place in a packed batch.
-They are inlined into the kernels that call them."""
+"""Helpers shared by the chunked GDN kernels (`gdn_chunk`, `gdn_prepare`, `gdn_prepare_kkt`, `gdn_chunk_bwd`,
+`gdn_bwd_wy`): row loads and stores, the L2 norm and the gates in the reference's form, a chunk's place in a packed
+batch and its log decay. They are inlined into the kernels that call them."""
 from __future__ import annotations
 
 import triton
@@ -62,3 +62,13 @@ def _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_V
         i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
         bos = i_b.to(tl.int64) * T
     return i_tg, i_t, bos, T
+
+
+@triton.jit
+def _chunk_log_decay(p_gc, i_s, T, HV: tl.constexpr, BT: tl.constexpr):
+    """G of the chunk's rows, rows past T holding the last row's G (as the forward's prepare kernel has them): then
+    every exp(G_i - G_j) with i >= j is at most 1 even where a padded row i meets a real row j. (With 0 there, a
+    strongly decaying chunk, G < -88, overflows to inf and 0 * inf poisons the real rows.)"""
+    o_t = i_s + tl.arange(0, BT)
+    b_gc = tl.load(p_gc + o_t * HV, mask=o_t < T, other=0.)
+    return tl.where(o_t < T, b_gc, tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV))
