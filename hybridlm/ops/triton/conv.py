@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import check_cu_seqlens, prepare_chunks
+from hybridlm.ops.triton.utils import cdiv, check_cu_seqlens, next_power_of_2, prepare_chunks
 
 BLOCK_T = 32
 BLOCK_C = 128
@@ -122,7 +122,7 @@ def causal_conv1d_fwd(
     if cu_seqlens is not None:
         cu_seqlens, chunk_indices, _, grid_t = prepare_chunks(cu_seqlens, BLOCK_T, x.device)  # memoised on cu_seqlens
     else:
-        chunk_indices, grid_t = None, triton.cdiv(length, BLOCK_T)
+        chunk_indices, grid_t = None, cdiv(length, BLOCK_T)
     y = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)  # [B, T, C]
     final_state = (torch.empty(num_states, channels, width - 1, dtype=x.dtype, device=x.device)
                    if output_final_state else None)
@@ -130,9 +130,9 @@ def causal_conv1d_fwd(
         if final_state is not None:
             final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return y, final_state
-    causal_conv1d_fwd_kernel[(triton.cdiv(channels, BLOCK_C), grid_t, 1 if cu_seqlens is not None else batch)](
+    causal_conv1d_fwd_kernel[(cdiv(channels, BLOCK_C), grid_t, 1 if cu_seqlens is not None else batch)](
         x, weight, initial_state, y, final_state, cu_seqlens, chunk_indices, length, x.stride(1),
-        C=channels, W=width, BT=BLOCK_T, BC=BLOCK_C, BW=triton.next_power_of_2(max(width - 1, 1)),
+        C=channels, W=width, BT=BLOCK_T, BC=BLOCK_C, BW=next_power_of_2(max(width - 1, 1)),
         SILU=activation == "silu", USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, num_warps=NUM_WARPS,
     )

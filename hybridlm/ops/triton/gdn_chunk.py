@@ -36,7 +36,9 @@ from hybridlm.ops.triton import gdn_cp
 from hybridlm.ops.triton.gdn_common import _chunk_bounds, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare import chunk_gdn_fwd_prepare_kernel
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
-from hybridlm.ops.triton.utils import check_cu_seqlens, dot_precision, prepare_chunks, rows_packed
+from hybridlm.ops.triton.utils import (
+    cdiv, check_cu_seqlens, dot_precision, next_power_of_2, prepare_chunks, rows_packed,
+)
 from hybridlm.ops.varlen import host_bounds
 
 CHUNK_SIZE = 64
@@ -427,14 +429,14 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
                      fp32: bool, narrowest: int = 16) -> int:
     """The V block of `chunk_gdn_fwd_h_kernel` for `programs_per_block` = sequences x value heads, at least
     `narrowest` (32 where a 16-wide block was never run on a GPU, or faulted: the backward, FOLD_WU_INTO_H)."""
-    BT, BK = CHUNK_SIZE, max(16, triton.next_power_of_2(dk))
-    widest = max(narrowest, triton.next_power_of_2(dv))
+    BT, BK = CHUNK_SIZE, max(16, next_power_of_2(dk))
+    widest = max(narrowest, next_power_of_2(dv))
     if fp32:
         return min(widest, max(narrowest, 32))
     sms = _multiprocessors(device)
 
     def cost(BV):
-        programs = triton.cdiv(dv, BV) * programs_per_block
+        programs = cdiv(dv, BV) * programs_per_block
         return max(1.0, programs / sms) * (2 * BT * BK + BV * (2 * BT + BK)) * element_size
 
     return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
@@ -443,7 +445,7 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
 def may_split(tokens: int, value_heads: int) -> bool:
     """STATE_PASS_CP is on and `tokens` (all sequences together) could hold a sequence long enough to cut, so the
     sequence bounds are worth reading (cheap host-side exit for short batches)."""
-    return STATE_PASS_CP and triton.cdiv(tokens, CHUNK_SIZE) * value_heads >= gdn_cp.CP_MIN_HEAD_CHUNKS
+    return STATE_PASS_CP and cdiv(tokens, CHUNK_SIZE) * value_heads >= gdn_cp.CP_MIN_HEAD_CHUNKS
 
 
 def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> tuple[int, ...]:
@@ -455,7 +457,7 @@ def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) ->
 
 def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device) -> gdn_cp.SegmentPlan | None:
     """The context-parallel segments for these sequences, or None where the plain state pass fits better."""
-    total_chunks = sum(triton.cdiv(b - a, CHUNK_SIZE) for a, b in zip(bounds[:-1], bounds[1:]))
+    total_chunks = sum(cdiv(b - a, CHUNK_SIZE) for a, b in zip(bounds[:-1], bounds[1:]))
     if total_chunks == 0 or any(b == a for a, b in zip(bounds[:-1], bounds[1:])):
         return None
     segment = CP_SEGMENT_CHUNKS or gdn_cp.segment_chunks_for(value_heads, total_chunks, _multiprocessors(device))
@@ -478,25 +480,25 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
     # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
     BV = state_pass_block(dk, dv, segments * value_heads, h.element_size(), device, fp32, narrowest)
     ht = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV), segments * value_heads)](
+    chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
         k_normed, w, u, g_cumsum, None, None, None, ht, *tables, BV=BV, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, HAS_FIRST_CHUNK=True, first_chunk=first, **fold_args, **seg)
     BV_m = state_pass_block(dk, dk, segments * value_heads, h.element_size(), device, fp32, narrowest)
     mt = torch.empty(segments, value_heads, dk, dk, dtype=torch.float32, device=device)
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(dk, BV_m), segments * value_heads)](
+    chunk_gdn_fwd_h_kernel[(cdiv(dk, BV_m), segments * value_heads)](
         k_normed, w, None, g_cumsum, None, None, None, mt, *tables, BV=BV_m, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, ZERO_U=True, IDENTITY_INIT=True, HAS_FIRST_CHUNK=True,
         first_chunk=first_m, **fold_args, **dict(seg, V=dk))
     # 2. the state entering each segment, along each sequence
     h_in = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
     BK = common["BK"]
-    BV_c = min(32, max(16, triton.next_power_of_2(dv)))
+    BV_c = min(32, max(16, next_power_of_2(dv)))
     sequences = len(plan.last_segment)
-    gdn_cp.gdn_cp_chain_kernel[(triton.cdiv(dv, BV_c), sequences * value_heads)](
+    gdn_cp.gdn_cp_chain_kernel[(cdiv(dv, BV_c), sequences * value_heads)](
         initial_state, ht, mt, fallback, plan.first_segment, h_in, HV=value_heads, K=dk, V=dv, BK=BK, BV=BV_c,
         BKC=min(32, BK), USE_INITIAL_STATE=initial_state is not None, num_warps=4)
     # 3. the state pass proper, every segment at once
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV), segments * value_heads)](
+    chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
         k_normed, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
         STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, **fold_args, **seg)
 
@@ -512,8 +514,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     value_heads, dv = v.shape[2], v.shape[3]
     scale = dk ** -0.5 if scale is None else float(scale)
     BT, BC = CHUNK_SIZE, SUB_CHUNK
-    BK = max(16, triton.next_power_of_2(dk))
-    BV_full = max(16, triton.next_power_of_2(dv))
+    BK = max(16, next_power_of_2(dk))
+    BV_full = max(16, next_power_of_2(dv))
     BV = min(BV_full, 32)
     precision = dot_precision(v.dtype)
     device = v.device
@@ -526,7 +528,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
     else:
         chunk_indices = chunk_offsets = None
-        grid_chunks = triton.cdiv(length, BT)
+        grid_chunks = cdiv(length, BT)
         num_states, num_chunks = batch, batch * grid_chunks
     if initial_state is not None:
         initial_state = initial_state.contiguous()
@@ -569,7 +571,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                             narrowest=32 if fold else 16)
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
     if plan is None:
-        chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
+        chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
             key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
             STORE_FINAL_STATE=output_final_state, NORM_K=False, num_warps=4, **fold_args, **common)
@@ -584,7 +586,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             q, k_normed, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1),
             BV=BV_o, num_warps=LOOPED_O_WARPS_FP32 if fp32 else LOOPED_O_WARPS, num_stages=LOOPED_O_STAGES, **common)
     else:
-        chunk_gdn_fwd_o_kernel[(triton.cdiv(dv, BV), grid_chunks, batch * value_heads)](
+        chunk_gdn_fwd_o_kernel[(cdiv(dv, BV), grid_chunks, batch * value_heads)](
             q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
             BV=BV, num_warps=4, **common)
     return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, x_inv=x_inv, h=h, v_new=v_new,

@@ -38,7 +38,7 @@ from hybridlm.ops.triton.gdn_chunk import (
 from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chunk_gdn_bwd_wy_kernel
 from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
-from hybridlm.ops.triton.utils import dot_precision, prepare_chunks, rows_packed
+from hybridlm.ops.triton.utils import cdiv, dot_precision, next_power_of_2, prepare_chunks, rows_packed
 
 
 # The kernels taking T leave it unspecialised (as fla does): one compile for every length, and T = 1 is never a
@@ -371,8 +371,8 @@ def chunk_gdn_bwd(
     BT = CHUNK_SIZE
     # tiles at least 32 wide: on the H100 (Triton 3.6) 16-wide tiles in 16-bit dtypes made the (then one) dq/dk/dv/dg
     # kernel fault (bf16, dk = 16) or return wrong gradients (dk or dv = 16); masks cover the padding
-    BK = max(32, triton.next_power_of_2(dk))
-    BV_full = max(32, triton.next_power_of_2(dv))
+    BK = max(32, next_power_of_2(dk))
+    BV_full = max(32, next_power_of_2(dv))
     BV, BV_chunk = min(BV_full, 32), min(BV_full, 64)  # V blocks of the sequential and of the parallel kernels
     BV_dh = max(32, min(BV_full, BWD_DH_BV))
     device, dtype = v.device, v.dtype
@@ -383,7 +383,7 @@ def chunk_gdn_bwd(
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
     else:
         chunk_indices = chunk_offsets = None
-        grid_chunks = triton.cdiv(length, BT)
+        grid_chunks = cdiv(length, BT)
         num_states, num_chunks = batch, batch * grid_chunks
     if initial_state is not None:
         initial_state = initial_state.contiguous()
@@ -392,7 +392,7 @@ def chunk_gdn_bwd(
     common = dict(H=key_heads, HV=value_heads, K=dk, V=dv, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None,
                   DOT_PRECISION=dot_precision(dtype))
     chunk_grid = (grid_chunks, batch * value_heads)
-    if BV_dh > BV and 2 * triton.cdiv(dv, BV_dh) * num_states * value_heads < _multiprocessors(device):
+    if BV_dh > BV and 2 * cdiv(dv, BV_dh) * num_states * value_heads < _multiprocessors(device):
         BV_dh = BV
 
     # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
@@ -407,7 +407,7 @@ def chunk_gdn_bwd(
                             narrowest=32)  # the backward's tiles are all at least 32 wide
     plan = segment_plan(bounds, value_heads, device) if bounds is not None else None
     if plan is None:
-        chunk_gdn_fwd_h_kernel[(triton.cdiv(dv, BV_h), num_states * value_heads)](
+        chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
             k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
             BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4,
             **common)
@@ -424,7 +424,7 @@ def chunk_gdn_bwd(
     dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
     dh0 = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
            if initial_state is not None else None)
-    chunk_gdn_bwd_dh_kernel[(triton.cdiv(dv, BV_dh), num_states * value_heads)](
+    chunk_gdn_bwd_dh_kernel[(cdiv(dv, BV_dh), num_states * value_heads)](
         q, k, w, g_cumsum, do, dv_local, dv_new, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, length,
         q.stride(1), k.stride(1), BV=BV_dh, USE_FINAL_STATE_GRADIENT=dht is not None,
         STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=BWD_DH_WARPS,
@@ -460,7 +460,7 @@ def chunk_gdn_bwd(
     rows, BR = batch * length, 32
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
     dk_out = torch.empty_like(dq)
-    chunk_gdn_bwd_qk_norm_kernel[(triton.cdiv(rows, BR), key_heads)](
+    chunk_gdn_bwd_qk_norm_kernel[(cdiv(rows, BR), key_heads)](
         q, k, dq_n, dk_n, dq, dk_out, rows, q.stride(1), k.stride(1), H=key_heads, HV=value_heads, K=dk, BR=BR,
         BK=BK, num_warps=4)
     return dict(dq=dq, dk=dk_out, dv=dv_out, da=da, db=db, dA_log=dA_log.sum(0), ddt_bias=ddt_bias.sum(0), dh0=dh0)

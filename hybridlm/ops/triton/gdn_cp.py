@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2
+
 CP_LOG_DECAY = -10.0  # a pre-pass may start where the gates have decayed by e^-10 over the chunks up to the boundary
 # Cut only where the longest sequence's chunks x value heads reach this. On an H200 (fast gates) the cut lost at 4k
 # tokens (in CUDA graphs: 9B heads 0.278 vs 0.238 ms, 0.8B 0.193 vs 0.156) and won in GPU time from 16k on (9B 0.770
@@ -69,7 +71,7 @@ def worth_splitting(bounds: tuple[int, ...], value_heads: int, segment_chunks: i
     """Whether to cut: few heads x sequence-equivalents (the total over the longest, as FlashQLA weighs it), a
     longest sequence of at least two segments, and its chunks x value heads at least `min_head_chunks`
     (CP_MIN_HEAD_CHUNKS if None)."""
-    chunks = [triton.cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    chunks = [cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
     longest = max(chunks)
     min_head_chunks = CP_MIN_HEAD_CHUNKS if min_head_chunks is None else min_head_chunks
     return (longest >= 2 * segment_chunks and longest * value_heads >= min_head_chunks
@@ -82,8 +84,8 @@ def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int,
     """The segment tables for sequences with token bounds `bounds` (cu_seqlens on the host)."""
     cu, offsets, first, last, inner, inner_rows, slot = [0], [0], [0], [], [], [], []
     for sequence, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        chunks = triton.cdiv(b - a, chunk_size)
-        segments = triton.cdiv(chunks, segment_chunks) if chunks else 0
+        chunks = cdiv(b - a, chunk_size)
+        segments = cdiv(chunks, segment_chunks) if chunks else 0
         for s in range(segments):
             start = a + s * segment_chunks * chunk_size
             end = min(b, start + segment_chunks * chunk_size)
@@ -93,7 +95,7 @@ def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int,
                 inner_rows.append([min(end, start + (c + 1) * chunk_size) - 1 for c in range(segment_chunks)])
             slot.append(-1 if s + 1 < segments else sequence)
             cu.append(end)
-            offsets.append(offsets[-1] + triton.cdiv(end - start, chunk_size))
+            offsets.append(offsets[-1] + cdiv(end - start, chunk_size))
         first.append(len(cu) - 1)
         last.append(len(cu) - 2 if segments else -1)
     if any(x < 0 for x in last):
@@ -136,8 +138,8 @@ def warmup_tables(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | 
     tables = torch.empty(3, plan.num_segments, value_heads, dtype=torch.int32, device=g_cumsum.device)
     gdn_cp_warmup_kernel[(plan.num_segments,)](
         g_cumsum, plan.cu_seqlens, plan.has_successor, tables, float(log_decay), plan.num_segments, HV=value_heads,
-        S=plan.segment_chunks, BS=triton.next_power_of_2(plan.segment_chunks),
-        BH=triton.next_power_of_2(value_heads), BT=64, num_warps=1)
+        S=plan.segment_chunks, BS=next_power_of_2(plan.segment_chunks),
+        BH=next_power_of_2(value_heads), BT=64, num_warps=1)
     return tables
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import pdl_enabled, pdl_wait
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_enabled, pdl_wait
 
 
 @triton.jit
@@ -310,18 +310,18 @@ def gdn_decode_step(
     conv_weight = conv_weight.contiguous()
     A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
     scale = key_head_dim ** -0.5 if scale is None else float(scale)
-    BV_full = triton.next_power_of_2(value_head_dim)
+    BV_full = next_power_of_2(value_head_dim)
     BV = BV_full if fuse_norm else min(BV_full, 64)
     o = torch.empty(batch, num_value_heads, value_head_dim, dtype=qkv_raw.dtype, device=qkv_raw.device)
     prod_in_x_dtype = not fuse_norm or torch.promote_types(norm_weight.dtype, qkv_raw.dtype) == qkv_raw.dtype
-    BK, BW = triton.next_power_of_2(key_head_dim), triton.next_power_of_2(width - 1)
+    BK, BW = next_power_of_2(key_head_dim), next_power_of_2(width - 1)
     pdl = pdl_enabled(o.device)
     if split is None:
         sms = torch.cuda.get_device_properties(qkv_raw.device).multi_processor_count if qkv_raw.is_cuda else 8
         split = batch * num_key_heads < 2 * sms
     if split:
         BV_split = min(BV_full, 32)
-        num_slices = triton.cdiv(value_head_dim, BV_split)
+        num_slices = cdiv(value_head_dim, BV_split)
         o_raw = o if not fuse_norm else torch.empty_like(o)
         gdn_decode_split_kernel[(batch, num_value_heads, num_slices)](
             qkv_raw, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, recurrent_state_pool,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import dot_precision, pdl_enabled, pdl_wait
+from hybridlm.ops.triton.utils import cdiv, dot_precision, next_power_of_2, pdl_enabled, pdl_wait
 
 MAX_ROWS = 16  # more rows: the weight is read once either way and the tensor-core GEMM (F.linear) wins
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -218,13 +218,13 @@ def gemv_config(rows: int, n: int, k: int, multiprocessors: int = 132, element_s
     if TILES and not use_dot:  # a trial rule for the CUDA-core path, from the environment (bench runs only)
         block_n_small, block_n_large, max_block_k, stages, warps = TILES
         return GemvConfig(block_n_large if n >= 4096 else block_n_small,
-                          max(16, min(max_block_k, triton.next_power_of_2(k))), warps, stages, False)
+                          max(16, min(max_block_k, next_power_of_2(k))), warps, stages, False)
     if rows == 1 and n < 4096:  # the small-N products (out_proj, o_proj, mlp down): whole rows of up to 4 kB a step
-        block_k = max(16, min(4096 // element_size, triton.next_power_of_2(k)))
+        block_k = max(16, min(4096 // element_size, next_power_of_2(k)))
         return GemvConfig(block_n=4, block_k=block_k, use_dot=False)
-    block_k = max(16, min(512 // element_size, triton.next_power_of_2(k)))
-    floor, block_n = (16, 32) if use_dot else (4, max(4, min(16, 64 // triton.next_power_of_2(rows))))
-    while block_n > floor and triton.cdiv(n, block_n) < 2 * multiprocessors:
+    block_k = max(16, min(512 // element_size, next_power_of_2(k)))
+    floor, block_n = (16, 32) if use_dot else (4, max(4, min(16, 64 // next_power_of_2(rows))))
+    while block_n > floor and cdiv(n, block_n) < 2 * multiprocessors:
         block_n //= 2
     return GemvConfig(block_n=block_n, block_k=block_k, use_dot=use_dot)
 
@@ -289,11 +289,11 @@ def _gemv(prologue: tl.constexpr, x: torch.Tensor, x2: torch.Tensor | None, norm
     # with PDL, each program prefetches its weight rows (about one line per thread and step) before it waits
     small = n * k * weight.element_size() <= PREFETCH_MAX_BYTES
     prefetch = max(1, 128 // config.block_n) if pdl and PREFETCH and small else 0
-    gemv_kernel[(triton.cdiv(n, config.block_n),)](
+    gemv_kernel[(cdiv(n, config.block_n),)](
         x2d, x2d2, x2d if norm_weight is None else norm_weight, weight, y, y if summed is None else summed, eps,
         rows, n, k, x2d.stride(0), x2d2.stride(0), *head_strides, weight.stride(0), y.stride(0),
         PROLOGUE=prologue.value, HD=head_dim,
-        BM=16 if use_dot else triton.next_power_of_2(rows), BN=config.block_n, BK=config.block_k, USE_DOT=use_dot,
+        BM=16 if use_dot else next_power_of_2(rows), BN=config.block_n, BK=config.block_k, USE_DOT=use_dot,
         DOT_PRECISION=dot_precision(x.dtype), STAGES=config.num_stages, USE_PDL=pdl, PREFETCH=prefetch,
         LINE=128 // weight.element_size(), num_warps=config.num_warps, launch_pdl=pdl)
     return y, summed

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2
+
 
 @triton.jit
 def gated_rms_norm_fwd_kernel(
@@ -53,11 +55,11 @@ def gated_rms_norm_fwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
     x2, gate2 = x.reshape(-1, dim).contiguous(), gate.reshape(-1, dim).contiguous()
     rows = x2.shape[0]
     y = torch.empty_like(x2)
-    BD = triton.next_power_of_2(dim)
+    BD = next_power_of_2(dim)
     BR = max(1, min(16, 4096 // BD))
     prod_in_x_dtype = torch.promote_types(weight.dtype, x.dtype) == x.dtype
     if rows:
-        gated_rms_norm_fwd_kernel[(triton.cdiv(rows, BR),)](
+        gated_rms_norm_fwd_kernel[(cdiv(rows, BR),)](
             x2, gate2, weight.contiguous(), y, eps, rows, D=dim, BR=BR, BD=BD, PROD_IN_X_DTYPE=prod_in_x_dtype,
             num_warps=4)
     return y.reshape(x.shape)
@@ -105,10 +107,10 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, resid
     y = torch.empty_like(x2)
     summed = torch.empty_like(x2) if residual is not None else y
     residual2 = residual.reshape(-1, dim).contiguous() if residual is not None else x2
-    BD = triton.next_power_of_2(dim)
+    BD = next_power_of_2(dim)
     BR = max(1, min(16, 4096 // BD))
     if rows:
-        rms_norm_fwd_kernel[(triton.cdiv(rows, BR),)](
+        rms_norm_fwd_kernel[(cdiv(rows, BR),)](
             x2, residual2, weight.contiguous(), y, summed, eps, rows, D=dim, BR=BR, BD=BD,
             HAS_RESIDUAL=residual is not None, num_warps=4 if BD <= 1024 else 8)
     if residual is None:
@@ -138,9 +140,9 @@ def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = (x.reshape(-1, columns) for x in (gate, up))  # views when the leading axes merge
     gate, up = (x if x.stride(-1) == 1 else x.contiguous() for x in (gate, up))
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    rows, block = gate.shape[0], min(1024, triton.next_power_of_2(max(columns, 1)))
+    rows, block = gate.shape[0], min(1024, next_power_of_2(max(columns, 1)))
     if rows and columns:
-        silu_mul_fwd_kernel[(rows, triton.cdiv(columns, block))](gate, up, y, columns, gate.stride(0), up.stride(0),
+        silu_mul_fwd_kernel[(rows, cdiv(columns, block))](gate, up, y, columns, gate.stride(0), up.stride(0),
                                                                 BLOCK=block, num_warps=4)
     return y.view(shape)
 
@@ -170,10 +172,10 @@ def sigmoid_gate_fwd(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     batch, length, heads, dim = o.shape
     y = torch.empty(batch, length, heads * dim, dtype=o.dtype, device=o.device)
     rows = batch * length * heads
-    BD = triton.next_power_of_2(dim)
+    BD = next_power_of_2(dim)
     BR = max(1, min(16, 4096 // BD))
     if rows:
-        sigmoid_gate_fwd_kernel[(triton.cdiv(rows, BR),)](
+        sigmoid_gate_fwd_kernel[(cdiv(rows, BR),)](
             o, gate, y, rows, length, heads, o.stride(0), o.stride(1), o.stride(2), gate.stride(0), gate.stride(1),
             gate.stride(2), D=dim, BR=BR, BD=BD, num_warps=4)
     return y

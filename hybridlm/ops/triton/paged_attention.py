@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import dot_precision, pdl_enabled, pdl_wait
+from hybridlm.ops.triton.utils import cdiv, dot_precision, next_power_of_2, pdl_enabled, pdl_wait
 
 
 @triton.jit
@@ -108,11 +108,11 @@ def write_kv_fwd(key_pool: torch.Tensor, value_pool: torch.Tensor, k: torch.Tens
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     tokens, heads, dim = k.shape
     rows = tokens * heads
-    BD = triton.next_power_of_2(dim)
+    BD = next_power_of_2(dim)
     BR = max(1, min(16, 4096 // BD))
     pdl = pdl_enabled(k.device)
     if rows:
-        write_kv_kernel[(triton.cdiv(rows, BR),)](key_pool, value_pool, k, v, slot_mapping, rows, heads, k.stride(0),
+        write_kv_kernel[(cdiv(rows, BR),)](key_pool, value_pool, k, v, slot_mapping, rows, heads, k.stride(0),
                                                  k.stride(1), v.stride(0), v.stride(1), D=dim, BR=BR, BD=BD,
                                                  USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
 
@@ -140,7 +140,7 @@ def num_partitions(num_queries: int, kv_heads: int, device: torch.device) -> int
     """Enough partitions to give every SM about two programs, at most 32 (a power of two)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     wanted = -(-2 * sms // max(num_queries * kv_heads, 1))
-    return min(32, triton.next_power_of_2(wanted)) if wanted > 1 else 1
+    return min(32, next_power_of_2(wanted)) if wanted > 1 else 1
 
 
 def paged_decode_attention_fwd(
@@ -165,7 +165,7 @@ def paged_decode_attention_fwd(
         block_tables = block_tables.contiguous()
     group = query_heads // kv_heads
     P = num_partitions(num_queries, kv_heads, q.device) if partitions is None else partitions
-    BD = triton.next_power_of_2(dim)
+    BD = next_power_of_2(dim)
     pdl = pdl_enabled(q.device)
     o = torch.empty_like(q)
     if P > 1:
@@ -176,7 +176,7 @@ def paged_decode_attention_fwd(
     paged_decode_attention_kernel[(num_queries, kv_heads, P)](
         q, key_pool, value_pool, block_tables, rows, context_lens, o, partial_o, partial_ml, scale,
         block_tables.stride(0), HQ=query_heads, HKV=kv_heads, D=dim, BS=block_size, G=group,
-        BG=max(16, triton.next_power_of_2(group)), BD=BD, P=P, DOT_PRECISION=dot_precision(q.dtype), USE_PDL=pdl,
+        BG=max(16, next_power_of_2(group)), BD=BD, P=P, DOT_PRECISION=dot_precision(q.dtype), USE_PDL=pdl,
         num_warps=4, launch_pdl=pdl)
     if P > 1:
         paged_decode_combine_kernel[(num_queries * query_heads,)](partial_o, partial_ml, o, D=dim, BD=BD, P=P,

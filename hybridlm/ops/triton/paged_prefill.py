@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import dot_precision
+from hybridlm.ops.triton.utils import dot_precision, next_power_of_2
 from hybridlm.ops.varlen import host_bounds
 
 LOG2E = 1.4426950408889634
@@ -221,9 +221,9 @@ def paged_prefill_attention_fwd(
 
     group = query_heads // kv_heads
     # short chunks (a batch of decode rows, say) get a shorter tile; BM >= 16 for the tensor-core dot
-    BM = max(16, triton.next_power_of_2(group), min(BLOCK_M, triton.next_power_of_2(max(1, max_len) * group)))
+    BM = max(16, next_power_of_2(group), min(BLOCK_M, next_power_of_2(max(1, max_len) * group)))
     BQ = BM // group
-    BD = triton.next_power_of_2(dim)
+    BD = next_power_of_2(dim)
     # a 256-wide head keeps K/V tiles and accumulator in budget (2 programs per SM); fp32's full-precision dots
     # run on FMA units, whose operands spill badly past 32 keys x 4 warps (ptxas, sm_90)
     BN = 64 if BD <= 128 and q.dtype != torch.float32 else 32

@@ -12,6 +12,17 @@ import triton.language as tl
 from hybridlm.ops.varlen import host_bounds, host_memo
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: `triton.cdiv` does the same through Triton's constexpr machinery at ~2 us a call,
+    and a model's forward makes hundreds of these calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as `triton.next_power_of_2` for host code (see `cdiv`)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots ("ieee"); bf16/fp16 operands run on tensor cores anyway."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -52,7 +63,7 @@ def prepare_chunks(cu_seqlens: torch.Tensor, chunk_size: int, device: torch.devi
     device = cu_seqlens.device if device is None else torch.device(device)
     key = (chunk_size, device)
     if key not in memo:
-        per_sequence = [triton.cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
+        per_sequence = [cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
         indices = [(i, t) for i, n in enumerate(per_sequence) for t in range(n)]
         offsets = [0]
         for n in per_sequence:
