@@ -176,10 +176,10 @@ case "${1:-}" in
     timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_cp.py \
       -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 150 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups wy > "$OUT/wy.log" 2>&1
+    timeout 180 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups wy > "$OUT/wy.log" 2>&1
     timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant "wykb32:gdn_chunk_bwd.BWD_WY_BK=32" \
       "wykb64:gdn_chunk_bwd.BWD_WY_BK=64,gdn_chunk_bwd.BWD_WY_KB_WARPS=8" > "$OUT/gdn.log" 2>&1
-    timeout 100 python3 benchmarks/host_overhead.py --shapes 9B:1:4096 9B:1:16384 0.8B:1:4096 0.8B:1:32768 \
+    timeout 70 python3 benchmarks/host_overhead.py --shapes 9B:1:4096 9B:1:16384 0.8B:1:4096 0.8B:1:32768 \
       --profile 9B:1:4096 > "$OUT/host.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
