@@ -92,6 +92,7 @@ def test_segment_plan_tables():
     assert plan.last_segment.tolist() == [0, 3, 4]
     assert plan.inner.tolist() == [1, 2]
     assert plan.inner_last_rows.tolist() == [[68, 132], [196, 260]]
+    assert plan.final_slot.tolist() == [0, -1, -1, 1, 2]  # each sequence's last segment leaves its final state
     with pytest.raises(ValueError, match="zero tokens"):
         gdn_cp.plan_segments((0, 0, 10), 2, 64, torch.device("cpu"))
 

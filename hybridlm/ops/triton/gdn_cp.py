@@ -47,8 +47,7 @@ class SegmentPlan:
     chunk_offsets [S + 1] int32 (first global chunk of each segment), first_segment [N + 1] int32 (segments of
     sequence i are first_segment[i] ... first_segment[i + 1] - 1), last_segment [N] int64, inner [P] int64 (the
     segments with a successor), inner_last_rows [P, segment_chunks] int64 (each of their chunks' last row),
-    has_successor [S] int32 (1 for the inner segments), final_slot [S] int32 (the sequence whose final state a
-    segment leaves, -1 for the inner ones)."""
+    final_slot [S] int32 (the sequence whose final state a segment leaves; -1 for the inner ones)."""
     segment_chunks: int
     num_segments: int
     cu_seqlens: torch.Tensor
@@ -57,7 +56,6 @@ class SegmentPlan:
     last_segment: torch.Tensor
     inner: torch.Tensor
     inner_last_rows: torch.Tensor
-    has_successor: torch.Tensor
     final_slot: torch.Tensor
 
 
@@ -106,7 +104,7 @@ def plan_segments(bounds: tuple[int, ...], segment_chunks: int, chunk_size: int,
         segment_chunks=segment_chunks, num_segments=len(cu) - 1, cu_seqlens=as_int32(cu),
         chunk_offsets=as_int32(offsets), first_segment=as_int32(first), last_segment=as_int64(last),
         inner=as_int64(inner), inner_last_rows=as_int64(inner_rows).reshape(len(inner), segment_chunks),
-        has_successor=as_int32([int(x < 0) for x in slot]), final_slot=as_int32(slot))
+        final_slot=as_int32(slot))
 
 
 def warmup_chunks(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | None = None
@@ -137,7 +135,7 @@ def warmup_tables(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | 
     value_heads = g_cumsum.shape[-1]
     tables = torch.empty(3, plan.num_segments, value_heads, dtype=torch.int32, device=g_cumsum.device)
     gdn_cp_warmup_kernel[(plan.num_segments,)](
-        g_cumsum, plan.cu_seqlens, plan.has_successor, tables, float(log_decay), plan.num_segments, HV=value_heads,
+        g_cumsum, plan.cu_seqlens, plan.final_slot, tables, float(log_decay), plan.num_segments, HV=value_heads,
         S=plan.segment_chunks, BS=next_power_of_2(plan.segment_chunks),
         BH=next_power_of_2(value_heads), BT=64, num_warps=1)
     return tables
@@ -147,7 +145,7 @@ def warmup_tables(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | 
 def gdn_cp_warmup_kernel(
     g_cumsum,  # [rows, HV] fp32: the in-chunk cumulative log decay (a chunk's last row holds its total)
     cu_seqlens,  # [S + 1] int32: the segments' token bounds
-    has_successor,  # [S] int32
+    final_slot,  # [S] int32: -1 for the segments with a successor
     tables,  # out [3, S, HV] int32: first_chunk, the transition pass's first chunk, fallback
     log_decay,
     num_segments,
@@ -163,7 +161,7 @@ def gdn_cp_warmup_kernel(
     m_h = o_h < HV
     p_out = tables + i_s * HV + o_h
     stride = num_segments * HV
-    if tl.load(has_successor + i_s) != 0:  # a full segment of S chunks
+    if tl.load(final_slot + i_s) < 0:  # a segment with a successor: S full chunks
         start = tl.load(cu_seqlens + i_s).to(tl.int64)
         o_c = tl.arange(0, BS)
         m_c = o_c < S
