@@ -465,13 +465,16 @@ def apply_settings(settings: list[str]) -> list[str]:
 
 def parse_variants(variants: list[str]) -> dict[str, list[tuple[object, str, object]]]:
     """--variant NAME:MODULE.FLAG=VALUE[,MODULE.FLAG=VALUE...] -> {NAME: settings}: ours timed again under each, in
-    the same process as the default and the peers."""
+    the same process as the default and the peers. Commas split settings only where a MODULE.FLAG= follows, so a
+    value may be a tuple: bv:gdn_chunk.STATE_PASS_BVS=(32, 64)."""
+    import re
+
     parsed = {}
     for variant in variants:
         name, sep, settings = variant.partition(":")
         if not sep or not name or not settings or name in parsed:
             raise SystemExit(f"--variant takes NAME:MODULE.FLAG=VALUE[,...] with a new NAME; got {variant!r}")
-        parsed[name] = parse_settings(settings.split(","), "--variant")
+        parsed[name] = parse_settings(re.split(r",(?=\s*\w+\.\w+=)", settings), "--variant")
     return parsed
 
 

@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_plan.sh 13  # carry .fla (optional): the context-parallel pass's worst case; fold settings
 #   bash benchmarks/gpu_plan.sh 12  # carry .whl, then .whl2: as 10 (after any GDN kernel change)
 #   bash benchmarks/gpu_plan.sh 14  # carry .fla: the key-blocked WY kernel (tests, sweep, train end to end); host time
+#   bash benchmarks/gpu_plan.sh 15  # carry .fla: every GDN kernel test at the WY default of blocks of 64; the fault map
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -188,8 +189,19 @@ case "${1:-}" in
     grep '^|' "$OUT/gdn.log" | tail -12
     grep '^|' "$OUT/host.log"
     ;;
+  15)  # eleventh session's state: the GDN kernel tests (forward, backward with the key-blocked WY kernel on by rule,
+       # context-parallel pass), then where Triton faults by head dims (the rule `hopper_head_dims_fault` encodes);
+       # `gdn_fault_map.py --dims 24 40 48 80` would widen the map beyond the four dims measured
+    timeout 300 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+      tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 200 python3 benchmarks/gdn_fault_map.py > "$OUT/fault_map.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep -v ' ok$' "$OUT/fault_map.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|14" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|15" >&2
     exit 2
     ;;
 esac

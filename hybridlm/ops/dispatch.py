@@ -67,6 +67,20 @@ def _backward_trusted(q: torch.Tensor, v: torch.Tensor, *others: torch.Tensor | 
     return reason is None
 
 
+@functools.cache
+def _warn_head_dims_fault(reason: str) -> None:
+    logger.warning("Gated DeltaNet runs on the plain-PyTorch reference (slow): the Triton kernels are not safe for %s",
+                   reason)
+
+
+def _head_dims_safe(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """False (and a warning, once per reason) where the GPU's Triton is known to miscompile these head dims."""
+    reason = kernels().head_dims_fault(q.device, q.shape[-1], v.shape[-1])
+    if reason is not None:
+        _warn_head_dims_fault(reason)
+    return reason is None
+
+
 def causal_conv1d(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, activation="silu"):
     if use_kernels(x, weight):
         return kernels().causal_conv1d_fwd(x, weight, initial_state=initial_state, output_final_state=output_final_state,
@@ -79,8 +93,8 @@ def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, *, initial_state=None, outpu
                      cu_seqlens=None, single_step=False):
     """The GDN core from raw gate inputs: q, k [B, T, Hk, dk], v [B, T, Hv, dv], a, b [B, T, Hv]. On CUDA the
     chunked kernels run with or without gradients (chunk_gdn is differentiable in every input and state)."""
-    if not single_step and use_kernels(q, k, v, a, b, differentiable=True) and _backward_trusted(
-            q, v, k, a, b, A_log, dt_bias, initial_state):
+    if not single_step and use_kernels(q, k, v, a, b, differentiable=True) and _head_dims_safe(q, v) and (
+            _backward_trusted(q, v, k, a, b, A_log, dt_bias, initial_state)):
         return kernels().chunk_gdn(q, k, v, a, b, A_log, dt_bias, initial_state=initial_state,
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     g, beta = gdn_gates(a, b, A_log, dt_bias)

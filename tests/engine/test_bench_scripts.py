@@ -183,6 +183,8 @@ def test_bench_gdn_settings_are_checked_before_anything_runs():
     with bench_gdn.settings_applied(variants["both"]):
         assert gdn_chunk.FOLD_WU_INTO_H is True and gdn_chunk.STATE_PASS_CP is False
     assert gdn_chunk.FOLD_WU_INTO_H is None and gdn_chunk.STATE_PASS_CP is old
+    tupled = bench_gdn.parse_variants(["bv:gdn_chunk.STATE_PASS_BVS=(32, 64),gdn_chunk.STATE_PASS_CP=False"])["bv"]
+    assert [(flag, value) for _, flag, value in tupled] == [("STATE_PASS_BVS", (32, 64)), ("STATE_PASS_CP", False)]
     for variant, message in [("fold", "NAME:MODULE.FLAG=VALUE"), ("x:gdn_chunk.NOPE=1", "has no flag NOPE")]:
         with pytest.raises(SystemExit, match=message):
             bench_gdn.parse_variants([variant])
@@ -215,3 +217,14 @@ def test_host_overhead_checks_its_shapes_and_needs_a_gpu(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["host_overhead.py", "--shapes", "0.8B:1:4096"])
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             host_overhead.main()
+
+
+def test_gdn_fault_map_needs_a_gpu(monkeypatch):
+    """gdn_fault_map.py: without CUDA it stops with a message (on a GPU it maps faulting head dims)."""
+    import gdn_fault_map
+
+    assert set(gdn_fault_map.LAYOUTS) == {"B2T1", "B1T70", "packed"}
+    if not __import__("torch").cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--dims", "32"])
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            gdn_fault_map.main()

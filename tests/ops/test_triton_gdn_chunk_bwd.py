@@ -209,6 +209,46 @@ def test_untrusted_backward_takes_the_reference(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("dk, dv, capability, version, unsafe", [
+    (32, 64, (9, 0), "3.6.0", True), (128, 32, (9, 0), "3.7.0+gitabc", True), (24, 40, (9, 0), "3.4.0", True),
+    (128, 128, (9, 0), "3.6.0", False), (64, 128, (9, 0), "3.6.0", False), (96, 64, (9, 0), "3.6.0", False),
+    (128, 32, (9, 0), "3.7.1", False), (128, 32, (9, 0), "3.10.0", False), (128, 32, (8, 0), "3.6.0", False),
+])
+def test_hopper_head_dims_fault(dk, dv, capability, version, unsafe):
+    """Unequal head dims below 64 on sm_90 with Triton before 3.7.1 are refused (they faulted on an H200)."""
+    from hybridlm.ops.triton.gdn_chunk_bwd import hopper_head_dims_fault
+
+    reason = hopper_head_dims_fault(dk, dv, capability, version)
+    assert (reason is not None) == unsafe
+    if unsafe:
+        assert f"{dk}/{dv}" in reason and version in reason and "3.7.1" in reason
+
+
+def test_unsafe_head_dims_take_the_reference(monkeypatch, caplog):
+    """Where `head_dims_fault` names a reason, inference and training both run the reference, with a warning."""
+    from hybridlm.ops import triton as kernel_module
+
+    calls = []
+    monkeypatch.setattr(dispatch, "use_kernels", lambda *tensors, **kwargs: True)
+    monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
+    monkeypatch.setattr(kernel_module, "chunk_gdn", lambda *args, **kwargs: calls.append(1) or chunk_gdn(*args, **kwargs))
+    monkeypatch.setattr(kernel_module, "head_dims_fault", lambda device, dk, dv: f"head dims {dk}/{dv} (test)")
+    q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, 20, 1, 2, 32, 64, torch.bfloat16, 1)
+    with caplog.at_level("WARNING", logger="hybridlm.ops.dispatch"):
+        with torch.no_grad():
+            o, _ = dispatch.gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
+    assert not calls and o.shape == v.shape
+    assert "head dims 32/64 (test)" in caplog.text
+    q.requires_grad_()
+    o, _ = dispatch.gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
+    o.float().sum().backward()
+    assert not calls and q.grad is not None
+    monkeypatch.setattr(kernel_module, "head_dims_fault", lambda device, dk, dv: None)
+    with torch.no_grad():
+        dispatch.gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("case", ["bf16-grouped", "bf16-packed"])
 def test_training_never_folds(poisoned, monkeypatch, case):
     """gdn_chunk.FOLD_WU_INTO_H forced on: inference folds, training does not (its forward stores w and u, its
@@ -234,12 +274,15 @@ def test_training_never_folds(poisoned, monkeypatch, case):
     check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True, cu_seqlens=cu_seqlens)
 
 
-WY_BLOCKED_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens); blocks of 32 key columns
-    "fp32-two-blocks": (1, 130, 1, 2, 64, 32, torch.float32, None),
-    "bf16-grouped-two-blocks": (2, 70, 1, 2, 64, 64, torch.bfloat16, None),
-    "fp16-odd-dims": (1, 70, 1, 4, 24, 40, torch.float16, None),
-    "bf16-packed": (1, 130, 1, 2, 32, 32, torch.bfloat16, [0, 5, 69, 130]),
-    "bf16-three-blocks-one-token": (2, 1, 1, 2, 96, 32, torch.bfloat16, None),
+# (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_WY_BK); value dims of 64 where dk is 96 or
+# 128: with 32 the forward faulted on an H200 (Triton 3.6, `hopper_head_dims_fault`), whichever WY kernel ran
+WY_BLOCKED_CASES = {
+    "fp32-two-blocks": (1, 130, 1, 2, 64, 32, torch.float32, None, 32),
+    "bf16-grouped-two-blocks": (2, 70, 1, 2, 64, 64, torch.bfloat16, None, 32),
+    "fp16-partial-block": (1, 70, 1, 4, 96, 40, torch.float16, None, 64),
+    "bf16-packed-two-blocks": (1, 130, 1, 2, 128, 64, torch.bfloat16, [0, 5, 69, 130], 64),
+    "bf16-three-blocks-one-token": (2, 1, 1, 2, 96, 64, torch.bfloat16, None, 32),
+    "bf16-one-block": (1, 70, 1, 2, 32, 32, torch.bfloat16, None, 64),  # the whole-row kernel runs
 }
 
 
@@ -248,10 +291,12 @@ WY_BLOCKED_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, c
 @pytest.mark.parametrize("case", sorted(WY_BLOCKED_CASES))
 def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
     """gdn_chunk_bwd.BWD_WY_BK: the WY kernel walking the key columns in blocks (two passes, dk stored and read back)
-    gives the whole-row kernel's gradients up to rounding and passes the float64 check."""
+    gives the whole-row kernel's gradients up to rounding, the same bits when run again (on an H200, blocks at other
+    warp/stage counts did not), and passes the float64 check; where one block would cover dk, the whole-row kernel
+    runs (a single block gave wrong dk on the GPU, Triton 3.6)."""
     from hybridlm.ops.triton import gdn_bwd_wy, gdn_chunk_bwd
 
-    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = WY_BLOCKED_CASES[case]
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block = WY_BLOCKED_CASES[case]
     cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     num_states = batch if offsets is None else len(offsets) - 1
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states)
@@ -263,8 +308,8 @@ def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
                                            or blocked[grid](*args, **kwargs))
     })())
 
-    def grads(block):
-        monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
+    def grads(bk):
+        monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", bk)
         leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
         o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
         loss_of(o, final, do, dht).backward()
@@ -272,9 +317,15 @@ def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
 
     whole = grads(None)
     assert launched == []
-    split = grads(32)
-    assert launched == [32]
+    split = grads(block)
+    width = max(32, min(1 << (dk - 1).bit_length(), block))  # the launcher's block: at least 32, at most dk's power of 2
+    expected = [] if width >= dk else [width]
+    assert launched == expected
+    again = grads(block)
+    assert launched == expected * 2
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, x, ref in zip(NAMES, split, whole):
+    for name, x, y, ref in zip(NAMES, split, again, whole):
+        assert torch.equal(x, y), name
         assert rel_err(x, ref.double()) <= tolerance, name
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
     check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True, cu_seqlens=cu_seqlens)

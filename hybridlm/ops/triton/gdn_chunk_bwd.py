@@ -27,6 +27,9 @@ forward and fla do).
 """
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -311,6 +314,35 @@ def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
     return None
 
 
+HOPPER_FIXED_TRITON = (3, 7, 1)  # fla-org/flash-linear-attention#640, #983: Triton 3.4-3.7.0 miscompile on sm_90
+
+
+def hopper_head_dims_fault(dk: int, dv: int, capability: tuple[int, int], triton_version: str) -> str | None:
+    """Why the chunked GDN kernels must not run these head dims on this GPU and Triton, or None.
+
+    On Hopper, Triton 3.4 to 3.7.0 miscompiles some tiles of this family of kernels (fla's gated backward gave wrong
+    gradients there, fla-org/flash-linear-attention#640 and #984; fixed in 3.7.1). On an H200 with Triton 3.6
+    (2026-12-04, `benchmarks/gdn_fault_map.py`, bf16, forward + backward twice per shape) unequal head dims with one
+    below 64 hit illegal shared-memory addresses: dk/dv 32/64 in the backward's WY kernel, 64/32, 96/32 and 128/32 in
+    the forward's state and output kernels, fp16 24/40 in the WY kernel. Equal dims (32 to 128) and dims of 64 and
+    more (64/128, 96/64, 96/128, 128/64, 32/128 too) passed. The rule below keeps the ones that passed as a class."""
+    if capability[0] != 9 or dk == dv or min(dk, dv) >= 64:
+        return None
+    release = tuple(int(part) for part in re.findall(r"\d+", triton_version.split("+")[0])[:3])
+    if release >= HOPPER_FIXED_TRITON:
+        return None
+    return (f"head dims {dk}/{dv} on sm_90 with Triton {triton_version} (Triton before 3.7.1 miscompiles unequal "
+            f"head dims below 64 on Hopper; upgrade Triton to run the kernels)")
+
+
+@functools.cache
+def head_dims_fault(device: torch.device, dk: int, dv: int) -> str | None:
+    """`hopper_head_dims_fault` for a CUDA device and the installed Triton (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return hopper_head_dims_fault(dk, dv, torch.cuda.get_device_capability(device), triton.__version__)
+
+
 # Launch settings of the backward; `benchmarks/sweep_kernels.py --kernels bwd` times each at the training shape
 # (B = 4, T = 4k) against the whole backward's gradients at these defaults. H200, bf16 (eighth session, whole
 # backward, ms, 9B / 0.8B heads): the dH pass at BV 64, 4 warps, 2 stages 4.12 / 2.19 (BV 32, 3 stages: 4.46 / 2.30);
@@ -328,11 +360,13 @@ BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
 BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
 # The WY kernel's key columns per block (`gdn_bwd_wy`): None keeps whole rows (`chunk_gdn_bwd_wy_kernel`); a number
 # takes `chunk_gdn_bwd_wy_kblocked_kernel` with blocks of max(32, min(dk, BWD_WY_BK)) columns, BWD_WY_KB_WARPS warps
-# and BWD_WY_KB_STAGES stages (fp32: 8 and 2). Not yet timed (`sweep_kernels.py --kernels bwd --bwd-groups wy`): at
-# 9B heads the whole-row kernel takes 1.04 of the backward's 2.65 ms (255 registers at 8 warps, 76 B spilled, 139 KB
-# of shared memory: one program per SM). Blocks of 32 at 4 warps compile to 242 registers, no spills, 40 KB (two
-# programs per SM); of 32 at 8 warps 224; of 64 at 8 warps 242, at 4 warps 255 with 152 B spilled (Triton 3.6).
-BWD_WY_BK: int | None = None
+# and BWD_WY_KB_STAGES stages (fp32: 8 and 2), where that leaves at least two blocks (one block would be the whole-row
+# kernel's footprint, and on an H200 it gave wrong dk in rows late in a chunk, cause not found). H200, whole backward
+# at B = 4, T = 4k (`sweep_kernels.py --kernels bwd --bwd-groups wy`, 2026-12-04): 9B heads whole rows 2.670 ms,
+# blocks of 64 at 4 warps / 2 stages 2.492, of 32 2.600 (3 stages 2.513), at 8 warps 3.006-3.409; 0.8B heads 1.496,
+# 1.407, 1.455 (1.418), 1.662-1.883. Blocks of 32 at 1 stage, and at 8 warps, gave gradients that changed between runs
+# on the GPU; 4 warps / 2 stages gave the same bits each run.
+BWD_WY_BK: int | None = 64
 BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
@@ -447,12 +481,13 @@ def chunk_gdn_bwd(
         k.stride(1), BV=BV_chunk, num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common)
     wy_args = (k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
                cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1))
-    if BWD_WY_BK is None:
+    BKW = max(32, min(BK, BWD_WY_BK)) if BWD_WY_BK is not None else dk
+    if BKW >= dk:
         chunk_gdn_bwd_wy_kernel[chunk_grid](*wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS, num_stages=dqk_stages,
                                             **common)
     else:
         chunk_gdn_bwd_wy_kblocked_kernel[chunk_grid](
-            *wy_args, BV=BV_chunk, BKW=max(32, min(BK, BWD_WY_BK)),
+            *wy_args, BV=BV_chunk, BKW=BKW,
             # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
             num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
             num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common)

@@ -1,0 +1,87 @@
+"""Which GDN head dims the chunked kernels run without faulting on this GPU and Triton (forward + backward twice).
+
+    python benchmarks/gdn_fault_map.py [--dims 32 64 96 128] [--layouts B2T1 B1T70 packed] [-j 14]
+
+Each (dk, dv, layout) runs in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault poisons a process, and blocking
+launches make the faulting launch raise at its own line), calling `chunk_gdn` directly, so the dispatcher's guard
+(`gdn_chunk_bwd.hopper_head_dims_fault`) is not in the way. One line per shape: ok, or FAULT with the hybridlm line
+whose launch raised. On an H200 with Triton 3.6 (2026-12-04) every dk == dv and every pair with both dims >= 64
+passed; 32/64, 64/32, 96/32 and 128/32 faulted (benchmarks/NOTES.md, eleventh session). Layouts: B2T1 = two
+sequences of one token, B1T70 = one of 70, packed = sequences of 5, 64 and 61 tokens in one row.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import itertools
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = {"B2T1": (2, 1, None), "B1T70": (1, 70, None), "packed": (1, 130, [0, 5, 69, 130])}
+
+
+def run_shape(dk: int, dv: int, layout: str) -> str:
+    """In this process: forward + backward twice at bf16, one key head, two value heads; 'ok' or 'FAULT at ...'."""
+    import torch
+
+    from hybridlm.ops.triton import chunk_gdn
+    from tests.ops.test_triton_gdn_chunk import make_inputs
+    from tests.ops.test_triton_gdn_chunk_bwd import loss_of, output_grads
+
+    batch, length, offsets = LAYOUTS[layout]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    states = batch if offsets is None else len(offsets) - 1
+    *inputs, state = make_inputs(batch, length, 1, 2, dk, dv, torch.bfloat16, states)
+    do, dht = output_grads(inputs[2], states, dk, True, torch.bfloat16)
+    try:
+        for _ in range(2):
+            leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+            o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
+            loss_of(o, final, do, dht).backward()
+            torch.cuda.synchronize()
+    except RuntimeError as error:
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if "hybridlm" in f.filename]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line[:60]}" if frames else "?"
+        return f"FAULT at {where}"
+    return "ok"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 96, 128], help="head dims to pair (dk x dv)")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("-j", "--jobs", type=int, default=14)
+    parser.add_argument("--one", nargs=3, metavar=("DK", "DV", "LAYOUT"), help=argparse.SUPPRESS)  # a child process
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.one:
+        print("RESULT", run_shape(int(args.one[0]), int(args.one[1]), args.one[2]), flush=True)
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gdn_fault_map.py needs a CUDA GPU (it maps where the kernels fault on one)")
+    import triton
+
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+
+    def child(shape):
+        dk, dv, layout = shape
+        result = subprocess.run([sys.executable, __file__, "--one", str(dk), str(dv), layout], capture_output=True,
+                                text=True, env=env, timeout=300)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+        return shape, lines[0][7:] if lines else f"no result (exit {result.returncode}): {result.stderr[-160:]}"
+
+    shapes = list(itertools.product(args.dims, args.dims, args.layouts))
+    with cf.ThreadPoolExecutor(args.jobs) as pool:
+        for (dk, dv, layout), outcome in pool.map(child, shapes):
+            print(f"dk={dk:3d} dv={dv:3d} {layout:6s} {outcome}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
