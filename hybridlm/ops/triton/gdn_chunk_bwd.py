@@ -307,7 +307,8 @@ def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
     16 to 128 (16-wide dims since tiles are padded to 32; before, they faulted or gave wrong gradients), packed
     sequences included; fp32 up to 64, and since 2026-11-23 (fifth session) fp32 at 64/128 and 128/128 as well
     (the dh kernel once needed 280 KB of shared memory there; it runs 2 stages now). Untrusted shapes train
-    through the differentiable reference."""
+    through the differentiable reference. On an H200 (2026-12-04) unequal dims below 64 faulted after all, in the
+    forward too; `hopper_head_dims_fault` keeps those off the kernels on Hopper with Triton < 3.7.1."""
     largest, smallest = max(dk, dv), min(dk, dv)
     if smallest < 16 or largest > 128:
         return f"{dtype} head dims {dk}/{dv} (verified: 16 to 128)"
@@ -324,8 +325,9 @@ def hopper_head_dims_fault(dk: int, dv: int, capability: tuple[int, int], triton
     gradients there, fla-org/flash-linear-attention#640 and #984; fixed in 3.7.1). On an H200 with Triton 3.6
     (2026-12-04, `benchmarks/gdn_fault_map.py`, bf16, forward + backward twice per shape) unequal head dims with one
     below 64 hit illegal shared-memory addresses: dk/dv 32/64 in the backward's WY kernel, 64/32, 96/32 and 128/32 in
-    the forward's state and output kernels, fp16 24/40 in the WY kernel. Equal dims (32 to 128) and dims of 64 and
-    more (64/128, 96/64, 96/128, 128/64, 32/128 too) passed. The rule below keeps the ones that passed as a class."""
+    the forward's state and output kernels, fp16 24/40 in the WY kernel. Equal dims (32, 64, 128), dims of 64 and
+    more (64/128, 96/64, 96/128, 128/64) and 32/128 passed; value dims of 96 were not in the map. The rule below
+    keeps the ones that passed as a class (so 96/96, 64/96 and 128/96 run the kernels untested)."""
     if capability[0] != 9 or dk == dv or min(dk, dv) >= 64:
         return None
     release = tuple(int(part) for part in re.findall(r"\d+", triton_version.split("+")[0])[:3])
