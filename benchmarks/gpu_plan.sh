@@ -192,13 +192,16 @@ case "${1:-}" in
   15)  # eleventh session's state: the GDN kernel tests (forward, backward with the key-blocked WY kernel on by rule,
        # context-parallel pass), then where Triton faults by head dims (the rule `hopper_head_dims_fault` encodes);
        # `gdn_fault_map.py --dims 24 40 48 80` would widen the map beyond the four dims measured
-    timeout 300 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 240 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
       tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 200 python3 benchmarks/gdn_fault_map.py > "$OUT/fault_map.log" 2>&1
+    timeout 150 python3 benchmarks/gdn_fault_map.py > "$OUT/fault_map.log" 2>&1
+    # the backward's split with the WY kernel over key blocks (the line "backward: ..." per model)
+    timeout 180 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups wy > "$OUT/wy.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     grep -v ' ok$' "$OUT/fault_map.log"
+    grep 'backward:' "$OUT/wy.log"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|15" >&2
