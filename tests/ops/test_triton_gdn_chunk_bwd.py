@@ -231,7 +231,8 @@ def test_unsafe_head_dims_take_the_reference(monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(dispatch, "use_kernels", lambda *tensors, **kwargs: True)
     monkeypatch.setattr(dispatch, "kernels", lambda: kernel_module)
-    monkeypatch.setattr(kernel_module, "chunk_gdn", lambda *args, **kwargs: calls.append(1) or chunk_gdn(*args, **kwargs))
+    monkeypatch.setattr(kernel_module, "chunk_gdn",
+                        lambda *args, **kwargs: calls.append(1) or chunk_gdn(*args, **kwargs))
     monkeypatch.setattr(kernel_module, "head_dims_fault", lambda device, dk, dv: f"head dims {dk}/{dv} (test)")
     q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, 20, 1, 2, 32, 64, torch.bfloat16, 1)
     with caplog.at_level("WARNING", logger="hybridlm.ops.dispatch"):
@@ -318,7 +319,7 @@ def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
     whole = grads(None)
     assert launched == []
     split = grads(block)
-    width = max(32, min(1 << (dk - 1).bit_length(), block))  # the launcher's block: at least 32, at most dk's power of 2
+    width = max(32, min(1 << (dk - 1).bit_length(), block))  # the launcher's block: 32 to dk's power of 2
     expected = [] if width >= dk else [width]
     assert launched == expected
     again = grads(block)

@@ -13,8 +13,8 @@ from hybridlm.ops.triton.paged_attention import paged_decode_attention_fwd, writ
 from hybridlm.ops.triton.paged_prefill import paged_prefill_attention_fwd
 from hybridlm.ops.triton.rope import qk_rms_norm_rope_fwd, rms_norm_rope_fwd
 
-__all__ = ["backward_verified", "causal_conv1d_fwd", "chunk_gdn", "chunk_gdn_bwd", "chunk_gdn_fwd",
-           "gdn_decode_step", "gated_rms_norm_fwd", "gemv_preferred", "head_dims_fault", "linear_fwd", "paged_decode_attention_fwd",
+__all__ = ["backward_verified", "causal_conv1d_fwd", "chunk_gdn", "chunk_gdn_bwd", "chunk_gdn_fwd", "gdn_decode_step",
+           "gated_rms_norm_fwd", "gemv_preferred", "head_dims_fault", "linear_fwd", "paged_decode_attention_fwd",
            "paged_prefill_attention_fwd", "qk_rms_norm_rope_fwd", "rms_norm_fwd", "rms_norm_linear_fwd",
            "rms_norm_rope_fwd", "sigmoid_gate_fwd", "sigmoid_gate_linear_fwd", "silu_mul_fwd", "silu_mul_linear_fwd",
            "write_kv_fwd"]
