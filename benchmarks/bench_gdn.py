@@ -372,23 +372,41 @@ def bench_decode(model, batch, peers, ours_ok, rows):
     state_bytes = batch * value_heads * d * d * 4 * 2 + batch * channels * (width - 1) * 2 * 2
     floor_ms = (state_bytes + batch * (channels + value_heads * d) * 2) / copy_bandwidth() * 1e3
 
-    def ours():
-        return gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv_pool, state_pool, slots,
+    def step(conv, state):
+        return gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv, state, slots,
                                num_key_heads=key_heads, key_head_dim=d, value_head_dim=d)
 
+    def ours():
+        return step(conv_pool, state_pool)
+
+    def graphed(fn):
+        """fn captured in a CUDA graph (what the engine replays every token); returns the replay."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
     check = "PASS" if ours_ok else "FAIL (reference gate)"
-    results = {"ours": (time_ms(ours), check)}
-    # the same step captured in a CUDA graph: what the engine replays every token
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            ours()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ours()
-    results["ours+graph"] = (time_ms(graph.replay), check)
+    # each variant's output and pools against the default's, from the same copies of the pools
+    copies = conv_pool.clone(), state_pool.clone()
+    o_default, pools_default = step(*copies), copies
+    results = {"ours": (time_ms(ours), check), "ours+graph": (time_ms(graphed(ours)), check)}
+    for name, settings in VARIANTS.items():
+        with settings_applied(settings):
+            try:
+                copies = conv_pool.clone(), state_pool.clone()
+                err = max(rel_err(step(*copies), o_default), rel_err(copies[1], pools_default[1]),
+                          rel_err(copies[0].float(), pools_default[0].float()))
+                results[f"ours[{name}]"] = (time_ms(ours), variant_check(ours_ok, err))
+                results[f"ours[{name}]+graph"] = (time_ms(graphed(ours)), variant_check(ours_ok, err))
+            except Exception as error:
+                log(f"  ours[{name}] failed at decode {model} B={batch}: {type(error).__name__}: {error}")
 
     if "fla_recurrent" in peers:
         # the check runs both from the same copies of the pools; fla is then timed on its own copy

@@ -137,25 +137,27 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
 
 
 def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, cp=False,
-                wy_bk=None):
-    """`cp`: the context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks, cut however short); `wy_bk`:
-    gdn_chunk_bwd.BWD_WY_BK for this launch (the key-blocked WY kernel) if not None."""
+                wy_bk=None, dqk_bk=None):
+    """`cp`: the context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks, cut however short); `wy_bk`,
+    `dqk_bk`: gdn_chunk_bwd.BWD_WY_BK / BWD_DQK_BK for this launch (the key-blocked WY and dq/dk kernels) if not
+    None."""
     q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
     do = randn(batch, length, hv, dv, dtype=dtype)
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
     saved = gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS
-    saved_wy = gdn_chunk_bwd.BWD_WY_BK
+    saved_wy, saved_dqk = gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK
     if cp:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = True, 4, 0
     gdn_chunk_bwd.BWD_WY_BK = saved_wy if wy_bk is None else wy_bk
+    gdn_chunk_bwd.BWD_DQK_BK = saved_dqk if dqk_bk is None else dqk_bk
     try:
         gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final,
                                     initial_state=init, cu_seqlens=cu)
     finally:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = saved
-        gdn_chunk_bwd.BWD_WY_BK = saved_wy
+        gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK = saved_wy, saved_dqk
 
 
 def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8):
@@ -168,7 +170,7 @@ def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype
         randn(channels, 1, CONV_WIDTH, dtype=dtype)[:, 0], randn(hv, dtype=fp32), randn(hv, dtype=fp32),
         randn(pool, channels, CONV_WIDTH - 1, dtype=dtype), randn(pool, hv, dk, dv, dtype=fp32), slots,
         num_key_heads=hk, key_head_dim=dk, value_head_dim=dv, norm_weight=norm_weight,
-        split=batch * hk < 2 * H100_SMS)  # the wrapper's default on an H100
+        split=batch * hk < gdn_step.SPLIT_PROGRAMS_PER_SM * H100_SMS)  # the wrapper's rule on an H100
 
 
 def run_rms_norm(dim, rows, dtype=bf16, residual=False, weight_dtype=None):
@@ -309,6 +311,10 @@ def configurations():
             for varlen in (False, True):
                 add(f"gdn_bwd wy_bk={wy_bk} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_bwd,
                     hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, state=True, dht=True, wy_bk=wy_bk)
+        for dqk_bk in (32, 64):  # the key-blocked dq/dk kernel (gdn_chunk_bwd.BWD_DQK_BK), with dw for the WY kernel
+            for varlen in (False, True):
+                add(f"gdn_bwd dqk_bk={dqk_bk} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_bwd,
+                    hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, state=True, dht=True, dqk_bk=dqk_bk)
         for prepare in PREPARE_VARIANTS:  # each way of running the prepare step (`-k prepare` lists them all)
             for varlen in (False, True):
                 add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,
@@ -404,6 +410,8 @@ def configurations():
             length=70)
         add(f"gdn_bwd wy_bk=32 tests H=1/4 dk=24 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=24, dv=40, dtype=dtype,
             length=70, wy_bk=32)
+        add(f"gdn_bwd dqk_bk=32 tests H=1/4 dk=96 dv=40 {tname}", run_gdn_bwd, hk=1, hv=4, dk=96, dv=40,
+            dtype=dtype, length=70, dqk_bk=32)
         add(f"gdn_decode tests H=2/4 d=32 {tname} B=3 split", run_gdn_decode, hk=2, hv=4, dk=32, dv=32, batch=3,
             dtype=dtype)
         add(f"conv tests C=96 {tname} T=70 +state", run_conv, channels=96, length=70, dtype=dtype, state=True,

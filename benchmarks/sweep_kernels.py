@@ -3,7 +3,7 @@ sequential state pass h, the output o) and the causal conv, each setting checked
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
                                         [--kernels h,o,prepare,kkt,conv,fold,bwd]
-                                        [--bwd-groups wu,dv-local,dh,dqk,qkgrad,wy]
+                                        [--bwd-groups wu,dv-local,dh,dqk,qkgrad,wy,dqkb]
 
 For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd`
 timed one by one (prepare, h, o) with the wrapper's settings, then the h kernel alone over BV x num_warps x
@@ -299,6 +299,8 @@ def sweep_bwd(model, rows, tiny=False, only=()):
         "dqk": ("BWD_DQK_WARPS", "BWD_WY_WARPS", "BWD_DQK_STAGES"),
         "qkgrad": ("BWD_QK_GRAD_DTYPE",),
         "wy": ("BWD_WY_BK", "BWD_WY_KB_WARPS", "BWD_WY_KB_STAGES"),  # None: the whole-row WY kernel
+        # None: the whole-row dq/dk kernel
+        "dqkb": ("BWD_DQK_BK", "BWD_DQK_KB_WARPS", "BWD_DQK_KB_STAGES", "BWD_DQK_KB_MAXNREG"),
     }
     grids = {
         "wu": [(64, 4), (128, 8), (128, 4), (64, 8)], "dv-local": [(4,), (8,)],
@@ -306,6 +308,10 @@ def sweep_bwd(model, rows, tiny=False, only=()):
         "dqk": list(itertools.product((4, 8), (4, 8), (2, 3))),
         "qkgrad": [("input",), ("fp32",)],
         "wy": [(None, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2), (64, 4, 2)],
+        # sm_90, Triton 3.6 (compile_check, 9B heads): blocks of 32 at 4 warps 250 registers, at 8 147 (128 capped,
+        # no spills: two programs per SM); of 64 at 4 warps 255 + 72 B spilled, at 8 183
+        "dqkb": [(None, 4, 2, None), (32, 4, 2, None), (32, 8, 2, None), (32, 8, 2, 128), (64, 8, 2, None),
+                 (64, 4, 2, None)],
     }
     groups = {name: flags for name, flags in groups.items() if name in only} if only else groups
     for group, flags in groups.items():
@@ -416,7 +422,8 @@ def main() -> None:
                         "at B=4 T=4k)")
     parser.add_argument("--batch", type=int, default=1, help="sequences of the h and fold sweeps (B x T tokens)")
     parser.add_argument("--bwd-groups", default="", help="with bwd: comma-separated subset of wu, dv-local, dh, dqk, "
-                        "qkgrad (BWD_QK_GRAD_DTYPE), wy (BWD_WY_BK: the key-blocked WY kernel; default: all)")
+                        "qkgrad (BWD_QK_GRAD_DTYPE), wy (BWD_WY_BK: the key-blocked WY kernel), dqkb (BWD_DQK_BK: "
+                        "the key-blocked dq/dk kernel that also makes dw; default: all)")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.lengths, args.quick = ["tiny"], [200], True

@@ -275,6 +275,49 @@ def test_training_never_folds(poisoned, monkeypatch, case):
     check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True, cu_seqlens=cu_seqlens)
 
 
+def blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets):
+    """(cu_seqlens, inputs, state, do, dht) of a key-block test case."""
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    num_states = batch if offsets is None else len(offsets) - 1
+    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states)
+    do, dht = output_grads(inputs[2], num_states, dk, True, dtype)
+    return cu_seqlens, inputs, state, do, dht
+
+
+def record_launches(monkeypatch, name, record, launched):
+    """gdn_chunk_bwd's kernel `name` still launches, and appends record(its launch's keyword arguments) first."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    kernel = getattr(gdn_chunk_bwd, name)
+    monkeypatch.setattr(gdn_chunk_bwd, name, type("Recorder", (), {"__getitem__": lambda self, grid: (
+        lambda *args, **kwargs: launched.append(record(kwargs)) or kernel[grid](*args, **kwargs))})())
+
+
+def grads_with(monkeypatch, flag, value, case_inputs):
+    """Every input's gradient through chunk_gdn with gdn_chunk_bwd.<flag> = value."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    cu_seqlens, inputs, state, do, dht = case_inputs
+    monkeypatch.setattr(gdn_chunk_bwd, flag, value)
+    leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+    o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
+    loss_of(o, final, do, dht).backward()
+    return [leaf.grad for leaf in leaves]
+
+
+def check_blocked_grads(split, again, whole, dtype):
+    """A key-block option's gradients: the same bits when run again, the default path's up to rounding."""
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, x, y, ref in zip(NAMES, split, again, whole):
+        assert torch.equal(x, y), name
+        assert rel_err(x, ref.double()) <= tolerance, name
+
+
+def launched_block(dk, block):
+    """The launchers' key block for BWD_*_BK = block: 32 to dk's power of two."""
+    return max(32, min(1 << (dk - 1).bit_length(), block))
+
+
 # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_WY_BK); value dims of 64 where dk is 96 or
 # 128: with 32 the forward faulted on an H200 (Triton 3.6, `hopper_head_dims_fault`), whichever WY kernel ran
 WY_BLOCKED_CASES = {
@@ -295,38 +338,62 @@ def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
     gives the whole-row kernel's gradients up to rounding, the same bits when run again (on an H200, blocks at other
     warp/stage counts did not), and passes the float64 check; where one block would cover dk, the whole-row kernel
     runs (a single block gave wrong dk on the GPU, Triton 3.6)."""
-    from hybridlm.ops.triton import gdn_bwd_wy, gdn_chunk_bwd
-
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block = WY_BLOCKED_CASES[case]
-    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
-    num_states = batch if offsets is None else len(offsets) - 1
-    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states)
-    do, dht = output_grads(inputs[2], num_states, dk, True, dtype)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     launched = []
-    blocked = gdn_bwd_wy.chunk_gdn_bwd_wy_kblocked_kernel
-    monkeypatch.setattr(gdn_chunk_bwd, "chunk_gdn_bwd_wy_kblocked_kernel", type("Recorder", (), {
-        "__getitem__": lambda self, grid: (lambda *args, **kwargs: launched.append(kwargs["BKW"])
-                                           or blocked[grid](*args, **kwargs))
-    })())
+    record_launches(monkeypatch, "chunk_gdn_bwd_wy_kblocked_kernel", lambda kwargs: kwargs["BKW"], launched)
 
-    def grads(bk):
-        monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", bk)
-        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
-        o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
-        loss_of(o, final, do, dht).backward()
-        return [leaf.grad for leaf in leaves]
-
-    whole = grads(None)
+    whole = grads_with(monkeypatch, "BWD_WY_BK", None, case_inputs)
     assert launched == []
-    split = grads(block)
-    width = max(32, min(1 << (dk - 1).bit_length(), block))  # the launcher's block: 32 to dk's power of 2
+    split = grads_with(monkeypatch, "BWD_WY_BK", block, case_inputs)
+    width = launched_block(dk, block)
     expected = [] if width >= dk else [width]
     assert launched == expected
-    again = grads(block)
+    again = grads_with(monkeypatch, "BWD_WY_BK", block, case_inputs)
     assert launched == expected * 2
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, x, y, ref in zip(NAMES, split, again, whole):
-        assert torch.equal(x, y), name
-        assert rel_err(x, ref.double()) <= tolerance, name
-    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
-    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True, cu_seqlens=cu_seqlens)
+    check_blocked_grads(split, again, whole, dtype)
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+          cu_seqlens=case_inputs[0])
+
+
+# (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_DQK_BK, BWD_WY_BK)
+DQK_BLOCKED_CASES = {
+    "fp32-two-blocks-whole-row-wy": (1, 130, 1, 2, 64, 32, torch.float32, None, 32, None),
+    "bf16-grouped-two-blocks-blocked-wy": (2, 70, 1, 2, 64, 64, torch.bfloat16, None, 32, 32),
+    "fp16-partial-block": (1, 70, 1, 4, 96, 40, torch.float16, None, 64, 64),
+    "bf16-packed-three-blocks": (1, 130, 1, 2, 96, 64, torch.bfloat16, [0, 5, 69, 130], 32, 64),
+    "bf16-one-token": (2, 1, 1, 2, 128, 64, torch.bfloat16, None, 64, 64),
+    "bf16-one-block": (1, 70, 1, 2, 32, 32, torch.bfloat16, None, 64, None),  # the whole-row kernel runs
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # as in test_bwd_strong_decay
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("case", sorted(DQK_BLOCKED_CASES))
+def test_bwd_dqk_key_blocks(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_DQK_BK: the dq/dk kernel over key blocks (`gdn_bwd_dqk`), which also makes dw for the WY
+    kernel (either one) and leaves one share of dG per block, gives the whole-row path's gradients up to rounding,
+    the same bits when run again, and passes the float64 check; where one block would cover dk the whole-row kernel
+    runs and the WY kernel makes dw itself."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block, wy_block = DQK_BLOCKED_CASES[case]
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", wy_block)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    launched = []
+    record_launches(monkeypatch, "chunk_gdn_bwd_dqkw_kblocked_kernel", lambda kwargs: ("dqkw", kwargs["BKQ"]),
+                    launched)
+    for name in ("chunk_gdn_bwd_wy_kernel", "chunk_gdn_bwd_wy_kblocked_kernel"):
+        record_launches(monkeypatch, name, lambda kwargs: ("wy", kwargs["DW_GIVEN"], kwargs["NKD"]), launched)
+
+    whole = grads_with(monkeypatch, "BWD_DQK_BK", None, case_inputs)
+    assert launched == [("wy", False, 1)]
+    launched.clear()
+    split = grads_with(monkeypatch, "BWD_DQK_BK", block, case_inputs)
+    width = launched_block(dk, block)
+    expected = [("wy", False, 1)] if width >= dk else [("dqkw", width), ("wy", True, -(-dk // width))]
+    assert launched == expected
+    again = grads_with(monkeypatch, "BWD_DQK_BK", block, case_inputs)
+    check_blocked_grads(split, again, whole, dtype)
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+          cu_seqlens=case_inputs[0])

@@ -10,6 +10,8 @@ Two kernels compute the same thing:
   fp32 tiles instead of four [64, dk] ones, for one more read of k and dv_new and a round trip of dk through memory
   (L2). Chosen by `gdn_chunk_bwd.BWD_WY_BK` (64: 9B heads' whole backward 2.67 -> 2.49 ms on an H200; None: the
   first kernel, which also runs where one block would cover dk).
+With DW_GIVEN, either kernel reads dw from `gdn_bwd_dqk.chunk_gdn_bwd_dqkw_kblocked_kernel` instead of making it
+from h and dv_new (no h read, four fewer products on the chain at 9B heads), and adds that kernel's NKD shares of dG.
 """
 from __future__ import annotations
 
@@ -33,11 +35,14 @@ def _wy_gates(a, b, A_log, dt_bias, bos, i_h, o_t, m_t, HV: tl.constexpr):
 
 
 @triton.jit
-def _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t, m_t,
-                   HV: tl.constexpr):
-    """Adds `chunk_gdn_bwd_dqk_kernel`'s share of dG; G = cumsum(g) inside the chunk, so dg_t = sum_{s >= t} dG_s;
-    then the gate chain rules: da, db per row, the chunk's sums for dA_log and ddt_bias."""
-    b_dG = tl.where(m_t, b_dG + tl.load(dG + bos * HV + i_h + o_t * HV, mask=m_t, other=0.), 0.)
+def _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, stride_dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h,
+                   o_t, m_t, HV: tl.constexpr, NKD: tl.constexpr):
+    """Adds the dq/dk kernel's share of dG (NKD key blocks' shares, stride_dG apart); G = cumsum(g) inside the
+    chunk, so dg_t = sum_{s >= t} dG_s; then the gate chain rules: da, db per row, the chunk's sums for dA_log and
+    ddt_bias."""
+    for i_n in tl.static_range(NKD):
+        b_dG += tl.load(dG + i_n * stride_dG + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
+    b_dG = tl.where(m_t, b_dG, 0.)
     b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
     b_da = b_dg * b_dg_dx
     tl.store(da + bos * HV + i_h + o_t * HV, b_da.to(da.dtype.element_ty), mask=m_t)
@@ -58,8 +63,9 @@ def chunk_gdn_bwd_wy_kernel(
     x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
     h,  # [NT, HV, K, V]: the state entering each chunk
     dv_new,  # [B, T, HV, V]
-    dk,  # in/out [B, T, HV, K]: chunk_gdn_bwd_dqk_kernel's share in, the whole gradient of l2norm(k) out
-    dG,  # [B, T, HV] fp32: chunk_gdn_bwd_dqk_kernel's share
+    dw,  # [B, T, HV, K]: -dv_new h^T if DW_GIVEN (`gdn_bwd_dqk`), else unused
+    dk,  # in/out [B, T, HV, K]: the dq/dk kernel's share in, the whole gradient of l2norm(k) out
+    dG,  # [NKD, B, T, HV] fp32: the dq/dk kernel's shares
     dv,  # out [B, T, HV, V]
     da,  # out [B, T, HV]
     db,  # out [B, T, HV]
@@ -70,6 +76,7 @@ def chunk_gdn_bwd_wy_kernel(
     T,
     stride_k,
     stride_v,
+    stride_dG,
     H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
@@ -79,6 +86,8 @@ def chunk_gdn_bwd_wy_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DW_GIVEN: tl.constexpr,
+    NKD: tl.constexpr,
 ):
     """dw = -dv_new h^T, the WY backward and the gates' chain rules; `chunk_gdn_bwd_dqk_kernel`'s shares of dk and
     dG are added last, so they are not held through the products."""
@@ -112,17 +121,23 @@ def chunk_gdn_bwd_wy_kernel(
     p_dv = dv + bos * HV * V + i_h * V
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
+        if not DW_GIVEN:
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V),
+                          other=0.)
         b_v = _load_rows(p_v + i_v * BV, i_s, T, stride_v, V - i_v * BV, BT, BV)
         b_du = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
-        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
+        if not DW_GIVEN:
+            b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
         b_dX += tl.dot(b_du, tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(dtype)),
                        input_precision=DOT_PRECISION)
         b_dvb = tl.dot(tl.trans(b_X), b_du, input_precision=DOT_PRECISION)  # gradient of beta v
         b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
         _store_rows(p_dv + i_v * BV, b_dvb * b_beta[:, None], i_s, T, HV * V, V - i_v * BV, BT, BV)
     b_kbg = b_kf * (b_beta * tl.exp(b_gc))[:, None]
-    b_dw = b_dw.to(dtype)
+    if DW_GIVEN:
+        b_dw = _load_rows(dw + bos * HV * K + i_h * K, i_s, T, HV * K, K, BT, BK).to(dtype)
+    else:
+        b_dw = b_dw.to(dtype)
     b_dX += tl.dot(b_dw, tl.trans(b_kbg.to(dtype)), input_precision=DOT_PRECISION)
     b_dkbg = tl.dot(tl.trans(b_X), b_dw, input_precision=DOT_PRECISION)  # gradient of beta k exp(G)
     b_dk = b_dkbg * (b_beta * tl.exp(b_gc))[:, None]
@@ -146,7 +161,8 @@ def chunk_gdn_bwd_wy_kernel(
     b_dk += _load_rows(p_dk, i_s, T, HV * K, K, BT, BK)
     _store_rows(p_dk, b_dk, i_s, T, HV * K, K, BT, BK)
 
-    _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t, m_t, HV)
+    _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, stride_dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t,
+                   m_t, HV, NKD)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -161,8 +177,9 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, lower triangle
     h,  # [NT, HV, K, V]: the state entering each chunk
     dv_new,  # [B, T, HV, V]
-    dk,  # in/out [B, T, HV, K]: chunk_gdn_bwd_dqk_kernel's share in, the whole gradient of l2norm(k) out
-    dG,  # [B, T, HV] fp32: chunk_gdn_bwd_dqk_kernel's share
+    dw,  # [B, T, HV, K]: -dv_new h^T if DW_GIVEN (`gdn_bwd_dqk`), else unused
+    dk,  # in/out [B, T, HV, K]: the dq/dk kernel's share in, the whole gradient of l2norm(k) out
+    dG,  # [NKD, B, T, HV] fp32: the dq/dk kernel's shares
     dv,  # out [B, T, HV, V]
     da,  # out [B, T, HV]
     db,  # out [B, T, HV]
@@ -173,6 +190,7 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     T,
     stride_k,
     stride_v,
+    stride_dG,
     H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
@@ -182,6 +200,8 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DW_GIVEN: tl.constexpr,
+    NKD: tl.constexpr,
     BKW: tl.constexpr,  # key columns per block
 ):
     """`chunk_gdn_bwd_wy_kernel`'s results with the key columns in blocks of BKW (see the module's docstring)."""
@@ -234,13 +254,16 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
         b_k = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
                * b_rk[:, None]).to(dtype)
         b_kf = b_k.to(tl.float32)
-        b_dw = tl.zeros([BT, BKW], dtype=tl.float32)
-        for i_v in range(0, tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V),
-                          other=0.)  # [BKW, BV]
-            b_du = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
-            b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
+        if DW_GIVEN:
+            b_dw = _load_rows(dw + bos * HV * K + i_h * K + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
+        else:
+            b_dw = tl.zeros([BT, BKW], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(V, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & (o_v[None, :] < V),
+                              other=0.)  # [BKW, BV]
+                b_du = _load_rows(p_dvn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
+                b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PRECISION)  # v_new = u - w h
         b_kbg = b_kf * b_bg[:, None]
         b_dwd = b_dw.to(dtype)
         b_dX += tl.dot(b_dwd, tl.trans(b_kbg.to(dtype)), input_precision=DOT_PRECISION)
@@ -271,4 +294,5 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
         b_dk += _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW).to(tl.float32)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
 
-    _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t, m_t, HV)
+    _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, stride_dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t,
+                   m_t, HV, NKD)

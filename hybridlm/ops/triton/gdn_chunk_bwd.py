@@ -13,8 +13,10 @@ chunk_gated_delta_rule backward:
 2. `chunk_gdn_bwd_dh_kernel` (sequential over the chunks, backwards): with dH the gradient of the state leaving a
    chunk, dv_new += (k exp(G_last - G)) dH and dH <- exp(G_last) dH + (q exp(G))^T do - w^T dv_new; stores dH per
    chunk, the full dv_new and dh0.
-3. `chunk_gdn_bwd_dqk_kernel` (parallel): dq; the shares of dk and dG from o and the state update.
-   `chunk_gdn_bwd_wy_kernel` (parallel): dw = -dv_new h^T; the WY backward through w, u and X (dA = -X^T dX X^T on
+3. `chunk_gdn_bwd_dqk_kernel` (parallel): dq; the shares of dk and dG from o and the state update. (With
+   `BWD_DQK_BK`, `gdn_bwd_dqk.chunk_gdn_bwd_dqkw_kblocked_kernel` instead: the same over key blocks, plus dw.)
+   `chunk_gdn_bwd_wy_kernel` (parallel; `BWD_WY_BK`: over key blocks, `gdn_bwd_wy`): dw = -dv_new h^T unless
+   given; the WY backward through w, u and X (dA = -X^T dX X^T on
    the strict lower triangle, A = beta k k^T exp(G_i - G_j)) for dk, dv, dbeta, dG; the reverse cumsum dG -> dg
    inside the chunk and the gate chain rules (softplus, exp(A_log), sigmoid) -> da, db and per-chunk sums for
    dA_log, ddt_bias.
@@ -38,6 +40,7 @@ from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, _segmented_state_pass, chunk_gdn_fwd,
     chunk_gdn_fwd_h_kernel, may_split, segment_plan, sequence_bounds, state_pass_block,
 )
+from hybridlm.ops.triton.gdn_bwd_dqk import _dqk_gate_shares, _dqk_products, chunk_gdn_bwd_dqkw_kblocked_kernel
 from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chunk_gdn_bwd_wy_kernel
 from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
@@ -228,33 +231,10 @@ def chunk_gdn_bwd_dqk_kernel(
     p_dh = dh + (i_tg * HV + i_h) * K * V
     p_do = do + bos * HV * V + i_h * V
     p_vn = v_new + bos * HV * V + i_h * V
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dg_last = tl.zeros([BK], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
-        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
-        b_do = _load_rows(p_do + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)  # [BT, BV]
-        b_vn = _load_rows(p_vn + i_v * BV, i_s, T, HV * V, V - i_v * BV, BT, BV)
-        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PRECISION)
-        b_dk += tl.dot(b_vn, tl.trans(b_dh), input_precision=DOT_PRECISION)
-        b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PRECISION)
-        b_dg_last += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
-    b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
-    b_dq = b_dq * tl.exp(b_gc)[:, None]
-    b_dG = tl.sum(b_dq * b_qf, axis=1)
-    b_dk = b_dk * tl.where(m_t, tl.exp(b_g_last - b_gc), 0.)[:, None]
-    b_dG -= tl.sum(b_dk * b_kf, axis=1)
-    b_dG_last = tl.sum(b_dg_last, axis=0) * tl.exp(b_g_last) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
-    o_i = tl.arange(0, BT)
-    m_A = o_i[:, None] >= o_i[None, :]
-    b_ds = tl.where(m_A, b_ds * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
-    b_dsA = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-    b_dG += tl.sum(b_dsA, axis=1) - tl.sum(b_dsA, axis=0)
-    b_dG += tl.where(o_t == i_last, b_dG_last, 0.)
+    b_dq, b_dk, _, b_ds, _, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, None, o_k, i_s, T, K, V, HV, BT, BK, BV,
+                                                      DOT_PRECISION, False)
+    b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t, i_last,
+                                              BT, DOT_PRECISION)
     b_ds = b_ds.to(dtype)
     b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
     b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
@@ -370,6 +350,13 @@ BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step
 # on the GPU; 4 warps / 2 stages gave the same bits each run.
 BWD_WY_BK: int | None = 64
 BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
+# The dq/dk kernel's key columns per program (`gdn_bwd_dqk`): None keeps whole rows (`chunk_gdn_bwd_dqk_kernel`,
+# dw made in the WY kernel from h); a number takes `chunk_gdn_bwd_dqkw_kblocked_kernel` with max(32, min(dk,
+# BWD_DQK_BK)) columns per program, BWD_DQK_KB_WARPS warps and BWD_DQK_KB_STAGES stages (fp32: 8 and 2), which also
+# stores dw for the WY kernel (as fla's dqkwg kernel), where that leaves at least two blocks. Not yet timed on a GPU.
+BWD_DQK_BK: int | None = None
+BWD_DQK_KB_WARPS, BWD_DQK_KB_STAGES = 4, 2
+BWD_DQK_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg), so more programs fit on an SM
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
@@ -476,20 +463,34 @@ def chunk_gdn_bwd(
     db = torch.empty(batch, length, value_heads, dtype=b.dtype, device=device)
     dA_log = torch.empty(num_chunks, value_heads, dtype=torch.float32, device=device)  # [NT, Hv] per-chunk sums
     ddt_bias = torch.empty_like(dA_log)
-    dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
     dqk_stages = 2 if dtype == torch.float32 else BWD_DQK_STAGES  # fp32 tiles: 3 stages were never run
-    chunk_gdn_bwd_dqk_kernel[chunk_grid](
-        q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length, q.stride(1),
-        k.stride(1), BV=BV_chunk, num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common)
-    wy_args = (k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
-               cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1))
+    BKQ = max(32, min(BK, BWD_DQK_BK)) if BWD_DQK_BK is not None else dk
+    if BKQ >= dk:
+        dw, num_shares = None, 1
+        dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
+        chunk_gdn_bwd_dqk_kernel[chunk_grid](
+            q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length, q.stride(1),
+            k.stride(1), BV=BV_chunk, num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common)
+    else:  # key blocks; dw made here, and each block's share of dG
+        num_shares = cdiv(dk, BKQ)
+        dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
+        dG = torch.empty(num_shares, batch, length, value_heads, dtype=torch.float32, device=device)  # [NK, B, T, Hv]
+        chunk_gdn_bwd_dqkw_kblocked_kernel[(num_shares * grid_chunks, batch * value_heads)](
+            q, k, g_cumsum, h, dh, v_new, do, dv_new, dq_n, dk_n, dw, dG, cu_seqlens, chunk_indices, scale, length,
+            q.stride(1), k.stride(1), batch * length * value_heads, BV=BV_chunk, BKQ=BKQ,
+            num_warps=8 if dtype == torch.float32 else BWD_DQK_KB_WARPS,
+            num_stages=2 if dtype == torch.float32 else BWD_DQK_KB_STAGES, **common,
+            **({} if BWD_DQK_KB_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_KB_MAXNREG)))
+    wy_args = (k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dw, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
+               cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1), batch * length * value_heads)
+    wy_flags = dict(DW_GIVEN=dw is not None, NKD=num_shares)
     BKW = max(32, min(BK, BWD_WY_BK)) if BWD_WY_BK is not None else dk
     if BKW >= dk:
         chunk_gdn_bwd_wy_kernel[chunk_grid](*wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS, num_stages=dqk_stages,
-                                            **common)
+                                            **wy_flags, **common)
     else:
         chunk_gdn_bwd_wy_kblocked_kernel[chunk_grid](
-            *wy_args, BV=BV_chunk, BKW=BKW,
+            *wy_args, BV=BV_chunk, BKW=BKW, **wy_flags,
             # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
             num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
             num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common)

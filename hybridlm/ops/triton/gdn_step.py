@@ -229,6 +229,16 @@ def gdn_decode_split_kernel(
                 tl.store(o + i_r * V + o_f, b_o.to(o.dtype.element_ty), mask=m_f)
 
 
+# Launch settings, as module flags so that `bench_gdn.py --variant` can time others (untimed ones are marked):
+# - the split kernel runs while B x Hk < SPLIT_PROGRAMS_PER_SM x SMs (at 9B heads on an H200 the main kernel takes
+#   over from B = 17); more programs in flight is one lever on the B = 256 step (70% of the copy rate, sixth
+#   session), at the cost of recomputing q, k per value head and slice and of the arrival counters (untimed there);
+# - SPLIT_BV value channels per split program (32);
+# - STEP_WARPS for the main kernel (None: 4 up to a 64 x 64 state tile, else 8).
+SPLIT_PROGRAMS_PER_SM = 2
+SPLIT_BV = 32
+STEP_WARPS: int | None = None
+
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -318,9 +328,9 @@ def gdn_decode_step(
     pdl = pdl_enabled(o.device)
     if split is None:
         sms = torch.cuda.get_device_properties(qkv_raw.device).multi_processor_count if qkv_raw.is_cuda else 8
-        split = batch * num_key_heads < 2 * sms
+        split = batch * num_key_heads < SPLIT_PROGRAMS_PER_SM * sms
     if split:
-        BV_split = min(BV_full, 32)
+        BV_split = min(BV_full, SPLIT_BV)
         num_slices = cdiv(value_head_dim, BV_split)
         o_raw = o if not fuse_norm else torch.empty_like(o)
         gdn_decode_split_kernel[(batch, num_value_heads, num_slices)](
@@ -335,6 +345,6 @@ def gdn_decode_step(
         o, scale, norm_eps, qkv_raw.stride(0), z.stride(0) if fuse_norm else 0,
         H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim, W=width,
         BK=BK, BV=BV, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm, USE_PDL=pdl,
-        num_warps=4 if key_head_dim * BV <= 64 * 64 else 8, launch_pdl=pdl,
+        num_warps=STEP_WARPS or (4 if key_head_dim * BV <= 64 * 64 else 8), launch_pdl=pdl,
     )
     return o
