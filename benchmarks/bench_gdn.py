@@ -252,16 +252,27 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
         o, _ = chunk_gdn(*leaves)
         return (o, *torch.autograd.grad(o, leaves, do))
 
+    def peak_mib(fn):
+        """The peak memory one call adds above what is allocated before it (saved activations, workspaces)."""
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - before) / 2**20
+
     try:
-        out_ours = ours()
+        out_ours, peak = peak_mib(ours)
         results = {"ours": (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")}
+        log(f"  train {model} B={batch} T={length} ours: peak {peak:.0f} MiB above the inputs")
     except Exception as error:
         log(f"  ours failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
         return
     for name, settings in VARIANTS.items():
         with settings_applied(settings):
             try:
-                out_var = ours()
+                out_var, peak = peak_mib(ours)
+                log(f"  train {model} B={batch} T={length} ours[{name}]: peak {peak:.0f} MiB above the inputs")
                 err = max(rel_err(x, y) for x, y in zip(out_var[:6], out_ours[:6]))
                 results[f"ours[{name}]"] = (time_ms(ours), variant_check(ours_ok, err))
             except Exception as error:

@@ -1,6 +1,7 @@
 """Which GDN head dims the chunked kernels run without faulting on this GPU and Triton (forward + backward twice).
 
     python benchmarks/gdn_fault_map.py [--dims 32 64 96 128] [--layouts B2T1 B1T70 packed] [-j 14]
+                                       [--set gdn_chunk_bwd.BWD_DQK_BK=32 ...]   # kernel options (as bench_gdn.py)
 
 Each (dk, dv, layout) runs in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault poisons a process, and blocking
 launches make the faulting launch raise at its own line), calling `chunk_gdn` directly, so the dispatcher's guard
@@ -55,9 +56,14 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 96, 128], help="head dims to pair (dk x dv)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("-j", "--jobs", type=int, default=14)
+    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
+                        help="kernel options for every shape (hybridlm.ops.triton modules' flags)")
     parser.add_argument("--one", nargs=3, metavar=("DK", "DV", "LAYOUT"), help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from bench_gdn import apply_settings
+
+    applied = apply_settings(args.set)  # refused by name before any child starts
     if args.one:
         print("RESULT", run_shape(int(args.one[0]), int(args.one[1]), args.one[2]), flush=True)
         return
@@ -67,13 +73,15 @@ def main() -> None:
         raise SystemExit("gdn_fault_map.py needs a CUDA GPU (it maps where the kernels fault on one)")
     import triton
 
-    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
+          + (f"  options {' '.join(applied)}" if applied else ""), flush=True)
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
 
     def child(shape):
         dk, dv, layout = shape
-        result = subprocess.run([sys.executable, __file__, "--one", str(dk), str(dv), layout], capture_output=True,
-                                text=True, env=env, timeout=300)
+        command = [sys.executable, __file__, "--one", str(dk), str(dv), layout]
+        command += ["--set", *args.set] if args.set else []
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         return shape, lines[0][7:] if lines else f"no result (exit {result.returncode}): {result.stderr[-160:]}"
 

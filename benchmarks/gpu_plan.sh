@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_plan.sh 14  # carry .fla: the key-blocked WY kernel (tests, sweep, train end to end); host time
 #   bash benchmarks/gpu_plan.sh 15  # carry .fla: every GDN kernel test at the WY default of blocks of 64; the fault map;
 #                                   # the backward's split and the key-blocked dq/dk kernel's settings (BWD_DQK_BK)
-#   bash benchmarks/gpu_plan.sh 16  # carry .fla: the decode step's launch settings at B = 1/32/256; train with BWD_DQK_BK
+#   bash benchmarks/gpu_plan.sh 16  # carry .fla: train with BWD_DQK_BK and with kept forward states; the decode step's
+#                                   # launch settings at B = 1/32/256
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -201,29 +202,34 @@ case "${1:-}" in
     # the backward's split at the defaults (the line "backward: ..." per model), then the twelfth session's dq/dk
     # kernel over key blocks that also makes dw (gdn_chunk_bwd.BWD_DQK_BK, gdn_bwd_dqk) at its settings, whole
     # backward at B = 4, T = 4k; adopt the best if it wins at both layouts, then call 12 with it as VARIANT
-    timeout 190 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups dqkb > "$OUT/dqkb.log" 2>&1
+    timeout 190 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups dqkb \
+      > "$OUT/dqkb.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     grep -v ' ok$' "$OUT/fault_map.log"
     grep 'backward:' "$OUT/dqkb.log"
     grep '^|' "$OUT/dqkb.log" | grep -v '^| model\|^|---'
     ;;
-  16)  # twelfth session's untimed options, ours only: the decode step's launch settings (gdn_step.SPLIT_* and
-       # STEP_WARPS; the goal is 80% of the copy rate at B = 256, 70% now) and training with the key-blocked dq/dk
-       # kernel (gdn_chunk_bwd.BWD_DQK_BK) at every train shape; adopt what wins at both layouts
-    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+  16)  # twelfth session's untimed options, ours only: train end to end with the key-blocked dq/dk kernel
+       # (gdn_chunk_bwd.BWD_DQK_BK) and with the forward's states kept for the backward (BWD_REUSE_FORWARD_STATES,
+       # `hybridlm train --gdn-keep-states`) at every train shape; then the decode step's launch settings
+       # (gdn_step.SPLIT_*, STEP_PREFETCH, STEP_WARPS; the goal is 80% of the copy rate at B = 256, 70% now).
+       # Adopt what wins at both layouts; a cut-off log still holds the rows done.
+    timeout 80 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 220 python3 benchmarks/bench_gdn.py --no-peers --kinds decode --variant \
+    timeout 270 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant \
+      "dqkb32:gdn_chunk_bwd.BWD_DQK_BK=32,gdn_chunk_bwd.BWD_DQK_KB_WARPS=8,gdn_chunk_bwd.BWD_DQK_KB_MAXNREG=128" \
+      "dqkb64:gdn_chunk_bwd.BWD_DQK_BK=64,gdn_chunk_bwd.BWD_DQK_KB_WARPS=8" \
+      "keep:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" > "$OUT/train.log" 2>&1
+    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds decode --variant \
       "split:gdn_step.SPLIT_PROGRAMS_PER_SM=100000" \
       "split64:gdn_step.SPLIT_PROGRAMS_PER_SM=100000,gdn_step.SPLIT_BV=64" \
-      "w4:gdn_step.STEP_WARPS=4" "w16:gdn_step.STEP_WARPS=16" > "$OUT/decode.log" 2>&1
-    timeout 250 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant \
-      "dqkb32:gdn_chunk_bwd.BWD_DQK_BK=32,gdn_chunk_bwd.BWD_DQK_KB_WARPS=8,gdn_chunk_bwd.BWD_DQK_KB_MAXNREG=128" \
-      "dqkb64:gdn_chunk_bwd.BWD_DQK_BK=64,gdn_chunk_bwd.BWD_DQK_KB_WARPS=8" > "$OUT/train.log" 2>&1
+      "prefetch:gdn_step.STEP_PREFETCH=True" "w16:gdn_step.STEP_WARPS=16" > "$OUT/decode.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
-    grep '^|' "$OUT/decode.log" | tail -24
-    grep '^|' "$OUT/train.log" | tail -12
+    grep "peak" "$OUT/train.log"
+    grep '^|' "$OUT/train.log" | tail -16
+    grep '^|' "$OUT/decode.log" | tail -30
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|16" >&2

@@ -298,7 +298,7 @@ def sweep_bwd(model, rows, tiny=False, only=()):
         "dh": ("BWD_DH_BV", "BWD_DH_WARPS", "BWD_DH_STAGES"),
         "dqk": ("BWD_DQK_WARPS", "BWD_WY_WARPS", "BWD_DQK_STAGES"),
         "qkgrad": ("BWD_QK_GRAD_DTYPE",),
-        "wy": ("BWD_WY_BK", "BWD_WY_KB_WARPS", "BWD_WY_KB_STAGES"),  # None: the whole-row WY kernel
+        "wy": ("BWD_WY_BK", "BWD_WY_KB_WARPS", "BWD_WY_KB_STAGES", "BWD_WY_KB_MAXNREG"),  # None: whole rows
         # None: the whole-row dq/dk kernel
         "dqkb": ("BWD_DQK_BK", "BWD_DQK_KB_WARPS", "BWD_DQK_KB_STAGES", "BWD_DQK_KB_MAXNREG"),
     }
@@ -307,7 +307,9 @@ def sweep_bwd(model, rows, tiny=False, only=()):
         "dh": list(itertools.product((32, 64), (4, 8), (2, 3))),  # 16-wide tiles: see chunk_gdn_bwd
         "dqk": list(itertools.product((4, 8), (4, 8), (2, 3))),
         "qkgrad": [("input",), ("fp32",)],
-        "wy": [(None, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2), (64, 4, 2)],
+        # blocks of 64 at 4 warps: 255 registers (two programs per SM); capped at 168 (three), 520-828 B spilled
+        "wy": [(None, 4, 2, None), (32, 4, 2, None), (32, 4, 3, None), (32, 8, 2, None), (64, 8, 2, None),
+               (64, 4, 2, None), (64, 4, 2, 168)],
         # sm_90, Triton 3.6 (compile_check, 9B heads): blocks of 32 at 4 warps 250 registers, at 8 147 (128 capped,
         # no spills: two programs per SM); of 64 at 4 warps 255 + 72 B spilled, at 8 183
         "dqkb": [(None, 4, 2, None), (32, 4, 2, None), (32, 8, 2, None), (32, 8, 2, 128), (64, 8, 2, None),

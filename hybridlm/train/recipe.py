@@ -17,7 +17,7 @@ CONFIG_FILE = "train_config.json"
 # Fields that may change between a run and its resumption; every other field must match the checkpoint.
 RESUMABLE_CHANGES = {
     "out", "steps", "tokens", "eval_every", "save_every", "log_every", "device", "progress", "resume", "command",
-    "activation_checkpointing", "fsdp",
+    "activation_checkpointing", "fsdp", "gdn_keep_states",
 }
 DEFAULT_STEPS = 1000
 # tokenizer special tokens: documents end with the first; the chat template uses the other two
@@ -74,6 +74,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     autocast: bool = True  # bf16 autocast; weights, gradients and optimizer state stay fp32
     activation_checkpointing: bool = False
+    # the GDN kernels keep their forward's intermediates (w, h, v_new: 1 KB per token and value head at head dim 128)
+    # for the backward instead of recomputing them; CUDA only
+    gdn_keep_states: bool = False
     fsdp: bool | None = None  # None: FSDP2 exactly when launched with more than one process
     progress: bool = True  # rich progress bar (only on a TTY)
     resume: bool = False

@@ -182,13 +182,15 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
             for m, batch in enumerate(batches):
                 if use_fsdp:  # reduce-scatter once per step, not once per micro-step
                     model.set_requires_gradient_sync(m == len(batches) - 1)
-                with autocast:
-                    logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)  # [1, R*S, V]
-                micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-                # FSDP averages gradients over processes: scale by `world` so the sum over all target
-                # tokens of the global batch, divided by their count, is what reaches every shard.
-                (micro_loss * (world / max(num_targets, 1.0))).backward()
+                # (the backward too: activation checkpointing reruns the forward there, and must save the same)
+                with _gdn_states_kept(config.gdn_keep_states):
+                    with autocast:
+                        logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)  # [1, R*S, V]
+                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+                    # FSDP averages gradients over processes: scale by `world` so the sum over all target
+                    # tokens of the global batch, divided by their count, is what reaches every shard.
+                    (micro_loss * (world / max(num_targets, 1.0))).backward()
                 loss_sum += micro_loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -346,6 +348,16 @@ def _checkpoint_layers(model: HybridLM) -> None:
 
     for layer in model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def _gdn_states_kept(enabled: bool):
+    """`gdn_keep_states`: the chunked GDN kernels keep their forward's w, h and v_new for the backward instead of
+    recomputing them (`gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`); a plain context otherwise."""
+    if not enabled:
+        return nullcontext()
+    from hybridlm.ops.triton.gdn_chunk_bwd import forward_states_kept
+
+    return forward_states_kept()
 
 
 def _all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:

@@ -220,10 +220,14 @@ def test_host_overhead_checks_its_shapes_and_needs_a_gpu(monkeypatch):
 
 
 def test_gdn_fault_map_needs_a_gpu(monkeypatch):
-    """gdn_fault_map.py: without CUDA it stops with a message (on a GPU it maps faulting head dims)."""
+    """gdn_fault_map.py: without CUDA it stops with a message (on a GPU it maps faulting head dims); a kernel option
+    that does not exist is refused by name first."""
     import gdn_fault_map
 
     assert set(gdn_fault_map.LAYOUTS) == {"B2T1", "B1T70", "packed"}
+    monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--set", "gdn_chunk_bwd.BWD_NO_SUCH_FLAG=1"])
+    with pytest.raises(SystemExit, match="has no flag BWD_NO_SUCH_FLAG"):
+        gdn_fault_map.main()
     if not __import__("torch").cuda.is_available():
         monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--dims", "32"])
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):

@@ -397,3 +397,73 @@ def test_bwd_dqk_key_blocks(poisoned, monkeypatch, case):
     check_blocked_grads(split, again, whole, dtype)
     check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
           cu_seqlens=case_inputs[0])
+
+
+@pytest.mark.parametrize("case", ["bf16-packed", "fp32-grouped", "bf16-cut-forward"])
+def test_bwd_reuses_forward_states(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES: the backward takes the forward's w, h and v_new (also when the forward
+    cut the sequence into segments) and launches neither the w/u recompute nor a state pass; the gradients match the
+    recomputing path's and float64."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd, gdn_cp
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
+        "bf16-packed": (1, 200, 1, 2, 32, 32, torch.bfloat16, [0, 7, 70, 200]),
+        "fp32-grouped": (2, 130, 1, 2, 16, 32, torch.float32, None),
+        "bf16-cut-forward": (1, 330, 1, 2, 32, 32, torch.bfloat16, None),
+    }[case]
+    if case == "bf16-cut-forward":  # the forward's state pass runs in segments of two chunks
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
+        monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+        monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    recomputed = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
+    launched = []
+    for name in ("chunk_gdn_wu_kernel", "chunk_gdn_fwd_h_kernel"):
+        record_launches(monkeypatch, name, lambda kwargs: "recompute", launched)
+    monkeypatch.setattr(gdn_chunk_bwd, "_segmented_state_pass", lambda *args, **kwargs: launched.append("segments"))
+    reused = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", True, case_inputs)
+    assert launched == []
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, x, ref in zip(NAMES, reused, recomputed):
+        assert rel_err(x, ref.double()) <= tolerance, name
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+          cu_seqlens=case_inputs[0])
+
+
+def test_bwd_refuses_misshaped_forward_states():
+    from hybridlm.ops.triton.gdn_chunk import _chunk_gdn_fwd
+    from hybridlm.ops.triton.gdn_chunk_bwd import chunk_gdn_bwd
+
+    *inputs, state = make_inputs(1, 70, 1, 2, 16, 16, torch.float32, 1)
+    out = _chunk_gdn_fwd(*inputs, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                         store_x=True)
+    do = torch.randn_like(out["o"])
+    with pytest.raises(ValueError, match="forward_states must be w, h, v_new"):
+        chunk_gdn_bwd(*inputs, out["g_cumsum"], out["x_inv"], do, forward_states=(out["w"], out["h"][:1], out["v_new"]))
+
+
+def test_kept_states_under_activation_checkpointing(poisoned):
+    """`forward_states_kept` (what `hybridlm train --gdn-keep-states` enters around each forward and backward):
+    under non-reentrant activation checkpointing the rerun forward saves the same tensors, and the gradients are the
+    plain run's; the flag is restored on exit."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    *inputs, state = make_inputs(1, 130, 1, 2, 32, 32, torch.bfloat16, 1)
+    do, dht = output_grads(inputs[2], 1, 32, True, torch.bfloat16)
+
+    def layer(*leaves):
+        return chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True)
+
+    def grads(checkpointed):
+        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+        with gdn_chunk_bwd.forward_states_kept():
+            assert gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES
+            o, final = checkpoint(layer, *leaves, use_reentrant=False) if checkpointed else layer(*leaves)
+            loss_of(o, final, do, dht).backward()
+        return [leaf.grad for leaf in leaves]
+
+    for name, x, ref in zip(NAMES, grads(True), grads(False)):
+        assert rel_err(x, ref.double()) <= 1e-3, name
+    assert gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES is False

@@ -50,8 +50,14 @@ def reference_step(x, z, a, b, weight, A_log, dt_bias, conv_states, states, dims
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fuse_norm", [False, True])
 @pytest.mark.parametrize("key_heads, value_heads", [(2, 4), (2, 2)])
-@pytest.mark.parametrize("split", [False, True])
-def test_decode_steps_on_a_pool(dtype, fuse_norm, key_heads, value_heads, split):
+@pytest.mark.parametrize("path", ["main", "prefetch", "split"])
+def test_decode_steps_on_a_pool(monkeypatch, dtype, fuse_norm, key_heads, value_heads, path):
+    """`path`: the main kernel, the main kernel loading each next value head's state early (gdn_step.STEP_PREFETCH),
+    or the split kernel."""
+    from hybridlm.ops.triton import gdn_step
+
+    split = path == "split"
+    monkeypatch.setattr(gdn_step, "STEP_PREFETCH", path == "prefetch")
     # the split path deals value channels in slices of 32: dv = 48 makes two, the second one ragged
     dk, dv, width, pool_size = 16, 48 if split else 32, 4, 7
     channels = 2 * key_heads * dk + value_heads * dv
@@ -92,8 +98,12 @@ def test_decode_steps_on_a_pool(dtype, fuse_norm, key_heads, value_heads, split)
             assert not _ARRIVALS[o.device].any()
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_padding_rows_touch_nothing(split):
+@pytest.mark.parametrize("path", ["main", "prefetch", "split"])
+def test_padding_rows_touch_nothing(monkeypatch, path):
+    from hybridlm.ops.triton import gdn_step
+
+    split = path == "split"
+    monkeypatch.setattr(gdn_step, "STEP_PREFETCH", path == "prefetch")
     key_heads, value_heads, dk, dv, width = 1, 2, 16, 16, 4
     channels = 2 * key_heads * dk + value_heads * dv
     conv_pool = torch.randn(3, channels, width - 1, device=DEVICE)

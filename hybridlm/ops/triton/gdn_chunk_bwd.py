@@ -29,6 +29,7 @@ forward and fla do).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -350,6 +351,7 @@ BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step
 # on the GPU; 4 warps / 2 stages gave the same bits each run.
 BWD_WY_BK: int | None = 64
 BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
+BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg; untimed)
 # The dq/dk kernel's key columns per program (`gdn_bwd_dqk`): None keeps whole rows (`chunk_gdn_bwd_dqk_kernel`,
 # dw made in the WY kernel from h); a number takes `chunk_gdn_bwd_dqkw_kblocked_kernel` with max(32, min(dk,
 # BWD_DQK_BK)) columns per program, BWD_DQK_KB_WARPS warps and BWD_DQK_KB_STAGES stages (fp32: 8 and 2), which also
@@ -361,6 +363,23 @@ BWD_DQK_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's max
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
 BWD_QK_GRAD_DTYPE = "input"
+# Keep the forward's w, h and v_new for the backward instead of recomputing them (the w/u and state-pass launches,
+# 0.17 + 0.28 ms of the 2.49 ms backward at 9B heads, B = 4, T = 4k, on an H200). They cost 2 (dk + dv + dk dv / 64)
+# bytes per token and value head in 16-bit (1 KB at dk = dv = 128: 512 MB per layer for 16k tokens at 9B heads),
+# held from each layer's forward to its backward; fla recomputes them, as the default here does. `hybridlm train
+# --gdn-keep-states` sets it.
+BWD_REUSE_FORWARD_STATES = False
+
+
+@contextlib.contextmanager
+def forward_states_kept(enabled: bool = True):
+    """Within: `BWD_REUSE_FORWARD_STATES` = enabled (restored after)."""
+    global BWD_REUSE_FORWARD_STATES
+    saved, BWD_REUSE_FORWARD_STATES = BWD_REUSE_FORWARD_STATES, enabled
+    try:
+        yield
+    finally:
+        BWD_REUSE_FORWARD_STATES = saved
 
 
 def chunk_gdn_bwd(
@@ -380,11 +399,13 @@ def chunk_gdn_bwd(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+    forward_states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of the forward's inputs given do [B, T, Hv, dv] and optionally dht, the gradient of the final
     state [N, Hv, dk, dv]. g_cumsum and x_inv are the forward's (`_chunk_gdn_fwd(..., store_x=True)`).
     Returns dq, dk, dv, da, db (each in its input's dtype), dA_log, ddt_bias (fp32) and dh0 (fp32; None without an
-    initial state). `chunk_tables` = prepare_chunks(cu_seqlens, 64) when known (saves a host read of cu_seqlens)."""
+    initial state). `chunk_tables` = prepare_chunks(cu_seqlens, 64) when known (saves a host read of cu_seqlens).
+    `forward_states` = the forward's (w, h, v_new): then they are not recomputed (see `BWD_REUSE_FORWARD_STATES`)."""
     q, k, v = rows_packed(q), rows_packed(k), rows_packed(v)
     a, b, do = a.contiguous(), b.contiguous(), do.contiguous()
     A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
@@ -418,25 +439,31 @@ def chunk_gdn_bwd(
     if BV_dh > BV and 2 * cdiv(dv, BV_dh) * num_states * value_heads < _multiprocessors(device):
         BV_dh = BV
 
-    # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
-    w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
-    u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
-    chunk_gdn_wu_kernel[chunk_grid](
-        k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-        BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
-    h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
-    v_new = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
-    BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
-                            narrowest=32)  # the backward's tiles are all at least 32 wide
-    plan = segment_plan(bounds, value_heads, device) if bounds is not None else None
-    if plan is None:
-        chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
-            k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
-            BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4,
-            **common)
-    else:  # the forward's context-parallel pass, keys normalised in the loop
-        _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, {}, common,
-                              narrowest=32, norm_k=True)
+    if forward_states is not None:
+        w, h, v_new = forward_states
+        expected = ((batch, length, value_heads, dk), (num_chunks, value_heads, dk, dv), tuple(v.shape))
+        if tuple(tuple(x.shape) for x in forward_states) != expected or any(x.dtype != dtype for x in forward_states):
+            raise ValueError(f"forward_states must be w, h, v_new of shapes {expected} in {dtype}, got "
+                             f"{[(tuple(x.shape), x.dtype) for x in forward_states]}")
+    else:  # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
+        w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
+        u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
+        chunk_gdn_wu_kernel[chunk_grid](
+            k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
+            BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
+        h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
+        v_new = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
+        BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
+                                narrowest=32)  # the backward's tiles are all at least 32 wide
+        plan = segment_plan(bounds, value_heads, device) if bounds is not None else None
+        if plan is None:
+            chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
+                k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
+                BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False, num_warps=4,
+                **common)
+        else:  # the forward's context-parallel pass, keys normalised in the loop
+            _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, {}, common,
+                                  narrowest=32, norm_k=True)
 
     dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
     chunk_gdn_bwd_dv_local_kernel[chunk_grid](
@@ -493,7 +520,8 @@ def chunk_gdn_bwd(
             *wy_args, BV=BV_chunk, BKW=BKW, **wy_flags,
             # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
             num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
-            num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common)
+            num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common,
+            **({} if BWD_WY_KB_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_WY_KB_MAXNREG)))
 
     rows, BR = batch * length, 32
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
@@ -511,17 +539,20 @@ class ChunkGDNFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, a, b, A_log, dt_bias, scale, initial_state, output_final_state, cu_seqlens):
         out = _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, store_x=True)
+        ctx.reuse = BWD_REUSE_FORWARD_STATES
+        states = (out["w"], out["h"], out["v_new"]) if ctx.reuse else ()
         ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, out["g_cumsum"], out["x_inv"], initial_state,
-                              cu_seqlens)
+                              cu_seqlens, *states)
         ctx.scale = out["scale"]
         ctx.chunk_tables = out["chunk_tables"]
         return out["o"], out["final_state"]
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, initial_state, cu_seqlens = ctx.saved_tensors
+        q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, initial_state, cu_seqlens, *states = ctx.saved_tensors
         grads = chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, dht, scale=ctx.scale,
-                              initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_tables=ctx.chunk_tables)
+                              initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_tables=ctx.chunk_tables,
+                              forward_states=tuple(states) if ctx.reuse else None)
         dh0 = grads["dh0"]
         return (grads["dq"], grads["dk"], grads["dv"], grads["da"], grads["db"], grads["dA_log"].to(A_log.dtype),
                 grads["ddt_bias"].to(dt_bias.dtype), None, None if dh0 is None else dh0.to(initial_state.dtype),

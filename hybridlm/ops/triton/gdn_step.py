@@ -107,6 +107,7 @@ def gdn_decode_step_kernel(
     PROD_IN_X_DTYPE: tl.constexpr,
     FUSE_NORM: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # requires BV >= V
 ):
     pdl_wait(USE_PDL)
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
@@ -128,27 +129,49 @@ def gdn_decode_step_kernel(
     p_conv = conv_state_pool + i_slot * C * (W - 1)
     b_q, b_k = _qk_step(p_x, conv_weight, p_conv, i_hk, scale, H, K, W, BK, BW, True)
 
-    for i_g in range(G):
-        i_h = i_hk * G + i_g
-        b_decay, b_beta = _gates(a, b, A_log, dt_bias, i_b, i_h, HV)
-        p_s = state_pool + (i_slot * HV + i_h) * K * V
-        p_o = o + (i_b * HV + i_h) * V
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + o_bv
-            m_v = o_v < V
-            b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_v, m_v, W, BW, True)
-            m_kv = m_k[:, None] & m_v[None, :]
-            b_s = tl.load(p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
+    if PREFETCH:  # one V block (BV >= V): the next value head's state is loaded before this one's is stored
+        m_v = o_bv < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_s = state_pool + (i_slot * HV + i_hk * G) * K * V + o_k[:, None] * V + o_bv[None, :]
+        b_s_next = tl.load(p_s, mask=m_kv, other=0.)
+        for i_g in tl.static_range(HV // H):
+            i_h = i_hk * G + i_g
+            b_s = b_s_next
+            if i_g + 1 < HV // H:
+                b_s_next = tl.load(p_s + (i_g + 1) * K * V, mask=m_kv, other=0.)
+            b_decay, b_beta = _gates(a, b, A_log, dt_bias, i_b, i_h, HV)
+            b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_bv, m_v, W, BW, True)
             b_s *= b_decay
-            # delta rule: write beta * (v - S^T k) along k, then read with q
             b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
             b_s += b_k[:, None] * b_delta[None, :]
             b_o = tl.sum(b_s * b_q[:, None], axis=0)  # [BV]
-            tl.store(p_s + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
-            if FUSE_NORM:  # gated RMSNorm in gated_rms_norm's cast order (needs the whole row: BV >= V)
-                b_o = _gated_norm(b_o, m_v, o_v, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps,
+            tl.store(p_s + i_g * K * V, b_s, mask=m_kv)
+            if FUSE_NORM:
+                b_o = _gated_norm(b_o, m_v, o_bv, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps,
                                   V, o.dtype.element_ty, PROD_IN_X_DTYPE)
-            tl.store(p_o + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+            tl.store(o + (i_b * HV + i_h) * V + o_bv, b_o.to(o.dtype.element_ty), mask=m_v)
+    else:
+        for i_g in range(G):
+            i_h = i_hk * G + i_g
+            b_decay, b_beta = _gates(a, b, A_log, dt_bias, i_b, i_h, HV)
+            p_s = state_pool + (i_slot * HV + i_h) * K * V
+            p_o = o + (i_b * HV + i_h) * V
+            for i_v in range(tl.cdiv(V, BV)):
+                o_v = i_v * BV + o_bv
+                m_v = o_v < V
+                b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_v, m_v, W, BW, True)
+                m_kv = m_k[:, None] & m_v[None, :]
+                b_s = tl.load(p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
+                b_s *= b_decay
+                # delta rule: write beta * (v - S^T k) along k, then read with q
+                b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
+                b_s += b_k[:, None] * b_delta[None, :]
+                b_o = tl.sum(b_s * b_q[:, None], axis=0)  # [BV]
+                tl.store(p_s + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
+                if FUSE_NORM:  # gated RMSNorm in gated_rms_norm's cast order (needs the whole row: BV >= V)
+                    b_o = _gated_norm(b_o, m_v, o_v, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps,
+                                      V, o.dtype.element_ty, PROD_IN_X_DTYPE)
+                tl.store(p_o + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
 
@@ -234,10 +257,15 @@ def gdn_decode_split_kernel(
 #   over from B = 17); more programs in flight is one lever on the B = 256 step (70% of the copy rate, sixth
 #   session), at the cost of recomputing q, k per value head and slice and of the arrival counters (untimed there);
 # - SPLIT_BV value channels per split program (32);
-# - STEP_WARPS for the main kernel (None: 4 up to a 64 x 64 state tile, else 8).
+# - STEP_WARPS for the main kernel (None: 4 up to a 64 x 64 state tile, else 8);
+# - STEP_PREFETCH: the main kernel loads a key head's next value-head state before it stores the current one (where
+#   one block covers a head's values). At 9B heads the kernel holds one program of 8 warps per SM (168 registers),
+#   which loads 64 KB, computes, stores, and only then loads the next head's 64 KB: the SM's loads stall in between.
+#   Untimed.
 SPLIT_PROGRAMS_PER_SM = 2
 SPLIT_BV = 32
 STEP_WARPS: int | None = None
+STEP_PREFETCH = False
 
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
@@ -345,6 +373,7 @@ def gdn_decode_step(
         o, scale, norm_eps, qkv_raw.stride(0), z.stride(0) if fuse_norm else 0,
         H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim, W=width,
         BK=BK, BV=BV, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm, USE_PDL=pdl,
+        PREFETCH=STEP_PREFETCH and BV >= value_head_dim,
         num_warps=STEP_WARPS or (4 if key_head_dim * BV <= 64 * 64 else 8), launch_pdl=pdl,
     )
     return o
