@@ -160,7 +160,16 @@ def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
         gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK = saved_wy, saved_dqk
 
 
-def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8):
+def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8, prefetch=False):
+    """`prefetch`: gdn_step.STEP_PREFETCH for this launch."""
+    saved, gdn_step.STEP_PREFETCH = gdn_step.STEP_PREFETCH, prefetch
+    try:
+        _gdn_decode(hk, hv, dk, dv, batch, dtype, fuse_norm, norm_dtype, pool)
+    finally:
+        gdn_step.STEP_PREFETCH = saved
+
+
+def _gdn_decode(hk, hv, dk, dv, batch, dtype, fuse_norm, norm_dtype, pool):
     channels = 2 * hk * dk + hv * dv
     z = randn(batch, hv, dv, dtype=dtype) if fuse_norm else None
     norm_weight = randn(dv, dtype=norm_dtype or dtype) if fuse_norm else None
@@ -339,6 +348,8 @@ def configurations():
             for norm_dtype, norm_tag in ((bf16, ""), (fp32, " fp32 norm weight")):
                 add(f"gdn_decode {name} bf16 B={batch}{norm_tag}", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM,
                     dv=GDN_DIM, batch=batch, norm_dtype=norm_dtype)
+        add(f"gdn_decode {name} bf16 B=64 prefetch", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, batch=64,
+            prefetch=True)  # gdn_step.STEP_PREFETCH
         add(f"gdn_decode {name} bf16 B=1 no norm", run_gdn_decode, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, batch=1,
             fuse_norm=False)
         for rows in (1, 64):  # one row (decode at B=1) is specialised to a constant
