@@ -431,6 +431,8 @@ def configurations():
             sequences=4, dim=80, block_size=16, dtype=dtype)
     add("gdn_fwd tests H=2/4 d=64 fp32", run_gdn_fwd, hk=2, hv=4, dk=64, dv=64, dtype=fp32, length=130)
     add("gdn_bwd tests H=2/4 d=64 fp32", run_gdn_bwd, hk=2, hv=4, dk=64, dv=64, dtype=fp32, length=130, state=True)
+    # 64-wide key rows in 16-bit: dS^T by its own product (gdn_chunk_bwd.BWD_DQK_DST_PRODUCT_BKS)
+    add("gdn_bwd tests H=2/4 d=64 bf16", run_gdn_bwd, hk=2, hv=4, dk=64, dv=64, dtype=bf16, length=200, state=True)
     add("gdn_bwd tests H=2/4 d=128 fp32", run_gdn_bwd, hk=2, hv=4, dk=128, dv=128, dtype=fp32, length=130,
         state=True)
     add("paged_decode tests Hq=6/Hkv=2 D=64 bf16 BS=16 P=4", run_paged_decode, hq=6, hkv=2, queries=33, dim=64,

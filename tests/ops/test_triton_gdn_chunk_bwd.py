@@ -118,6 +118,7 @@ def test_bwd_head_layouts(poisoned, key_heads, value_heads, dk, dv):
     (torch.float32, 128, 128),  # the dh kernel's shared memory (2 stages since 2026-11-23)
     (torch.bfloat16, 16, 32), (torch.bfloat16, 32, 16),  # 16-wide dims: wrong before tiles were padded to 32
     (torch.float16, 16, 16), (torch.bfloat16, 128, 128), (torch.float32, 64, 128),
+    (torch.bfloat16, 64, 64),  # 64-wide key rows: dS^T by its own product (BWD_DQK_DST_PRODUCT_BKS)
 ])
 def test_bwd_full_size_heads(poisoned, dtype, dk, dv):
     """The shapes `backward_verified` trusts (or is asked to): grouped heads, two sequences, states (8-15 s each
@@ -467,3 +468,25 @@ def test_kept_states_under_activation_checkpointing(poisoned):
     for name, x, ref in zip(NAMES, grads(True), grads(False)):
         assert rel_err(x, ref.double()) <= 1e-3, name
     assert gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES is False
+
+
+@pytest.mark.parametrize("case", ["bf16-whole-row", "fp32-whole-row", "bf16-key-blocks", "bf16-packed-one-block"])
+def test_bwd_wy_e_through_scratch(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_WY_E_SCRATCH: E^T through a scratch buffer instead of tl.trans (the remedy held ready for
+    Triton's Hopper miscompile) gives the same gradients, with either WY kernel."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, wy_block = {
+        "bf16-whole-row": (2, 70, 1, 2, 32, 32, torch.bfloat16, None, None),
+        "fp32-whole-row": (1, 130, 1, 2, 16, 32, torch.float32, None, None),
+        "bf16-key-blocks": (1, 130, 1, 2, 128, 64, torch.bfloat16, None, 64),
+        "bf16-packed-one-block": (1, 130, 1, 2, 64, 64, torch.bfloat16, [0, 5, 69, 130], 64),
+    }[case]
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", wy_block)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    plain = grads_with(monkeypatch, "BWD_WY_E_SCRATCH", False, case_inputs)
+    scratch = grads_with(monkeypatch, "BWD_WY_E_SCRATCH", True, case_inputs)
+    for name, x, ref in zip(NAMES, scratch, plain):
+        assert rel_err(x, ref.double()) <= 1e-6, name
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+          cu_seqlens=case_inputs[0])

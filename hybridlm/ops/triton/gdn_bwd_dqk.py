@@ -28,10 +28,10 @@ def _row_rsqrt(p, i_s, T, stride, K: tl.constexpr, BT: tl.constexpr, BK: tl.cons
 @triton.jit
 def _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K: tl.constexpr, V: tl.constexpr, HV: tl.constexpr,
                   BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  WITH_DW: tl.constexpr):
+                  WITH_DW: tl.constexpr, WITH_DST: tl.constexpr):
     """The dq/dk kernels' loop over V for key columns o_k (BC of them) of one chunk: do h^T, v_new dH^T, do v_new^T,
-    rowsum(h * dH); WITH_DW also -dv_new h^T and (do v_new^T)^T by a product of its own (tl.trans of a product's
-    result feeding another product is what Triton 3.4-3.7.0 miscompiles on Hopper at 64-wide key blocks,
+    rowsum(h * dH); WITH_DW also -dv_new h^T; WITH_DST also (do v_new^T)^T by a product of its own (tl.trans of a
+    product's result feeding another product is what Triton 3.4-3.7.0 miscompiles on Hopper at 64-wide key blocks,
     fla-org/flash-linear-attention#640, fixed in 3.7.1)."""
     b_dq = tl.zeros([BT, BC], dtype=tl.float32)
     b_dk = tl.zeros([BT, BC], dtype=tl.float32)
@@ -53,7 +53,7 @@ def _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K: tl.constexpr, V:
         if WITH_DW:
             b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PRECISION)
         b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PRECISION)
-        if WITH_DW:
+        if WITH_DST:
             b_dsT += tl.dot(b_vn, tl.trans(b_do), input_precision=DOT_PRECISION)
         b_dg_last += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
     return b_dq, b_dk, b_dw, b_ds, b_dsT, b_dg_last
@@ -78,6 +78,14 @@ def _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t,
     b_dG += tl.sum(b_dsA, axis=1) - tl.sum(b_dsA, axis=0)
     b_dG += tl.where(o_t == i_last, b_dG_last, 0.)
     return b_dq, b_dk, b_dG, b_ds
+
+
+@triton.jit
+def _masked_dst(b_dsT, b_gc, BT: tl.constexpr):
+    """dS^T (made by its own product) masked and decayed as `_dqk_gate_shares` does dS: [j, i] for j <= i."""
+    o_i = tl.arange(0, BT)
+    m_At = o_i[:, None] <= o_i[None, :]
+    return tl.where(m_At, b_dsT * tl.exp(tl.where(m_At, b_gc[None, :] - b_gc[:, None], 0.)), 0.)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -136,7 +144,7 @@ def chunk_gdn_bwd_dqkw_kblocked_kernel(
     p_vn = v_new + bos * HV * V + i_h * V
     p_dvn = dv_new + bos * HV * V + i_h * V
     b_dq, b_dk, b_dw, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K, V, HV, BT,
-                                                             BKQ, BV, DOT_PRECISION, True)
+                                                             BKQ, BV, DOT_PRECISION, True, True)
     _store_rows(dw + bos * HV * K + i_h * K + i_c, b_dw, i_s, T, HV * K, K - i_c, BT, BKQ)
 
     # q, k enter as l2norm(q) * scale and l2norm(k): norms of whole rows, then this program's columns (loaded after
@@ -150,10 +158,7 @@ def chunk_gdn_bwd_dqkw_kblocked_kernel(
     b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t, i_last,
                                               BT, DOT_PRECISION)
     b_dq += tl.dot(b_ds.to(dtype), b_k, input_precision=DOT_PRECISION)
-    o_i = tl.arange(0, BT)
-    m_At = o_i[:, None] <= o_i[None, :]
-    b_dsT = tl.where(m_At, b_dsT * tl.exp(tl.where(m_At, b_gc[None, :] - b_gc[:, None], 0.)), 0.)
-    b_dk += tl.dot(b_dsT.to(dtype), b_q, input_precision=DOT_PRECISION)
+    b_dk += tl.dot(_masked_dst(b_dsT, b_gc, BT).to(dtype), b_q, input_precision=DOT_PRECISION)
     _store_rows(dq + bos * HV * K + i_h * K + i_c, b_dq * scale, i_s, T, HV * K, K - i_c, BT, BKQ)
     _store_rows(dk + bos * HV * K + i_h * K + i_c, b_dk, i_s, T, HV * K, K - i_c, BT, BKQ)
     tl.store(dG + i_k.to(tl.int64) * stride_dG + bos * HV + i_h + o_t * HV, b_dG, mask=m_t)

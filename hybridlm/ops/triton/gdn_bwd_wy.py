@@ -51,6 +51,22 @@ def _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, stride_dG, da, db, d
     tl.store(ddt_bias + i_tg * HV + i_h, tl.sum(b_da, axis=0))
 
 
+@triton.jit
+def _transposed(b_Ed, e_scratch, i_tg, i_h, HV: tl.constexpr, BT: tl.constexpr, E_SCRATCH: tl.constexpr):
+    """E^T for `tl.dot(E^T, ...)`: tl.trans(E), or with E_SCRATCH E stored to this chunk and head's [BT, BT] of
+    e_scratch and loaded back transposed. E is made from products, and a transposed product result feeding another
+    product is what Triton 3.4-3.7.0 miscompiles on Hopper in fla's kernels (fla-org/flash-linear-attention#640;
+    fla's #826 takes the same round trip)."""
+    if E_SCRATCH:
+        o_i = tl.arange(0, BT)
+        p_e = e_scratch + (i_tg * HV + i_h).to(tl.int64) * BT * BT
+        tl.store(p_e + o_i[:, None] * BT + o_i[None, :], b_Ed)
+        tl.debug_barrier()  # read back by other threads than those that stored it
+        return tl.load(p_e + o_i[None, :] * BT + o_i[:, None])
+    else:
+        return tl.trans(b_Ed)
+
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_gdn_bwd_wy_kernel(
     k,  # [B, T, H, K], token stride stride_k
@@ -71,6 +87,7 @@ def chunk_gdn_bwd_wy_kernel(
     db,  # out [B, T, HV]
     dA_log,  # out [NT, HV] fp32: per-chunk sums
     ddt_bias,  # out [NT, HV] fp32: per-chunk sums
+    e_scratch,  # [NT, HV, BT, BT] in the input dtype if E_SCRATCH, else unused
     cu_seqlens,
     chunk_indices,
     T,
@@ -88,6 +105,7 @@ def chunk_gdn_bwd_wy_kernel(
     DOT_PRECISION: tl.constexpr,
     DW_GIVEN: tl.constexpr,
     NKD: tl.constexpr,
+    E_SCRATCH: tl.constexpr,
 ):
     """dw = -dv_new h^T, the WY backward and the gates' chain rules; `chunk_gdn_bwd_dqk_kernel`'s shares of dk and
     dG are added last, so they are not held through the products."""
@@ -156,7 +174,8 @@ def chunk_gdn_bwd_wy_kernel(
     b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
     b_Ed = b_E.to(dtype)
     b_dk += tl.dot(b_Ed, b_k, input_precision=DOT_PRECISION) * b_beta[:, None]
-    b_dk += tl.dot(tl.trans(b_Ed), (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+    b_dk += tl.dot(_transposed(b_Ed, e_scratch, i_tg, i_h, HV, BT, E_SCRATCH), (b_kf * b_beta[:, None]).to(dtype),
+                   input_precision=DOT_PRECISION)
     p_dk = dk + bos * HV * K + i_h * K
     b_dk += _load_rows(p_dk, i_s, T, HV * K, K, BT, BK)
     _store_rows(p_dk, b_dk, i_s, T, HV * K, K, BT, BK)
@@ -185,6 +204,7 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     db,  # out [B, T, HV]
     dA_log,  # out [NT, HV] fp32: per-chunk sums
     ddt_bias,  # out [NT, HV] fp32: per-chunk sums
+    e_scratch,  # [NT, HV, BT, BT] in the input dtype if E_SCRATCH, else unused
     cu_seqlens,
     chunk_indices,
     T,
@@ -202,6 +222,7 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     DOT_PRECISION: tl.constexpr,
     DW_GIVEN: tl.constexpr,
     NKD: tl.constexpr,
+    E_SCRATCH: tl.constexpr,
     BKW: tl.constexpr,  # key columns per block
 ):
     """`chunk_gdn_bwd_wy_kernel`'s results with the key columns in blocks of BKW (see the module's docstring)."""
@@ -285,12 +306,13 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
     b_Ed = b_E.to(dtype)
     tl.debug_barrier()  # pass 1's dk is read back by other threads than those that stored it
+    b_EdT = _transposed(b_Ed, e_scratch, i_tg, i_h, HV, BT, E_SCRATCH)
     # pass 2: dk += E k beta + E^T (k beta)
     for i_k in range(0, tl.cdiv(K, BKW)):
         b_kf = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
                 * b_rk[:, None]).to(dtype).to(tl.float32)
         b_dk = tl.dot(b_Ed, b_kf.to(dtype), input_precision=DOT_PRECISION) * b_beta[:, None]
-        b_dk += tl.dot(tl.trans(b_Ed), (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+        b_dk += tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
         b_dk += _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW).to(tl.float32)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
 

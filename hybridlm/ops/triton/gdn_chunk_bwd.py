@@ -41,7 +41,9 @@ from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, _segmented_state_pass, chunk_gdn_fwd,
     chunk_gdn_fwd_h_kernel, may_split, segment_plan, sequence_bounds, state_pass_block,
 )
-from hybridlm.ops.triton.gdn_bwd_dqk import _dqk_gate_shares, _dqk_products, chunk_gdn_bwd_dqkw_kblocked_kernel
+from hybridlm.ops.triton.gdn_bwd_dqk import (
+    _dqk_gate_shares, _dqk_products, _masked_dst, chunk_gdn_bwd_dqkw_kblocked_kernel,
+)
 from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chunk_gdn_bwd_wy_kernel
 from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
@@ -209,6 +211,7 @@ def chunk_gdn_bwd_dqk_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
 ):
     """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -232,13 +235,16 @@ def chunk_gdn_bwd_dqk_kernel(
     p_dh = dh + (i_tg * HV + i_h) * K * V
     p_do = do + bos * HV * V + i_h * V
     p_vn = v_new + bos * HV * V + i_h * V
-    b_dq, b_dk, _, b_ds, _, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, None, o_k, i_s, T, K, V, HV, BT, BK, BV,
-                                                      DOT_PRECISION, False)
+    b_dq, b_dk, _, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, None, o_k, i_s, T, K, V, HV, BT, BK,
+                                                          BV, DOT_PRECISION, False, DST_PRODUCT)
     b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t, i_last,
                                               BT, DOT_PRECISION)
     b_ds = b_ds.to(dtype)
     b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
-    b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
+    if DST_PRODUCT:
+        b_dk += tl.dot(_masked_dst(b_dsT, b_gc, BT).to(dtype), b_q, input_precision=DOT_PRECISION)
+    else:
+        b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
     # q entered as l2norm(q) * scale
     _store_rows(dq + bos * HV * K + i_h * K, b_dq * scale, i_s, T, HV * K, K, BT, BK)
     _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
@@ -341,6 +347,11 @@ BWD_DV_LOCAL_WARPS = 4
 # programs as SMs (B = 4 at 9B and 0.8B heads was measured; B = 1 keeps 32, unmeasured at 64)
 BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
 BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
+# The key-row widths (BK) at which the whole-row dq/dk kernel makes dS^T by a product of its own (one more [64, 64]
+# product per V block) instead of `tl.dot(tl.trans(dS), q)`: that line miscompiles on Hopper with Triton 3.4-3.7.0
+# at 64-wide key blocks in fla's kernel (fla-org/flash-linear-attention#640). Ours passed float64 checks on Hopper at
+# 32-wide (padded) and 128-wide rows; 64-wide 16-bit rows were never checked there, so they take the product.
+BWD_DQK_DST_PRODUCT_BKS = (64,)
 # The WY kernel's key columns per block (`gdn_bwd_wy`): None keeps whole rows (`chunk_gdn_bwd_wy_kernel`); a number
 # takes `chunk_gdn_bwd_wy_kblocked_kernel` with blocks of max(32, min(dk, BWD_WY_BK)) columns, BWD_WY_KB_WARPS warps
 # and BWD_WY_KB_STAGES stages (fp32: 8 and 2), where that leaves at least two blocks (one block would be the whole-row
@@ -352,6 +363,11 @@ BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step
 BWD_WY_BK: int | None = 64
 BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
 BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg; untimed)
+# Both WY kernels take E^T (E = dA exp(G_i - G_j), made from products) through a [64, 64] scratch per chunk and head
+# (8 KB in 16-bit) instead of tl.trans(E): a remedy held ready for Triton 3.4-3.7.0's Hopper miscompile of
+# transposed product results (fla-org/flash-linear-attention#640), should a GPU check fail there (the whole-row kernel
+# at dk = 64 was never checked on Hopper; the key-blocked one gave wrong dk with one 32-wide block). Off: untimed.
+BWD_WY_E_SCRATCH = False
 # The dq/dk kernel's key columns per program (`gdn_bwd_dqk`): None keeps whole rows (`chunk_gdn_bwd_dqk_kernel`,
 # dw made in the WY kernel from h); a number takes `chunk_gdn_bwd_dqkw_kblocked_kernel` with max(32, min(dk,
 # BWD_DQK_BK)) columns per program, BWD_DQK_KB_WARPS warps and BWD_DQK_KB_STAGES stages (fp32: 8 and 2), which also
@@ -497,7 +513,8 @@ def chunk_gdn_bwd(
         dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
         chunk_gdn_bwd_dqk_kernel[chunk_grid](
             q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length, q.stride(1),
-            k.stride(1), BV=BV_chunk, num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common)
+            k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS, num_warps=BWD_DQK_WARPS,
+            num_stages=dqk_stages, **common)
     else:  # key blocks; dw made here, and each block's share of dG
         num_shares = cdiv(dk, BKQ)
         dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
@@ -508,9 +525,11 @@ def chunk_gdn_bwd(
             num_warps=8 if dtype == torch.float32 else BWD_DQK_KB_WARPS,
             num_stages=2 if dtype == torch.float32 else BWD_DQK_KB_STAGES, **common,
             **({} if BWD_DQK_KB_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_KB_MAXNREG)))
+    e_scratch = (torch.empty(num_chunks, value_heads, BT, BT, dtype=dtype, device=device)
+                 if BWD_WY_E_SCRATCH else None)  # [NT, Hv, 64, 64]
     wy_args = (k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dw, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
-               cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1), batch * length * value_heads)
-    wy_flags = dict(DW_GIVEN=dw is not None, NKD=num_shares)
+               e_scratch, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1), batch * length * value_heads)
+    wy_flags = dict(DW_GIVEN=dw is not None, NKD=num_shares, E_SCRATCH=BWD_WY_E_SCRATCH)
     BKW = max(32, min(BK, BWD_WY_BK)) if BWD_WY_BK is not None else dk
     if BKW >= dk:
         chunk_gdn_bwd_wy_kernel[chunk_grid](*wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS, num_stages=dqk_stages,
