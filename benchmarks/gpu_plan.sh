@@ -192,13 +192,14 @@ case "${1:-}" in
     grep '^|' "$OUT/gdn.log" | tail -12
     grep '^|' "$OUT/host.log"
     ;;
-  15)  # eleventh session's state: the GDN kernel tests (forward, backward with the key-blocked WY kernel on by rule,
-       # context-parallel pass), then where Triton faults by head dims (the rule `hopper_head_dims_fault` encodes);
+  15)  # the GDN kernel tests (forward, backward with the key-blocked WY kernel on by rule, context-parallel pass; the
+       # twelfth session's: the key-blocked dq/dk kernel, kept forward states, E^T through a scratch, bf16 64/64 with
+       # dS^T by its own product), then where Triton faults by head dims (the rule `hopper_head_dims_fault` encodes);
        # `gdn_fault_map.py --dims 24 40 48 80` would widen the map beyond the four dims measured
-    timeout 240 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 250 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
       tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 150 python3 benchmarks/gdn_fault_map.py > "$OUT/fault_map.log" 2>&1
+    timeout 140 python3 benchmarks/gdn_fault_map.py > "$OUT/fault_map.log" 2>&1
     # the backward's split at the defaults (the line "backward: ..." per model), then the twelfth session's dq/dk
     # kernel over key blocks that also makes dw (gdn_chunk_bwd.BWD_DQK_BK, gdn_bwd_dqk) at its settings, whole
     # backward at B = 4, T = 4k; adopt the best if it wins at both layouts, then call 12 with it as VARIANT
