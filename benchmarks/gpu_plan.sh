@@ -225,7 +225,8 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds decode --variant \
       "split:gdn_step.SPLIT_PROGRAMS_PER_SM=100000" \
       "split64:gdn_step.SPLIT_PROGRAMS_PER_SM=100000,gdn_step.SPLIT_BV=64" \
-      "prefetch:gdn_step.STEP_PREFETCH=True" "w16:gdn_step.STEP_WARPS=16" > "$OUT/decode.log" 2>&1
+      "prefetch:gdn_step.STEP_PREFETCH=True" "w4:gdn_step.STEP_WARPS=4" "w16:gdn_step.STEP_WARPS=16" \
+      > "$OUT/decode.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     grep "peak" "$OUT/train.log"

@@ -4,11 +4,10 @@ update, and dw = -dv_new h^T, with one program per (key block, chunk, value head
 `gdn_chunk_bwd.chunk_gdn_bwd_dqk_kernel` does the same for whole key rows at 8 warps (228 registers on sm_90, one
 program per SM) and leaves dw to the WY kernel, which then reads h a second time and puts four more products on its
 chain. Here, as fla's chunk_bwd_kernel_dqkwg splits it, each program holds [64, BKQ] tiles: more programs per SM to
-hide the loads, and dw (T x dk values per head) goes through memory instead of h (T x dk x dv / 64). Every
-program of a chunk recomputes the [64, 64] do v_new^T (and its transpose, by a product of its own: see the loop), and
-each stores its share of dG (dG is linear in the key
-columns: sums over columns of products of q, k with their gradients, and of dS with q k^T); the WY kernel adds
-the shares. Chosen by `gdn_chunk_bwd.BWD_DQK_BK`.
+hide the loads, and dw (T x dk values per head) goes through memory instead of h (T x dk x dv / 64). Every program
+of a chunk recomputes the [64, 64] do v_new^T (and its transpose, by a product of its own: see `_dqk_products`), and
+each stores its share of dG (dG is linear in the key columns: sums over columns of products of q, k with their
+gradients, and of dS with q k^T); the WY kernel adds the shares. Chosen by `gdn_chunk_bwd.BWD_DQK_BK`.
 """
 from __future__ import annotations
 
