@@ -8,7 +8,8 @@ launches make the faulting launch raise at its own line), calling `chunk_gdn` di
 (`gdn_chunk_bwd.hopper_head_dims_fault`) is not in the way. One line per shape: ok, or FAULT with the hybridlm line
 whose launch raised. On an H200 with Triton 3.6 (2026-12-04, value dims 32, 64, 128) dk == dv, the pairs with both
 dims >= 64 and 32/128 passed; 32/64, 64/32, 96/32 and 128/32 faulted (benchmarks/NOTES.md, eleventh session). Layouts: B2T1 = two
-sequences of one token, B1T70 = one of 70, packed = sequences of 5, 64 and 61 tokens in one row.
+sequences of one token, B1T70 = one of 70, packed = sequences of 5, 64 and 61 tokens in one row; step / step-split =
+the decode step's main / split kernel on three rows (not mapped before 2026-12-04's twelfth session).
 """
 from __future__ import annotations
 
@@ -22,11 +23,39 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = {"B2T1": (2, 1, None), "B1T70": (1, 70, None), "packed": (1, 130, [0, 5, 69, 130])}
+LAYOUTS = {"B2T1": (2, 1, None), "B1T70": (1, 70, None), "packed": (1, 130, [0, 5, 69, 130]),
+           "step": (3, 1, None), "step-split": (3, 1, None)}  # the decode step's main and split kernels, 3 rows
+
+
+def run_step(dk: int, dv: int, split: bool, device: str = "cuda") -> torch.Tensor:
+    """The fused decode step twice (bf16, gated norm fused), one key head, two value heads, 3 rows of a pool of 5;
+    returns the second step's output."""
+    import torch
+
+    from hybridlm.ops.triton import gdn_decode_step
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows, heads, width = 3, 2, 4
+    channels = 2 * dk + heads * dv
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    conv_pool, state_pool = randn(5, channels, width - 1), randn(5, heads, dk, dv, dtype=torch.float32)
+    for _ in range(2):
+        o = gdn_decode_step(randn(rows, channels), randn(rows, heads, dv), randn(rows, heads), randn(rows, heads),
+                            randn(channels, width), randn(heads, dtype=torch.float32),
+                            randn(heads, dtype=torch.float32),
+                            conv_pool, state_pool, torch.tensor([4, 0, 2], dtype=torch.int32, device=device),
+                            num_key_heads=1, key_head_dim=dk, value_head_dim=dv, norm_weight=randn(dv), split=split)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return o
 
 
 def run_shape(dk: int, dv: int, layout: str) -> str:
-    """In this process: forward + backward twice at bf16, one key head, two value heads; 'ok' or 'FAULT at ...'."""
+    """In this process: forward + backward twice at bf16, one key head, two value heads (or the decode step, layouts
+    "step*"); 'ok' or 'FAULT at ...'."""
     import torch
 
     from hybridlm.ops.triton import chunk_gdn
@@ -39,6 +68,9 @@ def run_shape(dk: int, dv: int, layout: str) -> str:
     *inputs, state = make_inputs(batch, length, 1, 2, dk, dv, torch.bfloat16, states)
     do, dht = output_grads(inputs[2], states, dk, True, torch.bfloat16)
     try:
+        if layout.startswith("step"):
+            run_step(dk, dv, split=layout == "step-split")
+            return "ok"
         for _ in range(2):
             leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
             o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)

@@ -223,12 +223,17 @@ def test_gdn_fault_map_needs_a_gpu(monkeypatch):
     """gdn_fault_map.py: without CUDA it stops with a message (on a GPU it maps faulting head dims); a kernel option
     that does not exist is refused by name first."""
     import gdn_fault_map
+    import torch
 
-    assert set(gdn_fault_map.LAYOUTS) == {"B2T1", "B1T70", "packed"}
+    assert set(gdn_fault_map.LAYOUTS) == {"B2T1", "B1T70", "packed", "step", "step-split"}
+    # the decode-step layouts' runs (on the CPU under the interpreter): both kernels, the same outputs
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    main, split = (gdn_fault_map.run_step(32, 64, split, device=device).float() for split in (False, True))
+    assert torch.isfinite(main).all() and torch.allclose(main, split, rtol=2e-2, atol=2e-2)
     monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--set", "gdn_chunk_bwd.BWD_NO_SUCH_FLAG=1"])
     with pytest.raises(SystemExit, match="has no flag BWD_NO_SUCH_FLAG"):
         gdn_fault_map.main()
-    if not __import__("torch").cuda.is_available():
+    if not torch.cuda.is_available():
         monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--dims", "32"])
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             gdn_fault_map.main()
