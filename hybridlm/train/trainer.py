@@ -119,6 +119,10 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     model.init_weights(std=config.init_std, seed=config.seed)
     num_parameters = model.num_parameters()
 
+    if config.gdn_keep_states and device.type != "cuda":
+        logger.warning("gdn_keep_states has no effect on %s: the GDN layers run the PyTorch reference there, not the "
+                       "Triton kernels", device.type)
+
     # ---- wrap (before the optimizer: it must hold the sharded parameters) -------------------------
     if config.activation_checkpointing:
         _checkpoint_layers(model)

@@ -109,13 +109,16 @@ def test_refuses_to_overwrite_or_to_resume_another_recipe(run):
         train(dataclasses.replace(config, lr=1e-3, resume=True))
 
 
-def test_accumulation_and_activation_checkpointing_keep_the_trajectory(run, tmp_path):
-    """(gdn_keep_states too: on the CPU the layers run the references, so it only enters its context here; the
-    kernels' side is `test_kept_states_under_activation_checkpointing`.)"""
+def test_accumulation_and_activation_checkpointing_keep_the_trajectory(run, tmp_path, caplog):
+    """(gdn_keep_states too: on the CPU the layers run the references, so it only enters its context here, and says
+    it has no effect; the kernels' side is `test_kept_states_under_activation_checkpointing`.)"""
     config, reference = run
     variant = dataclasses.replace(config, out=str(tmp_path / "out"), grad_accum=4, activation_checkpointing=True,
                                   gdn_keep_states=True)
-    result = train(variant, stop_after=4)
+    with caplog.at_level("WARNING", logger="hybridlm.train.trainer"):
+        result = train(variant, stop_after=4)
+    if not torch.cuda.is_available():
+        assert "gdn_keep_states has no effect on cpu" in caplog.text
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(reference.losses[:4]), rtol=1e-5, atol=0)
 
 
