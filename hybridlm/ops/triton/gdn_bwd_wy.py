@@ -107,8 +107,8 @@ def chunk_gdn_bwd_wy_kernel(
     NKD: tl.constexpr,
     E_SCRATCH: tl.constexpr,
 ):
-    """dw = -dv_new h^T, the WY backward and the gates' chain rules; `chunk_gdn_bwd_dqk_kernel`'s shares of dk and
-    dG are added last, so they are not held through the products."""
+    """dw = -dv_new h^T (or read, DW_GIVEN), the WY backward and the gates' chain rules; the dq/dk kernel's shares of
+    dk and dG are added last, so they are not held through the products."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)

@@ -16,10 +16,9 @@ chunk_gated_delta_rule backward:
 3. `chunk_gdn_bwd_dqk_kernel` (parallel): dq; the shares of dk and dG from o and the state update. (With
    `BWD_DQK_BK`, `gdn_bwd_dqk.chunk_gdn_bwd_dqkw_kblocked_kernel` instead: the same over key blocks, plus dw.)
    `chunk_gdn_bwd_wy_kernel` (parallel; `BWD_WY_BK`: over key blocks, `gdn_bwd_wy`): dw = -dv_new h^T unless
-   given; the WY backward through w, u and X (dA = -X^T dX X^T on
-   the strict lower triangle, A = beta k k^T exp(G_i - G_j)) for dk, dv, dbeta, dG; the reverse cumsum dG -> dg
-   inside the chunk and the gate chain rules (softplus, exp(A_log), sigmoid) -> da, db and per-chunk sums for
-   dA_log, ddt_bias.
+   given; the WY backward through w, u and X (dA = -X^T dX X^T on the strict lower triangle, A = beta k k^T
+   exp(G_i - G_j)) for dk, dv, dbeta, dG; the reverse cumsum dG -> dg inside the chunk and the gate chain rules
+   (softplus, exp(A_log), sigmoid) -> da, db and per-chunk sums for dA_log, ddt_bias.
 4. `chunk_gdn_bwd_qk_norm_kernel` (parallel): sums dq, dk over the value heads of each key head and takes them
    through the in-kernel L2 norm.
 
