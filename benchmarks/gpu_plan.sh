@@ -194,8 +194,8 @@ case "${1:-}" in
     ;;
   15)  # the GDN kernel tests (forward, backward with the key-blocked WY kernel on by rule, context-parallel pass; the
        # twelfth session's: the key-blocked dq/dk kernel, kept forward states, E^T through a scratch, bf16 64/64 with
-       # dS^T by its own product), then where Triton faults by head dims (the rule `hopper_head_dims_fault` encodes);
-       # (the map now includes the decode step's kernels); `gdn_fault_map.py --dims 24 40 48 80` would widen it
+       # dS^T by its own product), then where Triton faults by head dims (the rule `hopper_head_dims_fault` encodes;
+       # the map now includes the decode step's kernels; `gdn_fault_map.py --dims 24 40 48 80` would widen it)
     timeout 250 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
       tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
