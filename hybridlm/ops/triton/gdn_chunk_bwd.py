@@ -436,7 +436,7 @@ def chunk_gdn_bwd(
     BV_dh = max(32, min(BV_full, BWD_DH_BV))
     device, dtype = v.device, v.dtype
 
-    bounds = sequence_bounds(cu_seqlens, batch, length) if may_split(batch * length, value_heads) else None
+    cu_seqlens_given = cu_seqlens  # the caller's tensor: its host bounds are memoised (the recompute's segments)
     if cu_seqlens is not None:
         cu_seqlens, chunk_indices, chunk_offsets, num_chunks = chunk_tables or prepare_chunks(cu_seqlens, BT, device)
         num_states, grid_chunks = len(cu_seqlens) - 1, num_chunks
@@ -470,7 +470,8 @@ def chunk_gdn_bwd(
         v_new = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
         BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
                                 narrowest=32)  # the backward's tiles are all at least 32 wide
-        plan = segment_plan(bounds, value_heads, device) if bounds is not None else None
+        plan = (segment_plan(sequence_bounds(cu_seqlens_given, batch, length), value_heads, device)
+                if may_split(batch * length, value_heads) else None)
         if plan is None:
             chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
                 k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),

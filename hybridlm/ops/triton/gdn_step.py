@@ -79,6 +79,15 @@ def _conv_shift(x, p_state, o_c, m_c, W: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
+def _delta_rule_step(b_s, b_q, b_k, b_v, b_decay, b_beta):
+    """One token on a state tile [BK, BV]: decay, write beta * (v - S^T k) along k, then read with q; (S, o [BV])."""
+    b_s *= b_decay
+    b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
+    b_s += b_k[:, None] * b_delta[None, :]
+    return b_s, tl.sum(b_s * b_q[:, None], axis=0)
+
+
+@triton.jit
 def gdn_decode_step_kernel(
     qkv,  # [B, C] raw projections, row stride stride_x; C = 2*H*K + HV*V
     z,  # [B, HV, V] output gate (FUSE_NORM only), row stride stride_z
@@ -141,10 +150,7 @@ def gdn_decode_step_kernel(
                 b_s_next = tl.load(p_s + (i_g + 1) * K * V, mask=m_kv, other=0.)
             b_decay, b_beta = _gates(a, b, A_log, dt_bias, i_b, i_h, HV)
             b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_bv, m_v, W, BW, True)
-            b_s *= b_decay
-            b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
-            b_s += b_k[:, None] * b_delta[None, :]
-            b_o = tl.sum(b_s * b_q[:, None], axis=0)  # [BV]
+            b_s, b_o = _delta_rule_step(b_s, b_q, b_k, b_v, b_decay, b_beta)
             tl.store(p_s + i_g * K * V, b_s, mask=m_kv)
             if FUSE_NORM:
                 b_o = _gated_norm(b_o, m_v, o_bv, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps,
@@ -162,11 +168,7 @@ def gdn_decode_step_kernel(
                 b_v = _conv_step(p_x, conv_weight, p_conv, 2 * H * K + i_h * V + o_v, m_v, W, BW, True)
                 m_kv = m_k[:, None] & m_v[None, :]
                 b_s = tl.load(p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
-                b_s *= b_decay
-                # delta rule: write beta * (v - S^T k) along k, then read with q
-                b_delta = b_beta * (b_v - tl.sum(b_s * b_k[:, None], axis=0))
-                b_s += b_k[:, None] * b_delta[None, :]
-                b_o = tl.sum(b_s * b_q[:, None], axis=0)  # [BV]
+                b_s, b_o = _delta_rule_step(b_s, b_q, b_k, b_v, b_decay, b_beta)
                 tl.store(p_s + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
                 if FUSE_NORM:  # gated RMSNorm in gated_rms_norm's cast order (needs the whole row: BV >= V)
                     b_o = _gated_norm(b_o, m_v, o_v, z + i_b.to(tl.int64) * stride_z + i_h * V, norm_weight, norm_eps,
