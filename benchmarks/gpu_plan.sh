@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_plan.sh 14  # carry .fla: the key-blocked WY kernel (tests, sweep, train end to end); host time
 #   bash benchmarks/gpu_plan.sh 15  # carry .fla: every GDN kernel test at the WY default of blocks of 64; the fault map;
 #                                   # the backward's split and the key-blocked dq/dk kernel's settings (BWD_DQK_BK)
+#   bash benchmarks/gpu_plan.sh 17  # carry .fla: the output made in the state pass (FUSED_OUTPUT): its tests, then the
+#                                   # whole forward fused vs unfused over the fused pass's settings (16k, 64k, 8 x 4k)
 #   bash benchmarks/gpu_plan.sh 16  # carry .fla: train with BWD_DQK_BK and with kept forward states; the decode step's
 #                                   # launch settings at B = 1/32/256
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
@@ -233,8 +235,24 @@ case "${1:-}" in
     grep '^|' "$OUT/train.log" | tail -16
     grep '^|' "$OUT/decode.log" | tail -30
     ;;
+  17)  # thirteenth session's FUSED_OUTPUT (built and tested on the CPU, untimed): the GPU tests of the fused pass, then
+       # the whole forward unfused vs fused at each of the fused pass's settings (V block 32/64 x 4/8 warps x 2/3
+       # stages; the fold and the context-parallel cut by their rules), with every setting's per-kernel split. Adopt:
+       # set FUSED_OUTPUT_BV/WARPS/STAGES to the best setting, FUSED_OUTPUT = None (the rule) if it wins where the
+       # rule fuses (9B 16k and 64k cut, 8 x 4k; 0.8B 64k cut) and loses or ties elsewhere; then call 12 with it.
+    timeout 110 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py \
+      -k "output_fused or fused_output" -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 300 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fusedo \
+      > "$OUT/fusedo_long.log" 2>&1
+    timeout 150 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 4096 --batch 8 --kernels fusedo \
+      > "$OUT/fusedo_batch.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep -h '^|' "$OUT/fusedo_long.log" "$OUT/fusedo_batch.log" | grep -v '^| model\|^|---'
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|16" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|17" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,7 @@
 """Run GPU tests one per process, several at once: a CUDA fault (an illegal address) poisons every later test
 of its process, so one bad kernel no longer fails the whole run, and each failure names its own kernel.
 
-    python3 benchmarks/gpu_tests.py [tests/cuda tests/ops ...] [-j 8] [--no-launch-blocking]
+    python3 benchmarks/gpu_tests.py [tests/cuda tests/ops ...] [-j 8] [-k EXPRESSION] [--no-launch-blocking]
 
 Collects the test ids with pytest, runs each in its own `python -m pytest` with CUDA_LAUNCH_BLOCKING=1 (the
 faulting launch then raises at its own call), prints PASS/FAIL per test as each finishes (a run cut off by
@@ -23,8 +23,10 @@ import sys
 import time
 
 
-def collect(paths: list[str]) -> list[str]:
-    result = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", *paths], capture_output=True, text=True)
+def collect(paths: list[str], keyword: str | None = None) -> list[str]:
+    selection = ["-k", keyword] if keyword else []
+    result = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", *selection, *paths], capture_output=True,
+                            text=True)
     ids = [line for line in result.stdout.split() if "::" in line]
     if not ids:
         raise SystemExit(f"no tests collected from {paths}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
@@ -66,12 +68,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per test")
     parser.add_argument("--no-launch-blocking", action="store_true")
     parser.add_argument("--logs", type=int, default=3, help="full logs kept for the first N failures")
+    parser.add_argument("-k", dest="keyword", help="only the tests pytest's -k expression selects")
     args = parser.parse_args()
     env = dict(os.environ)
     if not args.no_launch_blocking:
         env["CUDA_LAUNCH_BLOCKING"] = "1"
     out = os.environ.get("OUT", "/tmp")
-    ids = collect(args.paths)
+    ids = collect(args.paths, args.keyword)
     signal.signal(signal.SIGTERM, stop_children)
     start, results, kept = time.time(), [], 0
     with cf.ThreadPoolExecutor(args.jobs) as pool:

@@ -2,7 +2,7 @@
 sequential state pass h, the output o) and the causal conv, each setting checked against the wrapper's result.
 
     python3 benchmarks/sweep_kernels.py [--lengths 16384 65536] [--models 9B 0.8B] [--quick] [--batch B]
-                                        [--kernels h,o,prepare,kkt,conv,fold,bwd]
+                                        [--kernels h,o,prepare,kkt,conv,fold,fusedo,bwd]
                                         [--bwd-groups wu,dv-local,dh,dqk,qkgrad,wy,dqkb]
 
 For each shape (B=1, bf16; the h kernel's part at B sequences with --batch): the three kernels of `chunk_gdn_fwd`
@@ -15,7 +15,8 @@ time per step of that walk. fla's step is ~1.6 us (its whole forward at 9B heads
 num_stages, checked against the wrapper's o. The prepare step runs both ways: the fused kernel over num_warps x
 num_stages ("prepare"), and KKT_PREPARE's two kernels (the Gram/inverse one and the w/u one) each over its settings
 ("kkt"), each checked against the wrapper's w, u and g_cumsum run the same way. "fold" (not in the default list)
-times the state pass with gdn_chunk.FOLD_WU_INTO_H and the whole forward with and without it. "bwd" (neither)
+times the state pass with gdn_chunk.FOLD_WU_INTO_H and the whole forward with and without it. "fusedo" (neither)
+times the whole forward with gdn_chunk.FUSED_OUTPUT over its state pass's settings. "bwd" (neither)
 times the backward's launch settings at the training shape (B = 4, T = 4k), each checked against the defaults'
 gradients.
 With $OUT set the table also goes to $OUT/sweep_kernels.md. Runs on the CPU interpreter at a tiny shape (--tiny).
@@ -75,7 +76,7 @@ def kernel_times(args) -> dict[str, float]:
         torch.cuda.synchronize()
     times = {}
     for event in prof.key_averages():
-        if event.key.startswith("chunk_gdn_"):
+        if event.key.startswith(("chunk_gdn_", "gdn_cp_")):
             name = event.key.replace("chunk_gdn_fwd_", "").replace("chunk_gdn_", "").replace("_kernel", "")
             times[name] = event.device_time_total / 5e3
     return times
@@ -382,6 +383,45 @@ def sweep_fold(model, length, rows, batch=1):
             gdn_chunk.FOLD_WU_INTO_H = saved
 
 
+def sweep_fused_output(model, length, rows, batch=1):
+    """gdn_chunk.FUSED_OUTPUT: the whole forward with the output made inside the state pass, over that pass's V
+    block x num_warps x num_stages (the fold and the context-parallel cut by their rules), each checked against the
+    unfused forward's o and final state; the per-kernel split of every setting."""
+    args = inputs(length, MODELS[model], batch)
+    names = ("FUSED_OUTPUT", "FUSED_OUTPUT_BV", "FUSED_OUTPUT_WARPS", "FUSED_OUTPUT_STAGES")
+    saved = {name: getattr(gdn_chunk, name) for name in names}
+
+    def forward():
+        return gdn_chunk.chunk_gdn_fwd(*args, output_final_state=True)
+
+    def timed(label, num_warps, num_stages, reference):
+        try:
+            once = forward()  # checked after the timing
+        except Exception as error:  # a setting that does not compile or launch is a row, not the end of the sweep
+            rows.append((model, length, label, num_warps, num_stages, None, None, type(error).__name__))
+            print(f"  {label}: {type(error).__name__}: {str(error).strip()[:200]}", flush=True)
+            return None
+        timed_setting(rows, model, length, label, num_warps, num_stages, forward, list(zip(once, reference)))
+        split = kernel_times(args)
+        if split:
+            print(f"  {label} w{num_warps} s{num_stages} split: " + ", ".join(
+                f"{name} {ms:.3f}" for name, ms in split.items()) + f" (sum {sum(split.values()):.3f} ms)", flush=True)
+        return once
+
+    try:
+        gdn_chunk.FUSED_OUTPUT = False
+        reference = forward()
+        timed(f"fused-o B={batch}: unfused forward", 4, 3, reference)
+        gdn_chunk.FUSED_OUTPUT = True
+        for BV, num_warps, num_stages in itertools.product((32, 64), (4, 8), (2, 3)):
+            gdn_chunk.FUSED_OUTPUT_BV, gdn_chunk.FUSED_OUTPUT_WARPS = BV, num_warps
+            gdn_chunk.FUSED_OUTPUT_STAGES = num_stages
+            timed(f"fused-o B={batch}: fused forward BV={BV}", num_warps, num_stages, reference)
+    finally:
+        for name, value in saved.items():
+            setattr(gdn_chunk, name, value)
+
+
 def sweep_conv(model, length, rows):
     """The causal conv over its tile (BT tokens x BC channels) and num_warps, on the model's conv channels as one
     sequence and as 64 packed ones (a mixed engine step), checked against the wrapper's output."""
@@ -420,8 +460,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape at 200 tokens (CPU check)")
     parser.add_argument("--kernels", default="h,o,prepare,kkt,conv",
-                        help="comma-separated: h, o, prepare, kkt, conv, fold (FOLD_WU_INTO_H), bwd (the backward, "
-                        "at B=4 T=4k)")
+                        help="comma-separated: h, o, prepare, kkt, conv, fold (FOLD_WU_INTO_H), fusedo (FUSED_OUTPUT: "
+                        "the whole forward), bwd (the backward, at B=4 T=4k)")
     parser.add_argument("--batch", type=int, default=1, help="sequences of the h and fold sweeps (B x T tokens)")
     parser.add_argument("--bwd-groups", default="", help="with bwd: comma-separated subset of wu, dv-local, dh, dqk, "
                         "qkgrad (BWD_QK_GRAD_DTYPE), wy (BWD_WY_BK: the key-blocked WY kernel), dqkb (BWD_DQK_BK: "
@@ -442,6 +482,8 @@ def main() -> None:
                 sweep_prepare_kkt(model, length, rows)
             if "fold" in args.kernels.split(","):
                 sweep_fold(model, length, rows, batch=args.batch)
+            if "fusedo" in args.kernels.split(","):
+                sweep_fused_output(model, length, rows, batch=args.batch)
             if "conv" in args.kernels.split(","):
                 sweep_conv(model, length, rows)
         if "bwd" in args.kernels.split(","):  # its own shape: the training one

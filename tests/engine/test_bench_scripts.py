@@ -133,6 +133,17 @@ def test_sweep_kernels_tiny_backward_settings():
     assert all(float(row.rstrip(" |").rsplit("|", 1)[1]) == 0 for row in rows), rows
 
 
+def test_sweep_kernels_tiny_fused_output():
+    """sweep_kernels.py --kernels fusedo at the tiny shape (interpreter): the unfused forward and each setting of the
+    fused state pass ran the whole forward and gave the unfused o and final state."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_kernels.py"), "--tiny", "--kernels",
+                             "fusedo"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | 200 | fused-o ")]
+    assert len(rows) == 1 + 8  # unfused, then BV 32 or 64 x 4 or 8 warps x 2 or 3 stages
+    assert all(float(row.rstrip(" |").rsplit("|", 1)[1]) == 0 for row in rows), rows
+
+
 def test_sweep_decode_tiles_tiny_runs_each_rule():
     """sweep_decode_tiles.py on the CPU (tiny model): one row per rule with a number per round; a malformed rule is
     refused by name before anything is built."""

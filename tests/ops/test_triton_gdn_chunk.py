@@ -304,6 +304,85 @@ def test_fold_wu_into_the_state_pass(poisoned, monkeypatch, case, with_state):
     check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
 
 
+FUSED_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, fold)
+    "fp32": (2, 130, 2, 4, 32, 32, torch.float32, None, False),
+    "bf16-two-v-blocks": (2, 100, 1, 2, 32, 128, torch.bfloat16, None, False),
+    "bf16-fold": (2, 130, 2, 4, 32, 64, torch.bfloat16, None, True),
+    "fp16-odd-dims": (1, 70, 1, 4, 24, 40, torch.float16, None, False),
+    "bf16-one-token": (2, 1, 2, 4, 32, 32, torch.bfloat16, None, True),
+    "bf16-packed": (1, 130, 2, 4, 16, 32, torch.bfloat16, [0, 5, 69, 130], False),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the o kernel's padded rows
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+@pytest.mark.parametrize("with_state", [False, True])
+def test_output_fused_into_the_state_pass(poisoned, monkeypatch, case, with_state):
+    """FUSED_OUTPUT (the output made inside the state pass; no h, v_new stored, no output launch) gives the output
+    kernel's o and the same final state: the same operands meet in the same products (fp32 and 16-bit, with and
+    without the fold, several V blocks, packed sequences, a ragged last chunk, one token), and passes float64."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, fold = FUSED_CASES[case]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
+                                 batch if offsets is None else len(offsets) - 1)
+    state = state if with_state else None
+    args = dict(scale=0.25, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
+    plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    launched = []
+    for name in ("chunk_gdn_fwd_o_looped_kernel", "chunk_gdn_fwd_o_kernel"):
+        monkeypatch.setattr(gdn_chunk, name, launched)  # launching it would raise (a list takes no grid)
+    fused = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert fused["h"] is None and fused["v_new"] is None and plain["h"] is not None
+    for name in ("o", "final_state"):
+        assert rel_err(fused[name], plain[name].double()) <= (1e-6 if dtype == torch.float32 else 1e-3), name
+    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)  # through chunk_gdn_fwd, fused too
+
+
+def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
+    """FUSED_OUTPUT after the one-launch prepare kernel (KKT_PREPARE off): no normalised queries are stored, so the
+    state pass normalises and scales q itself; the same o as the unfused path."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    *inputs, state = make_inputs(1, 100, 1, 2, 32, 64, torch.bfloat16, num_states=1)
+    monkeypatch.setattr(gdn_chunk, "KKT_PREPARE", False)
+    args = dict(scale=0.3, initial_state=state, output_final_state=True, cu_seqlens=None)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
+    plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    fused = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert fused["h"] is None
+    for name in ("o", "final_state"):
+        assert rel_err(fused[name], plain[name].double()) <= 1e-3, name
+
+
+def test_fused_output_rule(monkeypatch):
+    """FUSED_OUTPUT = None fuses where the state pass runs at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, in
+    16-bit, and never in a forward that saves for the backward (which needs h and v_new); True fuses fp32 too."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    *inputs, _ = make_inputs(2, 65, 1, 4, 32, 64, torch.bfloat16, num_states=2)
+    fp32_inputs = [x.float() if x.is_floating_point() else x for x in inputs]
+
+    def fused(sms, rule, inputs=inputs, store_x=False):
+        monkeypatch.setattr(gdn_chunk, "_multiprocessors", lambda device: sms)
+        monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", rule)
+        out = gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=None, output_final_state=False,
+                                       cu_seqlens=None, store_x=store_x)
+        return out["h"] is None
+
+    # 2 sequences x 4 value heads x the V blocks of 64 columns (one at 64: state_pass_block's pick on 4 SMs)
+    assert fused(4, None) and not fused(5, None)
+    assert not fused(1, None, store_x=True) and not fused(1, True, store_x=True)
+    assert not fused(1, None, inputs=fp32_inputs) and fused(1, True, inputs=fp32_inputs)
+    assert not fused(1, False)
+
+
 def test_fold_wu_leaves_fp32_alone(poisoned, monkeypatch):
     """fp32 keeps w and u (the fold is for 16-bit inputs): FOLD_WU_INTO_H changes nothing there."""
     from hybridlm.ops.triton import gdn_chunk

@@ -22,7 +22,7 @@ CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens)
 }
 
 
-def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_decay=False):
+def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_decay=False, fused=False):
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = CASES[case]
     cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
@@ -33,6 +33,7 @@ def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_de
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut these short sequences too
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
     if log_decay is not None:
         monkeypatch.setattr(gdn_cp, "CP_LOG_DECAY", log_decay)
     calls, segmented = [], gdn_chunk._segmented_state_pass
@@ -63,6 +64,19 @@ def test_segments_with_the_fold(poisoned, monkeypatch):
                                                 log_decay=-math.inf)
     for name in ("h", "v_new", "o", "final_state"):
         assert rel_err(cut[name], plain[name].double()) <= 1e-2, name
+    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("case, fold", [("fp32-packed", False), ("bf16-batch-odd-dims", True)])
+def test_segments_with_the_output_fused(poisoned, monkeypatch, case, fold):
+    """FUSED_OUTPUT in the main pass over the segments (the pre-pass and the transitions store nothing either
+    way): the plain pass's o and final state, no h or v_new."""
+    plain, *_ = run(case, True, monkeypatch, cp=False, fold=fold)
+    cut, inputs, state, cu_seqlens, dtype = run(case, True, monkeypatch, cp=True, fold=fold, log_decay=-math.inf,
+                                                fused=True)
+    assert cut["h"] is None and cut["v_new"] is None
+    for name in ("o", "final_state"):
+        assert rel_err(cut[name], plain[name].double()) <= (1e-5 if dtype == torch.float32 else 1e-2), name
     check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
 
 

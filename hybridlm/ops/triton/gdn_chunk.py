@@ -17,12 +17,13 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
+   With `FUSED_OUTPUT` (off until timed) 2. makes o itself and stores neither h nor v_new (inference only).
 
 Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
 every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
-Tried and removed (benchmarks/NOTES.md, eighth session): w and u made inside 2. from the stored X, and 3. made
-inside 2. (FlashQLA's fused forward); each put more dots on 2.'s sequential chain and took 1.5-3x as long on an
-H200.
+Tried and removed (benchmarks/NOTES.md, eighth session): w and u made inside 2. from the stored X; it put more dots
+on 2.'s sequential chain and took 2x as long on an H200. 3. made inside 2. (FlashQLA's fused forward) lost then with
+one program per SM (1.5x); it is back as `FUSED_OUTPUT` for the many-program passes the context-parallel cut makes.
 """
 from __future__ import annotations
 
@@ -86,6 +87,16 @@ def chunk_gdn_fwd_h_kernel(
     first_chunk=None,
     FINAL_SLOT: tl.constexpr = False,  # final_slot [N] int32: where program row i_n's final state goes (-1: nowhere)
     final_slot=None,
+    # FUSED_O: the output pass inside this one (`FUSED_OUTPUT`): per chunk o = (q exp(G)) h + tril(q k^T
+    # exp(G_i - G_j)) v_new for this V block, from the state and v_new in registers, so h and v_new need no round
+    # trip through memory (pass STORE_H False); q [B, T, H, K] (token stride stride_q), o [B, T, HV, V]; with
+    # Q_NORMED q arrives L2-normalised and scaled in dtype (the w/u kernel's STORE_QN), else raw
+    FUSED_O: tl.constexpr = False,
+    Q_NORMED: tl.constexpr = False,
+    q=None,
+    o=None,
+    scale=1.0,
+    stride_q=0,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -127,6 +138,10 @@ def chunk_gdn_fwd_h_kernel(
     if STORE_H:
         p_vn = v_new + bos * HV * V + i_h * V + i_v * BV
     p_gc = g_cumsum + bos * HV + i_h
+    if FUSED_O:
+        p_q = q + bos * stride_q + i_hk * K
+        p_o = o + bos * HV * V + i_h * V + i_v * BV
+        o_i = tl.arange(0, BT)
     for i_t in range(i_t0, NT):
         b_hd = b_h.to(dtype)  # the state entering the chunk as the dot and the output pass take it
         if STORE_H:
@@ -139,6 +154,15 @@ def chunk_gdn_fwd_h_kernel(
         b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
         if NORM_K:
             b_k = _l2norm_rows(b_k).to(dtype)
+        if FUSED_O:  # the products that need no v_new first: they are off the chain through the state update
+            b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
+            if not Q_NORMED:
+                b_q = (_l2norm_rows(b_q) * scale).to(dtype)
+            b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
+            b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            # causal, rows past T zeroed (their G is 0 here, so exp(G_i - G_j) could overflow there)
+            m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+            b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
         if FOLD_WU:  # w h = X (beta exp(G) (k h)) and u = X (beta v), so v_new = X (beta (v - exp(G) (k h)))
             b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
                           mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
@@ -155,6 +179,9 @@ def chunk_gdn_fwd_h_kernel(
                 b_v += _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
         if STORE_H:
             _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
+        if FUSED_O:  # v_new rounded to the input dtype, as the output pass reads it back
+            b_o += tl.dot(b_A, b_v.to(dtype), input_precision=DOT_PRECISION)
+            _store_rows(p_o, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
         b_v = tl.where(m_t[:, None], b_v * tl.exp(b_g_last - b_gc)[:, None], 0.).to(dtype)
@@ -423,6 +450,22 @@ STATE_PASS_BVS = (16, 32, 64)
 # CP_SEGMENT_CHUNKS (None: `gdn_cp`'s rule) fixes the segment length (tests use 2).
 STATE_PASS_CP = True
 CP_SEGMENT_CHUNKS: int | None = None
+# FUSED_OUTPUT: the output made inside the state pass (`chunk_gdn_fwd_h_kernel`'s FUSED_O, FlashQLA's layout), so
+# neither h (T / 64 x Hv x dk x dv: 268 MB at 9B heads and 16k tokens) nor v_new (134 MB) is written and read back,
+# ~0.8 GB of traffic (~0.19 ms at an H200's copy rate), and the output launch is gone. The cost: per chunk step the
+# pass also reads q and makes q h, q k^T and A v_new, of which only A v_new waits on the state's chain. With one
+# program per SM (9B heads, B = 1, 16k uncut, BV 32) that lost in the eighth session (fused pass 0.847 ms against
+# 0.326 + 0.211 for h and o apart): the extra products lengthened each step and nothing ran beside them. With the
+# context-parallel cut or a batch, the pass runs 512 programs at 9B heads (16k, or B = 8 at 4k), two or more per SM,
+# which can overlap one program's products with another's loads. None fuses where the state pass runs at least
+# FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, 16-bit inputs, not for training (the backward
+# needs h and v_new or recomputes them; the forward that saves for it never fuses); True fuses every forward that
+# does not save for a backward (any dtype: the tests use fp32), False never. Off until timed (`gpu_plan.sh 17`).
+FUSED_OUTPUT: bool | None = False
+FUSED_MIN_PROGRAMS_PER_SM = 2
+FUSED_OUTPUT_WARPS = 4
+FUSED_OUTPUT_STAGES = 3
+FUSED_OUTPUT_BV: int | None = None  # None: state_pass_block's pick
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
@@ -467,23 +510,25 @@ def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device
 
 
 def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length, fold_args,
-                          common, narrowest, norm_k=False):
+                          common, narrowest, norm_k=False, fused_args=None, main_bv=None):
     """`chunk_gdn_fwd_h_kernel` over the segments of `plan` (gdn_cp's three steps): the same h, v_new and final
     state as the plain pass, up to rounding and (for segments whose gates decay fast) terms below e^CP_LOG_DECAY.
-    `norm_k`: k arrives raw (token stride k.stride(1)) and is normalised in the loop, as the backward runs it."""
+    `norm_k`: k arrives raw (token stride k.stride(1)) and is normalised in the loop, as the backward runs it.
+    `fused_args` (FUSED_OUTPUT): the main pass makes the output instead of storing h and v_new (both None), with
+    these launch settings and V blocks of `main_bv` (None: the pre-pass's)."""
     value_heads, dk, dv = common["HV"], common["K"], common["V"]
-    segments, device, fp32 = plan.num_segments, h.device, common["DOT_PRECISION"] == "ieee"
+    segments, device, fp32 = plan.num_segments, g_cumsum.device, common["DOT_PRECISION"] == "ieee"
     stride_k = k_normed.stride(1)
     seg = dict(common, IS_VARLEN=True, NORM_K=norm_k, num_warps=4)
     tables = (plan.cu_seqlens, plan.chunk_offsets, length, stride_k)
     first, first_m, fallback = gdn_cp.warmup_tables(g_cumsum, plan).unbind(0)
     # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
-    BV = state_pass_block(dk, dv, segments * value_heads, h.element_size(), device, fp32, narrowest)
+    BV = state_pass_block(dk, dv, segments * value_heads, k_normed.element_size(), device, fp32, narrowest)
     ht = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
     chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
         k_normed, w, u, g_cumsum, None, None, None, ht, *tables, BV=BV, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, HAS_FIRST_CHUNK=True, first_chunk=first, **fold_args, **seg)
-    BV_m = state_pass_block(dk, dk, segments * value_heads, h.element_size(), device, fp32, narrowest)
+    BV_m = state_pass_block(dk, dk, segments * value_heads, k_normed.element_size(), device, fp32, narrowest)
     mt = torch.empty(segments, value_heads, dk, dk, dtype=torch.float32, device=device)
     chunk_gdn_fwd_h_kernel[(cdiv(dk, BV_m), segments * value_heads)](
         k_normed, w, None, g_cumsum, None, None, None, mt, *tables, BV=BV_m, USE_INITIAL_STATE=False,
@@ -498,9 +543,11 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
         initial_state, ht, mt, fallback, plan.first_segment, h_in, HV=value_heads, K=dk, V=dv, BK=BK, BV=BV_c,
         BKC=min(32, BK), USE_INITIAL_STATE=initial_state is not None, num_warps=4)
     # 3. the state pass proper, every segment at once
+    BV = main_bv or BV
     chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
         k_normed, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
-        STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, **fold_args, **seg)
+        STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, **fold_args,
+        **dict(seg, **(fused_args or {})))
 
 
 def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
@@ -542,11 +589,16 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     # w h and u made inside the state pass from X; never for training (store_x), see FOLD_WU_INTO_H
     fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
                                                          else FOLD_WU_INTO_H)
+    BV_h = state_pass_block(dk, dv, programs, v.element_size(), device, fp32, narrowest=32 if fold else 16)
+    fuse_o = not store_x and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and (
+        cdiv(dv, BV_h) * programs >= FUSED_MIN_PROGRAMS_PER_SM * _multiprocessors(device)))
     w = None if fold else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
     u = None if fold else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
              if store_x or KKT_PREPARE else None)
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
+    # the fused state pass takes q normalised and scaled by the w/u kernel (fewer registers in its loop)
+    q_normed = torch.empty_like(k_normed) if fuse_o and KKT_PREPARE else None
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
@@ -555,32 +607,44 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
             v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, STORE_WU=not fold,
-            num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)))
+            num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
+            **(dict(STORE_QN=True, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale) if q_normed is not None
+               else {}))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
             k.stride(1), v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, STORE_KN=True,
             num_warps=4 if fp32 else FUSED_PREPARE_WARPS, **common)
 
-    h = torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)  # [NT, Hv, dk, dv]
-    v_new = torch.empty_like(v, memory_format=torch.contiguous_format)  # [B, T, Hv, dv]
+    h = None if fuse_o else torch.empty(num_chunks, value_heads, dk, dv, dtype=v.dtype, device=device)
+    v_new = None if fuse_o else torch.empty_like(v, memory_format=torch.contiguous_format)  # [B, T, Hv, dv]
     final_state = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
                    if output_final_state else None)
-    # with the fold, X meets a 16-wide block (64 x 64 by 64 x 16, 16-bit), which faulted in the w/u kernel (Triton 3.6)
-    BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, fp32,
-                            narrowest=32 if fold else 16)
+    o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
+    # (with the fold, BV_h is at least 32: X met a 16-wide block (64 x 64 by 64 x 16, 16-bit), which faulted in the
+    # w/u kernel, Triton 3.6)
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
+    fused_args = None
+    if fuse_o:
+        BV_h = FUSED_OUTPUT_BV or BV_h
+        fused_args = dict(FUSED_O=True, q=q if q_normed is None else q_normed, o=o, scale=scale,
+                          stride_q=q.stride(1) if q_normed is None else key_heads * dk,
+                          Q_NORMED=q_normed is not None, STORE_H=False, num_warps=FUSED_OUTPUT_WARPS,
+                          num_stages=FUSED_OUTPUT_STAGES)
     if plan is None:
         chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
             key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
-            STORE_FINAL_STATE=output_final_state, NORM_K=False, num_warps=4, **fold_args, **common)
+            STORE_FINAL_STATE=output_final_state, NORM_K=False, **fold_args, **common,
+            **(fused_args or dict(num_warps=4)))
     else:
         _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length,
-                              fold_args, common, narrowest=32 if fold else 16)
+                              fold_args, common, narrowest=32 if fold else 16, fused_args=fused_args,
+                              main_bv=BV_h if fuse_o else None)
 
-    o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
-    if LOOPED_O:
+    if fuse_o:
+        pass  # the state pass made o
+    elif LOOPED_O:
         BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)
         chunk_gdn_fwd_o_looped_kernel[(grid_chunks, batch * value_heads)](
             q, k_normed, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1),

@@ -195,6 +195,13 @@ def chunk_gdn_wu_kernel(
     DOT_PRECISION: tl.constexpr,
     STORE_KN: tl.constexpr,
     STORE_WU: tl.constexpr = True,  # False: only the normalised keys (gdn_chunk.FOLD_WU_INTO_H makes w h, u later)
+    # STORE_QN: also qn [B, T, H, K] = the L2-normalised queries times `scale`, in dtype, as the output pass rounds
+    # them (for gdn_chunk.FUSED_OUTPUT's state pass); q [B, T, H, K], token stride stride_q
+    STORE_QN: tl.constexpr = False,
+    q=None,
+    qn=None,
+    stride_q=0,
+    scale=1.0,
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
@@ -212,6 +219,10 @@ def chunk_gdn_wu_kernel(
     if STORE_KN:
         if i_h % (HV // H) == 0:
             _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
+    if STORE_QN:
+        if i_h % (HV // H) == 0:
+            b_q = _l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale
+            _store_rows(qn + bos * H * K + i_hk * K, b_q.to(dtype), i_s, T, H * K, K, BT, BK)
     if STORE_WU:
         o_i = tl.arange(0, BT)
         b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
