@@ -116,13 +116,14 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
     """`prepare`: a key of PREPARE_VARIANTS, forced for this launch (None: the module's defaults); `warps`: the KKT
     Gram/inverse kernel's num_warps (gdn_chunk.KKT_WARPS) if not None; `output`: gdn_chunk's flags for the output
     kernel (LOOPED_O, LOOPED_O_BV, LOOPED_O_WARPS) if not None; `cp`: the context-parallel state pass
-    (STATE_PASS_CP, segments of 4 chunks); `fused`: the output made in the state pass (FUSED_OUTPUT)."""
+    (STATE_PASS_CP, segments of 4 chunks); `fused`: the output made in the state pass (FUSED_OUTPUT; a dict: more
+    of gdn_chunk's flags with it)."""
     q, k, v, a, b, A_log, dt_bias, init, cu, _ = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     flags = dict(PREPARE_VARIANTS[prepare]) if prepare else {}
     flags.update({"KKT_WARPS": warps} if warps else {})
     flags.update(output or {})
     flags.update(dict(STATE_PASS_CP=True, CP_SEGMENT_CHUNKS=4) if cp else {})
-    flags.update(dict(FUSED_OUTPUT=True) if fused else {})
+    flags.update(dict(FUSED_OUTPUT=True, **({} if fused is True else fused)) if fused else {})
     saved = {name: getattr(gdn_chunk, name) for name in flags}
     saved_min = gdn_cp.CP_MIN_HEAD_CHUNKS
     for name, value in flags.items():
@@ -322,6 +323,9 @@ def configurations():
                 add(f"gdn_fwd fused_o prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}",
                     run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, state=True,
                     batch=1 if varlen else 4, prepare=prepare, fused=True)
+            add(f"gdn_fwd fused_o qk-in-pass prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
+                dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare=prepare,
+                fused=dict(FUSED_OUTPUT_QK_GIVEN=False))
         add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
             state=True, dht=True, cp=True)
         for wy_bk in (32, 64):  # the key-blocked WY kernel (gdn_chunk_bwd.BWD_WY_BK)

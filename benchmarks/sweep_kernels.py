@@ -388,7 +388,7 @@ def sweep_fused_output(model, length, rows, batch=1):
     block x num_warps x num_stages (the fold and the context-parallel cut by their rules), each checked against the
     unfused forward's o and final state; the per-kernel split of every setting."""
     args = inputs(length, MODELS[model], batch)
-    names = ("FUSED_OUTPUT", "FUSED_OUTPUT_BV", "FUSED_OUTPUT_WARPS", "FUSED_OUTPUT_STAGES")
+    names = ("FUSED_OUTPUT", "FUSED_OUTPUT_BV", "FUSED_OUTPUT_WARPS", "FUSED_OUTPUT_STAGES", "FUSED_OUTPUT_QK_GIVEN")
     saved = {name: getattr(gdn_chunk, name) for name in names}
 
     def forward():
@@ -413,10 +413,13 @@ def sweep_fused_output(model, length, rows, batch=1):
         reference = forward()
         timed(f"fused-o B={batch}: unfused forward", 4, 3, reference)
         gdn_chunk.FUSED_OUTPUT = True
-        for BV, num_warps, num_stages in itertools.product((32, 64), (4, 8), (2, 3)):
+        # q k^T from the w/u kernel (the default) at every setting, then made in the pass at two of them
+        settings = [(True, *setting) for setting in itertools.product((32, 64), (4, 8), (2, 3))]
+        for qk_given, BV, num_warps, num_stages in settings + [(False, 32, 4, 3), (False, 64, 4, 2)]:
             gdn_chunk.FUSED_OUTPUT_BV, gdn_chunk.FUSED_OUTPUT_WARPS = BV, num_warps
-            gdn_chunk.FUSED_OUTPUT_STAGES = num_stages
-            timed(f"fused-o B={batch}: fused forward BV={BV}", num_warps, num_stages, reference)
+            gdn_chunk.FUSED_OUTPUT_STAGES, gdn_chunk.FUSED_OUTPUT_QK_GIVEN = num_stages, qk_given
+            timed(f"fused-o B={batch}: fused forward BV={BV}{'' if qk_given else ' qk in pass'}", num_warps,
+                  num_stages, reference)
     finally:
         for name, value in saved.items():
             setattr(gdn_chunk, name, value)

@@ -344,6 +344,42 @@ def test_output_fused_into_the_state_pass(poisoned, monkeypatch, case, with_stat
     check(*inputs, state, dtype, cu_seqlens=cu_seqlens)  # through chunk_gdn_fwd, fused too
 
 
+class _RecordedKernel:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_given", [False, True])
+def test_output_fused_with_qk_given_or_made_in_the_pass(poisoned, monkeypatch, dtype, qk_given):
+    """FUSED_OUTPUT_QK_GIVEN: the decayed causal q k^T made by the w/u kernel (and read by the pass) or inside the
+    pass's loop; either way the unfused path's o, and the pass gets what the flag says."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    *inputs, state = make_inputs(2, 100, 1, 2, 32, 64, dtype, num_states=2)
+    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=None)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
+    plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT_QK_GIVEN", qk_given)
+    recorded = _RecordedKernel(gdn_chunk.chunk_gdn_fwd_h_kernel)
+    monkeypatch.setattr(gdn_chunk, "chunk_gdn_fwd_h_kernel", recorded)
+    fused = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    (launch,) = recorded.launches
+    assert launch["FUSED_O"] and launch["Q_NORMED"] and launch["A_GIVEN"] == qk_given
+    assert (launch["aqk"] is not None) == qk_given
+    for name in ("o", "final_state"):
+        assert rel_err(fused[name], plain[name].double()) <= (1e-6 if dtype == torch.float32 else 1e-3), name
+
+
 def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
     """FUSED_OUTPUT after the one-launch prepare kernel (KKT_PREPARE off): no normalised queries are stored, so the
     state pass normalises and scales q itself; the same o as the unfused path."""
@@ -355,7 +391,11 @@ def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
     plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    recorded = _RecordedKernel(gdn_chunk.chunk_gdn_fwd_h_kernel)
+    monkeypatch.setattr(gdn_chunk, "chunk_gdn_fwd_h_kernel", recorded)
     fused = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    (launch,) = recorded.launches
+    assert launch["FUSED_O"] and not launch["Q_NORMED"] and not launch["A_GIVEN"]
     assert fused["h"] is None
     for name in ("o", "final_state"):
         assert rel_err(fused[name], plain[name].double()) <= 1e-3, name

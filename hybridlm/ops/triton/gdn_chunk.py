@@ -93,6 +93,8 @@ def chunk_gdn_fwd_h_kernel(
     # Q_NORMED q arrives L2-normalised and scaled in dtype (the w/u kernel's STORE_QN), else raw
     FUSED_O: tl.constexpr = False,
     Q_NORMED: tl.constexpr = False,
+    A_GIVEN: tl.constexpr = False,  # aqk [B, T, HV, BT]: the decayed causal q k^T per chunk (the w/u kernel's STORE_AQK)
+    aqk=None,
     q=None,
     o=None,
     scale=1.0,
@@ -159,10 +161,14 @@ def chunk_gdn_fwd_h_kernel(
             if not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
             b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
-            b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-            # causal, rows past T zeroed (their G is 0 here, so exp(G_i - G_j) could overflow there)
-            m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-            b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
+            if A_GIVEN:
+                b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
+                              mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
+            else:
+                b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+                # causal, rows past T zeroed (their G is 0 here, so exp(G_i - G_j) could overflow there)
+                m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+                b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
         if FOLD_WU:  # w h = X (beta exp(G) (k h)) and u = X (beta v), so v_new = X (beta (v - exp(G) (k h)))
             b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
                           mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
@@ -453,7 +459,8 @@ CP_SEGMENT_CHUNKS: int | None = None
 # FUSED_OUTPUT: the output made inside the state pass (`chunk_gdn_fwd_h_kernel`'s FUSED_O, FlashQLA's layout), so
 # neither h (T / 64 x Hv x dk x dv: 268 MB at 9B heads and 16k tokens) nor v_new (134 MB) is written and read back,
 # ~0.8 GB of traffic (~0.19 ms at an H200's copy rate), and the output launch is gone. The cost: per chunk step the
-# pass also reads q and makes q h, q k^T and A v_new, of which only A v_new waits on the state's chain. With one
+# pass also reads q (normalised and scaled by the w/u kernel) and the decayed causal q k^T (FUSED_OUTPUT_QK_GIVEN)
+# and makes q h and A v_new, of which only A v_new waits on the state's chain. With one
 # program per SM (9B heads, B = 1, 16k uncut, BV 32) that lost in the eighth session (fused pass 0.847 ms against
 # 0.326 + 0.211 for h and o apart): the extra products lengthened each step and nothing ran beside them. With the
 # context-parallel cut or a batch, the pass runs 512 programs at 9B heads (16k, or B = 8 at 4k), two or more per SM,
@@ -461,11 +468,20 @@ CP_SEGMENT_CHUNKS: int | None = None
 # FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, 16-bit inputs, not for training (the backward
 # needs h and v_new or recomputes them; the forward that saves for it never fuses); True fuses every forward that
 # does not save for a backward (any dtype: the tests use fp32), False never. Off until timed (`gpu_plan.sh 17`).
+# Registers and shared memory of the fused pass (sm_90, Triton 3.6, 9B heads, the cut's main pass): two programs of
+# 4 warps fit an SM at up to 255 registers and ~113 KB; folded, V blocks of 32 at 2 stages 249 registers, 94 KB; of 64
+# 255 with 60 B spilled, 107 KB; at 3 stages 132-148 KB (one program). `sweep_kernels.py --kernels fusedo` times them.
 FUSED_OUTPUT: bool | None = False
 FUSED_MIN_PROGRAMS_PER_SM = 2
 FUSED_OUTPUT_WARPS = 4
-FUSED_OUTPUT_STAGES = 3
+FUSED_OUTPUT_STAGES = 2  # at 3 the pipelined loads take 148 KB of shared memory (9B heads, folded): one program per SM
 FUSED_OUTPUT_BV: int | None = None  # None: state_pass_block's pick
+# the decayed causal q k^T of each chunk made by the w/u kernel (a [B, T, Hv, 64] tensor in the input dtype, 67 MB at
+# 9B heads and 16k tokens, written and read once) instead of inside the fused pass's loop, where it cost a
+# 64 x 64 x dk product per V block and step and the registers to hold it (sm_90, Triton 3.6, 9B heads, the cut's
+# folded main pass at 4 warps: V blocks of 64 at 2 stages 176 B spilled -> 60; of 32 at 3 stages 56 B -> none, 202
+# registers). False: made in the loop (the sweep times both).
+FUSED_OUTPUT_QK_GIVEN = True
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
@@ -599,6 +615,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
     # the fused state pass takes q normalised and scaled by the w/u kernel (fewer registers in its loop)
     q_normed = torch.empty_like(k_normed) if fuse_o and KKT_PREPARE else None
+    aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
+           if q_normed is not None and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
@@ -608,8 +626,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
             v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, STORE_WU=not fold,
             num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
-            **(dict(STORE_QN=True, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale) if q_normed is not None
-               else {}))
+            **(dict(STORE_QN=True, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale, STORE_AQK=aqk is not None,
+                    aqk=aqk) if q_normed is not None else {}))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
@@ -629,7 +647,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         BV_h = FUSED_OUTPUT_BV or BV_h
         fused_args = dict(FUSED_O=True, q=q if q_normed is None else q_normed, o=o, scale=scale,
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
-                          Q_NORMED=q_normed is not None, STORE_H=False, num_warps=FUSED_OUTPUT_WARPS,
+                          Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
+                          num_warps=FUSED_OUTPUT_WARPS,
                           num_stages=FUSED_OUTPUT_STAGES)
     if plan is None:
         chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](

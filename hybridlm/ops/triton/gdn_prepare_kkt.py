@@ -202,6 +202,10 @@ def chunk_gdn_wu_kernel(
     qn=None,
     stride_q=0,
     scale=1.0,
+    # STORE_AQK: also aqk [B, T, HV, BT] = tril(qn k_n^T exp(G_i - G_j)) per chunk, in dtype, as the output pass
+    # makes it (rows past T zero); for gdn_chunk.FUSED_OUTPUT's state pass, which then does not make it in its loop
+    STORE_AQK: tl.constexpr = False,
+    aqk=None,
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
@@ -219,7 +223,18 @@ def chunk_gdn_wu_kernel(
     if STORE_KN:
         if i_h % (HV // H) == 0:
             _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
-    if STORE_QN:
+    if STORE_AQK:
+        b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+        if STORE_QN:
+            if i_h % (HV // H) == 0:
+                _store_rows(qn + bos * H * K + i_hk * K, b_q, i_s, T, H * K, K, BT, BK)
+        o_j = tl.arange(0, BT)
+        b_gq = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
+        m_A = (o_j[:, None] >= o_j[None, :]) & m_t[:, None]
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+        b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gq[:, None] - b_gq[None, :], 0.)), 0.)
+        _store_rows(aqk + bos * HV * BT + i_h * BT, b_A, i_s, T, HV * BT, BT, BT, BT)
+    elif STORE_QN:
         if i_h % (HV // H) == 0:
             b_q = _l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale
             _store_rows(qn + bos * H * K + i_hk * K, b_q.to(dtype), i_s, T, H * K, K, BT, BK)
