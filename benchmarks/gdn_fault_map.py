@@ -1,4 +1,5 @@
-"""Which GDN head dims the chunked kernels run without faulting on this GPU and Triton (forward + backward twice).
+"""Which GDN head dims the chunked kernels run without faulting on this GPU and Triton (the inference forward, then
+forward + backward twice).
 
     python benchmarks/gdn_fault_map.py [--dims 32 64 96 128] [--layouts B2T1 B1T70 packed] [-j 14]
                                        [--set gdn_chunk_bwd.BWD_DQK_BK=32 ...]   # kernel options (as bench_gdn.py)
@@ -53,9 +54,9 @@ def run_step(dk: int, dv: int, split: bool, device: str = "cuda") -> torch.Tenso
     return o
 
 
-def run_shape(dk: int, dv: int, layout: str) -> str:
-    """In this process: forward + backward twice at bf16, one key head, two value heads (or the decode step, layouts
-    "step*"); 'ok' or 'FAULT at ...'."""
+def run_shape(dk: int, dv: int, layout: str, device: str = "cuda") -> str:
+    """In this process: the inference forward, then forward + backward twice at bf16, one key head, two value heads
+    (or the decode step, layouts "step*"); 'ok' or 'FAULT at ...'."""
     import torch
 
     from hybridlm.ops.triton import chunk_gdn
@@ -63,19 +64,23 @@ def run_shape(dk: int, dv: int, layout: str) -> str:
     from tests.ops.test_triton_gdn_chunk_bwd import loss_of, output_grads
 
     batch, length, offsets = LAYOUTS[layout]
-    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=device)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     states = batch if offsets is None else len(offsets) - 1
     *inputs, state = make_inputs(batch, length, 1, 2, dk, dv, torch.bfloat16, states)
     do, dht = output_grads(inputs[2], states, dk, True, torch.bfloat16)
     try:
         if layout.startswith("step"):
-            run_step(dk, dv, split=layout == "step-split")
+            run_step(dk, dv, split=layout == "step-split", device=device)
             return "ok"
+        with torch.no_grad():  # the inference forward first: it differs (no X kept; the fold, FUSED_OUTPUT by rule)
+            chunk_gdn(*inputs, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+            synchronize()
         for _ in range(2):
             leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
             o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
             loss_of(o, final, do, dht).backward()
-            torch.cuda.synchronize()
+            synchronize()
     except RuntimeError as error:
         frames = [f for f in traceback.extract_tb(error.__traceback__) if "hybridlm" in f.filename]
         where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line[:60]}" if frames else "?"

@@ -240,15 +240,19 @@ case "${1:-}" in
        # stages; the fold and the context-parallel cut by their rules), with every setting's per-kernel split. Adopt:
        # set FUSED_OUTPUT_BV/WARPS/STAGES to the best setting, FUSED_OUTPUT = None (the rule) if it wins where the
        # rule fuses (9B 16k and 64k cut, 8 x 4k; 0.8B 64k cut) and loses or ties elsewhere; then call 12 with it.
-    timeout 110 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py \
+    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py \
       -k "output_fused or fused_output" -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 300 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fusedo \
+    # where the fused pass faults by head dims (Triton 3.6 on Hopper faulted at some unequal dims, eleventh session)
+    timeout 70 python3 benchmarks/gdn_fault_map.py --dims 32 64 128 --layouts B1T70 packed \
+      --set gdn_chunk.FUSED_OUTPUT=True > "$OUT/fault_map_fused.log" 2>&1
+    timeout 290 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fusedo \
       > "$OUT/fusedo_long.log" 2>&1
-    timeout 150 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 4096 --batch 8 --kernels fusedo \
+    timeout 120 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 4096 --batch 8 --kernels fusedo \
       > "$OUT/fusedo_batch.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep -v ' ok$' "$OUT/fault_map_fused.log"
     grep -h '^|' "$OUT/fusedo_long.log" "$OUT/fusedo_batch.log" | grep -v '^| model\|^|---'
     ;;
   *)

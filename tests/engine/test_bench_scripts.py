@@ -242,6 +242,11 @@ def test_gdn_fault_map_needs_a_gpu(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     main, split = (gdn_fault_map.run_step(32, 64, split, device=device).float() for split in (False, True))
     assert torch.isfinite(main).all() and torch.allclose(main, split, rtol=2e-2, atol=2e-2)
+    # a chunk layout: the inference forward (here with the output fused into the state pass), then training twice
+    from hybridlm.ops.triton import gdn_chunk
+
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    assert gdn_fault_map.run_shape(32, 32, "packed", device=device) == "ok"
     monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--set", "gdn_chunk_bwd.BWD_NO_SUCH_FLAG=1"])
     with pytest.raises(SystemExit, match="has no flag BWD_NO_SUCH_FLAG"):
         gdn_fault_map.main()

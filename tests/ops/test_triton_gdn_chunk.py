@@ -403,22 +403,23 @@ def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
 
 def test_fused_output_rule(monkeypatch):
     """FUSED_OUTPUT = None fuses where the state pass runs at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, in
-    16-bit, and never in a forward that saves for the backward (which needs h and v_new); True fuses fp32 too."""
+    16-bit, and never in a forward whose h and v_new are kept for the backward; True fuses fp32 too."""
     from hybridlm.ops.triton import gdn_chunk
 
     *inputs, _ = make_inputs(2, 65, 1, 4, 32, 64, torch.bfloat16, num_states=2)
     fp32_inputs = [x.float() if x.is_floating_point() else x for x in inputs]
 
-    def fused(sms, rule, inputs=inputs, store_x=False):
+    def fused(sms, rule, inputs=inputs, store_x=False, keep_states=False):
         monkeypatch.setattr(gdn_chunk, "_multiprocessors", lambda device: sms)
         monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", rule)
         out = gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=None, output_final_state=False,
-                                       cu_seqlens=None, store_x=store_x)
+                                       cu_seqlens=None, store_x=store_x, keep_states=keep_states)
         return out["h"] is None
 
     # 2 sequences x 4 value heads x the V blocks of 64 columns (one at 64: state_pass_block's pick on 4 SMs)
     assert fused(4, None) and not fused(5, None)
-    assert not fused(1, None, store_x=True) and not fused(1, True, store_x=True)
+    assert fused(4, None, store_x=True)  # training's forward too (its backward recomputes h and v_new) ...
+    assert not fused(1, None, store_x=True, keep_states=True) and not fused(1, True, store_x=True, keep_states=True)
     assert not fused(1, None, inputs=fp32_inputs) and fused(1, True, inputs=fp32_inputs)
     assert not fused(1, False)
 

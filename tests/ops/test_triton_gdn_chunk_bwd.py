@@ -431,6 +431,36 @@ def test_bwd_reuses_forward_states(poisoned, monkeypatch, case):
           cu_seqlens=case_inputs[0])
 
 
+@pytest.mark.parametrize("case", ["bf16-packed", "fp32-cut-forward"])
+def test_training_with_the_output_fused(poisoned, monkeypatch, case):
+    """gdn_chunk.FUSED_OUTPUT in training: the forward stores neither h nor v_new (the backward recomputes them from
+    X), the gradients are the unfused forward's bit for bit (the same o, the same saved tensors); with the forward's
+    states kept for the backward it does not fuse."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd, gdn_cp
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
+        "bf16-packed": (1, 200, 1, 2, 32, 32, torch.bfloat16, [0, 7, 70, 200]),
+        "fp32-cut-forward": (1, 330, 1, 2, 16, 32, torch.float32, None),
+    }[case]
+    if case == "fp32-cut-forward":  # the forward's state pass runs in segments of two chunks
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
+        monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+        monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    forwards, forward = [], gdn_chunk._chunk_gdn_fwd
+    monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
+                        or forwards[-1])
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
+    unfused = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    fused = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
+    kept = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", True, case_inputs)
+    assert forwards[0]["h"] is not None and forwards[1]["h"] is None and forwards[2]["h"] is not None
+    for name, x, y, z in zip(NAMES, fused, unfused, kept):
+        assert torch.equal(x, y), name
+        assert rel_err(z, y.double()) <= (1e-5 if dtype == torch.float32 else 1e-2), name
+
+
 def test_bwd_refuses_misshaped_forward_states():
     from hybridlm.ops.triton.gdn_chunk import _chunk_gdn_fwd
     from hybridlm.ops.triton.gdn_chunk_bwd import chunk_gdn_bwd

@@ -17,7 +17,7 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
-   With `FUSED_OUTPUT` (off until timed) 2. makes o itself and stores neither h nor v_new (inference only).
+   With `FUSED_OUTPUT` (off until timed) 2. makes o itself and stores neither h nor v_new.
 
 Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
 every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
@@ -465,9 +465,10 @@ CP_SEGMENT_CHUNKS: int | None = None
 # 0.326 + 0.211 for h and o apart): the extra products lengthened each step and nothing ran beside them. With the
 # context-parallel cut or a batch, the pass runs 512 programs at 9B heads (16k, or B = 8 at 4k), two or more per SM,
 # which can overlap one program's products with another's loads. None fuses where the state pass runs at least
-# FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, 16-bit inputs, not for training (the backward
-# needs h and v_new or recomputes them; the forward that saves for it never fuses); True fuses every forward that
-# does not save for a backward (any dtype: the tests use fp32), False never. Off until timed (`gpu_plan.sh 17`).
+# FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, in 16-bit; True fuses every forward (any dtype: the
+# tests use fp32), False never. Training fuses too (its backward recomputes h and v_new from X), except where the
+# forward's states are kept for the backward (`gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`). Off until timed
+# (`gpu_plan.sh 17`).
 # Registers and shared memory of the fused pass (sm_90, Triton 3.6, 9B heads, the cut's main pass): two programs of
 # 4 warps fit an SM at up to 255 registers and ~113 KB; folded, V blocks of 32 at 2 stages 249 registers, 94 KB; of 64
 # 255 with 60 B spilled, 107 KB; at 3 stages 132-148 KB (one program). `sweep_kernels.py --kernels fusedo` times them.
@@ -567,9 +568,10 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
 
 
 def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, output_final_state, cu_seqlens,
-                   store_x=False):
+                   store_x=False, keep_states=False):
     """The three launches; returns every intermediate (the backward recomputes from some of them). With `store_x`
-    the prepare kernel also keeps X = (I + A)^-1 per chunk for the backward (x_inv [B, T, Hv, 64])."""
+    the prepare kernel also keeps X = (I + A)^-1 per chunk for the backward (x_inv [B, T, Hv, 64]); `keep_states`:
+    the caller keeps w, h and v_new for the backward (so they are made and stored whatever the flags say)."""
     q, k, v = rows_packed(q), rows_packed(k), rows_packed(v)
     a, b = a.contiguous(), b.contiguous()
     A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
@@ -606,7 +608,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
                                                          else FOLD_WU_INTO_H)
     BV_h = state_pass_block(dk, dv, programs, v.element_size(), device, fp32, narrowest=32 if fold else 16)
-    fuse_o = not store_x and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and (
+    fuse_o = not keep_states and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and (
         cdiv(dv, BV_h) * programs >= FUSED_MIN_PROGRAMS_PER_SM * _multiprocessors(device)))
     w = None if fold else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
     u = None if fold else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
@@ -648,8 +650,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         fused_args = dict(FUSED_O=True, q=q if q_normed is None else q_normed, o=o, scale=scale,
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
-                          num_warps=FUSED_OUTPUT_WARPS,
-                          num_stages=FUSED_OUTPUT_STAGES)
+                          num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES)
     if plan is None:
         chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
@@ -661,14 +662,12 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                               fold_args, common, narrowest=32 if fold else 16, fused_args=fused_args,
                               main_bv=BV_h if fuse_o else None)
 
-    if fuse_o:
-        pass  # the state pass made o
-    elif LOOPED_O:
+    if not fuse_o and LOOPED_O:  # (fused: the state pass made o)
         BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)
         chunk_gdn_fwd_o_looped_kernel[(grid_chunks, batch * value_heads)](
             q, k_normed, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1),
             BV=BV_o, num_warps=LOOPED_O_WARPS_FP32 if fp32 else LOOPED_O_WARPS, num_stages=LOOPED_O_STAGES, **common)
-    else:
+    elif not fuse_o:
         chunk_gdn_fwd_o_kernel[(cdiv(dv, BV), grid_chunks, batch * value_heads)](
             q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
             BV=BV, num_warps=4, **common)

@@ -556,9 +556,10 @@ class ChunkGDNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, a, b, A_log, dt_bias, scale, initial_state, output_final_state, cu_seqlens):
-        out = _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, store_x=True)
         ctx.reuse = BWD_REUSE_FORWARD_STATES
+        out = _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, store_x=True,
+                             keep_states=ctx.reuse)
         states = (out["w"], out["h"], out["v_new"]) if ctx.reuse else ()
         ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, out["g_cumsum"], out["x_inv"], initial_state,
                               cu_seqlens, *states)
