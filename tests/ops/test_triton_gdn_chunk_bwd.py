@@ -294,6 +294,15 @@ def record_launches(monkeypatch, name, record, launched):
         lambda *args, **kwargs: launched.append(record(kwargs)) or kernel[grid](*args, **kwargs))})())
 
 
+def cut_forward_into_segments(monkeypatch):
+    """The forward's state pass runs in segments of two chunks (STATE_PASS_CP at any length)."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_cp
+
+    monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
+    monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+
+
 def grads_with(monkeypatch, flag, value, case_inputs):
     """Every input's gradient through chunk_gdn with gdn_chunk_bwd.<flag> = value."""
     from hybridlm.ops.triton import gdn_chunk_bwd
@@ -405,17 +414,15 @@ def test_bwd_reuses_forward_states(poisoned, monkeypatch, case):
     """gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES: the backward takes the forward's w, h and v_new (also when the forward
     cut the sequence into segments) and launches neither the w/u recompute nor a state pass; the gradients match the
     recomputing path's and float64."""
-    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd, gdn_cp
+    from hybridlm.ops.triton import gdn_chunk_bwd
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
         "bf16-packed": (1, 200, 1, 2, 32, 32, torch.bfloat16, [0, 7, 70, 200]),
         "fp32-grouped": (2, 130, 1, 2, 16, 32, torch.float32, None),
         "bf16-cut-forward": (1, 330, 1, 2, 32, 32, torch.bfloat16, None),
     }[case]
-    if case == "bf16-cut-forward":  # the forward's state pass runs in segments of two chunks
-        monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
-        monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
-        monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    if case == "bf16-cut-forward":
+        cut_forward_into_segments(monkeypatch)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     recomputed = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
     launched = []
@@ -436,16 +443,14 @@ def test_training_with_the_output_fused(poisoned, monkeypatch, case):
     """gdn_chunk.FUSED_OUTPUT in training: the forward stores neither h nor v_new (the backward recomputes them from
     X), the gradients are the unfused forward's bit for bit (the same o, the same saved tensors); with the forward's
     states kept for the backward it does not fuse."""
-    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd, gdn_cp
+    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
         "bf16-packed": (1, 200, 1, 2, 32, 32, torch.bfloat16, [0, 7, 70, 200]),
         "fp32-cut-forward": (1, 330, 1, 2, 16, 32, torch.float32, None),
     }[case]
-    if case == "fp32-cut-forward":  # the forward's state pass runs in segments of two chunks
-        monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
-        monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
-        monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    if case == "fp32-cut-forward":
+        cut_forward_into_segments(monkeypatch)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     forwards, forward = [], gdn_chunk._chunk_gdn_fwd
     monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
