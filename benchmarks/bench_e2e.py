@@ -21,7 +21,8 @@ Parts (`--parts`, comma-separated; default gate,prefill,decode, the original mea
               wall time with prefix caching on vs off, and the cached prompt tokens
   long        on `--long-model` (9B), ours alone: one prompt filling the 262,144-token context (262,143 prompt
               tokens + 1 generated: the Engine needs room for the generated token) prefilled in chunks of
-              `--long-chunk` through the Engine: wall time and torch.cuda.max_memory_allocated
+              `--long-chunk` tokens per step (several sizes: one row each; default 8192, the Engine's) through
+              the Engine: wall time and torch.cuda.max_memory_allocated
 `--tiny`: a tiny config and tiny sizes, on the CPU when there is no GPU (a few seconds; `--no-hf` skips
 transformers). The table comes last; `--log PATH` (and $OUT/bench_e2e.log when $OUT is set) gets every line.
 
@@ -83,7 +84,7 @@ PARTS = ("gate", "prefill", "decode", "throughput", "long", "prefix")
 # size options: (full, tiny)
 SIZES = dict(prefill=([4096, 32768], [256]), decode_tokens=(128, 8), prompt=(512, 64), requests=(256, 12),
              prompt_min=(128, 16), prompt_max=(2048, 160), new_tokens=(256, 8), hf_requests=(64, 12),
-             max_num_seqs=(256, 8), chunk=(2048, 128), long_tokens=(262144, 4096), long_chunk=(2048, 512),
+             max_num_seqs=(256, 8), chunk=(2048, 128), long_tokens=(262144, 4096), long_chunk=([8192], [512]),
              prefix_requests=(32, 4), prefix_tokens=(4096, 256), suffix_tokens=(64, 16), prefix_new_tokens=(32, 4))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LINES: list[str] = []
@@ -386,8 +387,9 @@ def main(argv: list[str] | None = None) -> None:
         if "long" in parts:
             ours = build_ours(args.long_model)  # alone: the peak memory is ours
             log(f"{args.long_model}: long prompt, hybridlm alone")
-            rows += serving.long_part(args.long_model, ours, tokenizer, tokens=args.long_tokens, chunk=args.long_chunk,
-                                      seed=args.seed, log=log)
+            for chunk in args.long_chunk:  # one model, an Engine per step size
+                rows += serving.long_part(args.long_model, ours, tokenizer, tokens=args.long_tokens, chunk=chunk,
+                                          seed=args.seed, log=log)
             del ours
             serving.free_memory()
             clock = took(f"{args.long_model} long (build included)", clock)

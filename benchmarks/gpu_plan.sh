@@ -18,6 +18,7 @@
 #                                   # the backward's split and the key-blocked dq/dk kernel's settings (BWD_DQK_BK)
 #   bash benchmarks/gpu_plan.sh 17  # carry .fla: the output made in the state pass (FUSED_OUTPUT): its tests, then the
 #                                   # whole forward fused vs unfused over the fused pass's settings (16k, 64k, 8 x 4k)
+#   bash benchmarks/gpu_plan.sh 18  # carry nothing: the 262k-token prompt (9B) through the Engine at 8k/16k/32k a step
 #   bash benchmarks/gpu_plan.sh 16  # carry .fla: train with BWD_DQK_BK and with kept forward states; the decode step's
 #                                   # launch settings at B = 1/32/256
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
@@ -255,8 +256,18 @@ case "${1:-}" in
     grep -v ' ok$' "$OUT/fault_map_fused.log"
     grep -h '^|' "$OUT/fusedo_long.log" "$OUT/fusedo_batch.log" | grep -v '^| model\|^|---'
     ;;
+  18)  # the README's 262k-prompt row (48.6 s, 5.4k tok/s) is from the second session: 2048 tokens a step, masked
+       # SDPA over gathered K/V, no paged prefill kernel, no CUDA graphs. Re-measure at the Engine's default step
+       # (8192) and at 16k / 32k a step: from 16k a step the GDN layers' forward at 9B heads is cut (STATE_PASS_CP)
+       # and fewer steps pay the per-step host work. If a larger step wins, consider it as the default for
+       # single long prompts (max_num_batched_tokens).
+    timeout 560 python3 benchmarks/bench_e2e.py --parts long --no-hf --long-chunk 8192 16384 32768 \
+      --log "$OUT/long.log" > /dev/null 2>&1
+    grep 'long:' "$OUT/long.log" | tail -8
+    grep '^|' "$OUT/long.log" | tail -4
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|17" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|18" >&2
     exit 2
     ;;
 esac

@@ -49,7 +49,7 @@ def test_bench_e2e_tiny_runs_every_part(tmp_path, with_hf):
     rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
                                           for line in table.splitlines()[2:] if line.startswith("|"))}
     expected = ["prefill 256", "decode B=1", "throughput 12 req x 8 tok", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms",
-                "ITL p50 / p99 ms", "prefix cache 4 x (256+16)", "long prompt 4,095"]
+                "ITL p50 / p99 ms", "prefix cache 4 x (256+16)", "long prompt 4,095, 512/step"]
     assert [m for m in expected if m not in rows] == [], table
     assert ("gate" in rows) == with_hf
     if with_hf:
@@ -58,7 +58,7 @@ def test_bench_e2e_tiny_runs_every_part(tmp_path, with_hf):
     # every request shared 256 tokens: all but the first find them in the cache
     assert rows["prefix cache 4 x (256+16)"][5].startswith("768 of 1,088 prompt tokens cached"), table
     assert re.match(r"on [0-9.]+ s / off [0-9.]+ s", rows["prefix cache 4 x (256+16)"][2]), table
-    assert rows["long prompt 4,095"][2].endswith("peak n/a (CPU)"), table
+    assert rows["long prompt 4,095, 512/step"][2].endswith("peak n/a (CPU)"), table
     for measure in ("TTFT p50 / p99 ms", "TPOT p50 / p99 ms", "ITL p50 / p99 ms"):
         p50, p99 = (float(x.replace(",", "")) for x in rows[measure][2].split(" / "))
         assert 0 <= p50 <= p99, (measure, table)
