@@ -223,21 +223,18 @@ def chunk_gdn_wu_kernel(
     if STORE_KN:
         if i_h % (HV // H) == 0:
             _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
-    if STORE_AQK:
+    if STORE_QN or STORE_AQK:
         b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
         if STORE_QN:
             if i_h % (HV // H) == 0:
                 _store_rows(qn + bos * H * K + i_hk * K, b_q, i_s, T, H * K, K, BT, BK)
+    if STORE_AQK:
         o_j = tl.arange(0, BT)
         b_gq = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
         m_A = (o_j[:, None] >= o_j[None, :]) & m_t[:, None]
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
         b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gq[:, None] - b_gq[None, :], 0.)), 0.)
         _store_rows(aqk + bos * HV * BT + i_h * BT, b_A, i_s, T, HV * BT, BT, BT, BT)
-    elif STORE_QN:
-        if i_h % (HV // H) == 0:
-            b_q = _l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale
-            _store_rows(qn + bos * H * K + i_hk * K, b_q.to(dtype), i_s, T, H * K, K, BT, BK)
     if STORE_WU:
         o_i = tl.arange(0, BT)
         b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
