@@ -344,17 +344,12 @@ def test_output_fused_into_the_state_pass(poisoned, monkeypatch, case, with_stat
     check(*inputs, state, dtype, cu_seqlens=cu_seqlens)  # through chunk_gdn_fwd, fused too
 
 
-class _RecordedKernel:
-    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches the real one."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
+def record_launches(monkeypatch, module, name, record, launched):
+    """`module`'s kernel `name` still launches, and appends record(its launch's keyword arguments) to `launched`
+    first."""
+    kernel = getattr(module, name)
+    monkeypatch.setattr(module, name, type("Recorder", (), {"__getitem__": lambda self, grid: (
+        lambda *args, **kwargs: launched.append(record(kwargs)) or kernel[grid](*args, **kwargs))})())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -370,10 +365,10 @@ def test_output_fused_with_qk_given_or_made_in_the_pass(poisoned, monkeypatch, d
     plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT_QK_GIVEN", qk_given)
-    recorded = _RecordedKernel(gdn_chunk.chunk_gdn_fwd_h_kernel)
-    monkeypatch.setattr(gdn_chunk, "chunk_gdn_fwd_h_kernel", recorded)
+    launches = []
+    record_launches(monkeypatch, gdn_chunk, "chunk_gdn_fwd_h_kernel", lambda kwargs: kwargs, launches)
     fused = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
-    (launch,) = recorded.launches
+    (launch,) = launches
     assert launch["FUSED_O"] and launch["Q_NORMED"] and launch["A_GIVEN"] == qk_given
     assert (launch["aqk"] is not None) == qk_given
     for name in ("o", "final_state"):
@@ -391,10 +386,10 @@ def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
     plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
-    recorded = _RecordedKernel(gdn_chunk.chunk_gdn_fwd_h_kernel)
-    monkeypatch.setattr(gdn_chunk, "chunk_gdn_fwd_h_kernel", recorded)
+    launches = []
+    record_launches(monkeypatch, gdn_chunk, "chunk_gdn_fwd_h_kernel", lambda kwargs: kwargs, launches)
     fused = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
-    (launch,) = recorded.launches
+    (launch,) = launches
     assert launch["FUSED_O"] and not launch["Q_NORMED"] and not launch["A_GIVEN"]
     assert fused["h"] is None
     for name in ("o", "final_state"):

@@ -15,7 +15,9 @@ pytest.importorskip("triton", reason="triton is not installed")
 from hybridlm.ops import dispatch  # noqa: E402
 from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates  # noqa: E402
 from hybridlm.ops.triton import chunk_gdn  # noqa: E402
-from tests.ops.test_triton_gdn_chunk import DEVICE, make_inputs, poisoned, rel_err  # noqa: E402,F401 (a fixture)
+from tests.ops.test_triton_gdn_chunk import (  # noqa: E402,F401 (poisoned: a fixture)
+    DEVICE, make_inputs, poisoned, record_launches, rel_err,
+)
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAMES = ("q", "k", "v", "a", "b", "A_log", "dt_bias", "initial_state")
@@ -285,15 +287,6 @@ def blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, of
     return cu_seqlens, inputs, state, do, dht
 
 
-def record_launches(monkeypatch, name, record, launched):
-    """gdn_chunk_bwd's kernel `name` still launches, and appends record(its launch's keyword arguments) first."""
-    from hybridlm.ops.triton import gdn_chunk_bwd
-
-    kernel = getattr(gdn_chunk_bwd, name)
-    monkeypatch.setattr(gdn_chunk_bwd, name, type("Recorder", (), {"__getitem__": lambda self, grid: (
-        lambda *args, **kwargs: launched.append(record(kwargs)) or kernel[grid](*args, **kwargs))})())
-
-
 def cut_forward_into_segments(monkeypatch):
     """The forward's state pass runs in segments of two chunks (STATE_PASS_CP at any length)."""
     from hybridlm.ops.triton import gdn_chunk, gdn_cp
@@ -348,10 +341,13 @@ def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
     gives the whole-row kernel's gradients up to rounding, the same bits when run again (on an H200, blocks at other
     warp/stage counts did not), and passes the float64 check; where one block would cover dk, the whole-row kernel
     runs (a single block gave wrong dk on the GPU, Triton 3.6)."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block = WY_BLOCKED_CASES[case]
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     launched = []
-    record_launches(monkeypatch, "chunk_gdn_bwd_wy_kblocked_kernel", lambda kwargs: kwargs["BKW"], launched)
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_wy_kblocked_kernel", lambda kwargs: kwargs["BKW"],
+                    launched)
 
     whole = grads_with(monkeypatch, "BWD_WY_BK", None, case_inputs)
     assert launched == []
@@ -391,10 +387,11 @@ def test_bwd_dqk_key_blocks(poisoned, monkeypatch, case):
     monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", wy_block)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     launched = []
-    record_launches(monkeypatch, "chunk_gdn_bwd_dqkw_kblocked_kernel", lambda kwargs: ("dqkw", kwargs["BKQ"]),
-                    launched)
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_dqkw_kblocked_kernel",
+                    lambda kwargs: ("dqkw", kwargs["BKQ"]), launched)
     for name in ("chunk_gdn_bwd_wy_kernel", "chunk_gdn_bwd_wy_kblocked_kernel"):
-        record_launches(monkeypatch, name, lambda kwargs: ("wy", kwargs["DW_GIVEN"], kwargs["NKD"]), launched)
+        record_launches(monkeypatch, gdn_chunk_bwd, name, lambda kwargs: ("wy", kwargs["DW_GIVEN"], kwargs["NKD"]),
+                        launched)
 
     whole = grads_with(monkeypatch, "BWD_DQK_BK", None, case_inputs)
     assert launched == [("wy", False, 1)]
@@ -427,7 +424,7 @@ def test_bwd_reuses_forward_states(poisoned, monkeypatch, case):
     recomputed = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
     launched = []
     for name in ("chunk_gdn_wu_kernel", "chunk_gdn_fwd_h_kernel"):
-        record_launches(monkeypatch, name, lambda kwargs: "recompute", launched)
+        record_launches(monkeypatch, gdn_chunk_bwd, name, lambda kwargs: "recompute", launched)
     monkeypatch.setattr(gdn_chunk_bwd, "_segmented_state_pass", lambda *args, **kwargs: launched.append("segments"))
     reused = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", True, case_inputs)
     assert launched == []
