@@ -21,6 +21,9 @@
 #   bash benchmarks/gpu_plan.sh 18  # carry nothing: the 262k-token prompt (9B) through the Engine at 8k/16k/32k a step
 #   bash benchmarks/gpu_plan.sh 16  # carry .fla: train with BWD_DQK_BK and with kept forward states; the decode step's
 #                                   # launch settings at B = 1/32/256
+#   bash benchmarks/gpu_plan.sh 19  # carry nothing: 15's GDN tests (the fused ones included), the fused pass's fault map,
+#                                   # then 17's fusedo sweep at 16k/64k (a machine goes back 30 s after a call now: one
+#                                   # call holds what two did)
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -266,8 +269,22 @@ case "${1:-}" in
     grep 'long:' "$OUT/long.log" | tail -8
     grep '^|' "$OUT/long.log" | tail -4
     ;;
+  19)  # fourteenth session: the machine goes back 30 s after each call, so each call starts a fresh one (~1-2 min);
+       # 15's tests and 17's first half in one call. Limits add up to 580 s.
+    timeout 230 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+      tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 60 python3 benchmarks/gdn_fault_map.py --dims 32 64 128 --layouts B1T70 packed \
+      --set gdn_chunk.FUSED_OUTPUT=True > "$OUT/fault_map_fused.log" 2>&1
+    timeout 290 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 16384 65536 --kernels fusedo \
+      > "$OUT/fusedo_long.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -10
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep -v ' ok$' "$OUT/fault_map_fused.log" | tail -12
+    grep -h '^|' "$OUT/fusedo_long.log" | grep -v '^| model\|^|---'
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|18" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|19" >&2
     exit 2
     ;;
 esac
