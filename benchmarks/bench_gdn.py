@@ -329,37 +329,42 @@ def report(kind, model, batch, length, tokens, floor_ms, results, rows):
 
 
 def gate_decode(gdn_decode_step) -> bool:
-    """Ours vs causal_conv1d (T = 1) + recurrent_gated_delta_rule in float64 at a small shape, two steps."""
+    """Ours vs causal_conv1d (T = 1) + recurrent_gated_delta_rule in float64 at a small shape, two steps, through
+    the split kernel (what 3 rows take) and the main kernel (what B x Hk >= 2 x SMs takes) at head dim 128."""
     key_heads, value_heads, d, width, pool = 2, 4, 128, 4, 6
     channels = 2 * key_heads * d + value_heads * d
-    gen = torch.Generator(device=DEVICE).manual_seed(2)
-    weight = torch.randn(channels, width, generator=gen, device=DEVICE).to(torch.bfloat16)
-    A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
-    dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE)
-    conv_pool = torch.randn(pool, channels, width - 1, generator=gen, device=DEVICE).to(torch.bfloat16)
-    state_pool = torch.randn(pool, value_heads, d, d, generator=gen, device=DEVICE) * 0.1
-    slots = torch.tensor([4, 1, 2], dtype=torch.int32, device=DEVICE)
-    conv_ref, state_ref = conv_pool.clone(), state_pool.double()
-    rows = slots.long()
-    worst = 0.0
-    for _ in range(2):
-        x = torch.randn(3, channels, generator=gen, device=DEVICE).to(torch.bfloat16)
-        a = torch.randn(3, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
-        b = torch.randn(3, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
-        o = gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv_pool, state_pool, slots,
-                            num_key_heads=key_heads, key_head_dim=d, value_head_dim=d)
-        y, conv_ref[rows] = causal_conv1d(x[:, None], weight, initial_state=conv_ref[rows], output_final_state=True)
-        y = y.double()
-        q = y[..., :key_heads * d].reshape(3, 1, key_heads, d)
-        k = y[..., key_heads * d:2 * key_heads * d].reshape(3, 1, key_heads, d)
-        v = y[..., 2 * key_heads * d:].reshape(3, 1, value_heads, d)
-        g, beta = gdn_gates(a[:, None].double(), b[:, None].double(), A_log.double(), dt_bias.double())
-        o_ref, state_ref[rows] = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state_ref[rows],
-                                                            output_final_state=True)
-        worst = max(worst, rel_err(o, o_ref[:, 0]), rel_err(state_pool[rows], state_ref[rows]))
-    ok = worst <= REF_TOLERANCE and torch.equal(conv_pool[rows], conv_ref[rows])
-    log(f"gate decode step vs float64 reference (B=3 of a pool of 6, Hk=2 Hv=4 d=128 bf16): rel err {worst:.2e} "
-        f"-> {'PASS' if ok else 'FAIL'}")
+    ok = True
+    for split in (True, False):
+        gen = torch.Generator(device=DEVICE).manual_seed(2)
+        weight = torch.randn(channels, width, generator=gen, device=DEVICE).to(torch.bfloat16)
+        A_log = torch.empty(value_heads, device=DEVICE).uniform_(1, 16, generator=gen).log()
+        dt_bias = torch.randn(value_heads, generator=gen, device=DEVICE)
+        conv_pool = torch.randn(pool, channels, width - 1, generator=gen, device=DEVICE).to(torch.bfloat16)
+        state_pool = torch.randn(pool, value_heads, d, d, generator=gen, device=DEVICE) * 0.1
+        slots = torch.tensor([4, 1, 2], dtype=torch.int32, device=DEVICE)
+        conv_ref, state_ref = conv_pool.clone(), state_pool.double()
+        rows = slots.long()
+        worst = 0.0
+        for _ in range(2):
+            x = torch.randn(3, channels, generator=gen, device=DEVICE).to(torch.bfloat16)
+            a = torch.randn(3, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
+            b = torch.randn(3, value_heads, generator=gen, device=DEVICE).to(torch.bfloat16)
+            o = gdn_decode_step(x, None, a, b, weight, A_log, dt_bias, conv_pool, state_pool, slots,
+                                num_key_heads=key_heads, key_head_dim=d, value_head_dim=d, split=split)
+            y, conv_ref[rows] = causal_conv1d(x[:, None], weight, initial_state=conv_ref[rows],
+                                              output_final_state=True)
+            y = y.double()
+            q = y[..., :key_heads * d].reshape(3, 1, key_heads, d)
+            k = y[..., key_heads * d:2 * key_heads * d].reshape(3, 1, key_heads, d)
+            v = y[..., 2 * key_heads * d:].reshape(3, 1, value_heads, d)
+            g, beta = gdn_gates(a[:, None].double(), b[:, None].double(), A_log.double(), dt_bias.double())
+            o_ref, state_ref[rows] = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state_ref[rows],
+                                                                output_final_state=True)
+            worst = max(worst, rel_err(o, o_ref[:, 0]), rel_err(state_pool[rows], state_ref[rows]))
+        passed = worst <= REF_TOLERANCE and torch.equal(conv_pool[rows], conv_ref[rows])
+        log(f"gate decode step ({'split' if split else 'main'} kernel) vs float64 reference (B=3 of a pool of 6, "
+            f"Hk=2 Hv=4 d=128 bf16): rel err {worst:.2e} -> {'PASS' if passed else 'FAIL'}")
+        ok = ok and passed
     return ok
 
 
@@ -404,14 +409,16 @@ def bench_decode(model, batch, peers, ours_ok, rows):
         return graph.replay
 
     check = "PASS" if ours_ok else "FAIL (reference gate)"
-    # each variant's output and pools against the default's, from the same copies of the pools
-    copies = conv_pool.clone(), state_pool.clone()
+    # each variant's output and pools against the default's, from copies of the same starting pools (the timed runs
+    # below step conv_pool and state_pool in place, so the copies come from this snapshot)
+    start = conv_pool.clone(), state_pool.clone()
+    copies = start[0].clone(), start[1].clone()
     o_default, pools_default = step(*copies), copies
     results = {"ours": (time_ms(ours), check), "ours+graph": (time_ms(graphed(ours)), check)}
     for name, settings in VARIANTS.items():
         with settings_applied(settings):
             try:
-                copies = conv_pool.clone(), state_pool.clone()
+                copies = start[0].clone(), start[1].clone()
                 err = max(rel_err(step(*copies), o_default), rel_err(copies[1], pools_default[1]),
                           rel_err(copies[0].float(), pools_default[0].float()))
                 results[f"ours[{name}]"] = (time_ms(ours), variant_check(ours_ok, err))

@@ -24,6 +24,14 @@
 #   bash benchmarks/gpu_plan.sh 19  # carry nothing: 15's GDN tests (the fused ones included), the fused pass's fault map,
 #                                   # then 17's fusedo sweep at 16k/64k (a machine goes back 30 s after a call now: one
 #                                   # call holds what two did)
+#   bash benchmarks/gpu_plan.sh 20  # carry nothing: the tests that failed in 19 again with their logs, the default fault
+#                                   # map (T = 1 and the decode step included), the fused forward at 8 x 4k, and every
+#                                   # forward row with FUSED_OUTPUT by rule beside unfused
+#   bash benchmarks/gpu_plan.sh 21  # carry nothing: 20's failures again after the Hopper narrowings; train with kept
+#                                   # states and with the output fused (4 x 4k is just under the rule); decode options
+#   bash benchmarks/gpu_plan.sh 22  # carry nothing: the decode step tests and the GDN tests 21 did not reach; decode at
+#                                   # 4 warps beside the default (checked this time: if it passes, STEP_WARPS rule -> 4);
+#                                   # the forward with the output fused by rule (1.5 programs per SM) vs never
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -283,8 +291,62 @@ case "${1:-}" in
     grep -v ' ok$' "$OUT/fault_map_fused.log" | tail -12
     grep -h '^|' "$OUT/fusedo_long.log" | grep -v '^| model\|^|---'
     ;;
+  20)  # fourteenth session, after 19: FUSED_OUTPUT = None (V blocks of 64) by then. Limits add up to 560 s.
+    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+      tests/ops/test_triton_gdn_cp.py -k "output_fused or fused_output or key_blocks or kept_states" --logs 12 -j 16 \
+      > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 140 python3 benchmarks/gdn_fault_map.py > "$OUT/fault_map.log" 2>&1
+    timeout 120 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --lengths 4096 --batch 8 --kernels fusedo \
+      > "$OUT/fusedo_batch.log" 2>&1
+    timeout 210 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant \
+      "unfused:gdn_chunk.FUSED_OUTPUT=False" > "$OUT/forward.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -12
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep -v ' ok$' "$OUT/fault_map.log" | tail -16
+    grep -h '^|' "$OUT/fusedo_batch.log" | grep -v '^| model\|^|---'
+    grep '^|' "$OUT/forward.log" | tail -20
+    ;;
+  21)  # fourteenth session, after 20: dq/dk key blocks of 64 on Hopper, V blocks of 32 beside a padded key block.
+       # Limits add up to 560 s.
+    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+      tests/ops/test_triton_gdn_cp.py -k "output_fused or fused_output or key_blocks or kept_states or state_pass" \
+      --logs 6 -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 230 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant \
+      "keep:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" "fused:gdn_chunk.FUSED_OUTPUT=True" > "$OUT/train.log" 2>&1
+    timeout 230 python3 benchmarks/bench_gdn.py --no-peers --kinds decode --variant \
+      "split:gdn_step.SPLIT_PROGRAMS_PER_SM=100000" \
+      "split64:gdn_step.SPLIT_PROGRAMS_PER_SM=100000,gdn_step.SPLIT_BV=64" \
+      "prefetch:gdn_step.STEP_PREFETCH=True" "w4:gdn_step.STEP_WARPS=4" "w16:gdn_step.STEP_WARPS=16" \
+      > "$OUT/decode.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep "peak" "$OUT/train.log" | tail -8
+    grep '^|' "$OUT/train.log" | tail -8
+    grep '^|' "$OUT/decode.log" | tail -40
+    ;;
+  22)  # written for the fourteenth session's last call, which no machine was lent for: run it first next time.
+       # Limits add up to 380 s.
+    timeout 50 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py -j 16 > "$OUT/gpu_tests_step.log" 2>&1
+    sleep 2
+    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_chunk.py \
+      tests/ops/test_triton_gdn_cp.py -k "key_blocks or kept_states or head_dims or output_fused or fused_output" \
+      --logs 6 -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds decode --variant "w4:gdn_step.STEP_WARPS=4" \
+      > "$OUT/decode.log" 2>&1
+    timeout 130 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant \
+      "unfused:gdn_chunk.FUSED_OUTPUT=False" > "$OUT/forward.log" 2>&1
+    for f in gpu_tests_step gpu_tests; do
+      grep -v '^PASS' "$OUT/$f.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/$f.log")"
+    done
+    grep 'gate' "$OUT/decode.log"
+    grep '^|' "$OUT/decode.log" | tail -25
+    grep '^|' "$OUT/forward.log" | tail -16
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|19" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|22" >&2
     exit 2
     ;;
 esac

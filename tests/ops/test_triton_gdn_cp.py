@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed")
 
 from hybridlm.ops.triton import gdn_chunk, gdn_cp  # noqa: E402
-from tests.ops.test_triton_gdn_chunk import DEVICE, check, make_inputs, poisoned, rel_err  # noqa: E402,F401
+from tests.ops.test_triton_gdn_chunk import (  # noqa: E402,F401 (poisoned: a fixture)
+    DEVICE, check, make_inputs, poisoned, rel_err, skip_where_triton_faults)
 
 CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens)
     "fp32-batch": (2, 300, 1, 2, 16, 16, torch.float32, None),
@@ -71,6 +72,7 @@ def test_segments_with_the_fold(poisoned, monkeypatch):
 def test_segments_with_the_output_fused(poisoned, monkeypatch, case, fold):
     """FUSED_OUTPUT in the main pass over the segments (the pre-pass and the transitions store nothing either
     way): the plain pass's o and final state, no h or v_new."""
+    skip_where_triton_faults(*CASES[case][4:6])  # (bf16 24/40 fused faulted on an H200, Triton 3.6)
     plain, *_ = run(case, True, monkeypatch, cp=False, fold=fold)
     cut, inputs, state, cu_seqlens, dtype = run(case, True, monkeypatch, cp=True, fold=fold, log_decay=-math.inf,
                                                 fused=True)

@@ -465,18 +465,24 @@ CP_SEGMENT_CHUNKS: int | None = None
 # 0.326 + 0.211 for h and o apart): the extra products lengthened each step and nothing ran beside them. With the
 # context-parallel cut or a batch, the pass runs 512 programs at 9B heads (16k, or B = 8 at 4k), two or more per SM,
 # which can overlap one program's products with another's loads. None fuses where the state pass runs at least
-# FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, in 16-bit; True fuses every forward (any dtype: the
-# tests use fp32), False never. Training fuses too (its backward recomputes h and v_new from X), except where the
-# forward's states are kept for the backward (`gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`). Off until timed
-# (`gpu_plan.sh 17`).
+# FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, in 16-bit, at inference; True fuses every forward (any
+# dtype: the tests use fp32; training's too, whose backward recomputes h and v_new from X, except where the forward's
+# states are kept for the backward, `gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`), False never. On an H200 (2026-12-05,
+# `sweep_kernels.py --kernels fusedo`, whole forward, bf16) fused at V blocks of 64, 4 warps, 2 stages against unfused:
+# 9B heads 16k (cut) 0.665 vs 0.781 ms, 64k 2.562 vs 3.034, 8 x 4k 1.164 vs 1.388; 0.8B 64k 1.459 vs 1.672, 8 x 4k 0.642
+# vs 0.761 (256 programs); where fewer programs run it lost (0.8B 16k uncut, 32 programs: 1.150 vs 0.568). V blocks
+# of 32, 8 warps or 3 stages lost everywhere. Training's forward (not folded) fused
+# lost at every shape timed (`bench_gdn.py --kinds train`): 4 x 4k 3.515 vs 3.229 ms at 9B heads, 1.968 vs 1.818 at
+# 0.8B; 0.8B 1 x 16k 3.387 vs 2.826; 9B 1 x 16k 4.135 against 3.863 unfused in the eleventh session.
 # Registers and shared memory of the fused pass (sm_90, Triton 3.6, 9B heads, the cut's main pass): two programs of
 # 4 warps fit an SM at up to 255 registers and ~113 KB; folded, V blocks of 32 at 2 stages 249 registers, 94 KB; of 64
 # 255 with 60 B spilled, 107 KB; at 3 stages 132-148 KB (one program). `sweep_kernels.py --kernels fusedo` times them.
-FUSED_OUTPUT: bool | None = False
-FUSED_MIN_PROGRAMS_PER_SM = 2
+FUSED_OUTPUT: bool | None = None
+# 256 programs on 132 SMs won (0.8B heads, 8 x 4k: 0.642 vs 0.761 ms), 32 lost; nothing between was timed
+FUSED_MIN_PROGRAMS_PER_SM = 1.5
 FUSED_OUTPUT_WARPS = 4
 FUSED_OUTPUT_STAGES = 2  # at 3 the pipelined loads take 148 KB of shared memory (9B heads, folded): one program per SM
-FUSED_OUTPUT_BV: int | None = None  # None: state_pass_block's pick
+FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pass_block's pick
 # the decayed causal q k^T of each chunk made by the w/u kernel (a [B, T, Hv, 64] tensor in the input dtype, 67 MB at
 # 9B heads and 16k tokens, written and read once) instead of inside the fused pass's loop, where it cost a
 # 64 x 64 x dk product per V block and step and the registers to hold it (sm_90, Triton 3.6, 9B heads, the cut's
@@ -608,8 +614,9 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
                                                          else FOLD_WU_INTO_H)
     BV_h = state_pass_block(dk, dv, programs, v.element_size(), device, fp32, narrowest=32 if fold else 16)
-    fuse_o = not keep_states and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and (
-        cdiv(dv, BV_h) * programs >= FUSED_MIN_PROGRAMS_PER_SM * _multiprocessors(device)))
+    BV_fused = min(FUSED_OUTPUT_BV, max(32 if fold else 16, next_power_of_2(dv))) if FUSED_OUTPUT_BV else BV_h
+    fuse_o = not keep_states and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and not store_x and (
+        cdiv(dv, BV_fused) * programs >= FUSED_MIN_PROGRAMS_PER_SM * _multiprocessors(device)))
     w = None if fold else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
     u = None if fold else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
@@ -646,7 +653,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
     fused_args = None
     if fuse_o:
-        BV_h = FUSED_OUTPUT_BV or BV_h
+        BV_h = BV_fused
         fused_args = dict(FUSED_O=True, q=q if q_normed is None else q_normed, o=o, scale=scale,
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,

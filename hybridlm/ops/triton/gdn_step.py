@@ -259,7 +259,11 @@ def gdn_decode_split_kernel(
 #   over from B = 17); more programs in flight is one lever on the B = 256 step (70% of the copy rate, sixth
 #   session), at the cost of recomputing q, k per value head and slice and of the arrival counters (untimed there);
 # - SPLIT_BV value channels per split program (32);
-# - STEP_WARPS for the main kernel (None: 4 up to a 64 x 64 state tile, else 8);
+# - STEP_WARPS for the main kernel (None: 4 up to a 64 x 64 state tile, else 8). On an H200 (2026-12-05) 4 warps at
+#   128 x 128 tiles took the B = 256 step from 70% to 86% of the copy rate at 9B heads and from 64% to 82% at 0.8B
+#   (B = 32 in a graph: 59.6 -> 65%, 50 -> 56%; 16 warps lost everywhere), but that run's output check was void (a
+#   bench bug, fixed) and the device was gone before the re-check: `gpu_plan.sh 22` checks it (bench_gdn's gate now
+#   runs the main kernel at head dim 128 too); then make 4 the rule at every tile;
 # - STEP_PREFETCH: the main kernel loads a key head's next value-head state before it stores the current one (where
 #   one block covers a head's values). At 9B heads the kernel holds one program of 8 warps per SM (168 registers),
 #   which loads 64 KB, computes, stores, and only then loads the next head's 64 KB: the SM's loads stall in between.

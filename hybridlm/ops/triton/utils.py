@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 import triton
@@ -26,6 +27,24 @@ def next_power_of_2(n: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots ("ieee"); bf16/fp16 operands run on tensor cores anyway."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# fla-org/flash-linear-attention#640, #983: Triton 3.4 to 3.7.0 miscompile some tiles on Hopper (sm_90): a transposed
+# tensor in the tensor-core output layout feeding a product. Fixed in 3.7.1.
+HOPPER_FIXED_TRITON = (3, 7, 1)
+
+
+def triton_release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a Triton version string ("3.6.0+git..." -> (3, 6, 0))."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+@functools.cache
+def hopper_miscompiles(device: torch.device) -> bool:
+    """Whether `device` is a Hopper GPU and the installed Triton is one that miscompiles there (HOPPER_FIXED_TRITON):
+    the launchers then keep to the tiles that were checked on one (an H200, Triton 3.6)."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and triton_release(triton.__version__) < HOPPER_FIXED_TRITON)
 
 
 @functools.cache
