@@ -50,6 +50,10 @@ import hybridlm.ops.triton as kernels  # noqa: E402
 from hybridlm.ops.triton import conv, gdn_chunk, gdn_chunk_bwd, gdn_step, norm, paged_attention, paged_prefill, rope  # noqa: E402,E501
 from hybridlm.ops.triton import gdn_cp, gemv  # noqa: E402
 
+# the chunked GDN launchers' rules count SMs (V blocks, FUSED_OUTPUT): an H100's / H200's 132, as on the GPU (off it
+# they count 1, which would fuse every 16-bit forward here)
+gdn_chunk._multiprocessors = gdn_chunk_bwd._multiprocessors = lambda device: 132
+
 # programmatic dependent launch is off on the GPU unless HYBRIDLM_PDL=1: compile the variants the GPU would launch
 # (pdl_enabled cannot tell on CPU tensors, which it never enables)
 for _module in (gdn_step, gemv, paged_attention, rope):
@@ -326,6 +330,13 @@ def configurations():
             add(f"gdn_fwd fused_o qk-in-pass prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
                 dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare=prepare,
                 fused=dict(FUSED_OUTPUT_QK_GIVEN=False))
+        # the w/u kernel one program per key head (gdn_chunk.WU_KEY_HEAD_PROGRAMS, with the fold), unfused and fused
+        add(f"gdn_fwd wu-per-key-head prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
+            dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare="kkt-fold",
+            output=dict(WU_KEY_HEAD_PROGRAMS=True, FUSED_OUTPUT=False))
+        add(f"gdn_fwd fused_o wu-per-key-head prepare=kkt-fold Hv={hv} {name} bf16 varlen", run_gdn_fwd, hk=hk,
+            hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, varlen=True, prepare="kkt-fold",
+            fused=dict(WU_KEY_HEAD_PROGRAMS=True))
         add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
             state=True, dht=True, cp=True)
         for wy_bk in (32, 64):  # the key-blocked WY kernel (gdn_chunk_bwd.BWD_WY_BK)

@@ -31,7 +31,8 @@
 #                                   # states and with the output fused (4 x 4k is just under the rule); decode options
 #   bash benchmarks/gpu_plan.sh 22  # carry nothing: the decode step tests and the GDN tests 21 did not reach; decode at
 #                                   # 4 warps beside the default (checked this time: if it passes, STEP_WARPS rule -> 4);
-#                                   # the forward with the output fused by rule (1.5 programs per SM) vs never
+#                                   # the forward with the output fused by rule (1.5 programs per SM) vs never, and with
+#                                   # the w/u kernel one program per key head (WU_KEY_HEAD_PROGRAMS: adopt if it wins)
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -327,23 +328,23 @@ case "${1:-}" in
     grep '^|' "$OUT/decode.log" | tail -40
     ;;
   22)  # written for the fourteenth session's last call, which no machine was lent for: run it first next time.
-       # Limits add up to 380 s.
+       # Limits add up to 400 s.
     timeout 50 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py -j 16 > "$OUT/gpu_tests_step.log" 2>&1
     sleep 2
     timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_chunk.py \
-      tests/ops/test_triton_gdn_cp.py -k "key_blocks or kept_states or head_dims or output_fused or fused_output" \
+      tests/ops/test_triton_gdn_cp.py -k "key_blocks or kept_states or head_dims or output_fused or fused_output or per_key_head" \
       --logs 6 -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds decode --variant "w4:gdn_step.STEP_WARPS=4" \
       > "$OUT/decode.log" 2>&1
-    timeout 130 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant \
-      "unfused:gdn_chunk.FUSED_OUTPUT=False" > "$OUT/forward.log" 2>&1
+    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant \
+      "unfused:gdn_chunk.FUSED_OUTPUT=False" "wukh:gdn_chunk.WU_KEY_HEAD_PROGRAMS=True" > "$OUT/forward.log" 2>&1
     for f in gpu_tests_step gpu_tests; do
       grep -v '^PASS' "$OUT/$f.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/$f.log")"
     done
     grep 'gate' "$OUT/decode.log"
     grep '^|' "$OUT/decode.log" | tail -25
-    grep '^|' "$OUT/forward.log" | tail -16
+    grep '^|' "$OUT/forward.log" | tail -24
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|22" >&2

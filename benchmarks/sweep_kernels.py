@@ -108,16 +108,17 @@ def timed_setting(rows, model, length, label, num_warps, num_stages, launch, pai
 def forward_case(model, length, kkt=None, batch=1):
     """Inputs at this shape, the wrapper's intermediates (final state included) to check every setting against,
     and the launch arguments the three GDN kernels share. `kkt`: run the wrapper with KKT_PREPARE set so (None: the
-    module's default)."""
+    module's default). The output is not fused into the state pass here, so that h and v_new exist."""
     key_heads, value_heads, d = MODELS[model]
     args = inputs(length, MODELS[model], batch)
-    saved = gdn_chunk.KKT_PREPARE
-    gdn_chunk.KKT_PREPARE = saved if kkt is None else kkt
+    saved = gdn_chunk.KKT_PREPARE, gdn_chunk.FUSED_OUTPUT
+    gdn_chunk.KKT_PREPARE = saved[0] if kkt is None else kkt
+    gdn_chunk.FUSED_OUTPUT = False
     try:
         out = gdn_chunk._chunk_gdn_fwd(*args, scale=None, initial_state=None, output_final_state=True,
                                        cu_seqlens=None)
     finally:
-        gdn_chunk.KKT_PREPARE = saved
+        gdn_chunk.KKT_PREPARE, gdn_chunk.FUSED_OUTPUT = saved
     common = dict(H=key_heads, HV=value_heads, K=d, V=d, BT=gdn_chunk.CHUNK_SIZE,
                   BK=max(16, triton.next_power_of_2(d)), IS_VARLEN=False, DOT_PRECISION="tf32")
     return args, out, common, triton.cdiv(length, gdn_chunk.CHUNK_SIZE)

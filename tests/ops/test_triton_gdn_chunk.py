@@ -390,6 +390,29 @@ def test_output_fused_with_qk_given_or_made_in_the_pass(poisoned, monkeypatch, d
         assert rel_err(fused[name], plain[name].double()) <= (1e-6 if dtype == torch.float32 else 1e-3), name
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_wu_kernel_per_key_head(poisoned, monkeypatch, fused):
+    """gdn_chunk.WU_KEY_HEAD_PROGRAMS (with the fold): one w/u program per key head stores the normalised keys (and
+    queries, and each value head's decayed q k^T) that the per-value-head programs store, so the forward gives the
+    same bits; grouped heads, packed sequences, with and without the output fused."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    cu_seqlens = torch.tensor([0, 5, 69, 130], dtype=torch.int32, device=DEVICE)
+    *inputs, state = make_inputs(1, 130, 2, 4, 32, 32, torch.bfloat16, num_states=3)
+    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
+    launched = []
+    record_launches(monkeypatch, gdn_chunk, "chunk_gdn_wu_kernel", lambda kwargs: kwargs["KEY_HEAD_PROGRAMS"],
+                    launched)
+    plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "WU_KEY_HEAD_PROGRAMS", True)
+    per_key_head = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert launched == [False, True]
+    for name in ("o", "final_state") if fused else ("o", "final_state", "h", "v_new"):
+        assert torch.equal(per_key_head[name], plain[name]), name
+
+
 def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
     """FUSED_OUTPUT after the one-launch prepare kernel (KKT_PREPARE off): no normalised queries are stored, so the
     state pass normalises and scales q itself; the same o as the unfused path."""

@@ -409,6 +409,11 @@ FUSED_PREPARE_WARPS = 2
 # H200: 9B heads, B = 4, T = 4k 3.36 vs 3.41 ms with the backward folded too, 0.8B 2.05 vs 1.90, 1 x 16k 0.79-0.86x;
 # and at fp16 with 24/40-wide heads the backward's WY kernel faulted after a folded forward, cause not found).
 FOLD_WU_INTO_H: bool | None = None
+# With the fold the w/u kernel only normalises k (and, for FUSED_OUTPUT, q and the decayed q k^T per value head): run
+# it one program per key head, normalising q and k and making q k^T once for the group's value heads instead of once
+# per value head. With FUSED_OUTPUT the w/u kernel took 0.148 ms at 9B heads, 16k (0.039 without q and q k^T; H200,
+# fourteenth session): this halves its loads and products. Untimed: `gpu_plan.sh 22` times it.
+WU_KEY_HEAD_PROGRAMS = False
 FOLD_MIN_PROGRAMS = 128
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
@@ -470,10 +475,10 @@ CP_SEGMENT_CHUNKS: int | None = None
 # states are kept for the backward, `gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`), False never. On an H200 (2026-12-05,
 # `sweep_kernels.py --kernels fusedo`, whole forward, bf16) fused at V blocks of 64, 4 warps, 2 stages against unfused:
 # 9B heads 16k (cut) 0.665 vs 0.781 ms, 64k 2.562 vs 3.034, 8 x 4k 1.164 vs 1.388; 0.8B 64k 1.459 vs 1.672, 8 x 4k 0.642
-# vs 0.761 (256 programs); where fewer programs run it lost (0.8B 16k uncut, 32 programs: 1.150 vs 0.568). V blocks
-# of 32, 8 warps or 3 stages lost everywhere. Training's forward (not folded) fused
-# lost at every shape timed (`bench_gdn.py --kinds train`): 4 x 4k 3.515 vs 3.229 ms at 9B heads, 1.968 vs 1.818 at
-# 0.8B; 0.8B 1 x 16k 3.387 vs 2.826; 9B 1 x 16k 4.135 against 3.863 unfused in the eleventh session.
+# vs 0.761 (256 programs); where fewer programs run it lost (0.8B 16k uncut, 32 programs: 1.150 vs 0.568). V blocks of
+# 32, 8 warps or 3 stages lost everywhere. Training's forward (not folded) fused lost at every shape timed
+# (`bench_gdn.py --kinds train`): 4 x 4k 3.515 vs 3.229 ms at 9B heads, 1.968 vs 1.818 at 0.8B; 0.8B 1 x 16k 3.387 vs
+# 2.826; 9B 1 x 16k 4.135 against 3.863 unfused in the eleventh session.
 # Registers and shared memory of the fused pass (sm_90, Triton 3.6, 9B heads, the cut's main pass): two programs of
 # 4 warps fit an SM at up to 255 registers and ~113 KB; folded, V blocks of 32 at 2 stages 249 registers, 94 KB; of 64
 # 255 with 60 B spilled, 107 KB; at 3 stages 132-148 KB (one program). `sweep_kernels.py --kernels fusedo` times them.
@@ -631,10 +636,11 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
-        chunk_gdn_wu_kernel[(grid_chunks, batch * value_heads)](
+        per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
+        chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
             v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, STORE_WU=not fold,
-            num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
+            KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
             **(dict(STORE_QN=True, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale, STORE_AQK=aqk is not None,
                     aqk=aqk) if q_normed is not None else {}))
     else:

@@ -303,8 +303,6 @@ def backward_verified(dtype: torch.dtype, dk: int, dv: int) -> str | None:
     return None
 
 
-
-
 def hopper_head_dims_fault(dk: int, dv: int, capability: tuple[int, int], triton_version: str) -> str | None:
     """Why the chunked GDN kernels must not run these head dims on this GPU and Triton, or None.
 

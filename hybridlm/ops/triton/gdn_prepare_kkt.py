@@ -206,12 +206,22 @@ def chunk_gdn_wu_kernel(
     # makes it (rows past T zero); for gdn_chunk.FUSED_OUTPUT's state pass, which then does not make it in its loop
     STORE_AQK: tl.constexpr = False,
     aqk=None,
+    # KEY_HEAD_PROGRAMS (only without STORE_WU): one program per chunk and key head, which normalises q and k once
+    # and makes q k^T once for all HV / H value heads of the group (each with its own decay), instead of one program
+    # per value head repeating both
+    KEY_HEAD_PROGRAMS: tl.constexpr = False,
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
+    tl.static_assert(not (KEY_HEAD_PROGRAMS and STORE_WU), "KEY_HEAD_PROGRAMS makes no w, u")
+    G: tl.constexpr = HV // H
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HV, i_bh % HV
-    i_hk = i_h // (HV // H)
+    if KEY_HEAD_PROGRAMS:
+        i_b, i_hk = i_bh // H, i_bh % H
+        i_h = i_hk * G  # the group's first value head
+    else:
+        i_b, i_h = i_bh // HV, i_bh % HV
+        i_hk = i_h // G
     _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     dtype = k.dtype.element_ty
 
@@ -221,20 +231,21 @@ def chunk_gdn_wu_kernel(
     # the forward's roundings: k normalised in fp32, stored in dtype, scaled in fp32, stored in dtype
     b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
     if STORE_KN:
-        if i_h % (HV // H) == 0:
+        if i_h % G == 0:
             _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
     if STORE_QN or STORE_AQK:
         b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
         if STORE_QN:
-            if i_h % (HV // H) == 0:
+            if i_h % G == 0:
                 _store_rows(qn + bos * H * K + i_hk * K, b_q, i_s, T, H * K, K, BT, BK)
     if STORE_AQK:
         o_j = tl.arange(0, BT)
-        b_gq = tl.load(g_cumsum + bos * HV + i_h + o_t * HV, mask=m_t, other=0.)
         m_A = (o_j[:, None] >= o_j[None, :]) & m_t[:, None]
-        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-        b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gq[:, None] - b_gq[None, :], 0.)), 0.)
-        _store_rows(aqk + bos * HV * BT + i_h * BT, b_A, i_s, T, HV * BT, BT, BT, BT)
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+        for i_g in tl.static_range(G if KEY_HEAD_PROGRAMS else 1):
+            b_gq = tl.load(g_cumsum + bos * HV + i_h + i_g + o_t * HV, mask=m_t, other=0.)
+            b_A = tl.where(m_A, b_qk * tl.exp(tl.where(m_A, b_gq[:, None] - b_gq[None, :], 0.)), 0.)
+            _store_rows(aqk + bos * HV * BT + (i_h + i_g) * BT, b_A, i_s, T, HV * BT, BT, BT, BT)
     if STORE_WU:
         o_i = tl.arange(0, BT)
         b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
