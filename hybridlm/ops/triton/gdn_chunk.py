@@ -17,13 +17,16 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
 3. `chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
-   With `FUSED_OUTPUT` (off until timed) 2. makes o itself and stores neither h nor v_new.
+   With `FUSED_OUTPUT` (by rule: at inference, where 2. runs at least 1.5 programs per SM: long sequences cut into
+   segments, or batches) 2. makes o itself from the normalised q and the decayed q k^T that 1. stores, and stores
+   neither h nor v_new (9B heads, 16k tokens on an H200: 0.78 -> 0.66 ms).
 
 Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
 every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
 Tried and removed (benchmarks/NOTES.md, eighth session): w and u made inside 2. from the stored X; it put more dots
 on 2.'s sequential chain and took 2x as long on an H200. 3. made inside 2. (FlashQLA's fused forward) lost then with
-one program per SM (1.5x); it is back as `FUSED_OUTPUT` for the many-program passes the context-parallel cut makes.
+one program per SM (1.5x); it is back as `FUSED_OUTPUT` for the many-program passes the context-parallel cut and
+batches make, where it wins (fourteenth session).
 """
 from __future__ import annotations
 
