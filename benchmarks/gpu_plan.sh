@@ -33,6 +33,8 @@
 #                                   # 4 warps beside the default (checked this time: if it passes, STEP_WARPS rule -> 4);
 #                                   # the forward with the output fused by rule (1.5 programs per SM) vs never, and with
 #                                   # the w/u kernel one program per key head (WU_KEY_HEAD_PROGRAMS: adopt if it wins)
+#   bash benchmarks/gpu_plan.sh 23  # carry nothing: the model/engine tests on the GPU with the fused output on by rule
+#                                   # (never run there since), then the 262k prompt at 8k and 32k tokens a step
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -346,8 +348,20 @@ case "${1:-}" in
     grep '^|' "$OUT/decode.log" | tail -25
     grep '^|' "$OUT/forward.log" | tail -24
     ;;
+  23)  # after 22: FUSED_OUTPUT runs in the model's prefill wherever a step's GDN state pass has >= 1.5 programs per SM
+       # (9B heads: 4+ packed prompts, or one prompt cut from 16k tokens a step). Limits add up to 560 s.
+    timeout 300 python3 benchmarks/gpu_tests.py tests/cuda tests/model/test_kernel_path.py -j 16 \
+      > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 260 python3 benchmarks/bench_e2e.py --parts long --no-hf --long-chunk 8192 32768 \
+      --log "$OUT/long.log" > /dev/null 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep 'long:' "$OUT/long.log" | tail -6
+    grep '^|' "$OUT/long.log" | tail -4
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|22" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|23" >&2
     exit 2
     ;;
 esac
