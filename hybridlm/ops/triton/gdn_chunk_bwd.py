@@ -315,10 +315,8 @@ def hopper_head_dims_fault(dk: int, dv: int, capability: tuple[int, int], triton
     dims of 96 and one-token batches agreed, but a test's training step at 96/64 (two one-token sequences with
     states, after three others in the same process) faulted in the state pass in three runs out of three. The rule
     lets through equal dims and unequal powers of two from 64 on (64/128, 128/64: Qwen's 128/128 is equal)."""
-    def power_of_two(n):
-        return n & (n - 1) == 0
-
-    if capability[0] != 9 or dk == dv or (min(dk, dv) >= 64 and power_of_two(dk) and power_of_two(dv)):
+    powers_of_two = next_power_of_2(dk) == dk and next_power_of_2(dv) == dv
+    if capability[0] != 9 or dk == dv or (min(dk, dv) >= 64 and powers_of_two):
         return None
     if triton_release(triton_version) >= HOPPER_FIXED_TRITON:
         return None
