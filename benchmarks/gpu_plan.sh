@@ -362,8 +362,30 @@ case "${1:-}" in
     grep 'long:' "$OUT/long.log" | tail -6
     grep '^|' "$OUT/long.log" | tail -4
     ;;
+  24)  # fifteenth session: starts were refused again and again (each ~3 minutes of device time), so the parts of 22 and
+       # 23 that decide something, in one call, most needed first. Limits add up to 585 s; the bench logs a line per
+       # case as it goes, so a cut run still reports what it finished.
+    timeout 150 python3 benchmarks/gpu_tests.py tests/cuda tests/model/test_kernel_path.py -j 16 \
+      > "$OUT/gpu_tests_model.log" 2>&1
+    sleep 2
+    timeout 95 python3 benchmarks/bench_gdn.py --no-peers --kinds decode --variant "w4:gdn_step.STEP_WARPS=4" \
+      > "$OUT/decode.log" 2>&1
+    timeout 190 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant \
+      "wukh:gdn_chunk.WU_KEY_HEAD_PROGRAMS=True" "qkkh:gdn_chunk.FUSED_OUTPUT_QK_PER_KEY_HEAD=True" \
+      "both:gdn_chunk.WU_KEY_HEAD_PROGRAMS=True,gdn_chunk.FUSED_OUTPUT_QK_PER_KEY_HEAD=True" > "$OUT/forward.log" 2>&1
+    timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py -j 16 > "$OUT/gpu_tests_step.log" 2>&1
+    sleep 2
+    timeout 80 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_chunk.py \
+      tests/ops/test_triton_gdn_cp.py -k "key_blocks or kept_states or head_dims or output_fused or fused_output or per_key_head or qk_given" \
+      --logs 6 -j 16 > "$OUT/gpu_tests.log" 2>&1
+    for f in gpu_tests_model gpu_tests_step gpu_tests; do
+      grep -v '^PASS' "$OUT/$f.log" | cut -c1-300 | tail -8; echo "$f passed: $(grep -c '^PASS' "$OUT/$f.log")"
+    done
+    grep 'gate\|failed' "$OUT/decode.log" "$OUT/forward.log" | cut -c1-300
+    grep '^decode \|^forward ' "$OUT/decode.log" "$OUT/forward.log" | cut -d: -f2- | cut -c1-170
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|23" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|24" >&2
     exit 2
     ;;
 esac
