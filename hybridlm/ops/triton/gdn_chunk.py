@@ -423,7 +423,7 @@ FOLD_WU_INTO_H: bool | None = None
 # With the fold the w/u kernel only normalises k (and, for FUSED_OUTPUT, q and the decayed q k^T per value head): run
 # it one program per key head, normalising q and k and making q k^T once for the group's value heads instead of once
 # per value head. With FUSED_OUTPUT the w/u kernel took 0.148 ms at 9B heads, 16k (0.039 without q and q k^T; H200,
-# fourteenth session): this halves its loads and products. Untimed: `gpu_plan.sh 22` times it.
+# fourteenth session): this halves its loads and products. Untimed: `gpu_plan.sh 24` times it.
 WU_KEY_HEAD_PROGRAMS = False
 FOLD_MIN_PROGRAMS = 128
 
@@ -508,7 +508,7 @@ FUSED_OUTPUT_QK_GIVEN = True
 # With FUSED_OUTPUT_QK_GIVEN: the w/u kernel stores q k^T once per key head and without the decay ([B, T, Hk, 64]:
 # half the bytes at 9B heads, one product per key head instead of per value head), and the pass applies its value
 # head's decay (64 x 64 exponentials per step and V block). Rounds q k^T to the input dtype before the decay, so the
-# output differs from the unfused path's in the last bits. Untimed (`gpu_plan.sh 22` times it as `qkkh`).
+# output differs from the unfused path's in the last bits. Untimed (`gpu_plan.sh 24` times it as `qkkh`).
 FUSED_OUTPUT_QK_PER_KEY_HEAD = False
 
 
@@ -679,7 +679,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         BV_h = BV_fused
         fused_args = dict(FUSED_O=True, q=q if q_normed is None else q_normed, o=o, scale=scale,
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
-                          Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, A_KEY_HEADS=aqk_key_heads, STORE_H=False,
+                          Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, A_KEY_HEADS=aqk_key_heads,
+                          STORE_H=False,
                           num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES)
     if plan is None:
         chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
