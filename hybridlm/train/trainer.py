@@ -267,6 +267,9 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
             train_loss=losses[-1] if losses else float("nan"), heldout_loss=heldout_loss, model_dir=model_dir,
         ))
     if owns_group:
+        # every rank leaves together: a rank that tears gloo down while rank 0 still writes the report
+        # aborted once at exit ("terminate called without an active exception")
+        _barrier(world)
         dist.destroy_process_group()
     return TrainResult(
         train_loss=losses[-1] if losses else float("nan"), heldout_loss=heldout_loss, steps=step,
