@@ -259,18 +259,18 @@ def gdn_decode_split_kernel(
 #   over from B = 17); more programs in flight is one lever on the B = 256 step (70% of the copy rate, sixth
 #   session), at the cost of recomputing q, k per value head and slice and of the arrival counters (untimed there);
 # - SPLIT_BV value channels per split program (32);
-# - STEP_WARPS for the main kernel (None: 4 up to a 64 x 64 state tile, else 8). On an H200 (2026-12-05) 4 warps at
-#   128 x 128 tiles took the B = 256 step from 70% to 86% of the copy rate at 9B heads and from 64% to 82% at 0.8B
-#   (B = 32 in a graph: 59.6 -> 65%, 50 -> 56%; 16 warps lost everywhere), but that run's output check was void (a
-#   bench bug, fixed) and the device was gone before the re-check: `gpu_plan.sh 22` checks it (bench_gdn's gate now
-#   runs the main kernel at head dim 128 too); then make 4 the rule at every tile;
+# - STEP_WARPS for the main kernel (4; it was 4 up to a 64 x 64 state tile, else 8). On an H100 (2026-12-05,
+#   `gpu_plan.sh 24`, output checked against the 8-warp run: 7e-6 at B = 256) 4 warps at 128 x 128 tiles took the
+#   B = 256 step from 81.6% to 87.9% of the copy rate at 9B heads (0.454 -> 0.421 ms) and from 78.0% to 87.8% at 0.8B
+#   (0.241 -> 0.214 ms), B = 32 from 71.9% to 74.4% and 63.0% to 67.4%; B = 1 (the split kernel) unchanged. An H200
+#   had shown the same (70 -> 86%, 64 -> 82%; 16 warps lost everywhere);
 # - STEP_PREFETCH: the main kernel loads a key head's next value-head state before it stores the current one (where
 #   one block covers a head's values). At 9B heads the kernel holds one program of 8 warps per SM (168 registers),
 #   which loads 64 KB, computes, stores, and only then loads the next head's 64 KB: the SM's loads stall in between.
 #   Untimed.
 SPLIT_PROGRAMS_PER_SM = 2
 SPLIT_BV = 32
-STEP_WARPS: int | None = None
+STEP_WARPS = 4
 STEP_PREFETCH = False
 
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
@@ -380,6 +380,6 @@ def gdn_decode_step(
         H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim, W=width,
         BK=BK, BV=BV, BW=BW, PROD_IN_X_DTYPE=prod_in_x_dtype, FUSE_NORM=fuse_norm, USE_PDL=pdl,
         PREFETCH=STEP_PREFETCH and BV >= value_head_dim,
-        num_warps=STEP_WARPS or (4 if key_head_dim * BV <= 64 * 64 else 8), launch_pdl=pdl,
+        num_warps=STEP_WARPS, launch_pdl=pdl,
     )
     return o
