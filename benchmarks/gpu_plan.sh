@@ -384,8 +384,27 @@ case "${1:-}" in
     grep 'gate\|failed' "$OUT/decode.log" "$OUT/forward.log" | cut -c1-300
     grep '^decode \|^forward ' "$OUT/decode.log" "$OUT/forward.log" | cut -d: -f2- | cut -c1-170
     ;;
+  25)  # sixteenth session: in 24 the fused + folded forward faulted at head dims 32/32 on packed rows (the w/u test's
+       # per-value-head run, chunk_gdn_fwd_h_kernel): where it faults (fault map with both forced), the kernel line
+       # (compute-sanitizer), and the model's prefill through every path at 128/128 (tests/cuda); then the GDN tests
+       # after WU_KEY_HEAD_PROGRAMS and 4-warp decode became defaults
+    timeout 110 python3 benchmarks/gpu_tests.py tests/cuda -j 16 > "$OUT/gpu_tests_cuda.log" 2>&1
+    sleep 2
+    timeout 100 python3 benchmarks/gdn_fault_map.py --dims 32 64 128 --layouts B1T70 packed -j 14 \
+      --set gdn_chunk.FOLD_WU_INTO_H=True gdn_chunk.FUSED_OUTPUT=True > "$OUT/fault_map.log" 2>&1
+    sanitizer=$(ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    timeout 70 "$sanitizer" --print-limit 4 python3 -m pytest -x -q -p no:cacheprovider \
+      "tests/ops/test_triton_gdn_chunk.py::test_wu_kernel_per_key_head[True]" > "$OUT/sanitizer.log" 2>&1
+    timeout 80 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_step.py \
+      -k "per_key_head or fused or fold or decode or step" -j 16 > "$OUT/gpu_tests.log" 2>&1
+    for f in gpu_tests_cuda gpu_tests; do
+      grep -v '^PASS' "$OUT/$f.log" | cut -c1-300 | tail -12; echo "$f passed: $(grep -c '^PASS' "$OUT/$f.log")"
+    done
+    grep -i 'fault\|ok' "$OUT/fault_map.log" | cut -c1-250 | tail -14
+    grep -i 'error\|at 0x\|by thread\|passed\|failed' "$OUT/sanitizer.log" | cut -c1-250 | head -14
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|24" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|25" >&2
     exit 2
     ;;
 esac

@@ -368,16 +368,12 @@ def record_launches(monkeypatch, module, name, record, launched):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("qk_given", [False, True, "key_heads"])
+@pytest.mark.parametrize("qk_given", [False, True])
 def test_output_fused_with_qk_given_or_made_in_the_pass(poisoned, monkeypatch, dtype, qk_given):
-    """FUSED_OUTPUT_QK_GIVEN: the decayed causal q k^T made by the w/u kernel (and read by the pass; with
-    FUSED_OUTPUT_QK_PER_KEY_HEAD once per key head, undecayed) or inside the pass's loop; either way the unfused
-    path's o, and the pass gets what the flags say."""
+    """FUSED_OUTPUT_QK_GIVEN: the decayed causal q k^T made by the w/u kernel (and read by the pass) or inside the
+    pass's loop; either way the unfused path's o, and the pass gets what the flag says."""
     from hybridlm.ops.triton import gdn_chunk
 
-    key_heads = qk_given == "key_heads"
-    qk_given = bool(qk_given)
-    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT_QK_PER_KEY_HEAD", key_heads)
     *inputs, state = make_inputs(2, 100, 1, 2, 32, 64, dtype, num_states=2)
     args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=None)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
@@ -390,18 +386,11 @@ def test_output_fused_with_qk_given_or_made_in_the_pass(poisoned, monkeypatch, d
     (launch,) = launches
     assert launch["FUSED_O"] and launch["Q_NORMED"] and launch["A_GIVEN"] == qk_given
     assert (launch["aqk"] is not None) == qk_given
-    if qk_given:
-        assert launch["A_KEY_HEADS"] == key_heads and launch["aqk"].shape[2] == (1 if key_heads else 2)
-    if key_heads and dtype != torch.float32:  # q k^T rounded before its decay: as close to the reference as plain
-        o_ref, final_ref = reference(*inputs, state)
-        assert rel_err(fused["o"], o_ref) <= 1.25 * rel_err(plain["o"], o_ref) <= TOLERANCE[dtype]
-        assert torch.equal(fused["final_state"], plain["final_state"])
-        return
     for name in ("o", "final_state"):
         assert rel_err(fused[name], plain[name].double()) <= (1e-6 if dtype == torch.float32 else 1e-3), name
 
 
-@pytest.mark.parametrize("fused", [False, True, "qk_per_key_head"])
+@pytest.mark.parametrize("fused", [False, True])
 def test_wu_kernel_per_key_head(poisoned, monkeypatch, fused):
     """gdn_chunk.WU_KEY_HEAD_PROGRAMS (with the fold): one w/u program per key head stores the normalised keys (and
     queries, and each value head's decayed q k^T) that the per-value-head programs store, so the forward gives the
@@ -409,12 +398,12 @@ def test_wu_kernel_per_key_head(poisoned, monkeypatch, fused):
     from hybridlm.ops.triton import gdn_chunk
 
     cu_seqlens = torch.tensor([0, 5, 69, 130], dtype=torch.int32, device=DEVICE)
-    *inputs, state = make_inputs(1, 130, 2, 4, 32, 32, torch.bfloat16, num_states=3)
+    # (heads of 64: at 32/32 Hopper GPUs with Triton before 3.7.1 do not fold, see test_no_fold_where_it_faulted)
+    *inputs, state = make_inputs(1, 130, 2, 4, 64, 64, torch.bfloat16, num_states=3)
     args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
-    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT_QK_PER_KEY_HEAD", fused == "qk_per_key_head")
-    fused = bool(fused)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
+    monkeypatch.setattr(gdn_chunk, "WU_KEY_HEAD_PROGRAMS", False)
     launched = []
     record_launches(monkeypatch, gdn_chunk, "chunk_gdn_wu_kernel", lambda kwargs: kwargs["KEY_HEAD_PROGRAMS"],
                     launched)
@@ -424,6 +413,23 @@ def test_wu_kernel_per_key_head(poisoned, monkeypatch, fused):
     assert launched == [False, True]
     for name in ("o", "final_state") if fused else ("o", "final_state", "h", "v_new"):
         assert torch.equal(per_key_head[name], plain[name]), name
+
+
+@pytest.mark.parametrize("dk, dv, folds", [(32, 32, False), (64, 32, True), (32, 64, True)])
+def test_no_fold_where_it_faulted(poisoned, monkeypatch, dk, dv, folds):
+    """Where Triton miscompiles on Hopper (`hopper_miscompiles`), heads narrower than 64 in both dims keep w and u
+    even when the fold is asked for (folded and fused there, the state pass faulted on an H100); the output is the
+    same either way."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    *inputs, state = make_inputs(1, 70, 1, 2, dk, dv, torch.bfloat16, num_states=1)
+    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=None)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    monkeypatch.setattr(gdn_chunk, "hopper_miscompiles", lambda device: True)
+    out = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert (out["w"] is None) == folds
+    check(*inputs, state, torch.bfloat16)
 
 
 def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):

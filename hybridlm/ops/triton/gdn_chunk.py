@@ -41,7 +41,7 @@ from hybridlm.ops.triton.gdn_common import _chunk_bounds, _l2norm_rows, _load_ro
 from hybridlm.ops.triton.gdn_prepare import chunk_gdn_fwd_prepare_kernel
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import (
-    cdiv, check_cu_seqlens, dot_precision, next_power_of_2, prepare_chunks, rows_packed,
+    cdiv, check_cu_seqlens, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks, rows_packed,
 )
 from hybridlm.ops.varlen import host_bounds
 
@@ -98,9 +98,6 @@ def chunk_gdn_fwd_h_kernel(
     Q_NORMED: tl.constexpr = False,
     A_GIVEN: tl.constexpr = False,  # aqk [B, T, HV, BT]: the decayed causal q k^T per chunk (the w/u kernel's STORE_AQK)
     aqk=None,
-    # A_KEY_HEADS (with A_GIVEN): aqk is [B, T, H, BT], the causal q k^T per key head without the decay, which the
-    # pass applies with its value head's gates (FUSED_OUTPUT_QK_PER_KEY_HEAD)
-    A_KEY_HEADS: tl.constexpr = False,
     q=None,
     o=None,
     scale=1.0,
@@ -167,12 +164,7 @@ def chunk_gdn_fwd_h_kernel(
             if not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
             b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
-            if A_GIVEN and A_KEY_HEADS:
-                m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-                b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (H * BT) + i_hk * BT + o_i[None, :],
-                              mask=m_A, other=0.).to(tl.float32)
-                b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
-            elif A_GIVEN:
+            if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
                               mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
             else:
@@ -422,9 +414,9 @@ FUSED_PREPARE_WARPS = 2
 FOLD_WU_INTO_H: bool | None = None
 # With the fold the w/u kernel only normalises k (and, for FUSED_OUTPUT, q and the decayed q k^T per value head): run
 # it one program per key head, normalising q and k and making q k^T once for the group's value heads instead of once
-# per value head. With FUSED_OUTPUT the w/u kernel took 0.148 ms at 9B heads, 16k (0.039 without q and q k^T; H200,
-# fourteenth session): this halves its loads and products. Untimed: `gpu_plan.sh 24` times it.
-WU_KEY_HEAD_PROGRAMS = False
+# per value head. H100 (2026-12-05, `gpu_plan.sh 24`, CUDA graphs, same bits): 9B heads 16k 0.687 -> 0.675 ms, 64k
+# 2.64 -> 2.52, 4k and 8 x 4k even; 0.8B heads (one value head per key head) even.
+WU_KEY_HEAD_PROGRAMS = True
 FOLD_MIN_PROGRAMS = 128
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
@@ -505,11 +497,8 @@ FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pas
 # folded main pass at 4 warps: V blocks of 64 at 2 stages 176 B spilled -> 60; of 32 at 3 stages 56 B -> none, 202
 # registers). False: made in the loop (the sweep times both).
 FUSED_OUTPUT_QK_GIVEN = True
-# With FUSED_OUTPUT_QK_GIVEN: the w/u kernel stores q k^T once per key head and without the decay ([B, T, Hk, 64]:
-# half the bytes at 9B heads, one product per key head instead of per value head), and the pass applies its value
-# head's decay (64 x 64 exponentials per step and V block). Rounds q k^T to the input dtype before the decay, so the
-# output differs from the unfused path's in the last bits. Untimed (`gpu_plan.sh 24` times it as `qkkh`).
-FUSED_OUTPUT_QK_PER_KEY_HEAD = False
+# (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
+# 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.)
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
@@ -634,6 +623,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     # w h and u made inside the state pass from X; never for training (store_x), see FOLD_WU_INTO_H
     fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
                                                          else FOLD_WU_INTO_H)
+    # folded and fused at once, head dims 32/32 wrote outside shared memory on an H100 with Triton 3.6 (2026-12-05,
+    # `gpu_plan.sh 25`: `b_o += tl.dot(b_A, v_new)`, three packed one-chunk sequences; either alone passed, as did
+    # every pair with a dim of 64 or 128): with both dims narrow, such GPUs keep w and u
+    fold = fold and not (max(dk, dv) < 64 and hopper_miscompiles(device))
     BV_h = state_pass_block(dk, dv, programs, v.element_size(), device, fp32, narrowest=32 if fold else 16)
     BV_fused = min(FUSED_OUTPUT_BV, max(32 if fold else 16, next_power_of_2(dv))) if FUSED_OUTPUT_BV else BV_h
     fuse_o = not keep_states and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and not store_x and (
@@ -645,9 +638,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
     # the fused state pass takes q normalised and scaled by the w/u kernel (fewer registers in its loop)
     q_normed = torch.empty_like(k_normed) if fuse_o and KKT_PREPARE else None
-    aqk_key_heads = FUSED_OUTPUT_QK_PER_KEY_HEAD
-    aqk = (torch.empty(batch, length, key_heads if aqk_key_heads else value_heads, BT, dtype=v.dtype, device=device)
-           if q_normed is not None and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv (or Hk), 64]
+    aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
+           if q_normed is not None and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
@@ -659,7 +651,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, STORE_WU=not fold,
             KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
             **(dict(STORE_QN=True, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale, STORE_AQK=aqk is not None,
-                    aqk=aqk, AQK_KEY_HEADS=aqk_key_heads) if q_normed is not None else {}))
+                    aqk=aqk) if q_normed is not None else {}))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
@@ -679,8 +671,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         BV_h = BV_fused
         fused_args = dict(FUSED_O=True, q=q if q_normed is None else q_normed, o=o, scale=scale,
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
-                          Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, A_KEY_HEADS=aqk_key_heads,
-                          STORE_H=False,
+                          Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
                           num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES)
     if plan is None:
         chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](

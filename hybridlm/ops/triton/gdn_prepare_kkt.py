@@ -210,9 +210,6 @@ def chunk_gdn_wu_kernel(
     # and makes q k^T once for all HV / H value heads of the group (each with its own decay), instead of one program
     # per value head repeating both
     KEY_HEAD_PROGRAMS: tl.constexpr = False,
-    # AQK_KEY_HEADS (with STORE_AQK): aqk is [B, T, H, BT], the causal q k^T per key head without the decay (which
-    # differs per value head and is applied by the reader, gdn_chunk.FUSED_OUTPUT_QK_PER_KEY_HEAD), stored once
-    AQK_KEY_HEADS: tl.constexpr = False,
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
@@ -244,16 +241,11 @@ def chunk_gdn_wu_kernel(
     if STORE_AQK:
         o_j = tl.arange(0, BT)
         m_A = (o_j[:, None] >= o_j[None, :]) & m_t[:, None]
-        if AQK_KEY_HEADS:  # (once per key head)
-            if i_h % G == 0:
-                b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-                _store_rows(aqk + bos * H * BT + i_hk * BT, tl.where(m_A, b_qk, 0.), i_s, T, H * BT, BT, BT, BT)
-        else:
-            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-            for i_g in tl.static_range(G if KEY_HEAD_PROGRAMS else 1):
-                b_gq = tl.load(g_cumsum + bos * HV + i_h + i_g + o_t * HV, mask=m_t, other=0.)
-                b_A = tl.where(m_A, b_qk * tl.exp(tl.where(m_A, b_gq[:, None] - b_gq[None, :], 0.)), 0.)
-                _store_rows(aqk + bos * HV * BT + (i_h + i_g) * BT, b_A, i_s, T, HV * BT, BT, BT, BT)
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+        for i_g in tl.static_range(G if KEY_HEAD_PROGRAMS else 1):
+            b_gq = tl.load(g_cumsum + bos * HV + i_h + i_g + o_t * HV, mask=m_t, other=0.)
+            b_A = tl.where(m_A, b_qk * tl.exp(tl.where(m_A, b_gq[:, None] - b_gq[None, :], 0.)), 0.)
+            _store_rows(aqk + bos * HV * BT + (i_h + i_g) * BT, b_A, i_s, T, HV * BT, BT, BT, BT)
     if STORE_WU:
         o_i = tl.arange(0, BT)
         b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
