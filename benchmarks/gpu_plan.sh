@@ -403,8 +403,21 @@ case "${1:-}" in
     grep -i 'fault\|ok' "$OUT/fault_map.log" | cut -c1-250 | tail -14
     grep -i 'error\|at 0x\|by thread\|passed\|failed' "$OUT/sanitizer.log" | cut -c1-250 | head -14
     ;;
+  26)  # sixteenth session, after 25's fix (no fold at 32/32 on Hopper) and the new defaults (w/u per key head, 4-warp
+       # decode): the tests that failed or are new, then the 262k prompt through the model (23's second half)
+    timeout 140 python3 benchmarks/gpu_tests.py tests/cuda tests/ops/test_triton_gdn_chunk.py \
+      tests/ops/test_triton_gdn_step.py -k "cuda or per_key_head or no_fold or fused or fold or step" -j 16 \
+      > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 240 python3 benchmarks/bench_e2e.py --parts long --no-hf --long-chunk 8192 32768 \
+      --log "$OUT/long.log" > /dev/null 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep 'long:' "$OUT/long.log" | tail -6
+    grep '^|' "$OUT/long.log" | tail -4
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|25" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|26" >&2
     exit 2
     ;;
 esac
