@@ -53,6 +53,7 @@ def test_prefill_paths_match_the_reference(wide, monkeypatch, packed, fold, fuse
         monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
         got = cuda(ids.cuda(), **cuda_kwargs)
     assert len(launches) == cpu.config.layer_types.count("linear_attention") > 0
-    # bf16 against float32: every path was 2.2-2.3e-2 off on an H100 (2026-12-05), and they agree among themselves
-    assert rel_err(plain, expected) < 4e-2 and rel_err(got, expected) < 4e-2
-    assert rel_err(got, plain) < 1e-2
+    # bf16 against float32: every path was 2.2-2.3e-2 off on an H100 (2026-12-05), the folded ones 1.4e-2 from the
+    # plain one (their products round differently): each as close to the reference as the plain path
+    assert rel_err(plain, expected) < 4e-2
+    assert rel_err(got, expected) <= 1.1 * rel_err(plain, expected)

@@ -623,14 +623,21 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     # w h and u made inside the state pass from X; never for training (store_x), see FOLD_WU_INTO_H
     fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
                                                          else FOLD_WU_INTO_H)
-    # folded and fused at once, head dims 32/32 wrote outside shared memory on an H100 with Triton 3.6 (2026-12-05,
-    # `gpu_plan.sh 25`: `b_o += tl.dot(b_A, v_new)`, three packed one-chunk sequences; either alone passed, as did
-    # every pair with a dim of 64 or 128): with both dims narrow, such GPUs keep w and u
-    fold = fold and not (max(dk, dv) < 64 and hopper_miscompiles(device))
-    BV_h = state_pass_block(dk, dv, programs, v.element_size(), device, fp32, narrowest=32 if fold else 16)
-    BV_fused = min(FUSED_OUTPUT_BV, max(32 if fold else 16, next_power_of_2(dv))) if FUSED_OUTPUT_BV else BV_h
+
+    def blocks(fold):  # the state pass's V blocks, unfused and fused
+        narrowest = 32 if fold else 16
+        bv = state_pass_block(dk, dv, programs, v.element_size(), device, fp32, narrowest=narrowest)
+        return bv, min(FUSED_OUTPUT_BV, max(narrowest, next_power_of_2(dv))) if FUSED_OUTPUT_BV else bv
+
+    BV_h, BV_fused = blocks(fold)
     fuse_o = not keep_states and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and not store_x and (
         cdiv(dv, BV_fused) * programs >= FUSED_MIN_PROGRAMS_PER_SM * _multiprocessors(device)))
+    # folded and fused at once, head dims 32/32 wrote outside shared memory on an H100 with Triton 3.6 (2026-12-05,
+    # `gpu_plan.sh 25`: `b_o += tl.dot(b_A, v_new)`, three packed one-chunk sequences; either alone passed, as did
+    # 32/128, 64/64, 128/128): with both dims narrow, such GPUs keep w and u where the output is fused
+    if fold and fuse_o and max(dk, dv) < 64 and hopper_miscompiles(device):
+        fold = False
+        BV_h, BV_fused = blocks(fold)
     w = None if fold else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
     u = None if fold else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
