@@ -6,8 +6,9 @@ forward + backward twice).
 
 Each (dk, dv, layout) runs in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault poisons a process, and blocking
 launches make the faulting launch raise at its own line), calling `chunk_gdn` directly, so the dispatcher's guard
-(`gdn_chunk_bwd.hopper_head_dims_fault`) is not in the way. One line per shape: ok, or FAULT with the hybridlm line
-whose launch raised. On an H200 with Triton 3.6 (2026-12-04, value dims 32, 64, 128) dk == dv, the pairs with both
+(`gdn_chunk_bwd.hopper_head_dims_fault`) is not in the way. One line per shape: ok with the worst relative
+error against the float64 reference, WRONG with the outputs or gradients more than 1e-2 off it, or FAULT with the
+hybridlm line whose launch raised. On an H200 with Triton 3.6 (2026-12-04, value dims 32, 64, 128) dk == dv, the pairs with both
 dims >= 64 and 32/128 passed; 32/64, 64/32, 96/32 and 128/32 faulted (benchmarks/NOTES.md, eleventh session). Layouts: B2T1 = two
 sequences of one token, B1T70 = one of 70, packed = sequences of 5, 64 and 61 tokens in one row; step / step-split =
 the decode step's main / split kernel on three rows (not mapped before 2026-12-04's twelfth session).
@@ -56,12 +57,13 @@ def run_step(dk: int, dv: int, split: bool, device: str = "cuda") -> torch.Tenso
 
 def run_shape(dk: int, dv: int, layout: str, device: str = "cuda") -> str:
     """In this process: the inference forward, then forward + backward twice at bf16, one key head, two value heads
-    (or the decode step, layouts "step*"); 'ok' or 'FAULT at ...'."""
+    (or the decode step, layouts "step*"); 'ok (worst relative error)', 'WRONG ...' (an output or gradient more
+    than 1e-2 off the float64 reference: miscompiles need not fault) or 'FAULT at ...'."""
     import torch
 
     from hybridlm.ops.triton import chunk_gdn
     from tests.ops.test_triton_gdn_chunk import make_inputs
-    from tests.ops.test_triton_gdn_chunk_bwd import loss_of, output_grads
+    from tests.ops.test_triton_gdn_chunk_bwd import loss_of, output_grads, reference_grads
 
     batch, length, offsets = LAYOUTS[layout]
     cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=device)
@@ -69,23 +71,40 @@ def run_shape(dk: int, dv: int, layout: str, device: str = "cuda") -> str:
     states = batch if offsets is None else len(offsets) - 1
     *inputs, state = make_inputs(batch, length, 1, 2, dk, dv, torch.bfloat16, states)
     do, dht = output_grads(inputs[2], states, dk, True, torch.bfloat16)
+    errors: dict[str, float] = {}
+
+    def compare(name, x, ref):
+        if x is not None and ref is not None:
+            x, ref = x.double(), ref.double()
+            errors[name] = max(errors.get(name, 0.0), ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+
     try:
         if layout.startswith("step"):
             run_step(dk, dv, split=layout == "step-split", device=device)
             return "ok"
+        o_ref, final_ref, grads_ref = reference_grads([*inputs, state], do, dht, cu_seqlens)
         with torch.no_grad():  # the inference forward first: it differs (no X kept; the fold, FUSED_OUTPUT by rule)
-            chunk_gdn(*inputs, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+            o, final = chunk_gdn(*inputs, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
             synchronize()
+        compare("o (inference)", o, o_ref)
+        compare("final (inference)", final, final_ref)
         for _ in range(2):
             leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
             o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
             loss_of(o, final, do, dht).backward()
             synchronize()
+            compare("o", o, o_ref)
+            for name, leaf, ref in zip(("dq", "dk", "dv", "da", "db"), leaves[:5], grads_ref[:5]):
+                compare(name, leaf.grad, ref)
+            compare("dstate", leaves[7].grad, grads_ref[7])
     except RuntimeError as error:
         frames = [f for f in traceback.extract_tb(error.__traceback__) if "hybridlm" in f.filename]
         where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line[:60]}" if frames else "?"
         return f"FAULT at {where}"
-    return "ok"
+    wrong = {name: err for name, err in errors.items() if not err <= 1e-2}  # (NaN is wrong too)
+    if wrong:
+        return "WRONG " + " ".join(f"{name} {err:.1e}" for name, err in wrong.items())
+    return f"ok ({max(errors.values()):.1e})"
 
 
 def main() -> None:
