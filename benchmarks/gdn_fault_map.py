@@ -8,10 +8,11 @@ Each (dk, dv, layout) runs in its own process with CUDA_LAUNCH_BLOCKING=1 (a fau
 launches make the faulting launch raise at its own line), calling `chunk_gdn` directly, so the dispatcher's guard
 (`gdn_chunk_bwd.hopper_head_dims_fault`) is not in the way. One line per shape: ok with the worst relative
 error against the float64 reference, WRONG with the outputs or gradients more than 1e-2 off it, or FAULT with the
-hybridlm line whose launch raised. On an H200 with Triton 3.6 (2026-12-04, value dims 32, 64, 128) dk == dv, the pairs with both
-dims >= 64 and 32/128 passed; 32/64, 64/32, 96/32 and 128/32 faulted (benchmarks/NOTES.md, eleventh session). Layouts: B2T1 = two
-sequences of one token, B1T70 = one of 70, packed = sequences of 5, 64 and 61 tokens in one row; step / step-split =
-the decode step's main / split kernel on three rows (not mapped before 2026-12-04's twelfth session).
+hybridlm line whose launch raised. On an H200 with Triton 3.6 (2026-12-04, value dims 32, 64, 128) dk == dv, the
+pairs with both dims >= 64 and 32/128 passed; 32/64, 64/32, 96/32 and 128/32 faulted (benchmarks/NOTES.md, eleventh
+session). Layouts: B2T1 = two sequences of one token, B1T70 = one of 70, packed = sequences of 5, 64 and 61 tokens in
+one row; step / step-split = the decode step's main / split kernel on three rows (not mapped before 2026-12-04's
+twelfth session).
 """
 from __future__ import annotations
 

@@ -416,8 +416,24 @@ case "${1:-}" in
     grep 'long:' "$OUT/long.log" | tail -6
     grep '^|' "$OUT/long.log" | tail -4
     ;;
+  27)  # seventeenth session, first call: q k^T made by kkt_solve (gdn_chunk.KKT_QK, no w/u kernel in the folded,
+       # fused forward: built in the sixteenth session, CPU-tested, untimed); the fault map now checks values too.
+       # Limits add up to 480 s. Adopt KKT_QK if its forward rows win at 16k/64k (forwards that are not folded and
+       # fused never take it).
+    timeout 120 python3 benchmarks/gpu_tests.py tests/cuda tests/ops/test_triton_gdn_chunk.py \
+      -k "cuda or kkt or fold or fused or per_key_head" -j 16 > "$OUT/gpu_tests.log" 2>&1
+    sleep 2
+    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "kktqk:gdn_chunk.KKT_QK=True" \
+      > "$OUT/forward.log" 2>&1
+    timeout 160 python3 benchmarks/gdn_fault_map.py --dims 32 64 128 --layouts B1T70 packed -j 14 \
+      > "$OUT/fault_map.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep 'gate\|failed' "$OUT/forward.log" | cut -c1-300
+    grep '^forward ' "$OUT/forward.log" | cut -c1-170
+    cut -c1-200 "$OUT/fault_map.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|26" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|27" >&2
     exit 2
     ;;
 esac
