@@ -20,7 +20,8 @@ the block table row by row, so any block size works; when BN divides the block s
 and a single table entry is read. Softmax is online (flash attention) in fp32 and base 2, with the scale and
 log2(e) applied to the fp32 scores. Pool offsets are int64 (pools may exceed 2^31 elements).
 
-Tiles: BM = 64 rows, BN = 64 keys (32 for D = 256 or fp32), 4 warps (8 for D = 256 or fp32), 2 stages.
+Tiles (module settings below): BM = 64 rows, BN = 64 keys (32 for D = 256 or fp32), 4 warps (8 for D = 256 or
+fp32), 2 stages.
 Compiled offline for sm_90 (Triton 3.9, 16-byte aligned arguments as the JIT specialises them), bf16 at D = 128
 uses ~185 registers, no spills, wgmma with cp.async-pipelined K/V loads and 80 KB of shared memory; untuned on
 real hardware (BM = 128 with 8 warps is the usual H100 choice for long prompts).
@@ -38,7 +39,12 @@ from hybridlm.ops.triton.utils import dot_precision, next_power_of_2
 from hybridlm.ops.varlen import host_bounds
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 64  # score rows per program (BQ tokens x G heads); at most this many, fewer for short batches
+# Tiles (`benchmarks/bench_prefill_attention.py --variant` times others against torch's flash SDPA): score rows per
+# program (BQ tokens x G heads; at most this many, fewer for short batches), keys per step, warps and stages, for
+# heads up to 128 wide in 16 bits and for 256-wide heads (Qwen3.5's) or fp32
+BLOCK_M = 64
+BLOCK_N, WARPS, STAGES = 64, 4, 2
+BLOCK_M_WIDE, BLOCK_N_WIDE, WARPS_WIDE, STAGES_WIDE = 64, 32, 8, 2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -220,19 +226,20 @@ def paged_prefill_attention_fwd(
         block_tables = block_tables.contiguous()
 
     group = query_heads // kv_heads
-    # short chunks (a batch of decode rows, say) get a shorter tile; BM >= 16 for the tensor-core dot
-    BM = max(16, next_power_of_2(group), min(BLOCK_M, next_power_of_2(max(1, max_len) * group)))
-    BQ = BM // group
     BD = next_power_of_2(dim)
     # a 256-wide head keeps K/V tiles and accumulator in budget (2 programs per SM); fp32's full-precision dots
     # run on FMA units, whose operands spill badly past 32 keys x 4 warps (ptxas, sm_90)
-    BN = 64 if BD <= 128 and q.dtype != torch.float32 else 32
-    num_warps = 4 if BD <= 128 and q.dtype != torch.float32 else 8
+    wide = BD > 128 or q.dtype == torch.float32
+    block_m, BN, num_warps, num_stages = ((BLOCK_M_WIDE, BLOCK_N_WIDE, WARPS_WIDE, STAGES_WIDE) if wide
+                                          else (BLOCK_M, BLOCK_N, WARPS, STAGES))
+    # short chunks (a batch of decode rows, say) get a shorter tile; BM >= 16 for the tensor-core dot
+    BM = max(16, next_power_of_2(group), min(block_m, next_power_of_2(max(1, max_len) * group)))
+    BQ = BM // group
     o = torch.empty(num_tokens, query_heads, dim, dtype=q.dtype, device=q.device)
     num_tiles = num_tokens // BQ + num_sequences
     paged_prefill_attention_kernel[(num_tiles, kv_heads)](
         q, key_pool, value_pool, block_tables, rows, cu_seqlens, starts, o, scale * LOG2E, num_sequences,
         q.stride(0), key_pool.stride(0), key_pool.stride(1), block_tables.stride(0),
         HQ=query_heads, D=dim, BS=block_size, G=group, BQ=BQ, BM=BM, BN=BN, BD=BD,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return o
