@@ -499,8 +499,9 @@ FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pas
 FUSED_OUTPUT_QK_GIVEN = True
 # Folded and fused with q k^T given, the w/u kernel only normalises q and k and makes the decayed q k^T (0.148 ms of
 # the 9B 16k forward on an H200 before WU_KEY_HEAD_PROGRAMS, 0.039 when it only normalised k). KKT_QK: kkt_solve does
-# that after its inverse, in a second pass over the key slices (16 x 16 blocks of Q K^T as of the Gram matrix; the
-# key norms it already has), and no w/u kernel runs. Untimed: `gpu_plan.sh 27` times it as `kktqk`.
+# that after its inverse, in a second pass over the key slices (16 x 16 blocks of Q K^T as of the Gram matrix, one
+# sub-chunk row at a time; 255 registers, 152 B spilled at 9B heads, sm_90), and no w/u kernel runs. Untimed:
+# `gpu_plan.sh 27` times it as `kktqk`.
 KKT_QK = False
 # (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
 # 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.)
