@@ -503,8 +503,6 @@ FUSED_OUTPUT_QK_GIVEN = True
 # sub-chunk row at a time; 255 registers, 152 B spilled at 9B heads, sm_90), and no w/u kernel runs. Untimed:
 # `gpu_plan.sh 27` times it as `kktqk`.
 KKT_QK = False
-# (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
-# 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.)
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
