@@ -140,8 +140,9 @@ def test_sweep_kernels_tiny_fused_output():
                              "fusedo"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | 200 | fused-o ")]
-    # unfused, then BV 32 or 64 x 4 or 8 warps x 2 or 3 stages, then two settings with q k^T made in the pass
-    assert len(rows) == 1 + 8 + 2
+    # unfused, then BV 32 or 64 x 4 or 8 warps x 2 or 3 stages, then two settings with q k^T made in the pass, then
+    # the defaults with q k^T made by kkt_solve (KKT_QK; inert at this unfolded shape)
+    assert len(rows) == 1 + 8 + 2 + 1
     assert all(float(row.rstrip(" |").rsplit("|", 1)[1]) == 0 for row in rows), rows
 
 
@@ -246,7 +247,15 @@ def test_gdn_fault_map_needs_a_gpu(monkeypatch):
     from hybridlm.ops.triton import gdn_chunk
 
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
-    assert gdn_fault_map.run_shape(32, 32, "packed", device=device) == "ok"
+    outcome = gdn_fault_map.run_shape(32, 32, "packed", device=device)
+    assert outcome.startswith("ok (") and float(outcome[4:-1]) <= 1e-2, outcome
+    # a kernel that gives wrong values without faulting is reported by what is off
+    from hybridlm.ops import triton as kernel_module
+
+    right = kernel_module.chunk_gdn
+    monkeypatch.setattr(kernel_module, "chunk_gdn", lambda *a, **kw: (lambda o, f: (o * 1.5, f))(*right(*a, **kw)))
+    outcome = gdn_fault_map.run_shape(32, 32, "B1T70", device=device)
+    assert outcome.startswith("WRONG o (inference)") and " dq " in outcome, outcome
     monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--set", "gdn_chunk_bwd.BWD_NO_SUCH_FLAG=1"])
     with pytest.raises(SystemExit, match="has no flag BWD_NO_SUCH_FLAG"):
         gdn_fault_map.main()
