@@ -424,7 +424,7 @@ case "${1:-}" in
       -k "cuda or kkt or fold or fused or per_key_head" -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "kktqk:gdn_chunk.KKT_QK=True" \
-      > "$OUT/forward.log" 2>&1
+      "kktqk64:gdn_chunk.KKT_QK=True,gdn_chunk.KKT_QK_BK=64" > "$OUT/forward.log" 2>&1
     timeout 160 python3 benchmarks/gdn_fault_map.py --dims 32 64 128 --layouts B1T70 packed -j 14 \
       > "$OUT/fault_map.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"

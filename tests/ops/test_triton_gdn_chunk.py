@@ -453,6 +453,7 @@ def test_kkt_kernel_makes_qk(poisoned, monkeypatch, case):
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
     plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
     monkeypatch.setattr(gdn_chunk, "KKT_QK", True)
+    monkeypatch.setattr(gdn_chunk, "KKT_QK_BK", 64 if case == "dense-d64" else 32)  # one key slice, or two
     launched = []
     record_launches(monkeypatch, gdn_chunk, "chunk_gdn_fwd_kkt_solve_kernel", lambda kwargs: kwargs.get("STORE_QK"),
                     launched)

@@ -503,6 +503,7 @@ FUSED_OUTPUT_QK_GIVEN = True
 # sub-chunk row at a time; 255 registers, 152 B spilled at 9B heads, sm_90), and no w/u kernel runs. Untimed:
 # `gpu_plan.sh 27` times it as `kktqk`.
 KKT_QK = False
+KKT_QK_BK = 32  # key columns per slice of that pass (64: 255 registers, 376 B spilled)
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
@@ -658,8 +659,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS,
-            **(dict(STORE_QK=True, q=q, qn=q_normed, kn=k_normed, aqk=aqk, stride_q=q.stride(1), scale=scale)
-               if qk_in_kkt else {}))
+            **(dict(STORE_QK=True, q=q, qn=q_normed, kn=k_normed, aqk=aqk, stride_q=q.stride(1), scale=scale,
+                    QK_BK=max(32, min(BK, KKT_QK_BK))) if qk_in_kkt else {}))
     if KKT_PREPARE and not qk_in_kkt:
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
         chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](

@@ -86,7 +86,7 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     aqk=None,
     stride_q=0,
     scale=1.0,
-    QK_BK: tl.constexpr = 32,  # key columns per slice of STORE_QK's passes (64 spilled more at 1 warp, sm_90)
+    QK_BK: tl.constexpr = 32,  # key columns per slice of STORE_QK's passes (gdn_chunk.KKT_QK_BK)
 ):
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
