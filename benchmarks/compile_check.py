@@ -337,12 +337,6 @@ def configurations():
         add(f"gdn_fwd fused_o wu-per-key-head prepare=kkt-fold Hv={hv} {name} bf16 varlen", run_gdn_fwd, hk=hk,
             hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, varlen=True, prepare="kkt-fold",
             fused=dict(WU_KEY_HEAD_PROGRAMS=True))
-        for varlen in (False, True):  # q k^T, q and k normalised in kkt_solve (gdn_chunk.KKT_QK): no w/u kernel
-            add(f"gdn_fwd fused_o kkt-qk prepare=kkt-fold Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}",
-                run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, varlen=varlen, batch=1 if varlen else 4,
-                prepare="kkt-fold", fused=dict(KKT_QK=True))
-        add(f"gdn_fwd fused_o kkt-qk cp prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
-            dk=GDN_DIM, dv=GDN_DIM, length=1024, state=True, prepare="kkt-fold", cp=True, fused=dict(KKT_QK=True))
         add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
             state=True, dht=True, cp=True)
         for wy_bk in (32, 64):  # the key-blocked WY kernel (gdn_chunk_bwd.BWD_WY_BK)

@@ -416,7 +416,8 @@ case "${1:-}" in
     grep 'long:' "$OUT/long.log" | tail -6
     grep '^|' "$OUT/long.log" | tail -4
     ;;
-  27)  # seventeenth session, first call: q k^T made by kkt_solve (gdn_chunk.KKT_QK, no w/u kernel in the folded,
+  27)  # (ran 2026-12-05: KKT_QK lost, 0.74-0.79x from 16k, and was removed; the variants no longer exist)
+       # seventeenth session, first call: q k^T made by kkt_solve (gdn_chunk.KKT_QK, no w/u kernel in the folded,
        # fused forward: built in the sixteenth session, CPU-tested, untimed); the fault map now checks values too.
        # Limits add up to 480 s. Adopt KKT_QK if its forward rows win at 16k/64k (forwards that are not folded and
        # fused never take it).

@@ -389,8 +389,7 @@ def sweep_fused_output(model, length, rows, batch=1):
     block x num_warps x num_stages (the fold and the context-parallel cut by their rules), each checked against the
     unfused forward's o and final state; the per-kernel split of every setting."""
     args = inputs(length, MODELS[model], batch)
-    names = ("FUSED_OUTPUT", "FUSED_OUTPUT_BV", "FUSED_OUTPUT_WARPS", "FUSED_OUTPUT_STAGES", "FUSED_OUTPUT_QK_GIVEN",
-             "KKT_QK")
+    names = ("FUSED_OUTPUT", "FUSED_OUTPUT_BV", "FUSED_OUTPUT_WARPS", "FUSED_OUTPUT_STAGES", "FUSED_OUTPUT_QK_GIVEN")
     saved = {name: getattr(gdn_chunk, name) for name in names}
 
     def forward():
@@ -422,11 +421,6 @@ def sweep_fused_output(model, length, rows, batch=1):
             gdn_chunk.FUSED_OUTPUT_STAGES, gdn_chunk.FUSED_OUTPUT_QK_GIVEN = num_stages, qk_given
             timed(f"fused-o B={batch}: fused forward BV={BV}{'' if qk_given else ' qk in pass'}", num_warps,
                   num_stages, reference)
-        for name, value in saved.items():  # the defaults, with q k^T made by kkt_solve (no w/u kernel)
-            setattr(gdn_chunk, name, value)
-        gdn_chunk.FUSED_OUTPUT, gdn_chunk.KKT_QK = True, True
-        timed(f"fused-o B={batch}: fused forward, q k^T in kkt_solve", gdn_chunk.FUSED_OUTPUT_WARPS,
-              gdn_chunk.FUSED_OUTPUT_STAGES, reference)
     finally:
         for name, value in saved.items():
             setattr(gdn_chunk, name, value)

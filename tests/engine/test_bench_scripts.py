@@ -140,9 +140,8 @@ def test_sweep_kernels_tiny_fused_output():
                              "fusedo"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | 200 | fused-o ")]
-    # unfused, then BV 32 or 64 x 4 or 8 warps x 2 or 3 stages, then two settings with q k^T made in the pass, then
-    # the defaults with q k^T made by kkt_solve (KKT_QK; inert at this unfolded shape)
-    assert len(rows) == 1 + 8 + 2 + 1
+    # unfused, then BV 32 or 64 x 4 or 8 warps x 2 or 3 stages, then two settings with q k^T made in the pass
+    assert len(rows) == 1 + 8 + 2
     assert all(float(row.rstrip(" |").rsplit("|", 1)[1]) == 0 for row in rows), rows
 
 

@@ -497,13 +497,11 @@ FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pas
 # folded main pass at 4 warps: V blocks of 64 at 2 stages 176 B spilled -> 60; of 32 at 3 stages 56 B -> none, 202
 # registers). False: made in the loop (the sweep times both).
 FUSED_OUTPUT_QK_GIVEN = True
-# Folded and fused with q k^T given, the w/u kernel only normalises q and k and makes the decayed q k^T (0.148 ms of
-# the 9B 16k forward on an H200 before WU_KEY_HEAD_PROGRAMS, 0.039 when it only normalised k). KKT_QK: kkt_solve does
-# that after its inverse, in a second pass over the key slices (16 x 16 blocks of Q K^T as of the Gram matrix, one
-# sub-chunk row at a time; 255 registers, 152 B spilled at 9B heads, sm_90), and no w/u kernel runs. Untimed:
-# `gpu_plan.sh 27` times it as `kktqk`.
-KKT_QK = False
-KKT_QK_BK = 32  # key columns per slice of that pass (64: 255 registers, 376 B spilled)
+# (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
+# 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.
+# Having kkt_solve make the decayed q k^T and the normalised q, k in a second pass over the key slices after its
+# inverse, so that the folded, fused forward runs no w/u kernel (255 registers, 152 B spilled), lost too: 16k
+# 0.673 -> 0.850 ms, 64k 2.52 -> 3.39, 8 x 4k 1.18 -> 1.55; `kktqk` in `gpu_plan.sh 27`. Removed.)
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
@@ -652,16 +650,11 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     q_normed = torch.empty_like(k_normed) if fuse_o and KKT_PREPARE else None
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
            if q_normed is not None and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
-    # folded and fused, the w/u kernel would only normalise q and k and make q k^T: KKT_QK has kkt_solve do it
-    qk_in_kkt = KKT_QK and fold and aqk is not None
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
-            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS,
-            **(dict(STORE_QK=True, q=q, qn=q_normed, kn=k_normed, aqk=aqk, stride_q=q.stride(1), scale=scale,
-                    QK_BK=max(32, min(BK, KKT_QK_BK))) if qk_in_kkt else {}))
-    if KKT_PREPARE and not qk_in_kkt:
+            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
         chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
@@ -669,7 +662,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
             **(dict(STORE_QN=True, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale, STORE_AQK=aqk is not None,
                     aqk=aqk) if q_normed is not None else {}))
-    elif not KKT_PREPARE:
+    else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
             k.stride(1), v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, STORE_KN=True,

@@ -76,17 +76,6 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVE: tl.constexpr,  # the four diagonal inverses in one loop (gdn_chunk.KKT_INTERLEAVE)
-    # STORE_QK (gdn_chunk.KKT_QK: the folded, fused forward, which then launches no w/u kernel): after X, also the
-    # decayed causal q k^T (aqk [B, T, HV, BT], as the w/u kernel's STORE_AQK), and from each key head's first value
-    # head the normalised keys (kn [B, T, H, K]) and the normalised queries times `scale` (qn [B, T, H, K])
-    STORE_QK: tl.constexpr = False,
-    q=None,  # [B, T, H, K] raw queries, token stride stride_q
-    qn=None,
-    kn=None,
-    aqk=None,
-    stride_q=0,
-    scale=1.0,
-    QK_BK: tl.constexpr = 32,  # key columns per slice of STORE_QK's passes (gdn_chunk.KKT_QK_BK)
 ):
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -178,117 +167,6 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     _store_rows(p_x + BC, b_X31.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
     _store_rows(p_x + 2 * BC, b_X32.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
     _store_rows(p_x + 3 * BC, b_X33.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
-    if STORE_QK:  # X is stored and nothing else stays live: its registers are free for passes over the slices
-        tl.debug_barrier()  # g_cumsum is read back by other threads than those that stored it
-        _store_qk(q, p_k, qn, kn, aqk, p_gc, bos, T, stride_q, stride_k, i_h, i_hk, i_s0, scale,
-                  H, HV, K, BT, BC, QK_BK, DOT_PRECISION)
-
-
-@triton.jit
-def _qk_block(b_Q, b_rq_i, b_r_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC: tl.constexpr):
-    """Block (i, j) of the decayed causal q k^T from the raw block: Q_ij (scale rq_i) r_j exp(G_i - G_j), the
-    diagonal kept (lower triangle with the diagonal, the exponent masked above it)."""
-    b_A = b_Q * b_rq_i[:, None] * b_r_j[None, :]
-    if DIAGONAL:
-        o_c = tl.arange(0, BC)
-        m_A = o_c[:, None] >= o_c[None, :]
-        return tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc_i[:, None] - b_gc_j[None, :], 0.)), 0.)
-    return b_A * tl.exp(b_gc_i[:, None] - b_gc_j[None, :])
-
-
-@triton.jit
-def _store_normed_slice(p, b_x, b_r, i_s, T, i_k, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                        H: tl.constexpr):
-    """Rows i_s .. i_s + BC, columns i_k BK .. of x times its rows' factors r, into [.., H, K] rows."""
-    o_r = i_s + tl.arange(0, BC)
-    o_k = i_k * BK + tl.arange(0, BK)
-    m = (o_r[:, None] < T) & (o_k[None, :] < K)
-    tl.store(p + o_r[:, None].to(tl.int64) * (H * K) + o_k[None, :],
-             (b_x.to(tl.float32) * b_r[:, None]).to(p.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _qk_row(p_q, p_k, p_kn, p_qn, p_a, p_gc, i_s0, T, stride_q, stride_k, scale, first, I: tl.constexpr,
-            H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
-    """Sub-chunk row I of STORE_QK: blocks (I, 0 .. I) of raw Q K^T summed over key slices, with row I's query norms
-    and the norms of key rows 0 .. I from the same slices; scaled and decayed, stored as aqk. From the group's first
-    value head also row I's normalised keys and queries (a second loop over the slices: the norms are known only
-    after the first)."""
-    i_s = i_s0 + I * BC
-    o_c = tl.arange(0, BC)
-    b_Q0 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Q1 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Q2 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Q3 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_s = tl.zeros([BC], dtype=tl.float32)
-    b_n0 = tl.zeros([BC], dtype=tl.float32)
-    b_n1 = tl.zeros([BC], dtype=tl.float32)
-    b_n2 = tl.zeros([BC], dtype=tl.float32)
-    b_n3 = tl.zeros([BC], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_q = _key_slice(p_q, i_s, T, stride_q, i_k, K, BC, BK)
-        b_s += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), axis=1)
-        b_k = _key_slice(p_k, i_s0, T, stride_k, i_k, K, BC, BK)
-        b_n0 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-        b_Q0 = tl.dot(b_q, tl.trans(b_k), b_Q0, input_precision=DOT_PRECISION)
-        if I >= 1:
-            b_k = _key_slice(p_k, i_s0 + BC, T, stride_k, i_k, K, BC, BK)
-            b_n1 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-            b_Q1 = tl.dot(b_q, tl.trans(b_k), b_Q1, input_precision=DOT_PRECISION)
-        if I >= 2:
-            b_k = _key_slice(p_k, i_s0 + 2 * BC, T, stride_k, i_k, K, BC, BK)
-            b_n2 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-            b_Q2 = tl.dot(b_q, tl.trans(b_k), b_Q2, input_precision=DOT_PRECISION)
-        if I >= 3:
-            b_k = _key_slice(p_k, i_s0 + 3 * BC, T, stride_k, i_k, K, BC, BK)
-            b_n3 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-            b_Q3 = tl.dot(b_q, tl.trans(b_k), b_Q3, input_precision=DOT_PRECISION)
-    b_rq = tl.rsqrt(b_s + 1e-6) * scale
-    b_gi = tl.load(p_gc + (i_s + o_c) * HV, mask=i_s + o_c < T, other=0.)
-    b_g0 = tl.load(p_gc + (i_s0 + o_c) * HV, mask=i_s0 + o_c < T, other=0.)
-    _store_rows(p_a, _qk_block(b_Q0, b_rq, tl.rsqrt(b_n0 + 1e-6), b_gi, b_g0, I == 0, BC), i_s, T, HV * BT, BC, BC,
-                BC)
-    if I >= 1:
-        b_g1 = tl.load(p_gc + (i_s0 + BC + o_c) * HV, mask=i_s0 + BC + o_c < T, other=0.)
-        _store_rows(p_a + BC, _qk_block(b_Q1, b_rq, tl.rsqrt(b_n1 + 1e-6), b_gi, b_g1, I == 1, BC), i_s, T, HV * BT,
-                    BC, BC, BC)
-    if I >= 2:
-        b_g2 = tl.load(p_gc + (i_s0 + 2 * BC + o_c) * HV, mask=i_s0 + 2 * BC + o_c < T, other=0.)
-        _store_rows(p_a + 2 * BC, _qk_block(b_Q2, b_rq, tl.rsqrt(b_n2 + 1e-6), b_gi, b_g2, I == 2, BC), i_s, T,
-                    HV * BT, BC, BC, BC)
-    if I >= 3:
-        _store_rows(p_a + 3 * BC, _qk_block(b_Q3, b_rq, tl.rsqrt(b_n3 + 1e-6), b_gi, b_gi, True, BC), i_s, T,
-                    HV * BT, BC, BC, BC)
-    if first:
-        b_rk = tl.rsqrt((b_n0 if I == 0 else b_n1 if I == 1 else b_n2 if I == 2 else b_n3) + 1e-6)
-        for i_k in range(tl.cdiv(K, BK)):
-            _store_normed_slice(p_kn, _key_slice(p_k, i_s, T, stride_k, i_k, K, BC, BK), b_rk, i_s, T, i_k, K, BC,
-                                BK, H)
-            _store_normed_slice(p_qn, _key_slice(p_q, i_s, T, stride_q, i_k, K, BC, BK), b_rq, i_s, T, i_k, K, BC,
-                                BK, H)
-
-
-@triton.jit
-def _store_qk(q, p_k, qn, kn, aqk, p_gc, bos, T, stride_q, stride_k, i_h, i_hk, i_s0, scale, H: tl.constexpr,
-              HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """The kkt_solve kernel's STORE_QK: the ten lower 16 x 16 blocks of raw Q K^T summed over key slices, as the
-    Gram matrix is, one sub-chunk row at a time (at most four accumulators live: the kernel runs at 1 warp); the
-    norms come from the same slices and the decay from g_cumsum as stored, so nothing of the solve stays live."""
-    first = i_h % (HV // H) == 0
-    p_q = q + bos * stride_q + i_hk * K
-    p_kn = kn + bos * H * K + i_hk * K
-    p_qn = qn + bos * H * K + i_hk * K
-    p_a = aqk + bos * HV * BT + i_h * BT
-    _qk_row(p_q, p_k, p_kn, p_qn, p_a, p_gc, i_s0, T, stride_q, stride_k, scale, first, 0, H, HV, K, BT, BC, BK,
-            DOT_PRECISION)
-    _qk_row(p_q, p_k, p_kn, p_qn, p_a, p_gc, i_s0, T, stride_q, stride_k, scale, first, 1, H, HV, K, BT, BC, BK,
-            DOT_PRECISION)
-    _qk_row(p_q, p_k, p_kn, p_qn, p_a, p_gc, i_s0, T, stride_q, stride_k, scale, first, 2, H, HV, K, BT, BC, BK,
-            DOT_PRECISION)
-    _qk_row(p_q, p_k, p_kn, p_qn, p_a, p_gc, i_s0, T, stride_q, stride_k, scale, first, 3, H, HV, K, BT, BC, BK,
-            DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["T"])
