@@ -433,7 +433,8 @@ case "${1:-}" in
     grep '^forward ' "$OUT/forward.log" | cut -c1-170
     cut -c1-200 "$OUT/fault_map.log"
     ;;
-  28)  # seventeenth session, second call: the 262k prompt spends most of its time in the paged prefill attention of
+  28)  # (ran 2026-12-05: 128 x 64 adopted, 2.5x the old tile, 1.3-1.4x SDPA; the 262k prompt 36.4 -> 18.9 s)
+       # seventeenth session, second call: the 262k prompt spends most of its time in the paged prefill attention of
        # its late steps (36 s against a 16 s goal, ~40% of the FLOP floor). Tiles for 256-wide heads against torch's
        # flash SDPA on the same K/V (compiled offline for sm_90, Triton 3.6: default 64 x 32, 8 warps, 164 registers,
        # 98 KB; m128n64 255 / 196 KB; m128n32 237 / 131 KB; m64n64 203 / 164 KB; s3 174 / 98 KB; no spills). Adopt

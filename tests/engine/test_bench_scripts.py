@@ -262,3 +262,18 @@ def test_gdn_fault_map_needs_a_gpu(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["gdn_fault_map.py", "--dims", "32"])
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             gdn_fault_map.main()
+
+
+def test_bench_prefill_attention_tiny_checks_each_variant():
+    """bench_prefill_attention.py --tiny (interpreter): ours and a tile variant checked against SDPA at both cases;
+    a setting that does not exist stops it before anything runs."""
+    script = str(ROOT / "benchmarks" / "bench_prefill_attention.py")
+    result = subprocess.run([sys.executable, script, "--tiny", "--variant", "n16:paged_prefill.BLOCK_N=16"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | ")]
+    checks = [row.rstrip(" |").rsplit("|", 1)[1].split() for row in rows if "sdpa" not in row]
+    assert len(rows) == 6 and len(checks) == 4 and all(c[0] == "PASS" and float(c[1]) <= 1e-2 for c in checks), rows
+    result = subprocess.run([sys.executable, script, "--tiny", "--variant", "bad:paged_prefill.NO_SUCH=1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "has no flag NO_SUCH" in result.stderr, result.stderr[-2000:]

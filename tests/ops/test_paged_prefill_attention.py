@@ -137,6 +137,34 @@ def test_kernel_wide_heads(poisoned, dim):
     check_kernel(args, torch.bfloat16)
 
 
+def test_kernel_wide_heads_full_tile(poisoned):
+    """256-wide heads through the wide tile at its full height (128 score rows = 64 tokens x 2 heads of a group),
+    a ragged last tile, keys past several of its 64-key steps and a block size below the step."""
+    from hybridlm.ops.triton import paged_prefill
+
+    assert paged_prefill._tiles(256, torch.bfloat16, torch.device("cpu"))[:2] == (128, 64)
+    args, _, _ = make_case([150, 3], [70, 0], 4, 2, dim=256, block_size=32, dtype=torch.bfloat16, seed=11)
+    check_kernel(args, torch.bfloat16)
+
+
+def test_tile_rule(monkeypatch):
+    """fp32 and GPUs that grant a program less shared memory than the wide tile takes get the 64 x 32 tile;
+    16-bit heads up to 128 wide the narrow one."""
+    from hybridlm.ops.triton import paged_prefill
+
+    cuda = torch.device("cuda", 0)
+    wide = (paged_prefill.BLOCK_M_WIDE, paged_prefill.BLOCK_N_WIDE, paged_prefill.WARPS_WIDE, paged_prefill.STAGES_WIDE)
+    small = (paged_prefill.BLOCK_M_FP32, paged_prefill.BLOCK_N_FP32, paged_prefill.WARPS_FP32,
+             paged_prefill.STAGES_FP32)
+    monkeypatch.setattr(paged_prefill, "_shared_memory", lambda device: 227 * 1024)  # an H100
+    assert paged_prefill._tiles(256, torch.bfloat16, cuda) == wide
+    assert paged_prefill._tiles(256, torch.float32, cuda) == small
+    assert paged_prefill._tiles(128, torch.float16, cuda) == (paged_prefill.BLOCK_M, paged_prefill.BLOCK_N,
+                                                              paged_prefill.WARPS, paged_prefill.STAGES)
+    monkeypatch.setattr(paged_prefill, "_shared_memory", lambda device: 163 * 1024)  # an A100
+    assert paged_prefill._tiles(256, torch.bfloat16, cuda) == small
+
+
 def test_kernel_long_context(poisoned):
     """A chunk and a decode row behind 2,500 cached tokens, beside a first chunk."""
     args, _, _ = make_case([20, 1, 9], [2500, 2600, 0], 4, 1, block_size=64, dtype=torch.bfloat16, seed=4)
