@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_gdn import parse_variants, settings_applied  # noqa: E402
 
-MODELS = {"9B": (16, 4, 256), "0.8B": (8, 2, 256), "tiny": (4, 2, 32)}  # query heads, kv heads, head dim
+# query heads, kv heads, head dim; d128: a hybrid of one's own with 128-wide heads (the narrow tiles)
+MODELS = {"9B": (16, 4, 256), "0.8B": (8, 2, 256), "d128": (32, 4, 128), "tiny": (4, 2, 32)}
 BLOCK_SIZE = 64
 
 

@@ -247,8 +247,9 @@ def run_paged_decode(hq, hkv, queries, dim=HEAD_DIM, block_size=BLOCK_SIZE, dtyp
                                                dim ** -0.5, partitions=h100_partitions(queries, hkv))
 
 
-def run_paged_prefill(hq, hkv, max_len, sequences, dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=bf16):
-    """`sequences` chunks; the first is max_len tokens long, the others 1 (decode rows of a mixed step)."""
+def run_paged_prefill(hq, hkv, max_len, sequences, dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=bf16, tma=True):
+    """`sequences` chunks; the first is max_len tokens long, the others 1 (decode rows of a mixed step); tma: K/V
+    through tensor descriptors (paged_prefill.TMA) where they apply, else pointer loads."""
     lengths = [max_len] + [1] * (sequences - 1)
     keys, values = kv_pools(hkv, dim, block_size, dtype)
     q = randn(sum(lengths), hq, dim, dtype=dtype)
@@ -256,8 +257,12 @@ def run_paged_prefill(hq, hkv, max_len, sequences, dim=HEAD_DIM, block_size=BLOC
     rows = torch.arange(sequences, dtype=torch.int32)
     starts = torch.full((sequences,), 10, dtype=torch.int32)
     tables = torch.zeros(sequences, 160, dtype=torch.int32)
-    paged_prefill.paged_prefill_attention_fwd(q, keys, values, tables, rows, cu, starts, dim ** -0.5,
-                                              max_len=max_len)
+    saved, paged_prefill.TMA = paged_prefill.TMA, tma
+    try:
+        paged_prefill.paged_prefill_attention_fwd(q, keys, values, tables, rows, cu, starts, dim ** -0.5,
+                                                  max_len=max_len)
+    finally:
+        paged_prefill.TMA = saved
 
 
 def run_qk_rope(hq, hkv, length, dim=HEAD_DIM, rotary=ROTARY_DIM, dtype=bf16, batch=1):
@@ -395,6 +400,8 @@ def configurations():
             for sequences in (1, 8):
                 add(f"paged_prefill Hq={hq}/Hkv={hkv} {name} bf16 max_len={max_len} S={sequences}",
                     run_paged_prefill, hq=hq, hkv=hkv, max_len=max_len, sequences=sequences)
+        add(f"paged_prefill pointers Hq={hq}/Hkv={hkv} {name} bf16 max_len=8192 S=8", run_paged_prefill, hq=hq,
+            hkv=hkv, max_len=8192, sequences=8, tma=False)
         add(f"paged_decode Hq={hq}/Hkv={hkv} {name} fp32 S=1", run_paged_decode, hq=hq, hkv=hkv, queries=1,
             dtype=fp32)
         add(f"paged_prefill Hq={hq}/Hkv={hkv} {name} fp32 max_len=8192 S=8", run_paged_prefill, hq=hq, hkv=hkv,

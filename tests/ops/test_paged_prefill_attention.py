@@ -223,3 +223,25 @@ def test_kernel_rejects_bad_inputs():
             fwd(**{**good, **change}, scale=SCALE)
     empty = fwd(q[:0], key_pool, value_pool, tables, rows[:0], cu_seqlens[:1], starts[:0], scale=SCALE)
     assert empty.shape == (0, 4, 32)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("case", ["wide-full-tile", "grouped-ragged", "block-below-tile"])
+def test_kernel_tma_tiles(poisoned, monkeypatch, case, tma):
+    """paged_prefill.TMA: K/V tiles through tensor descriptors where a tile sits in one block and D is a power of two
+    (NaN in the unwritten slots a diagonal tile loads must not reach the output); elsewhere, or with TMA off, the
+    pointer loads."""
+    from hybridlm.ops.triton import paged_prefill
+
+    monkeypatch.setattr(paged_prefill, "TMA", tma)
+    lengths, starts, heads, dim, block_size = {
+        "wide-full-tile": ([150, 3], [70, 0], (4, 2), 256, 64),
+        "grouped-ragged": (LENGTHS, STARTS, (8, 2), 64, 128),
+        "block-below-tile": ([40, 9], [100, 0], (4, 2), 256, 32),  # BN 64 > BS: pointer loads
+    }[case]
+    args, _, _ = make_case(lengths, starts, *heads, dim=dim, block_size=block_size, dtype=torch.bfloat16, seed=12)
+    used = []
+    descriptors = paged_prefill._descriptors
+    monkeypatch.setattr(paged_prefill, "_descriptors", lambda *a: used.append(descriptors(*a)) or used[-1])
+    check_kernel(args, torch.bfloat16)
+    assert bool(used[0]) == (tma and case != "block-below-tile")
