@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import dot_precision, next_power_of_2
+from hybridlm.ops.triton.utils import descriptor, dot_precision, next_power_of_2, tma_capable
 from hybridlm.ops.varlen import host_bounds
 
 LOG2E = 1.4426950408889634
@@ -231,16 +231,11 @@ def _descriptors(key_pool: torch.Tensor, value_pool: torch.Tensor, block_size: i
     rows 16-byte aligned, and on CUDA a Hopper or newer GPU, tensor descriptors over the pools viewed as
     [NB, BS, HKV * D] with [1, BN, D] boxes; else nothing (pointer loads)."""
     num_blocks, _, kv_heads, dim = key_pool.shape
-    if (not TMA or block_size % BN or dim != BD or (key_pool.is_cuda and torch.cuda.get_device_capability(
-            key_pool.device)[0] < 9) or any(t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16
-                                             or t.stride(1) * t.element_size() % 16 for t in (key_pool, value_pool))):
+    if not TMA or block_size % BN or dim != BD or not tma_capable(key_pool.device):
         return {}
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    def descriptor(pool: torch.Tensor) -> TensorDescriptor:
-        return TensorDescriptor(pool, [num_blocks, block_size, kv_heads * dim], [pool.stride(0), pool.stride(1), 1],
-                                [1, BN, BD])
-    return dict(TMA=True, k_desc=descriptor(key_pool), v_desc=descriptor(value_pool))
+    k_desc, v_desc = (descriptor(pool, [num_blocks, block_size, kv_heads * dim], [pool.stride(0), pool.stride(1), 1],
+                                 [1, BN, BD]) for pool in (key_pool, value_pool))
+    return {} if k_desc is None or v_desc is None else dict(TMA=True, k_desc=k_desc, v_desc=v_desc)
 
 
 def _shared_memory(device: torch.device) -> int:

@@ -52,6 +52,23 @@ def _pdl_capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def tma_capable(device: torch.device) -> bool:
+    """Whether kernels may take tensor descriptors (TMA) on `device`: Hopper and later, or the CPU interpreter
+    (which runs them as plain loads, so the tests cover the descriptor paths)."""
+    return device.type != "cuda" or _pdl_capable(device)
+
+
+def descriptor(x: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
+    """A tensor descriptor over `x`'s memory viewed as `shape` with `strides` (last 1) and boxes of `block`, or None
+    where TMA cannot take it (a start or a stride not a multiple of 16 bytes)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    size = x.element_size()
+    if x.data_ptr() % 16 or any(stride * size % 16 for stride in strides[:-1]) or strides[-1] != 1:
+        return None
+    return TensorDescriptor(x, shape, strides, block)
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Whether the decode kernels launch with programmatic dependent launch (PDL, Hopper and later): each kernel of
     the chain is let onto the GPU while its predecessor is still finishing, waits (`pdl_wait`) before touching any
