@@ -143,17 +143,18 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
 
 
 def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, cp=False,
-                wy_bk=None, dqk_bk=None):
+                wy_bk=None, dqk_bk=None, dh_tma=None):
     """`cp`: the context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks, cut however short); `wy_bk`,
     `dqk_bk`: gdn_chunk_bwd.BWD_WY_BK / BWD_DQK_BK for this launch (the key-blocked WY and dq/dk kernels) if not
-    None."""
+    None; `dh_tma`: gdn_chunk_bwd.BWD_DH_TMA if not None."""
     q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
     do = randn(batch, length, hv, dv, dtype=dtype)
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
     saved = gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS
-    saved_wy, saved_dqk = gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK
+    saved_wy, saved_dqk, saved_tma = gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK, gdn_chunk_bwd.BWD_DH_TMA
+    gdn_chunk_bwd.BWD_DH_TMA = saved_tma if dh_tma is None else dh_tma
     if cp:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = True, 4, 0
     gdn_chunk_bwd.BWD_WY_BK = saved_wy if wy_bk is None else wy_bk
@@ -163,7 +164,7 @@ def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
                                     initial_state=init, cu_seqlens=cu)
     finally:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = saved
-        gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK = saved_wy, saved_dqk
+        gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK, gdn_chunk_bwd.BWD_DH_TMA = saved_wy, saved_dqk, saved_tma
 
 
 def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8, prefetch=False):
@@ -355,6 +356,9 @@ def configurations():
             fused=dict(STATE_PASS_TMA=True, FUSED_OUTPUT_STAGES=1))
         add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
             state=True, dht=True, cp=True)
+        for varlen in (False, True):  # the dH pass's loads through tensor descriptors (gdn_chunk_bwd.BWD_DH_TMA)
+            add(f"gdn_bwd dh_tma Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_bwd, hk=hk, hv=hv,
+                dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, batch=1 if varlen else 4, state=True, dht=True, dh_tma=True)
         for wy_bk in (32, 64):  # the key-blocked WY kernel (gdn_chunk_bwd.BWD_WY_BK)
             for varlen in (False, True):
                 add(f"gdn_bwd wy_bk={wy_bk} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_bwd,

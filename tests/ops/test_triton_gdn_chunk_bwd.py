@@ -527,3 +527,22 @@ def test_bwd_wy_e_through_scratch(poisoned, monkeypatch, case):
         assert rel_err(x, ref.double()) <= 1e-6, name
     check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
           cu_seqlens=case_inputs[0])
+
+
+@pytest.mark.parametrize("offsets", [None, [0, 5, 69, 130]])
+def test_bwd_dh_pass_tma(poisoned, monkeypatch, offsets):
+    """gdn_chunk_bwd.BWD_DH_TMA: the dH pass reads q, k, w, do and dv_local through tensor descriptors over the
+    [B * T, ..] rows (a chunk ending inside a sequence reads the next one's rows there, which must not reach dH)
+    and gives the pointer loads' gradients; the float64 check passes."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    batch, length = (2, 100) if offsets is None else (1, 130)
+    case_inputs = blocked_case_inputs(batch, length, 2, 4, 64, 64, torch.bfloat16, offsets)
+    plain = grads_with(monkeypatch, "BWD_DH_TMA", False, case_inputs)
+    used, build = [], gdn_chunk_bwd.dh_pass_descriptors
+    monkeypatch.setattr(gdn_chunk_bwd, "dh_pass_descriptors", lambda *a: used.append(build(*a)) or used[-1])
+    tma = grads_with(monkeypatch, "BWD_DH_TMA", True, case_inputs)
+    assert used and used[0].get("TMA") is True
+    for name, x, ref in zip(NAMES, tma, plain):
+        assert rel_err(x, ref.double()) <= 1e-3, name
+    check(batch, length, 2, 4, 64, 64, torch.bfloat16, with_state=True, with_dht=True, cu_seqlens=case_inputs[0])

@@ -46,8 +46,8 @@ from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chu
 from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import (
-    HOPPER_FIXED_TRITON, cdiv, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks, rows_packed,
-    triton_release,
+    HOPPER_FIXED_TRITON, cdiv, descriptor, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks,
+    rows_packed, tma_capable, triton_release,
 )
 
 
@@ -129,6 +129,15 @@ def chunk_gdn_bwd_dh_kernel(
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    # TMA (`BWD_DH_TMA`): the q, k, w, do and dv_local tiles through tensor descriptors over [B * T, columns] views;
+    # rows past a sequence's end then hold the next one's rows: do's and dv_local's are zeroed (they would reach dH
+    # through q and w), k's meet a zeroed decay
+    TMA: tl.constexpr = False,
+    q_desc=None,
+    k_desc=None,
+    w_desc=None,
+    do_desc=None,
+    dvl_desc=None,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -144,6 +153,7 @@ def chunk_gdn_bwd_dh_kernel(
         NT = tl.cdiv(T, BT)
         boh = i_n.to(tl.int64) * NT
     dtype = dv_new.dtype.element_ty
+    i_cq, i_cw, i_cv = i_hk * K, i_h * K, i_h * V + i_v * BV  # first columns in the descriptors' views
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -167,18 +177,32 @@ def chunk_gdn_bwd_dh_kernel(
         m_t = o_t < T
         b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
         b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+        i_r = (bos + i_s).to(tl.int32)  # the chunk's first row in the descriptors' views
         # v_new also wrote the state: dv_new += (k exp(G_last - G)) dH
-        b_k = _l2norm_rows(_load_rows(p_k, i_s, T, stride_k, K, BT, BK)).to(dtype)
+        if TMA:
+            b_k = k_desc.load([i_r, i_cq])
+        else:
+            b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
+        b_k = _l2norm_rows(b_k).to(dtype)
         b_dv = tl.dot(b_k, b_dh.to(dtype), input_precision=DOT_PRECISION)
         b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_gc), 0.)[:, None]
-        b_dv += _load_rows(p_dvl, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        if TMA:
+            b_dv += tl.where(m_t[:, None], dvl_desc.load([i_r, i_cv]).to(tl.float32), 0.)
+        else:
+            b_dv += _load_rows(p_dvl, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
         _store_rows(p_dvn, b_dv, i_s, T, HV * V, V - i_v * BV, BT, BV)
         # dH of the state entering the chunk: decay, the read o += (q exp(G)) h, and v_new = u - w h
-        b_q = (_l2norm_rows(_load_rows(p_q, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
-        b_do = _load_rows(p_do, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+        if TMA:
+            b_q = q_desc.load([i_r, i_cq])
+            b_do = tl.where(m_t[:, None], do_desc.load([i_r, i_cv]).to(tl.float32), 0.)
+            b_w = w_desc.load([i_r, i_cw])
+        else:
+            b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
+            b_do = _load_rows(p_do, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+            b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)
+        b_q = (_l2norm_rows(b_q) * scale).to(dtype)
         b_do_g = (b_do * tl.exp(b_gc)[:, None]).to(dtype)
         b_dh = b_dh * tl.exp(b_g_last) + tl.dot(tl.trans(b_q), b_do_g, input_precision=DOT_PRECISION)
-        b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)
         b_dh -= tl.dot(tl.trans(b_w), b_dv.to(dtype), input_precision=DOT_PRECISION)
 
     if STORE_INITIAL_STATE_GRADIENT:
@@ -353,6 +377,9 @@ BWD_DV_LOCAL_WARPS = 4
 # the sequential dH pass (fp32: 2 stages, shared memory); BV 64 only while that leaves at least half as many
 # programs as SMs (B = 4 at 9B and 0.8B heads was measured; B = 1 keeps 32, unmeasured at 64)
 BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
+# its q, k, w, do and dv_local tiles through tensor descriptors (TMA; Hopper and later, dk a power of two, V blocks
+# dividing dv); untimed (`gpu_plan.sh 29` times it as `dhtma`)
+BWD_DH_TMA = False
 BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
 # The key-row widths (BK) at which the whole-row dq/dk kernel makes dS^T by a product of its own (one more [64, 64]
 # product per V block) instead of `tl.dot(tl.trans(dS), q)`: that line miscompiles on Hopper with Triton 3.4-3.7.0
@@ -393,6 +420,22 @@ BWD_QK_GRAD_DTYPE = "input"
 # held from each layer's forward to its backward; fla recomputes them, as the default here does. `hybridlm train
 # --gdn-keep-states` sets it.
 BWD_REUSE_FORWARD_STATES = False
+
+
+def dh_pass_descriptors(q, k, w, do, dv_local, BV: int) -> dict:
+    """The dH pass's TMA arguments (`BWD_DH_TMA`): descriptors over the [B * T, columns] rows of q, k, w, do and
+    dv_local with [64, width] boxes, or nothing where one does not apply."""
+    batch, length, key_heads, dk = q.shape
+    value_heads, dv = do.shape[2], do.shape[3]
+    if not BWD_DH_TMA or next_power_of_2(dk) != dk or dk < 16 or dv % BV or not tma_capable(q.device):
+        return {}
+    rows, BT = batch * length, CHUNK_SIZE
+    descs = dict(q_desc=descriptor(q, [rows, key_heads * dk], [q.stride(1), 1], [BT, dk]),
+                 k_desc=descriptor(k, [rows, key_heads * dk], [k.stride(1), 1], [BT, dk]),
+                 w_desc=descriptor(w, [rows, value_heads * dk], [value_heads * dk, 1], [BT, dk]),
+                 do_desc=descriptor(do, [rows, value_heads * dv], [value_heads * dv, 1], [BT, BV]),
+                 dvl_desc=descriptor(dv_local, [rows, value_heads * dv], [value_heads * dv, 1], [BT, BV]))
+    return {} if None in descs.values() else dict(TMA=True, **descs)
 
 
 @contextlib.contextmanager
@@ -505,7 +548,7 @@ def chunk_gdn_bwd(
         STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=BWD_DH_WARPS,
         # three [64, dk] fp32 tiles per stage: at dk = 128, 3 stages need 280 KB of shared memory (sm_90: 227 KB)
         num_stages=2 if dtype == torch.float32 else BWD_DH_STAGES,
-        **common)
+        **dh_pass_descriptors(q, k, w, do, dv_local, BV_dh), **common)
 
     grad_dtype = dtype if BWD_QK_GRAD_DTYPE == "input" else torch.float32
     dq_n = torch.empty(batch, length, value_heads, dk, dtype=grad_dtype, device=device)  # [B, T, Hv, dk]
