@@ -34,6 +34,8 @@ costs speed, never correctness.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -240,7 +242,11 @@ def _descriptors(key_pool: torch.Tensor, value_pool: torch.Tensor, block_size: i
 
 def _shared_memory(device: torch.device) -> int:
     """Bytes of shared memory one program may opt into on this GPU."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _shared_memory_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _shared_memory_of(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
