@@ -449,13 +449,13 @@ case "${1:-}" in
        # (gdn_chunk.STATE_PASS_TMA; built in the seventeenth, CPU-tested, untimed: at 2 stages one program per SM by
        # shared memory, at 1 stage two); TMA for 128-wide attention heads (the narrow tiles) against pointer loads and
        # 128-row tiles; train with kept states and with the dH pass's loads through descriptors (BWD_DH_TMA, also
-       # built in the seventeenth, untimed) on the H100. Limits add up to 580 s. Adopt STATE_PASS_TMA (and its
+       # built in the seventeenth, untimed) on the H100. Limits add up to 560 s. Adopt STATE_PASS_TMA (and its
        # stages) if its forward rows win at 16k/64k and 8 x 4k, BWD_DH_TMA if its train rows win.
-    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_cp.py tests/ops/test_paged_prefill_attention.py \
+    timeout 110 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_cp.py tests/ops/test_paged_prefill_attention.py \
       tests/ops/test_triton_gdn_chunk_bwd.py tests/cuda -k "tma or fused or fold or cuda or kernel" -j 16 \
       > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "tma:gdn_chunk.STATE_PASS_TMA=True" \
+    timeout 190 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "tma:gdn_chunk.STATE_PASS_TMA=True" \
       "tmas1:gdn_chunk.STATE_PASS_TMA=True,gdn_chunk.FUSED_OUTPUT_STAGES=1" > "$OUT/forward.log" 2>&1
     timeout 90 python3 benchmarks/bench_prefill_attention.py --models d128 --cases 0:8192 253951:8192 --variant \
       "ptr:paged_prefill.TMA=False" "m128w8:paged_prefill.BLOCK_M=128,paged_prefill.WARPS=8" \
