@@ -288,9 +288,11 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     autocast: Annotated[bool, typer.Option("--autocast/--no-autocast", help="bf16 autocast.")] = True,
     activation_checkpointing: bool = False,
-    gdn_keep_states: Annotated[bool, typer.Option(
+    gdn_keep_states: Annotated[Optional[bool], typer.Option(
+        "--gdn-keep-states/--no-gdn-keep-states",
         help="GDN kernels keep their forward's states for the backward: faster, ~1 KB more per token and GDN "
-             "value head per layer (head dim 128).")] = False,
+             "value head per layer (head dim 128). Default: on with --activation-checkpointing (one layer's "
+             "states at a time), else off.")] = None,
     fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Default: FSDP2 under torchrun.")] = None,
     resume: bool = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,

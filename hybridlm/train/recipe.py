@@ -75,8 +75,9 @@ class TrainConfig:
     autocast: bool = True  # bf16 autocast; weights, gradients and optimizer state stay fp32
     activation_checkpointing: bool = False
     # the GDN kernels keep their forward's intermediates (w, h, v_new: 1 KB per token and value head at head dim 128)
-    # for the backward instead of recomputing them; CUDA only
-    gdn_keep_states: bool = False
+    # for the backward instead of recomputing them; CUDA only. None: exactly with activation checkpointing, where
+    # they live only from a layer's recomputed forward to its backward (one layer's worth at a time)
+    gdn_keep_states: bool | None = None
     fsdp: bool | None = None  # None: FSDP2 exactly when launched with more than one process
     progress: bool = True  # rich progress bar (only on a TTY)
     resume: bool = False

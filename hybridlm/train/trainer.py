@@ -122,6 +122,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     if config.gdn_keep_states and device.type != "cuda":
         logger.warning("gdn_keep_states has no effect on %s: the GDN layers run the PyTorch reference there, not the "
                        "Triton kernels", device.type)
+    keep_gdn_states = gdn_states_kept_by(config)
 
     # ---- wrap (before the optimizer: it must hold the sharded parameters) -------------------------
     if config.activation_checkpointing:
@@ -187,7 +188,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
                 if use_fsdp:  # reduce-scatter once per step, not once per micro-step
                     model.set_requires_gradient_sync(m == len(batches) - 1)
                 # (the backward too: activation checkpointing reruns the forward there, and must save the same)
-                with _gdn_states_kept(config.gdn_keep_states):
+                with _gdn_states_kept(keep_gdn_states):
                     with autocast:
                         logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)  # [1, R*S, V]
                     micro_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
@@ -355,6 +356,13 @@ def _checkpoint_layers(model: HybridLM) -> None:
 
     for layer in model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def gdn_states_kept_by(config: TrainConfig) -> bool:
+    """Whether the GDN kernels keep their forward's states for the backward: `gdn_keep_states`, or when None, exactly
+    with activation checkpointing. There the forward is rerun right before each layer's backward, so the kept states
+    are held for one layer at a time, and the backward skips two launches per layer (the w/u and state passes)."""
+    return config.activation_checkpointing if config.gdn_keep_states is None else config.gdn_keep_states
 
 
 def _gdn_states_kept(enabled: bool):

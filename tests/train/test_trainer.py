@@ -12,6 +12,7 @@ import torch
 from hybridlm import LLM, SamplingParams, load
 from hybridlm.train import TrainConfig, train
 from hybridlm.train.report import read_log
+from hybridlm.train.trainer import gdn_states_kept_by
 from tests.train.conftest import tiny_config
 
 
@@ -120,6 +121,15 @@ def test_accumulation_and_activation_checkpointing_keep_the_trajectory(run, tmp_
     if not torch.cuda.is_available():
         assert "gdn_keep_states has no effect on cpu" in caplog.text
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(reference.losses[:4]), rtol=1e-5, atol=0)
+
+
+def test_gdn_states_are_kept_by_default_exactly_with_activation_checkpointing(run):
+    config, _ = run
+    assert config.gdn_keep_states is None
+    assert not gdn_states_kept_by(config)
+    assert gdn_states_kept_by(dataclasses.replace(config, activation_checkpointing=True))
+    assert not gdn_states_kept_by(dataclasses.replace(config, activation_checkpointing=True, gdn_keep_states=False))
+    assert gdn_states_kept_by(dataclasses.replace(config, gdn_keep_states=True))
 
 
 def test_bf16_autocast_follows_fp32(run, tmp_path):
