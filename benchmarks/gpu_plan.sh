@@ -447,22 +447,26 @@ case "${1:-}" in
     ;;
   29)  # eighteenth session, first call: the folded, fused state pass's loads through tensor descriptors
        # (gdn_chunk.STATE_PASS_TMA; built in the seventeenth, CPU-tested, untimed: at 2 stages one program per SM by
-       # shared memory, at 1 stage two); TMA for 128-wide attention heads (the narrow tiles) against pointer loads and
-       # 128-row tiles; train with kept states and with the dH pass's loads through descriptors (BWD_DH_TMA, also
-       # built in the seventeenth, untimed) on the H100. Limits add up to 560 s. Adopt STATE_PASS_TMA (and its
-       # stages) if its forward rows win at 16k/64k and 8 x 4k, BWD_DH_TMA if its train rows win.
-    timeout 110 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_cp.py tests/ops/test_paged_prefill_attention.py \
+       # shared memory, at 1 stage two); train with kept states, with the dH pass's loads through descriptors
+       # (BWD_DH_TMA, also built in the seventeenth, untimed), and with the dH pass (115 KB at 2 stages) and the plain
+       # state pass (123 KB at 3) at one stage fewer, so that two programs fit an SM (at 9B heads, B = 4 both run 256
+       # programs: two waves at one per SM); last, TMA for 128-wide attention heads against pointer loads and
+       # 128-row tiles. Limits add up to 570 s. Adopt what wins at both head layouts.
+    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_cp.py tests/ops/test_paged_prefill_attention.py \
       tests/ops/test_triton_gdn_chunk_bwd.py tests/cuda -k "tma or fused or fold or cuda or kernel" -j 16 \
       > "$OUT/gpu_tests.log" 2>&1
     sleep 2
-    timeout 190 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "tma:gdn_chunk.STATE_PASS_TMA=True" \
+    timeout 180 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "tma:gdn_chunk.STATE_PASS_TMA=True" \
       "tmas1:gdn_chunk.STATE_PASS_TMA=True,gdn_chunk.FUSED_OUTPUT_STAGES=1" > "$OUT/forward.log" 2>&1
+    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
+      --variant "keep:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" "dhtma:gdn_chunk_bwd.BWD_DH_TMA=True" \
+      "both:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True,gdn_chunk_bwd.BWD_DH_TMA=True" \
+      "dhs1:gdn_chunk_bwd.BWD_DH_STAGES=1" "dhtmas1:gdn_chunk_bwd.BWD_DH_TMA=True,gdn_chunk_bwd.BWD_DH_STAGES=1" \
+      "hs2:gdn_chunk.STATE_PASS_STAGES=2" "hs2dhs1:gdn_chunk.STATE_PASS_STAGES=2,gdn_chunk_bwd.BWD_DH_STAGES=1" \
+      > "$OUT/train.log" 2>&1
     timeout 90 python3 benchmarks/bench_prefill_attention.py --models d128 --cases 0:8192 253951:8192 --variant \
       "ptr:paged_prefill.TMA=False" "m128w8:paged_prefill.BLOCK_M=128,paged_prefill.WARPS=8" \
       "m128w8s3:paged_prefill.BLOCK_M=128,paged_prefill.WARPS=8,paged_prefill.STAGES=3" > "$OUT/attn128.log" 2>&1
-    timeout 170 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
-      --variant "keep:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" "dhtma:gdn_chunk_bwd.BWD_DH_TMA=True" \
-      "both:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True,gdn_chunk_bwd.BWD_DH_TMA=True" > "$OUT/train.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     grep 'gate\|failed' "$OUT/forward.log" "$OUT/train.log" | cut -c1-300
     grep '^forward \|^train ' "$OUT/forward.log" "$OUT/train.log" | cut -d: -f2- | cut -c1-170

@@ -360,6 +360,16 @@ def _multiprocessors(device: torch.device) -> int:
 # BV 128 (8 warps: the fp32 state alone is 128 registers a thread at 4) lost to 64 at both (0.240, 0.244), so the
 # list stops at 64. fp32 keeps 32 (its FMA dots spill at wider blocks).
 STATE_PASS_BVS = (16, 32, 64)
+# Pipeline stages of the plain state pass (not the fused one: FUSED_OUTPUT_STAGES), in 16-bit dtypes (fp32 keeps
+# Triton's default, 3). At 3, V blocks of 64 take 123 KB of shared memory at 9B heads (Triton 3.6, sm_90), so one
+# program per SM: B = 4 at 9B heads is 256 programs, two waves on an H100. At 2 (~82 KB) two fit an SM. Untimed
+# (`gpu_plan.sh 29` times 2 as `hs2`): training's forward and the backward's recompute take this pass.
+STATE_PASS_STAGES = 3
+
+
+def plain_state_pass_launch(fp32: bool) -> dict:
+    """The plain state pass's launch settings (warps, stages)."""
+    return dict(num_warps=4, num_stages=3 if fp32 else STATE_PASS_STAGES)
 # STATE_PASS_CP: cut long sequences into segments that run in parallel (`gdn_cp`: a pre-pass from the gates, a chain
 # over the segments, then the state pass over every segment at once) where few sequences x heads leave SMs idle or
 # force narrow V blocks (B = 1 at 9B and 0.8B heads), from gdn_cp.CP_MIN_HEAD_CHUNKS on (timings there);
@@ -479,7 +489,7 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
     value_heads, dk, dv = common["HV"], common["K"], common["V"]
     segments, device, fp32 = plan.num_segments, g_cumsum.device, common["DOT_PRECISION"] == "ieee"
     stride_k = k_normed.stride(1)
-    seg = dict(common, IS_VARLEN=True, NORM_K=norm_k, num_warps=4)
+    seg = dict(common, IS_VARLEN=True, NORM_K=norm_k, **plain_state_pass_launch(fp32))
     tables = (plan.cu_seqlens, plan.chunk_offsets, length, stride_k)
     first, first_m, fallback = gdn_cp.warmup_tables(g_cumsum, plan).unbind(0)
     # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
@@ -614,7 +624,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
             key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
             STORE_FINAL_STATE=output_final_state, NORM_K=False, **fold_args, **common,
-            **(fused_args or dict(num_warps=4)))
+            **(fused_args or plain_state_pass_launch(fp32)))
     else:
         _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length,
                               fold_args, common, narrowest=32 if fold else 16, fused_args=fused_args,
