@@ -450,11 +450,10 @@ case "${1:-}" in
        # shared memory, at 1 stage two); train with kept states, with the dH pass's loads through descriptors
        # (BWD_DH_TMA, also built in the seventeenth, untimed), and with the dH pass (115 KB at 2 stages) and the plain
        # state pass (123 KB at 3) at one stage fewer, so that two programs fit an SM (at 9B heads, B = 4 both run 256
-       # programs: two waves at one per SM), and with dv_local beside the backward's recompute (`ovl`); last, TMA
-       # for 128-wide attention heads against pointer loads and 128-row tiles. Limits add up to 570 s. Adopt what wins
-       # at both head layouts.
+       # programs: two waves at one per SM); last, TMA for 128-wide attention heads against pointer loads and
+       # 128-row tiles. Limits add up to 570 s. Adopt what wins at both head layouts.
     timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_cp.py tests/ops/test_paged_prefill_attention.py \
-      tests/ops/test_triton_gdn_chunk_bwd.py tests/cuda -k "tma or fused or fold or cuda or kernel or beside" -j 16 \
+      tests/ops/test_triton_gdn_chunk_bwd.py tests/cuda -k "tma or fused or fold or cuda or kernel" -j 16 \
       > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 180 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "tma:gdn_chunk.STATE_PASS_TMA=True" \
@@ -464,8 +463,6 @@ case "${1:-}" in
       "both:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True,gdn_chunk_bwd.BWD_DH_TMA=True" \
       "dhs1:gdn_chunk_bwd.BWD_DH_STAGES=1" "dhtmas1:gdn_chunk_bwd.BWD_DH_TMA=True,gdn_chunk_bwd.BWD_DH_STAGES=1" \
       "hs2:gdn_chunk.STATE_PASS_STAGES=2" "hs2dhs1:gdn_chunk.STATE_PASS_STAGES=2,gdn_chunk_bwd.BWD_DH_STAGES=1" \
-      "ovl:gdn_chunk_bwd.BWD_OVERLAP_DV_LOCAL=True" \
-      "ovlhs2dhs1:gdn_chunk_bwd.BWD_OVERLAP_DV_LOCAL=True,gdn_chunk.STATE_PASS_STAGES=2,gdn_chunk_bwd.BWD_DH_STAGES=1" \
       > "$OUT/train.log" 2>&1
     timeout 90 python3 benchmarks/bench_prefill_attention.py --models d128 --cases 0:8192 253951:8192 --variant \
       "ptr:paged_prefill.TMA=False" "m128w8:paged_prefill.BLOCK_M=128,paged_prefill.WARPS=8" \

@@ -546,29 +546,3 @@ def test_bwd_dh_pass_tma(poisoned, monkeypatch, offsets):
     for name, x, ref in zip(NAMES, tma, plain):
         assert rel_err(x, ref.double()) <= 1e-3, name
     check(batch, length, 2, 4, 64, 64, torch.bfloat16, with_state=True, with_dht=True, cu_seqlens=case_inputs[0])
-
-
-@pytest.mark.parametrize("cut", [False, True])
-def test_bwd_dv_local_beside_the_recompute(poisoned, monkeypatch, cut):
-    """gdn_chunk_bwd.BWD_OVERLAP_DV_LOCAL: the dv_local kernel runs on the caller's stream while the recompute (w/u
-    kernel and state pass, plain or cut into segments) runs on a high-priority stream, joined before the dH pass;
-    on CUDA the recompute's launches go to that stream, and the gradients are the same bits as in order."""
-    from hybridlm.ops.triton import gdn_chunk_bwd
-
-    on_cuda = torch.device(DEVICE).type == "cuda"
-    if cut:
-        cut_forward_into_segments(monkeypatch)
-    case_inputs = blocked_case_inputs(1, 130, 2, 4, 64, 64, torch.bfloat16, [0, 5, 69, 130])
-    plain = grads_with(monkeypatch, "BWD_OVERLAP_DV_LOCAL", False, case_inputs)
-    streams = []
-    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_wu_kernel",
-                    lambda _: ("wu", torch.cuda.current_stream() if on_cuda else None), streams)
-    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_dv_local_kernel",
-                    lambda _: ("dv_local", torch.cuda.current_stream() if on_cuda else None), streams)
-    beside = grads_with(monkeypatch, "BWD_OVERLAP_DV_LOCAL", True, case_inputs)
-    assert [name for name, _ in streams] == ["wu", "dv_local"]
-    if on_cuda:
-        assert streams[0][1] == gdn_chunk_bwd._priority_stream(case_inputs[1][0].device) != streams[1][1]
-        torch.cuda.synchronize()
-    for name, x, ref in zip(NAMES, beside, plain):
-        assert torch.equal(x, ref), name

@@ -9,8 +9,7 @@ chunk_gated_delta_rule backward:
    solve), then the forward's h kernel recomputes the chunk states h and v_new. (The forward may fold w and u into
    its state pass, `gdn_chunk.FOLD_WU_INTO_H`; the backward never does: on an H200 the folded recompute and dH pass
    were no faster at 9B heads and 6% slower at 0.8B, B = 4, T = 4k.)
-1. `chunk_gdn_bwd_dv_local_kernel` (parallel): dv_new = tril(q k^T exp(G_i - G_j))^T do, the values' share of o
-   (with `BWD_OVERLAP_DV_LOCAL`, beside step 0 on another stream).
+1. `chunk_gdn_bwd_dv_local_kernel` (parallel): dv_new = tril(q k^T exp(G_i - G_j))^T do, the values' share of o.
 2. `chunk_gdn_bwd_dh_kernel` (sequential over the chunks, backwards): with dH the gradient of the state leaving a
    chunk, dv_new += (k exp(G_last - G)) dH and dH <- exp(G_last) dH + (q exp(G))^T do - w^T dv_new; stores dH per
    chunk, the full dv_new and dh0.
@@ -421,11 +420,6 @@ BWD_QK_GRAD_DTYPE = "input"
 # held from each layer's forward to its backward; fla recomputes them, as the default here does. `hybridlm train
 # --gdn-keep-states` sets it.
 BWD_REUSE_FORWARD_STATES = False
-# Run the backward's recompute (w/u kernel, then the state pass) on a stream of the highest priority while the
-# dv_local kernel runs beside it on the caller's stream: the state pass runs a few programs per SM (256 at 9B heads,
-# B = 4, one per SM at 3 stages), and dv_local's 8192 programs (32 KB of shared memory each) can fill the rest.
-# Only without kept states (nothing to overlap then) and on CUDA. Untimed (`gpu_plan.sh 29`: `ovl`).
-BWD_OVERLAP_DV_LOCAL = False
 
 
 def dh_pass_descriptors(q, k, w, do, dv_local, BV: int) -> dict:
@@ -442,27 +436,6 @@ def dh_pass_descriptors(q, k, w, do, dv_local, BV: int) -> dict:
                  do_desc=descriptor(do, [rows, value_heads * dv], [value_heads * dv, 1], [BT, BV]),
                  dvl_desc=descriptor(dv_local, [rows, value_heads * dv], [value_heads * dv, 1], [BT, BV]))
     return {} if None in descs.values() else dict(TMA=True, **descs)
-
-
-@functools.cache
-def _priority_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device, priority=-1)  # lower is higher; the caller's default stream has 0
-
-
-@contextlib.contextmanager
-def _recompute_stream(device: torch.device, beside):
-    """Within: the backward's recompute of w, u, h and v_new. With `beside` (a function launching kernels) on CUDA,
-    the recompute runs on a stream of the highest priority while `beside` runs on the caller's stream, and the
-    caller's stream then waits for the recompute (`BWD_OVERLAP_DV_LOCAL`); otherwise a plain context."""
-    if beside is None or device.type != "cuda":
-        yield
-        return
-    caller, side = torch.cuda.current_stream(device), _priority_stream(device)
-    side.wait_stream(caller)
-    with torch.cuda.stream(side):
-        yield
-    beside()
-    caller.wait_stream(side)
 
 
 @contextlib.contextmanager
@@ -542,35 +515,28 @@ def chunk_gdn_bwd(
     else:  # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
         w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
         u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
+        chunk_gdn_wu_kernel[chunk_grid](
+            k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
+            BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
         h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
         v_new = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
+        BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
+                                narrowest=32)  # the backward's tiles are all at least 32 wide
+        plan = (segment_plan(sequence_bounds(cu_seqlens_given, batch, length), value_heads, device)
+                if may_split(batch * length, value_heads) else None)
+        if plan is None:
+            chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
+                k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
+                BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False,
+                **plain_state_pass_launch(dtype == torch.float32), **common)
+        else:  # the forward's context-parallel pass, keys normalised in the loop
+            _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, {}, common,
+                                  narrowest=32, norm_k=True)
+
     dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
-
-    def dv_local_pass():
-        chunk_gdn_bwd_dv_local_kernel[chunk_grid](
-            q, k, do, g_cumsum, dv_local, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
-            BV=BV_chunk, num_warps=BWD_DV_LOCAL_WARPS, **common)
-
-    if forward_states is None:
-        # (every tensor these launches touch was allocated above, on the caller's stream, and outlives the join)
-        with _recompute_stream(device, dv_local_pass if BWD_OVERLAP_DV_LOCAL else None):
-            chunk_gdn_wu_kernel[chunk_grid](
-                k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-                BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
-            BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device,
-                                    dtype == torch.float32, narrowest=32)  # the backward's tiles: >= 32 wide
-            plan = (segment_plan(sequence_bounds(cu_seqlens_given, batch, length), value_heads, device)
-                    if may_split(batch * length, value_heads) else None)
-            if plan is None:
-                chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
-                    k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length,
-                    k.stride(1), BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False,
-                    **plain_state_pass_launch(dtype == torch.float32), **common)
-            else:  # the forward's context-parallel pass, keys normalised in the loop
-                _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, {}, common,
-                                      narrowest=32, norm_k=True)
-    if forward_states is not None or not BWD_OVERLAP_DV_LOCAL or device.type != "cuda":
-        dv_local_pass()
+    chunk_gdn_bwd_dv_local_kernel[chunk_grid](
+        q, k, do, g_cumsum, dv_local, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
+        BV=BV_chunk, num_warps=BWD_DV_LOCAL_WARPS, **common)
 
     dv_new = torch.empty_like(v_new)  # [B, T, Hv, dv]
     dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
