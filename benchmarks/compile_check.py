@@ -343,17 +343,6 @@ def configurations():
         add(f"gdn_fwd fused_o wu-per-key-head prepare=kkt-fold Hv={hv} {name} bf16 varlen", run_gdn_fwd, hk=hk,
             hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, varlen=True, prepare="kkt-fold",
             fused=dict(WU_KEY_HEAD_PROGRAMS=True))
-        # the folded, fused pass's loads through tensor descriptors (gdn_chunk.STATE_PASS_TMA), cut and uncut
-        add(f"gdn_fwd fused_o tma cp prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
-            dk=GDN_DIM, dv=GDN_DIM, length=1024, state=True, prepare="kkt-fold", cp=True,
-            fused=dict(STATE_PASS_TMA=True))
-        add(f"gdn_fwd fused_o tma prepare=kkt-fold Hv={hv} {name} bf16 varlen", run_gdn_fwd, hk=hk, hv=hv,
-            dk=GDN_DIM, dv=GDN_DIM, state=True, varlen=True, prepare="kkt-fold", fused=dict(STATE_PASS_TMA=True))
-        # at 1 stage (49 KB of shared memory: two programs per SM, as the pointer loads at 2 stages; 2 stages take
-        # 123 KB, one program per SM)
-        add(f"gdn_fwd fused_o tma_s1 cp prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
-            dk=GDN_DIM, dv=GDN_DIM, length=1024, state=True, prepare="kkt-fold", cp=True,
-            fused=dict(STATE_PASS_TMA=True, FUSED_OUTPUT_STAGES=1))
         add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
             state=True, dht=True, cp=True)
         for varlen in (False, True):  # the dH pass's loads through tensor descriptors (gdn_chunk_bwd.BWD_DH_TMA)

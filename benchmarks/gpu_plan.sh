@@ -472,8 +472,21 @@ case "${1:-}" in
     grep '^forward \|^train ' "$OUT/forward.log" "$OUT/train.log" | cut -d: -f2- | cut -c1-170
     grep '^|' "$OUT/attn128.log" | tail -10
     ;;
+  30)  # eighteenth session, second call: the key-blocked dq/dk kernel that also makes dw (gdn_chunk_bwd.BWD_DQK_BK;
+       # built in the twelfth session, GPU-tested since, never timed end to end), at its settings and with kept states;
+       # the key-blocked WY kernel under a register cap (BWD_WY_KB_MAXNREG, untimed). Limits add up to 200 s.
+    timeout 40 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dh_pass or key_blocks or fp32" \
+      -j 16 > "$OUT/gpu_tests.log" 2>&1
+    timeout 160 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
+      --variant "dqkb64:gdn_chunk_bwd.BWD_DQK_BK=64" "dqkb64w8:gdn_chunk_bwd.BWD_DQK_BK=64,gdn_chunk_bwd.BWD_DQK_KB_WARPS=8" \
+      "wynreg168:gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" \
+      "keepdqkb64:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True,gdn_chunk_bwd.BWD_DQK_BK=64" > "$OUT/train.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    grep 'gate\|failed' "$OUT/train.log" | cut -c1-300
+    grep '^train ' "$OUT/train.log" | cut -c1-170
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|29" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|30" >&2
     exit 2
     ;;
 esac

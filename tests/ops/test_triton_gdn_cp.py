@@ -21,14 +21,10 @@ CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens)
     "fp32-packed": (1, 460, 2, 4, 16, 32, torch.float32, [0, 5, 300, 330, 460]),
     "bf16-batch-odd-dims": (1, 330, 1, 4, 24, 40, torch.bfloat16, None),
 }
-TMA_CASES = {  # power-of-two dims (STATE_PASS_TMA's descriptors)
-    "bf16-packed-64": (1, 280, 2, 4, 64, 64, torch.bfloat16, [0, 5, 270, 280]),
-    "bf16-batch-64": (2, 100, 1, 2, 64, 64, torch.bfloat16, None),
-}
 
 
 def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_decay=False, fused=False):
-    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {**CASES, **TMA_CASES}[case]
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = CASES[case]
     cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
                                  batch if offsets is None else len(offsets) - 1)
@@ -83,22 +79,6 @@ def test_segments_with_the_output_fused(poisoned, monkeypatch, case, fold):
     assert cut["h"] is None and cut["v_new"] is None
     for name in ("o", "final_state"):
         assert rel_err(cut[name], plain[name].double()) <= (1e-5 if dtype == torch.float32 else 1e-2), name
-    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
-
-
-@pytest.mark.parametrize("case, cp", [("bf16-packed-64", True), ("bf16-batch-64", False)])
-def test_state_pass_tma(poisoned, monkeypatch, case, cp):
-    """gdn_chunk.STATE_PASS_TMA: the folded, fused pass reads k, q, v, X and q k^T through tensor descriptors over
-    the [B * T, ..] rows (chunks that end inside a sequence read the next one's rows, the last the zeros past the
-    tensor; X's unwritten upper triangle is NaN here) and gives the pointer loads' o and final state."""
-    plain, *_ = run(case, True, monkeypatch, cp=cp, fold=True, fused=True)
-    monkeypatch.setattr(gdn_chunk, "STATE_PASS_TMA", True)
-    used, build = [], gdn_chunk.state_pass_descriptors
-    monkeypatch.setattr(gdn_chunk, "state_pass_descriptors", lambda *a: used.append(build(*a)) or used[-1])
-    tma, inputs, state, cu_seqlens, dtype = run(case, True, monkeypatch, cp=cp, fold=True, fused=True)
-    assert used and used[0].get("TMA") is True
-    for name in ("o", "final_state"):
-        assert rel_err(tma[name], plain[name].double()) <= 1e-3, name
     check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
 
 

@@ -42,8 +42,7 @@ from hybridlm.ops.triton.gdn_output import chunk_gdn_fwd_o_kernel, chunk_gdn_fwd
 from hybridlm.ops.triton.gdn_prepare import chunk_gdn_fwd_prepare_kernel
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import (
-    cdiv, check_cu_seqlens, descriptor, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks,
-    rows_packed, tma_capable,
+    cdiv, check_cu_seqlens, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks, rows_packed,
 )
 from hybridlm.ops.varlen import host_bounds
 
@@ -104,15 +103,6 @@ def chunk_gdn_fwd_h_kernel(
     o=None,
     scale=1.0,
     stride_q=0,
-    # TMA (`STATE_PASS_TMA`; folded and fused, q k^T given): the k, q, v, X and q k^T tiles through tensor descriptors
-    # over [B * T, columns] views. Rows past a sequence's end then hold the next one's rows (or zeros past the
-    # tensor): they meet only zeroed beta, zeroed v_new rows and the masks, and are never stored.
-    TMA: tl.constexpr = False,
-    k_desc=None,
-    q_desc=None,
-    v_desc=None,
-    x_desc=None,
-    a_desc=None,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -167,24 +157,15 @@ def chunk_gdn_fwd_h_kernel(
         m_t = o_t < T
         b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
         b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
-        i_r = (bos + i_s).to(tl.int32)  # the chunk's first row in the descriptors' [B * T, ..] views
-        if TMA:
-            b_k = k_desc.load([i_r, i_hk * K])
-        else:
-            b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
+        b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
         if NORM_K:
             b_k = _l2norm_rows(b_k).to(dtype)
         if FUSED_O:  # the products that need no v_new first: they are off the chain through the state update
-            if TMA:
-                b_q = q_desc.load([i_r, i_hk * K])
-            else:
-                b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
+            b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
             if not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
             b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
-            if TMA:
-                b_A = tl.where(m_t[:, None] & (o_i[:, None] >= o_i[None, :]), a_desc.load([i_r, i_h * BT]), 0.)
-            elif A_GIVEN:
+            if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
                               mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
             else:
@@ -193,17 +174,12 @@ def chunk_gdn_fwd_h_kernel(
                 m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
                 b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
         if FOLD_WU:  # w h = X (beta exp(G) (k h)) and u = X (beta v), so v_new = X (beta (v - exp(G) (k h)))
-            if TMA:  # (X's upper triangle is never written)
-                b_X = tl.where(m_t[:, None] & (o_c[:, None] >= o_c[None, :]), x_desc.load([i_r, i_h * BT]), 0.)
-            else:
-                b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                              mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
+            b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
+                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
             b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
-            if TMA:
-                b_r += v_desc.load([i_r, i_h * V + i_v * BV]).to(tl.float32)
-            elif not ZERO_U:
+            if not ZERO_U:
                 b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
             b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
         else:
@@ -362,14 +338,18 @@ def _multiprocessors(device: torch.device) -> int:
 STATE_PASS_BVS = (16, 32, 64)
 # Pipeline stages of the plain state pass (not the fused one: FUSED_OUTPUT_STAGES), in 16-bit dtypes (fp32 keeps
 # Triton's default, 3). At 3, V blocks of 64 take 123 KB of shared memory at 9B heads (Triton 3.6, sm_90), so one
-# program per SM: B = 4 at 9B heads is 256 programs, two waves on an H100. At 2 (~82 KB) two fit an SM. Untimed
-# (`gpu_plan.sh 29` times 2 as `hs2`): training's forward and the backward's recompute take this pass.
+# program per SM: B = 4 at 9B heads is 256 programs, two waves on an H100. At 2 (~82 KB) two fit an SM, yet train
+# (forward + backward, B = 4, T = 4k; training's forward and the backward's recompute take this pass) ran at 1.00x
+# (9B heads) and 0.97x (0.8B) on an H100 (2026-12-05, `gpu_plan.sh 29`, `hs2`): the pass's chain, not the SM count,
+# bounds it.
 STATE_PASS_STAGES = 3
 
 
 def plain_state_pass_launch(fp32: bool) -> dict:
     """The plain state pass's launch settings (warps, stages)."""
     return dict(num_warps=4, num_stages=3 if fp32 else STATE_PASS_STAGES)
+
+
 # STATE_PASS_CP: cut long sequences into segments that run in parallel (`gdn_cp`: a pre-pass from the gates, a chain
 # over the segments, then the state pass over every segment at once) where few sequences x heads leave SMs idle or
 # force narrow V blocks (B = 1 at 9B and 0.8B heads), from gdn_cp.CP_MIN_HEAD_CHUNKS on (timings there);
@@ -402,13 +382,10 @@ FUSED_OUTPUT: bool | None = None
 FUSED_MIN_PROGRAMS_PER_SM = 1.5
 FUSED_OUTPUT_WARPS = 4
 FUSED_OUTPUT_STAGES = 2  # at 3 the pipelined loads take 148 KB of shared memory (9B heads, folded): one program per SM
+# (The folded, fused pass's k, q, v, X and q k^T tiles through tensor descriptors (TMA) lost on an H100: 9B heads
+# 16k 0.674 -> 0.861 ms, 64k 2.52 -> 3.32, 8 x 4k 1.18 -> 1.56; at 1 stage (49 KB of shared memory instead of 123)
+# 0.82-0.86x; and the packed GPU test gave a wrong o (0.55). Removed, 2026-12-05, `gpu_plan.sh 29`.)
 FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pass_block's pick
-# the folded, fused pass's k, q, v, X and q k^T tiles through tensor descriptors (TMA, Hopper and later; dk a power of
-# two, V blocks dividing dv): the copy engine fetches them, no address math or masks in the loop. The paged prefill
-# attention gained 1.3x from it on an H100. Untimed here. Offline (sm_90, Triton 3.6, 9B heads, the cut's main pass):
-# at 2 stages 252 registers, no spill (60 B with pointers), but 123 KB of shared memory (107 KB): one program per SM
-# where the pointer loads fit two; at 1 stage 49 KB, 16 B spilled. `gpu_plan.sh 29` times both.
-STATE_PASS_TMA = False
 # the decayed causal q k^T of each chunk made by the w/u kernel (a [B, T, Hv, 64] tensor in the input dtype, 67 MB at
 # 9B heads and 16k tokens, written and read once) instead of inside the fused pass's loop, where it cost a
 # 64 x 64 x dk product per V block and step and the registers to hold it (sm_90, Triton 3.6, 9B heads, the cut's
@@ -437,22 +414,6 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
         return max(1.0, programs / sms) * (2 * BT * BK + BV * (2 * BT + BK)) * element_size
 
     return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
-
-
-def state_pass_descriptors(k_normed, q_normed, v, x_inv, aqk, BV: int) -> dict:
-    """The fused, folded state pass's TMA arguments (`STATE_PASS_TMA`): descriptors over the [B * T, columns] rows
-    of the normalised k and q, v, X and q k^T with [64, width] boxes, or nothing where one does not apply."""
-    batch, length, key_heads, dk = k_normed.shape
-    value_heads, dv = v.shape[2], v.shape[3]
-    if not STATE_PASS_TMA or next_power_of_2(dk) != dk or dk < 16 or dv % BV or not tma_capable(v.device):
-        return {}
-    rows, BT = batch * length, CHUNK_SIZE
-    descs = dict(k_desc=descriptor(k_normed, [rows, key_heads * dk], [key_heads * dk, 1], [BT, dk]),
-                 q_desc=descriptor(q_normed, [rows, key_heads * dk], [key_heads * dk, 1], [BT, dk]),
-                 v_desc=descriptor(v, [rows, value_heads * dv], [v.stride(1), 1], [BT, BV]),
-                 x_desc=descriptor(x_inv, [rows, value_heads * BT], [value_heads * BT, 1], [BT, BT]),
-                 a_desc=descriptor(aqk, [rows, value_heads * BT], [value_heads * BT, 1], [BT, BT]))
-    return {} if None in descs.values() else dict(TMA=True, **descs)
 
 
 def may_split(tokens: int, value_heads: int) -> bool:
@@ -617,8 +578,6 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
                           num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES)
-        if fold and q_normed is not None and aqk is not None:
-            fused_args.update(state_pass_descriptors(k_normed, q_normed, v, x_inv, aqk, BV_h))
     if plan is None:
         chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,

@@ -376,10 +376,13 @@ BWD_WU_BV, BWD_WU_WARPS = 128, 8  # the w/u recompute
 BWD_DV_LOCAL_WARPS = 4
 # the sequential dH pass (fp32: 2 stages, shared memory); BV 64 only while that leaves at least half as many
 # programs as SMs (B = 4 at 9B and 0.8B heads was measured; B = 1 keeps 32, unmeasured at 64)
+# (1 stage: 49 KB of shared memory instead of 115, two programs per SM, yet train at B = 4, T = 4k ran at 0.97x at
+# 9B heads and 0.94x at 0.8B on an H100, 2026-12-05, `gpu_plan.sh 29`, `dhs1`)
 BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
 # its q, k, w, do and dv_local tiles through tensor descriptors (TMA; Hopper and later, dk a power of two, V blocks
-# dividing dv); untimed (`gpu_plan.sh 29` times it as `dhtma`)
-BWD_DH_TMA = False
+# dividing dv). Train at B = 4, T = 4k on an H100 (2026-12-05, `gpu_plan.sh 29`, `dhtma`): 9B heads 3.580 -> 3.553
+# ms, 0.8B 2.071 -> 2.029; with kept states 3.107 -> 3.079 and 1.802 -> 1.768; same gradients (GPU tests passed).
+BWD_DH_TMA = True
 BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
 # The key-row widths (BK) at which the whole-row dq/dk kernel makes dS^T by a product of its own (one more [64, 64]
 # product per V block) instead of `tl.dot(tl.trans(dS), q)`: that line miscompiles on Hopper with Triton 3.4-3.7.0
@@ -427,7 +430,8 @@ def dh_pass_descriptors(q, k, w, do, dv_local, BV: int) -> dict:
     dv_local with [64, width] boxes, or nothing where one does not apply."""
     batch, length, key_heads, dk = q.shape
     value_heads, dv = do.shape[2], do.shape[3]
-    if not BWD_DH_TMA or next_power_of_2(dk) != dk or dk < 16 or dv % BV or not tma_capable(q.device):
+    # (the kernel's key tiles are at least 32 wide: BK = max(32, dk's power of two), so the box must be as wide)
+    if not BWD_DH_TMA or next_power_of_2(dk) != dk or dk < 32 or dv % BV or not tma_capable(q.device):
         return {}
     rows, BT = batch * length, CHUNK_SIZE
     descs = dict(q_desc=descriptor(q, [rows, key_heads * dk], [q.stride(1), 1], [BT, dk]),
