@@ -485,8 +485,22 @@ case "${1:-}" in
     grep 'gate\|failed' "$OUT/train.log" | cut -c1-300
     grep '^train ' "$OUT/train.log" | cut -c1-170
     ;;
+  31)  # nineteenth session, first call: the H200 fault of the eighteenth (call 4: test_bwd_dqk_key_blocks[bf16-one-token],
+       # dk 128 / dv 64, B = 2, T = 1, "illegal memory access" in the training forward's state pass), each run in its
+       # own process three times, then the fault map's one-token layout at 64/128 and the whole backward test file.
+       # Note which card ran it. If it faults again on a power-of-two pair, `hopper_head_dims_fault` must cover it
+       # (one-token batches at unequal dims), or the state pass's V block there must change; limits add up to 330 s.
+    for i in 1 2 3; do
+      timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
+        "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" 2>&1 | tail -1
+    done
+    timeout 90 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 > "$OUT/fault_map.log" 2>&1
+    tail -8 "$OUT/fault_map.log"
+    timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|30" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|31" >&2
     exit 2
     ;;
 esac
