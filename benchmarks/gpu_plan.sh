@@ -491,8 +491,11 @@ case "${1:-}" in
        # Note which card ran it. If it faults again on a power-of-two pair, `hopper_head_dims_fault` must cover it
        # (one-token batches at unequal dims), or the state pass's V block there must change; limits add up to 330 s.
     for i in 1 2 3; do
-      timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
-        "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" 2>&1 | tail -1
+      # (launches blocking, so the kernel that faults raises at its own launch: an asynchronous fault surfaces at
+      # the next launch, which is how the eighteenth session saw it "in" the state pass)
+      CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
+        "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" 2>&1 \
+        | grep -E "passed|failed|hybridlm/ops/triton/.*py:[0-9]+: in" | tail -3
     done
     timeout 90 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 > "$OUT/fault_map.log" 2>&1
     tail -8 "$OUT/fault_map.log"
