@@ -273,6 +273,10 @@ KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_in
 # spills at 1 warp, more overlap. H200, 64k tokens (eighth session): 9B heads 0.569 ms (0.694 one after another),
 # 0.8B 0.289 (0.353)
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
+# KKT_KEY_HEAD_PROGRAMS: the Gram/inverse kernel runs one program per chunk and key head, making K K^T once and then
+# the gates, A and the inverse for each of the group's HV / H value heads (9B heads: two), instead of one program
+# per value head each making the same K K^T (untimed: nineteenth session)
+KKT_KEY_HEAD_PROGRAMS = False
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
 FUSED_PREPARE_WARPS = 2
@@ -546,10 +550,12 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
            if q_normed is not None and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
-        chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
+        kkt_per_key_head = KKT_KEY_HEAD_PROGRAMS and value_heads > key_heads
+        chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * (key_heads if kkt_per_key_head else value_heads))](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
-            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
+            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, KEY_HEAD_PROGRAMS=kkt_per_key_head,
+            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
         chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
