@@ -517,9 +517,11 @@ case "${1:-}" in
     timeout 40 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt" -j 16 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward \
-      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" > "$OUT/forward.log" 2>&1
+      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" "kkth2w:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True,gdn_chunk.KKT_WARPS=2" \
+      > "$OUT/forward.log" 2>&1
+    # (dhbv32: the dH pass at V blocks of 32, 512 programs at 9B heads instead of 256 at one per SM, untimed since TMA)
     timeout 120 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
-      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" > "$OUT/train.log" 2>&1
+      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" "dhbv32:gdn_chunk_bwd.BWD_DH_BV=32" > "$OUT/train.log" 2>&1
     grep 'gate\|failed' "$OUT/forward.log" "$OUT/train.log" | cut -c1-300
     grep '^forward \|^train ' "$OUT/forward.log" "$OUT/train.log" | cut -d: -f2- | cut -c1-170
     ;;
