@@ -531,6 +531,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--no-peers", action="store_true", help="time hybridlm's kernels only")
     parser.add_argument("--kinds", default="forward,train,decode", help="comma-separated subset to run")
+    parser.add_argument("--models", nargs="+", choices=["9B", "0.8B"], default=None,
+                        help="head layouts to time (default: both; 9B only with --quick, except train)")
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
                         help="kernel options of hybridlm.ops.triton to change first, "
                         "e.g. gdn_chunk.FOLD_WU_INTO_H=True")
@@ -555,7 +557,7 @@ def main() -> None:
     peers = load_peers(not args.no_peers)
 
     rows: list[Row] = []
-    models = ["9B"] if args.quick else ["9B", "0.8B"]
+    models = args.models or (["9B"] if args.quick else ["9B", "0.8B"])
     if "forward" in kinds:
         forward_ok = gate_reference(chunk_gdn_fwd)
         shapes = [(1, 4096), (1, 16384)] if args.quick else [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
@@ -565,7 +567,7 @@ def main() -> None:
     if "train" in kinds:
         train_ok = gate_backward(chunk_gdn)
         # both head layouts even with --quick: the training comparison is one shape each
-        for model in ["9B", "0.8B"]:
+        for model in args.models or ["9B", "0.8B"]:
             for batch, length in ([(4, 4096)] if args.quick else [(4, 4096), (1, 16384)]):
                 bench_train(model, batch, length, peers, train_ok, rows)
     if "decode" in kinds:
