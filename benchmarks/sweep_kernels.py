@@ -43,6 +43,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODELS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128), "tiny": (1, 2, 32)}
 
 
+def launch_options(values: tuple) -> tuple:
+    """num_warps / num_stages to sweep: on the CPU interpreter only the first, since neither changes what it runs."""
+    return values[:1] if DEVICE == "cpu" else values
+
+
 def time_ms(fn) -> float:
     if DEVICE == "cpu":
         fn()
@@ -138,8 +143,8 @@ def sweep(model, length, quick, rows, batch=1):
     k_normed = l2norm(k.float()).to(k.dtype)
     common = dict(common, USE_INITIAL_STATE=False, STORE_FINAL_STATE=True)
     grid_bv = (16, 32, 64, 128) if not quick else (32, 64) if batch == 1 else (32, 64, 128)
-    warps = (2, 4, 8) if not quick else (4, 8)
-    stages = (1, 2, 3, 4) if not quick else (2, 3)
+    warps = launch_options((2, 4, 8) if not quick else (4, 8))
+    stages = launch_options((1, 2, 3, 4) if not quick else (2, 3))
     for BV, num_warps, num_stages, norm_k in itertools.product(grid_bv, warps, stages, (True, False)):
         if BV > d:
             continue
@@ -175,7 +180,7 @@ def sweep_o(model, length, rows):
     _, value_heads, d = MODELS[model]
     (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length)
     k_normed = l2norm(k.float()).to(k.dtype)  # [1, T, Hk, d], what the prepare kernel stores
-    for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):
+    for BV, num_warps, num_stages in itertools.product((32, 64, 128), launch_options((4, 8)), launch_options((2, 3))):
         if BV > d:
             continue
         o = torch.empty_like(out["o"])
@@ -186,7 +191,8 @@ def sweep_o(model, length, rows):
                 k.stride(1), BV=BV, num_warps=num_warps, num_stages=num_stages, **common)
 
         timed_setting(rows, model, length, f"o per-block BV={BV}", num_warps, num_stages, launch, [(o, out["o"])])
-    for BV, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):  # 1 stage faulted (H200)
+    # (1 stage faulted, H200)
+    for BV, num_warps, num_stages in itertools.product((32, 64, 128), launch_options((4, 8)), launch_options((2, 3))):
         if BV > d:
             continue
         o = torch.empty_like(out["o"])
@@ -207,7 +213,7 @@ def sweep_prepare(model, length, rows):
     (q, k, v, a, b, A_log, dt_bias), out, common, chunks = forward_case(model, length, kkt=False)
     BK = common["BK"]
     A_log32, dt32 = A_log.float(), dt_bias.float()
-    for num_warps, num_stages in itertools.product((2, 4, 8), (1, 2, 3)):
+    for num_warps, num_stages in itertools.product(launch_options((2, 4, 8)), launch_options((1, 2, 3))):
         g, w, u, kn = (torch.empty_like(x) for x in (out["g_cumsum"], out["w"], out["u"], k))
 
         def launch():
@@ -242,12 +248,12 @@ def sweep_prepare_kkt(model, length, rows):
             k, v, b, g, x, w, u, kn, None, None, length, k.stride(1), v.stride(1), BV=BV, STORE_KN=True,
             num_warps=num_warps, **dict(common, V=d))
 
-    for num_warps, BK, interleave in itertools.product((1, 2, 4), (32, 64), (False, True)):
+    for num_warps, BK, interleave in itertools.product(launch_options((1, 2, 4)), (32, 64), (False, True)):
         g, x = torch.empty_like(out["g_cumsum"]), torch.zeros_like(x_ref)  # (X checked below through w and u)
         label = f"prepare kkt-solve BK={BK}" + (" interleaved" if interleave else "")
         timed_setting(rows, model, length, label, num_warps, 1, lambda: solve(g, x, num_warps, BK, interleave),
                       [(g, out["g_cumsum"])])
-    for num_warps, BV in itertools.product((4, 8), (32, 64, 128)):
+    for num_warps, BV in itertools.product(launch_options((4, 8)), (32, 64, 128)):
         if BV > d:
             continue
         w, u, kn = torch.empty_like(out["w"]), torch.empty_like(out["u"]), torch.empty_like(k)
@@ -441,7 +447,7 @@ def sweep_conv(model, length, rows):
         cu_seqlens = cu if packed else None
         reference, _ = conv.causal_conv1d_fwd(x, weight, cu_seqlens=cu_seqlens)
         saved = conv.BLOCK_T, conv.BLOCK_C, conv.NUM_WARPS
-        for BT, BC, num_warps in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
+        for BT, BC, num_warps in itertools.product((32, 64, 128), (64, 128, 256), launch_options((4, 8))):
             conv.BLOCK_T, conv.BLOCK_C, conv.NUM_WARPS = BT, BC, num_warps
             label = f"conv {'packed' if packed else 'one'} BT={BT} BC={BC}"
             try:
