@@ -502,28 +502,29 @@ case "${1:-}" in
     timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     ;;
-  32)  # nineteenth session: 31's fault isolation (blocking launches; the one-token fault map if it faults), then the
-       # Gram/inverse kernel one program per key head (gdn_chunk.KKT_KEY_HEAD_PROGRAMS: K K^T once for the group's
-       # value heads; 255 registers, 244-300 B of spills against 44 at 9B heads, offline): its GPU test, the forward
-       # at every row and train at 4 x 4k beside the default. Adopt it if it wins at 9B heads and is even at 0.8B
-       # (one value head per key head there, so the launcher keeps one program per value head: the forward is timed at
-       # 9B heads only). Limits: 320 s (400 where the test faults).
-    CUDA_LAUNCH_BLOCKING=1 timeout 50 python3 -m pytest -q -x -p no:cacheprovider \
+  32)  # nineteenth session (device time short: the most telling first): the Gram/inverse kernel one program per key
+       # head (gdn_chunk.KKT_KEY_HEAD_PROGRAMS: K K^T once for the group's value heads; 255 registers, 244-300 B of
+       # spills against 44 at 9B heads, offline): its GPU tests, the forward at 9B heads (4k, 16k) and train at
+       # 4 x 4k beside the default; in between, 31's fault isolation (blocking launches; the one-token fault map only
+       # if it faults). Adopt the flag if it wins at 9B heads (0.8B heads have one value head per key head: the
+       # launcher keeps one program per value head there). Limits: 300 s (380 where the test faults).
+    timeout 40 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt" -j 16 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 80 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds forward \
+      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" > "$OUT/forward.log" 2>&1
+    grep '^forward ' "$OUT/forward.log" | cut -c1-170
+    CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
       "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" > "$OUT/fault.log" 2>&1
     grep -E "passed|failed|Error|hybridlm/ops/triton/.*py:[0-9]+: in" "$OUT/fault.log" | tail -4
+    # (dhbv32: the dH pass at V blocks of 32, 512 programs at 9B heads instead of 256 at one per SM, untimed since TMA)
+    timeout 120 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
+      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" "dhbv32:gdn_chunk_bwd.BWD_DH_BV=32" > "$OUT/train.log" 2>&1
+    grep 'gate\|failed' "$OUT/forward.log" "$OUT/train.log" | cut -c1-300
+    grep '^train ' "$OUT/train.log" | cut -c1-170
     if ! grep -q " passed" "$OUT/fault.log"; then  # the one-token fault map only where the test did not pass
       timeout 80 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 > "$OUT/fault_map.log" 2>&1
       tail -6 "$OUT/fault_map.log"
     fi
-    timeout 40 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt" -j 16 > "$OUT/gpu_tests.log" 2>&1
-    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
-    timeout 120 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
-      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" > "$OUT/forward.log" 2>&1
-    # (dhbv32: the dH pass at V blocks of 32, 512 programs at 9B heads instead of 256 at one per SM, untimed since TMA)
-    timeout 110 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
-      --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" "dhbv32:gdn_chunk_bwd.BWD_DH_BV=32" > "$OUT/train.log" 2>&1
-    grep 'gate\|failed' "$OUT/forward.log" "$OUT/train.log" | cut -c1-300
-    grep '^forward \|^train ' "$OUT/forward.log" "$OUT/train.log" | cut -d: -f2- | cut -c1-170
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|32" >&2
