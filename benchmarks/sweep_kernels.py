@@ -312,7 +312,7 @@ def sweep_bwd(model, rows, tiny=False, only=()):
     }
     grids = {
         "wu": [(64, 4), (128, 8), (128, 4), (64, 8)], "dv-local": [(4,), (8,)],
-        "dh": list(itertools.product((32, 64), (4, 8), (2, 3))),  # 16-wide tiles: see chunk_gdn_bwd
+        "dh": list(itertools.product((32, 64), launch_options((4, 8)), launch_options((2, 3)))),  # (16: chunk_gdn_bwd)
         "dqk": list(itertools.product((4, 8), (4, 8), (2, 3))),
         "qkgrad": [("input",), ("fp32",)],
         # blocks of 64 at 4 warps: 255 registers (two programs per SM); capped at 168 (three), 520-828 B spilled
@@ -360,7 +360,7 @@ def sweep_fold(model, length, rows, batch=1):
     q, k, v, a, b = args[:5]
     k_normed = l2norm(k.float()).to(k.dtype)
     common = dict(common, USE_INITIAL_STATE=False, STORE_FINAL_STATE=True, NORM_K=False)
-    for BV, num_warps, num_stages in itertools.product((32, 64), (4, 8), (2, 3)):
+    for BV, num_warps, num_stages in itertools.product((32, 64), launch_options((4, 8)), launch_options((2, 3))):
         if BV > max(32, d):
             continue
         h, v_new = torch.empty_like(out["h"]), torch.empty_like(out["v_new"])
@@ -421,7 +421,8 @@ def sweep_fused_output(model, length, rows, batch=1):
         timed(f"fused-o B={batch}: unfused forward", 4, 3, reference)
         gdn_chunk.FUSED_OUTPUT = True
         # q k^T from the w/u kernel (the default) at every setting, then made in the pass at two of them
-        settings = [(True, *setting) for setting in itertools.product((32, 64), (4, 8), (2, 3))]
+        settings = [(True, *setting) for setting in itertools.product((32, 64), launch_options((4, 8)),
+                                                                      launch_options((2, 3)))]
         for qk_given, BV, num_warps, num_stages in settings + [(False, 32, 4, 3), (False, 64, 4, 2)]:
             gdn_chunk.FUSED_OUTPUT_BV, gdn_chunk.FUSED_OUTPUT_WARPS = BV, num_warps
             gdn_chunk.FUSED_OUTPUT_STAGES, gdn_chunk.FUSED_OUTPUT_QK_GIVEN = num_stages, qk_given
