@@ -336,6 +336,10 @@ def configurations():
             add(f"gdn_fwd fused_o qk-in-pass prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
                 dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare=prepare,
                 fused=dict(FUSED_OUTPUT_QK_GIVEN=False))
+        for warps in (4, 8):  # the fused pass over whole 128-wide value rows (half the q / k reads of BV 64)
+            add(f"gdn_fwd fused_o bv128 w{warps} prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk,
+                hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare="kkt-fold",
+                fused=dict(FUSED_OUTPUT_BV=128, FUSED_OUTPUT_WARPS=warps))
         # the w/u kernel one program per key head (gdn_chunk.WU_KEY_HEAD_PROGRAMS, with the fold), unfused and fused
         add(f"gdn_fwd wu-per-key-head prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
             dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare="kkt-fold",

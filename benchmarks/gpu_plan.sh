@@ -526,8 +526,16 @@ case "${1:-}" in
       tail -6 "$OUT/fault_map.log"
     fi
     ;;
+  33)  # carry nothing (~1 min): does warp specialisation shorten a state chain? gluon_chain_probe.py times the same
+       # chunk chain (o = q h, h = gamma h + k^T v) as a Gluon kernel (1-warp TMA loader + 4-warp wgmma chain) and as
+       # plain Triton, at 128 x 4k (B = 4 at 9B heads' 32 value heads), then at 32 x 16k. If Gluon is clearly faster
+       # per step, port the state pass (and later the backward's dH pass) to Gluon (benchmarks/NOTES.md, nineteenth).
+    timeout 120 python3 benchmarks/gluon_chain_probe.py > "$OUT/gluon.log" 2>&1
+    timeout 120 python3 benchmarks/gluon_chain_probe.py --heads 32 --length 16384 >> "$OUT/gluon.log" 2>&1
+    grep -v 'Warning\|warn' "$OUT/gluon.log" | tail -16
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|32" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|33" >&2
     exit 2
     ;;
 esac

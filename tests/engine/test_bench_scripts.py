@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -144,6 +145,17 @@ def test_sweep_kernels_tiny_fused_output():
     # in the pass
     assert len(rows) == 1 + 2 + 2
     assert all(float(row.rstrip(" |").rsplit("|", 1)[1]) == 0 for row in rows), rows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gluon_chain_probe_refuses_without_hopper():
+    """gluon_chain_probe.py times wgmma and TMA: without an sm_90 GPU it stops with a message that says so (and
+    names --compile-only), after checking its arguments."""
+    script = str(ROOT / "benchmarks" / "gluon_chain_probe.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "needs an sm_90 GPU" in result.stderr and "--compile-only" in result.stderr
+    result = subprocess.run([sys.executable, script, "--length", "100"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "multiple of 64" in result.stderr
 
 
 def test_sweep_decode_tiles_tiny_runs_each_rule():
