@@ -53,6 +53,110 @@ def _scaled_block(b_G, b_rb_i, b_r_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC
     return b_A * tl.exp(b_gc_i[:, None] - b_gc_j[None, :])
 
 
+@triton.jit
+def _chunk_gates(a, b, A_log, dt_bias, g_cumsum, bos, i_h, i_s0, T, HV: tl.constexpr, BC: tl.constexpr):
+    """The gates of one value head over the chunk's four sub-chunks: the cumulative log decay G (stored to
+    g_cumsum) and beta, as (G_0, .., G_3, beta_0, .., beta_3)."""
+    i_s1, i_s2, i_s3 = i_s0 + BC, i_s0 + 2 * BC, i_s0 + 3 * BC
+    p_a = a + bos * HV + i_h
+    p_b = b + bos * HV + i_h
+    b_decay = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    b_dt_bias = tl.load(dt_bias + i_h).to(tl.float32)
+    b_g0, b_beta0 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s0, T, HV, BC)
+    b_g1, b_beta1 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s1, T, HV, BC)
+    b_g2, b_beta2 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s2, T, HV, BC)
+    b_g3, b_beta3 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s3, T, HV, BC)
+    b_gc0 = tl.cumsum(b_g0, axis=0)
+    b_gc1 = tl.cumsum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
+    b_gc2 = tl.cumsum(b_g2, axis=0) + tl.sum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
+    b_gc3 = tl.cumsum(b_g3, axis=0) + tl.sum(b_g2, axis=0) + tl.sum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
+    p_gc = g_cumsum + bos * HV + i_h
+    o_c = tl.arange(0, BC)
+    tl.store(p_gc + (i_s0 + o_c) * HV, b_gc0, mask=i_s0 + o_c < T)
+    tl.store(p_gc + (i_s1 + o_c) * HV, b_gc1, mask=i_s1 + o_c < T)
+    tl.store(p_gc + (i_s2 + o_c) * HV, b_gc2, mask=i_s2 + o_c < T)
+    tl.store(p_gc + (i_s3 + o_c) * HV, b_gc3, mask=i_s3 + o_c < T)
+    return b_gc0, b_gc1, b_gc2, b_gc3, b_beta0, b_beta1, b_beta2, b_beta3
+
+
+@triton.jit
+def _gram_blocks(p_k, i_s0, T, stride_k, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """The ten lower 16 x 16 blocks of the chunk's raw Gram matrix K K^T, summed over slices of BK key columns:
+    (G00, G11, G22, G33, G10, G20, G21, G30, G31, G32)."""
+    i_s1, i_s2, i_s3 = i_s0 + BC, i_s0 + 2 * BC, i_s0 + 3 * BC
+    b_G00 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G11 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G22 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G33 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G10 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G20 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G21 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G30 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G31 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_G32 = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_k0 = _key_slice(p_k, i_s0, T, stride_k, i_k, K, BC, BK)
+        b_k1 = _key_slice(p_k, i_s1, T, stride_k, i_k, K, BC, BK)
+        b_k2 = _key_slice(p_k, i_s2, T, stride_k, i_k, K, BC, BK)
+        b_k3 = _key_slice(p_k, i_s3, T, stride_k, i_k, K, BC, BK)
+        b_G00 = tl.dot(b_k0, tl.trans(b_k0), b_G00, input_precision=DOT_PRECISION)
+        b_G11 = tl.dot(b_k1, tl.trans(b_k1), b_G11, input_precision=DOT_PRECISION)
+        b_G22 = tl.dot(b_k2, tl.trans(b_k2), b_G22, input_precision=DOT_PRECISION)
+        b_G33 = tl.dot(b_k3, tl.trans(b_k3), b_G33, input_precision=DOT_PRECISION)
+        b_G10 = tl.dot(b_k1, tl.trans(b_k0), b_G10, input_precision=DOT_PRECISION)
+        b_G20 = tl.dot(b_k2, tl.trans(b_k0), b_G20, input_precision=DOT_PRECISION)
+        b_G21 = tl.dot(b_k2, tl.trans(b_k1), b_G21, input_precision=DOT_PRECISION)
+        b_G30 = tl.dot(b_k3, tl.trans(b_k0), b_G30, input_precision=DOT_PRECISION)
+        b_G31 = tl.dot(b_k3, tl.trans(b_k1), b_G31, input_precision=DOT_PRECISION)
+        b_G32 = tl.dot(b_k3, tl.trans(b_k2), b_G32, input_precision=DOT_PRECISION)
+    return b_G00, b_G11, b_G22, b_G33, b_G10, b_G20, b_G21, b_G30, b_G31, b_G32
+
+
+@triton.jit
+def _inverse_stored(grams, gates, p_x, i_s0, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """From the raw Gram blocks and one value head's gates: A = beta_i r_i r_j (k_i . k_j) exp(G_i - G_j) with the
+    key norms r from the Gram diagonal, X = (I + A)^-1, stored (in x_inv's dtype) at p_x."""
+    b_G00, b_G11, b_G22, b_G33, b_G10, b_G20, b_G21, b_G30, b_G31, b_G32 = grams
+    b_gc0, b_gc1, b_gc2, b_gc3, b_beta0, b_beta1, b_beta2, b_beta3 = gates
+    i_s1, i_s2, i_s3 = i_s0 + BC, i_s0 + 2 * BC, i_s0 + 3 * BC
+    dtype = p_x.dtype.element_ty
+    # 1 / |k| from the Gram diagonal, by rows (with beta folded in) and by columns
+    b_n0, b_m0 = _diagonal(b_G00, BC)
+    b_n1, b_m1 = _diagonal(b_G11, BC)
+    b_n2, b_m2 = _diagonal(b_G22, BC)
+    b_n3, b_m3 = _diagonal(b_G33, BC)
+    b_rb0, b_r0 = b_beta0 * tl.rsqrt(b_n0 + 1e-6), tl.rsqrt(b_m0 + 1e-6)
+    b_rb1, b_r1 = b_beta1 * tl.rsqrt(b_n1 + 1e-6), tl.rsqrt(b_m1 + 1e-6)
+    b_rb2, b_r2 = b_beta2 * tl.rsqrt(b_n2 + 1e-6), tl.rsqrt(b_m2 + 1e-6)
+    b_rb3, b_r3 = b_beta3 * tl.rsqrt(b_n3 + 1e-6), tl.rsqrt(b_m3 + 1e-6)
+    b_A00 = _scaled_block(b_G00, b_rb0, b_r0, b_gc0, b_gc0, True, BC)
+    b_A11 = _scaled_block(b_G11, b_rb1, b_r1, b_gc1, b_gc1, True, BC)
+    b_A22 = _scaled_block(b_G22, b_rb2, b_r2, b_gc2, b_gc2, True, BC)
+    b_A33 = _scaled_block(b_G33, b_rb3, b_r3, b_gc3, b_gc3, True, BC)
+    b_A10 = _scaled_block(b_G10, b_rb1, b_r0, b_gc1, b_gc0, False, BC)
+    b_A20 = _scaled_block(b_G20, b_rb2, b_r0, b_gc2, b_gc0, False, BC)
+    b_A21 = _scaled_block(b_G21, b_rb2, b_r1, b_gc2, b_gc1, False, BC)
+    b_A30 = _scaled_block(b_G30, b_rb3, b_r0, b_gc3, b_gc0, False, BC)
+    b_A31 = _scaled_block(b_G31, b_rb3, b_r1, b_gc3, b_gc1, False, BC)
+    b_A32 = _scaled_block(b_G32, b_rb3, b_r2, b_gc3, b_gc2, False, BC)
+
+    b_X00, b_X11, b_X22, b_X33, b_X10, b_X20, b_X21, b_X30, b_X31, b_X32 = _chunk_inverse(
+        b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC, DOT_PRECISION, INTERLEAVE)
+
+    _store_rows(p_x, b_X00.to(dtype), i_s0, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x, b_X10.to(dtype), i_s1, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x + BC, b_X11.to(dtype), i_s1, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x, b_X20.to(dtype), i_s2, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x + BC, b_X21.to(dtype), i_s2, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x + 2 * BC, b_X22.to(dtype), i_s2, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x, b_X30.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x + BC, b_X31.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x + 2 * BC, b_X32.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
+    _store_rows(p_x + 3 * BC, b_X33.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
+
+
 # T stays unspecialised (as in the backward): one compile for every length
 @triton.jit(do_not_specialize=["T"])
 def chunk_gdn_fwd_kkt_solve_kernel(
@@ -86,102 +190,23 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     if KEY_HEAD_PROGRAMS:
         i_b, i_hk = i_bh // H, i_bh % H
     else:
-        i_b, i_h0 = i_bh // HV, i_bh % HV
-        i_hk = i_h0 // G
+        i_b, i_h = i_bh // HV, i_bh % HV
+        i_hk = i_h // G
     _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    dtype = x_inv.dtype.element_ty
     i_s0 = i_t * BT
-    i_s1, i_s2, i_s3 = i_s0 + BC, i_s0 + 2 * BC, i_s0 + 3 * BC
-
-    # the ten lower blocks of the raw Gram matrix K K^T, summed over key slices (they depend on the key head only)
-    b_G00 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G11 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G22 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G33 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G10 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G20 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G21 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G30 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G31 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_G32 = tl.zeros([BC, BC], dtype=tl.float32)
     p_k = k + bos * stride_k + i_hk * K
-    for i_k in range(tl.cdiv(K, BK)):
-        b_k0 = _key_slice(p_k, i_s0, T, stride_k, i_k, K, BC, BK)
-        b_k1 = _key_slice(p_k, i_s1, T, stride_k, i_k, K, BC, BK)
-        b_k2 = _key_slice(p_k, i_s2, T, stride_k, i_k, K, BC, BK)
-        b_k3 = _key_slice(p_k, i_s3, T, stride_k, i_k, K, BC, BK)
-        b_G00 = tl.dot(b_k0, tl.trans(b_k0), b_G00, input_precision=DOT_PRECISION)
-        b_G11 = tl.dot(b_k1, tl.trans(b_k1), b_G11, input_precision=DOT_PRECISION)
-        b_G22 = tl.dot(b_k2, tl.trans(b_k2), b_G22, input_precision=DOT_PRECISION)
-        b_G33 = tl.dot(b_k3, tl.trans(b_k3), b_G33, input_precision=DOT_PRECISION)
-        b_G10 = tl.dot(b_k1, tl.trans(b_k0), b_G10, input_precision=DOT_PRECISION)
-        b_G20 = tl.dot(b_k2, tl.trans(b_k0), b_G20, input_precision=DOT_PRECISION)
-        b_G21 = tl.dot(b_k2, tl.trans(b_k1), b_G21, input_precision=DOT_PRECISION)
-        b_G30 = tl.dot(b_k3, tl.trans(b_k0), b_G30, input_precision=DOT_PRECISION)
-        b_G31 = tl.dot(b_k3, tl.trans(b_k1), b_G31, input_precision=DOT_PRECISION)
-        b_G32 = tl.dot(b_k3, tl.trans(b_k2), b_G32, input_precision=DOT_PRECISION)
-
-    # 1 / |k| from the Gram diagonal, by rows and by columns
-    b_n0, b_m0 = _diagonal(b_G00, BC)
-    b_n1, b_m1 = _diagonal(b_G11, BC)
-    b_n2, b_m2 = _diagonal(b_G22, BC)
-    b_n3, b_m3 = _diagonal(b_G33, BC)
-    b_rn0, b_r0 = tl.rsqrt(b_n0 + 1e-6), tl.rsqrt(b_m0 + 1e-6)
-    b_rn1, b_r1 = tl.rsqrt(b_n1 + 1e-6), tl.rsqrt(b_m1 + 1e-6)
-    b_rn2, b_r2 = tl.rsqrt(b_n2 + 1e-6), tl.rsqrt(b_m2 + 1e-6)
-    b_rn3, b_r3 = tl.rsqrt(b_n3 + 1e-6), tl.rsqrt(b_m3 + 1e-6)
-
-    # then, per value head (the group's G of them with KEY_HEAD_PROGRAMS): gates, A and its inverse
-    for i_g in range(G if KEY_HEAD_PROGRAMS else 1):
-        if KEY_HEAD_PROGRAMS:
+    if KEY_HEAD_PROGRAMS:
+        grams = _gram_blocks(p_k, i_s0, T, stride_k, K, BC, BK, DOT_PRECISION)
+        for i_g in range(G):
             i_h = i_hk * G + i_g
-        else:
-            i_h = i_h0
-        p_a = a + bos * HV + i_h
-        p_b = b + bos * HV + i_h
-        b_decay = tl.exp(tl.load(A_log + i_h).to(tl.float32))
-        b_dt_bias = tl.load(dt_bias + i_h).to(tl.float32)
-        b_g0, b_beta0 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s0, T, HV, BC)
-        b_g1, b_beta1 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s1, T, HV, BC)
-        b_g2, b_beta2 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s2, T, HV, BC)
-        b_g3, b_beta3 = _gates(p_a, p_b, b_decay, b_dt_bias, i_s3, T, HV, BC)
-        b_gc0 = tl.cumsum(b_g0, axis=0)
-        b_gc1 = tl.cumsum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
-        b_gc2 = tl.cumsum(b_g2, axis=0) + tl.sum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
-        b_gc3 = tl.cumsum(b_g3, axis=0) + tl.sum(b_g2, axis=0) + tl.sum(b_g1, axis=0) + tl.sum(b_g0, axis=0)
-        p_gc = g_cumsum + bos * HV + i_h
-        o_c = tl.arange(0, BC)
-        tl.store(p_gc + (i_s0 + o_c) * HV, b_gc0, mask=i_s0 + o_c < T)
-        tl.store(p_gc + (i_s1 + o_c) * HV, b_gc1, mask=i_s1 + o_c < T)
-        tl.store(p_gc + (i_s2 + o_c) * HV, b_gc2, mask=i_s2 + o_c < T)
-        tl.store(p_gc + (i_s3 + o_c) * HV, b_gc3, mask=i_s3 + o_c < T)
-
-        b_rb0, b_rb1, b_rb2, b_rb3 = b_beta0 * b_rn0, b_beta1 * b_rn1, b_beta2 * b_rn2, b_beta3 * b_rn3
-        b_A00 = _scaled_block(b_G00, b_rb0, b_r0, b_gc0, b_gc0, True, BC)
-        b_A11 = _scaled_block(b_G11, b_rb1, b_r1, b_gc1, b_gc1, True, BC)
-        b_A22 = _scaled_block(b_G22, b_rb2, b_r2, b_gc2, b_gc2, True, BC)
-        b_A33 = _scaled_block(b_G33, b_rb3, b_r3, b_gc3, b_gc3, True, BC)
-        b_A10 = _scaled_block(b_G10, b_rb1, b_r0, b_gc1, b_gc0, False, BC)
-        b_A20 = _scaled_block(b_G20, b_rb2, b_r0, b_gc2, b_gc0, False, BC)
-        b_A21 = _scaled_block(b_G21, b_rb2, b_r1, b_gc2, b_gc1, False, BC)
-        b_A30 = _scaled_block(b_G30, b_rb3, b_r0, b_gc3, b_gc0, False, BC)
-        b_A31 = _scaled_block(b_G31, b_rb3, b_r1, b_gc3, b_gc1, False, BC)
-        b_A32 = _scaled_block(b_G32, b_rb3, b_r2, b_gc3, b_gc2, False, BC)
-
-        b_X00, b_X11, b_X22, b_X33, b_X10, b_X20, b_X21, b_X30, b_X31, b_X32 = _chunk_inverse(
-            b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC, DOT_PRECISION, INTERLEAVE)
-
-        p_x = x_inv + bos * HV * BT + i_h * BT
-        _store_rows(p_x, b_X00.to(dtype), i_s0, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x, b_X10.to(dtype), i_s1, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x + BC, b_X11.to(dtype), i_s1, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x, b_X20.to(dtype), i_s2, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x + BC, b_X21.to(dtype), i_s2, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x + 2 * BC, b_X22.to(dtype), i_s2, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x, b_X30.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x + BC, b_X31.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x + 2 * BC, b_X32.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
-        _store_rows(p_x + 3 * BC, b_X33.to(dtype), i_s3, T, HV * BT, BC, BC, BC)
+            gates = _chunk_gates(a, b, A_log, dt_bias, g_cumsum, bos, i_h, i_s0, T, HV, BC)
+            _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION,
+                            INTERLEAVE)
+    else:
+        gates = _chunk_gates(a, b, A_log, dt_bias, g_cumsum, bos, i_h, i_s0, T, HV, BC)
+        grams = _gram_blocks(p_k, i_s0, T, stride_k, K, BC, BK, DOT_PRECISION)
+        _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION,
+                        INTERLEAVE)
 
 
 @triton.jit(do_not_specialize=["T"])
