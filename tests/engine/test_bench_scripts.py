@@ -113,8 +113,9 @@ def test_sweep_kernels_tiny_checks_every_setting():
     names = ("o per-block", "o looped", "prepare w=", "prepare kkt", "conv one", "conv packed")
     count = {name: sum(f"| {name}" in row for row in rows) for name in names}
     # (in the interpreter num_warps and num_stages do not change what runs: one of each) the state pass: BV 32 (dim
-    # 32), keys normalised in it or not; o: BV 32, for each of the two kernels; the fused prepare kernel once; KKT: the Gram/inverse kernel at 2 BK x interleaved or
-    # not, the w/u kernel at BV 32, and the pair at the defaults; conv: 3 x 3 tiles, one sequence and packed
+    # 32), keys normalised in it or not; o: BV 32, for each of the two kernels; the fused prepare kernel once; KKT:
+    # the Gram/inverse kernel at 2 BK x interleaved or not, the w/u kernel at BV 32, and the pair at the defaults;
+    # conv: 3 x 3 tiles, one sequence and packed
     assert count == {"o per-block": 1, "o looped": 1, "prepare w=": 1, "prepare kkt": 4 + 1 + 1, "conv one": 9,
                      "conv packed": 9}
     assert len(rows) == 2 + 2 + 1 + 6 + 18
