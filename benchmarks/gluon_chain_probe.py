@@ -68,12 +68,13 @@ def _chain(q_bufs, k_bufs, v_bufs, ready, empty, h_smem, o, NT, row0, col_v, str
     """Default partition (4 warps): per chunk, o = q h (h staged in shared memory as bf16) and h = gamma h + k^T v,
     both on wgmma; o stored with plain stores."""
     STAGES: gl.constexpr = q_bufs.type.shape[0]
-    h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BV, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BV, 16])
-    rows = gl.arange(0, CT, layout=gl.SliceLayout(1, o_layout))
-    cols = gl.arange(0, BV, layout=gl.SliceLayout(0, o_layout))
-    h = gl.zeros([K, BV], gl.float32, h_layout)
-    zero_o = gl.zeros([CT, BV], gl.float32, o_layout)
+    # (one wgmma layout serves h [K, BV] and o [CT, BV]: both are BV wide on four warps)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BV, 16])
+    rows = gl.arange(0, CT, layout=gl.SliceLayout(1, mma_layout))
+    cols = gl.arange(0, BV, layout=gl.SliceLayout(0, mma_layout))
+    h = gl.zeros([K, BV], gl.float32, mma_layout)
+    zero_o = gl.zeros([CT, BV], gl.float32, mma_layout)
     for i in range(NT):
         s = i % STAGES
         phase = (i // STAGES) & 1
