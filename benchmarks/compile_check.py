@@ -347,10 +347,6 @@ def configurations():
         add(f"gdn_fwd fused_o wu-per-key-head prepare=kkt-fold Hv={hv} {name} bf16 varlen", run_gdn_fwd, hk=hk,
             hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, varlen=True, prepare="kkt-fold",
             fused=dict(WU_KEY_HEAD_PROGRAMS=True))
-        for varlen in (False, True):  # the Gram/inverse kernel one program per key head (KKT_KEY_HEAD_PROGRAMS)
-            add(f"gdn_fwd kkt-per-key-head Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd, hk=hk,
-                hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, varlen=varlen, batch=1 if varlen else 4,
-                output=dict(KKT_KEY_HEAD_PROGRAMS=True))
         add(f"gdn_bwd cp Hv={hv} {name} bf16 batch", run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, length=1024,
             state=True, dht=True, cp=True)
         for varlen in (False, True):  # the dH pass's loads through tensor descriptors (gdn_chunk_bwd.BWD_DH_TMA)

@@ -534,8 +534,28 @@ case "${1:-}" in
     timeout 120 python3 benchmarks/gluon_chain_probe.py --heads 32 --length 16384 >> "$OUT/gluon.log" 2>&1
     grep -v 'Warning\|warn' "$OUT/gluon.log" | tail -16
     ;;
+  34)  # twentieth session (carry nothing, ~6 min): the state pass's 16-wide V blocks off on Hopper
+       # (gdn_chunk.HOPPER_STATE_PASS_NARROWEST; call 32 reproduced the one-token fault on an H100 with blocking
+       # launches at V blocks of 16): the fault test and map again, the chunk/backward/cut GPU tests, the 0.8B forward
+       # with the old 16-wide blocks as a variant (the shapes that took them: 0.8B heads uncut); then the Gluon probe's
+       # delta chain (the fused state pass's products) with two consumer warpgroups sharing the q/k/w/A loads.
+    CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
+      "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" > "$OUT/fault.log" 2>&1
+    grep -E "passed|failed|Error|hybridlm/ops/triton/.*py:[0-9]+: in" "$OUT/fault.log" | tail -4
+    timeout 80 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 > "$OUT/fault_map.log" 2>&1
+    tail -5 "$OUT/fault_map.log"
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+      tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 0.8B \
+      --variant "bv16:gdn_chunk.HOPPER_STATE_PASS_NARROWEST=16" > "$OUT/forward.log" 2>&1
+    grep '^forward \|gate\|failed' "$OUT/forward.log" | cut -c1-170
+    timeout 150 python3 benchmarks/gluon_chain_probe.py --chain delta > "$OUT/gluon.log" 2>&1
+    timeout 150 python3 benchmarks/gluon_chain_probe.py --chain delta --heads 32 --length 16384 >> "$OUT/gluon.log" 2>&1
+    grep '^|\|^NVIDIA' "$OUT/gluon.log" | cut -c1-200 | tail -24
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|33" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|34" >&2
     exit 2
     ;;
 esac

@@ -202,28 +202,6 @@ def test_kkt_prepare_matches_the_fused_one(poisoned, monkeypatch, variant, case)
     check(*inputs, dtype, cu_seqlens=cu_seqlens)
 
 
-@pytest.mark.parametrize("case", ["heads", "packed"])
-def test_kkt_key_head_programs_give_the_same_bits(poisoned, monkeypatch, case):
-    """gdn_chunk.KKT_KEY_HEAD_PROGRAMS: one Gram/inverse program per chunk and key head (K K^T made once for the
-    group's value heads: four at 24/40-wide fp32 heads, two in the packed bf16 case) writes the same g_cumsum and X,
-    bit for bit, as one program per value head (which the float64 checks above cover), and the same output."""
-    from hybridlm.ops.triton import gdn_chunk
-    from hybridlm.ops.triton.gdn_chunk import _chunk_gdn_fwd
-
-    inputs, cu_seqlens, _ = prepare_case(case)
-    args = dict(scale=None, initial_state=inputs[-1], output_final_state=True, cu_seqlens=cu_seqlens, store_x=True)
-    use_prepare(monkeypatch, "kkt-interleaved")
-    monkeypatch.setattr(gdn_chunk, "KKT_KEY_HEAD_PROGRAMS", False)
-    per_value_head = _chunk_gdn_fwd(*inputs[:-1], **args)
-    monkeypatch.setattr(gdn_chunk, "KKT_KEY_HEAD_PROGRAMS", True)
-    per_key_head = _chunk_gdn_fwd(*inputs[:-1], **args)
-    lower = x_written(per_value_head["x_inv"], cu_seqlens)
-    assert torch.equal(per_key_head["x_inv"][lower], per_value_head["x_inv"][lower])
-    assert per_key_head["x_inv"][~lower].isnan().all()
-    for name in ("g_cumsum", "o", "final_state"):
-        assert torch.equal(per_key_head[name], per_value_head[name]), name
-
-
 def test_backward_after_either_prepare(poisoned, monkeypatch):
     """The backward reads the forward's X (x_inv): after the KKT prepare every gradient is the fused one's (which
     tests/ops/test_triton_gdn_chunk_bwd.py checks against float64 autograd, under the default)."""

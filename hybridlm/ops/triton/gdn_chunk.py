@@ -273,10 +273,6 @@ KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_in
 # spills at 1 warp, more overlap. H200, 64k tokens (eighth session): 9B heads 0.569 ms (0.694 one after another),
 # 0.8B 0.289 (0.353)
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
-# KKT_KEY_HEAD_PROGRAMS: the Gram/inverse kernel runs one program per chunk and key head, making K K^T once and then
-# the gates, A and the inverse for each of the group's HV / H value heads (9B heads: two), instead of one program
-# per value head each making the same K K^T (untimed: nineteenth session)
-KKT_KEY_HEAD_PROGRAMS = False
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
 FUSED_PREPARE_WARPS = 2
@@ -340,6 +336,10 @@ def _multiprocessors(device: torch.device) -> int:
 # BV 128 (8 warps: the fp32 state alone is 128 registers a thread at 4) lost to 64 at both (0.240, 0.244), so the
 # list stops at 64. fp32 keeps 32 (its FMA dots spill at wider blocks).
 STATE_PASS_BVS = (16, 32, 64)
+# The narrowest V block of the (unfolded) state pass on Hopper with a Triton that miscompiles there: 16-wide blocks
+# faulted (bf16 128/64, two one-token sequences: an illegal address in this pass with blocking launches, on an H100
+# and an H200, Triton 3.6, 2026-12-06), so at least 32, as the backward's tiles and the folded pass.
+HOPPER_STATE_PASS_NARROWEST = 32
 # Pipeline stages of the plain state pass (not the fused one: FUSED_OUTPUT_STAGES), in 16-bit dtypes (fp32 keeps
 # Triton's default, 3). At 3, V blocks of 64 take 123 KB of shared memory at 9B heads (Triton 3.6, sm_90), so one
 # program per SM: B = 4 at 9B heads is 256 programs, two waves on an H100. At 2 (~82 KB) two fit an SM, yet train
@@ -526,8 +526,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
                                                          else FOLD_WU_INTO_H)
 
+    unfolded_narrowest = HOPPER_STATE_PASS_NARROWEST if hopper_miscompiles(device) else 16
+
     def blocks(fold):  # the state pass's V blocks, unfused and fused
-        narrowest = 32 if fold else 16
+        narrowest = 32 if fold else unfolded_narrowest
         bv = state_pass_block(dk, dv, programs, v.element_size(), device, fp32, narrowest=narrowest)
         return bv, min(FUSED_OUTPUT_BV, max(narrowest, next_power_of_2(dv))) if FUSED_OUTPUT_BV else bv
 
@@ -550,11 +552,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
            if q_normed is not None and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
-        kkt_per_key_head = KKT_KEY_HEAD_PROGRAMS and value_heads > key_heads
-        chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * (key_heads if kkt_per_key_head else value_heads))](
+        chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
-            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, KEY_HEAD_PROGRAMS=kkt_per_key_head,
+            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE,
             num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
         chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](
@@ -592,7 +593,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             **(fused_args or plain_state_pass_launch(fp32)))
     else:
         _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length,
-                              fold_args, common, narrowest=32 if fold else 16, fused_args=fused_args,
+                              fold_args, common, narrowest=32 if fold else unfolded_narrowest, fused_args=fused_args,
                               main_bv=BV_h if fuse_o else None)
 
     if not fuse_o and LOOPED_O:  # (fused: the state pass made o)

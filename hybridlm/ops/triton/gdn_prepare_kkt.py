@@ -180,33 +180,19 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVE: tl.constexpr,  # the four diagonal inverses in one loop (gdn_chunk.KKT_INTERLEAVE)
-    # one program per chunk and key head, making the Gram matrix once for the group's HV / H value heads
-    # (gdn_chunk.KKT_KEY_HEAD_PROGRAMS); else one per chunk and value head
-    KEY_HEAD_PROGRAMS: tl.constexpr = False,
 ):
+    # (One program per chunk and key head, making K K^T once for the group's value heads and looping them, lost on an
+    # H100: 9B heads, 16k 0.676 -> 0.726 ms, 4k 0.267 -> 0.277, train 4 x 4k 3.55 -> 3.60 (2026-12-06,
+    # `gpu_plan.sh 32`, `kkth`; 244-300 B spilled with the Gram blocks live across the loop). Removed.)
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
-    G: tl.constexpr = HV // H
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    if KEY_HEAD_PROGRAMS:
-        i_b, i_hk = i_bh // H, i_bh % H
-    else:
-        i_b, i_h = i_bh // HV, i_bh % HV
-        i_hk = i_h // G
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
     _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     i_s0 = i_t * BT
-    p_k = k + bos * stride_k + i_hk * K
-    if KEY_HEAD_PROGRAMS:
-        grams = _gram_blocks(p_k, i_s0, T, stride_k, K, BC, BK, DOT_PRECISION)
-        for i_g in range(G):
-            i_h = i_hk * G + i_g
-            gates = _chunk_gates(a, b, A_log, dt_bias, g_cumsum, bos, i_h, i_s0, T, HV, BC)
-            _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION,
-                            INTERLEAVE)
-    else:
-        gates = _chunk_gates(a, b, A_log, dt_bias, g_cumsum, bos, i_h, i_s0, T, HV, BC)
-        grams = _gram_blocks(p_k, i_s0, T, stride_k, K, BC, BK, DOT_PRECISION)
-        _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION,
-                        INTERLEAVE)
+    gates = _chunk_gates(a, b, A_log, dt_bias, g_cumsum, bos, i_h, i_s0, T, HV, BC)
+    grams = _gram_blocks(k + bos * stride_k + i_hk * K, i_s0, T, stride_k, K, BC, BK, DOT_PRECISION)
+    _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION, INTERLEAVE)
 
 
 @triton.jit(do_not_specialize=["T"])
