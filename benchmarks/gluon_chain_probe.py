@@ -164,28 +164,33 @@ def _delta_consumer(q_bufs, k_bufs, w_bufs, u_bufs, a_bufs, ready, empty, h_all,
     cols = gl.arange(0, BV, layout=gl.SliceLayout(0, mma_layout))
     h = gl.zeros([K, BV], gl.float32, mma_layout)
     zero_o = gl.zeros([CT, BV], gl.float32, mma_layout)
+    b_g = gl.load(g + row0 + rows)  # the gates one chunk ahead, in registers (their loads off the chain)
+    b_g_last = gl.load(g + row0 + CT - 1)
     for i in range(NT):
         s = i % STAGES
         phase = (i // STAGES) & 1
         row = row0 + i * CT
-        b_g = gl.load(g + row + rows)
-        b_g_last = gl.load(g + row + CT - 1)
+        row_next = row0 + gl.minimum(i + 1, NT - 1) * CT
+        g_next = gl.load(g + row_next + rows)
+        g_last_next = gl.load(g + row_next + CT - 1)
         mbarrier.wait(ready.index(s), phase)
         h_smem.store(h.to(gl.bfloat16))
         fence_async_shared()
+        b_wh = warpgroup_mma(w_bufs.index(s), h_smem, zero_o, use_acc=False, is_async=True)  # (on the chain: first)
         b_o = warpgroup_mma(q_bufs.index(s), h_smem, zero_o, use_acc=False, is_async=True)
-        b_wh = warpgroup_mma(w_bufs.index(s), h_smem, zero_o, use_acc=False, is_async=True)
-        b_o, b_wh = warpgroup_mma_wait(num_outstanding=0, deps=(b_o, b_wh))
+        b_wh = warpgroup_mma_wait(num_outstanding=1, deps=(b_wh,))
         b_v = u_bufs.index(HALVES * s + HALF).load(mma_layout).to(gl.float32) - b_wh
         vn_smem.store(b_v.to(gl.bfloat16))
         vd_smem.store((b_v * gl.exp(b_g_last - b_g)[:, None]).to(gl.bfloat16))
         fence_async_shared()
-        b_o = warpgroup_mma(a_bufs.index(s), vn_smem, b_o * gl.exp(b_g)[:, None], is_async=True)
         h = warpgroup_mma(k_bufs.index(s).permute((1, 0)), vd_smem, h * gl.exp(b_g_last), is_async=True)
-        b_o, h = warpgroup_mma_wait(num_outstanding=0, deps=(b_o, h))
+        b_o = warpgroup_mma_wait(num_outstanding=1, deps=(b_o,))
+        b_o = warpgroup_mma(a_bufs.index(s), vn_smem, b_o * gl.exp(b_g)[:, None], is_async=True)
+        h, b_o = warpgroup_mma_wait(num_outstanding=0, deps=(h, b_o))
         mbarrier.arrive(empty.index(s), count=1)
         offsets = (row + rows)[:, None].to(gl.int64) * stride_o + col_v + HALF * BV + cols[None, :]
         gl.store(o + offsets, b_o.to(gl.bfloat16))
+        b_g, b_g_last = g_next, g_last_next
 
 
 @gluon.jit
