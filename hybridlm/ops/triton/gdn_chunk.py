@@ -336,10 +336,11 @@ def _multiprocessors(device: torch.device) -> int:
 # BV 128 (8 warps: the fp32 state alone is 128 registers a thread at 4) lost to 64 at both (0.240, 0.244), so the
 # list stops at 64. fp32 keeps 32 (its FMA dots spill at wider blocks).
 STATE_PASS_BVS = (16, 32, 64)
-# The narrowest V block of the (unfolded) state pass on Hopper with a Triton that miscompiles there: 16-wide blocks
-# faulted (bf16 128/64, two one-token sequences: an illegal address in this pass with blocking launches, on an H100
-# and an H200, Triton 3.6, 2026-12-06), so at least 32, as the backward's tiles and the folded pass.
-HOPPER_STATE_PASS_NARROWEST = 32
+# The narrowest V block of the (unfolded) state pass on Hopper with a Triton that miscompiles there. Two one-token
+# sequences (bf16) fault in this pass with blocking launches on an H100 and an H200 (Triton 3.6): at 128/64 with
+# blocks of 16; with blocks of at least 32, 128/64 passed and 128/128 faulted instead (both: four V blocks, a one-trip
+# loop), while 0.8B heads lost 14% at 4k and 16k (2026-12-06, RESULTS.md). So the width is not the cause: 16.
+HOPPER_STATE_PASS_NARROWEST = 16
 # Pipeline stages of the plain state pass (not the fused one: FUSED_OUTPUT_STAGES), in 16-bit dtypes (fp32 keeps
 # Triton's default, 3). At 3, V blocks of 64 take 123 KB of shared memory at 9B heads (Triton 3.6, sm_90), so one
 # program per SM: B = 4 at 9B heads is 256 programs, two waves on an H100. At 2 (~82 KB) two fit an SM, yet train
