@@ -565,6 +565,10 @@ case "${1:-}" in
         >> "$OUT/fault_map.log" 2>&1
     done
     grep -v "^ " "$OUT/fault_map.log" | cut -c1-160
+    # the faulting access named (compute-sanitizer ships with the device's CUDA; the map's child process, one shape)
+    timeout 150 /usr/local/cuda-13.0/bin/compute-sanitizer --tool memcheck --print-limit 4 \
+      python3 benchmarks/gdn_fault_map.py --one 128 64 B2T1 > "$OUT/sanitizer.log" 2>&1
+    grep -E "Invalid|at .*0x|by thread|Address|RESULT|kernel" "$OUT/sanitizer.log" | cut -c1-200 | head -16
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|35" >&2
