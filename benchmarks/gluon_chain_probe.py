@@ -387,7 +387,7 @@ def compile_only(args) -> None:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     target = GPUTarget("cuda", 90, 32)
-    dk, dv = args.dk, args.dv
+    dk = args.dk
     qk_layout = gl.NVMMASharedLayout.get_default_for([BT, dk], gl.bfloat16)
     v_layout = gl.NVMMASharedLayout.get_default_for([BT, args.bv], gl.bfloat16)
     a_layout = gl.NVMMASharedLayout.get_default_for([BT, BT], gl.bfloat16)
@@ -497,11 +497,11 @@ def main() -> None:
                                  f"{type(error).__name__}: {error}"[:120]))
                     continue
                 err = ((o.float() - expected).norm() / expected.norm()).item()
-                ms = triton.testing.do_bench(lambda: launch(*inputs, o, args.bv, stages), warmup=20, rep=100,
-                                             return_mode="median")
+                ms = triton.testing.do_bench(functools.partial(launch, *inputs, o, args.bv, stages), warmup=20,
+                                             rep=100, return_mode="median")
                 rows.append((chain, name, stages, ms, ms * 1e3 / steps,
                              f"rel err {err:.1e}" + (" FAIL" if err > 1e-2 else "")))
-        del inputs, expected
+        del inputs, expected  # (the next chain's tensors in their place)
     print(f"\n{torch.cuda.get_device_name()}, {nh} sequence-heads x {length} tokens, dk {args.dk}, dv {args.dv}, "
           f"BV {args.bv} ({args.dv // args.bv * nh} programs, {steps} chunk steps each)")
     print("| chain | kernel | stages | ms | us per chunk step | check |\n|---|---|---|---|---|---|")

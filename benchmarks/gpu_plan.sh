@@ -554,16 +554,25 @@ case "${1:-}" in
     timeout 150 python3 benchmarks/gluon_chain_probe.py --chain delta --heads 32 --length 16384 >> "$OUT/gluon.log" 2>&1
     grep '^|\|^NVIDIA' "$OUT/gluon.log" | cut -c1-200 | tail -24
     ;;
-  35)  # twentieth session (carry nothing, ~3 min): call 34 showed V blocks of 32 move the one-token fault (128/64 ok,
-       # 128/128 now faults; both faulting cases ran four V blocks in a one-chunk loop): is it the state pass's
-       # software pipelining (3 stages over a loop of one trip)? The fault map with the pass at 1 and 2 stages.
-    timeout 60 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 --set gdn_chunk.STATE_PASS_STAGES=1 \
-      > "$OUT/fault_map.log" 2>&1
+  35)  # twentieth session (carry nothing, ~3 min): the one-token fault. Calls 32/34 faulted only where T == 1 was a
+       # Triton constant (B = 2 rows of one token: 128/64 at V blocks of 16, 128/128 at 32); one-token sequences in
+       # packed batches passed. Now such rows take a copy of the state pass that reads T at run time
+       # (gdn_chunk.state_pass_kernel). The failing test, the map at the defaults and with V blocks of 32; the
+       # sanitizer only where something still faults.
+    CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
+      "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" \
+      "tests/ops/test_triton_gdn_chunk.py::test_one_token_rows_take_the_state_pass_that_reads_T_at_run_time" \
+      > "$OUT/fault.log" 2>&1
+    grep -E "passed|failed|Error|hybridlm/ops/triton/.*py:[0-9]+: in" "$OUT/fault.log" | tail -4
+    timeout 60 python3 benchmarks/gdn_fault_map.py --dims 64 96 128 --layouts B2T1 > "$OUT/fault_map.log" 2>&1
+    timeout 60 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 \
+      --set gdn_chunk.HOPPER_STATE_PASS_NARROWEST=32 >> "$OUT/fault_map.log" 2>&1
     grep -v "^ " "$OUT/fault_map.log" | cut -c1-160
-    # the faulting access named (compute-sanitizer ships with the device's CUDA; the map's child process, one shape)
-    timeout 120 /usr/local/cuda-13.0/bin/compute-sanitizer --tool memcheck --print-limit 4 \
-      python3 benchmarks/gdn_fault_map.py --one 128 64 B2T1 > "$OUT/sanitizer.log" 2>&1
-    grep -E "Invalid|at .*0x|by thread|Address|RESULT|kernel" "$OUT/sanitizer.log" | cut -c1-200 | head -16
+    if grep -q FAULT "$OUT/fault_map.log"; then  # the faulting access named (compute-sanitizer ships with CUDA there)
+      timeout 120 /usr/local/cuda-13.0/bin/compute-sanitizer --tool memcheck --print-limit 4 \
+        python3 benchmarks/gdn_fault_map.py --one 128 64 B2T1 > "$OUT/sanitizer.log" 2>&1
+      grep -E "Invalid|at .*0x|by thread|Address|RESULT|kernel" "$OUT/sanitizer.log" | cut -c1-200 | head -16
+    fi
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|35" >&2

@@ -369,6 +369,25 @@ def record_launches(monkeypatch, module, name, record, launched):
         lambda *args, **kwargs: launched.append(record(kwargs)) or kernel[grid](*args, **kwargs))})())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_token_rows_take_the_state_pass_that_reads_T_at_run_time(poisoned, monkeypatch, fused):
+    """gdn_chunk.state_pass_kernel: rows of one token (not packed) run the state pass compiled with T as a plain
+    integer (Triton's T == 1 variant faulted on Hopper with Triton 3.6); packed batches and longer rows run the usual
+    one; the outputs pass float64, fused into the pass or not."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    assert gdn_chunk.state_pass_kernel(1, packed=False) is gdn_chunk._chunk_gdn_fwd_h_kernel_any_length
+    assert gdn_chunk.state_pass_kernel(1, packed=True) is gdn_chunk.chunk_gdn_fwd_h_kernel
+    assert gdn_chunk.state_pass_kernel(2, packed=False) is gdn_chunk.chunk_gdn_fwd_h_kernel
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
+    launches = []
+    record_launches(monkeypatch, gdn_chunk, "_chunk_gdn_fwd_h_kernel_any_length", lambda kwargs: kwargs, launches)
+    *inputs, state = make_inputs(2, 1, 1, 2, 32, 64, torch.bfloat16, num_states=2)
+    check(*inputs, state, torch.bfloat16)
+    (launch,) = launches
+    assert launch.get("FUSED_O", False) == fused
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_given", [False, True])
 def test_output_fused_with_qk_given_or_made_in_the_pass(poisoned, monkeypatch, dtype, qk_given):

@@ -206,6 +206,21 @@ def chunk_gdn_fwd_h_kernel(
             tl.store(final_state + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
 
 
+# The state pass for rows of one token (T == 1, not packed). Triton turns an integer argument equal to 1 into a
+# constant, so T == 1 compiles a variant of its own: the loop's single trip known, nothing pipelined, 36 KB of shared
+# memory against ~109 KB (sm_90, Triton 3.6, bf16 128/64). On Hopper with Triton 3.6 that variant hit illegal
+# addresses: bf16 128/64 with two one-token rows at V blocks of 16, and 128/128 at V blocks of 32 (blocking launches,
+# an H100 and an H200; benchmarks/NOTES.md, twentieth session), while one-token sequences in packed batches, whose T
+# the kernel reads from cu_seqlens, passed. This copy takes T as a plain integer, so such batches run the code that
+# every other length runs. (Not yet run on a GPU: `gpu_plan.sh 35` checks it.)
+_chunk_gdn_fwd_h_kernel_any_length = triton.jit(do_not_specialize=["T"])(chunk_gdn_fwd_h_kernel.fn)
+
+
+def state_pass_kernel(length: int, packed: bool):
+    """The state pass's kernel for rows of `length` tokens (`packed`: cu_seqlens given, T read from it)."""
+    return _chunk_gdn_fwd_h_kernel_any_length if length == 1 and not packed else chunk_gdn_fwd_h_kernel
+
+
 def _check_inputs(q, k, v, a, b, A_log, dt_bias, initial_state, cu_seqlens):
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [B, T, Hk, dk] and v [B, T, Hv, dv], got {tuple(q.shape)}, "
@@ -587,7 +602,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
                           num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES)
     if plan is None:
-        chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
+        state_pass_kernel(length, cu_seqlens is not None)[(cdiv(dv, BV_h), num_states * value_heads)](
             k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
             key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
             STORE_FINAL_STATE=output_final_state, NORM_K=False, **fold_args, **common,

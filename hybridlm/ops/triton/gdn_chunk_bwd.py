@@ -38,7 +38,7 @@ import triton.language as tl
 
 from hybridlm.ops.triton.gdn_chunk import (
     CHUNK_SIZE, _check_inputs, _chunk_gdn_fwd, _multiprocessors, _segmented_state_pass, chunk_gdn_fwd,
-    chunk_gdn_fwd_h_kernel, may_split, plain_state_pass_launch, segment_plan, sequence_bounds, state_pass_block,
+    may_split, plain_state_pass_launch, segment_plan, sequence_bounds, state_pass_block, state_pass_kernel,
 )
 from hybridlm.ops.triton.gdn_bwd_dqk import (
     _dqk_gate_shares, _dqk_products, _masked_dst, chunk_gdn_bwd_dqkw_kblocked_kernel,
@@ -375,7 +375,7 @@ def chunk_gdn_bwd(
         plan = (segment_plan(sequence_bounds(cu_seqlens_given, batch, length), value_heads, device)
                 if may_split(batch * length, value_heads) else None)
         if plan is None:
-            chunk_gdn_fwd_h_kernel[(cdiv(dv, BV_h), num_states * value_heads)](
+            state_pass_kernel(length, cu_seqlens is not None)[(cdiv(dv, BV_h), num_states * value_heads)](
                 k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
                 BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False,
                 **plain_state_pass_launch(dtype == torch.float32), **common)
