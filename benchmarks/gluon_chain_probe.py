@@ -6,18 +6,23 @@ step's state. FlashQLA (TileLang) runs such passes warp-specialised: producer wa
 while the consumer warpgroup runs the chain. Triton 3.6's automatic warp specialisation does not compile our state
 pass for sm_90; Gluon (`triton.experimental.gluon`, in the same Triton) writes the partitions by hand.
 
-This probe times the simplest chain of that shape, per (sequence and head, V block):
-    o_t = q_t h,   h <- gamma h + k_t^T v_t          (chunks of 64 tokens, h [dk, BV] in fp32)
-three ways on the same inputs: a Gluon kernel with a 1-warp TMA loader partition feeding a ring of STAGES chunk
-buffers and the default 4-warp partition running the wgmma chain; the same loop in plain Triton (its software
-pipelining); and torch (the reference both are checked against). No intra-chunk term, no delta rule: only the
-structure is compared. If the Gluon chain is clearly faster per step, porting the state pass is worth it.
+This probe times two chains per (sequence and head, V block), chunks of 64 tokens, h [dk, BV] in fp32:
+    simple: o_t = q_t h,   h <- gamma h + k_t^T v_t
+    delta:  the fused state pass's products (gdn_chunk.chunk_gdn_fwd_h_kernel with FUSED_O): v_new = u - w h;
+            o = (q h) exp(G) + A v_new;   h <- exp(G_last) h + k^T (v_new exp(G_last - G))
+as a Gluon kernel (a 1-warp TMA loader partition feeding a ring of STAGES chunk buffers, and one 4-warp wgmma
+consumer; for delta also two consumer warpgroups that share each chunk's q, k, w, A tiles, V halves of BV), as the same
+loop in plain Triton (its software pipelining; for delta also 2 BV wide at 8 warps), and in torch (the reference all
+are checked against).
 
-    python benchmarks/gluon_chain_probe.py                 # on a Hopper GPU: check, then time (ms and us/step)
-    python benchmarks/gluon_chain_probe.py --compile-only  # no GPU: compile both for sm_90, print registers / smem
+Measured (H100, 2026-12-06, benchmarks/RESULTS.md): plain Triton at 3 stages won the delta chain at 128 heads x 4k
+(0.256 ms; Gluon 0.280, two warpgroups 0.288) and at 32 x 16k (0.398; Gluon 0.459, two warpgroups 0.770).
 
-Written against Triton 3.6's Gluon (the device's; offline for sm_90 both kernels compile, the Gluon one at 98 KB of
-shared memory with 2 stages). Gluon is experimental and its API moves: Triton 3.9's rejects the shared-memory
+    python benchmarks/gluon_chain_probe.py [--chain delta]  # on a Hopper GPU: check, then time (ms and us/step)
+    python benchmarks/gluon_chain_probe.py --compile-only   # no GPU: compile all for sm_90, print registers / smem
+
+Written against Triton 3.6's Gluon (the device's; offline for sm_90 all kernels compile: the simple Gluon one at 98 KB
+of shared memory with 2 stages, the delta one at 164 KB, with two warpgroups 213 KB). Gluon is experimental and its API moves: Triton 3.9's rejects the shared-memory
 allocations here.
 """
 from __future__ import annotations
