@@ -352,9 +352,9 @@ def _multiprocessors(device: torch.device) -> int:
 # list stops at 64. fp32 keeps 32 (its FMA dots spill at wider blocks).
 STATE_PASS_BVS = (16, 32, 64)
 # The narrowest V block of the (unfolded) state pass on Hopper with a Triton that miscompiles there. Two one-token
-# sequences (bf16) fault in this pass with blocking launches on an H100 and an H200 (Triton 3.6): at 128/64 with
-# blocks of 16; with blocks of at least 32, 128/64 passed and 128/128 faulted instead (both: four V blocks, a one-trip
-# loop), while 0.8B heads lost 14% at 4k and 16k (2026-12-06, RESULTS.md). So the width is not the cause: 16.
+# rows (bf16) faulted in this pass with blocking launches on an H100 and an H200 (Triton 3.6): at 128/64 with blocks
+# of 16; with blocks of at least 32, 128/64 passed and 128/128 faulted instead, while 0.8B heads lost 14% at 4k and
+# 16k (2026-12-06, RESULTS.md). So the width is not the cause (the T == 1 variant is: `state_pass_kernel`): 16.
 HOPPER_STATE_PASS_NARROWEST = 16
 # Pipeline stages of the plain state pass (not the fused one: FUSED_OUTPUT_STAGES), in 16-bit dtypes (fp32 keeps
 # Triton's default, 3). At 3, V blocks of 64 take 123 KB of shared memory at 9B heads (Triton 3.6, sm_90), so one
