@@ -35,6 +35,8 @@
 #                                   # the w/u kernel one program per key head (WU_KEY_HEAD_PROGRAMS: adopt if it wins)
 #   bash benchmarks/gpu_plan.sh 23  # carry nothing: the model/engine tests on the GPU with the fused output on by rule
 #                                   # (never run there since), then the 262k prompt at 8k and 32k tokens a step
+#   bash benchmarks/gpu_plan.sh 35  # carry nothing: the one-token fault (T == 1 rows through the unspecialised pass)
+#   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -574,8 +576,16 @@ case "${1:-}" in
       grep -E "Invalid|at .*0x|by thread|Address|RESULT|kernel" "$OUT/sanitizer.log" | cut -c1-200 | head -16
     fi
     ;;
+  36)  # twentieth session: which of FlashQLA's kernels beats which of ours (9B heads, 16k; 4 x 4k beside), per kernel.
+       # Carry .whl in a first call (move the bundled model out, see above) running 35 or anything short, then .whl2
+       # with this one while the machine is warm (~2 min: FlashQLA compiles per shape).
+    timeout 300 python3 benchmarks/profile_gdn_forward.py --models 9B --lengths 16384 > "$OUT/profile.log" 2>&1
+    timeout 200 python3 benchmarks/profile_gdn_forward.py --models 9B --lengths 4096 --batch 4 >> "$OUT/profile.log" 2>&1
+    grep -v 'TileLang\|Warning\|dk_fragment\|Initialize the buffer\|-->' "$OUT/profile.log" | grep '^|\|ms of kernels\|failed' \
+      | cut -c1-150 | head -60
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|35" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|36" >&2
     exit 2
     ;;
 esac

@@ -159,6 +159,17 @@ def test_gluon_chain_probe_refuses_without_hopper():
     assert result.returncode == 1 and "multiple of 64" in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_profile_gdn_forward_refuses_without_cuda():
+    """profile_gdn_forward.py profiles CUDA kernels: without a GPU it stops with a message that says so; a model it
+    does not know is refused by name first."""
+    script = str(ROOT / "benchmarks" / "profile_gdn_forward.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "needs a CUDA GPU" in result.stderr
+    result = subprocess.run([sys.executable, script, "--models", "7B"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "7B" in result.stderr
+
+
 def test_sweep_decode_tiles_tiny_runs_each_rule():
     """sweep_decode_tiles.py on the CPU (tiny model): one row per rule with a number per round; a malformed rule is
     refused by name before anything is built."""

@@ -1,0 +1,94 @@
+"""Where each implementation of the chunked GDN forward spends its time, kernel by kernel, on one GPU.
+
+bench_gdn.py times whole calls: ours 0.676 ms against FlashQLA's 0.582 at 9B heads and 16k tokens (H100, 2026-12-06).
+This script runs the same calls (same inputs as bench_gdn.py: ours from raw a, b; fla with g, beta given and q/k
+normalised in its kernel; FlashQLA with g, beta given and q, k normalised beforehand) under torch.profiler and prints
+each CUDA kernel's mean device time per call, so the kernels can be set side by side (which of FlashQLA's beats which
+of ours, and by how much).
+
+    python benchmarks/profile_gdn_forward.py [--models 9B] [--lengths 16384] [--batch 1] [--calls 10]
+
+Peers load as in bench_gdn.py (fla 0.6.0, FlashQLA 0.1.3 on PYTHONPATH; benchmarks/NOTES.md says how); a peer that
+does not load is skipped. Needs a CUDA GPU. With $OUT set the tables also go to $OUT/profile_gdn_forward.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_table(fn, calls: int) -> tuple[list[tuple[str, float, int]], float]:
+    """(kernel name, mean ms per call, launches per call) for each CUDA kernel `fn` launches, longest first, and the
+    summed device time per call."""
+    fn()  # compile and warm up outside the profile
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(event.key, event.device_time_total / 1e3 / calls, event.count // calls)  # (us -> ms)
+            for event in prof.key_averages() if event.device_time_total > 0]
+    rows.sort(key=lambda row: -row[1])
+    return rows, sum(ms for _, ms, _ in rows)
+
+
+def implementations(model: str, batch: int, length: int, peers: dict) -> dict:
+    """The forward calls bench_gdn.bench_forward times, by name."""
+    from bench_gdn import HEADS, gdn_inputs
+
+    from hybridlm.ops.delta_rule import gdn_gates, l2norm
+    from hybridlm.ops.triton import chunk_gdn_fwd
+
+    q, k, v, a, b, A_log, dt_bias, state = gdn_inputs(batch, length, HEADS[model])
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    calls = {"ours": lambda: chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state,
+                                           output_final_state=True)}
+    if "fla" in peers:
+        calls["fla"] = lambda: peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state,
+                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+    if "flashqla" in peers:
+        q_n, k_n, beta_q = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype), beta.to(q.dtype)
+        calls["FlashQLA"] = lambda: peers["flashqla"](q_n, k_n, v, g, beta_q, initial_state=state,
+                                                      output_final_state=True)
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["9B"], choices=["9B", "0.8B"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[16384])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=10, help="profiled calls per implementation")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_gdn_forward.py profiles CUDA kernels: it needs a CUDA GPU")
+    from bench_gdn import load_peers
+
+    peers = load_peers(True)
+    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}"]
+    for model in args.models:
+        for length in args.lengths:
+            for name, fn in implementations(model, args.batch, length, peers).items():
+                try:
+                    rows, total = kernel_table(fn, args.calls)
+                except Exception as error:  # noqa: BLE001 - one line per failing implementation
+                    lines.append(f"\n{name} {model} {args.batch} x {length}: failed ({type(error).__name__}: "
+                                 f"{str(error)[:160]})")
+                    continue
+                lines.append(f"\n{name}, {model} heads, {args.batch} x {length}: {total:.4f} ms of kernels per call")
+                lines.append("| kernel | ms per call | launches |\n|---|---|---|")
+                lines += [f"| {kernel[:90]} | {ms:.4f} | {n} |" for kernel, ms, n in rows]
+    text = "\n".join(lines)
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profile_gdn_forward.md"), "w") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
