@@ -428,8 +428,10 @@ def test_bwd_reuses_forward_states(poisoned, monkeypatch, case):
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     recomputed = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
     launched = []
-    for name in ("chunk_gdn_wu_kernel", "chunk_gdn_fwd_h_kernel"):
-        record_launches(monkeypatch, gdn_chunk_bwd, name, lambda kwargs: "recompute", launched)
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_wu_kernel", lambda kwargs: "recompute", launched)
+    state_pass_kernel = gdn_chunk_bwd.state_pass_kernel  # (the backward's state pass: whichever kernel it picks)
+    monkeypatch.setattr(gdn_chunk_bwd, "state_pass_kernel",
+                        lambda *args, **kwargs: launched.append("recompute") or state_pass_kernel(*args, **kwargs))
     monkeypatch.setattr(gdn_chunk_bwd, "_segmented_state_pass", lambda *args, **kwargs: launched.append("segments"))
     reused = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", True, case_inputs)
     assert launched == []
