@@ -37,6 +37,7 @@
 #                                   # (never run there since), then the 262k prompt at 8k and 32k tokens a step
 #   bash benchmarks/gpu_plan.sh 35  # carry nothing: the one-token fault (T == 1 rows through the unspecialised pass)
 #   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
+#   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -584,8 +585,24 @@ case "${1:-}" in
     grep -v 'TileLang\|Warning\|dk_fragment\|Initialize the buffer\|-->' "$OUT/profile.log" | grep '^|\|ms of kernels\|failed' \
       | cut -c1-150 | head -60
     ;;
+  37)  # twenty-first session (carry nothing, ~3 min): raw q, k into the folded, fused pass (gdn_chunk.RAW_QK_IN_PASS:
+       # norms scale the products, q k^T made in the loop, no w/u kernel): its tests, then the forward at 2 stages
+       # (66 KB, ~450 B spilled) and 3 (108 KB, 116 B), and the per-kernel profile at 9B 16k and 8 x 4k. (It lost;
+       # the flag was removed after this call: RESULTS.md, twenty-first session. Kept as the record of what ran.)
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py \
+      -k raw_qk -j 8 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 300 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+      --variant "rq:gdn_chunk.RAW_QK_IN_PASS=True" "rq3:gdn_chunk.RAW_QK_IN_PASS=True,gdn_chunk.FUSED_OUTPUT_STAGES=3" \
+      > "$OUT/forward.log" 2>&1
+    grep '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-150
+    for shape in "--lengths 16384" "--lengths 4096 --batch 8"; do
+      timeout 60 python3 benchmarks/profile_gdn_forward.py --no-peers --models 9B $shape \
+        --variant "rq:gdn_chunk.RAW_QK_IN_PASS=True" 2>&1 | grep '^ours\|^| chunk\|^| gdn'
+    done
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|36" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|37" >&2
     exit 2
     ;;
 esac

@@ -6,7 +6,10 @@ normalised in its kernel; FlashQLA with g, beta given and q, k normalised before
 each CUDA kernel's mean device time per call, so the kernels can be set side by side (which of FlashQLA's beats which
 of ours, and by how much).
 
-    python benchmarks/profile_gdn_forward.py [--models 9B] [--lengths 16384] [--batch 1] [--calls 10]
+    python benchmarks/profile_gdn_forward.py [--models 9B] [--lengths 16384] [--batch 1] [--calls 10] [--no-peers]
+                                             [--variant NAME:MODULE.FLAG=VALUE[,...] ...]
+
+`--variant` profiles ours again under other kernel options (bench_gdn.py's syntax).
 
 Peers load as in bench_gdn.py (fla 0.6.0, FlashQLA 0.1.3 on PYTHONPATH; benchmarks/NOTES.md says how); a peer that
 does not load is skipped. Needs a CUDA GPU. With $OUT set the tables also go to $OUT/profile_gdn_forward.md.
@@ -37,9 +40,9 @@ def kernel_table(fn, calls: int) -> tuple[list[tuple[str, float, int]], float]:
     return rows, sum(ms for _, ms, _ in rows)
 
 
-def implementations(model: str, batch: int, length: int, peers: dict) -> dict:
-    """The forward calls bench_gdn.bench_forward times, by name."""
-    from bench_gdn import HEADS, gdn_inputs
+def implementations(model: str, batch: int, length: int, peers: dict, variants: dict) -> dict:
+    """The forward calls bench_gdn.bench_forward times, by name (ours under each of `variants` too)."""
+    from bench_gdn import HEADS, gdn_inputs, settings_applied
 
     from hybridlm.ops.delta_rule import gdn_gates, l2norm
     from hybridlm.ops.triton import chunk_gdn_fwd
@@ -48,6 +51,11 @@ def implementations(model: str, batch: int, length: int, peers: dict) -> dict:
     g, beta = gdn_gates(a, b, A_log, dt_bias)
     calls = {"ours": lambda: chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state,
                                            output_final_state=True)}
+    for name, settings in variants.items():
+        def variant(settings=settings):
+            with settings_applied(settings):
+                return calls["ours"]()
+        calls[f"ours[{name}]"] = variant
     if "fla" in peers:
         calls["fla"] = lambda: peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state,
                                             output_final_state=True, use_qk_l2norm_in_kernel=True)
@@ -64,16 +72,20 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[16384])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=10, help="profiled calls per implementation")
+    parser.add_argument("--no-peers", action="store_true", help="profile hybridlm's kernels only")
+    parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:MODULE.FLAG=VALUE[,...]",
+                        help="ours again under these kernel options (bench_gdn.py's --variant)")
     args = parser.parse_args()
+    from bench_gdn import load_peers, parse_variants
+
+    variants = parse_variants(args.variant)
     if not torch.cuda.is_available():
         raise SystemExit("profile_gdn_forward.py profiles CUDA kernels: it needs a CUDA GPU")
-    from bench_gdn import load_peers
-
-    peers = load_peers(True)
+    peers = load_peers(not args.no_peers)
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}"]
     for model in args.models:
         for length in args.lengths:
-            for name, fn in implementations(model, args.batch, length, peers).items():
+            for name, fn in implementations(model, args.batch, length, peers, variants).items():
                 try:
                     rows, total = kernel_table(fn, args.calls)
                 except Exception as error:  # noqa: BLE001 - one line per failing implementation

@@ -416,7 +416,16 @@ FUSED_OUTPUT_QK_GIVEN = True
 # 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.
 # Having kkt_solve make the decayed q k^T and the normalised q, k in a second pass over the key slices after its
 # inverse, so that the folded, fused forward runs no w/u kernel (255 registers, 152 B spilled), lost too: 16k
-# 0.673 -> 0.850 ms, 64k 2.52 -> 3.39, 8 x 4k 1.18 -> 1.55; `kktqk` in `gpu_plan.sh 27`. Removed.)
+# 0.673 -> 0.850 ms, 64k 2.52 -> 3.39, 8 x 4k 1.18 -> 1.55; `kktqk` in `gpu_plan.sh 27`. Removed.
+# Two regroupings lost on an H100 (2026-12-06, RESULTS.md, twenty-first session) and were removed:
+# - the update's operand P = diag(beta) X^T (k exp(G_last - G)) and M = A X diag(beta) made by the w/u kernel, so the
+#   pass takes S <- exp(G_last) S + P^T Y, o = exp(G) q S + M Y with Y = v - exp(G) k S (two products on the state's
+#   chain instead of three, as FlashQLA regroups): 9B 16k 0.671 -> 1.069-1.169 ms. The w/u kernel went 0.143 ->
+#   0.513 ms (255 registers: one program per SM) and the pass 0.363 -> 0.496 at 2 stages (131 KB of shared memory:
+#   one program per SM) or 0.393 at 1 stage: the shorter chain bought nothing the lost pipelining did not cost.
+# - raw q, k into the pass (their norms scaling the products' rows, q k^T made in the loop) and no w/u kernel: the
+#   pass went 0.359 -> 0.612 ms (255 registers, ~450 B spilled) against the w/u kernel's 0.142 saved; at 3 stages
+#   9B 64k lost 10% and 0.8B 8 x 4k won 17% (0.704 -> 0.603), and the cut pass gave a wrong o at 64/64 on the GPU.)
 
 
 def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: int, device: torch.device,
