@@ -38,6 +38,8 @@
 #   bash benchmarks/gpu_plan.sh 35  # carry nothing: the one-token fault (T == 1 rows through the unspecialised pass)
 #   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
+#   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
+#   bash benchmarks/gpu_plan.sh 39  # carry .whl2 right after 38: FlashQLA's backward kernel by kernel
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -601,8 +603,30 @@ case "${1:-}" in
         --variant "rq:gdn_chunk.RAW_QK_IN_PASS=True" 2>&1 | grep '^ours\|^| chunk\|^| gdn'
     done
     ;;
+  38)  # twenty-first session (carry .whl, bundled model moved out; ~6 min): dv_local made in the dH pass
+       # (gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH): its GPU tests; train at both layouts against fla with it, with kept
+       # states and both; then forward + backward kernel by kernel (ours, with it)
+    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dv_local_in or dh_pass_tma" \
+      -j 8 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 230 python3 benchmarks/bench_gdn.py --quick --kinds train --variant "dvl:gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH=True" \
+      "keep:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" \
+      "keepdvl:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True,gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH=True" \
+      > "$OUT/train.log" 2>&1
+    grep '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+    timeout 60 python3 benchmarks/profile_gdn_forward.py --train --no-peers --models 9B --lengths 4096 --batch 4 \
+      --variant "dvl:gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH=True" \
+      > "$OUT/profile_train.log" 2>&1
+    grep '^ours\|^fla\|^| ' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -70
+    ;;
+  39)  # twenty-first session (carry .whl2 right after 38, machine warm): FlashQLA's backward kernel by kernel (fla
+       # given g, beta dispatches to it), beside ours
+    timeout 200 python3 benchmarks/profile_gdn_forward.py --train --models 9B --lengths 4096 --batch 4 \
+      > "$OUT/profile_train.log" 2>&1
+    grep '^ours\|^fla\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -70
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|37" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|39" >&2
     exit 2
     ;;
 esac

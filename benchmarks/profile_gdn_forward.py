@@ -7,9 +7,10 @@ each CUDA kernel's mean device time per call, so the kernels can be set side by 
 of ours, and by how much).
 
     python benchmarks/profile_gdn_forward.py [--models 9B] [--lengths 16384] [--batch 1] [--calls 10] [--no-peers]
-                                             [--variant NAME:MODULE.FLAG=VALUE[,...] ...]
+                                             [--train] [--variant NAME:MODULE.FLAG=VALUE[,...] ...]
 
-`--variant` profiles ours again under other kernel options (bench_gdn.py's syntax).
+`--variant` profiles ours again under other kernel options (bench_gdn.py's syntax); `--train` profiles forward +
+backward instead (bench_gdn.py's train calls: ours, fla with the gates in its kernels, fla given g and beta).
 
 Peers load as in bench_gdn.py (fla 0.6.0, FlashQLA 0.1.3 on PYTHONPATH; benchmarks/NOTES.md says how); a peer that
 does not load is skipped. Needs a CUDA GPU. With $OUT set the tables also go to $OUT/profile_gdn_forward.md.
@@ -66,6 +67,44 @@ def implementations(model: str, batch: int, length: int, peers: dict, variants: 
     return calls
 
 
+def train_implementations(model: str, batch: int, length: int, peers: dict, variants: dict) -> dict:
+    """The forward + backward calls bench_gdn.bench_train times (ours from raw a, b; fla with the gates in its
+    kernels; fla given g, beta, which dispatches to FlashQLA's kernels where tilelang is installed), by name."""
+    from bench_gdn import DEVICE, HEADS, gdn_inputs, settings_applied
+
+    from hybridlm.ops.delta_rule import gdn_gates
+    from hybridlm.ops.triton import chunk_gdn
+
+    q, k, v, a, b, A_log, dt_bias, _ = gdn_inputs(batch, length, HEADS[model])
+    do = torch.randn(v.shape, generator=torch.Generator(device=DEVICE).manual_seed(6), device=DEVICE).to(v.dtype)
+    leaves = [x.requires_grad_() for x in (q, k, v, a, b, A_log, dt_bias)]
+
+    def ours():
+        o, _ = chunk_gdn(*leaves)
+        return torch.autograd.grad(o, leaves, do)
+    calls = {"ours": ours}
+    for name, settings in variants.items():
+        def variant(settings=settings):
+            with settings_applied(settings):
+                return ours()
+        calls[f"ours[{name}]"] = variant
+    if "fla" in peers:
+        def fla():
+            o, _ = peers["fla"](q=q, k=k, v=v, g=a, beta=b, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                                A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
+            return torch.autograd.grad(o, leaves, do)
+        calls["fla"] = fla
+        with torch.no_grad():
+            g, beta = gdn_gates(a, b, A_log, dt_bias)
+        gate_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
+
+        def fla_given_gates():
+            o, _ = peers["fla"](q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+            return torch.autograd.grad(o, gate_leaves, do)
+        calls["fla given g, beta"] = fla_given_gates
+    return calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["9B"], choices=["9B", "0.8B"])
@@ -73,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=10, help="profiled calls per implementation")
     parser.add_argument("--no-peers", action="store_true", help="profile hybridlm's kernels only")
+    parser.add_argument("--train", action="store_true", help="forward + backward (bench_gdn.py's train calls)")
     parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:MODULE.FLAG=VALUE[,...]",
                         help="ours again under these kernel options (bench_gdn.py's --variant)")
     args = parser.parse_args()
@@ -85,14 +125,17 @@ def main() -> None:
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}"]
     for model in args.models:
         for length in args.lengths:
-            for name, fn in implementations(model, args.batch, length, peers, variants).items():
+            make = train_implementations if args.train else implementations
+            for name, fn in make(model, args.batch, length, peers, variants).items():
                 try:
                     rows, total = kernel_table(fn, args.calls)
                 except Exception as error:  # noqa: BLE001 - one line per failing implementation
                     lines.append(f"\n{name} {model} {args.batch} x {length}: failed ({type(error).__name__}: "
                                  f"{str(error)[:160]})")
                     continue
-                lines.append(f"\n{name}, {model} heads, {args.batch} x {length}: {total:.4f} ms of kernels per call")
+                kind = "forward + backward" if args.train else "forward"
+                lines.append(f"\n{name}, {model} heads, {args.batch} x {length}, {kind}: {total:.4f} ms of kernels "
+                             "per call")
                 lines.append("| kernel | ms per call | launches |\n|---|---|---|")
                 lines += [f"| {kernel[:90]} | {ms:.4f} | {n} |" for kernel, ms, n in rows]
     text = "\n".join(lines)
