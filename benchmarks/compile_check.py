@@ -143,10 +143,10 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
 
 
 def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, cp=False,
-                wy_bk=None, dqk_bk=None, dh_tma=None, local_dv=None):
+                wy_bk=None, dqk_bk=None, dh_tma=None):
     """`cp`: the context-parallel recomputation (STATE_PASS_CP, segments of 4 chunks, cut however short); `wy_bk`,
     `dqk_bk`: gdn_chunk_bwd.BWD_WY_BK / BWD_DQK_BK for this launch (the key-blocked WY and dq/dk kernels) if not
-    None; `dh_tma`: gdn_chunk_bwd.BWD_DH_TMA if not None; `local_dv`: gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH if not None."""
+    None; `dh_tma`: gdn_chunk_bwd.BWD_DH_TMA if not None."""
     q, k, v, a, b, A_log, dt_bias, init, cu, n = gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state)
     g_cumsum = randn(batch, length, hv, dtype=fp32)  # what _chunk_gdn_fwd(..., store_x=True) saves
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
@@ -154,9 +154,7 @@ def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
     saved = gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS
     saved_wy, saved_dqk, saved_tma = gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK, gdn_chunk_bwd.BWD_DH_TMA
-    saved_local = gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH
     gdn_chunk_bwd.BWD_DH_TMA = saved_tma if dh_tma is None else dh_tma
-    gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH = saved_local if local_dv is None else local_dv
     if cp:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = True, 4, 0
     gdn_chunk_bwd.BWD_WY_BK = saved_wy if wy_bk is None else wy_bk
@@ -167,7 +165,6 @@ def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
     finally:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = saved
         gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK, gdn_chunk_bwd.BWD_DH_TMA = saved_wy, saved_dqk, saved_tma
-        gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH = saved_local
 
 
 def run_gdn_decode(hk, hv, dk, dv, batch, dtype=bf16, fuse_norm=True, norm_dtype=None, pool=8, prefetch=False):
@@ -355,11 +352,6 @@ def configurations():
         for varlen in (False, True):  # the dH pass's loads through tensor descriptors (gdn_chunk_bwd.BWD_DH_TMA)
             add(f"gdn_bwd dh_tma Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_bwd, hk=hk, hv=hv,
                 dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, batch=1 if varlen else 4, state=True, dht=True, dh_tma=True)
-            # dv_local made in the dH pass (gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH), through TMA and pointer loads
-            for tma in (True, False):
-                add(f"gdn_bwd local_dv tma={int(tma)} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}",
-                    run_gdn_bwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, batch=1 if varlen else 4,
-                    state=True, dht=True, dh_tma=tma, local_dv=True)
         for wy_bk in (32, 64):  # the key-blocked WY kernel (gdn_chunk_bwd.BWD_WY_BK)
             for varlen in (False, True):
                 add(f"gdn_bwd wy_bk={wy_bk} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_bwd,

@@ -122,7 +122,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_gdn_forward.py profiles CUDA kernels: it needs a CUDA GPU")
     peers = load_peers(not args.no_peers)
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}"]
+    out = open(os.path.join(os.environ["OUT"], "profile_gdn_forward.md"), "w") if os.environ.get("OUT") else None
+
+    def emit(*lines):  # each table as soon as it is made: a call cut off by its time limit keeps what ran
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if out:
+            out.write(text + "\n")
+            out.flush()
+
+    emit(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for model in args.models:
         for length in args.lengths:
             make = train_implementations if args.train else implementations
@@ -130,19 +139,15 @@ def main() -> None:
                 try:
                     rows, total = kernel_table(fn, args.calls)
                 except Exception as error:  # noqa: BLE001 - one line per failing implementation
-                    lines.append(f"\n{name} {model} {args.batch} x {length}: failed ({type(error).__name__}: "
-                                 f"{str(error)[:160]})")
+                    emit(f"\n{name} {model} {args.batch} x {length}: failed ({type(error).__name__}: "
+                         f"{str(error)[:160]})")
                     continue
                 kind = "forward + backward" if args.train else "forward"
-                lines.append(f"\n{name}, {model} heads, {args.batch} x {length}, {kind}: {total:.4f} ms of kernels "
-                             "per call")
-                lines.append("| kernel | ms per call | launches |\n|---|---|---|")
-                lines += [f"| {kernel[:90]} | {ms:.4f} | {n} |" for kernel, ms, n in rows]
-    text = "\n".join(lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "profile_gdn_forward.md"), "w") as handle:
-            handle.write(text + "\n")
+                emit(f"\n{name}, {model} heads, {args.batch} x {length}, {kind}: {total:.4f} ms of kernels per call",
+                     "| kernel | ms per call | launches |\n|---|---|---|",
+                     *[f"| {kernel[:90]} | {ms:.4f} | {n} |" for kernel, ms, n in rows])
+    if out:
+        out.close()
 
 
 if __name__ == "__main__":

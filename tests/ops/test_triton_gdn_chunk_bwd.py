@@ -548,21 +548,3 @@ def test_bwd_dh_pass_tma(poisoned, monkeypatch, offsets):
     for name, x, ref in zip(NAMES, tma, plain):
         assert rel_err(x, ref.double()) <= 1e-3, name
     check(batch, length, 2, 4, 64, 64, torch.bfloat16, with_state=True, with_dht=True, cu_seqlens=case_inputs[0])
-
-
-@pytest.mark.parametrize("dtype, offsets", [(torch.bfloat16, None), (torch.bfloat16, [0, 5, 69, 130]),
-                                            (torch.float32, None)])
-def test_bwd_dv_local_in_the_dh_pass(poisoned, monkeypatch, dtype, offsets):
-    """gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH: the dH pass makes tril(q k^T exp(G_i - G_j))^T do itself and
-    chunk_gdn_bwd_dv_local_kernel does not run; the gradients are the default path's up to the rounding of the
-    stored dv_local, and pass float64 (grouped heads, packed sequences, fp32)."""
-    from hybridlm.ops.triton import gdn_chunk_bwd
-
-    batch, length = (2, 100) if offsets is None else (1, 130)
-    case_inputs = blocked_case_inputs(batch, length, 2, 4, 64, 64, dtype, offsets)
-    plain = grads_with(monkeypatch, "BWD_DV_LOCAL_IN_DH", False, case_inputs)
-    monkeypatch.setattr(gdn_chunk_bwd, "chunk_gdn_bwd_dv_local_kernel", None)  # launching it would raise
-    local = grads_with(monkeypatch, "BWD_DV_LOCAL_IN_DH", True, case_inputs)
-    for name, x, ref in zip(NAMES, local, plain):
-        assert rel_err(x, ref.double()) <= (1e-5 if dtype == torch.float32 else 4e-3), name
-    check(batch, length, 2, 4, 64, 64, dtype, with_state=True, with_dht=True, cu_seqlens=case_inputs[0])

@@ -57,20 +57,6 @@ def chunk_gdn_bwd_dv_local_kernel(
         _store_rows(p_dv + i_v * BV, b_dv, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
 
-@triton.jit
-def _query_and_output_grad(q_desc, do_desc, p_q, p_do, i_r, i_cq, i_cv, i_s, i_v, T, m_t, stride_q,
-                           HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, TMA: tl.constexpr):
-    """The dH pass's chunk of queries (raw) and of do (fp32, rows past T zero)."""
-    if TMA:
-        b_q = q_desc.load([i_r, i_cq])
-        b_do = tl.where(m_t[:, None], do_desc.load([i_r, i_cv]).to(tl.float32), 0.)
-    else:
-        b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
-        b_do = _load_rows(p_do, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
-    return b_q, b_do
-
-
 @triton.jit(do_not_specialize=["T"])
 def chunk_gdn_bwd_dh_kernel(
     q,  # [B, T, H, K], token stride stride_q
@@ -78,7 +64,7 @@ def chunk_gdn_bwd_dh_kernel(
     w,  # [B, T, HV, K]
     g_cumsum,  # [B, T, HV] fp32
     do,  # [B, T, HV, V]
-    dv_local,  # [B, T, HV, V] from chunk_gdn_bwd_dv_local_kernel (None with LOCAL_DV)
+    dv_local,  # [B, T, HV, V] from chunk_gdn_bwd_dv_local_kernel
     dv_new,  # out [B, T, HV, V]: the full gradient of v_new
     dh,  # out [NT, HV, K, V]: the gradient of the state leaving each chunk
     dht,  # [N, HV, K, V] gradient of the final state
@@ -109,10 +95,6 @@ def chunk_gdn_bwd_dh_kernel(
     w_desc=None,
     do_desc=None,
     dvl_desc=None,
-    # LOCAL_DV (`gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH`): the values' local gradient tril(q k^T exp(G_i - G_j))^T do made
-    # here from the q, k and do tiles this pass loads anyway (dv_local and dvl_desc unused), so
-    # chunk_gdn_bwd_dv_local_kernel does not run and dv_local makes no round trip through memory
-    LOCAL_DV: tl.constexpr = False,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -143,10 +125,8 @@ def chunk_gdn_bwd_dh_kernel(
     p_w = w + bos * HV * K + i_h * K
     p_gc = g_cumsum + bos * HV + i_h
     p_do = do + bos * HV * V + i_h * V + i_v * BV
-    if not LOCAL_DV:
-        p_dvl = dv_local + bos * HV * V + i_h * V + i_v * BV
+    p_dvl = dv_local + bos * HV * V + i_h * V + i_v * BV
     p_dvn = dv_new + bos * HV * V + i_h * V + i_v * BV
-    o_i = tl.arange(0, BT)
     for i_t in range(NT - 1, -1, -1):
         tl.store(dh + ((boh + i_t) * HV + i_h) * K * V + o_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         i_s = i_t * BT
@@ -161,33 +141,23 @@ def chunk_gdn_bwd_dh_kernel(
         else:
             b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
         b_k = _l2norm_rows(b_k).to(dtype)
-        if LOCAL_DV:  # chunk_gdn_bwd_dv_local_kernel's product: [j, i] = k_j . q_i exp(G_i - G_j) for j <= i
-            b_q, b_do = _query_and_output_grad(q_desc, do_desc, p_q, p_do, i_r, i_cq, i_cv, i_s, i_v, T, m_t,
-                                               stride_q, HV, K, V, BT, BK, BV, TMA)
-            b_q = (_l2norm_rows(b_q) * scale).to(dtype)
-            m_A = o_i[:, None] <= o_i[None, :]
-            b_At = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
-            b_At = tl.where(m_A, b_At * tl.exp(tl.where(m_A, b_gc[None, :] - b_gc[:, None], 0.)), 0.).to(dtype)
-            b_dvl = tl.dot(b_At, b_do.to(dtype), input_precision=DOT_PRECISION)
         b_dv = tl.dot(b_k, b_dh.to(dtype), input_precision=DOT_PRECISION)
         b_dv = b_dv * tl.where(m_t, tl.exp(b_g_last - b_gc), 0.)[:, None]
-        if LOCAL_DV:
-            b_dv += b_dvl
-        elif TMA:
+        if TMA:
             b_dv += tl.where(m_t[:, None], dvl_desc.load([i_r, i_cv]).to(tl.float32), 0.)
         else:
             b_dv += _load_rows(p_dvl, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
         _store_rows(p_dvn, b_dv, i_s, T, HV * V, V - i_v * BV, BT, BV)
         # dH of the state entering the chunk: decay, the read o += (q exp(G)) h, and v_new = u - w h
-        if not LOCAL_DV:
-            b_q, b_do = _query_and_output_grad(q_desc, do_desc, p_q, p_do, i_r, i_cq, i_cv, i_s, i_v, T, m_t,
-                                               stride_q, HV, K, V, BT, BK, BV, TMA)
         if TMA:
+            b_q = q_desc.load([i_r, i_cq])
+            b_do = tl.where(m_t[:, None], do_desc.load([i_r, i_cv]).to(tl.float32), 0.)
             b_w = w_desc.load([i_r, i_cw])
         else:
+            b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
+            b_do = _load_rows(p_do, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
             b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)
-        if not LOCAL_DV:
-            b_q = (_l2norm_rows(b_q) * scale).to(dtype)
+        b_q = (_l2norm_rows(b_q) * scale).to(dtype)
         b_do_g = (b_do * tl.exp(b_gc)[:, None]).to(dtype)
         b_dh = b_dh * tl.exp(b_g_last) + tl.dot(tl.trans(b_q), b_do_g, input_precision=DOT_PRECISION)
         b_dh -= tl.dot(tl.trans(b_w), b_dv.to(dtype), input_precision=DOT_PRECISION)

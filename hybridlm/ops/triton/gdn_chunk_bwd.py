@@ -229,11 +229,11 @@ BWD_DH_BV, BWD_DH_WARPS, BWD_DH_STAGES = 64, 4, 2
 # dividing dv). Train at B = 4, T = 4k on an H100 (2026-12-05, `gpu_plan.sh 29`, `dhtma`): 9B heads 3.580 -> 3.553
 # ms, 0.8B 2.071 -> 2.029; with kept states 3.107 -> 3.079 and 1.802 -> 1.768; same gradients (GPU tests passed).
 BWD_DH_TMA = True
-# The values' local gradient tril(q k^T exp(G_i - G_j))^T do made inside the dH pass (its LOCAL_DV), which loads
-# the chunk's q, k and do anyway, instead of by `chunk_gdn_bwd_dv_local_kernel` (0.144 ms at 9B heads, B = 4, T = 4k
-# on an H200) and a round trip of dv_local ([B, T, Hv, dv], 134 MB there) through memory; the pass's steps take two
-# more products, one of them (q k^T) off its chain.
-BWD_DV_LOCAL_IN_DH = False
+# (dv_local made inside the dH pass from the q, k and do tiles it loads anyway, so chunk_gdn_bwd_dv_local_kernel and
+# dv_local's round trip went away, lost on an H100 (2026-12-06, `gpu_plan.sh 38`): the pass went 0.334 -> 0.776 ms
+# (255 registers, 132 B spilled, 140 KB of shared memory) against the 0.162 ms kernel saved; train at 4 x 4k 3.507 ->
+# 3.777 ms at 9B heads, 2.003 -> 2.061 at 0.8B; and on the GPU bf16 64/64 faulted (illegal address) and packed
+# sequences gave wrong gradients. Removed. Products added to a sequential pass cost more than a parallel kernel.)
 BWD_DQK_WARPS, BWD_WY_WARPS, BWD_DQK_STAGES = 8, 8, 3  # the two kernels of step 3 (fp32: 2 stages)
 # The key-row widths (BK) at which the whole-row dq/dk kernel makes dS^T by a product of its own (one more [64, 64]
 # product per V block) instead of `tl.dot(tl.trans(dS), q)`: that line miscompiles on Hopper with Triton 3.4-3.7.0
@@ -278,7 +278,7 @@ BWD_REUSE_FORWARD_STATES = False
 
 def dh_pass_descriptors(q, k, w, do, dv_local, BV: int) -> dict:
     """The dH pass's TMA arguments (`BWD_DH_TMA`): descriptors over the [B * T, columns] rows of q, k, w, do and
-    dv_local (None: made in the pass, no descriptor) with [64, width] boxes, or nothing where one does not apply."""
+    dv_local with [64, width] boxes, or nothing where one does not apply."""
     batch, length, key_heads, dk = q.shape
     value_heads, dv = do.shape[2], do.shape[3]
     # (the kernel's key tiles are at least 32 wide: BK = max(32, dk's power of two), so the box must be as wide)
@@ -289,11 +289,8 @@ def dh_pass_descriptors(q, k, w, do, dv_local, BV: int) -> dict:
                  k_desc=descriptor(k, [rows, key_heads * dk], [k.stride(1), 1], [BT, dk]),
                  w_desc=descriptor(w, [rows, value_heads * dk], [value_heads * dk, 1], [BT, dk]),
                  do_desc=descriptor(do, [rows, value_heads * dv], [value_heads * dv, 1], [BT, BV]),
-                 dvl_desc=None if dv_local is None else descriptor(dv_local, [rows, value_heads * dv],
-                                                                   [value_heads * dv, 1], [BT, BV]))
-    if any(desc is None for name, desc in descs.items() if name != "dvl_desc" or dv_local is not None):
-        return {}
-    return dict(TMA=True, **descs)
+                 dvl_desc=descriptor(dv_local, [rows, value_heads * dv], [value_heads * dv, 1], [BT, BV]))
+    return {} if None in descs.values() else dict(TMA=True, **descs)
 
 
 @contextlib.contextmanager
@@ -391,11 +388,10 @@ def chunk_gdn_bwd(
             _segmented_state_pass(plan, k, w, u, g_cumsum, h, v_new, initial_state, None, length, {}, common,
                                   narrowest=32, norm_k=True)
 
-    dv_local = None if BWD_DV_LOCAL_IN_DH else torch.empty_like(v_new)  # [B, T, Hv, dv]
-    if dv_local is not None:
-        chunk_gdn_bwd_dv_local_kernel[chunk_grid](
-            q, k, do, g_cumsum, dv_local, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
-            BV=BV_chunk, num_warps=BWD_DV_LOCAL_WARPS, **common)
+    dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
+    chunk_gdn_bwd_dv_local_kernel[chunk_grid](
+        q, k, do, g_cumsum, dv_local, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
+        BV=BV_chunk, num_warps=BWD_DV_LOCAL_WARPS, **common)
 
     dv_new = torch.empty_like(v_new)  # [B, T, Hv, dv]
     dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
@@ -406,7 +402,7 @@ def chunk_gdn_bwd(
         q.stride(1), k.stride(1), BV=BV_dh, USE_FINAL_STATE_GRADIENT=dht is not None,
         STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=BWD_DH_WARPS,
         # three [64, dk] fp32 tiles per stage: at dk = 128, 3 stages need 280 KB of shared memory (sm_90: 227 KB)
-        num_stages=2 if dtype == torch.float32 else BWD_DH_STAGES, LOCAL_DV=dv_local is None,
+        num_stages=2 if dtype == torch.float32 else BWD_DH_STAGES,
         **dh_pass_descriptors(q, k, w, do, dv_local, BV_dh), **common)
 
     grad_dtype = dtype if BWD_QK_GRAD_DTYPE == "input" else torch.float32
