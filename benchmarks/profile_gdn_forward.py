@@ -1,4 +1,4 @@
-"""Where each implementation of the chunked GDN forward spends its time, kernel by kernel, on one GPU.
+"""Where each implementation of the chunked GDN forward (or forward + backward) spends its time, kernel by kernel.
 
 bench_gdn.py times whole calls: ours 0.676 ms against FlashQLA's 0.582 at 9B heads and 16k tokens (H100, 2026-12-06).
 This script runs the same calls (same inputs as bench_gdn.py: ours from raw a, b; fla with g, beta given and q/k

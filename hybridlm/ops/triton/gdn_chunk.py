@@ -212,7 +212,8 @@ def chunk_gdn_fwd_h_kernel(
 # addresses: bf16 128/64 with two one-token rows at V blocks of 16, and 128/128 at V blocks of 32 (blocking launches,
 # an H100 and an H200; benchmarks/NOTES.md, twentieth session), while one-token sequences in packed batches, whose T
 # the kernel reads from cu_seqlens, passed. This copy takes T as a plain integer, so such batches run the code that
-# every other length runs. (Not yet run on a GPU: `gpu_plan.sh 35` checks it.)
+# every other length runs. On an H100 (2026-12-06, `gpu_plan.sh 35`) the faulting test passed and the fault map at
+# 64/96/128 showed no fault, with V blocks of 16 or 32.
 _chunk_gdn_fwd_h_kernel_any_length = triton.jit(do_not_specialize=["T"])(chunk_gdn_fwd_h_kernel.fn)
 
 
