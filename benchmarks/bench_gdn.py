@@ -12,13 +12,16 @@ the device copy rate, measured in the same process by benchmarks/bandwidth.py); 
 
 What each side does (so the ratios are read right):
 - ours: raw a, b in (gates, q/k L2 norm and scale in-kernel), o and final state out.
-- fla chunk_gated_delta_rule: g, beta precomputed (not timed), use_qk_l2norm_in_kernel=True.
+- fla chunk_gated_delta_rule: g, beta precomputed (not timed), use_qk_l2norm_in_kernel=True, in fla's own
+  kernels: FLA_FLASH_QLA=0 is set before fla loads (unless already set), since fla 0.6.0 otherwise dispatches such
+  calls to FlashQLA when it is installed (before the twenty-first session the forward rows' "fla" was FlashQLA).
 - FlashQLA chunk_gated_delta_rule: g, beta precomputed and q, k pre-normalised (not timed).
 - train (forward + backward, torch.autograd.grad of o against a fixed do, no states): ours = chunk_gdn from raw
   a, b with gradients for q, k, v, a, b, A_log, dt_bias; "fla" = fla's chunk_gated_delta_rule doing the same
   work in its Triton kernels (use_gate_in_kernel, use_beta_sigmoid_in_kernel, use_qk_l2norm_in_kernel: those
   flags also keep fla's dispatcher off its FlashQLA backend); "fla g,beta" = fla given g, beta precomputed (not
-  timed, gradients stop at g, beta) and whichever backend its dispatcher picks.
+  timed, gradients stop at g, beta) in its own kernels, and "FlashQLA" the same call to FlashQLA (what fla's
+  dispatcher picks when FLA_FLASH_QLA is not 0).
 - decode: ours = conv-state shift + conv + SiLU + norms + gates + delta rule on slot pools, one launch, eager and
   inside a CUDA graph; fla fused_recurrent_gated_delta_rule = the delta rule alone (no conv), eager.
 """
@@ -87,6 +90,11 @@ def load_peers(enabled: bool) -> dict[str, object]:
     if not enabled:
         log("peers: skipped (--no-peers)")
         return peers
+    # fla 0.6.0 hands chunk_gated_delta_rule to its FlashQLA backend when flash_qla is installed (bf16, K = V = 128,
+    # gates given: the forward rows and train's g, beta row), so "fla" would time FlashQLA's kernels (the twenty-first
+    # session's profile showed it). FLA_FLASH_QLA=0, read when fla first dispatches, keeps fla on its own kernels;
+    # FlashQLA is timed by its own rows.
+    os.environ.setdefault("FLA_FLASH_QLA", "0")
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
@@ -94,7 +102,8 @@ def load_peers(enabled: bool) -> dict[str, object]:
         peers["fla"], peers["fla_recurrent"] = fla_chunk, fla_recurrent
         import fla
 
-        log(f"peer fla {getattr(fla, '__version__', '?')}: loaded")
+        log(f"peer fla {getattr(fla, '__version__', '?')}: loaded (FLA_FLASH_QLA={os.environ['FLA_FLASH_QLA']}: "
+            f"{'its own kernels' if os.environ['FLA_FLASH_QLA'] == '0' else 'FlashQLA where it dispatches there'})")
     except Exception as error:  # ImportError, or its tilelang import failing
         log(f"peer fla: skipped ({type(error).__name__}: {error})")
     try:
@@ -290,20 +299,27 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
         except Exception as error:
             log(f"  fla (gates in kernel) failed at train {model} B={batch} T={length}: "
                 f"{type(error).__name__}: {error}")
-        with torch.no_grad():
-            g, beta = gdn_gates(a, b, A_log, dt_bias)
-        fla_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
+    with torch.no_grad():
+        g, beta = gdn_gates(a, b, A_log, dt_bias)
+    gate_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
+    # g and beta given (gradients of o, q, k, v compared): fla's own kernels, and FlashQLA called directly (which
+    # is what fla dispatches to when FLA_FLASH_QLA is not 0)
+    given = {"fla g,beta": peers.get("fla"), "FlashQLA": peers.get("flashqla")}
+    for name, peer in given.items():
+        if peer is None:
+            continue
 
-        def fla_given_gates():
-            o, _ = peers["fla"](q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
-            return (o, *torch.autograd.grad(o, fla_leaves, do))
+        def given_gates(peer=peer):
+            o, _ = peer(q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+            return (o, *torch.autograd.grad(o, gate_leaves, do))
         try:
-            out_peer = fla_given_gates()
+            out_peer = given_gates()
             err = max(rel_err(x, y) for x, y in zip(out_ours[:4], out_peer[:4]))
             check = f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}"
-            results["fla g,beta"] = (time_ms(fla_given_gates), check)
+            results[name] = (time_ms(given_gates), check)
         except Exception as error:
-            log(f"  fla (g, beta given) failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
+            log(f"  {name} (g, beta given) failed at train {model} B={batch} T={length}: "
+                f"{type(error).__name__}: {error}")
     report("train", model, batch, length, tokens, floor_ms, results, rows)
 
 

@@ -10,7 +10,9 @@ of ours, and by how much).
                                              [--train] [--variant NAME:MODULE.FLAG=VALUE[,...] ...]
 
 `--variant` profiles ours again under other kernel options (bench_gdn.py's syntax); `--train` profiles forward +
-backward instead (bench_gdn.py's train calls: ours, fla with the gates in its kernels, fla given g and beta).
+backward instead (bench_gdn.py's train calls: ours, fla with the gates in its kernels, fla and FlashQLA given g and
+beta). fla runs its own kernels (bench_gdn.load_peers sets FLA_FLASH_QLA=0 unless it is set: fla 0.6.0 otherwise
+hands these calls to FlashQLA, as the twenty-first session's first profile showed).
 
 Peers load as in bench_gdn.py (fla 0.6.0, FlashQLA 0.1.3 on PYTHONPATH; benchmarks/NOTES.md says how); a peer that
 does not load is skipped. Needs a CUDA GPU. With $OUT set the tables also go to $OUT/profile_gdn_forward.md.
@@ -69,7 +71,7 @@ def implementations(model: str, batch: int, length: int, peers: dict, variants: 
 
 def train_implementations(model: str, batch: int, length: int, peers: dict, variants: dict) -> dict:
     """The forward + backward calls bench_gdn.bench_train times (ours from raw a, b; fla with the gates in its
-    kernels; fla given g, beta, which dispatches to FlashQLA's kernels where tilelang is installed), by name."""
+    kernels; fla and FlashQLA given g, beta), by name."""
     from bench_gdn import DEVICE, HEADS, gdn_inputs, settings_applied
 
     from hybridlm.ops.delta_rule import gdn_gates
@@ -94,14 +96,15 @@ def train_implementations(model: str, batch: int, length: int, peers: dict, vari
                                 A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
             return torch.autograd.grad(o, leaves, do)
         calls["fla"] = fla
-        with torch.no_grad():
-            g, beta = gdn_gates(a, b, A_log, dt_bias)
-        gate_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
-
-        def fla_given_gates():
-            o, _ = peers["fla"](q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
-            return torch.autograd.grad(o, gate_leaves, do)
-        calls["fla given g, beta"] = fla_given_gates
+    with torch.no_grad():
+        g, beta = gdn_gates(a, b, A_log, dt_bias)
+    gate_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
+    for name, peer in (("fla given g, beta", peers.get("fla")), ("FlashQLA given g, beta", peers.get("flashqla"))):
+        if peer is not None:
+            def given_gates(peer=peer):
+                o, _ = peer(q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+                return torch.autograd.grad(o, gate_leaves, do)
+            calls[name] = given_gates
     return calls
 
 

@@ -302,3 +302,18 @@ def test_bench_prefill_attention_tiny_checks_each_variant():
     result = subprocess.run([sys.executable, script, "--tiny", "--variant", "bad:paged_prefill.NO_SUCH=1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "has no flag NO_SUCH" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("given", [None, "1"])
+def test_bench_gdn_keeps_fla_on_its_own_kernels(monkeypatch, given):
+    """load_peers sets FLA_FLASH_QLA=0 before fla loads (fla 0.6.0 would otherwise hand gates-given calls to FlashQLA,
+    so its rows would time FlashQLA), unless the caller chose a value; a peer that is not installed is skipped."""
+    import bench_gdn
+
+    monkeypatch.setenv("FLA_FLASH_QLA", given or "unset")  # (recorded, so the test leaves the environment as it was)
+    if given is None:
+        monkeypatch.delenv("FLA_FLASH_QLA")
+    peers = bench_gdn.load_peers(True)
+    assert os.environ["FLA_FLASH_QLA"] == (given or "0")
+    assert set(peers) <= {"fla", "fla_recurrent", "flashqla"}
+    assert bench_gdn.load_peers(False) == {}
