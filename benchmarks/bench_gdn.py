@@ -246,6 +246,27 @@ def gate_backward(chunk_gdn) -> bool:
     return ok
 
 
+def train_peer_calls(peers: dict, q, k, v, a, b, A_log, dt_bias) -> dict:
+    """The peers' training calls, by name: (forward returning o, the leaves its gradients are taken for, how many of
+    o and those gradients compare with ours, in our order q, k, v, a, b). "fla" does our work in its own kernels
+    from raw a, b (its in-kernel gate and beta flags); "fla g,beta" and "FlashQLA" are given g, beta (made here, not
+    timed; gradients stop there). dA_log and ddt_bias are sums whose terms cancel: the reference gate checks them."""
+    calls = {}
+    if "fla" in peers:
+        calls["fla"] = (lambda: peers["fla"](q=q, k=k, v=v, g=a, beta=b, use_qk_l2norm_in_kernel=True,
+                                             use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+                                             use_beta_sigmoid_in_kernel=True)[0],
+                        [q, k, v, a, b, A_log, dt_bias], 6)
+    with torch.no_grad():
+        g, beta = gdn_gates(a, b, A_log, dt_bias)
+    gate_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
+    for name, key in (("fla g,beta", "fla"), ("FlashQLA", "flashqla")):
+        if key in peers:  # (FlashQLA: what fla dispatches these calls to where FLA_FLASH_QLA is not 0)
+            calls[name] = (lambda peer=peers[key]: peer(q=q, k=k, v=v, g=g, beta=beta,
+                                                         use_qk_l2norm_in_kernel=True)[0], gate_leaves, 4)
+    return calls
+
+
 def bench_train(model, batch, length, peers, ours_ok, rows):
     """Forward + backward from raw a, b: ours vs fla with the gates in its kernels, and fla given g, beta."""
     from hybridlm.ops.triton import chunk_gdn
@@ -286,40 +307,16 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
                 results[f"ours[{name}]"] = (time_ms(ours), variant_check(ours_ok, err))
             except Exception as error:
                 log(f"  ours[{name}] failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
-    if "fla" in peers:
-        def fla():
-            o, _ = peers["fla"](q=q, k=k, v=v, g=a, beta=b, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                                A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
-            return (o, *torch.autograd.grad(o, leaves, do))
+    for name, (forward, peer_leaves, compared) in train_peer_calls(peers, *leaves).items():
+        def peer_train(forward=forward, peer_leaves=peer_leaves):
+            o = forward()
+            return (o, *torch.autograd.grad(o, peer_leaves, do))
         try:
-            out_peer = fla()
-            # o and the per-token gradients (dA_log, ddt_bias are sums whose terms cancel: checked by the gate)
-            err = max(rel_err(x, y) for x, y in zip(out_ours[:6], out_peer[:6]))
-            results["fla"] = (time_ms(fla), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
+            out_peer = peer_train()
+            err = max(rel_err(x, y) for x, y in zip(out_ours[:compared], out_peer[:compared]))
+            results[name] = (time_ms(peer_train), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
         except Exception as error:
-            log(f"  fla (gates in kernel) failed at train {model} B={batch} T={length}: "
-                f"{type(error).__name__}: {error}")
-    with torch.no_grad():
-        g, beta = gdn_gates(a, b, A_log, dt_bias)
-    gate_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
-    # g and beta given (gradients of o, q, k, v compared): fla's own kernels, and FlashQLA called directly (which
-    # is what fla dispatches to when FLA_FLASH_QLA is not 0)
-    given = {"fla g,beta": peers.get("fla"), "FlashQLA": peers.get("flashqla")}
-    for name, peer in given.items():
-        if peer is None:
-            continue
-
-        def given_gates(peer=peer):
-            o, _ = peer(q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
-            return (o, *torch.autograd.grad(o, gate_leaves, do))
-        try:
-            out_peer = given_gates()
-            err = max(rel_err(x, y) for x, y in zip(out_ours[:4], out_peer[:4]))
-            check = f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}"
-            results[name] = (time_ms(given_gates), check)
-        except Exception as error:
-            log(f"  {name} (g, beta given) failed at train {model} B={batch} T={length}: "
-                f"{type(error).__name__}: {error}")
+            log(f"  {name} failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
     report("train", model, batch, length, tokens, floor_ms, results, rows)
 
 

@@ -70,11 +70,10 @@ def implementations(model: str, batch: int, length: int, peers: dict, variants: 
 
 
 def train_implementations(model: str, batch: int, length: int, peers: dict, variants: dict) -> dict:
-    """The forward + backward calls bench_gdn.bench_train times (ours from raw a, b; fla with the gates in its
-    kernels; fla and FlashQLA given g, beta), by name."""
-    from bench_gdn import DEVICE, HEADS, gdn_inputs, settings_applied
+    """The forward + backward calls bench_gdn.bench_train times (ours from raw a, b; the peers' from
+    bench_gdn.train_peer_calls), by name."""
+    from bench_gdn import DEVICE, HEADS, gdn_inputs, settings_applied, train_peer_calls
 
-    from hybridlm.ops.delta_rule import gdn_gates
     from hybridlm.ops.triton import chunk_gdn
 
     q, k, v, a, b, A_log, dt_bias, _ = gdn_inputs(batch, length, HEADS[model])
@@ -90,21 +89,8 @@ def train_implementations(model: str, batch: int, length: int, peers: dict, vari
             with settings_applied(settings):
                 return ours()
         calls[f"ours[{name}]"] = variant
-    if "fla" in peers:
-        def fla():
-            o, _ = peers["fla"](q=q, k=k, v=v, g=a, beta=b, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                                A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
-            return torch.autograd.grad(o, leaves, do)
-        calls["fla"] = fla
-    with torch.no_grad():
-        g, beta = gdn_gates(a, b, A_log, dt_bias)
-    gate_leaves = [q, k, v, g.requires_grad_(), beta.requires_grad_()]
-    for name, peer in (("fla given g, beta", peers.get("fla")), ("FlashQLA given g, beta", peers.get("flashqla"))):
-        if peer is not None:
-            def given_gates(peer=peer):
-                o, _ = peer(q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
-                return torch.autograd.grad(o, gate_leaves, do)
-            calls[name] = given_gates
+    for name, (forward, peer_leaves, _) in train_peer_calls(peers, *leaves).items():
+        calls[name] = lambda forward=forward, peer_leaves=peer_leaves: torch.autograd.grad(forward(), peer_leaves, do)
     return calls
 
 

@@ -317,3 +317,39 @@ def test_bench_gdn_keeps_fla_on_its_own_kernels(monkeypatch, given):
     assert os.environ["FLA_FLASH_QLA"] == (given or "0")
     assert set(peers) <= {"fla", "fla_recurrent", "flashqla"}
     assert bench_gdn.load_peers(False) == {}
+
+
+def test_train_peer_calls_reach_each_peer_with_its_inputs():
+    """bench_gdn.train_peer_calls (bench_gdn.py's and profile_gdn_forward.py's training rows): fla from raw a, b with
+    its in-kernel gate flags, fla and FlashQLA given g, beta; each forward's o differentiates to its leaves."""
+    import bench_gdn
+
+    from hybridlm.ops.delta_rule import gdn_gates
+
+    seen = []
+
+    def peer(name):
+        def call(**kwargs):
+            seen.append((name, kwargs))
+            return kwargs["v"] * kwargs["beta"][..., None] + kwargs["q"].sum(), None
+        return call
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 8, 1, 4, generator=gen), torch.randn(1, 8, 1, 4, generator=gen)
+    v, a, b = torch.randn(1, 8, 2, 4, generator=gen), torch.randn(1, 8, 2, generator=gen), torch.randn(1, 8, 2)
+    A_log, dt_bias = torch.zeros(2), torch.zeros(2)
+    leaves = [x.requires_grad_() for x in (q, k, v, a, b, A_log, dt_bias)]
+    assert bench_gdn.train_peer_calls({}, *leaves) == {}
+    calls = bench_gdn.train_peer_calls({"fla": peer("fla"), "flashqla": peer("flashqla")}, *leaves)
+    assert {name: (len(peer_leaves), compared) for name, (_, peer_leaves, compared) in calls.items()} == {
+        "fla": (7, 6), "fla g,beta": (5, 4), "FlashQLA": (5, 4)}
+    for name, (forward, peer_leaves, _) in calls.items():
+        grads = torch.autograd.grad(forward(), peer_leaves, torch.ones_like(v), allow_unused=True)
+        assert grads[0] is not None and grads[2] is not None, name
+    (_, raw), (_, fla_given), (_, qla_given) = seen
+    assert [name for name, _ in seen] == ["fla", "fla", "flashqla"]
+    assert raw["g"] is a and raw["beta"] is b and raw["use_gate_in_kernel"] and raw["A_log"] is A_log
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    for given in (fla_given, qla_given):
+        assert torch.equal(given["g"], g) and torch.equal(given["beta"], beta)
+        assert given["use_qk_l2norm_in_kernel"] and "use_gate_in_kernel" not in given
