@@ -56,6 +56,20 @@ def log(line: str = "") -> None:
     LINES.append(line)
 
 
+class Results(dict):
+    """One shape's timings, name -> (ms, check), each logged the moment it is measured: the table comes only after a
+    shape's last implementation, so a run cut off by its timeout (a peer compiling, twenty-second session) still
+    leaves the finished ones in the log."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def __setitem__(self, name: str, value: tuple[float, str]) -> None:
+        super().__setitem__(name, value)
+        log(f"  {self.label} {name}: {value[0]:.4f} ms, check {value[1]}")
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double(), ref.double()
     if not torch.isfinite(x).all():
@@ -178,7 +192,8 @@ def bench_forward(model, batch, length, peers, ours_ok, rows):
         return chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state, output_final_state=True)
 
     o_ours, s_ours = ours()
-    results = {"ours": (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")}
+    results = Results(f"forward {model} B={batch} T={length}")
+    results["ours"] = (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")
     for name, settings in VARIANTS.items():
         with settings_applied(settings):
             try:
@@ -293,7 +308,8 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
 
     try:
         out_ours, peak = peak_mib(ours)
-        results = {"ours": (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")}
+        results = Results(f"train {model} B={batch} T={length}")
+        results["ours"] = (time_ms(ours), "PASS" if ours_ok else "FAIL (reference gate)")
         log(f"  train {model} B={batch} T={length} ours: peak {peak:.0f} MiB above the inputs")
     except Exception as error:
         log(f"  ours failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
@@ -427,7 +443,9 @@ def bench_decode(model, batch, peers, ours_ok, rows):
     start = conv_pool.clone(), state_pool.clone()
     copies = start[0].clone(), start[1].clone()
     o_default, pools_default = step(*copies), copies
-    results = {"ours": (time_ms(ours), check), "ours+graph": (time_ms(graphed(ours)), check)}
+    results = Results(f"decode {model} B={batch}")
+    results["ours"] = (time_ms(ours), check)
+    results["ours+graph"] = (time_ms(graphed(ours)), check)
     for name, settings in VARIANTS.items():
         with settings_applied(settings):
             try:

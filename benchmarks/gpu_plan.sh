@@ -3,6 +3,7 @@
 # Each call installs the carried peer wheels, runs its part with timeouts that fit one 600 s call, and prints a
 # short summary last; full logs go to $OUT. Nothing runs beside a benchmark.
 #
+#   bash benchmarks/gpu_plan.sh install  # carry .whl (bundled model out): install only, then a .whl2 call at once
 #   bash benchmarks/gpu_plan.sh 1   # carry .fla: kernel + engine tests on the GPU, then decode A/B (overlap on/off)
 #   bash benchmarks/gpu_plan.sh 2   # carry .fla: kernel sweeps (o, prepare, conv) at 64k tokens
 #   bash benchmarks/gpu_plan.sh 3   # carry .fla: 256 requests + prefix cache, and the mixed-step table
@@ -40,6 +41,10 @@
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 #   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
 #   bash benchmarks/gpu_plan.sh 39  # carry .whl2 right after 38: FlashQLA's backward kernel by kernel
+#   bash benchmarks/gpu_plan.sh 40  # carry .whl (bundled model out): ours kernel by kernel at 64k (9B, 0.8B)
+#   bash benchmarks/gpu_plan.sh 41  # carry .whl2 right after 40: forward, ours vs fla's own kernels vs FlashQLA
+#   bash benchmarks/gpu_plan.sh 42  # carry nothing right after 41 (warm): train vs both peers, decode, then 39
+#   bash benchmarks/gpu_plan.sh 43  # carry nothing right after 41 (warm): the train table vs both peers, whole call
 # Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
 # hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
 # from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
@@ -59,6 +64,9 @@ VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
 VARIANTS_BOTH="fold+cp:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"
 
 case "${1:-}" in
+  install)  # only the carried wheels into /tmp/site (above): the first of two calls on one warm machine
+    ls /tmp/site
+    ;;
   1)
     timeout 320 python3 benchmarks/gpu_tests.py tests/cuda tests/ops tests/model/test_kernel_path.py -j 16 \
       > "$OUT/gpu_tests.log" 2>&1
@@ -627,8 +635,41 @@ case "${1:-}" in
       > "$OUT/profile_train.log" 2>&1
     grep '^ours\|^fla\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -70
     ;;
+  40)  # twenty-second session, first call (carry .whl, bundled model moved out; ~2 min): where ours spends its time at
+       # 64k, the shape furthest from 2.5x fla by the anchors (1.9x), kernel by kernel; 0.8B beside
+    for model in 9B 0.8B; do
+      timeout 100 python3 benchmarks/profile_gdn_forward.py --no-peers --models $model --lengths 65536 \
+        > "$OUT/profile_64k_$model.log" 2>&1
+      grep '^ours\|^| \|failed' "$OUT/profile_64k_$model.log" | grep -v '^| kernel' | cut -c1-120 | head -20
+    done
+    ;;
+  41)  # twenty-second session (carry .whl2 right after 40): the forward table in one process with fla on its own
+       # kernels (FLA_FLASH_QLA=0, set by bench_gdn.py) and FlashQLA in its own row; 9B then 0.8B, each printed as made.
+       # (Ran twice 2026-12-06: first on a fresh machine, the last one having gone back, so ours only; then after an
+       # install-only call carrying .whl (`gpu_plan.sh install`), with both peers: RESULTS.md, ~8 minutes.)
+    timeout 330 python3 benchmarks/bench_gdn.py --kinds forward --models 9B > "$OUT/forward_9B.log" 2>&1
+    timeout 230 python3 benchmarks/bench_gdn.py --kinds forward --models 0.8B > "$OUT/forward_08B.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" "$OUT/forward_08B.log" | cut -c1-160
+    ;;
+  42)  # twenty-second session (carry nothing, issued at once after 41 so /tmp/site is still there): train against fla's
+       # own kernels and FlashQLA (both layouts, 4 x 4k), the decode step against fla's, then FlashQLA's backward kernel by
+       # kernel (39). (Ran 2026-12-06: decode and the profile came back; the train table was cut off at 230 s while
+       # FlashQLA's backward compiled, before its first row printed. bench_gdn.py now logs each timing as it is made;
+       # 43 gives train the whole call.)
+    timeout 230 python3 benchmarks/bench_gdn.py --quick --kinds train > "$OUT/train.log" 2>&1
+    timeout 110 python3 benchmarks/bench_gdn.py --kinds decode > "$OUT/decode.log" 2>&1
+    grep -h '^train \|^decode \|gate\|failed\|Error' "$OUT/train.log" "$OUT/decode.log" | cut -c1-160
+    timeout 210 python3 benchmarks/profile_gdn_forward.py --train --models 9B --lengths 4096 --batch 4 \
+      > "$OUT/profile_train.log" 2>&1
+    grep '^ours\|^fla\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -70
+    ;;
+  43)  # after 40 (.whl) and 41 (.whl2) on the same warm machine, or any call that installed both: the train table
+       # against fla's own kernels and FlashQLA alone (fla autotunes and FlashQLA compiles its backward, ~3-4 minutes)
+    timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds train > "$OUT/train.log" 2>&1
+    grep '^train \|^  train\|gate\|failed\|Error' "$OUT/train.log" | cut -c1-160
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|39" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|43" >&2
     exit 2
     ;;
 esac

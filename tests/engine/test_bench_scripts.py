@@ -319,6 +319,21 @@ def test_bench_gdn_keeps_fla_on_its_own_kernels(monkeypatch, given):
     assert bench_gdn.load_peers(False) == {}
 
 
+def test_bench_gdn_logs_each_timing_as_it_is_measured(capsys):
+    """bench_gdn.Results: a shape's timings are printed one by one as they are stored (a run cut off by its timeout
+    keeps the finished ones), and report() still reads them as a plain mapping for the table and speed-ups."""
+    import bench_gdn
+
+    results = bench_gdn.Results("train 9B B=4 T=4096")
+    results["ours"] = (3.5, "PASS")
+    assert capsys.readouterr().out == "  train 9B B=4 T=4096 ours: 3.5000 ms, check PASS\n"
+    results["fla"] = (4.2, "PASS 4.1e-03")
+    assert "fla: 4.2000 ms, check PASS 4.1e-03" in capsys.readouterr().out
+    rows = []
+    bench_gdn.report("train", "9B", 4, 4096, 16384, 1.0, results, rows)
+    assert [r.impl for r in rows] == ["ours", "fla"] and rows[0].speedups == {"fla": pytest.approx(1.2)}
+
+
 def test_train_peer_calls_reach_each_peer_with_its_inputs():
     """bench_gdn.train_peer_calls (bench_gdn.py's and profile_gdn_forward.py's training rows): fla from raw a, b with
     its in-kernel gate flags, fla and FlashQLA given g, beta; each forward's o differentiates to its leaves."""
