@@ -15,7 +15,9 @@ What each side does (so the ratios are read right):
 - fla chunk_gated_delta_rule: g, beta precomputed (not timed), use_qk_l2norm_in_kernel=True, in fla's own
   kernels: FLA_FLASH_QLA=0 is set before fla loads (unless already set), since fla 0.6.0 otherwise dispatches such
   calls to FlashQLA when it is installed (before the twenty-first session the forward rows' "fla" was FlashQLA).
-- FlashQLA chunk_gated_delta_rule: g, beta precomputed and q, k pre-normalised (not timed).
+- FlashQLA chunk_gated_delta_rule: g, beta precomputed (not timed); "FlashQLA" takes q, k pre-normalised (not
+  timed, as the anchor in ../shared/BENCHMARKS.md), "FlashQLA+norm" raw q, k with use_qk_l2norm_in_kernel=True (its
+  own torch-compiled norm): the work our call does, bar the gates (fla's gate kernels: ~0.01 ms at 16k tokens).
 - train (forward + backward, torch.autograd.grad of o against a fixed do, no states): ours = chunk_gdn from raw
   a, b with gradients for q, k, v, a, b, A_log, dt_bias; "fla" = fla's chunk_gated_delta_rule doing the same
   work in its Triton kernels (use_gate_in_kernel, use_beta_sigmoid_in_kernel, use_qk_l2norm_in_kernel: those
@@ -202,28 +204,13 @@ def bench_forward(model, batch, length, peers, ours_ok, rows):
                 results[f"ours[{name}]"] = (time_ms(ours), variant_check(ours_ok, err))
             except Exception as error:
                 log(f"  ours[{name}] failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
-    if "fla" in peers:
-        def fla():
-            return peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state, output_final_state=True,
-                                use_qk_l2norm_in_kernel=True)
+    for name, call in forward_peer_calls(peers, q, k, v, g, beta, state).items():
         try:
-            o_peer, s_peer = fla()
+            o_peer, s_peer = call()
             err = max(rel_err(o_ours, o_peer), rel_err(s_ours, s_peer))
-            results["fla"] = (time_ms(fla), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
+            results[name] = (time_ms(call), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
         except Exception as error:
-            log(f"  fla failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
-    if "flashqla" in peers:
-        q_n, k_n = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
-        beta_q = beta.to(q.dtype)
-
-        def flashqla():
-            return peers["flashqla"](q_n, k_n, v, g, beta_q, initial_state=state, output_final_state=True)
-        try:
-            o_peer, s_peer = flashqla()
-            err = max(rel_err(o_ours, o_peer), rel_err(s_ours, s_peer))
-            results["FlashQLA"] = (time_ms(flashqla), f"{'PASS' if err <= PEER_TOLERANCE else 'FAIL'} {err:.1e}")
-        except Exception as error:
-            log(f"  FlashQLA failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
+            log(f"  {name} failed at {model} B={batch} T={length}: {type(error).__name__}: {error}")
     report("forward", model, batch, length, tokens, floor_ms, results, rows)
 
 
@@ -259,6 +246,25 @@ def gate_backward(chunk_gdn) -> bool:
     log("gate chunk forward+backward vs float64 autograd (B=2 T=300 Hk=2 Hv=4 d=128 bf16, h0 and dht): rel err "
         + " ".join(f"d{n} {e:.1e}" for n, e in errors.items()) + f" -> {'PASS' if ok else 'FAIL'}")
     return ok
+
+
+def forward_peer_calls(peers: dict, q, k, v, g, beta, state) -> dict:
+    """The peers' forward calls, by name, each returning (o, final state): "fla" given g, beta in its own kernels
+    (its in-kernel q/k norm); "FlashQLA" with q, k normalised beforehand (not timed: how the anchor in
+    ../shared/BENCHMARKS.md was taken); "FlashQLA+norm" with raw q, k and its own torch-compiled norm, the work our
+    call does bar the gates."""
+    calls = {}
+    if "fla" in peers:
+        calls["fla"] = lambda: peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state,
+                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+    if "flashqla" in peers:
+        q_n, k_n = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+        beta_q = beta.to(q.dtype)
+        calls["FlashQLA"] = lambda: peers["flashqla"](q_n, k_n, v, g, beta_q, initial_state=state,
+                                                      output_final_state=True)
+        calls["FlashQLA+norm"] = lambda: peers["flashqla"](q, k, v, g, beta_q, initial_state=state,
+                                                           output_final_state=True, use_qk_l2norm_in_kernel=True)
+    return calls
 
 
 def train_peer_calls(peers: dict, q, k, v, a, b, A_log, dt_bias) -> dict:

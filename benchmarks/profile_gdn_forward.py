@@ -45,9 +45,9 @@ def kernel_table(fn, calls: int) -> tuple[list[tuple[str, float, int]], float]:
 
 def implementations(model: str, batch: int, length: int, peers: dict, variants: dict) -> dict:
     """The forward calls bench_gdn.bench_forward times, by name (ours under each of `variants` too)."""
-    from bench_gdn import HEADS, gdn_inputs, settings_applied
+    from bench_gdn import HEADS, forward_peer_calls, gdn_inputs, settings_applied
 
-    from hybridlm.ops.delta_rule import gdn_gates, l2norm
+    from hybridlm.ops.delta_rule import gdn_gates
     from hybridlm.ops.triton import chunk_gdn_fwd
 
     q, k, v, a, b, A_log, dt_bias, state = gdn_inputs(batch, length, HEADS[model])
@@ -59,13 +59,7 @@ def implementations(model: str, batch: int, length: int, peers: dict, variants: 
             with settings_applied(settings):
                 return calls["ours"]()
         calls[f"ours[{name}]"] = variant
-    if "fla" in peers:
-        calls["fla"] = lambda: peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state,
-                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
-    if "flashqla" in peers:
-        q_n, k_n, beta_q = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype), beta.to(q.dtype)
-        calls["FlashQLA"] = lambda: peers["flashqla"](q_n, k_n, v, g, beta_q, initial_state=state,
-                                                      output_final_state=True)
+    calls.update(forward_peer_calls(peers, q, k, v, g, beta, state))
     return calls
 
 

@@ -368,3 +368,34 @@ def test_train_peer_calls_reach_each_peer_with_its_inputs():
     for given in (fla_given, qla_given):
         assert torch.equal(given["g"], g) and torch.equal(given["beta"], beta)
         assert given["use_qk_l2norm_in_kernel"] and "use_gate_in_kernel" not in given
+
+
+def test_forward_peer_calls_reach_each_peer_with_its_inputs():
+    """bench_gdn.forward_peer_calls (bench_gdn.py's and profile_gdn_forward.py's forward rows): fla with its own q/k
+    norm; FlashQLA once with q, k normalised beforehand (the anchor's way) and once with raw q, k and its own norm
+    (our call's work); the same initial state and gates to each."""
+    import bench_gdn
+
+    from hybridlm.ops.delta_rule import l2norm
+
+    seen = []
+
+    def peer(name):
+        def call(*args, **kwargs):
+            seen.append((name, args, kwargs))
+            return "o", "state"
+        return call
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 1, 4, generator=gen).bfloat16() for _ in range(3))
+    g, beta, state = torch.randn(1, 8, 1), torch.rand(1, 8, 1), torch.zeros(1, 1, 4, 4)
+    assert bench_gdn.forward_peer_calls({}, q, k, v, g, beta, state) == {}
+    calls = bench_gdn.forward_peer_calls({"fla": peer("fla"), "flashqla": peer("flashqla")}, q, k, v, g, beta, state)
+    assert list(calls) == ["fla", "FlashQLA", "FlashQLA+norm"]
+    assert all(call() == ("o", "state") for call in calls.values())
+    (_, _, fla), (_, pre, _), (_, raw, _) = seen
+    assert fla["q"] is q and fla["g"] is g and fla["use_qk_l2norm_in_kernel"] and fla["initial_state"] is state
+    assert torch.equal(pre[0], l2norm(q.float()).bfloat16()) and torch.equal(pre[1], l2norm(k.float()).bfloat16())
+    assert raw[0] is q and raw[1] is k and seen[2][2]["use_qk_l2norm_in_kernel"]
+    assert "use_qk_l2norm_in_kernel" not in seen[1][2] and pre[4].dtype == q.dtype
+    assert all(kwargs["initial_state"] is state and kwargs["output_final_state"] for _, _, kwargs in seen[1:])
