@@ -669,7 +669,7 @@ case "${1:-}" in
     grep '^train \|^  train\|gate\|failed\|Error' "$OUT/train.log" | cut -c1-160
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh 1|2|...|43" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|43" >&2
     exit 2
     ;;
 esac
