@@ -7,7 +7,9 @@ import torch
 
 from tests.checkpoints import FAMILIES, write_checkpoint
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist runs one worker per CPU (pyproject's addopts): each takes its share of the cores
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 if not torch.cuda.is_available():
     # Triton reads TRITON_INTERPRET once, when it is first imported; anything may import it during collection
     # (transformers does), so the Triton kernel tests' own setting would come too late.

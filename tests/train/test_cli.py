@@ -19,7 +19,7 @@ def test_train_command_end_to_end(corpus, tmp_path):
     records = read_log(out / "log.jsonl")
     assert [r["step"] for r in records if r["event"] == "checkpoint"] == [6]  # save_every 0: at the end only
     config = json.loads((out / "train_config.json").read_text())
-    assert config["command"].startswith("hybridlm ") and config["ratio"] == 3
+    assert config["command"].split()[0] == "hybridlm" and config["ratio"] == 3
     llm = LLM(out / "model", device="cpu")
     generated = llm.generate("alice sees", SamplingParams(max_tokens=6, temperature=0))[0]
     assert generated.token_ids and isinstance(generated.text, str)
