@@ -115,7 +115,9 @@ def load_peers(enabled: bool) -> dict[str, object]:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
 
-        peers["fla"], peers["fla_recurrent"] = fla_chunk, fla_recurrent
+        from fla.modules.norm.l2norm import l2norm_fwd as fla_l2norm
+
+        peers["fla"], peers["fla_recurrent"], peers["fla_l2norm"] = fla_chunk, fla_recurrent, fla_l2norm
         import fla
 
         log(f"peer fla {getattr(fla, '__version__', '?')}: loaded (FLA_FLASH_QLA={os.environ['FLA_FLASH_QLA']}: "
@@ -252,7 +254,8 @@ def forward_peer_calls(peers: dict, q, k, v, g, beta, state) -> dict:
     """The peers' forward calls, by name, each returning (o, final state): "fla" given g, beta in its own kernels
     (its in-kernel q/k norm); "FlashQLA" with q, k normalised beforehand (not timed: how the anchor in
     ../shared/BENCHMARKS.md was taken); "FlashQLA+norm" with raw q, k and its own torch-compiled norm, the work our
-    call does bar the gates."""
+    call does bar the gates; "FlashQLA+fla norm" the same work with fla's Triton norm kernel (l2norm_fwd on q, k)
+    in front, the fastest public norm to pair it with."""
     calls = {}
     if "fla" in peers:
         calls["fla"] = lambda: peers["fla"](q=q, k=k, v=v, g=g, beta=beta, initial_state=state,
@@ -264,6 +267,10 @@ def forward_peer_calls(peers: dict, q, k, v, g, beta, state) -> dict:
                                                       output_final_state=True)
         calls["FlashQLA+norm"] = lambda: peers["flashqla"](q, k, v, g, beta_q, initial_state=state,
                                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+        if "fla_l2norm" in peers:
+            norm = peers["fla_l2norm"]
+            calls["FlashQLA+fla norm"] = lambda: peers["flashqla"](norm(q)[0], norm(k)[0], v, g, beta_q,
+                                                                   initial_state=state, output_final_state=True)
     return calls
 
 

@@ -336,6 +336,12 @@ def configurations():
             add(f"gdn_fwd fused_o qk-in-pass prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
                 dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare=prepare,
                 fused=dict(FUSED_OUTPUT_QK_GIVEN=False))
+        # raw q, k and their rows' inverse norms into the folded, fused pass (gdn_chunk.ROW_NORMS_IN_PASS), cut and not
+        add(f"gdn_fwd fused_o rownorm cp prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
+            dk=GDN_DIM, dv=GDN_DIM, length=1024, state=True, prepare="kkt-fold", cp=True,
+            fused=dict(ROW_NORMS_IN_PASS=True))
+        add(f"gdn_fwd fused_o rownorm prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
+            dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare="kkt-fold", fused=dict(ROW_NORMS_IN_PASS=True))
         for warps in (4, 8):  # the fused pass over whole 128-wide value rows (half the q / k reads of BV 64)
             add(f"gdn_fwd fused_o bv128 w{warps} prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk,
                 hv=hv, dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare="kkt-fold",

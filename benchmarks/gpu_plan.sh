@@ -45,9 +45,12 @@
 #   bash benchmarks/gpu_plan.sh 41  # carry .whl2 right after 40: forward, ours vs fla's own kernels vs FlashQLA
 #   bash benchmarks/gpu_plan.sh 42  # carry nothing right after 41 (warm): train vs both peers, decode, then 39
 #   bash benchmarks/gpu_plan.sh 43  # carry nothing right after 41 (warm): the train table vs both peers, whole call
-# Call 4: .whl (53 MB) plus the tree's bundled model (15 MB) exceed a call's 64 MiB, so move
-# hybridlm/bundled_model/model.safetensors out of the tree for that call (and back after). FlashQLA also needs z3
-# from .whl2: carry it in a second call while the machine is still warm (it installs into the same /tmp/site).
+#   bash benchmarks/gpu_plan.sh 44  # carry .whl2 right after install (.whl): the forward with the FlashQLA+fla norm row
+#   bash benchmarks/gpu_plan.sh 45  # carry nothing (~5 min): ROW_NORMS_IN_PASS's GPU tests, then the forward with it
+#   bash benchmarks/gpu_plan.sh 46  # carry nothing (~3 min): the row norms + prefetch rule: GPU tests, forward vs before
+# The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
+# model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
+# (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_plan}
@@ -58,6 +61,18 @@ for wheels in .fla .whl .whl2; do
   fi
 done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# the GDN forward tests that pytest's -k "$1" selects (blocking launches), then the forward (ours only) beside the
+# --variant "$2", 9B then 0.8B heads
+gdn_tests_then_forward() {
+  CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_gdn_chunk.py \
+    tests/ops/test_triton_gdn_cp.py -k "$1" > "$OUT/tests.log" 2>&1
+  tail -3 "$OUT/tests.log"
+  for model in 9B 0.8B; do
+    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models $model --variant "$2" \
+      > "$OUT/forward_$model.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_$model.log" | cut -c1-150
+  done
+}
 # the ninth session's untimed options, as bench_gdn.py --variant rows
 VARIANTS_FOLD="fold:gdn_chunk.FOLD_WU_INTO_H=True"
 VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
@@ -668,8 +683,25 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds train > "$OUT/train.log" 2>&1
     grep '^train \|^  train\|gate\|failed\|Error' "$OUT/train.log" | cut -c1-160
     ;;
+  44)  # twenty-third session (carry .whl2 right after install): the forward table again with FlashQLA given fla's
+       # Triton q/k norm in its timed call ("FlashQLA+fla norm": the same work as ours bar the gates, with the fastest
+       # public norm), 9B then 0.8B heads
+    timeout 330 python3 benchmarks/bench_gdn.py --kinds forward --models 9B > "$OUT/forward_9B.log" 2>&1
+    timeout 200 python3 benchmarks/bench_gdn.py --kinds forward --models 0.8B > "$OUT/forward_08B.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" "$OUT/forward_08B.log" | cut -c1-200
+    ;;
+  45)  # twenty-third session (carry nothing): raw q, k and their rows' inverse norms into the folded, fused pass
+       # (gdn_chunk.ROW_NORMS_IN_PASS; the w/u kernel writes no normalised copies): its tests on the GPU, then the
+       # forward with it beside the default, ours only, 9B then 0.8B heads. Adopt it if it wins at 16k, 64k and 8 x 4k.
+    gdn_tests_then_forward "row_norms or output_fused" rownorm:gdn_chunk.ROW_NORMS_IN_PASS=True
+    ;;
+  46)  # twenty-third session (carry nothing): the rule adopted from 45 and its follow-ups (row norms with the prefetch
+       # where the state pass runs over segments): the GPU tests of both, then the forward at the defaults beside the
+       # old path (ROW_NORMS_IN_PASS=False), ours only, 9B then 0.8B heads
+    gdn_tests_then_forward "row_norms or prefetched or output_fused" before:gdn_chunk.ROW_NORMS_IN_PASS=False
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|43" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|46" >&2
     exit 2
     ;;
 esac

@@ -373,7 +373,8 @@ def test_train_peer_calls_reach_each_peer_with_its_inputs():
 def test_forward_peer_calls_reach_each_peer_with_its_inputs():
     """bench_gdn.forward_peer_calls (bench_gdn.py's and profile_gdn_forward.py's forward rows): fla with its own q/k
     norm; FlashQLA once with q, k normalised beforehand (the anchor's way) and once with raw q, k and its own norm
-    (our call's work); the same initial state and gates to each."""
+    (our call's work), and once after fla's norm kernel where fla is there; the same initial state and gates to
+    each."""
     import bench_gdn
 
     from hybridlm.ops.delta_rule import l2norm
@@ -399,3 +400,15 @@ def test_forward_peer_calls_reach_each_peer_with_its_inputs():
     assert raw[0] is q and raw[1] is k and seen[2][2]["use_qk_l2norm_in_kernel"]
     assert "use_qk_l2norm_in_kernel" not in seen[1][2] and pre[4].dtype == q.dtype
     assert all(kwargs["initial_state"] is state and kwargs["output_final_state"] for _, _, kwargs in seen[1:])
+
+    def fla_norm(x):
+        return x * 2, "rstd"
+
+    seen.clear()
+    calls = bench_gdn.forward_peer_calls({"flashqla": peer("flashqla"), "fla_l2norm": fla_norm}, q, k, v, g, beta,
+                                         state)
+    assert list(calls) == ["FlashQLA", "FlashQLA+norm", "FlashQLA+fla norm"]
+    calls["FlashQLA+fla norm"]()
+    (_, normed, kwargs), = seen
+    assert torch.equal(normed[0], q * 2) and torch.equal(normed[1], k * 2) and normed[2] is v
+    assert "use_qk_l2norm_in_kernel" not in kwargs and kwargs["initial_state"] is state

@@ -328,6 +328,17 @@ FUSED_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seq
 }
 
 
+def fused_case(case, with_state):
+    """FUSED_CASES[case]'s inputs (the initial state only `with_state`), _chunk_gdn_fwd's keyword arguments, its
+    dtype and head dims."""
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, _ = FUSED_CASES[case]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
+                                 batch if offsets is None else len(offsets) - 1)
+    state = state if with_state else None
+    return inputs, dict(scale=0.25, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens), dtype, dk, dv
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the o kernel's padded rows
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @pytest.mark.parametrize("case", sorted(FUSED_CASES))
@@ -338,14 +349,9 @@ def test_output_fused_into_the_state_pass(poisoned, monkeypatch, case, with_stat
     without the fold, several V blocks, packed sequences, a ragged last chunk, one token), and passes float64."""
     from hybridlm.ops.triton import gdn_chunk
 
-    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, fold = FUSED_CASES[case]
+    inputs, args, dtype, dk, dv = fused_case(case, with_state)
     skip_where_triton_faults(dk, dv)  # (bf16-fold faulted on an H200, Triton 3.6; fp16-odd-dims passed)
-    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
-    *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
-                                 batch if offsets is None else len(offsets) - 1)
-    state = state if with_state else None
-    args = dict(scale=0.25, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
-    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", FUSED_CASES[case][-1])
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
     plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
@@ -358,7 +364,65 @@ def test_output_fused_into_the_state_pass(poisoned, monkeypatch, case, with_stat
     # token at bf16 with states: 1.01e-3 on an H100, 2026-12-05); within one bf16 unit (2^-8) as a whole
     for name in ("o", "final_state"):
         assert rel_err(fused[name], plain[name].double()) <= (1e-6 if dtype == torch.float32 else 2 ** -8), name
-    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)  # through chunk_gdn_fwd, fused too
+    check(*inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"])  # through chunk_gdn_fwd, fused too
+
+
+@pytest.mark.parametrize("case, with_state", [("bf16-fold", True), ("bf16-one-token", True), ("bf16-packed", False),
+                                              ("fp16-odd-dims", False)])
+def test_row_norms_in_the_fused_pass(poisoned, monkeypatch, case, with_state):
+    """ROW_NORMS_IN_PASS: the w/u kernel stores the rows' inverse norms of q and k instead of normalised copies, and
+    the folded, fused state pass takes the raw q, k and scales its products' rows by them: the output and final
+    state of the normalised copies (up to their rounding to the input dtype) and float64's, for batches, packed
+    sequences, one token, odd head dims."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    inputs, args, dtype, dk, dv = fused_case(case, with_state)
+    skip_where_triton_faults(dk, dv)
+    if DEVICE == "cuda" and max(dk, dv) < 64 and gdn_chunk.hopper_miscompiles(torch.device(DEVICE)):
+        pytest.skip("narrow heads keep w and u with the fused output on this GPU: no fold, so no row norms")
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    monkeypatch.setattr(gdn_chunk, "ROW_NORMS_IN_PASS", False)
+    normed = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "ROW_NORMS_IN_PASS", True)
+    launched = []
+    record_launches(monkeypatch, gdn_chunk, "chunk_gdn_wu_kernel",
+                    lambda kw: ("w/u", kw["STORE_RSTD"], kw["STORE_KN"], kw["STORE_QN"]), launched)
+    state_pass = gdn_chunk.state_pass_kernel
+    monkeypatch.setattr(gdn_chunk, "state_pass_kernel", lambda *a: type("Recorder", (), {"__getitem__": (
+        lambda self, grid: lambda *args, **kw: launched.append(("pass", kw["ROW_NORMS"], kw["Q_NORMED"],
+                                                                kw["PREFETCH_ROWS"]))
+        or state_pass(*a)[grid](*args, **kw))})())
+    rows = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert launched == [("w/u", True, False, False), ("pass", True, False, True)]  # (the prefetch follows them)
+    for name in ("o", "final_state"):
+        assert rel_err(rows[name], normed[name].double()) <= 2 ** -8, name
+    check(*inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"])
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_prefetched_row_factors_change_nothing(poisoned, monkeypatch, cut):
+    """STATE_PASS_PREFETCH_ROWS alone (each step loads the next chunk's G): the same output and final state, with
+    and without the context-parallel cut (its pre-passes prefetch too)."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_cp
+
+    *inputs, state = make_inputs(1, 330, 1, 4, 32, 64, torch.bfloat16, 1)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
+    monkeypatch.setattr(gdn_chunk, "ROW_NORMS_IN_PASS", False)
+    monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", cut)
+    monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    outs = []
+    for prefetch in (False, True):
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_PREFETCH_ROWS", prefetch)
+        outs.append(gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state, output_final_state=True,
+                                             cu_seqlens=None))
+    for name in ("o", "final_state"):
+        if DEVICE == "cpu":  # the same operations in the same order
+            assert torch.equal(outs[1][name], outs[0][name]), name
+        else:
+            assert rel_err(outs[1][name], outs[0][name].double()) <= 1e-3, name
 
 
 def record_launches(monkeypatch, module, name, record, launched):

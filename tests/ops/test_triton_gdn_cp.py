@@ -23,7 +23,8 @@ CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens)
 }
 
 
-def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_decay=False, fused=False):
+def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_decay=False, fused=False,
+        row_norms=False):
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = CASES[case]
     cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype,
@@ -35,6 +36,7 @@ def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_de
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut these short sequences too
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
+    monkeypatch.setattr(gdn_chunk, "ROW_NORMS_IN_PASS", row_norms)
     if log_decay is not None:
         monkeypatch.setattr(gdn_cp, "CP_LOG_DECAY", log_decay)
     calls, segmented = [], gdn_chunk._segmented_state_pass
@@ -68,14 +70,16 @@ def test_segments_with_the_fold(poisoned, monkeypatch):
     check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
 
 
-@pytest.mark.parametrize("case, fold", [("fp32-packed", False), ("bf16-batch-odd-dims", True)])
-def test_segments_with_the_output_fused(poisoned, monkeypatch, case, fold):
+@pytest.mark.parametrize("case, fold, row_norms", [("fp32-packed", False, False), ("bf16-batch-odd-dims", True, False),
+                                                   ("bf16-batch-odd-dims", True, True)])
+def test_segments_with_the_output_fused(poisoned, monkeypatch, case, fold, row_norms):
     """FUSED_OUTPUT in the main pass over the segments (the pre-pass and the transitions store nothing either
-    way): the plain pass's o and final state, no h or v_new."""
+    way): the plain pass's o and final state, no h or v_new; also with ROW_NORMS_IN_PASS (raw keys and their norms
+    through the pre-pass, the transitions and the main pass)."""
     skip_where_triton_faults(*CASES[case][4:6])  # (bf16 24/40 fused faulted on an H200, Triton 3.6)
     plain, *_ = run(case, True, monkeypatch, cp=False, fold=fold)
     cut, inputs, state, cu_seqlens, dtype = run(case, True, monkeypatch, cp=True, fold=fold, log_decay=-math.inf,
-                                                fused=True)
+                                                fused=True, row_norms=row_norms)
     assert cut["h"] is None and cut["v_new"] is None
     for name in ("o", "final_state"):
         assert rel_err(cut[name], plain[name].double()) <= (1e-5 if dtype == torch.float32 else 1e-2), name

@@ -51,6 +51,28 @@ SUB_CHUNK = 16  # the triangular solve works on 16x16 blocks of the 64x64 chunk 
 
 
 @triton.jit
+def _row_factors(p_gc, rk, rq, bos, i_t, T, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr, i_hk,
+                 ROW_NORMS: tl.constexpr, FUSED_O: tl.constexpr):
+    """A chunk's row factors in the state pass: G (rows past T: 0), exp(G) for the rows of k h and q h, exp(G_last -
+    G) for the rows of v_new in the update, each times 1 / |k| (q h: scale / |q|) with ROW_NORMS, and exp(G_last).
+    Past the sequence's last chunk (a prefetch) every row is masked and G_last is the last token's."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    b_g_last = tl.load(p_gc + (tl.minimum(i_t * BT + BT, T) - 1) * HV)
+    b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+    b_kh = tl.exp(b_gc)
+    b_update = tl.exp(b_g_last - b_gc)
+    b_q = tl.exp(b_gc)
+    if ROW_NORMS:
+        b_rk = tl.load(rk + (bos + o_t) * H + i_hk, mask=m_t, other=0.)
+        b_kh = b_kh * b_rk
+        b_update = b_update * b_rk
+        if FUSED_O:
+            b_q = b_q * tl.load(rq + (bos + o_t) * H + i_hk, mask=m_t, other=0.)
+    return b_gc, b_kh, b_update, b_q, tl.exp(b_g_last)
+
+
+@triton.jit
 def chunk_gdn_fwd_h_kernel(
     k,  # [B, T, H, K], token stride stride_k
     w,  # [B, T, HV, K]
@@ -103,7 +125,18 @@ def chunk_gdn_fwd_h_kernel(
     o=None,
     scale=1.0,
     stride_q=0,
+    # ROW_NORMS (`ROW_NORMS_IN_PASS`): k (and with FUSED_O q) arrive raw, and their rows' inverse norms rk (rq, times
+    # the scale) [B, T, H] fp32 scale the products' rows: (k_n h) = diag(rk) (k h), k_n^T v = k^T (diag(rk) v),
+    # (q_n h) scale = diag(rq) (q h); each factor joins a row vector the step already applies (the decays)
+    ROW_NORMS: tl.constexpr = False,
+    rk=None,
+    rq=None,
+    # PREFETCH_ROWS (`STATE_PASS_PREFETCH_ROWS`): each step loads the next chunk's G (and norms) and makes its row
+    # factors, so the step's own come from registers instead of loads on the state's chain
+    PREFETCH_ROWS: tl.constexpr = False,
 ):
+    tl.static_assert(not (ROW_NORMS and NORM_K), "ROW_NORMS takes raw keys with their norms given")
+    tl.static_assert(not (ROW_NORMS and FUSED_O and not A_GIVEN), "ROW_NORMS with FUSED_O takes q k^T given")
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // H)
@@ -148,6 +181,8 @@ def chunk_gdn_fwd_h_kernel(
         p_q = q + bos * stride_q + i_hk * K
         p_o = o + bos * HV * V + i_h * V + i_v * BV
         o_i = tl.arange(0, BT)
+    if PREFETCH_ROWS:
+        f_gc, f_kh, f_up, f_q, f_last = _row_factors(p_gc, rk, rq, bos, i_t0, T, H, HV, BT, i_hk, ROW_NORMS, FUSED_O)
     for i_t in range(i_t0, NT):
         b_hd = b_h.to(dtype)  # the state entering the chunk as the dot and the output pass take it
         if STORE_H:
@@ -155,16 +190,21 @@ def chunk_gdn_fwd_h_kernel(
         i_s = i_t * BT
         o_t = i_s + tl.arange(0, BT)
         m_t = o_t < T
-        b_g_last = tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV)
-        b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+        if PREFETCH_ROWS:  # this chunk's row factors were loaded during the last step; load the next chunk's
+            b_gc, b_kh_scale, b_update_scale, b_q_scale, b_last_decay = f_gc, f_kh, f_up, f_q, f_last
+            f_gc, f_kh, f_up, f_q, f_last = _row_factors(p_gc, rk, rq, bos, i_t + 1, T, H, HV, BT, i_hk, ROW_NORMS,
+                                                         FUSED_O)
+        else:
+            b_gc, b_kh_scale, b_update_scale, b_q_scale, b_last_decay = _row_factors(p_gc, rk, rq, bos, i_t, T, H,
+                                                                                     HV, BT, i_hk, ROW_NORMS, FUSED_O)
         b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
         if NORM_K:
             b_k = _l2norm_rows(b_k).to(dtype)
         if FUSED_O:  # the products that need no v_new first: they are off the chain through the state update
             b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
-            if not Q_NORMED:
+            if not ROW_NORMS and not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
-            b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
+            b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
             if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
                               mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
@@ -178,7 +218,7 @@ def chunk_gdn_fwd_h_kernel(
                           mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
-            b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * tl.exp(b_gc)[:, None]
+            b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * b_kh_scale[:, None]
             if not ZERO_U:
                 b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
             b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
@@ -194,8 +234,8 @@ def chunk_gdn_fwd_h_kernel(
             _store_rows(p_o, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
-        b_v = tl.where(m_t[:, None], b_v * tl.exp(b_g_last - b_gc)[:, None], 0.).to(dtype)
-        b_h = b_h * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
+        b_v = tl.where(m_t[:, None], b_v * b_update_scale[:, None], 0.).to(dtype)
+        b_h = b_h * b_last_decay + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
         if FINAL_SLOT:
@@ -413,6 +453,20 @@ FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pas
 # folded main pass at 4 warps: V blocks of 64 at 2 stages 176 B spilled -> 60; of 32 at 3 stages 56 B -> none, 202
 # registers). False: made in the loop (the sweep times both).
 FUSED_OUTPUT_QK_GIVEN = True
+# ROW_NORMS_IN_PASS (with the fold, the fused output and q k^T given): the w/u kernel stores the rows' inverse norms
+# of q and k (fp32, [B, T, Hk] each) instead of normalised copies, and the state pass (and the cut's pre-passes) read
+# the raw q, k and put 1 / |k| and scale / |q| into the row factors they already apply (exp(G) on k h and q h,
+# exp(G_last - G) on v_new before k^T v_new): no new product, two 64-float loads per chunk step, and the w/u kernel
+# no longer writes 2 x T x Hk x dk elements (9B heads: its time 0.143 -> 0.107 ms at 16k, 0.634 -> 0.507 at 64k).
+# Those loads slowed the pass (1.289 -> 1.542 ms at 64k) until the pass took them a chunk ahead
+# (STATE_PASS_PREFETCH_ROWS: 1.359). H100, 2026-12-06 (twenty-third session, `bench_gdn.py --variant`, one process
+# each), whole forward, both on: 9B heads 16k 0.683 -> 0.650 ms, 64k 2.513 -> 2.464, 0.8B 64k 1.538 -> 1.436, where the
+# sequences are cut (context-parallel segments); uncut batches lost at 9B heads (8 x 4k 1.177 -> 1.239, 1.237 with the
+# row norms alone; 0.8B won 3-4%). So None (the default) takes both where the state pass runs over segments; True /
+# False force the row norms, and the prefetch follows STATE_PASS_PREFETCH_ROWS (None: with the row norms).
+# (The prefetch alone: 9B 16k 1.02x, 64k 0.99x, 8 x 4k 0.90x.)
+ROW_NORMS_IN_PASS: bool | None = None
+STATE_PASS_PREFETCH_ROWS: bool | None = None
 # (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
 # 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.
 # Having kkt_solve make the decayed q k^T and the normalised q, k in a second pass over the key slices after its
@@ -470,29 +524,31 @@ def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device
     return gdn_cp.plan_segments(bounds, segment, CHUNK_SIZE, device)
 
 
-def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length, fold_args,
-                          common, narrowest, norm_k=False, fused_args=None, main_bv=None):
+def _segmented_state_pass(plan, keys, w, u, g_cumsum, h, v_new, initial_state, final_state, length, fold_args,
+                          common, narrowest, norm_k=False, fused_args=None, main_bv=None, prefetch_rows=False):
     """`chunk_gdn_fwd_h_kernel` over the segments of `plan` (gdn_cp's three steps): the same h, v_new and final
     state as the plain pass, up to rounding and (for segments whose gates decay fast) terms below e^CP_LOG_DECAY.
-    `norm_k`: k arrives raw (token stride k.stride(1)) and is normalised in the loop, as the backward runs it.
+    `keys`: normalised, or raw with `norm_k` (normalised in the loop, as the backward runs it) or with
+    ROW_NORMS in `fold_args` (their inverse norms given); token stride keys.stride(1).
     `fused_args` (FUSED_OUTPUT): the main pass makes the output instead of storing h and v_new (both None), with
-    these launch settings and V blocks of `main_bv` (None: the pre-pass's)."""
+    these launch settings and V blocks of `main_bv` (None: the pre-pass's). `prefetch_rows`: every pass takes the
+    next chunk's row factors during each step (STATE_PASS_PREFETCH_ROWS)."""
     value_heads, dk, dv = common["HV"], common["K"], common["V"]
     segments, device, fp32 = plan.num_segments, g_cumsum.device, common["DOT_PRECISION"] == "ieee"
-    stride_k = k_normed.stride(1)
-    seg = dict(common, IS_VARLEN=True, NORM_K=norm_k, **plain_state_pass_launch(fp32))
+    stride_k = keys.stride(1)
+    seg = dict(common, IS_VARLEN=True, NORM_K=norm_k, PREFETCH_ROWS=prefetch_rows, **plain_state_pass_launch(fp32))
     tables = (plan.cu_seqlens, plan.chunk_offsets, length, stride_k)
     first, first_m, fallback = gdn_cp.warmup_tables(g_cumsum, plan).unbind(0)
     # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
-    BV = state_pass_block(dk, dv, segments * value_heads, k_normed.element_size(), device, fp32, narrowest)
+    BV = state_pass_block(dk, dv, segments * value_heads, keys.element_size(), device, fp32, narrowest)
     ht = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
     chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
-        k_normed, w, u, g_cumsum, None, None, None, ht, *tables, BV=BV, USE_INITIAL_STATE=False,
+        keys, w, u, g_cumsum, None, None, None, ht, *tables, BV=BV, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, HAS_FIRST_CHUNK=True, first_chunk=first, **fold_args, **seg)
-    BV_m = state_pass_block(dk, dk, segments * value_heads, k_normed.element_size(), device, fp32, narrowest)
+    BV_m = state_pass_block(dk, dk, segments * value_heads, keys.element_size(), device, fp32, narrowest)
     mt = torch.empty(segments, value_heads, dk, dk, dtype=torch.float32, device=device)
     chunk_gdn_fwd_h_kernel[(cdiv(dk, BV_m), segments * value_heads)](
-        k_normed, w, None, g_cumsum, None, None, None, mt, *tables, BV=BV_m, USE_INITIAL_STATE=False,
+        keys, w, None, g_cumsum, None, None, None, mt, *tables, BV=BV_m, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, ZERO_U=True, IDENTITY_INIT=True, HAS_FIRST_CHUNK=True,
         first_chunk=first_m, **fold_args, **dict(seg, V=dk))
     # 2. the state entering each segment, along each sequence
@@ -506,7 +562,7 @@ def _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_stat
     # 3. the state pass proper, every segment at once
     BV = main_bv or BV
     chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
-        k_normed, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
+        keys, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
         STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, **fold_args,
         **dict(seg, **(fused_args or {})))
 
@@ -568,15 +624,21 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     if fold and fuse_o and max(dk, dv) < 64 and hopper_miscompiles(device):
         fold = False
         BV_h, BV_fused = blocks(fold)
+    row_norms = fuse_o and fold and KKT_PREPARE and FUSED_OUTPUT_QK_GIVEN and (
+        plan is not None if ROW_NORMS_IN_PASS is None else ROW_NORMS_IN_PASS)
+    prefetch_rows = row_norms if STATE_PASS_PREFETCH_ROWS is None else STATE_PASS_PREFETCH_ROWS
     w = None if fold else torch.empty(batch, length, value_heads, dk, dtype=v.dtype, device=device)  # [.., dk]
     u = None if fold else torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [.., dv]
     x_inv = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
              if store_x or KKT_PREPARE else None)
-    k_normed = torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)  # [B, T, Hk, dk]
-    # the fused state pass takes q normalised and scaled by the w/u kernel (fewer registers in its loop)
-    q_normed = torch.empty_like(k_normed) if fuse_o and KKT_PREPARE else None
+    # the state pass takes k normalised by the w/u kernel, or raw with its rows' inverse norms (row_norms)
+    k_normed = None if row_norms else torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)
+    # the fused state pass takes q normalised and scaled by the w/u kernel (fewer registers in its loop), or raw
+    q_normed = torch.empty_like(k) if fuse_o and KKT_PREPARE and not row_norms else None
+    rk, rq = ((torch.empty(batch, length, key_heads, dtype=torch.float32, device=device) for _ in range(2))
+              if row_norms else (None, None))  # [B, T, Hk]
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
-           if q_normed is not None and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
+           if fuse_o and KKT_PREPARE and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
@@ -586,10 +648,11 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
         chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
-            v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=True, STORE_WU=not fold,
+            v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
             KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
-            **(dict(STORE_QN=True, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale, STORE_AQK=aqk is not None,
-                    aqk=aqk) if q_normed is not None else {}))
+            **(dict(STORE_QN=q_normed is not None, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale,
+                    STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)
+               if fuse_o and KKT_PREPARE else {}))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
@@ -604,23 +667,27 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     # (with the fold, BV_h is at least 32: X met a 16-wide block (64 x 64 by 64 x 16, 16-bit), which faulted in the
     # w/u kernel, Triton 3.6)
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
+    if row_norms:  # (every pass of the state: the cut's pre-passes too)
+        fold_args.update(ROW_NORMS=True, rk=rk)
+    k_pass = k if row_norms else k_normed
     fused_args = None
     if fuse_o:
         BV_h = BV_fused
         fused_args = dict(FUSED_O=True, q=q if q_normed is None else q_normed, o=o, scale=scale,
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
-                          num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES)
+                          num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES,
+                          **(dict(rq=rq) if row_norms else {}))
     if plan is None:
         state_pass_kernel(length, cu_seqlens is not None)[(cdiv(dv, BV_h), num_states * value_heads)](
-            k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
-            key_heads * dk, BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
-            STORE_FINAL_STATE=output_final_state, NORM_K=False, **fold_args, **common,
+            k_pass, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
+            k_pass.stride(1), BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
+            STORE_FINAL_STATE=output_final_state, NORM_K=False, PREFETCH_ROWS=prefetch_rows, **fold_args, **common,
             **(fused_args or plain_state_pass_launch(fp32)))
     else:
-        _segmented_state_pass(plan, k_normed, w, u, g_cumsum, h, v_new, initial_state, final_state, length,
+        _segmented_state_pass(plan, k_pass, w, u, g_cumsum, h, v_new, initial_state, final_state, length,
                               fold_args, common, narrowest=32 if fold else unfolded_narrowest, fused_args=fused_args,
-                              main_bv=BV_h if fuse_o else None)
+                              main_bv=BV_h if fuse_o else None, prefetch_rows=prefetch_rows)
 
     if not fuse_o and LOOPED_O:  # (fused: the state pass made o)
         BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)

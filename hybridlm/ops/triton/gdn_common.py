@@ -32,6 +32,14 @@ def _l2norm_rows(b_x):
 
 
 @triton.jit
+def _l2norm_rows_rsqrt(b_x):
+    """`_l2norm_rows(b_x)` (the same operations) and the rows' rsqrt(sum(x^2) + 1e-6), both fp32."""
+    b_x = b_x.to(tl.float32)
+    b_r = tl.rsqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)
+    return b_x * b_r[:, None], b_r
+
+
+@triton.jit
 def _gates(a, b, b_A, b_dt_bias, i_s, T, HV: tl.constexpr, BR: tl.constexpr):
     """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) for rows i_s .. i_s + BR (0 past T), fp32.
 

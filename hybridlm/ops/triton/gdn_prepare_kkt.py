@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.gdn_common import _chunk_bounds, _gates, _l2norm_rows, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_common import _chunk_bounds, _gates, _l2norm_rows_rsqrt, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare import _chunk_inverse
 
 
@@ -236,6 +236,12 @@ def chunk_gdn_wu_kernel(
     # and makes q k^T once for all HV / H value heads of the group (each with its own decay), instead of one program
     # per value head repeating both
     KEY_HEAD_PROGRAMS: tl.constexpr = False,
+    # STORE_RSTD: instead of normalised copies of q and k, their rows' inverse norms rk, rq [B, T, H] fp32
+    # (rq times `scale`), for the fused state pass that takes raw q, k and scales its products' rows
+    # (gdn_chunk.ROW_NORMS_IN_PASS); written by each key head's first value head
+    STORE_RSTD: tl.constexpr = False,
+    rk=None,
+    rq=None,
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
@@ -255,15 +261,23 @@ def chunk_gdn_wu_kernel(
     o_t = i_s + tl.arange(0, BT)
     m_t = o_t < T
     # the forward's roundings: k normalised in fp32, stored in dtype, scaled in fp32, stored in dtype
-    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+    b_k, b_rk = _l2norm_rows_rsqrt(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK))
+    b_k = b_k.to(dtype)
     if STORE_KN:
         if i_h % G == 0:
             _store_rows(kn + bos * H * K + i_hk * K, b_k, i_s, T, H * K, K, BT, BK)
+    if STORE_RSTD:
+        if i_h % G == 0:
+            tl.store(rk + (bos + o_t) * H + i_hk, b_rk, mask=m_t)
     if STORE_QN or STORE_AQK:
-        b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+        b_q, b_rq = _l2norm_rows_rsqrt(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK))
+        b_q = (b_q * scale).to(dtype)
         if STORE_QN:
             if i_h % G == 0:
                 _store_rows(qn + bos * H * K + i_hk * K, b_q, i_s, T, H * K, K, BT, BK)
+        if STORE_RSTD:
+            if i_h % G == 0:
+                tl.store(rq + (bos + o_t) * H + i_hk, b_rq * scale, mask=m_t)
     if STORE_AQK:
         o_j = tl.arange(0, BT)
         m_A = (o_j[:, None] >= o_j[None, :]) & m_t[:, None]
