@@ -634,7 +634,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     # the state pass takes k normalised by the w/u kernel, or raw with its rows' inverse norms (row_norms)
     k_normed = None if row_norms else torch.empty(batch, length, key_heads, dk, dtype=k.dtype, device=device)
     # the fused state pass takes q normalised and scaled by the w/u kernel (fewer registers in its loop), or raw
-    q_normed = torch.empty_like(k) if fuse_o and KKT_PREPARE and not row_norms else None
+    q_normed = (torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)
+                if fuse_o and KKT_PREPARE and not row_norms else None)  # [B, T, Hk, dk]
     rk, rq = ((torch.empty(batch, length, key_heads, dtype=torch.float32, device=device) for _ in range(2))
               if row_norms else (None, None))  # [B, T, Hk]
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
