@@ -48,6 +48,7 @@
 #   bash benchmarks/gpu_plan.sh 44  # carry .whl2 right after install (.whl): the forward with the FlashQLA+fla norm row
 #   bash benchmarks/gpu_plan.sh 45  # carry nothing (~5 min): ROW_NORMS_IN_PASS's GPU tests, then the forward with it
 #   bash benchmarks/gpu_plan.sh 46  # carry nothing (~3 min): the row norms + prefetch rule: GPU tests, forward vs before
+#   bash benchmarks/gpu_plan.sh 47  # carry nothing (~1 min): why the row norms lose on uncut batches, kernel by kernel
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -700,8 +701,19 @@ case "${1:-}" in
        # old path (ROW_NORMS_IN_PASS=False), ours only, 9B then 0.8B heads
     gdn_tests_then_forward "row_norms or prefetched or output_fused" before:gdn_chunk.ROW_NORMS_IN_PASS=False
     ;;
+  47)  # next session (carry nothing): the row norms lost 5% on uncut batches at 9B heads (8 x 4k) and the prefetch
+       # alone 10% (offline: the uncut fused pass spills 60 B with both, none with the row norms alone); kernel by
+       # kernel at 8 x 4k and 4 x 4k with each (ours only)
+    for batch in 8 4; do
+      timeout 100 python3 benchmarks/profile_gdn_forward.py --no-peers --models 9B --lengths 4096 --batch $batch \
+        --variant rn:gdn_chunk.ROW_NORMS_IN_PASS=True,gdn_chunk.STATE_PASS_PREFETCH_ROWS=False \
+        pf:gdn_chunk.STATE_PASS_PREFETCH_ROWS=True rnpf:gdn_chunk.ROW_NORMS_IN_PASS=True \
+        > "$OUT/profile_${batch}x4k.log" 2>&1
+      grep '^ours\|^| \|failed' "$OUT/profile_${batch}x4k.log" | grep -v '^| kernel' | cut -c1-120 | head -30
+    done
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|46" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|47" >&2
     exit 2
     ;;
 esac
