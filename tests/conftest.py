@@ -7,7 +7,7 @@ import torch
 
 from tests.checkpoints import FAMILIES, write_checkpoint
 
-# pytest-xdist runs one worker per CPU (pyproject's addopts): each takes its share of the cores
+# the README's test command runs one pytest-xdist worker per CPU: each takes its share of the cores
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 if not torch.cuda.is_available():

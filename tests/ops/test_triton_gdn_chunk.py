@@ -406,6 +406,7 @@ def test_prefetched_row_factors_change_nothing(poisoned, monkeypatch, cut):
     and without the context-parallel cut (its pre-passes prefetch too)."""
     from hybridlm.ops.triton import gdn_chunk, gdn_cp
 
+    skip_where_triton_faults(32, 64)
     *inputs, state = make_inputs(1, 330, 1, 4, 32, 64, torch.bfloat16, 1)
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
