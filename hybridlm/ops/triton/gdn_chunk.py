@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops.triton import gdn_cp
-from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _row_factors, _store_rows
 from hybridlm.ops.triton.gdn_output import chunk_gdn_fwd_o_kernel, chunk_gdn_fwd_o_looped_kernel
 from hybridlm.ops.triton.gdn_prepare import chunk_gdn_fwd_prepare_kernel
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
@@ -48,28 +48,6 @@ from hybridlm.ops.varlen import host_bounds
 
 CHUNK_SIZE = 64
 SUB_CHUNK = 16  # the triangular solve works on 16x16 blocks of the 64x64 chunk matrix
-
-
-@triton.jit
-def _row_factors(p_gc, rk, rq, bos, i_t, T, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr, i_hk,
-                 ROW_NORMS: tl.constexpr, FUSED_O: tl.constexpr):
-    """A chunk's row factors in the state pass: G (rows past T: 0), exp(G) for the rows of k h and q h, exp(G_last -
-    G) for the rows of v_new in the update, each times 1 / |k| (q h: scale / |q|) with ROW_NORMS, and exp(G_last).
-    Past the sequence's last chunk (a prefetch) every row is masked and G_last is the last token's."""
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    b_g_last = tl.load(p_gc + (tl.minimum(i_t * BT + BT, T) - 1) * HV)
-    b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
-    b_kh = tl.exp(b_gc)
-    b_update = tl.exp(b_g_last - b_gc)
-    b_q = tl.exp(b_gc)
-    if ROW_NORMS:
-        b_rk = tl.load(rk + (bos + o_t) * H + i_hk, mask=m_t, other=0.)
-        b_kh = b_kh * b_rk
-        b_update = b_update * b_rk
-        if FUSED_O:
-            b_q = b_q * tl.load(rq + (bos + o_t) * H + i_hk, mask=m_t, other=0.)
-    return b_gc, b_kh, b_update, b_q, tl.exp(b_g_last)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Helpers shared by the chunked GDN kernels (`gdn_chunk`, `gdn_prepare`, `gdn_prepare_kkt`, `gdn_chunk_bwd`,
 `gdn_bwd_wy`): row loads and stores, the L2 norm and the gates in the reference's form, a chunk's place in a packed
-batch and its log decay. They are inlined into the kernels that call them."""
+batch and its log decay, the state pass's row factors. They are inlined into the kernels that call them."""
 from __future__ import annotations
 
 import triton
@@ -80,3 +80,25 @@ def _chunk_log_decay(p_gc, i_s, T, HV: tl.constexpr, BT: tl.constexpr):
     o_t = i_s + tl.arange(0, BT)
     b_gc = tl.load(p_gc + o_t * HV, mask=o_t < T, other=0.)
     return tl.where(o_t < T, b_gc, tl.load(p_gc + (tl.minimum(i_s + BT, T) - 1) * HV))
+
+
+@triton.jit
+def _row_factors(p_gc, rk, rq, bos, i_t, T, H: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr, i_hk,
+                 ROW_NORMS: tl.constexpr, FUSED_O: tl.constexpr):
+    """A chunk's row factors in the state pass: G (rows past T: 0), exp(G) for the rows of k h and q h, exp(G_last -
+    G) for the rows of v_new in the update, each times 1 / |k| (q h: scale / |q|) with ROW_NORMS, and exp(G_last).
+    Past the sequence's last chunk (a prefetch) every row is masked and G_last is the last token's."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    b_g_last = tl.load(p_gc + (tl.minimum(i_t * BT + BT, T) - 1) * HV)
+    b_gc = tl.load(p_gc + o_t * HV, mask=m_t, other=0.)
+    b_kh = tl.exp(b_gc)
+    b_update = tl.exp(b_g_last - b_gc)
+    b_q = tl.exp(b_gc)
+    if ROW_NORMS:
+        b_rk = tl.load(rk + (bos + o_t) * H + i_hk, mask=m_t, other=0.)
+        b_kh = b_kh * b_rk
+        b_update = b_update * b_rk
+        if FUSED_O:
+            b_q = b_q * tl.load(rq + (bos + o_t) * H + i_hk, mask=m_t, other=0.)
+    return b_gc, b_kh, b_update, b_q, tl.exp(b_g_last)
