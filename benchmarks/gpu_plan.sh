@@ -45,7 +45,7 @@
 #   bash benchmarks/gpu_plan.sh 41  # carry .whl2 right after 40: forward, ours vs fla's own kernels vs FlashQLA
 #   bash benchmarks/gpu_plan.sh 42  # carry nothing right after 41 (warm): train vs both peers, decode, then 39
 #   bash benchmarks/gpu_plan.sh 43  # carry nothing right after 41 (warm): the train table vs both peers, whole call
-#   bash benchmarks/gpu_plan.sh 44  # carry .whl2 right after install (.whl): the forward with the FlashQLA+fla norm row
+#   bash benchmarks/gpu_plan.sh 44  # = 41 (carry .whl2 right after install): its table has the FlashQLA+fla norm rows
 #   bash benchmarks/gpu_plan.sh 45  # carry nothing (~5 min): ROW_NORMS_IN_PASS's GPU tests, then the forward with it
 #   bash benchmarks/gpu_plan.sh 46  # carry nothing (~3 min): the row norms + prefetch rule: GPU tests, forward vs before
 #   bash benchmarks/gpu_plan.sh 47  # carry nothing (~1 min): why the row norms lose on uncut batches, kernel by kernel
@@ -659,13 +659,15 @@ case "${1:-}" in
       grep '^ours\|^| \|failed' "$OUT/profile_64k_$model.log" | grep -v '^| kernel' | cut -c1-120 | head -20
     done
     ;;
-  41)  # twenty-second session (carry .whl2 right after 40): the forward table in one process with fla on its own
+  41|44)  # (44: the twenty-third session's name for the same call, whose table now also has the "FlashQLA+fla norm"
+       # rows, FlashQLA behind fla's Triton q/k norm: the same work as ours bar the gates)
+       # twenty-second session (carry .whl2 right after 40): the forward table in one process with fla on its own
        # kernels (FLA_FLASH_QLA=0, set by bench_gdn.py) and FlashQLA in its own row; 9B then 0.8B, each printed as made.
        # (Ran twice 2026-12-06: first on a fresh machine, the last one having gone back, so ours only; then after an
        # install-only call carrying .whl (`gpu_plan.sh install`), with both peers: RESULTS.md, ~8 minutes.)
     timeout 330 python3 benchmarks/bench_gdn.py --kinds forward --models 9B > "$OUT/forward_9B.log" 2>&1
     timeout 230 python3 benchmarks/bench_gdn.py --kinds forward --models 0.8B > "$OUT/forward_08B.log" 2>&1
-    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" "$OUT/forward_08B.log" | cut -c1-160
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" "$OUT/forward_08B.log" | cut -c1-200
     ;;
   42)  # twenty-second session (carry nothing, issued at once after 41 so /tmp/site is still there): train against fla's
        # own kernels and FlashQLA (both layouts, 4 x 4k), the decode step against fla's, then FlashQLA's backward kernel by
@@ -683,13 +685,6 @@ case "${1:-}" in
        # against fla's own kernels and FlashQLA alone (fla autotunes and FlashQLA compiles its backward, ~3-4 minutes)
     timeout 560 python3 benchmarks/bench_gdn.py --quick --kinds train > "$OUT/train.log" 2>&1
     grep '^train \|^  train\|gate\|failed\|Error' "$OUT/train.log" | cut -c1-160
-    ;;
-  44)  # twenty-third session (carry .whl2 right after install): the forward table again with FlashQLA given fla's
-       # Triton q/k norm in its timed call ("FlashQLA+fla norm": the same work as ours bar the gates, with the fastest
-       # public norm), 9B then 0.8B heads
-    timeout 330 python3 benchmarks/bench_gdn.py --kinds forward --models 9B > "$OUT/forward_9B.log" 2>&1
-    timeout 200 python3 benchmarks/bench_gdn.py --kinds forward --models 0.8B > "$OUT/forward_08B.log" 2>&1
-    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" "$OUT/forward_08B.log" | cut -c1-200
     ;;
   45)  # twenty-third session (carry nothing): raw q, k and their rows' inverse norms into the folded, fused pass
        # (gdn_chunk.ROW_NORMS_IN_PASS; the w/u kernel writes no normalised copies): its tests on the GPU, then the
