@@ -370,6 +370,10 @@ def configurations():
             for varlen in (False, True):
                 add(f"gdn_fwd prepare={prepare} Hv={hv} {name} bf16 {'varlen' if varlen else 'batch'}", run_gdn_fwd,
                     hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM, varlen=varlen, prepare=prepare)
+        for cap in (128, 168):  # register caps of kkt_solve and the w/u kernel (gdn_chunk.KKT_MAXNREG, KKT_WU_MAXNREG)
+            add(f"gdn_fwd maxnreg={cap} prepare=kkt-fold Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
+                dk=GDN_DIM, dv=GDN_DIM, state=True, batch=4, prepare="kkt-fold",
+                output=dict(KKT_MAXNREG=cap, KKT_WU_MAXNREG=cap))
         for warps in (2, 4):  # the KKT kernel's other settings that sweep_kernels.py times
             add(f"gdn_fwd prepare=kkt w={warps} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
                 dv=GDN_DIM, prepare="kkt", warps=warps)

@@ -49,6 +49,8 @@
 #   bash benchmarks/gpu_plan.sh 45  # carry nothing (~5 min): ROW_NORMS_IN_PASS's GPU tests, then the forward with it
 #   bash benchmarks/gpu_plan.sh 46  # carry nothing (~3 min): the row norms + prefetch rule: GPU tests, forward vs before
 #   bash benchmarks/gpu_plan.sh 47  # carry nothing (~1 min): why the row norms lose on uncut batches, kernel by kernel
+#   bash benchmarks/gpu_plan.sh 48  # carry nothing (~2 min): host vs GPU time of the forward, cut and not; host profile
+#   bash benchmarks/gpu_plan.sh 49  # carry nothing (~4 min): 48 at 8k-32k and 2-4 long sequences, cut thresholds
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -707,8 +709,34 @@ case "${1:-}" in
       grep '^ours\|^| \|failed' "$OUT/profile_${batch}x4k.log" | grep -v '^| kernel' | cut -c1-120 | head -30
     done
     ;;
+  48)  # twenty-fourth session (carry nothing): host time against GPU time of the forward, default and cut everywhere
+       # (gdn_cp.CP_MIN_HEAD_CHUNKS=0), and where the cut call's host time goes
+    timeout 300 python3 benchmarks/profile_gdn_host.py --variant cut:gdn_cp.CP_MIN_HEAD_CHUNKS=0 --profile-top 30 \
+      > "$OUT/host.log" 2>&1
+    grep -v '^forward\|^$' "$OUT/host.log" | cut -c1-150 | tail -60
+    ;;
+  49)  # twenty-fourth session (carry nothing): 48 showed the cut winning at 0.8B 16k (GPU 0.623 -> 0.404 ms, eager
+       # 0.625 -> 0.412) and losing at 4k (host-bound); where the thresholds should sit (CP_MIN_HEAD_CHUNKS,
+       # CP_MAX_SEQUENCE_HEADS): 8k-32k and small batches of long sequences, each cut or not; host profile of a cut call
+    timeout 400 python3 benchmarks/profile_gdn_host.py --shapes 1x16384 1x8192 1x32768 2x8192 2x16384 4x16384 \
+      --variant cut:gdn_cp.CP_MIN_HEAD_CHUNKS=0 cutall:gdn_cp.CP_MIN_HEAD_CHUNKS=0,gdn_cp.CP_MAX_SEQUENCE_HEADS=1000 \
+      --profile-top 30 > "$OUT/host.log" 2>&1
+    grep -v '^forward\|^$' "$OUT/host.log" | cut -c1-150 | tail -75
+    # training cuts by the same rule (its forward and the backward's recompute): 0.8B at 4 x 4k and 1 x 16k
+    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 0.8B \
+      --variant cut:gdn_cp.CP_MIN_HEAD_CHUNKS=0 > "$OUT/train.log" 2>&1
+    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+    # register caps (offline, Triton 3.6: w/u 133 -> 128 registers, 2 programs of 8 warps per SM instead of 1;
+    # kkt_solve 255 -> 168 / 128 with 308 / 968 B spilled, 12 / 16 programs per SM instead of 8), kernel by kernel
+    for shape in "--lengths 16384 --batch 1" "--lengths 4096 --batch 8"; do
+      timeout 100 python3 benchmarks/profile_gdn_forward.py --no-peers --models 9B $shape \
+        --variant wur128:gdn_chunk.KKT_WU_MAXNREG=128 kktr168:gdn_chunk.KKT_MAXNREG=168 \
+        kktr128:gdn_chunk.KKT_MAXNREG=128 > "$OUT/profile_caps.log" 2>&1
+      grep '^ours\|^| \|failed' "$OUT/profile_caps.log" | grep -v '^| kernel' | cut -c1-120 | head -40
+    done
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|47" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|49" >&2
     exit 2
     ;;
 esac

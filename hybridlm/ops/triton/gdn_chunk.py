@@ -309,6 +309,10 @@ KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_in
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
+# register caps per thread (Triton's maxnreg; None: the compiler's pick) for kkt_solve (212-255 at 1 warp: 8 programs
+# per SM) and the w/u kernel (145-156 at 8 warps: one program per SM), so more programs fit an SM; 16-bit only. Untimed.
+KKT_MAXNREG: int | None = None
+KKT_WU_MAXNREG: int | None = None
 FUSED_PREPARE_WARPS = 2
 # FOLD_WU_INTO_H (with KKT_PREPARE, 16-bit inputs): w and u are not stored; the state pass takes v_new =
 # X (beta (v - exp(G) (k h))), the same products regrouped: per chunk step it reads X (64 x 64) and v instead of w
@@ -478,6 +482,11 @@ def state_pass_block(dk: int, dv: int, programs_per_block: int, element_size: in
     return min((bv for bv in STATE_PASS_BVS if narrowest <= bv <= widest), key=lambda bv: (cost(bv), bv))
 
 
+def _register_cap(maxnreg: int | None, fp32: bool) -> dict:
+    """Triton's maxnreg launch option where a cap is set (never for fp32, whose dots hold whole rows)."""
+    return {} if maxnreg is None or fp32 else dict(maxnreg=maxnreg)
+
+
 def may_split(tokens: int, value_heads: int) -> bool:
     """STATE_PASS_CP is on and `tokens` (all sequences together) could hold a sequence long enough to cut, so the
     sequence bounds are worth reading (cheap host-side exit for short batches)."""
@@ -623,12 +632,13 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE,
-            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS)
+            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32))
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
         chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
             v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
-            KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **dict(common, BK=max(32, BK)),
+            KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32),
+            **dict(common, BK=max(32, BK)),
             **(dict(STORE_QN=q_normed is not None, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale,
                     STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)
                if fuse_o and KKT_PREPARE else {}))

@@ -38,6 +38,9 @@ CP_LOG_DECAY = -10.0  # a pre-pass may start where the gates have decayed by e^-
 # ~0.2-0.3 ms, so where the GPU time is near that it loses when not in a graph (0.8B 16k: 0.843 vs 0.570 eager, 9B 16k
 # 0.781 vs 0.902): 9B heads (32) cut from 16k tokens, 0.8B heads (16) from 32k.
 CP_MIN_HEAD_CHUNKS = 32 * 256
+# ... and only where the sequences, weighed as FlashQLA weighs them (all chunks over the longest's), times the value
+# heads stay at most this: more (e.g. 8 x 4k at 32 heads) already fill the GPU uncut
+CP_MAX_SEQUENCE_HEADS = 40
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,14 @@ def segment_chunks_for(value_heads: int, total_chunks: int, multiprocessors: int
 
 def worth_splitting(bounds: tuple[int, ...], value_heads: int, segment_chunks: int, chunk_size: int,
                     min_head_chunks: int | None = None) -> bool:
-    """Whether to cut: few heads x sequence-equivalents (the total over the longest, as FlashQLA weighs it), a
-    longest sequence of at least two segments, and its chunks x value heads at least `min_head_chunks`
-    (CP_MIN_HEAD_CHUNKS if None)."""
+    """Whether to cut: few heads x sequence-equivalents (the total over the longest, as FlashQLA weighs it: at most
+    CP_MAX_SEQUENCE_HEADS), a longest sequence of at least two segments, and its chunks x value heads at least
+    `min_head_chunks` (CP_MIN_HEAD_CHUNKS if None)."""
     chunks = [cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
     longest = max(chunks)
     min_head_chunks = CP_MIN_HEAD_CHUNKS if min_head_chunks is None else min_head_chunks
     return (longest >= 2 * segment_chunks and longest * value_heads >= min_head_chunks
-            and sum(chunks) / longest * value_heads <= 40)
+            and sum(chunks) / longest * value_heads <= CP_MAX_SEQUENCE_HEADS)
 
 
 @functools.lru_cache(maxsize=64)
