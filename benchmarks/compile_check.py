@@ -129,17 +129,17 @@ def run_gdn_fwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
     flags.update(dict(STATE_PASS_CP=True, CP_SEGMENT_CHUNKS=4) if cp else {})
     flags.update(dict(FUSED_OUTPUT=True, **({} if fused is True else fused)) if fused else {})
     saved = {name: getattr(gdn_chunk, name) for name in flags}
-    saved_min = gdn_cp.CP_MIN_HEAD_CHUNKS
+    saved_min = gdn_cp.CP_MIN_HEAD_CHUNKS, gdn_cp.CP_MIN_CHUNKS
     for name, value in flags.items():
         setattr(gdn_chunk, name, value)
-    gdn_cp.CP_MIN_HEAD_CHUNKS = 0 if cp else saved_min
+    gdn_cp.CP_MIN_HEAD_CHUNKS, gdn_cp.CP_MIN_CHUNKS = (0, 0) if cp else saved_min
     try:
         gdn_chunk.chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=init, output_final_state=True,
                                 cu_seqlens=cu)
     finally:
         for name, value in saved.items():
             setattr(gdn_chunk, name, value)
-        gdn_cp.CP_MIN_HEAD_CHUNKS = saved_min
+        gdn_cp.CP_MIN_HEAD_CHUNKS, gdn_cp.CP_MIN_CHUNKS = saved_min
 
 
 def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=False, dht=False, batch=1, cp=False,
@@ -152,18 +152,19 @@ def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
     x_inv = randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype)
     do = randn(batch, length, hv, dv, dtype=dtype)
     d_final = randn(n, hv, dk, dv, dtype=fp32) if dht else None
-    saved = gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS
+    saved = gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS, gdn_cp.CP_MIN_CHUNKS
     saved_wy, saved_dqk, saved_tma = gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK, gdn_chunk_bwd.BWD_DH_TMA
     gdn_chunk_bwd.BWD_DH_TMA = saved_tma if dh_tma is None else dh_tma
     if cp:
-        gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = True, 4, 0
+        (gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS,
+         gdn_cp.CP_MIN_CHUNKS) = True, 4, 0, 0
     gdn_chunk_bwd.BWD_WY_BK = saved_wy if wy_bk is None else wy_bk
     gdn_chunk_bwd.BWD_DQK_BK = saved_dqk if dqk_bk is None else dqk_bk
     try:
         gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final,
                                     initial_state=init, cu_seqlens=cu)
     finally:
-        gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS = saved
+        gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS, gdn_cp.CP_MIN_CHUNKS = saved
         gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK, gdn_chunk_bwd.BWD_DH_TMA = saved_wy, saved_dqk, saved_tma
 
 

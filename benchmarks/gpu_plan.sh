@@ -51,6 +51,7 @@
 #   bash benchmarks/gpu_plan.sh 47  # carry nothing (~1 min): why the row norms lose on uncut batches, kernel by kernel
 #   bash benchmarks/gpu_plan.sh 48  # carry nothing (~2 min): host vs GPU time of the forward, cut and not; host profile
 #   bash benchmarks/gpu_plan.sh 49  # carry nothing (~4 min): 48 at 8k-32k and 2-4 long sequences, cut thresholds
+#   bash benchmarks/gpu_plan.sh 50  # carry nothing (~5 min): the new cut thresholds: GPU tests, forward vs the old rule
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -735,8 +736,13 @@ case "${1:-}" in
       grep '^ours\|^| \|failed' "$OUT/profile_caps.log" | grep -v '^| kernel' | cut -c1-120 | head -40
     done
     ;;
+  50)  # twenty-fourth session (carry nothing): the cut thresholds from 49 (CP_MIN_CHUNKS 128, CP_MIN_HEAD_CHUNKS 2048,
+       # CP_MAX_SEQUENCE_HEADS 64): the cut's GPU tests, then the forward against the old rule
+    gdn_tests_then_forward "cp or segment or cut or row_norm" \
+      "old:gdn_cp.CP_MIN_CHUNKS=0,gdn_cp.CP_MIN_HEAD_CHUNKS=8192,gdn_cp.CP_MAX_SEQUENCE_HEADS=40"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|49" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|50" >&2
     exit 2
     ;;
 esac

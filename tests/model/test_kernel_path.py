@@ -154,6 +154,7 @@ def test_forward_through_context_parallel_segments(checkpoint, monkeypatch):
     monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut this short sequence too
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
     calls, segmented = [], gdn_chunk._segmented_state_pass
     monkeypatch.setattr(gdn_chunk, "_segmented_state_pass", lambda *a, **kw: calls.append(1) or segmented(*a, **kw))
     with torch.no_grad():

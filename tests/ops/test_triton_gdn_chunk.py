@@ -414,6 +414,7 @@ def test_prefetched_row_factors_change_nothing(poisoned, monkeypatch, cut):
     monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", cut)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
     outs = []
     for prefetch in (False, True):
         monkeypatch.setattr(gdn_chunk, "STATE_PASS_PREFETCH_ROWS", prefetch)

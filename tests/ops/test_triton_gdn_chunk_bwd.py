@@ -296,6 +296,7 @@ def cut_forward_into_segments(monkeypatch):
     monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", True)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
 
 
 def grads_with(monkeypatch, flag, value, case_inputs):

@@ -34,6 +34,7 @@ def run(case, with_state, monkeypatch, cp, fold=False, log_decay=None, strong_de
     monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", cp)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut these short sequences too
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", fold)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
     monkeypatch.setattr(gdn_chunk, "ROW_NORMS_IN_PASS", row_norms)
@@ -147,10 +148,15 @@ def test_segment_rule():
     assert gdn_cp.worth_splitting((0, 16384), 32, 32, 64)
     assert not gdn_cp.worth_splitting(tuple(range(0, 5 * 4096, 4096)), 32, 32, 64)  # 4 x 4k at 32 heads
     assert not gdn_cp.worth_splitting((0, 2048), 32, 32, 64)  # one segment only
-    assert not gdn_cp.worth_splitting((0, 8192), 32, 16, 64)  # 128 chunks x 32 heads: below CP_MIN_HEAD_CHUNKS
-    assert gdn_cp.worth_splitting((0, 8192), 32, 16, 64, min_head_chunks=0)
-    assert not gdn_cp.worth_splitting((0, 16384), 16, 16, 64)  # 0.8B heads are cut from 32k tokens
-    assert gdn_cp.worth_splitting((0, 32768), 16, 32, 64)
+    # both head layouts are cut from 8k tokens (CP_MIN_CHUNKS); 4k stays whole (the host bounds it there)
+    assert gdn_cp.worth_splitting((0, 8192), 32, 16, 64)
+    assert gdn_cp.worth_splitting((0, 8192), 16, 16, 64)
+    assert not gdn_cp.worth_splitting((0, 4096), 32, 8, 64)
+    assert not gdn_cp.worth_splitting((0, 8192), 8, 16, 64)  # 128 chunks x 8 heads: below CP_MIN_HEAD_CHUNKS
+    assert gdn_cp.worth_splitting((0, 8192), 8, 16, 64, min_head_chunks=0)
+    # a few long sequences are cut up to CP_MAX_SEQUENCE_HEADS (2 x 16k at 32 heads), not 4 x 16k at 32 heads
+    assert gdn_cp.worth_splitting((0, 16384, 32768), 32, 32, 64)
+    assert not gdn_cp.worth_splitting(tuple(range(0, 5 * 16384, 16384)), 32, 32, 64)
 
 
 def test_backward_recompute_through_segments(poisoned, monkeypatch):
@@ -164,6 +170,7 @@ def test_backward_recompute_through_segments(poisoned, monkeypatch):
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, d, d, dtype, batch)
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)  # cut these short sequences too
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
     monkeypatch.setattr(gdn_cp, "CP_LOG_DECAY", -math.inf)
     calls, segmented = [], gdn_chunk._segmented_state_pass
 

@@ -32,15 +32,21 @@ import triton.language as tl
 from hybridlm.ops.triton.utils import cdiv, next_power_of_2
 
 CP_LOG_DECAY = -10.0  # a pre-pass may start where the gates have decayed by e^-10 over the chunks up to the boundary
-# Cut only where the longest sequence's chunks x value heads reach this. On an H200 (fast gates) the cut lost at 4k
-# tokens (in CUDA graphs: 9B heads 0.278 vs 0.238 ms, 0.8B 0.193 vs 0.156) and won in GPU time from 16k on (9B 0.770
-# vs 0.899 with the fold, 64k 3.02 vs 3.68; 0.8B 16k 0.462 vs 0.566). But its host work (four more launches) is
-# ~0.2-0.3 ms, so where the GPU time is near that it loses when not in a graph (0.8B 16k: 0.843 vs 0.570 eager, 9B 16k
-# 0.781 vs 0.902): 9B heads (32) cut from 16k tokens, 0.8B heads (16) from 32k.
-CP_MIN_HEAD_CHUNKS = 32 * 256
+# Cut only where the longest sequence has at least CP_MIN_CHUNKS chunks and its chunks x value heads reach
+# CP_MIN_HEAD_CHUNKS. The cut's GPU time wins at every B = 1 length timed, from 4k, but it costs the host ~0.34 ms a
+# call (seven launches against three, ~0.18 ms), so an eager call of a short sequence waits on the host. H100, bf16,
+# `benchmarks/profile_gdn_host.py` (2026-12-06, twenty-fourth session), eager ms uncut -> cut (GPU time alone in a
+# CUDA graph): 9B heads 4k 0.266 -> 0.331 (0.263 -> 0.196), 8k 0.510 -> 0.378, 16k 0.78 -> 0.655; 0.8B heads 4k 0.173
+# -> 0.317 (0.171 -> 0.132), 8k 0.332 -> 0.288, 16k 0.630 -> 0.409; training (forward + backward) at 0.8B 1 x 16k
+# 2.927 -> 2.700. So both head layouts cut from 8k tokens. (Until then 9B heads cut from 16k and 0.8B from 32k, a rule
+# set on an H200 when the cut's host time was 0.2-0.3 ms higher.)
+CP_MIN_CHUNKS = 128
+CP_MIN_HEAD_CHUNKS = 16 * 128
 # ... and only where the sequences, weighed as FlashQLA weighs them (all chunks over the longest's), times the value
-# heads stay at most this: more (e.g. 8 x 4k at 32 heads) already fill the GPU uncut
-CP_MAX_SEQUENCE_HEADS = 40
+# heads stay at most this. Same session, eager ms uncut -> cut: 2 sequences at 9B heads (64) 8k 0.903 -> 0.654, 16k
+# 1.828 -> 1.248; 4 at 0.8B heads (64) 16k 1.984 -> 1.331; 2 at 0.8B (32) 16k 1.079 -> 0.699; 4 at 9B heads (128) 16k
+# 2.338 -> 2.340 (already full uncut). (Until then 40.)
+CP_MAX_SEQUENCE_HEADS = 64
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,12 @@ def segment_chunks_for(value_heads: int, total_chunks: int, multiprocessors: int
 def worth_splitting(bounds: tuple[int, ...], value_heads: int, segment_chunks: int, chunk_size: int,
                     min_head_chunks: int | None = None) -> bool:
     """Whether to cut: few heads x sequence-equivalents (the total over the longest, as FlashQLA weighs it: at most
-    CP_MAX_SEQUENCE_HEADS), a longest sequence of at least two segments, and its chunks x value heads at least
-    `min_head_chunks` (CP_MIN_HEAD_CHUNKS if None)."""
+    CP_MAX_SEQUENCE_HEADS), a longest sequence of at least two segments and CP_MIN_CHUNKS chunks, and its chunks x
+    value heads at least `min_head_chunks` (CP_MIN_HEAD_CHUNKS if None)."""
     chunks = [cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
     longest = max(chunks)
     min_head_chunks = CP_MIN_HEAD_CHUNKS if min_head_chunks is None else min_head_chunks
-    return (longest >= 2 * segment_chunks and longest * value_heads >= min_head_chunks
+    return (longest >= 2 * segment_chunks and longest >= CP_MIN_CHUNKS and longest * value_heads >= min_head_chunks
             and sum(chunks) / longest * value_heads <= CP_MAX_SEQUENCE_HEADS)
 
 
