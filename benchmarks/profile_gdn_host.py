@@ -2,7 +2,7 @@
 
 bench_gdn.py times eager calls (triton.testing.do_bench), so where the host takes longer to issue a call's launches
 than the GPU takes to run them, its figure is the host's. The context-parallel cut adds launches (gdn_cp), which is
-why gdn_cp.CP_MIN_HEAD_CHUNKS keeps it off below 16k tokens at 9B heads. For each shape and --variant this prints:
+why gdn_cp.CP_MIN_CHUNKS keeps it off below 8k tokens. For each shape and --variant this prints:
 - host: ms of host time per call, issuing calls back to back without a sync (the launch queue is far from full);
 - graph: ms per call replayed from a CUDA graph (GPU time alone, no host);
 - eager: bench_gdn's timing (do_bench median of eager calls);

@@ -395,7 +395,7 @@ def plain_state_pass_launch(fp32: bool) -> dict:
 
 # STATE_PASS_CP: cut long sequences into segments that run in parallel (`gdn_cp`: a pre-pass from the gates, a chain
 # over the segments, then the state pass over every segment at once) where few sequences x heads leave SMs idle or
-# force narrow V blocks (B = 1 at 9B and 0.8B heads), from gdn_cp.CP_MIN_HEAD_CHUNKS on (timings there);
+# force narrow V blocks (B = 1-4 at 9B and 0.8B heads), by gdn_cp.worth_splitting (timings there);
 # CP_SEGMENT_CHUNKS (None: `gdn_cp`'s rule) fixes the segment length (tests use 2).
 STATE_PASS_CP = True
 CP_SEGMENT_CHUNKS: int | None = None
