@@ -310,7 +310,8 @@ KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 w
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
 # register caps per thread (Triton's maxnreg; None: the compiler's pick) for kkt_solve (212-255 at 1 warp: 8 programs
-# per SM) and the w/u kernel (145-156 at 8 warps: one program per SM), so more programs fit an SM; 16-bit only. Untimed.
+# per SM) and the w/u kernel (133-156 at 8 warps: one program per SM), so more programs fit an SM; 16-bit only. H100,
+# 9B heads (2026-12-06): w/u at 128 unchanged; kkt_solve at 168 / 128 lost 1.45x / 3x to spills. Off.
 KKT_MAXNREG: int | None = None
 KKT_WU_MAXNREG: int | None = None
 FUSED_PREPARE_WARPS = 2

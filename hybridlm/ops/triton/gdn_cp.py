@@ -36,7 +36,7 @@ CP_LOG_DECAY = -10.0  # a pre-pass may start where the gates have decayed by e^-
 # CP_MIN_HEAD_CHUNKS. The cut's GPU time wins at every B = 1 length timed, from 4k, but it costs the host ~0.34 ms a
 # call (seven launches against three, ~0.18 ms), so an eager call of a short sequence waits on the host. H100, bf16,
 # `benchmarks/profile_gdn_host.py` (2026-12-06, twenty-fourth session), eager ms uncut -> cut (GPU time alone in a
-# CUDA graph): 9B heads 4k 0.266 -> 0.331 (0.263 -> 0.196), 8k 0.510 -> 0.378, 16k 0.78 -> 0.655; 0.8B heads 4k 0.173
+# CUDA graph): 9B heads 4k 0.266 -> 0.331 (0.263 -> 0.196), 8k 0.510 -> 0.378; 0.8B heads 4k 0.173
 # -> 0.317 (0.171 -> 0.132), 8k 0.332 -> 0.288, 16k 0.630 -> 0.409; training (forward + backward) at 0.8B 1 x 16k
 # 2.927 -> 2.700. So both head layouts cut from 8k tokens. (Until then 9B heads cut from 16k and 0.8B from 32k, a rule
 # set on an H200 when the cut's host time was 0.2-0.3 ms higher.)
