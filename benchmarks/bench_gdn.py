@@ -79,6 +79,21 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (what the engine replays every token), after three warm-up calls on a side stream;
+    returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def time_ms(fn) -> float:
     import triton.testing
 
@@ -436,19 +451,6 @@ def bench_decode(model, batch, peers, ours_ok, rows):
 
     def ours():
         return step(conv_pool, state_pool)
-
-    def graphed(fn):
-        """fn captured in a CUDA graph (what the engine replays every token); returns the replay."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
 
     check = "PASS" if ours_ok else "FAIL (reference gate)"
     # each variant's output and pools against the default's, from copies of the same starting pools (the timed runs

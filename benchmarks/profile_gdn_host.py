@@ -45,17 +45,9 @@ def host_ms(fn, calls: int = 30) -> float:
 def graph_ms(fn) -> float:
     """GPU milliseconds per call replayed from a CUDA graph (do_bench median)."""
     import triton
+    from bench_gdn import graphed
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(graphed(fn), warmup=25, rep=100, return_mode="median")
 
 
 def host_profile(fn, top: int, calls: int = 50) -> str:
