@@ -471,6 +471,45 @@ def test_training_with_the_output_fused(poisoned, monkeypatch, case):
         assert rel_err(z, y.double()) <= (1e-5 if dtype == torch.float32 else 1e-2), name
 
 
+@pytest.mark.parametrize("case", ["bf16-packed", "bf16-cut-forward", "fp16-narrow-heads"])
+def test_training_forward_as_inference(poisoned, monkeypatch, case):
+    """gdn_chunk.TRAIN_FORWARD_AS_INFERENCE: training's forward folds and fuses as inference does (row norms too
+    where it cuts), storing neither w, u nor h, v_new; the backward reads only the inputs, X and g_cumsum, so the
+    gradients are the default path's bit for bit (and, where it cuts, pass the float64 check); kept states still keep
+    w, h and v_new."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
+        "bf16-packed": (1, 200, 1, 2, 32, 32, torch.bfloat16, [0, 7, 70, 200]),
+        "bf16-cut-forward": (1, 330, 1, 2, 32, 32, torch.bfloat16, None),
+        "fp16-narrow-heads": (2, 70, 1, 4, 24, 40, torch.float16, None),
+    }[case]
+    if case == "bf16-cut-forward":
+        cut_forward_into_segments(monkeypatch)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    monkeypatch.setattr(gdn_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    forwards, forward = [], gdn_chunk._chunk_gdn_fwd
+    monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
+                        or forwards[-1])
+    default = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
+    monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", True)
+    as_inference = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
+    kept = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", True, case_inputs)
+    assert forwards[0]["w"] is not None and forwards[0]["h"] is not None
+    assert forwards[1]["w"] is None and forwards[1]["h"] is None and forwards[1]["v_new"] is None
+    assert forwards[2]["w"] is not None and forwards[2]["h"] is not None
+    assert torch.equal(forwards[0]["x_inv"].nan_to_num(), forwards[1]["x_inv"].nan_to_num())  # (upper: unwritten)
+    tolerance = TOLERANCE[dtype]
+    assert rel_err(forwards[1]["o"], forwards[0]["o"].double()) <= tolerance
+    for name, x, y, z in zip(NAMES, as_inference, default, kept):
+        assert torch.equal(x, y), name
+        assert rel_err(z, y.double()) <= tolerance, name
+    if case == "bf16-cut-forward":  # (the other cases' o is the default's up to rounding, checked above)
+        check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+              cu_seqlens=case_inputs[0])
+
+
 def test_bwd_refuses_misshaped_forward_states():
     from hybridlm.ops.triton.gdn_chunk import _chunk_gdn_fwd
     from hybridlm.ops.triton.gdn_chunk_bwd import chunk_gdn_bwd

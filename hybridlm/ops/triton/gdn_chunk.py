@@ -335,6 +335,10 @@ FOLD_WU_INTO_H: bool | None = None
 # 2.64 -> 2.52, 4k and 8 x 4k even; 0.8B heads (one value head per key head) even.
 WU_KEY_HEAD_PROGRAMS = True
 FOLD_MIN_PROGRAMS = 128
+# TRAIN_FORWARD_AS_INFERENCE: training's forward (X kept for the backward) takes the inference forward's rules (the
+# fold, the fused output, row norms on cut segments) where its states are not kept; the backward recomputes w, u, h and
+# v_new either way. False: training never folds or fuses (the rule above). Untimed on a GPU.
+TRAIN_FORWARD_AS_INFERENCE = False
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
@@ -592,9 +596,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     fp32 = precision == "ieee"
     plan = segment_plan(bounds, value_heads, device) if bounds is not None else None
     programs = (plan.num_segments if plan is not None else num_states) * value_heads
-    # w h and u made inside the state pass from X; never for training (store_x), see FOLD_WU_INTO_H
-    fold = KKT_PREPARE and not fp32 and not store_x and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
-                                                         else FOLD_WU_INTO_H)
+    # w h and u made inside the state pass from X; for training (store_x) only with TRAIN_FORWARD_AS_INFERENCE
+    inference_rules = not store_x or (TRAIN_FORWARD_AS_INFERENCE and not keep_states)
+    fold = KKT_PREPARE and not fp32 and inference_rules and (programs >= FOLD_MIN_PROGRAMS if FOLD_WU_INTO_H is None
+                                                             else FOLD_WU_INTO_H)
 
     unfolded_narrowest = HOPPER_STATE_PASS_NARROWEST if hopper_miscompiles(device) else 16
 
@@ -604,7 +609,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         return bv, min(FUSED_OUTPUT_BV, max(narrowest, next_power_of_2(dv))) if FUSED_OUTPUT_BV else bv
 
     BV_h, BV_fused = blocks(fold)
-    fuse_o = not keep_states and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and not store_x and (
+    fuse_o = not keep_states and (FUSED_OUTPUT if FUSED_OUTPUT is not None else not fp32 and inference_rules and (
         cdiv(dv, BV_fused) * programs >= FUSED_MIN_PROGRAMS_PER_SM * _multiprocessors(device)))
     # folded and fused at once, head dims 32/32 wrote outside shared memory on an H100 with Triton 3.6 (2026-12-05,
     # `gpu_plan.sh 25`: `b_o += tl.dot(b_A, v_new)`, three packed one-chunk sequences; either alone passed, as did
