@@ -52,8 +52,9 @@
 #   bash benchmarks/gpu_plan.sh 48  # carry nothing (~2 min): host vs GPU time of the forward, cut and not; host profile
 #   bash benchmarks/gpu_plan.sh 49  # carry nothing (~4 min): 48 at 8k-32k and 2-4 long sequences, cut thresholds
 #   bash benchmarks/gpu_plan.sh 50  # carry nothing (~5 min): the new cut thresholds: GPU tests, forward vs the old rule
-#   bash benchmarks/gpu_plan.sh 51  # carry nothing (~8 min): training's forward by the inference rules (tests, train,
-#                                   # profile); the w/u kernel at 4 warps; 9B 8k and 2 x 16k cut vs the old rule
+#   bash benchmarks/gpu_plan.sh 51  # carry nothing (~5 min): training's forward by the inference rules (tests, train);
+#                                   # the w/u kernel at 4 warps, the fused pass 128 wide at 8 warps
+#   bash benchmarks/gpu_plan.sh 52  # carry nothing (~2 min): 51's train kernel by kernel; 9B 8k, 2 x 16k vs the old rule
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -743,31 +744,33 @@ case "${1:-}" in
     gdn_tests_then_forward "cp or segment or cut or row_norm" \
       "old:gdn_cp.CP_MIN_CHUNKS=0,gdn_cp.CP_MIN_HEAD_CHUNKS=8192,gdn_cp.CP_MAX_SEQUENCE_HEADS=40"
     ;;
-  51)  # twenty-fifth session (carry nothing): training's forward by the inference rules (fold, fused output, row
-       # norms where cut: gdn_chunk.TRAIN_FORWARD_AS_INFERENCE) -- its GPU tests with blocking launches, train at
-       # 4 x 4k and 1 x 16k beside the default, 9B 4 x 4k kernel by kernel; the forward's w/u kernel at 4 warps; and
-       # 50's untimed half (9B 8k and 2 x 16k, cut by the committed rule against the old one)
-    CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_gdn_chunk_bwd.py \
+  51)  # twenty-fifth session (carry nothing, ~5 min): training's forward by the inference rules (fold, fused output,
+       # row norms where cut: gdn_chunk.TRAIN_FORWARD_AS_INFERENCE) -- its GPU tests with blocking launches, then train
+       # at 4 x 4k and 1 x 16k beside the default; the forward's w/u kernel at 4 warps and the fused pass over whole
+       # 128-wide value rows at 8 warps (9B heads)
+    CUDA_LAUNCH_BLOCKING=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_gdn_chunk_bwd.py \
       -k "as_inference or never_folds or output_fused or reuses" > "$OUT/tests.log" 2>&1
     tail -3 "$OUT/tests.log"
-    TRAIN_INF="inf:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=True"
-    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant "$TRAIN_INF" \
-      > "$OUT/train.log" 2>&1
+    timeout 170 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+      --variant "inf:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
-    timeout 60 python3 benchmarks/profile_gdn_forward.py --train --no-peers --models 9B --lengths 4096 --batch 4 \
-      --variant "$TRAIN_INF" > "$OUT/profile_train.log" 2>&1
-    grep '^ours\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -40
     timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
       --variant wu4:gdn_chunk.KKT_WU_WARPS=4 bv128:gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8 \
-      > "$OUT/forward_wu.log" 2>&1
-    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_wu.log" | cut -c1-150
+      > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-150
+    ;;
+  52)  # after 51 (carry nothing): 9B training kernel by kernel with TRAIN_FORWARD_AS_INFERENCE; 50's untimed half
+       # (9B 8k and 2 x 16k, cut by the committed rule against the old one)
+    timeout 60 python3 benchmarks/profile_gdn_forward.py --train --no-peers --models 9B --lengths 4096 --batch 4 \
+      --variant "inf:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=True" > "$OUT/profile_train.log" 2>&1
+    grep '^ours\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -40
     timeout 100 python3 benchmarks/profile_gdn_host.py --shapes 1x8192 2x16384 \
       --variant "old:gdn_cp.CP_MIN_CHUNKS=0,gdn_cp.CP_MIN_HEAD_CHUNKS=8192,gdn_cp.CP_MAX_SEQUENCE_HEADS=40" \
       > "$OUT/host.log" 2>&1
     grep '^| ' "$OUT/host.log" | cut -c1-120
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|51" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|52" >&2
     exit 2
     ;;
 esac

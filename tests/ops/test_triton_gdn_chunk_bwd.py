@@ -257,8 +257,8 @@ def test_unsafe_head_dims_take_the_reference(monkeypatch, caplog):
 
 @pytest.mark.parametrize("case", ["bf16-grouped", "bf16-packed"])
 def test_training_never_folds(poisoned, monkeypatch, case):
-    """gdn_chunk.FOLD_WU_INTO_H forced on: inference folds, training does not (its forward stores w and u, its
-    backward recomputes them); the gradients pass the float64 check."""
+    """gdn_chunk.FOLD_WU_INTO_H forced on, TRAIN_FORWARD_AS_INFERENCE off: inference folds, training does not (its
+    forward stores w and u, its backward recomputes them); the gradients pass the float64 check."""
     from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
@@ -268,6 +268,7 @@ def test_training_never_folds(poisoned, monkeypatch, case):
     cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     num_states = batch if offsets is None else len(offsets) - 1
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
+    monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", False)
     forwards, forward = [], gdn_chunk._chunk_gdn_fwd
     monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
                         or forwards[-1])
@@ -488,6 +489,7 @@ def test_training_forward_as_inference(poisoned, monkeypatch, case):
         cut_forward_into_segments(monkeypatch)
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
     monkeypatch.setattr(gdn_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", False)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     forwards, forward = [], gdn_chunk._chunk_gdn_fwd
     monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
