@@ -745,14 +745,16 @@ case "${1:-}" in
       "old:gdn_cp.CP_MIN_CHUNKS=0,gdn_cp.CP_MIN_HEAD_CHUNKS=8192,gdn_cp.CP_MAX_SEQUENCE_HEADS=40"
     ;;
   51)  # twenty-fifth session (carry nothing, ~5 min): training's forward by the inference rules (fold, fused output,
-       # row norms where cut: gdn_chunk.TRAIN_FORWARD_AS_INFERENCE) -- its GPU tests with blocking launches, then train
-       # at 4 x 4k and 1 x 16k beside the default; the forward's w/u kernel at 4 warps and the fused pass over whole
-       # 128-wide value rows at 8 warps (9B heads)
+       # row norms where cut: gdn_chunk.TRAIN_FORWARD_AS_INFERENCE) and the WY kernel's k k^T in its second pass
+       # (gdn_chunk_bwd.BWD_WY_KK_LATE: 152 -> 12 B spilled offline) -- their GPU tests with blocking launches, then
+       # train at 4 x 4k and 1 x 16k beside the default; the forward's w/u kernel at 4 warps and the fused pass over
+       # whole 128-wide value rows at 8 warps (9B heads)
     CUDA_LAUNCH_BLOCKING=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_gdn_chunk_bwd.py \
-      -k "as_inference or never_folds or output_fused or reuses" > "$OUT/tests.log" 2>&1
+      -k "as_inference or never_folds or output_fused or reuses or kk_late" > "$OUT/tests.log" 2>&1
     tail -3 "$OUT/tests.log"
-    timeout 170 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
-      --variant "inf:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=True" > "$OUT/train.log" 2>&1
+    timeout 220 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+      --variant "inf:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=True" "kklate:gdn_chunk_bwd.BWD_WY_KK_LATE=True" \
+      "both:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=True,gdn_chunk_bwd.BWD_WY_KK_LATE=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
       --variant wu4:gdn_chunk.KKT_WU_WARPS=4 bv128:gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8 \

@@ -367,6 +367,26 @@ def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
           cu_seqlens=case_inputs[0])
 
 
+@pytest.mark.parametrize("case", ["bf16-packed-two-blocks", "fp16-partial-block"])
+def test_bwd_wy_kk_late(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_WY_KK_LATE: the key-blocked WY kernel summing k k^T in its second pass gives the first
+    pass's gradients (the same products and sums, in the same order)."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block = WY_BLOCKED_CASES[case]
+    skip_where_triton_faults(dk, dv)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
+    launched = []
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_wy_kblocked_kernel",
+                    lambda kwargs: kwargs["KK_IN_PASS2"], launched)
+    early = grads_with(monkeypatch, "BWD_WY_KK_LATE", False, case_inputs)
+    late = grads_with(monkeypatch, "BWD_WY_KK_LATE", True, case_inputs)
+    assert launched == [False, True]
+    for name, x, y in zip(NAMES, late, early):
+        assert rel_err(x, y.double()) <= 1e-3, name
+
+
 # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_DQK_BK, BWD_WY_BK)
 DQK_BLOCKED_CASES = {
     "fp32-two-blocks-whole-row-wy": (1, 130, 1, 2, 64, 32, torch.float32, None, 32, None),

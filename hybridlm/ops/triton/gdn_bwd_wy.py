@@ -224,6 +224,7 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     NKD: tl.constexpr,
     E_SCRATCH: tl.constexpr,
     BKW: tl.constexpr,  # key columns per block
+    KK_IN_PASS2: tl.constexpr = False,  # k k^T summed in pass 2 instead of pass 1 (`gdn_chunk_bwd.BWD_WY_KK_LATE`)
 ):
     """`chunk_gdn_bwd_wy_kernel`'s results with the key columns in blocks of BKW (see the module's docstring)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -291,7 +292,8 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
         b_dkbg = tl.dot(tl.trans(b_X), b_dwd, input_precision=DOT_PRECISION)  # gradient of beta k exp(G)
         b_dbeta += tl.sum(b_dkbg * b_kf, axis=1) * tl.exp(b_gc)
         b_dG += tl.sum(b_dkbg * b_kbg, axis=1)
-        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
+        if not KK_IN_PASS2:
+            b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
         b_dk = b_dkbg * b_bg[:, None] + _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
 
@@ -301,20 +303,28 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     b_dA = tl.dot(tl.trans(b_X), b_dA, input_precision=DOT_PRECISION)
     # through A_ij = beta_i k_i . k_j exp(G_i - G_j): E = dA exp(G_i - G_j)
     b_E = tl.where(m_L, -b_dA * tl.exp(tl.where(m_L, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
-    b_dbeta += tl.sum(b_E * b_kk, axis=1)
-    b_dAA = b_E * b_kk * b_beta[:, None]
-    b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
+    if not KK_IN_PASS2:
+        b_dbeta += tl.sum(b_E * b_kk, axis=1)
+        b_dAA = b_E * b_kk * b_beta[:, None]
+        b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
     b_Ed = b_E.to(dtype)
     tl.debug_barrier()  # pass 1's dk is read back by other threads than those that stored it
     b_EdT = _transposed(b_Ed, e_scratch, i_tg, i_h, HV, BT, E_SCRATCH)
-    # pass 2: dk += E k beta + E^T (k beta)
+    # pass 2: dk += E k beta + E^T (k beta) (and with KK_IN_PASS2, k k^T from the same key blocks)
     for i_k in range(0, tl.cdiv(K, BKW)):
-        b_kf = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
-                * b_rk[:, None]).to(dtype).to(tl.float32)
-        b_dk = tl.dot(b_Ed, b_kf.to(dtype), input_precision=DOT_PRECISION) * b_beta[:, None]
+        b_kd = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
+                * b_rk[:, None]).to(dtype)
+        b_kf = b_kd.to(tl.float32)
+        if KK_IN_PASS2:
+            b_kk += tl.dot(b_kd, tl.trans(b_kd), input_precision=DOT_PRECISION)
+        b_dk = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION) * b_beta[:, None]
         b_dk += tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
         b_dk += _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW).to(tl.float32)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
+    if KK_IN_PASS2:
+        b_dbeta += tl.sum(b_E * b_kk, axis=1)
+        b_dAA = b_E * b_kk * b_beta[:, None]
+        b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
 
     _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, stride_dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t,
                    m_t, HV, NKD)

@@ -251,6 +251,9 @@ BWD_DQK_DST_PRODUCT_BKS = (64,)
 BWD_WY_BK: int | None = 64
 BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
 BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg; untimed)
+# The key-blocked WY kernel sums k k^T in its second pass over the key blocks (which loads them anyway) instead of the
+# first, so the [64, 64] fp32 sum is not held beside X and dX there. Untimed.
+BWD_WY_KK_LATE = False
 # Both WY kernels take E^T (E = dA exp(G_i - G_j), made from products) through a [64, 64] scratch per chunk and head
 # (8 KB in 16-bit) instead of tl.trans(E): a remedy held ready for Triton 3.4-3.7.0's Hopper miscompile of
 # transposed product results (fla-org/flash-linear-attention#640), should a GPU check fail there (the whole-row kernel
@@ -443,7 +446,7 @@ def chunk_gdn_bwd(
                                             **wy_flags, **common)
     else:
         chunk_gdn_bwd_wy_kblocked_kernel[chunk_grid](
-            *wy_args, BV=BV_chunk, BKW=BKW, **wy_flags,
+            *wy_args, BV=BV_chunk, BKW=BKW, KK_IN_PASS2=BWD_WY_KK_LATE, **wy_flags,
             # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
             num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
             num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common,
