@@ -54,7 +54,7 @@
 #   bash benchmarks/gpu_plan.sh 50  # carry nothing (~5 min): the new cut thresholds: GPU tests, forward vs the old rule
 #   bash benchmarks/gpu_plan.sh 51  # carry nothing (~5 min): training's forward by the inference rules (tests, train);
 #                                   # the w/u kernel at 4 warps, the fused pass 128 wide at 8 warps
-#   bash benchmarks/gpu_plan.sh 52  # carry nothing (~2 min): 51's train kernel by kernel; 9B 8k, 2 x 16k vs the old rule
+#   bash benchmarks/gpu_plan.sh 52  # carry nothing (~6 min): 51's winners adopted: backward GPU tests, train vs old, kept
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -761,15 +761,17 @@ case "${1:-}" in
       > "$OUT/forward.log" 2>&1
     grep -h '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-150
     ;;
-  52)  # after 51 (carry nothing): 9B training kernel by kernel with TRAIN_FORWARD_AS_INFERENCE; 50's untimed half
-       # (9B 8k and 2 x 16k, cut by the committed rule against the old one)
-    timeout 60 python3 benchmarks/profile_gdn_forward.py --train --no-peers --models 9B --lengths 4096 --batch 4 \
-      --variant "inf:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=True" > "$OUT/profile_train.log" 2>&1
-    grep '^ours\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -40
-    timeout 100 python3 benchmarks/profile_gdn_host.py --shapes 1x8192 2x16384 \
-      --variant "old:gdn_cp.CP_MIN_CHUNKS=0,gdn_cp.CP_MIN_HEAD_CHUNKS=8192,gdn_cp.CP_MAX_SEQUENCE_HEADS=40" \
-      > "$OUT/host.log" 2>&1
-    grep '^| ' "$OUT/host.log" | cut -c1-120
+  52)  # twenty-fifth session (carry nothing, ~6 min): 51's winners adopted (TRAIN_FORWARD_AS_INFERENCE, BWD_WY_KK_LATE):
+       # every backward test and the model's kernel path on the GPU (one process per test), then train at the new
+       # defaults beside the old ones and beside kept states
+    timeout 230 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/model/test_kernel_path.py \
+      -j 12 > "$OUT/gpu_tests.log" 2>&1
+    grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
+    sleep 2
+    timeout 180 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+      --variant "old:gdn_chunk.TRAIN_FORWARD_AS_INFERENCE=False,gdn_chunk_bwd.BWD_WY_KK_LATE=False" \
+      "keep:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" > "$OUT/train.log" 2>&1
+    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|52" >&2

@@ -505,10 +505,13 @@ def test_training_forward_as_inference(poisoned, monkeypatch, case):
         "bf16-cut-forward": (1, 330, 1, 2, 32, 32, torch.bfloat16, None),
         "fp16-narrow-heads": (2, 70, 1, 4, 24, 40, torch.float16, None),
     }[case]
+    skip_where_triton_faults(dk, dv)  # (fp16 24/40 faults in the WY kernel on Hopper with Triton 3.6)
     if case == "bf16-cut-forward":
         cut_forward_into_segments(monkeypatch)
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
     monkeypatch.setattr(gdn_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0)
+    # (folded and fused at once, both dims below 64 faulted on Hopper: such GPUs fuse without folding there)
+    folds = not (max(dk, dv) < 64 and gdn_chunk.hopper_miscompiles(torch.device(DEVICE)))
     monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", False)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     forwards, forward = [], gdn_chunk._chunk_gdn_fwd
@@ -519,7 +522,7 @@ def test_training_forward_as_inference(poisoned, monkeypatch, case):
     as_inference = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
     kept = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", True, case_inputs)
     assert forwards[0]["w"] is not None and forwards[0]["h"] is not None
-    assert forwards[1]["w"] is None and forwards[1]["h"] is None and forwards[1]["v_new"] is None
+    assert (forwards[1]["w"] is None) == folds and forwards[1]["h"] is None and forwards[1]["v_new"] is None
     assert forwards[2]["w"] is not None and forwards[2]["h"] is not None
     assert torch.equal(forwards[0]["x_inv"].nan_to_num(), forwards[1]["x_inv"].nan_to_num())  # (upper: unwritten)
     tolerance = TOLERANCE[dtype]

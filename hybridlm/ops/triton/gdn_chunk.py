@@ -337,8 +337,10 @@ WU_KEY_HEAD_PROGRAMS = True
 FOLD_MIN_PROGRAMS = 128
 # TRAIN_FORWARD_AS_INFERENCE: training's forward (X kept for the backward) takes the inference forward's rules (the
 # fold, the fused output, row norms on cut segments) where its states are not kept; the backward recomputes w, u, h and
-# v_new either way. False: training never folds or fuses (the rule above). Untimed on a GPU.
-TRAIN_FORWARD_AS_INFERENCE = False
+# v_new either way, so the gradients are the same bits. H100 (2026-12-06, `gpu_plan.sh 51`), forward + backward: 9B
+# heads 4 x 4k 3.555 -> 3.282 ms, 1 x 16k 4.221 -> 3.887; 0.8B 1 x 16k 2.726 -> 2.525, 4 x 4k even (neither rule fires
+# there). False: training never folds or fuses.
+TRAIN_FORWARD_AS_INFERENCE = True
 
 # How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
 # - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare

@@ -252,8 +252,10 @@ BWD_WY_BK: int | None = 64
 BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
 BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg; untimed)
 # The key-blocked WY kernel sums k k^T in its second pass over the key blocks (which loads them anyway) instead of the
-# first, so the [64, 64] fp32 sum is not held beside X and dX there. Untimed.
-BWD_WY_KK_LATE = False
+# first, so the [64, 64] fp32 sum is not held beside X and dX there: offline (Triton 3.6, sm_90, 9B heads) 152 -> 12 B
+# spilled, 57 -> 41 KB of shared memory. H100 (2026-12-06, `gpu_plan.sh 51`), forward + backward, same bits: 9B heads
+# 4 x 4k 3.555 -> 3.460 ms, 1 x 16k 4.221 -> 4.110; 0.8B 2.035 -> 1.975, 2.726 -> 2.658. False: summed in the first.
+BWD_WY_KK_LATE = True
 # Both WY kernels take E^T (E = dA exp(G_i - G_j), made from products) through a [64, 64] scratch per chunk and head
 # (8 KB in 16-bit) instead of tl.trans(E): a remedy held ready for Triton 3.4-3.7.0's Hopper miscompile of
 # transposed product results (fla-org/flash-linear-attention#640), should a GPU check fail there (the whole-row kernel
