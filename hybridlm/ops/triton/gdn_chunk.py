@@ -17,9 +17,9 @@ moved inside the kernels so nothing but q, k, v, a, b is read from the caller:
 3. `gdn_output.chunk_gdn_fwd_o_looped_kernel` (parallel over chunks and value heads): o = (q exp(G)) h
    + tril(q k^T exp(G_i - G_j)) v_new, the 64x64 q k^T made once per chunk and the V blocks walked in a loop;
    with `LOOPED_O` off, `chunk_gdn_fwd_o_kernel` (also parallel over V blocks, each redoing q k^T) instead.
-   With `FUSED_OUTPUT` (by rule: at inference, where 2. runs at least 1.5 programs per SM: long sequences cut into
-   segments, or batches) 2. makes o itself from the normalised q and the decayed q k^T that 1. stores, and stores
-   neither h nor v_new (9B heads, 16k tokens on an H200: 0.78 -> 0.66 ms).
+   With `FUSED_OUTPUT` (by rule, in training's forward too: where 2. runs at least 1.5 programs per SM: long
+   sequences cut into segments, or batches) 2. makes o itself from the normalised q and the decayed q k^T that 1.
+   stores, and stores neither h nor v_new (9B heads, 16k tokens on an H200: 0.78 -> 0.66 ms).
 
 Value head i_h reads key head i_h // (HV // H); q and k are never repeated in memory. The recurrent state and
 every accumulation are fp32; h and v_new are stored in the input dtype (as fla does) for the tensor-core dots.
@@ -324,10 +324,9 @@ FUSED_PREPARE_WARPS = 2
 # context-parallel segments) x value heads; True / False force it. H200, tenth session, CUDA graphs: with 128 or more
 # the fold won (B = 8, T = 4k: 9B 1.49 -> 1.40 ms, 0.8B 0.81 -> 0.77; B = 1, 16k cut into 8 segments: 0.882 -> 0.819;
 # 64k 3.33 -> 3.07), with 16 or 32 it lost (B = 1 uncut, 9B 16k 0.899 -> 1.065, 0.8B 64k 2.20 -> 3.36): each chunk
-# step's extra product lengthens the chain, which few programs cannot hide. Training never folds: the forward that
-# keeps X for the backward makes w, u as usual and the backward recomputes them (folded training was no faster on the
-# H200: 9B heads, B = 4, T = 4k 3.36 vs 3.41 ms with the backward folded too, 0.8B 2.05 vs 1.90, 1 x 16k 0.79-0.86x;
-# and at fp16 with 24/40-wide heads the backward's WY kernel faulted after a folded forward, cause not found).
+# step's extra product lengthens the chain, which few programs cannot hide. Training's forward folds by the same rule
+# (TRAIN_FORWARD_AS_INFERENCE); its backward never folds (no faster on an H200, tenth session). The fp16 24/40 fault
+# once seen after a folded forward is the WY kernel's own at those dims on Hopper (`gdn_chunk_bwd.head_dims_fault`).
 FOLD_WU_INTO_H: bool | None = None
 # With the fold the w/u kernel only normalises k (and, for FUSED_OUTPUT, q and the decayed q k^T per value head): run
 # it one program per key head, normalising q and k and making q k^T once for the group's value heads instead of once
@@ -415,15 +414,16 @@ CP_SEGMENT_CHUNKS: int | None = None
 # 0.326 + 0.211 for h and o apart): the extra products lengthened each step and nothing ran beside them. With the
 # context-parallel cut or a batch, the pass runs 512 programs at 9B heads (16k, or B = 8 at 4k), two or more per SM,
 # which can overlap one program's products with another's loads. None fuses where the state pass runs at least
-# FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, in 16-bit, at inference; True fuses every forward (any
+# FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, in 16-bit, at inference and in training's forward
+# (TRAIN_FORWARD_AS_INFERENCE); True fuses every forward (any
 # dtype: the tests use fp32; training's too, whose backward recomputes h and v_new from X, except where the forward's
 # states are kept for the backward, `gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`), False never. On an H200 (2026-12-05,
 # `sweep_kernels.py --kernels fusedo`, whole forward, bf16) fused at V blocks of 64, 4 warps, 2 stages against unfused:
 # 9B heads 16k (cut) 0.665 vs 0.781 ms, 64k 2.562 vs 3.034, 8 x 4k 1.164 vs 1.388; 0.8B 64k 1.459 vs 1.672, 8 x 4k 0.642
 # vs 0.761 (256 programs); where fewer programs run it lost (0.8B 16k uncut, 32 programs: 1.150 vs 0.568). V blocks of
-# 32, 8 warps or 3 stages lost everywhere. Training's forward (not folded) fused lost at every shape timed
-# (`bench_gdn.py --kinds train`): 4 x 4k 3.515 vs 3.229 ms at 9B heads, 1.968 vs 1.818 at 0.8B; 0.8B 1 x 16k 3.387 vs
-# 2.826; 9B 1 x 16k 4.135 against 3.863 unfused in the eleventh session.
+# 32, 8 warps or 3 stages lost everywhere (128 at 8 warps 0.63-0.65x, H100, 2026-12-06). Training's forward fused
+# but not folded, q k^T made in the pass, lost at every shape timed (`bench_gdn.py --kinds train`, eleventh session):
+# 4 x 4k 3.515 vs 3.229 ms at 9B heads, 1.968 vs 1.818 at 0.8B; 1 x 16k 3.387 vs 2.826 (0.8B), 4.135 vs 3.863 (9B).
 # Registers and shared memory of the fused pass (sm_90, Triton 3.6, 9B heads, the cut's main pass): two programs of
 # 4 warps fit an SM at up to 255 registers and ~113 KB; folded, V blocks of 32 at 2 stages 249 registers, 94 KB; of 64
 # 255 with 60 B spilled, 107 KB; at 3 stages 132-148 KB (one program). `sweep_kernels.py --kernels fusedo` times them.
