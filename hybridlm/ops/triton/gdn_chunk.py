@@ -415,9 +415,9 @@ CP_SEGMENT_CHUNKS: int | None = None
 # context-parallel cut or a batch, the pass runs 512 programs at 9B heads (16k, or B = 8 at 4k), two or more per SM,
 # which can overlap one program's products with another's loads. None fuses where the state pass runs at least
 # FUSED_MIN_PROGRAMS_PER_SM programs (V blocks included) per SM, in 16-bit, at inference and in training's forward
-# (TRAIN_FORWARD_AS_INFERENCE); True fuses every forward (any
-# dtype: the tests use fp32; training's too, whose backward recomputes h and v_new from X, except where the forward's
-# states are kept for the backward, `gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`), False never. On an H200 (2026-12-05,
+# (TRAIN_FORWARD_AS_INFERENCE); True fuses every forward (any dtype: the tests use fp32; training's too, whose backward
+# recomputes h and v_new from X), except where the forward's states are kept for the backward
+# (`gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES`); False never. On an H200 (2026-12-05,
 # `sweep_kernels.py --kernels fusedo`, whole forward, bf16) fused at V blocks of 64, 4 warps, 2 stages against unfused:
 # 9B heads 16k (cut) 0.665 vs 0.781 ms, 64k 2.562 vs 3.034, 8 x 4k 1.164 vs 1.388; 0.8B 64k 1.459 vs 1.672, 8 x 4k 0.642
 # vs 0.761 (256 programs); where fewer programs run it lost (0.8B 16k uncut, 32 programs: 1.150 vs 0.568). V blocks of
