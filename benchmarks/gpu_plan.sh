@@ -55,6 +55,7 @@
 #   bash benchmarks/gpu_plan.sh 51  # carry nothing (~5 min): training's forward by the inference rules (tests, train);
 #                                   # the w/u kernel at 4 warps, the fused pass 128 wide at 8 warps
 #   bash benchmarks/gpu_plan.sh 52  # carry nothing (~6 min): 51's winners adopted: backward GPU tests, train vs old, kept
+#   bash benchmarks/gpu_plan.sh 53  # carry nothing (~2 min): 9B 8k, 2 x 16k cut vs the old rule; train kernel by kernel
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -773,8 +774,18 @@ case "${1:-}" in
       "keep:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
+  53)  # next session (carry nothing, ~2 min): 9B 8k and 2 x 16k under the committed cut rule against the old one
+       # (50's untimed half, dropped for budget twice), then 9B train kernel by kernel at the new defaults
+    timeout 100 python3 benchmarks/profile_gdn_host.py --shapes 1x8192 2x16384 \
+      --variant "old:gdn_cp.CP_MIN_CHUNKS=0,gdn_cp.CP_MIN_HEAD_CHUNKS=8192,gdn_cp.CP_MAX_SEQUENCE_HEADS=40" \
+      > "$OUT/host.log" 2>&1
+    grep '^| ' "$OUT/host.log" | cut -c1-120
+    timeout 60 python3 benchmarks/profile_gdn_forward.py --train --no-peers --models 9B --lengths 4096 --batch 4 \
+      > "$OUT/profile_train.log" 2>&1
+    grep '^ours\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -40
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|52" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|53" >&2
     exit 2
     ;;
 esac
