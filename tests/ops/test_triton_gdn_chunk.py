@@ -544,8 +544,8 @@ def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
 
 def test_fused_output_rule(monkeypatch):
     """FUSED_OUTPUT = None fuses where the state pass runs at least FUSED_MIN_PROGRAMS_PER_SM programs per SM, in
-    16-bit, at inference; True fuses fp32 and training's forward too, but never a forward whose h and v_new are kept
-    for the backward."""
+    16-bit, at inference and (TRAIN_FORWARD_AS_INFERENCE) in training's forward; True fuses fp32 and training's forward
+    too, but never a forward whose h and v_new are kept for the backward."""
     from hybridlm.ops.triton import gdn_chunk
 
     *inputs, _ = make_inputs(2, 65, 1, 4, 32, 64, torch.bfloat16, num_states=2)
@@ -573,7 +573,10 @@ def test_fused_output_rule(monkeypatch):
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT_BV", 64)
     monkeypatch.setattr(gdn_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 1.5)  # the default: 8 programs on up to 5 SMs
     assert fused(5, None) and not fused(6, None)
-    assert not fused(1, None, store_x=True) and fused(1, True, store_x=True)  # training's forward: when asked ...
+    assert fused(5, None, store_x=True) and not fused(6, None, store_x=True)  # training's forward: by the same rule
+    monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", False)
+    assert not fused(1, None, store_x=True) and fused(1, True, store_x=True)  # ... or when asked
+    monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", True)
     assert not fused(1, None, store_x=True, keep_states=True) and not fused(1, True, store_x=True, keep_states=True)
     assert not fused(1, None, inputs=fp32_inputs) and fused(1, True, inputs=fp32_inputs)
     assert not fused(1, False)
