@@ -259,7 +259,7 @@ def test_unsafe_head_dims_take_the_reference(monkeypatch, caplog):
 def test_training_never_folds(poisoned, monkeypatch, case):
     """gdn_chunk.FOLD_WU_INTO_H forced on, TRAIN_FORWARD_AS_INFERENCE off: inference folds, training does not (its
     forward stores w and u, its backward recomputes them); the gradients pass the float64 check."""
-    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
+    from hybridlm.ops.triton import gdn_chunk
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
         "bf16-grouped": (2, 130, 1, 2, 32, 32, torch.bfloat16, None),
@@ -269,11 +269,10 @@ def test_training_never_folds(poisoned, monkeypatch, case):
     num_states = batch if offsets is None else len(offsets) - 1
     monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", True)
     monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", False)
-    forwards, forward = [], gdn_chunk._chunk_gdn_fwd
-    monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
-                        or forwards[-1])
+    forwards = recorded_forwards(monkeypatch)
     *inputs, state = make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states)
-    inference = forward(*inputs, scale=None, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+    inference = gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state, output_final_state=True,
+                                         cu_seqlens=cu_seqlens)
     assert inference["w"] is None  # the fold is on
     leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
     chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=True, cu_seqlens=cu_seqlens)
@@ -298,6 +297,16 @@ def cut_forward_into_segments(monkeypatch):
     monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 2)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
     monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
+
+
+def recorded_forwards(monkeypatch) -> list[dict]:
+    """The intermediates of every forward that `chunk_gdn` runs from now on (`_chunk_gdn_fwd`'s results, in order)."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
+
+    forwards, forward = [], gdn_chunk._chunk_gdn_fwd
+    monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
+                        or forwards[-1])
+    return forwards
 
 
 def grads_with(monkeypatch, flag, value, case_inputs):
@@ -469,7 +478,7 @@ def test_training_with_the_output_fused(poisoned, monkeypatch, case):
     """gdn_chunk.FUSED_OUTPUT in training: the forward stores neither h nor v_new (the backward recomputes them from
     X), the gradients are the unfused forward's bit for bit (the same o, the same saved tensors); with the forward's
     states kept for the backward it does not fuse."""
-    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
+    from hybridlm.ops.triton import gdn_chunk
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
         "bf16-packed": (1, 200, 1, 2, 32, 32, torch.bfloat16, [0, 7, 70, 200]),
@@ -478,9 +487,7 @@ def test_training_with_the_output_fused(poisoned, monkeypatch, case):
     if case == "fp32-cut-forward":
         cut_forward_into_segments(monkeypatch)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
-    forwards, forward = [], gdn_chunk._chunk_gdn_fwd
-    monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
-                        or forwards[-1])
+    forwards = recorded_forwards(monkeypatch)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", False)
     unfused = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
     monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", True)
@@ -495,10 +502,10 @@ def test_training_with_the_output_fused(poisoned, monkeypatch, case):
 @pytest.mark.parametrize("case", ["bf16-packed", "bf16-cut-forward", "fp16-narrow-heads"])
 def test_training_forward_as_inference(poisoned, monkeypatch, case):
     """gdn_chunk.TRAIN_FORWARD_AS_INFERENCE: training's forward folds and fuses as inference does (row norms too
-    where it cuts), storing neither w, u nor h, v_new; the backward reads only the inputs, X and g_cumsum, so the
+    where it cuts), storing no h, v_new (nor w, u where it folds); the backward reads only the inputs, X and g_cumsum, so the
     gradients are the default path's bit for bit (and, where it cuts, pass the float64 check); kept states still keep
     w, h and v_new."""
-    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
+    from hybridlm.ops.triton import gdn_chunk
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
         "bf16-packed": (1, 200, 1, 2, 32, 32, torch.bfloat16, [0, 7, 70, 200]),
@@ -514,9 +521,7 @@ def test_training_forward_as_inference(poisoned, monkeypatch, case):
     folds = not (max(dk, dv) < 64 and gdn_chunk.hopper_miscompiles(torch.device(DEVICE)))
     monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", False)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
-    forwards, forward = [], gdn_chunk._chunk_gdn_fwd
-    monkeypatch.setattr(gdn_chunk_bwd, "_chunk_gdn_fwd", lambda *a, **kw: forwards.append(forward(*a, **kw))
-                        or forwards[-1])
+    forwards = recorded_forwards(monkeypatch)
     default = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
     monkeypatch.setattr(gdn_chunk, "TRAIN_FORWARD_AS_INFERENCE", True)
     as_inference = grads_with(monkeypatch, "BWD_REUSE_FORWARD_STATES", False, case_inputs)
