@@ -5,6 +5,7 @@ Usage:
     python benchmarks/compile_check.py -k 9B      # only the configurations whose label contains "9B"
     python benchmarks/compile_check.py -k prepare # every way of running the GDN prepare step (gdn_chunk's flags)
     python benchmarks/compile_check.py -v         # also each launch's signature and constexprs
+    python benchmarks/compile_check.py --set gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168 -k "gdn_bwd Hv=32 9B"  # options
 
 Run it with the Triton of the GPU machine (e.g. a venv holding triton==3.6.0): kernels that the CPU interpreter
 accepts can still be rejected by the compiler (a variable re-bound with another shape inside an `if`), and an
@@ -630,8 +631,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", "--filter", default="", help="only configurations whose label contains this")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
+                        help="kernel options first, as bench_gdn.py --set (e.g. gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168)")
     cli = parser.parse_args()
     VERBOSE = cli.verbose
+    if cli.set:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_gdn import apply_settings
+
+        print("set:", ", ".join(apply_settings(cli.set)))
     torch.manual_seed(0)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target {TARGET.backend} sm_{TARGET.arch}")
 

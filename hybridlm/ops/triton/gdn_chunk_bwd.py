@@ -64,6 +64,8 @@ def chunk_gdn_bwd_dqk_kernel(
     dh,  # [NT, HV, K, V]: the gradient of the state leaving each chunk
     v_new,  # [B, T, HV, V]
     do,  # [B, T, HV, V]
+    dv_new,  # [B, T, HV, V] if WITH_DW, else unused
+    dw,  # out [B, T, HV, K] if WITH_DW: -dv_new h^T, for the WY kernel
     dq,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): gradient of l2norm(q), per value head
     dk,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): the output's and the state update's share of d l2norm(k)
     dG,  # out [B, T, HV] fp32: their share of the gradient of the cumulative log decay G
@@ -83,6 +85,7 @@ def chunk_gdn_bwd_dqk_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
+    WITH_DW: tl.constexpr = False,  # also dw = -dv_new h^T (`BWD_DQK_DW`)
 ):
     """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -106,8 +109,11 @@ def chunk_gdn_bwd_dqk_kernel(
     p_dh = dh + (i_tg * HV + i_h) * K * V
     p_do = do + bos * HV * V + i_h * V
     p_vn = v_new + bos * HV * V + i_h * V
-    b_dq, b_dk, _, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, None, o_k, i_s, T, K, V, HV, BT, BK,
-                                                          BV, DOT_PRECISION, False, DST_PRODUCT)
+    p_dvn = dv_new + bos * HV * V + i_h * V
+    b_dq, b_dk, b_dw, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K, V, HV, BT,
+                                                             BK, BV, DOT_PRECISION, WITH_DW, DST_PRODUCT)
+    if WITH_DW:
+        _store_rows(dw + bos * HV * K + i_h * K, b_dw, i_s, T, HV * K, K, BT, BK)
     b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t, i_last,
                                               BT, DOT_PRECISION)
     b_ds = b_ds.to(dtype)
@@ -269,6 +275,11 @@ BWD_WY_E_SCRATCH = False
 BWD_DQK_BK: int | None = None
 BWD_DQK_KB_WARPS, BWD_DQK_KB_STAGES = 4, 2
 BWD_DQK_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg), so more programs fit on an SM
+# The whole-row dq/dk kernel (BWD_DQK_BK None) also makes dw = -dv_new h^T from the h tiles it loads, so the WY kernel
+# reads neither h nor does those four products (one more [64, 64] product per V block here; h read once, not twice:
+# 256 MB less at 9B heads, B = 4, T = 4k). Untimed.
+BWD_DQK_DW = False
+BWD_DQK_MAXNREG: int | None = None  # the whole-row dq/dk kernel's register cap (untimed)
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
@@ -421,12 +432,14 @@ def chunk_gdn_bwd(
     dqk_stages = 2 if dtype == torch.float32 else BWD_DQK_STAGES  # fp32 tiles: 3 stages were never run
     BKQ = max(dqk_narrowest_block(device), min(BK, BWD_DQK_BK)) if BWD_DQK_BK is not None else dk
     if BKQ >= dk:
-        dw, num_shares = None, 1
+        num_shares = 1
+        dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device) if BWD_DQK_DW else None
         dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
         chunk_gdn_bwd_dqk_kernel[chunk_grid](
-            q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length, q.stride(1),
-            k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS, num_warps=BWD_DQK_WARPS,
-            num_stages=dqk_stages, **common)
+            q, k, g_cumsum, h, dh, v_new, do, dv_new, dw, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length,
+            q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS, WITH_DW=BWD_DQK_DW,
+            num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common,
+            **({} if BWD_DQK_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_MAXNREG)))
     else:  # key blocks; dw made here, and each block's share of dG
         num_shares = cdiv(dk, BKQ)
         dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
