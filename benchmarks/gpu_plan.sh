@@ -38,7 +38,7 @@
 #                                   # (never run there since), then the 262k prompt at 8k and 32k tokens a step
 #   bash benchmarks/gpu_plan.sh 35  # carry nothing: the one-token fault (T == 1 rows through the unspecialised pass)
 #   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
-#   bash benchmarks/gpu_plan.sh 54  # carry nothing: dw in the dq/dk kernel, register caps; train (ours), then 53
+#   bash benchmarks/gpu_plan.sh 54  # carry nothing: the dq/dk kernel's dw and q-norm options, register caps; train
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 #   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
 #   bash benchmarks/gpu_plan.sh 39  # carry .whl2 right after 38: FlashQLA's backward kernel by kernel
@@ -785,20 +785,23 @@ case "${1:-}" in
       > "$OUT/profile_train.log" 2>&1
     grep '^ours\|^| \|failed' "$OUT/profile_train.log" | grep -v '^| kernel' | cut -c1-120 | head -40
     ;;
-  54)  # twenty-sixth session (carry nothing, ~6 min): dw made by the whole-row dq/dk kernel (gdn_chunk_bwd.BWD_DQK_DW:
-       # h read once, the WY kernel 255 -> 236 registers offline) and register caps on the two largest backward kernels
-       # (WY at 168: 3 programs per SM, 444 B spilled offline; dq/dk at 128 with 2 stages: 2 per SM, 456 B): the new
-       # test on the GPU, then train at 4 x 4k and 1 x 16k, ours only; then 53
-    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "makes_dw or kk_late" \
-      -j 8 > "$OUT/gpu_tests.log" 2>&1
+  54)  # twenty-sixth session (carry nothing, ~7 min; then 53 at once while the machine is warm): the whole-row dq/dk
+       # kernel's new options: dw made there (gdn_chunk_bwd.BWD_DQK_DW: h read once, the WY kernel 255 -> 236 registers
+       # offline) and dq summed over the group and through q's norm there (BWD_DQ_NORM_IN_DQK: the per-value-head dq
+       # never stored; 160 B spilled offline at 9B heads); register caps on the two largest backward kernels (WY at
+       # 168: 3 programs per SM, 444 B spilled offline; dq/dk at 128 with 2 stages: 2 per SM, 456 B). Their tests on
+       # the GPU, then train at 4 x 4k and 1 x 16k, ours only.
+    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dqk_options or kk_late" \
+      -j 10 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
-    timeout 300 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+    timeout 420 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
       --variant "dw:gdn_chunk_bwd.BWD_DQK_DW=True" "dw2:gdn_chunk_bwd.BWD_DQK_DW=True,gdn_chunk_bwd.BWD_DQK_STAGES=2" \
-      "wy168:gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" "dw_wy168:gdn_chunk_bwd.BWD_DQK_DW=True,gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" \
+      "qn:gdn_chunk_bwd.BWD_DQ_NORM_IN_DQK=True" \
+      "qn_dw2:gdn_chunk_bwd.BWD_DQ_NORM_IN_DQK=True,gdn_chunk_bwd.BWD_DQK_DW=True,gdn_chunk_bwd.BWD_DQK_STAGES=2" \
+      "wy168:gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" \
       "dqk128:gdn_chunk_bwd.BWD_DQK_MAXNREG=128,gdn_chunk_bwd.BWD_DQK_STAGES=2" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
-    bash "$0" 53
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|54" >&2
