@@ -803,8 +803,14 @@ case "${1:-}" in
       "dqk128:gdn_chunk_bwd.BWD_DQK_MAXNREG=128,gdn_chunk_bwd.BWD_DQK_STAGES=2" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
+  55)  # twenty-sixth session (carry .whl2 right after an install call): the 0.8B train row against fla and FlashQLA
+       # in one process (43 was cut off before it), with 54's best 0.8B option beside
+    timeout 540 python3 benchmarks/bench_gdn.py --quick --kinds train --models 0.8B \
+      --variant "qn:gdn_chunk_bwd.BWD_DQ_NORM_IN_DQK=True" > "$OUT/train.log" 2>&1
+    grep '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-160
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|54" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|55" >&2
     exit 2
     ;;
 esac
