@@ -39,6 +39,7 @@
 #   bash benchmarks/gpu_plan.sh 35  # carry nothing: the one-token fault (T == 1 rows through the unspecialised pass)
 #   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
 #   bash benchmarks/gpu_plan.sh 54  # carry nothing: the dq/dk kernel's dw and q-norm options, register caps; train
+#   bash benchmarks/gpu_plan.sh 56  # carry nothing: the WY kernel without k k^T (BWD_WY_KK_FREE); train
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 #   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
 #   bash benchmarks/gpu_plan.sh 39  # carry .whl2 right after 38: FlashQLA's backward kernel by kernel
@@ -809,8 +810,19 @@ case "${1:-}" in
       --variant "qn:gdn_chunk_bwd.BWD_DQ_NORM_IN_DQK=True" > "$OUT/train.log" 2>&1
     grep '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-160
     ;;
+  56)  # twenty-sixth session (carry nothing, ~3 min): the WY kernel without k k^T (gdn_chunk_bwd.BWD_WY_KK_FREE: beta's
+       # and G's shares through A from the E k and E^T (beta k) products dk needs; two [64, 64] products fewer a
+       # program): its tests on the GPU, then train, alone and with BWD_DQK_DW (the WY kernel at 236 registers)
+    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "kk_free or wy_key_blocks" \
+      -j 10 > "$OUT/gpu_tests.log" 2>&1
+    grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
+    sleep 2
+    timeout 240 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant "kkfree:gdn_chunk_bwd.BWD_WY_KK_FREE=True" \
+      "kkfree_dw:gdn_chunk_bwd.BWD_WY_KK_FREE=True,gdn_chunk_bwd.BWD_DQK_DW=True" > "$OUT/train.log" 2>&1
+    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|55" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|56" >&2
     exit 2
     ;;
 esac

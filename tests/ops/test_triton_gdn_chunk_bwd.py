@@ -396,6 +396,30 @@ def test_bwd_wy_kk_late(poisoned, monkeypatch, case):
         assert rel_err(x, y.double()) <= 1e-3, name
 
 
+@pytest.mark.parametrize("case", ["bf16-packed-two-blocks", "fp16-partial-block", "fp32-two-blocks"])
+def test_bwd_wy_kk_free(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_WY_KK_FREE: beta's and G's shares through A taken from the E k and E^T (beta k) products
+    instead of k k^T give the default's gradients up to rounding (E enters those products in the input dtype) and pass
+    the float64 check."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block = WY_BLOCKED_CASES[case]
+    skip_where_triton_faults(dk, dv)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
+    launched = []
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_wy_kblocked_kernel", lambda kwargs: kwargs["KK_FREE"],
+                    launched)
+    default = grads_with(monkeypatch, "BWD_WY_KK_FREE", False, case_inputs)
+    free = grads_with(monkeypatch, "BWD_WY_KK_FREE", True, case_inputs)
+    assert launched == [False, True]
+    for name, x, y in zip(NAMES, free, default):
+        assert rel_err(x, y.double()) <= (1e-5 if dtype == torch.float32 else 1e-2), name
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_KK_FREE", True)
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+          cu_seqlens=case_inputs[0])
+
+
 # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_DQK_BK, BWD_WY_BK)
 DQK_BLOCKED_CASES = {
     "fp32-two-blocks-whole-row-wy": (1, 130, 1, 2, 64, 32, torch.float32, None, 32, None),

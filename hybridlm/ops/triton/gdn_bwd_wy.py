@@ -225,6 +225,10 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     E_SCRATCH: tl.constexpr,
     BKW: tl.constexpr,  # key columns per block
     KK_IN_PASS2: tl.constexpr = False,  # k k^T summed in pass 2 instead of pass 1 (`gdn_chunk_bwd.BWD_WY_KK_LATE`)
+    # No k k^T at all (`gdn_chunk_bwd.BWD_WY_KK_FREE`): sum_j E_ij (k_i . k_j) = k_i . (E k)_i and
+    # sum_j E_ji beta_j (k_j . k_i) = k_i . (E^T (beta k))_i, and pass 2 makes E k and E^T (beta k) for dk anyway
+    # (E in the input dtype there, as dk takes it)
+    KK_FREE: tl.constexpr = False,
 ):
     """`chunk_gdn_bwd_wy_kernel`'s results with the key columns in blocks of BKW (see the module's docstring)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -292,7 +296,7 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
         b_dkbg = tl.dot(tl.trans(b_X), b_dwd, input_precision=DOT_PRECISION)  # gradient of beta k exp(G)
         b_dbeta += tl.sum(b_dkbg * b_kf, axis=1) * tl.exp(b_gc)
         b_dG += tl.sum(b_dkbg * b_kbg, axis=1)
-        if not KK_IN_PASS2:
+        if not KK_IN_PASS2 and not KK_FREE:
             b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
         b_dk = b_dkbg * b_bg[:, None] + _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
@@ -303,7 +307,7 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     b_dA = tl.dot(tl.trans(b_X), b_dA, input_precision=DOT_PRECISION)
     # through A_ij = beta_i k_i . k_j exp(G_i - G_j): E = dA exp(G_i - G_j)
     b_E = tl.where(m_L, -b_dA * tl.exp(tl.where(m_L, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
-    if not KK_IN_PASS2:
+    if not KK_IN_PASS2 and not KK_FREE:
         b_dbeta += tl.sum(b_E * b_kk, axis=1)
         b_dAA = b_E * b_kk * b_beta[:, None]
         b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
@@ -315,13 +319,21 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
         b_kd = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
                 * b_rk[:, None]).to(dtype)
         b_kf = b_kd.to(tl.float32)
-        if KK_IN_PASS2:
-            b_kk += tl.dot(b_kd, tl.trans(b_kd), input_precision=DOT_PRECISION)
-        b_dk = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION) * b_beta[:, None]
-        b_dk += tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+        if KK_FREE:  # beta's and G's shares through A from the products dk needs (see KK_FREE above)
+            b_Ek = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION)
+            b_ETk = tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+            b_kEk = tl.sum(b_kf * b_Ek, axis=1)
+            b_dbeta += b_kEk
+            b_dG += b_kEk * b_beta - tl.sum(b_kf * b_ETk, axis=1)
+            b_dk = b_Ek * b_beta[:, None] + b_ETk
+        else:
+            if KK_IN_PASS2:
+                b_kk += tl.dot(b_kd, tl.trans(b_kd), input_precision=DOT_PRECISION)
+            b_dk = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION) * b_beta[:, None]
+            b_dk += tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
         b_dk += _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW).to(tl.float32)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
-    if KK_IN_PASS2:
+    if KK_IN_PASS2 and not KK_FREE:
         b_dbeta += tl.sum(b_E * b_kk, axis=1)
         b_dAA = b_E * b_kk * b_beta[:, None]
         b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)

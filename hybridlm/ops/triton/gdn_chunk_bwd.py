@@ -287,6 +287,10 @@ BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxn
 # spilled, 57 -> 41 KB of shared memory. H100 (2026-12-06, `gpu_plan.sh 51`), forward + backward, same bits: 9B heads
 # 4 x 4k 3.555 -> 3.460 ms, 1 x 16k 4.221 -> 4.110; 0.8B 2.035 -> 1.975, 2.726 -> 2.658. False: summed in the first.
 BWD_WY_KK_LATE = True
+# No k k^T in the key-blocked WY kernel: beta's and G's shares through A = beta k k^T exp(G_i - G_j) taken from the
+# E k and E^T (beta k) products that dk needs anyway (row dots with k), so one [64, 64] product per key block and
+# the [64, 64] fp32 sum go away. Untimed.
+BWD_WY_KK_FREE = False
 # Both WY kernels take E^T (E = dA exp(G_i - G_j), made from products) through a [64, 64] scratch per chunk and head
 # (8 KB in 16-bit) instead of tl.trans(E): a remedy held ready for Triton 3.4-3.7.0's Hopper miscompile of
 # transposed product results (fla-org/flash-linear-attention#640), should a GPU check fail there (the whole-row kernel
@@ -492,7 +496,7 @@ def chunk_gdn_bwd(
                                             **wy_flags, **common)
     else:
         chunk_gdn_bwd_wy_kblocked_kernel[chunk_grid](
-            *wy_args, BV=BV_chunk, BKW=BKW, KK_IN_PASS2=BWD_WY_KK_LATE, **wy_flags,
+            *wy_args, BV=BV_chunk, BKW=BKW, KK_IN_PASS2=BWD_WY_KK_LATE, KK_FREE=BWD_WY_KK_FREE, **wy_flags,
             # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
             num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
             num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common,
