@@ -379,13 +379,15 @@ def test_bwd_wy_key_blocks(poisoned, monkeypatch, case):
 @pytest.mark.parametrize("case", ["bf16-packed-two-blocks", "fp16-partial-block"])
 def test_bwd_wy_kk_late(poisoned, monkeypatch, case):
     """gdn_chunk_bwd.BWD_WY_KK_LATE: the key-blocked WY kernel summing k k^T in its second pass gives the first
-    pass's gradients (the same products and sums, in the same order)."""
+    pass's gradients (the same products and sums, in the same order). (Only without BWD_WY_KK_FREE, which makes no
+    k k^T.)"""
     from hybridlm.ops.triton import gdn_chunk_bwd
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block = WY_BLOCKED_CASES[case]
     skip_where_triton_faults(dk, dv)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_KK_FREE", False)
     launched = []
     record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_wy_kblocked_kernel",
                     lambda kwargs: kwargs["KK_IN_PASS2"], launched)

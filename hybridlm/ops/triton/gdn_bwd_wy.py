@@ -5,13 +5,14 @@ Two kernels compute the same thing:
 - `chunk_gdn_bwd_wy_kernel` holds whole rows of k (BK = dk wide) in registers: at 9B heads 255 registers with
   spills at 8 warps, one program per SM, and 1.04 of the backward's 2.65 ms (H200, B = 4, T = 4k).
 - `chunk_gdn_bwd_wy_kblocked_kernel` walks the key columns in blocks of BKW: a first pass over the blocks makes
-  dw, the X-gradient's share from it, the block's share of dk (stored, then read back), dbeta, dG and k k^T; a
-  second pass adds the share through A = beta k k^T exp(G_i - G_j), which needs the whole dX first. Four [64, BKW]
+  dw, the X-gradient's share from it, the block's share of dk (stored, then read back), dbeta and dG; a second pass
+  adds the shares through A = beta k k^T exp(G_i - G_j), which need the whole dX first (by default without k k^T:
+  `KK_FREE`; else k k^T summed in either pass, `KK_IN_PASS2`). Four [64, BKW]
   fp32 tiles instead of four [64, dk] ones, for one more read of k and dv_new and a round trip of dk through memory
   (L2). Chosen by `gdn_chunk_bwd.BWD_WY_BK` (64: 9B heads' whole backward 2.67 -> 2.49 ms on an H200; None: the
   first kernel, which also runs where one block would cover dk).
-With DW_GIVEN, either kernel reads dw from `gdn_bwd_dqk.chunk_gdn_bwd_dqkw_kblocked_kernel` instead of making it
-from h and dv_new (no h read, four fewer products on the chain at 9B heads), and adds that kernel's NKD shares of dG.
+With DW_GIVEN, either kernel reads dw from a dq/dk kernel (`gdn_bwd_dqk.chunk_gdn_bwd_dqkw_kblocked_kernel`, or
+`gdn_chunk_bwd.chunk_gdn_bwd_dqk_kernel` with `BWD_DQK_DW`) instead of making it from h and dv_new (no h read, four fewer products on the chain at 9B heads), and adds that kernel's NKD shares of dG.
 """
 from __future__ import annotations
 

@@ -278,9 +278,11 @@ BWD_DQK_DST_PRODUCT_BKS = (64,)
 # at B = 4, T = 4k (`sweep_kernels.py --kernels bwd --bwd-groups wy`, 2026-12-04): 9B heads whole rows 2.670 ms,
 # blocks of 64 at 4 warps / 2 stages 2.492, of 32 2.600 (3 stages 2.513), at 8 warps 3.006-3.409; 0.8B heads 1.496,
 # 1.407, 1.455 (1.418), 1.662-1.883. Blocks of 32 at 1 stage, and at 8 warps, gave gradients that changed between runs
-# on the GPU; 4 warps / 2 stages gave the same bits each run.
+# on the GPU; 4 warps / 2 stages gave the same bits each run. 3 stages (H100, 2026-12-06, with BWD_WY_KK_FREE): train
+# 9B 4 x 4k 3.101 -> 3.033 ms, 1 x 16k 3.692 -> 3.632, 0.8B 1.930 -> 1.895, 2.439 -> 2.360 (4 stages 1.00x / 0.98x),
+# the same bits, and every backward GPU test passed (94, `benchmarks/gpu_tests.py`, determinism checks included).
 BWD_WY_BK: int | None = 64
-BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 2
+BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 3
 BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg; untimed)
 # The key-blocked WY kernel sums k k^T in its second pass over the key blocks (which loads them anyway) instead of the
 # first, so the [64, 64] fp32 sum is not held beside X and dX there: offline (Triton 3.6, sm_90, 9B heads) 152 -> 12 B
@@ -289,8 +291,11 @@ BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxn
 BWD_WY_KK_LATE = True
 # No k k^T in the key-blocked WY kernel: beta's and G's shares through A = beta k k^T exp(G_i - G_j) taken from the
 # E k and E^T (beta k) products that dk needs anyway (row dots with k), so one [64, 64] product per key block and
-# the [64, 64] fp32 sum go away. Untimed.
-BWD_WY_KK_FREE = False
+# the [64, 64] fp32 sum go away (dk: the same bits; da, db, dA_log, ddt_bias ~2e-3 apart, as E enters those products
+# in the input dtype, float64 errors alike). H100 (2026-12-06, `gpu_plan.sh 56`), train at 2 stages: 9B 4 x 4k
+# 3.135 -> 3.096 ms, 1 x 16k 3.724 -> 3.693, 0.8B 1.945 -> 1.930, 2.446 -> 2.438; 94 backward GPU tests passed.
+# False: k k^T summed (in pass 1 or 2 by BWD_WY_KK_LATE).
+BWD_WY_KK_FREE = True
 # Both WY kernels take E^T (E = dA exp(G_i - G_j), made from products) through a [64, 64] scratch per chunk and head
 # (8 KB in 16-bit) instead of tl.trans(E): a remedy held ready for Triton 3.4-3.7.0's Hopper miscompile of
 # transposed product results (fla-org/flash-linear-attention#640), should a GPU check fail there (the whole-row kernel
