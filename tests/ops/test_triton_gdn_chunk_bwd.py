@@ -499,8 +499,8 @@ def test_bwd_dqk_options(poisoned, monkeypatch, case):
                     lambda kwargs: ("dqk", kwargs["WITH_DW"], kwargs["Q_NORM"]), launched)
     for name in ("chunk_gdn_bwd_wy_kernel", "chunk_gdn_bwd_wy_kblocked_kernel"):
         record_launches(monkeypatch, gdn_chunk_bwd, name, lambda kwargs: ("wy", kwargs["DW_GIVEN"]), launched)
-    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_qk_norm_kernel", lambda kwargs: ("norm", kwargs["WITH_Q"]),
-                    launched)
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_qk_norm_kernel",
+                    lambda kwargs: ("norm", kwargs["WITH_Q"]), launched)
     default = grads_with(monkeypatch, "BWD_DQK_DW", False, case_inputs)
     assert launched == [("dqk", False, False), ("wy", False), ("norm", True)]
     launched.clear()

@@ -283,7 +283,9 @@ BWD_DQK_DST_PRODUCT_BKS = (64,)
 # the same bits, and every backward GPU test passed (94, `benchmarks/gpu_tests.py`, determinism checks included).
 BWD_WY_BK: int | None = 64
 BWD_WY_KB_WARPS, BWD_WY_KB_STAGES = 4, 3
-BWD_WY_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg; untimed)
+# a register cap per thread (Triton's maxnreg): 168 (3 programs per SM, ~440 B spilled) lost, 0.92-0.93x at every
+# train shape (H100, 2026-12-06, `gpu_plan.sh 54`)
+BWD_WY_KB_MAXNREG: int | None = None
 # The key-blocked WY kernel sums k k^T in its second pass over the key blocks (which loads them anyway) instead of the
 # first, so the [64, 64] fp32 sum is not held beside X and dX there: offline (Triton 3.6, sm_90, 9B heads) 152 -> 12 B
 # spilled, 57 -> 41 KB of shared memory. H100 (2026-12-06, `gpu_plan.sh 51`), forward + backward, same bits: 9B heads
@@ -311,12 +313,17 @@ BWD_DQK_KB_WARPS, BWD_DQK_KB_STAGES = 4, 2
 BWD_DQK_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg), so more programs fit on an SM
 # The whole-row dq/dk kernel (BWD_DQK_BK None) also makes dw = -dv_new h^T from the h tiles it loads, so the WY kernel
 # reads neither h nor does those four products (one more [64, 64] product per V block here; h read once, not twice:
-# 256 MB less at 9B heads, B = 4, T = 4k). Untimed.
+# 256 MB less at 9B heads, B = 4, T = 4k). Same bits. H100 (2026-12-06, `gpu_plan.sh 54`/`56`): 0.98-1.00x at every
+# train shape, at 2 or 3 stages and beside BWD_WY_KK_FREE (offline the dq/dk kernel reaches 255 registers and spills
+# what the WY kernel saves: 255 -> 236 there).
 BWD_DQK_DW = False
-BWD_DQK_MAXNREG: int | None = None  # the whole-row dq/dk kernel's register cap (untimed)
+# the whole-row dq/dk kernel's register cap: 128 with 2 stages (2 programs per SM, ~460 B spilled) lost, 0.91-0.92x
+BWD_DQK_MAXNREG: int | None = None
 # The whole-row dq/dk kernel sums dq over each key head's value heads itself (one program per chunk and key head,
 # walking the group) and takes it through q's L2 norm, so the per-value-head dq (written, then read by the norm
-# kernel: 2 x 128 MB at 9B heads, B = 4, T = 4k) never exists; the norm kernel then does dk alone. Untimed.
+# kernel: 2 x 128 MB at 9B heads, B = 4, T = 4k) never exists; the norm kernel then does dk alone. H100 (2026-12-06,
+# `gpu_plan.sh 54`): 0.8B heads (one value head per key head) 1.01x at 4 x 4k, 0.99x at 1 x 16k; 9B heads 0.98x /
+# 0.99x (each program walks two value heads in series; 160 B spilled offline).
 BWD_DQ_NORM_IN_DQK = False
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
