@@ -162,8 +162,11 @@ def run_gdn_bwd(hk, hv, dk, dv, dtype=bf16, length=256, varlen=False, state=Fals
     gdn_chunk_bwd.BWD_WY_BK = saved_wy if wy_bk is None else wy_bk
     gdn_chunk_bwd.BWD_DQK_BK = saved_dqk if dqk_bk is None else dqk_bk
     try:
+        # (the forward's aqk where gdn_chunk_bwd.BWD_AQK_FROM_FORWARD would keep it: compiles the A_GIVEN kernels)
+        aqk = (randn(batch, length, hv, gdn_chunk.CHUNK_SIZE, dtype=dtype) if gdn_chunk_bwd.BWD_AQK_FROM_FORWARD
+               else None)
         gdn_chunk_bwd.chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, d_final,
-                                    initial_state=init, cu_seqlens=cu)
+                                    initial_state=init, cu_seqlens=cu, aqk=aqk)
     finally:
         gdn_chunk.STATE_PASS_CP, gdn_chunk.CP_SEGMENT_CHUNKS, gdn_cp.CP_MIN_HEAD_CHUNKS, gdn_cp.CP_MIN_CHUNKS = saved
         gdn_chunk_bwd.BWD_WY_BK, gdn_chunk_bwd.BWD_DQK_BK, gdn_chunk_bwd.BWD_DH_TMA = saved_wy, saved_dqk, saved_tma

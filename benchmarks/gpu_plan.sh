@@ -40,6 +40,7 @@
 #   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
 #   bash benchmarks/gpu_plan.sh 54  # carry nothing: the dq/dk kernel's dw and q-norm options, register caps; train
 #   bash benchmarks/gpu_plan.sh 56  # carry nothing: the WY kernel without k k^T (BWD_WY_KK_FREE); train
+#   bash benchmarks/gpu_plan.sh 57  # carry nothing: the forward's aqk kept for the backward (BWD_AQK_FROM_FORWARD)
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 #   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
 #   bash benchmarks/gpu_plan.sh 39  # carry .whl2 right after 38: FlashQLA's backward kernel by kernel
@@ -821,8 +822,20 @@ case "${1:-}" in
       "kkfree_dw:gdn_chunk_bwd.BWD_WY_KK_FREE=True,gdn_chunk_bwd.BWD_DQK_DW=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
+  57)  # next session (carry nothing, ~3 min): training's forward keeps its aqk for the backward
+       # (gdn_chunk_bwd.BWD_AQK_FROM_FORWARD: dv_local reads it, 154 -> 62 registers offline, and the dq/dk kernel drops
+       # its q k^T product): the tests on the GPU, then train (9B 4 x 4k is where the forward fuses; 0.8B 4 x 4k does
+       # not, so it should be even there)
+    timeout 120 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "aqk or misshaped" \
+      -j 8 > "$OUT/gpu_tests.log" 2>&1
+    grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
+    sleep 2
+    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+      --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" > "$OUT/train.log" 2>&1
+    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|56" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|57" >&2
     exit 2
     ;;
 esac

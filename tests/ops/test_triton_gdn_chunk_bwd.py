@@ -573,9 +573,9 @@ def test_training_with_the_output_fused(poisoned, monkeypatch, case):
 @pytest.mark.parametrize("case", ["bf16-packed", "bf16-cut-forward", "fp16-narrow-heads"])
 def test_training_forward_as_inference(poisoned, monkeypatch, case):
     """gdn_chunk.TRAIN_FORWARD_AS_INFERENCE: training's forward folds and fuses as inference does (row norms too
-    where it cuts), storing no h, v_new (nor w, u where it folds); the backward reads only the inputs, X and g_cumsum, so the
-    gradients are the default path's bit for bit (and, where it cuts, pass the float64 check); kept states still keep
-    w, h and v_new."""
+    where it cuts), storing no h, v_new (nor w, u where it folds); the backward reads only the inputs, X and
+    g_cumsum, so the gradients are the default path's bit for bit (and, where it cuts, pass the float64 check); kept
+    states still keep w, h and v_new."""
     from hybridlm.ops.triton import gdn_chunk
 
     batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
@@ -611,7 +611,42 @@ def test_training_forward_as_inference(poisoned, monkeypatch, case):
               cu_seqlens=case_inputs[0])
 
 
-def test_bwd_refuses_misshaped_forward_states():
+@pytest.mark.parametrize("case", ["bf16-packed", "bf16-cut-forward", "fp16-grouped", "bf16-unfused"])
+def test_bwd_aqk_from_forward(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_AQK_FROM_FORWARD: where training's forward fused its output (and so made aqk), the dv_local
+    and whole-row dq/dk kernels read aqk instead of remaking q k^T: the default's gradients up to rounding, and the
+    float64 check; where the forward did not fuse, nothing changes."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets = {
+        "bf16-packed": (1, 200, 1, 2, 64, 64, torch.bfloat16, [0, 7, 70, 200]),
+        "bf16-cut-forward": (1, 330, 1, 2, 32, 32, torch.bfloat16, None),
+        "fp16-grouped": (2, 70, 1, 4, 64, 64, torch.float16, None),
+        "bf16-unfused": (1, 130, 1, 2, 64, 64, torch.bfloat16, None),
+    }[case]
+    skip_where_triton_faults(dk, dv)
+    if case == "bf16-cut-forward":
+        cut_forward_into_segments(monkeypatch)
+    fused = case != "bf16-unfused"
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", None if fused else False)
+    monkeypatch.setattr(gdn_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0)
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    launched = []
+    for name in ("chunk_gdn_bwd_dv_local_kernel", "chunk_gdn_bwd_dqk_kernel"):
+        record_launches(monkeypatch, gdn_chunk_bwd, name, lambda kwargs: kwargs["A_GIVEN"], launched)
+    default = grads_with(monkeypatch, "BWD_AQK_FROM_FORWARD", False, case_inputs)
+    given = grads_with(monkeypatch, "BWD_AQK_FROM_FORWARD", True, case_inputs)
+    assert launched == [False, False, fused, fused]
+    for name, x, y in zip(NAMES, given, default):
+        if fused:
+            assert rel_err(x, y.double()) <= TOLERANCE[dtype], name
+        else:
+            assert torch.equal(x, y), name
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+          cu_seqlens=case_inputs[0])
+
+
+def test_bwd_refuses_misshaped_forward_tensors():
     from hybridlm.ops.triton.gdn_chunk import _chunk_gdn_fwd
     from hybridlm.ops.triton.gdn_chunk_bwd import chunk_gdn_bwd
 
@@ -621,6 +656,8 @@ def test_bwd_refuses_misshaped_forward_states():
     do = torch.randn_like(out["o"])
     with pytest.raises(ValueError, match="forward_states must be w, h, v_new"):
         chunk_gdn_bwd(*inputs, out["g_cumsum"], out["x_inv"], do, forward_states=(out["w"], out["h"][:1], out["v_new"]))
+    with pytest.raises(ValueError, match="aqk must be"):
+        chunk_gdn_bwd(*inputs, out["g_cumsum"], out["x_inv"], do, aqk=out["x_inv"][:, :64])
 
 
 def test_kept_states_under_activation_checkpointing(poisoned):

@@ -18,6 +18,7 @@ def chunk_gdn_bwd_dv_local_kernel(
     do,  # [B, T, HV, V]
     g_cumsum,  # [B, T, HV] fp32
     dv,  # out [B, T, HV, V]
+    aqk,  # [B, T, HV, BT] if A_GIVEN: the forward's tril(q k^T exp(G_i - G_j)) per chunk (q scaled), else unused
     cu_seqlens,
     chunk_indices,
     scale,
@@ -33,6 +34,7 @@ def chunk_gdn_bwd_dv_local_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    A_GIVEN: tl.constexpr = False,  # the scores read from aqk, transposed, instead of made from q and k
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HV, i_bh % HV
@@ -41,14 +43,18 @@ def chunk_gdn_bwd_dv_local_kernel(
     dtype = do.dtype.element_ty
 
     i_s = i_t * BT
-    b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
-    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
-    b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
     # the transposed intra-chunk scores [j, i] = k_j . q_i exp(G_i - G_j) for j <= i (exponent masked: overflow)
     o_i = tl.arange(0, BT)
-    m_A = o_i[:, None] <= o_i[None, :]
-    b_At = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
-    b_At = tl.where(m_A, b_At * tl.exp(tl.where(m_A, b_gc[None, :] - b_gc[:, None], 0.)), 0.).to(dtype)
+    if A_GIVEN:  # aqk[i, j] loaded at [j, i]
+        b_At = tl.load(aqk + (bos + i_s + o_i[None, :]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[:, None],
+                       mask=(i_s + o_i[None, :]) < T, other=0.)
+    else:
+        b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+        b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+        b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
+        m_A = o_i[:, None] <= o_i[None, :]
+        b_At = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
+        b_At = tl.where(m_A, b_At * tl.exp(tl.where(m_A, b_gc[None, :] - b_gc[:, None], 0.)), 0.).to(dtype)
     p_do = do + bos * HV * V + i_h * V
     p_dv = dv + bos * HV * V + i_h * V
     for i_v in range(0, tl.cdiv(V, BV)):

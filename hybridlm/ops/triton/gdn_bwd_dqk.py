@@ -60,10 +60,11 @@ def _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K: tl.constexpr, V:
 
 @triton.jit
 def _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t, i_last, BT: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, A_GIVEN: tl.constexpr, b_Aqk):
     """The dq/dk kernels' step after their loop over V: given b_dq = do h^T, b_dk = v_new dH^T, b_ds = do v_new^T
     and b_dg_last = rowsum(h * dH) over their key columns, the gates' factors on dq and dk, the masked and decayed
-    dS, and these columns' share of dG (G's last row also takes the decay of the state's gradient)."""
+    dS, and these columns' share of dG (G's last row also takes the decay of the state's gradient). With A_GIVEN,
+    b_Aqk is the forward's tril(q k^T exp(G_i - G_j)) of whole rows (q scaled), which stands in for q k^T there."""
     b_qf, b_kf = b_q.to(tl.float32), b_k.to(tl.float32)
     b_dq = b_dq * tl.exp(b_gc)[:, None]
     b_dG = tl.sum(b_dq * b_qf, axis=1)
@@ -72,8 +73,11 @@ def _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t,
     b_dG_last = tl.sum(b_dg_last, axis=0) * tl.exp(b_g_last) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
     o_i = tl.arange(0, BT)
     m_A = o_i[:, None] >= o_i[None, :]
+    if A_GIVEN:  # dS exp(G_i - G_j) * q k^T = dS * A
+        b_dsA = tl.where(m_A, b_ds * b_Aqk.to(tl.float32), 0.)
     b_ds = tl.where(m_A, b_ds * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
-    b_dsA = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # these columns' share of q k^T
+    if not A_GIVEN:
+        b_dsA = b_ds * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # these columns' share of q k^T
     b_dG += tl.sum(b_dsA, axis=1) - tl.sum(b_dsA, axis=0)
     b_dG += tl.where(o_t == i_last, b_dG_last, 0.)
     return b_dq, b_dk, b_dG, b_ds
@@ -155,7 +159,7 @@ def chunk_gdn_bwd_dqkw_kblocked_kernel(
     b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
     b_g_last = tl.load(g_cumsum + bos * HV + i_h + i_last * HV)
     b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t, i_last,
-                                              BT, DOT_PRECISION)
+                                              BT, DOT_PRECISION, False, b_ds)
     b_dq += tl.dot(b_ds.to(dtype), b_k, input_precision=DOT_PRECISION)
     b_dk += tl.dot(_masked_dst(b_dsT, b_gc, BT).to(dtype), b_q, input_precision=DOT_PRECISION)
     _store_rows(dq + bos * HV * K + i_h * K + i_c, b_dq * scale, i_s, T, HV * K, K - i_c, BT, BKQ)

@@ -695,5 +695,5 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         chunk_gdn_fwd_o_kernel[(cdiv(dv, BV), grid_chunks, batch * value_heads)](
             q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
             BV=BV, num_warps=4, **common)
-    return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, x_inv=x_inv, h=h, v_new=v_new,
+    return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, x_inv=x_inv, h=h, v_new=v_new, aqk=aqk,
                 scale=scale, chunk_tables=chunk_tables)

@@ -72,6 +72,7 @@ def chunk_gdn_bwd_dqk_kernel(
     # in q's dtype: the gradient of q
     dk,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): the output's and the state update's share of d l2norm(k)
     dG,  # out [B, T, HV] fp32: their share of the gradient of the cumulative log decay G
+    aqk,  # [B, T, HV, BT] if A_GIVEN: the forward's tril(q k^T exp(G_i - G_j)) per chunk (q scaled), else unused
     cu_seqlens,
     chunk_indices,
     scale,
@@ -90,6 +91,7 @@ def chunk_gdn_bwd_dqk_kernel(
     DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
     WITH_DW: tl.constexpr = False,  # also dw = -dv_new h^T (`BWD_DQK_DW`)
     Q_NORM: tl.constexpr = False,  # dq summed over the group and through q's norm here (`BWD_DQ_NORM_IN_DQK`)
+    A_GIVEN: tl.constexpr = False,  # aqk read instead of q k^T made (`BWD_AQK_FROM_FORWARD`)
 ):
     """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u. With
     Q_NORM one program per (chunk, key head) walks the group's value heads, sums their dq in place in dq (the group's
@@ -126,8 +128,14 @@ def chunk_gdn_bwd_dqk_kernel(
                                                                  BT, BK, BV, DOT_PRECISION, WITH_DW, DST_PRODUCT)
         if WITH_DW:
             _store_rows(dw + bos * HV * K + i_h * K, b_dw, i_s, T, HV * K, K, BT, BK)
+        if A_GIVEN:
+            o_c = tl.arange(0, BT)
+            b_Aqk = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
+                            mask=m_t[:, None], other=0.)
+        else:
+            b_Aqk = b_ds  # (unused)
         b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t,
-                                                  i_last, BT, DOT_PRECISION)
+                                                  i_last, BT, DOT_PRECISION, A_GIVEN, b_Aqk)
         b_ds = b_ds.to(dtype)
         b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
         if DST_PRODUCT:
@@ -325,6 +333,11 @@ BWD_DQK_MAXNREG: int | None = None
 # `gpu_plan.sh 54`): 0.8B heads (one value head per key head) 1.01x at 4 x 4k, 0.99x at 1 x 16k; 9B heads 0.98x /
 # 0.99x (each program walks two value heads in series; 160 B spilled offline).
 BWD_DQ_NORM_IN_DQK = False
+# Where training's forward made tril(q k^T exp(G_i - G_j)) per chunk for its fused output (aqk [B, T, Hv, 64], the
+# w/u kernel's STORE_AQK), keep it for the backward: the dv_local kernel reads it (transposed) instead of normalising
+# q, k and multiplying them, and the whole-row dq/dk kernel takes dS * A for its share of dG instead of a q k^T
+# product. Costs what x_inv costs: 128 B per token and value head, kept from forward to backward. Untimed.
+BWD_AQK_FROM_FORWARD = False
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
@@ -383,12 +396,15 @@ def chunk_gdn_bwd(
     cu_seqlens: torch.Tensor | None = None,
     chunk_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
     forward_states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    aqk: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of the forward's inputs given do [B, T, Hv, dv] and optionally dht, the gradient of the final
     state [N, Hv, dk, dv]. g_cumsum and x_inv are the forward's (`_chunk_gdn_fwd(..., store_x=True)`).
     Returns dq, dk, dv, da, db (each in its input's dtype), dA_log, ddt_bias (fp32) and dh0 (fp32; None without an
     initial state). `chunk_tables` = prepare_chunks(cu_seqlens, 64) when known (saves a host read of cu_seqlens).
-    `forward_states` = the forward's (w, h, v_new): then they are not recomputed (see `BWD_REUSE_FORWARD_STATES`)."""
+    `forward_states` = the forward's (w, h, v_new): then they are not recomputed (see `BWD_REUSE_FORWARD_STATES`).
+    `aqk` = the forward's tril(q k^T exp(G_i - G_j)) per chunk [B, T, Hv, 64] (`BWD_AQK_FROM_FORWARD`), read instead of
+    remade by the dv_local and dq/dk kernels."""
     q, k, v = rows_packed(q), rows_packed(k), rows_packed(v)
     a, b, do = a.contiguous(), b.contiguous(), do.contiguous()
     A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
@@ -428,7 +444,10 @@ def chunk_gdn_bwd(
         if tuple(tuple(x.shape) for x in forward_states) != expected or any(x.dtype != dtype for x in forward_states):
             raise ValueError(f"forward_states must be w, h, v_new of shapes {expected} in {dtype}, got "
                              f"{[(tuple(x.shape), x.dtype) for x in forward_states]}")
-    else:  # recompute w, u from the saved X, then the chunk states h and v_new (the forward's h kernel)
+    if aqk is not None and (tuple(aqk.shape) != (batch, length, value_heads, BT) or aqk.dtype != dtype):
+        raise ValueError(f"aqk must be [{batch}, {length}, {value_heads}, {BT}] in {dtype}, got {tuple(aqk.shape)} "
+                         f"in {aqk.dtype}")
+    if forward_states is None:  # w, u recomputed from the saved X, then the chunk states h, v_new (the h kernel)
         w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
         u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
         chunk_gdn_wu_kernel[chunk_grid](
@@ -451,8 +470,8 @@ def chunk_gdn_bwd(
 
     dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
     chunk_gdn_bwd_dv_local_kernel[chunk_grid](
-        q, k, do, g_cumsum, dv_local, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
-        BV=BV_chunk, num_warps=BWD_DV_LOCAL_WARPS, **common)
+        q, k, do, g_cumsum, dv_local, aqk, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
+        BV=BV_chunk, A_GIVEN=aqk is not None, num_warps=BWD_DV_LOCAL_WARPS, **common)
 
     dv_new = torch.empty_like(v_new)  # [B, T, Hv, dv]
     dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
@@ -483,9 +502,10 @@ def chunk_gdn_bwd(
         dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device) if BWD_DQK_DW else None
         dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
         chunk_gdn_bwd_dqk_kernel[(grid_chunks, batch * (key_heads if q_norm_in_dqk else value_heads))](
-            q, k, g_cumsum, h, dh, v_new, do, dv_new, dw, dq_n, dk_n, dG, cu_seqlens, chunk_indices, scale, length,
-            q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS, WITH_DW=BWD_DQK_DW,
-            Q_NORM=q_norm_in_dqk, num_warps=BWD_DQK_WARPS, num_stages=dqk_stages, **common,
+            q, k, g_cumsum, h, dh, v_new, do, dv_new, dw, dq_n, dk_n, dG, aqk, cu_seqlens, chunk_indices, scale,
+            length, q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS,
+            WITH_DW=BWD_DQK_DW, Q_NORM=q_norm_in_dqk, A_GIVEN=aqk is not None, num_warps=BWD_DQK_WARPS,
+            num_stages=dqk_stages, **common,
             **({} if BWD_DQK_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_MAXNREG)))
     else:  # key blocks; dw made here, and each block's share of dG
         num_shares = cdiv(dk, BKQ)
@@ -532,18 +552,19 @@ class ChunkGDNFunction(torch.autograd.Function):
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, store_x=True,
                              keep_states=ctx.reuse)
         states = (out["w"], out["h"], out["v_new"]) if ctx.reuse else ()
+        aqk = out["aqk"] if BWD_AQK_FROM_FORWARD else None  # (made only where the forward fused its output)
         ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, out["g_cumsum"], out["x_inv"], initial_state,
-                              cu_seqlens, *states)
+                              cu_seqlens, aqk, *states)
         ctx.scale = out["scale"]
         ctx.chunk_tables = out["chunk_tables"]
         return out["o"], out["final_state"]
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, initial_state, cu_seqlens, *states = ctx.saved_tensors
+        q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, initial_state, cu_seqlens, aqk, *states = ctx.saved_tensors
         grads = chunk_gdn_bwd(q, k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, do, dht, scale=ctx.scale,
                               initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_tables=ctx.chunk_tables,
-                              forward_states=tuple(states) if ctx.reuse else None)
+                              forward_states=tuple(states) if ctx.reuse else None, aqk=aqk)
         dh0 = grads["dh0"]
         return (grads["dq"], grads["dk"], grads["dv"], grads["da"], grads["db"], grads["dA_log"].to(A_log.dtype),
                 grads["ddt_bias"].to(dt_bias.dtype), None, None if dh0 is None else dh0.to(initial_state.dtype),
