@@ -470,12 +470,9 @@ def test_bwd_dqk_key_blocks(poisoned, monkeypatch, case):
 
 # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_WY_BK, BWD_DQK_DW, BWD_DQ_NORM_IN_DQK)
 DQK_OPTION_CASES = {
-    "bf16-packed-blocked-wy-dw": (1, 130, 1, 2, 128, 64, torch.bfloat16, [0, 5, 69, 130], 64, True, False),
-    "fp16-grouped-whole-row-wy-dw": (2, 70, 1, 4, 64, 64, torch.float16, None, None, True, False),
+    "bf16-packed-dw-q-norm": (1, 130, 2, 4, 64, 64, torch.bfloat16, [0, 5, 69, 130], 32, True, True),
+    "fp16-ungrouped-q-norm-whole-row-wy": (2, 70, 2, 2, 64, 64, torch.float16, None, None, False, True),
     "fp32-blocked-wy-dw": (1, 100, 1, 2, 64, 32, torch.float32, None, 32, True, False),
-    "bf16-packed-q-norm": (1, 130, 2, 4, 64, 64, torch.bfloat16, [0, 5, 69, 130], 32, False, True),
-    "fp16-ungrouped-q-norm": (2, 70, 2, 2, 64, 64, torch.float16, None, None, False, True),
-    "fp32-grouped-q-norm-dw": (1, 100, 1, 4, 64, 32, torch.float32, None, 32, True, True),
     "bf16-one-token-q-norm-dw": (2, 1, 1, 2, 128, 64, torch.bfloat16, None, 64, True, True),
 }
 
