@@ -792,23 +792,21 @@ case "${1:-}" in
        # offline) and dq summed over the group and through q's norm there (BWD_DQ_NORM_IN_DQK: the per-value-head dq
        # never stored; 160 B spilled offline at 9B heads); register caps on the two largest backward kernels (WY at
        # 168: 3 programs per SM, 444 B spilled offline; dq/dk at 128 with 2 stages: 2 per SM, 456 B). Their tests on
-       # the GPU, then train at 4 x 4k and 1 x 16k, ours only.
-    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dqk_options or kk_late" \
+       # the GPU, then train at 4 x 4k and 1 x 16k, ours only. (Ran 2026-12-06: all lost; BWD_DQ_NORM_IN_DQK was removed
+       # after, with its "qn" and "qn_dw2" variants here.)
+    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dqk_makes_dw or kk_late" \
       -j 10 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
     timeout 420 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
       --variant "dw:gdn_chunk_bwd.BWD_DQK_DW=True" "dw2:gdn_chunk_bwd.BWD_DQK_DW=True,gdn_chunk_bwd.BWD_DQK_STAGES=2" \
-      "qn:gdn_chunk_bwd.BWD_DQ_NORM_IN_DQK=True" \
-      "qn_dw2:gdn_chunk_bwd.BWD_DQ_NORM_IN_DQK=True,gdn_chunk_bwd.BWD_DQK_DW=True,gdn_chunk_bwd.BWD_DQK_STAGES=2" \
       "wy168:gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" \
       "dqk128:gdn_chunk_bwd.BWD_DQK_MAXNREG=128,gdn_chunk_bwd.BWD_DQK_STAGES=2" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
   55)  # twenty-sixth session (carry .whl2 right after an install call): the 0.8B train row against fla and FlashQLA
-       # in one process (43 was cut off before it), with 54's best 0.8B option beside
-    timeout 540 python3 benchmarks/bench_gdn.py --quick --kinds train --models 0.8B \
-      --variant "qn:gdn_chunk_bwd.BWD_DQ_NORM_IN_DQK=True" > "$OUT/train.log" 2>&1
+       # in one process (43 was cut off before it)
+    timeout 540 python3 benchmarks/bench_gdn.py --quick --kinds train --models 0.8B > "$OUT/train.log" 2>&1
     grep '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-160
     ;;
   56)  # twenty-sixth session (carry nothing, ~3 min): the WY kernel without k k^T (gdn_chunk_bwd.BWD_WY_KK_FREE: beta's

@@ -468,44 +468,39 @@ def test_bwd_dqk_key_blocks(poisoned, monkeypatch, case):
           cu_seqlens=case_inputs[0])
 
 
-# (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_WY_BK, BWD_DQK_DW, BWD_DQ_NORM_IN_DQK)
-DQK_OPTION_CASES = {
-    "bf16-packed-dw-q-norm": (1, 130, 2, 4, 64, 64, torch.bfloat16, [0, 5, 69, 130], 32, True, True),
-    "fp16-ungrouped-q-norm-whole-row-wy": (2, 70, 2, 2, 64, 64, torch.float16, None, None, False, True),
-    "fp32-blocked-wy-dw": (1, 100, 1, 2, 64, 32, torch.float32, None, 32, True, False),
-    "bf16-one-token-q-norm-dw": (2, 1, 1, 2, 128, 64, torch.bfloat16, None, 64, True, True),
+# (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_WY_BK)
+DQK_DW_CASES = {
+    "bf16-packed-blocked-wy": (1, 130, 2, 4, 64, 64, torch.bfloat16, [0, 5, 69, 130], 32),
+    "fp16-whole-row-wy": (2, 70, 2, 2, 64, 64, torch.float16, None, None),
+    "fp32-blocked-wy": (1, 100, 1, 2, 64, 32, torch.float32, None, 32),
+    "bf16-one-token": (2, 1, 1, 2, 128, 64, torch.bfloat16, None, 64),
 }
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # as in test_bwd_strong_decay
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
-@pytest.mark.parametrize("case", sorted(DQK_OPTION_CASES))
-def test_bwd_dqk_options(poisoned, monkeypatch, case):
-    """The whole-row dq/dk kernel's options: BWD_DQK_DW (it makes dw and the WY kernel, either one, reads it instead
-    of h) and BWD_DQ_NORM_IN_DQK (one program per key head sums the group's dq and takes it through q's norm; the
-    norm kernel does dk alone) give the default path's gradients up to rounding, the same bits again, and pass the
-    float64 check."""
+@pytest.mark.parametrize("case", sorted(DQK_DW_CASES))
+def test_bwd_dqk_makes_dw(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_DQK_DW: the whole-row dq/dk kernel also makes dw and the WY kernel (either one) reads it
+    instead of h: the default path's gradients up to rounding, the same bits again, and the float64 check."""
     from hybridlm.ops.triton import gdn_chunk_bwd
 
-    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, wy_block, dw, q_norm = DQK_OPTION_CASES[case]
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, wy_block = DQK_DW_CASES[case]
     skip_where_triton_faults(dk, dv)
     monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", wy_block)
     case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
     launched = []
-    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_dqk_kernel",
-                    lambda kwargs: ("dqk", kwargs["WITH_DW"], kwargs["Q_NORM"]), launched)
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_dqk_kernel", lambda kwargs: ("dqk", kwargs["WITH_DW"]),
+                    launched)
     for name in ("chunk_gdn_bwd_wy_kernel", "chunk_gdn_bwd_wy_kblocked_kernel"):
         record_launches(monkeypatch, gdn_chunk_bwd, name, lambda kwargs: ("wy", kwargs["DW_GIVEN"]), launched)
-    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_qk_norm_kernel",
-                    lambda kwargs: ("norm", kwargs["WITH_Q"]), launched)
     default = grads_with(monkeypatch, "BWD_DQK_DW", False, case_inputs)
-    assert launched == [("dqk", False, False), ("wy", False), ("norm", True)]
+    assert launched == [("dqk", False), ("wy", False)]
     launched.clear()
-    monkeypatch.setattr(gdn_chunk_bwd, "BWD_DQ_NORM_IN_DQK", q_norm)
-    optioned = grads_with(monkeypatch, "BWD_DQK_DW", dw, case_inputs)
-    assert launched == [("dqk", dw, q_norm), ("wy", dw), ("norm", not q_norm)]
-    again = grads_with(monkeypatch, "BWD_DQK_DW", dw, case_inputs)
-    check_blocked_grads(optioned, again, default, dtype)
+    with_dw = grads_with(monkeypatch, "BWD_DQK_DW", True, case_inputs)
+    assert launched == [("dqk", True), ("wy", True)]
+    again = grads_with(monkeypatch, "BWD_DQK_DW", True, case_inputs)
+    check_blocked_grads(with_dw, again, default, dtype)
     check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
           cu_seqlens=case_inputs[0])
 

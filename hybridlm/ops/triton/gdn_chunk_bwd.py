@@ -45,9 +45,7 @@ from hybridlm.ops.triton.gdn_bwd_dqk import (
 )
 from hybridlm.ops.triton.gdn_bwd_dh import chunk_gdn_bwd_dh_kernel, chunk_gdn_bwd_dv_local_kernel
 from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chunk_gdn_bwd_wy_kernel
-from hybridlm.ops.triton.gdn_common import (
-    _chunk_bounds, _chunk_log_decay, _l2norm_rows, _l2norm_rows_rsqrt, _load_rows, _store_rows,
-)
+from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import (
     HOPPER_FIXED_TRITON, cdiv, descriptor, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks,
@@ -68,8 +66,7 @@ def chunk_gdn_bwd_dqk_kernel(
     do,  # [B, T, HV, V]
     dv_new,  # [B, T, HV, V] if WITH_DW, else unused
     dw,  # out [B, T, HV, K] if WITH_DW: -dv_new h^T, for the WY kernel
-    dq,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): gradient of l2norm(q), per value head; with Q_NORM [B, T, H, K]
-    # in q's dtype: the gradient of q
+    dq,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): gradient of l2norm(q), per value head
     dk,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): the output's and the state update's share of d l2norm(k)
     dG,  # out [B, T, HV] fp32: their share of the gradient of the cumulative log decay G
     aqk,  # [B, T, HV, BT] if A_GIVEN: the forward's tril(q k^T exp(G_i - G_j)) per chunk (q scaled), else unused
@@ -90,19 +87,12 @@ def chunk_gdn_bwd_dqk_kernel(
     DOT_PRECISION: tl.constexpr,
     DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
     WITH_DW: tl.constexpr = False,  # also dw = -dv_new h^T (`BWD_DQK_DW`)
-    Q_NORM: tl.constexpr = False,  # dq summed over the group and through q's norm here (`BWD_DQ_NORM_IN_DQK`)
     A_GIVEN: tl.constexpr = False,  # aqk read instead of q k^T made (`BWD_AQK_FROM_FORWARD`)
 ):
-    """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u. With
-    Q_NORM one program per (chunk, key head) walks the group's value heads, sums their dq in place in dq (the group's
-    partial sum stored in dq's dtype between heads) and takes the last through q's L2 norm: dq is then the final
-    [B, T, H, K] gradient of q (`BWD_DQ_NORM_IN_DQK`)."""
-    GROUP = HV // H
+    """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    if Q_NORM:
-        i_b, i_hk = i_bh // H, i_bh % H
-    else:
-        i_b, i_hk = i_bh // HV, (i_bh % HV) // GROUP
+    i_b, i_h = i_bh // HV, i_bh % HV
+    i_hk = i_h // (HV // H)
     i_tg, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     dtype = v_new.dtype.element_ty
 
@@ -111,52 +101,39 @@ def chunk_gdn_bwd_dqk_kernel(
     m_t = o_t < T
     i_last = tl.minimum(i_s + BT, T) - 1
     o_k = tl.arange(0, BK)
-    for i_g in range(0, GROUP if Q_NORM else 1):
-        i_h = i_hk * GROUP + i_g if Q_NORM else i_bh % HV
-        b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
-        b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
-        b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
-        b_g_last = tl.load(g_cumsum + bos * HV + i_h + i_last * HV)
+    b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
+    b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)
+    b_gc = _chunk_log_decay(g_cumsum + bos * HV + i_h, i_s, T, HV, BT)
+    b_g_last = tl.load(g_cumsum + bos * HV + i_h + i_last * HV)
 
-        # o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new, S_next = exp(G_last) S + (k exp(G_last - G))^T v_new
-        p_h = h + (i_tg * HV + i_h) * K * V
-        p_dh = dh + (i_tg * HV + i_h) * K * V
-        p_do = do + bos * HV * V + i_h * V
-        p_vn = v_new + bos * HV * V + i_h * V
-        p_dvn = dv_new + bos * HV * V + i_h * V
-        b_dq, b_dk, b_dw, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K, V, HV,
-                                                                 BT, BK, BV, DOT_PRECISION, WITH_DW, DST_PRODUCT)
-        if WITH_DW:
-            _store_rows(dw + bos * HV * K + i_h * K, b_dw, i_s, T, HV * K, K, BT, BK)
-        if A_GIVEN:
-            o_c = tl.arange(0, BT)
-            b_Aqk = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                            mask=m_t[:, None], other=0.)
-        else:
-            b_Aqk = b_ds  # (unused)
-        b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t,
-                                                  i_last, BT, DOT_PRECISION, A_GIVEN, b_Aqk)
-        b_ds = b_ds.to(dtype)
-        b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
-        if DST_PRODUCT:
-            b_dk += tl.dot(_masked_dst(b_dsT, b_gc, BT).to(dtype), b_q, input_precision=DOT_PRECISION)
-        else:
-            b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
-        # q entered as l2norm(q) * scale
-        b_dq = b_dq * scale
-        if Q_NORM:
-            p_dq = dq + bos * H * K + i_hk * K
-            if i_g > 0:
-                b_dq += _load_rows(p_dq, i_s, T, H * K, K, BT, BK).to(tl.float32)
-            if i_g == GROUP - 1:  # through q's norm: dq = r (dn - n (n . dn)), n = q r
-                b_n, b_r = _l2norm_rows_rsqrt(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK))
-                b_dq = (b_dq - b_n * tl.sum(b_n * b_dq, axis=1)[:, None]) * b_r[:, None]
-            _store_rows(p_dq, b_dq, i_s, T, H * K, K, BT, BK)
-            tl.debug_barrier()  # the next head reads back what other threads stored
-        else:
-            _store_rows(dq + bos * HV * K + i_h * K, b_dq, i_s, T, HV * K, K, BT, BK)
-        _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
-        tl.store(dG + bos * HV + i_h + o_t * HV, b_dG, mask=m_t)
+    # o = (q exp(G)) h + tril(q k^T exp(G_i - G_j)) v_new, S_next = exp(G_last) S + (k exp(G_last - G))^T v_new
+    p_h = h + (i_tg * HV + i_h) * K * V
+    p_dh = dh + (i_tg * HV + i_h) * K * V
+    p_do = do + bos * HV * V + i_h * V
+    p_vn = v_new + bos * HV * V + i_h * V
+    p_dvn = dv_new + bos * HV * V + i_h * V
+    b_dq, b_dk, b_dw, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K, V, HV,
+                                                             BT, BK, BV, DOT_PRECISION, WITH_DW, DST_PRODUCT)
+    if WITH_DW:
+        _store_rows(dw + bos * HV * K + i_h * K, b_dw, i_s, T, HV * K, K, BT, BK)
+    if A_GIVEN:
+        o_c = tl.arange(0, BT)
+        b_Aqk = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
+                        mask=m_t[:, None], other=0.)
+    else:
+        b_Aqk = b_ds  # (unused)
+    b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t,
+                                              i_last, BT, DOT_PRECISION, A_GIVEN, b_Aqk)
+    b_ds = b_ds.to(dtype)
+    b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PRECISION)
+    if DST_PRODUCT:
+        b_dk += tl.dot(_masked_dst(b_dsT, b_gc, BT).to(dtype), b_q, input_precision=DOT_PRECISION)
+    else:
+        b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
+    # q entered as l2norm(q) * scale
+    _store_rows(dq + bos * HV * K + i_h * K, b_dq * scale, i_s, T, HV * K, K, BT, BK)
+    _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
+    tl.store(dG + bos * HV + i_h + o_t * HV, b_dG, mask=m_t)
 
 
 @triton.jit
@@ -189,11 +166,9 @@ def chunk_gdn_bwd_qk_norm_kernel(
     K: tl.constexpr,
     BR: tl.constexpr,
     BK: tl.constexpr,
-    WITH_Q: tl.constexpr = True,  # False: dq was made whole by the dq/dk kernel (`BWD_DQ_NORM_IN_DQK`)
 ):
     i_r, i_hk = tl.program_id(0) * BR, tl.program_id(1)
-    if WITH_Q:
-        _l2norm_bwd_rows(q, dq_n, dq, i_r, NR, stride_q, i_hk, HV, HV // H, K, BR, BK)
+    _l2norm_bwd_rows(q, dq_n, dq, i_r, NR, stride_q, i_hk, HV, HV // H, K, BR, BK)
     _l2norm_bwd_rows(k, dk_n, dk, i_r, NR, stride_k, i_hk, HV, HV // H, K, BR, BK)
 
 
@@ -327,12 +302,10 @@ BWD_DQK_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's max
 BWD_DQK_DW = False
 # the whole-row dq/dk kernel's register cap: 128 with 2 stages (2 programs per SM, ~460 B spilled) lost, 0.91-0.92x
 BWD_DQK_MAXNREG: int | None = None
-# The whole-row dq/dk kernel sums dq over each key head's value heads itself (one program per chunk and key head,
-# walking the group) and takes it through q's L2 norm, so the per-value-head dq (written, then read by the norm
-# kernel: 2 x 128 MB at 9B heads, B = 4, T = 4k) never exists; the norm kernel then does dk alone. H100 (2026-12-06,
-# `gpu_plan.sh 54`): 0.8B heads (one value head per key head) 1.01x at 4 x 4k, 0.99x at 1 x 16k; 9B heads 0.98x /
-# 0.99x (each program walks two value heads in series; 160 B spilled offline).
-BWD_DQ_NORM_IN_DQK = False
+# (dq summed over each key head's value heads inside the whole-row dq/dk kernel, one program per chunk and key head
+# walking the group, and taken through q's L2 norm there, so the per-value-head dq never existed, lost on an H100
+# (2026-12-06, `gpu_plan.sh 54`, `BWD_DQ_NORM_IN_DQK`): 0.8B heads 1.01x at 4 x 4k and 0.99x at 1 x 16k, 9B heads
+# 0.98x / 0.99x (the group walked in series; 160 B spilled offline). Removed.)
 # Where training's forward made tril(q k^T exp(G_i - G_j)) per chunk for its fused output (aqk [B, T, Hv, 64], the
 # w/u kernel's STORE_AQK), keep it for the backward: the dv_local kernel reads it (transposed) instead of normalising
 # q, k and multiplying them, and the whole-row dq/dk kernel takes dS * A for its share of dG instead of a q k^T
@@ -486,8 +459,8 @@ def chunk_gdn_bwd(
         **dh_pass_descriptors(q, k, w, do, dv_local, BV_dh), **common)
 
     grad_dtype = dtype if BWD_QK_GRAD_DTYPE == "input" else torch.float32
-    dk_n = torch.empty(batch, length, value_heads, dk, dtype=grad_dtype, device=device)  # [B, T, Hv, dk]
-    dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
+    dq_n = torch.empty(batch, length, value_heads, dk, dtype=grad_dtype, device=device)  # [B, T, Hv, dk]
+    dk_n = torch.empty_like(dq_n)
     dv_out = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
     da = torch.empty(batch, length, value_heads, dtype=a.dtype, device=device)  # [B, T, Hv]
     db = torch.empty(batch, length, value_heads, dtype=b.dtype, device=device)
@@ -495,16 +468,14 @@ def chunk_gdn_bwd(
     ddt_bias = torch.empty_like(dA_log)
     dqk_stages = 2 if dtype == torch.float32 else BWD_DQK_STAGES  # fp32 tiles: 3 stages were never run
     BKQ = max(dqk_narrowest_block(device), min(BK, BWD_DQK_BK)) if BWD_DQK_BK is not None else dk
-    q_norm_in_dqk = BKQ >= dk and BWD_DQ_NORM_IN_DQK
-    dq_n = dq if q_norm_in_dqk else torch.empty_like(dk_n)  # [B, T, Hv, dk]: gradient of l2norm(q) per value head
     if BKQ >= dk:
         num_shares = 1
         dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device) if BWD_DQK_DW else None
         dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
-        chunk_gdn_bwd_dqk_kernel[(grid_chunks, batch * (key_heads if q_norm_in_dqk else value_heads))](
+        chunk_gdn_bwd_dqk_kernel[chunk_grid](
             q, k, g_cumsum, h, dh, v_new, do, dv_new, dw, dq_n, dk_n, dG, aqk, cu_seqlens, chunk_indices, scale,
             length, q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS,
-            WITH_DW=BWD_DQK_DW, Q_NORM=q_norm_in_dqk, A_GIVEN=aqk is not None, num_warps=BWD_DQK_WARPS,
+            WITH_DW=BWD_DQK_DW, A_GIVEN=aqk is not None, num_warps=BWD_DQK_WARPS,
             num_stages=dqk_stages, **common,
             **({} if BWD_DQK_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_MAXNREG)))
     else:  # key blocks; dw made here, and each block's share of dG
@@ -535,10 +506,11 @@ def chunk_gdn_bwd(
             **({} if BWD_WY_KB_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_WY_KB_MAXNREG)))
 
     rows, BR = batch * length, 32
+    dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
     dk_out = torch.empty_like(dq)
     chunk_gdn_bwd_qk_norm_kernel[(cdiv(rows, BR), key_heads)](
         q, k, dq_n, dk_n, dq, dk_out, rows, q.stride(1), k.stride(1), H=key_heads, HV=value_heads, K=dk, BR=BR,
-        BK=BK, WITH_Q=not q_norm_in_dqk, num_warps=4)
+        BK=BK, num_warps=4)
     return dict(dq=dq, dk=dk_out, dv=dv_out, da=da, db=db, dA_log=dA_log.sum(0), ddt_bias=ddt_bias.sum(0), dh0=dh0)
 
 
