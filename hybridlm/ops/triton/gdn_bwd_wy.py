@@ -309,10 +309,6 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     b_dA = tl.dot(tl.trans(b_X), b_dA, input_precision=DOT_PRECISION)
     # through A_ij = beta_i k_i . k_j exp(G_i - G_j): E = dA exp(G_i - G_j)
     b_E = tl.where(m_L, -b_dA * tl.exp(tl.where(m_L, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
-    if not KK_IN_PASS2 and not KK_FREE:
-        b_dbeta += tl.sum(b_E * b_kk, axis=1)
-        b_dAA = b_E * b_kk * b_beta[:, None]
-        b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
     b_Ed = b_E.to(dtype)
     tl.debug_barrier()  # pass 1's dk is read back by other threads than those that stored it
     b_EdT = _transposed(b_Ed, e_scratch, i_tg, i_h, HV, BT, E_SCRATCH)
@@ -321,21 +317,18 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
         b_kd = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
                 * b_rk[:, None]).to(dtype)
         b_kf = b_kd.to(tl.float32)
+        b_Ek = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION)
+        b_ETk = tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
         if KK_FREE:  # beta's and G's shares through A from the products dk needs (see KK_FREE above)
-            b_Ek = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION)
-            b_ETk = tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
             b_kEk = tl.sum(b_kf * b_Ek, axis=1)
             b_dbeta += b_kEk
             b_dG += b_kEk * b_beta - tl.sum(b_kf * b_ETk, axis=1)
-            b_dk = b_Ek * b_beta[:, None] + b_ETk
-        else:
-            if KK_IN_PASS2:
-                b_kk += tl.dot(b_kd, tl.trans(b_kd), input_precision=DOT_PRECISION)
-            b_dk = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION) * b_beta[:, None]
-            b_dk += tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+        elif KK_IN_PASS2:
+            b_kk += tl.dot(b_kd, tl.trans(b_kd), input_precision=DOT_PRECISION)
+        b_dk = b_Ek * b_beta[:, None] + b_ETk
         b_dk += _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW).to(tl.float32)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
-    if KK_IN_PASS2 and not KK_FREE:
+    if not KK_FREE:  # (k k^T summed in pass 1 or pass 2)
         b_dbeta += tl.sum(b_E * b_kk, axis=1)
         b_dAA = b_E * b_kk * b_beta[:, None]
         b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
