@@ -40,7 +40,7 @@
 #   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
 #   bash benchmarks/gpu_plan.sh 54  # carry nothing: the dq/dk kernel's dw and q-norm options, register caps; train
 #   bash benchmarks/gpu_plan.sh 56  # carry nothing: the WY kernel without k k^T (BWD_WY_KK_FREE); train
-#   bash benchmarks/gpu_plan.sh 57  # carry nothing: the forward's aqk kept for the backward (BWD_AQK_FROM_FORWARD)
+#   bash benchmarks/gpu_plan.sh 57  # carry nothing: the forward's aqk kept for the backward (BWD_AQK_FROM_FORWARD); q/k norm launch
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 #   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
 #   bash benchmarks/gpu_plan.sh 39  # carry .whl2 right after 38: FlashQLA's backward kernel by kernel
@@ -828,8 +828,10 @@ case "${1:-}" in
       -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
-    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
-      --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" > "$OUT/train.log" 2>&1
+    timeout 330 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+      --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,\
+gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" "r16w2:gdn_chunk_bwd.BWD_QK_NORM_ROWS=16,gdn_chunk_bwd.BWD_QK_NORM_WARPS=2" \
+      "r32w8:gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
   *)

@@ -315,6 +315,9 @@ BWD_AQK_FROM_FORWARD = False
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
 BWD_QK_GRAD_DTYPE = "input"
+# The q/k L2-norm backward's token rows per program and warps (0.177 ms at 9B heads, B = 4, T = 4k on an H100, where
+# its bytes alone take ~0.10 ms: timed against 64 rows and 8 warps by `gpu_plan.sh 57`).
+BWD_QK_NORM_ROWS, BWD_QK_NORM_WARPS = 32, 4
 # Keep the forward's w, h and v_new for the backward instead of recomputing them (the w/u and state-pass launches,
 # 0.17 + 0.28 ms of the 2.49 ms backward at 9B heads, B = 4, T = 4k, on an H200). They cost 2 (dk + dv + dk dv / 64)
 # bytes per token and value head in 16-bit (1 KB at dk = dv = 128: 512 MB per layer for 16k tokens at 9B heads),
@@ -505,12 +508,12 @@ def chunk_gdn_bwd(
             num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common,
             **({} if BWD_WY_KB_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_WY_KB_MAXNREG)))
 
-    rows, BR = batch * length, 32
+    rows, BR = batch * length, BWD_QK_NORM_ROWS
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
     dk_out = torch.empty_like(dq)
     chunk_gdn_bwd_qk_norm_kernel[(cdiv(rows, BR), key_heads)](
         q, k, dq_n, dk_n, dq, dk_out, rows, q.stride(1), k.stride(1), H=key_heads, HV=value_heads, K=dk, BR=BR,
-        BK=BK, num_warps=4)
+        BK=BK, num_warps=BWD_QK_NORM_WARPS)
     return dict(dq=dq, dk=dk_out, dv=dv_out, da=da, db=db, dA_log=dA_log.sum(0), ddt_bias=ddt_bias.sum(0), dh0=dh0)
 
 
