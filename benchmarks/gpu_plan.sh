@@ -73,6 +73,7 @@ for wheels in .fla .whl .whl2; do
   fi
 done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+BWD_TESTS="tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_bwd_options.py"  # the backward's tests
 # the GDN forward tests that pytest's -k "$1" selects (blocking launches), then the forward (ours only) beside the
 # --variant "$2", 9B then 0.8B heads
 gdn_tests_then_forward() {
@@ -201,7 +202,7 @@ case "${1:-}" in
   11)  # the ninth session's untimed work, ours only: kernel tests; forward and train at every shape at the defaults
        # (the V-block rule and bf16 per-head dq/dk end to end) and under the options, in one process (--variant);
        # the backward's qkgrad and fold settings. Limits add up to 590 s of a call's 600.
-    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py $BWD_TESTS \
       tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 280 python3 benchmarks/bench_gdn.py --no-peers --kinds forward,train --variant "$VARIANTS_FOLD" \
@@ -234,7 +235,7 @@ case "${1:-}" in
   14)  # tenth session's untimed work: the WY kernel over key blocks (gdn_chunk_bwd.BWD_WY_BK, gdn_bwd_wy): its tests,
        # its settings beside the whole-row kernel (whole backward, B = 4, T = 4k, both layouts), train end to end at
        # every shape with it as a variant; then where the host time of the forward goes (cProfile at 4k)
-    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_cp.py \
+    timeout 150 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/ops/test_triton_gdn_cp.py \
       -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 180 python3 benchmarks/sweep_kernels.py --models 9B 0.8B --kernels bwd --bwd-groups wy > "$OUT/wy.log" 2>&1
@@ -253,7 +254,7 @@ case "${1:-}" in
        # twelfth session's: the key-blocked dq/dk kernel, kept forward states, E^T through a scratch, bf16 64/64 with
        # dS^T by its own product), then where Triton faults by head dims (the rule `hopper_head_dims_fault` encodes;
        # the map now includes the decode step's kernels; `gdn_fault_map.py --dims 24 40 48 80` would widen it)
-    timeout 250 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 250 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py $BWD_TESTS \
       tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 140 python3 benchmarks/gdn_fault_map.py > "$OUT/fault_map.log" 2>&1
@@ -322,7 +323,7 @@ case "${1:-}" in
     ;;
   19)  # fourteenth session: the machine goes back 30 s after each call, so each call starts a fresh one (~1-2 min);
        # 15's tests and 17's first half in one call. Limits add up to 580 s.
-    timeout 230 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 230 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py $BWD_TESTS \
       tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 60 python3 benchmarks/gdn_fault_map.py --dims 32 64 128 --layouts B1T70 packed \
@@ -335,7 +336,7 @@ case "${1:-}" in
     grep -h '^|' "$OUT/fusedo_long.log" | grep -v '^| model\|^|---'
     ;;
   20)  # fourteenth session, after 19: FUSED_OUTPUT = None (V blocks of 64) by then. Limits add up to 560 s.
-    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py $BWD_TESTS \
       tests/ops/test_triton_gdn_cp.py -k "output_fused or fused_output or key_blocks or kept_states" --logs 12 -j 16 \
       > "$OUT/gpu_tests.log" 2>&1
     sleep 2
@@ -352,7 +353,7 @@ case "${1:-}" in
     ;;
   21)  # fourteenth session, after 20: dq/dk key blocks of 64 on Hopper, V blocks of 32 beside a padded key block.
        # Limits add up to 560 s.
-    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py $BWD_TESTS \
       tests/ops/test_triton_gdn_cp.py -k "output_fused or fused_output or key_blocks or kept_states or state_pass" \
       --logs 6 -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
@@ -373,7 +374,7 @@ case "${1:-}" in
        # Limits add up to 450 s.
     timeout 50 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py -j 16 > "$OUT/gpu_tests_step.log" 2>&1
     sleep 2
-    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_chunk.py \
+    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/ops/test_triton_gdn_chunk.py \
       tests/ops/test_triton_gdn_cp.py -k "key_blocks or kept_states or head_dims or output_fused or fused_output or per_key_head" \
       --logs 6 -j 16 > "$OUT/gpu_tests.log" 2>&1
     sleep 2
@@ -415,7 +416,7 @@ case "${1:-}" in
       "both:gdn_chunk.WU_KEY_HEAD_PROGRAMS=True,gdn_chunk.FUSED_OUTPUT_QK_PER_KEY_HEAD=True" > "$OUT/forward.log" 2>&1
     timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_step.py -j 16 > "$OUT/gpu_tests_step.log" 2>&1
     sleep 2
-    timeout 80 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/ops/test_triton_gdn_chunk.py \
+    timeout 80 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/ops/test_triton_gdn_chunk.py \
       tests/ops/test_triton_gdn_cp.py -k "key_blocks or kept_states or head_dims or output_fused or fused_output or per_key_head or qk_given" \
       --logs 6 -j 16 > "$OUT/gpu_tests.log" 2>&1
     for f in gpu_tests_model gpu_tests_step gpu_tests; do
@@ -493,7 +494,7 @@ case "${1:-}" in
        # programs: two waves at one per SM); last, TMA for 128-wide attention heads against pointer loads and
        # 128-row tiles. Limits add up to 570 s. Adopt what wins at both head layouts.
     timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_cp.py tests/ops/test_paged_prefill_attention.py \
-      tests/ops/test_triton_gdn_chunk_bwd.py tests/cuda -k "tma or fused or fold or cuda or kernel" -j 16 \
+      $BWD_TESTS tests/cuda -k "tma or fused or fold or cuda or kernel" -j 16 \
       > "$OUT/gpu_tests.log" 2>&1
     sleep 2
     timeout 180 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --variant "tma:gdn_chunk.STATE_PASS_TMA=True" \
@@ -515,7 +516,7 @@ case "${1:-}" in
   30)  # eighteenth session, second call: the key-blocked dq/dk kernel that also makes dw (gdn_chunk_bwd.BWD_DQK_BK;
        # built in the twelfth session, GPU-tested since, never timed end to end), at its settings and with kept states;
        # the key-blocked WY kernel under a register cap (BWD_WY_KB_MAXNREG, untimed). Limits add up to 200 s.
-    timeout 40 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dh_pass or key_blocks or fp32" \
+    timeout 40 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "dh_pass or key_blocks or fp32" \
       -j 16 > "$OUT/gpu_tests.log" 2>&1
     timeout 160 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
       --variant "dqkb64:gdn_chunk_bwd.BWD_DQK_BK=64" "dqkb64w8:gdn_chunk_bwd.BWD_DQK_BK=64,gdn_chunk_bwd.BWD_DQK_KB_WARPS=8" \
@@ -534,12 +535,12 @@ case "${1:-}" in
       # (launches blocking, so the kernel that faults raises at its own launch: an asynchronous fault surfaces at
       # the next launch, which is how the eighteenth session saw it "in" the state pass)
       CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
-        "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" 2>&1 \
+        "tests/ops/test_triton_gdn_bwd_options.py::test_bwd_dqk_key_blocks[bf16-one-token]" 2>&1 \
         | grep -E "passed|failed|hybridlm/ops/triton/.*py:[0-9]+: in" | tail -3
     done
     timeout 90 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 > "$OUT/fault_map.log" 2>&1
     tail -8 "$OUT/fault_map.log"
-    timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+    timeout 60 python3 benchmarks/gpu_tests.py $BWD_TESTS -j 16 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     ;;
   32)  # nineteenth session (device time short: the most telling first): the Gram/inverse kernel one program per key
@@ -554,7 +555,7 @@ case "${1:-}" in
       --variant "kkth:gdn_chunk.KKT_KEY_HEAD_PROGRAMS=True" > "$OUT/forward.log" 2>&1
     grep '^forward ' "$OUT/forward.log" | cut -c1-170
     CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
-      "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" > "$OUT/fault.log" 2>&1
+      "tests/ops/test_triton_gdn_bwd_options.py::test_bwd_dqk_key_blocks[bf16-one-token]" > "$OUT/fault.log" 2>&1
     grep -E "passed|failed|Error|hybridlm/ops/triton/.*py:[0-9]+: in" "$OUT/fault.log" | tail -4
     # (dhbv32: the dH pass at V blocks of 32, 512 programs at 9B heads instead of 256 at one per SM, untimed since TMA)
     timeout 120 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
@@ -580,11 +581,11 @@ case "${1:-}" in
        # with the old 16-wide blocks as a variant (the shapes that took them: 0.8B heads uncut); then the Gluon probe's
        # delta chain (the fused state pass's products) with two consumer warpgroups sharing the q/k/w/A loads.
     CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
-      "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" > "$OUT/fault.log" 2>&1
+      "tests/ops/test_triton_gdn_bwd_options.py::test_bwd_dqk_key_blocks[bf16-one-token]" > "$OUT/fault.log" 2>&1
     grep -E "passed|failed|Error|hybridlm/ops/triton/.*py:[0-9]+: in" "$OUT/fault.log" | tail -4
     timeout 80 python3 benchmarks/gdn_fault_map.py --dims 64 128 --layouts B2T1 > "$OUT/fault_map.log" 2>&1
     tail -5 "$OUT/fault_map.log"
-    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_chunk_bwd.py \
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py $BWD_TESTS \
       tests/ops/test_triton_gdn_cp.py -j 16 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 0.8B \
@@ -600,7 +601,7 @@ case "${1:-}" in
        # (gdn_chunk.state_pass_kernel). The failing test, the map at the defaults and with V blocks of 32; the
        # sanitizer only where something still faults.
     CUDA_LAUNCH_BLOCKING=1 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
-      "tests/ops/test_triton_gdn_chunk_bwd.py::test_bwd_dqk_key_blocks[bf16-one-token]" \
+      "tests/ops/test_triton_gdn_bwd_options.py::test_bwd_dqk_key_blocks[bf16-one-token]" \
       "tests/ops/test_triton_gdn_chunk.py::test_one_token_rows_take_the_state_pass_that_reads_T_at_run_time" \
       > "$OUT/fault.log" 2>&1
     grep -E "passed|failed|Error|hybridlm/ops/triton/.*py:[0-9]+: in" "$OUT/fault.log" | tail -4
@@ -642,7 +643,7 @@ case "${1:-}" in
        # (gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH): its GPU tests; train at both layouts against fla with it, with kept
        # states and both; then forward + backward kernel by kernel (ours, with it). (It lost and faulted; the flag
        # was removed after this call: RESULTS.md, twenty-first session. Kept as the record of what ran.)
-    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dv_local_in or dh_pass_tma" \
+    timeout 90 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "dv_local_in or dh_pass_tma" \
       -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 230 python3 benchmarks/bench_gdn.py --quick --kinds train --variant "dvl:gdn_chunk_bwd.BWD_DV_LOCAL_IN_DH=True" \
@@ -754,7 +755,7 @@ case "${1:-}" in
        # (gdn_chunk_bwd.BWD_WY_KK_LATE: 152 -> 12 B spilled offline) -- their GPU tests with blocking launches, then
        # train at 4 x 4k and 1 x 16k beside the default; the forward's w/u kernel at 4 warps and the fused pass over
        # whole 128-wide value rows at 8 warps (9B heads)
-    CUDA_LAUNCH_BLOCKING=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_gdn_chunk_bwd.py \
+    CUDA_LAUNCH_BLOCKING=1 timeout 120 python3 -m pytest -q -p no:cacheprovider $BWD_TESTS \
       -k "as_inference or never_folds or output_fused or reuses or kk_late" > "$OUT/tests.log" 2>&1
     tail -3 "$OUT/tests.log"
     timeout 220 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
@@ -769,7 +770,7 @@ case "${1:-}" in
   52)  # twenty-fifth session (carry nothing, ~6 min): 51's winners adopted (TRAIN_FORWARD_AS_INFERENCE, BWD_WY_KK_LATE):
        # every backward test and the model's kernel path on the GPU (one process per test), then train at the new
        # defaults beside the old ones and beside kept states
-    timeout 230 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py tests/model/test_kernel_path.py \
+    timeout 230 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
       -j 12 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
@@ -795,7 +796,7 @@ case "${1:-}" in
        # 168: 3 programs per SM, 444 B spilled offline; dq/dk at 128 with 2 stages: 2 per SM, 456 B). Their tests on
        # the GPU, then train at 4 x 4k and 1 x 16k, ours only. (Ran 2026-12-06: all lost; BWD_DQ_NORM_IN_DQK was removed
        # after, with its "qn" and "qn_dw2" variants here.)
-    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "dqk_makes_dw or kk_late" \
+    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "dqk_makes_dw or kk_late" \
       -j 10 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
@@ -813,7 +814,7 @@ case "${1:-}" in
   56)  # twenty-sixth session (carry nothing, ~3 min): the WY kernel without k k^T (gdn_chunk_bwd.BWD_WY_KK_FREE: beta's
        # and G's shares through A from the E k and E^T (beta k) products dk needs; two [64, 64] products fewer a
        # program): its tests on the GPU, then train, alone and with BWD_DQK_DW (the WY kernel at 236 registers)
-    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "kk_free or wy_key_blocks" \
+    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "kk_free or wy_key_blocks" \
       -j 10 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
@@ -825,7 +826,7 @@ case "${1:-}" in
        # (gdn_chunk_bwd.BWD_AQK_FROM_FORWARD: dv_local reads it, 154 -> 62 registers offline, and the dq/dk kernel drops
        # its q k^T product): the tests on the GPU, then train (9B 4 x 4k is where the forward fuses; 0.8B 4 x 4k does
        # not, so it should be even there)
-    timeout 100 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "aqk or misshaped" \
+    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk or misshaped" \
       -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
@@ -836,7 +837,7 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
     ;;
   57q)  # 57 within ~4 min of device time (after refusals): the aqk tests, then train at 9B heads only (0.8B 4 x 4k's
         # forward does not fuse, so no aqk is made there)
-    timeout 90 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk_bwd.py -k "aqk" -j 8 \
+    timeout 90 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk" -j 8 \
       > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
