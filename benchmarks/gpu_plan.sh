@@ -41,7 +41,7 @@
 #   bash benchmarks/gpu_plan.sh 54  # carry nothing: the dq/dk kernel's dw and q-norm options, register caps; train
 #   bash benchmarks/gpu_plan.sh 56  # carry nothing: the WY kernel without k k^T (BWD_WY_KK_FREE); train
 #   bash benchmarks/gpu_plan.sh 57  # carry nothing: the forward's aqk kept for the backward (BWD_AQK_FROM_FORWARD); q/k norm launch
-#   bash benchmarks/gpu_plan.sh 57q # carry nothing: 57 at 9B heads only, within ~4 min
+#   bash benchmarks/gpu_plan.sh 57q # carry nothing: 57 at 9B heads, 4 x 4k, within ~3 min
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 #   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
 #   bash benchmarks/gpu_plan.sh 39  # carry .whl2 right after 38: FlashQLA's backward kernel by kernel
@@ -835,13 +835,12 @@ case "${1:-}" in
 gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
-  57q)  # 57 within ~4 min of device time (after refusals): the aqk tests, then train at 9B heads only (0.8B 4 x 4k's
-        # forward does not fuse, so no aqk is made there)
-    timeout 90 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk" -j 8 \
-      > "$OUT/gpu_tests.log" 2>&1
+  57q)  # 57 within ~3 min of device time (after refusals): the aqk tests, then train at 9B heads, 4 x 4k only (0.8B
+        # 4 x 4k's forward does not fuse, so no aqk is made there)
+    timeout 70 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk" -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
-    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 9B \
+    timeout 100 python3 benchmarks/bench_gdn.py --quick --no-peers --kinds train --models 9B \
       --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,\
 gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
