@@ -40,7 +40,7 @@
 #   bash benchmarks/gpu_plan.sh 36  # carry .whl (a first call), then .whl2: per-kernel profile of ours, fla, FlashQLA
 #   bash benchmarks/gpu_plan.sh 54  # carry nothing: the dq/dk kernel's dw and q-norm options, register caps; train
 #   bash benchmarks/gpu_plan.sh 56  # carry nothing: the WY kernel without k k^T (BWD_WY_KK_FREE); train
-#   bash benchmarks/gpu_plan.sh 57  # carry nothing: the forward's aqk kept for the backward (BWD_AQK_FROM_FORWARD); q/k norm launch
+#   bash benchmarks/gpu_plan.sh 57  # carry nothing (~6 min): aqk from the forward; the q/k norm fused (0.8B) or its launch
 #   bash benchmarks/gpu_plan.sh 57q # carry nothing: 57 at 9B heads, 4 x 4k, within ~3 min
 #   bash benchmarks/gpu_plan.sh 37  # carry nothing: raw q, k into the fused pass (RAW_QK_IN_PASS), tests, forward
 #   bash benchmarks/gpu_plan.sh 38  # carry .whl: dv_local in the dH pass (BWD_DV_LOCAL_IN_DH), train vs fla, profile
@@ -822,17 +822,18 @@ case "${1:-}" in
       "kkfree_dw:gdn_chunk_bwd.BWD_WY_KK_FREE=True,gdn_chunk_bwd.BWD_DQK_DW=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
-  57)  # next session (carry nothing, ~3 min): training's forward keeps its aqk for the backward
+  57)  # next session (carry nothing, ~6 min): training's forward keeps its aqk for the backward
        # (gdn_chunk_bwd.BWD_AQK_FROM_FORWARD: dv_local reads it, 154 -> 62 registers offline, and the dq/dk kernel drops
-       # its q k^T product): the tests on the GPU, then train (9B 4 x 4k is where the forward fuses; 0.8B 4 x 4k does
-       # not, so it should be even there)
-    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk or misshaped" \
+       # its q k^T product; 9B 4 x 4k and 1 x 16k are where training's forward fuses, 0.8B 4 x 4k's does not, so it
+       # should be even there); BWD_QK_NORM_FUSED (0.8B heads only, one value head per key head: no norm launch; even
+       # at 9B by construction); the norm kernel at 64 rows and 8 warps. The tests on the GPU, then train, ours only.
+    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk or misshaped or norm_fused" \
       -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
     sleep 2
-    timeout 260 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
-      --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,\
-gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
+    timeout 400 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+      --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "nf:gdn_chunk_bwd.BWD_QK_NORM_FUSED=True" \
+      "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
   57q)  # 57 within ~3 min of device time (after refusals): the aqk tests, then train at 9B heads, 4 x 4k only (0.8B

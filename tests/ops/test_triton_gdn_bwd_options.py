@@ -182,6 +182,39 @@ def test_bwd_wy_kk_free(poisoned, monkeypatch, case):
           cu_seqlens=case_inputs[0])
 
 
+# (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_WY_BK)
+NORM_FUSED_CASES = {
+    "bf16-whole-row-wy": (2, 70, 2, 2, 32, 32, torch.bfloat16, None, 64),
+    "bf16-packed-key-blocks": (1, 130, 2, 2, 64, 32, torch.bfloat16, [0, 5, 69, 130], 32),
+    "fp32-key-blocks": (1, 70, 1, 1, 64, 32, torch.float32, None, 32),
+    "bf16-grouped": (1, 70, 1, 2, 32, 32, torch.bfloat16, None, 64),  # the norm kernel still runs
+}
+
+
+@pytest.mark.parametrize("case", sorted(NORM_FUSED_CASES))
+def test_bwd_qk_norm_fused(poisoned, monkeypatch, case):
+    """gdn_chunk_bwd.BWD_QK_NORM_FUSED: where each key head has one value head, the norm kernel does not launch (the
+    dq/dk and WY kernels take dq and dk through the L2 norms), the gradients are the default's up to rounding and
+    pass the float64 check; with grouped value heads the norm kernel runs as before."""
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    batch, length, key_heads, value_heads, dk, dv, dtype, offsets, block = NORM_FUSED_CASES[case]
+    case_inputs = blocked_case_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, offsets)
+    monkeypatch.setattr(gdn_chunk_bwd, "BWD_WY_BK", block)
+    default = grads_with(monkeypatch, "BWD_QK_NORM_FUSED", False, case_inputs)
+    launched = []
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_qk_norm_kernel", lambda kwargs: "norm", launched)
+    record_launches(monkeypatch, gdn_chunk_bwd, "chunk_gdn_bwd_dqk_kernel", lambda kwargs: kwargs["NORM_Q"], launched)
+    wy = "chunk_gdn_bwd_wy_kernel" if block >= dk else "chunk_gdn_bwd_wy_kblocked_kernel"
+    record_launches(monkeypatch, gdn_chunk_bwd, wy, lambda kwargs: kwargs["NORM_K"], launched)
+    fused = grads_with(monkeypatch, "BWD_QK_NORM_FUSED", True, case_inputs)
+    assert launched == ([False, False, "norm"] if key_heads < value_heads else [True, True])
+    for name, x, y in zip(NAMES, fused, default):
+        assert rel_err(x, y.double()) <= (1e-5 if dtype == torch.float32 else 5e-3), name
+    check(batch, length, key_heads, value_heads, dk, dv, dtype, with_state=True, with_dht=True,
+          cu_seqlens=case_inputs[0])
+
+
 # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, BWD_DQK_BK, BWD_WY_BK)
 DQK_BLOCKED_CASES = {
     "fp32-two-blocks-whole-row-wy": (1, 130, 1, 2, 64, 32, torch.float32, None, 32, None),

@@ -20,7 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_common import (
+    _chunk_bounds, _chunk_log_decay, _l2norm_bwd, _l2norm_rows, _load_rows, _store_rows,
+)
 
 
 @triton.jit
@@ -108,6 +110,7 @@ def chunk_gdn_bwd_wy_kernel(
     DW_GIVEN: tl.constexpr,
     NKD: tl.constexpr,
     E_SCRATCH: tl.constexpr,
+    NORM_K: tl.constexpr = False,  # (H == HV) dk taken through k's L2 norm: dk is k's gradient (`BWD_QK_NORM_FUSED`)
 ):
     """dw = -dv_new h^T (or read, DW_GIVEN), the WY backward and the gates' chain rules; the dq/dk kernel's shares of
     dk and dG are added last, so they are not held through the products."""
@@ -180,6 +183,9 @@ def chunk_gdn_bwd_wy_kernel(
                    input_precision=DOT_PRECISION)
     p_dk = dk + bos * HV * K + i_h * K
     b_dk += _load_rows(p_dk, i_s, T, HV * K, K, BT, BK)
+    if NORM_K:  # (dn in dk's dtype first, as the norm kernel reads it)
+        b_dk = _l2norm_bwd(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK),
+                           b_dk.to(dk.dtype.element_ty))
     _store_rows(p_dk, b_dk, i_s, T, HV * K, K, BT, BK)
 
     _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, stride_dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t,
@@ -231,6 +237,9 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     # sum_j E_ji beta_j (k_j . k_i) = k_i . (E^T (beta k))_i, and pass 2 makes E k and E^T (beta k) for dk anyway
     # (E in the input dtype there, as dk takes it)
     KK_FREE: tl.constexpr = False,
+    # (H == HV) dk taken through k's L2 norm (`gdn_chunk_bwd.BWD_QK_NORM_FUSED`): pass 2 sums each row's n . dn over
+    # the blocks (n = l2norm(k), dn the block's final dk in dk's dtype), and a third pass rewrites the blocks
+    NORM_K: tl.constexpr = False,
 ):
     """`chunk_gdn_bwd_wy_kernel`'s results with the key columns in blocks of BKW (see the module's docstring)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -313,9 +322,10 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     tl.debug_barrier()  # pass 1's dk is read back by other threads than those that stored it
     b_EdT = _transposed(b_Ed, e_scratch, i_tg, i_h, HV, BT, E_SCRATCH)
     # pass 2: dk += E k beta + E^T (k beta) (and with KK_IN_PASS2, k k^T from the same key blocks)
+    b_ndn = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BKW)):
-        b_kd = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
-                * b_rk[:, None]).to(dtype)
+        b_kn = _load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32) * b_rk[:, None]
+        b_kd = b_kn.to(dtype)
         b_kf = b_kd.to(tl.float32)
         b_Ek = tl.dot(b_Ed, b_kd, input_precision=DOT_PRECISION)
         b_ETk = tl.dot(b_EdT, (b_kf * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
@@ -327,6 +337,8 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
             b_kk += tl.dot(b_kd, tl.trans(b_kd), input_precision=DOT_PRECISION)
         b_dk = b_Ek * b_beta[:, None] + b_ETk
         b_dk += _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW).to(tl.float32)
+        if NORM_K:
+            b_ndn += tl.sum(b_kn * b_dk.to(dk.dtype.element_ty).to(tl.float32), axis=1)
         _store_rows(p_dk + i_k * BKW, b_dk, i_s, T, HV * K, K - i_k * BKW, BT, BKW)
     if not KK_FREE:  # (k k^T summed in pass 1 or pass 2)
         b_dbeta += tl.sum(b_E * b_kk, axis=1)
@@ -335,3 +347,11 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
 
     _wy_gate_grads(b_dG, b_dbeta, b_g, b_dg_dx, b_beta, dG, stride_dG, da, db, dA_log, ddt_bias, bos, i_tg, i_h, o_t,
                    m_t, HV, NKD)
+    if NORM_K:  # pass 3: dk = r (dn - n (n . dn)) over the blocks
+        tl.debug_barrier()  # pass 2's dk is read back by other threads than those that stored it
+        for i_k in range(0, tl.cdiv(K, BKW)):
+            b_kn = (_load_rows(p_k + i_k * BKW, i_s, T, stride_k, K - i_k * BKW, BT, BKW).to(tl.float32)
+                    * b_rk[:, None])
+            b_dn = _load_rows(p_dk + i_k * BKW, i_s, T, HV * K, K - i_k * BKW, BT, BKW).to(tl.float32)
+            _store_rows(p_dk + i_k * BKW, (b_dn - b_kn * b_ndn[:, None]) * b_rk[:, None], i_s, T, HV * K,
+                        K - i_k * BKW, BT, BKW)

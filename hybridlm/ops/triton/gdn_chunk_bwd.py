@@ -21,7 +21,7 @@ chunk_gated_delta_rule backward:
    exp(G_i - G_j)) for dk, dv, dbeta, dG; the reverse cumsum dG -> dg inside the chunk and the gate chain rules
    (softplus, exp(A_log), sigmoid) -> da, db and per-chunk sums for dA_log, ddt_bias.
 4. `chunk_gdn_bwd_qk_norm_kernel` (parallel): sums dq, dk over the value heads of each key head and takes them
-   through the in-kernel L2 norm.
+   through the in-kernel L2 norm. (With `BWD_QK_NORM_FUSED`, where Hk == Hv, step 3's kernels do this instead.)
 
 The gradients of q and k are carried per value head until step 4, stored in the input dtype (`BWD_QK_GRAD_DTYPE`);
 every accumulation is fp32; w, u, h, v_new, dv_new and the per-chunk dH are stored in the input dtype too (as the
@@ -45,7 +45,9 @@ from hybridlm.ops.triton.gdn_bwd_dqk import (
 )
 from hybridlm.ops.triton.gdn_bwd_dh import chunk_gdn_bwd_dh_kernel, chunk_gdn_bwd_dv_local_kernel
 from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chunk_gdn_bwd_wy_kernel
-from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_common import (
+    _chunk_bounds, _chunk_log_decay, _l2norm_bwd, _l2norm_rows, _load_rows, _store_rows,
+)
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import (
     HOPPER_FIXED_TRITON, cdiv, descriptor, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks,
@@ -88,6 +90,7 @@ def chunk_gdn_bwd_dqk_kernel(
     DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
     WITH_DW: tl.constexpr = False,  # also dw = -dv_new h^T (`BWD_DQK_DW`)
     A_GIVEN: tl.constexpr = False,  # aqk read instead of q k^T made (`BWD_AQK_FROM_FORWARD`)
+    NORM_Q: tl.constexpr = False,  # (H == HV) dq taken through q's L2 norm here: dq is q's gradient (`BWD_QK_NORM_FUSED`)
 ):
     """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -131,7 +134,11 @@ def chunk_gdn_bwd_dqk_kernel(
     else:
         b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION)
     # q entered as l2norm(q) * scale
-    _store_rows(dq + bos * HV * K + i_h * K, b_dq * scale, i_s, T, HV * K, K, BT, BK)
+    b_dq = b_dq * scale
+    if NORM_Q:  # (dn in dq's dtype first, as the norm kernel reads it)
+        b_dq = _l2norm_bwd(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK),
+                           b_dq.to(dq.dtype.element_ty))
+    _store_rows(dq + bos * HV * K + i_h * K, b_dq, i_s, T, HV * K, K, BT, BK)
     _store_rows(dk + bos * HV * K + i_h * K, b_dk, i_s, T, HV * K, K, BT, BK)
     tl.store(dG + bos * HV + i_h + o_t * HV, b_dG, mask=m_t)
 
@@ -139,14 +146,11 @@ def chunk_gdn_bwd_dqk_kernel(
 @triton.jit
 def _l2norm_bwd_rows(x, dn, dx, i_r, NR, stride_x, i_hk, HV: tl.constexpr, GROUP: tl.constexpr,
                      K: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
-    """dx = r (dn - n (n . dn)) for n = x r, r = rsqrt(sum(x^2) + 1e-6); dn summed over the group's value heads."""
-    b_x = _load_rows(x + i_hk * K, i_r, NR, stride_x, K, BR, BK).to(tl.float32)
-    b_r = tl.rsqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)
-    b_n = b_x * b_r[:, None]
+    """x's gradient through its L2 norm (`_l2norm_bwd`), dn summed over the group's value heads."""
     b_dn = tl.zeros([BR, BK], dtype=tl.float32)
     for i_g in range(0, GROUP):
         b_dn += _load_rows(dn + (i_hk * GROUP + i_g) * K, i_r, NR, HV * K, K, BR, BK)
-    b_dx = (b_dn - b_n * tl.sum(b_n * b_dn, axis=1)[:, None]) * b_r[:, None]
+    b_dx = _l2norm_bwd(_load_rows(x + i_hk * K, i_r, NR, stride_x, K, BR, BK), b_dn)
     _store_rows(dx + i_hk * K, b_dx, i_r, NR, (HV // GROUP) * K, K, BR, BK)
 
 
@@ -318,6 +322,11 @@ BWD_QK_GRAD_DTYPE = "input"
 # The q/k L2-norm backward's token rows per program and warps (0.177 ms at 9B heads, B = 4, T = 4k on an H100, where
 # its bytes alone take ~0.10 ms: timed against 64 rows and 8 warps by `gpu_plan.sh 57`).
 BWD_QK_NORM_ROWS, BWD_QK_NORM_WARPS = 32, 4
+# Where each key head has one value head (0.8B, 2B, the bundled model) and the dq/dk kernel holds whole rows, step 4
+# runs inside step 3: the dq/dk kernel takes dq through q's L2 norm and the WY kernel takes dk through k's (the
+# key-blocked one by a third pass over its blocks), so no norm launch and no per-value-head copies are read back
+# (~270 MB less traffic at 0.8B heads, B = 4, T = 4k). Untimed.
+BWD_QK_NORM_FUSED = False
 # Keep the forward's w, h and v_new for the backward instead of recomputing them (the w/u and state-pass launches,
 # 0.17 + 0.28 ms of the 2.49 ms backward at 9B heads, B = 4, T = 4k, on an H200). They cost 2 (dk + dv + dk dv / 64)
 # bytes per token and value head in 16-bit (1 KB at dk = dv = 128: 512 MB per layer for 16k tokens at 9B heads),
@@ -471,6 +480,8 @@ def chunk_gdn_bwd(
     ddt_bias = torch.empty_like(dA_log)
     dqk_stages = 2 if dtype == torch.float32 else BWD_DQK_STAGES  # fp32 tiles: 3 stages were never run
     BKQ = max(dqk_narrowest_block(device), min(BK, BWD_DQK_BK)) if BWD_DQK_BK is not None else dk
+    norm_fused = (BWD_QK_NORM_FUSED and key_heads == value_heads and BKQ >= dk and grad_dtype == dtype
+                  and q.dtype == k.dtype == dtype)
     if BKQ >= dk:
         num_shares = 1
         dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device) if BWD_DQK_DW else None
@@ -478,7 +489,7 @@ def chunk_gdn_bwd(
         chunk_gdn_bwd_dqk_kernel[chunk_grid](
             q, k, g_cumsum, h, dh, v_new, do, dv_new, dw, dq_n, dk_n, dG, aqk, cu_seqlens, chunk_indices, scale,
             length, q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS,
-            WITH_DW=BWD_DQK_DW, A_GIVEN=aqk is not None, num_warps=BWD_DQK_WARPS,
+            WITH_DW=BWD_DQK_DW, A_GIVEN=aqk is not None, NORM_Q=norm_fused, num_warps=BWD_DQK_WARPS,
             num_stages=dqk_stages, **common,
             **({} if BWD_DQK_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_MAXNREG)))
     else:  # key blocks; dw made here, and each block's share of dG
@@ -495,7 +506,7 @@ def chunk_gdn_bwd(
                  if BWD_WY_E_SCRATCH else None)  # [NT, Hv, 64, 64]
     wy_args = (k, v, a, b, A_log, dt_bias, g_cumsum, x_inv, h, dv_new, dw, dk_n, dG, dv_out, da, db, dA_log, ddt_bias,
                e_scratch, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1), batch * length * value_heads)
-    wy_flags = dict(DW_GIVEN=dw is not None, NKD=num_shares, E_SCRATCH=BWD_WY_E_SCRATCH)
+    wy_flags = dict(DW_GIVEN=dw is not None, NKD=num_shares, E_SCRATCH=BWD_WY_E_SCRATCH, NORM_K=norm_fused)
     BKW = max(32, min(BK, BWD_WY_BK)) if BWD_WY_BK is not None else dk
     if BKW >= dk:
         chunk_gdn_bwd_wy_kernel[chunk_grid](*wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS, num_stages=dqk_stages,
@@ -508,6 +519,9 @@ def chunk_gdn_bwd(
             num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common,
             **({} if BWD_WY_KB_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_WY_KB_MAXNREG)))
 
+    if norm_fused:  # (step 4 ran inside step 3)
+        return dict(dq=dq_n, dk=dk_n, dv=dv_out, da=da, db=db, dA_log=dA_log.sum(0), ddt_bias=ddt_bias.sum(0),
+                    dh0=dh0)
     rows, BR = batch * length, BWD_QK_NORM_ROWS
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
     dk_out = torch.empty_like(dq)

@@ -40,6 +40,15 @@ def _l2norm_rows_rsqrt(b_x):
 
 
 @triton.jit
+def _l2norm_bwd(b_x, b_dn):
+    """The gradient of x given dn, the gradient of n = l2norm(x) = x r with r = rsqrt(sum(x^2) + 1e-6):
+    r (dn - n (n . dn)) per row, in fp32."""
+    b_n, b_r = _l2norm_rows_rsqrt(b_x)
+    b_dn = b_dn.to(tl.float32)
+    return (b_dn - b_n * tl.sum(b_n * b_dn, axis=1)[:, None]) * b_r[:, None]
+
+
+@triton.jit
 def _gates(a, b, b_A, b_dt_bias, i_s, T, HV: tl.constexpr, BR: tl.constexpr):
     """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) for rows i_s .. i_s + BR (0 past T), fp32.
 
