@@ -90,7 +90,7 @@ def chunk_gdn_bwd_dqk_kernel(
     DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
     WITH_DW: tl.constexpr = False,  # also dw = -dv_new h^T (`BWD_DQK_DW`)
     A_GIVEN: tl.constexpr = False,  # aqk read instead of q k^T made (`BWD_AQK_FROM_FORWARD`)
-    NORM_Q: tl.constexpr = False,  # (H == HV) dq taken through q's L2 norm here: dq is q's gradient (`BWD_QK_NORM_FUSED`)
+    NORM_Q: tl.constexpr = False,  # (H == HV) dq taken through q's L2 norm: dq is q's gradient (`BWD_QK_NORM_FUSED`)
 ):
     """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -319,8 +319,8 @@ BWD_AQK_FROM_FORWARD = False
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
 BWD_QK_GRAD_DTYPE = "input"
-# The q/k L2-norm backward's token rows per program and warps (0.177 ms at 9B heads, B = 4, T = 4k on an H100, where
-# its bytes alone take ~0.10 ms: timed against 64 rows and 8 warps by `gpu_plan.sh 57`).
+# The q/k L2-norm backward's token rows per program and warps (0.177 ms at 9B heads, B = 4, T = 4k on an H100, about
+# what its 536 MB take at the copy rate, so little is expected: 64 rows and 8 warps are timed by `gpu_plan.sh 57`).
 BWD_QK_NORM_ROWS, BWD_QK_NORM_WARPS = 32, 4
 # Where each key head has one value head (0.8B, 2B, the bundled model) and the dq/dk kernel holds whole rows, step 4
 # runs inside step 3: the dq/dk kernel takes dq through q's L2 norm and the WY kernel takes dk through k's (the
