@@ -86,6 +86,17 @@ gdn_tests_then_forward() {
     grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_$model.log" | cut -c1-150
   done
 }
+# the backward GPU tests that -k "$2" selects (one process each, `timeout $1`), then train (ours only) with the
+# remaining arguments given to bench_gdn.py under `timeout $3`
+bwd_tests_then_train() {
+  local tests_timeout=$1 keyword=$2 train_timeout=$3
+  shift 3
+  timeout "$tests_timeout" python3 benchmarks/gpu_tests.py $BWD_TESTS -k "$keyword" -j 8 > "$OUT/gpu_tests.log" 2>&1
+  grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
+  sleep 2
+  timeout "$train_timeout" python3 benchmarks/bench_gdn.py --no-peers --kinds train "$@" > "$OUT/train.log" 2>&1
+  grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+}
 # the ninth session's untimed options, as bench_gdn.py --variant rows
 VARIANTS_FOLD="fold:gdn_chunk.FOLD_WU_INTO_H=True"
 VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
@@ -796,15 +807,10 @@ case "${1:-}" in
        # 168: 3 programs per SM, 444 B spilled offline; dq/dk at 128 with 2 stages: 2 per SM, 456 B). Their tests on
        # the GPU, then train at 4 x 4k and 1 x 16k, ours only. (Ran 2026-12-06: all lost; BWD_DQ_NORM_IN_DQK was removed
        # after, with its "qn" and "qn_dw2" variants here.)
-    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "dqk_makes_dw or kk_late" \
-      -j 10 > "$OUT/gpu_tests.log" 2>&1
-    grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
-    sleep 2
-    timeout 420 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+    bwd_tests_then_train 100 "dqk_makes_dw or kk_late" 420 \
       --variant "dw:gdn_chunk_bwd.BWD_DQK_DW=True" "dw2:gdn_chunk_bwd.BWD_DQK_DW=True,gdn_chunk_bwd.BWD_DQK_STAGES=2" \
       "wy168:gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" \
-      "dqk128:gdn_chunk_bwd.BWD_DQK_MAXNREG=128,gdn_chunk_bwd.BWD_DQK_STAGES=2" > "$OUT/train.log" 2>&1
-    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+      "dqk128:gdn_chunk_bwd.BWD_DQK_MAXNREG=128,gdn_chunk_bwd.BWD_DQK_STAGES=2"
     ;;
   55)  # twenty-sixth session (carry .whl2 right after an install call): the 0.8B train row against fla and FlashQLA
        # in one process (43 was cut off before it)
@@ -814,37 +820,23 @@ case "${1:-}" in
   56)  # twenty-sixth session (carry nothing, ~3 min): the WY kernel without k k^T (gdn_chunk_bwd.BWD_WY_KK_FREE: beta's
        # and G's shares through A from the E k and E^T (beta k) products dk needs; two [64, 64] products fewer a
        # program): its tests on the GPU, then train, alone and with BWD_DQK_DW (the WY kernel at 236 registers)
-    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "kk_free or wy_key_blocks" \
-      -j 10 > "$OUT/gpu_tests.log" 2>&1
-    grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
-    sleep 2
-    timeout 240 python3 benchmarks/bench_gdn.py --no-peers --kinds train --variant "kkfree:gdn_chunk_bwd.BWD_WY_KK_FREE=True" \
-      "kkfree_dw:gdn_chunk_bwd.BWD_WY_KK_FREE=True,gdn_chunk_bwd.BWD_DQK_DW=True" > "$OUT/train.log" 2>&1
-    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+    bwd_tests_then_train 100 "kk_free or wy_key_blocks" 240 --variant "kkfree:gdn_chunk_bwd.BWD_WY_KK_FREE=True" \
+      "kkfree_dw:gdn_chunk_bwd.BWD_WY_KK_FREE=True,gdn_chunk_bwd.BWD_DQK_DW=True"
     ;;
   57)  # next session (carry nothing, ~6 min): training's forward keeps its aqk for the backward
        # (gdn_chunk_bwd.BWD_AQK_FROM_FORWARD: dv_local reads it, 154 -> 62 registers offline, and the dq/dk kernel drops
        # its q k^T product; 9B 4 x 4k and 1 x 16k are where training's forward fuses, 0.8B 4 x 4k's does not, so it
        # should be even there); BWD_QK_NORM_FUSED (0.8B heads only, one value head per key head: no norm launch; even
        # at 9B by construction); the norm kernel at 64 rows and 8 warps. The tests on the GPU, then train, ours only.
-    timeout 100 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk or misshaped or norm_fused" \
-      -j 8 > "$OUT/gpu_tests.log" 2>&1
-    grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
-    sleep 2
-    timeout 400 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+    bwd_tests_then_train 100 "aqk or misshaped or norm_fused" 400 \
       --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "nf:gdn_chunk_bwd.BWD_QK_NORM_FUSED=True" \
-      "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
-    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+      "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
     ;;
   57q)  # 57 within ~3 min of device time (after refusals): the aqk tests, then train at 9B heads, 4 x 4k only (0.8B
         # 4 x 4k's forward does not fuse, so no aqk is made there)
-    timeout 70 python3 benchmarks/gpu_tests.py $BWD_TESTS -k "aqk" -j 8 > "$OUT/gpu_tests.log" 2>&1
-    grep -c '^PASS' "$OUT/gpu_tests.log"; grep '^FAIL\|^SKIP\|passed\|failed' "$OUT/gpu_tests.log" | head -20
-    sleep 2
-    timeout 100 python3 benchmarks/bench_gdn.py --quick --no-peers --kinds train --models 9B \
+    bwd_tests_then_train 70 "aqk" 100 --quick --models 9B \
       --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,\
-gdn_chunk_bwd.BWD_QK_NORM_WARPS=8" > "$OUT/train.log" 2>&1
-    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|57" >&2
