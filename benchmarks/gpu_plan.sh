@@ -805,11 +805,10 @@ case "${1:-}" in
        # offline) and dq summed over the group and through q's norm there (BWD_DQ_NORM_IN_DQK: the per-value-head dq
        # never stored; 160 B spilled offline at 9B heads); register caps on the two largest backward kernels (WY at
        # 168: 3 programs per SM, 444 B spilled offline; dq/dk at 128 with 2 stages: 2 per SM, 456 B). Their tests on
-       # the GPU, then train at 4 x 4k and 1 x 16k, ours only. (Ran 2026-12-06: all lost; BWD_DQ_NORM_IN_DQK was removed
-       # after, with its "qn" and "qn_dw2" variants here.)
-    bwd_tests_then_train 100 "dqk_makes_dw or kk_late" 420 \
-      --variant "dw:gdn_chunk_bwd.BWD_DQK_DW=True" "dw2:gdn_chunk_bwd.BWD_DQK_DW=True,gdn_chunk_bwd.BWD_DQK_STAGES=2" \
-      "wy168:gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" \
+       # the GPU, then train at 4 x 4k and 1 x 16k, ours only. (Ran 2026-12-06: all lost; BWD_DQ_NORM_IN_DQK and
+       # BWD_DQK_DW were removed after, with their "qn", "qn_dw2", "dw" and "dw2" variants here.)
+    bwd_tests_then_train 100 "kk_late" 420 \
+      --variant "wy168:gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168" \
       "dqk128:gdn_chunk_bwd.BWD_DQK_MAXNREG=128,gdn_chunk_bwd.BWD_DQK_STAGES=2"
     ;;
   55)  # twenty-sixth session (carry .whl2 right after an install call): the 0.8B train row against fla and FlashQLA
@@ -819,9 +818,8 @@ case "${1:-}" in
     ;;
   56)  # twenty-sixth session (carry nothing, ~3 min): the WY kernel without k k^T (gdn_chunk_bwd.BWD_WY_KK_FREE: beta's
        # and G's shares through A from the E k and E^T (beta k) products dk needs; two [64, 64] products fewer a
-       # program): its tests on the GPU, then train, alone and with BWD_DQK_DW (the WY kernel at 236 registers)
-    bwd_tests_then_train 100 "kk_free or wy_key_blocks" 240 --variant "kkfree:gdn_chunk_bwd.BWD_WY_KK_FREE=True" \
-      "kkfree_dw:gdn_chunk_bwd.BWD_WY_KK_FREE=True,gdn_chunk_bwd.BWD_DQK_DW=True"
+       # program): its tests on the GPU, then train (its variant with BWD_DQK_DW went with that option)
+    bwd_tests_then_train 100 "kk_free or wy_key_blocks" 240 --variant "kkfree:gdn_chunk_bwd.BWD_WY_KK_FREE=True"
     ;;
   57)  # next session (carry nothing, ~6 min): training's forward keeps its aqk for the backward
        # (gdn_chunk_bwd.BWD_AQK_FROM_FORWARD: dv_local reads it, 154 -> 62 registers offline, and the dq/dk kernel drops
@@ -838,8 +836,15 @@ case "${1:-}" in
       --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,\
 gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
     ;;
+  58)  # twenty-eighth session (carry nothing, ~4 min): BWD_QK_NORM_FUSED became the default (57: 0.8B train 1.03x);
+       # the backward's tests, the model's kernel path, and the forward's tests whose float64 checks now take the
+       # outputs just made (`check_outputs`, `check_results`) instead of a second run
+    timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
+      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|57" >&2
+    echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2
     ;;
 esac

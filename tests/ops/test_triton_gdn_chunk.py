@@ -62,9 +62,9 @@ def make_inputs(batch, length, key_heads, value_heads, dk, dv, dtype, num_states
     return q, k, v, a, b, A_log, dt_bias, state
 
 
-def reference(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens=None):
+def reference(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens=None, scale=None):
     g, beta = gdn_gates(a.double(), b.double(), A_log.double(), dt_bias.double())
-    return chunk_gated_delta_rule(q.double(), k.double(), v.double(), g, beta,
+    return chunk_gated_delta_rule(q.double(), k.double(), v.double(), g, beta, scale=scale,
                                   initial_state=None if state is None else state.double(),
                                   output_final_state=True, cu_seqlens=cu_seqlens)
 
@@ -72,7 +72,14 @@ def reference(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens=None):
 def check(q, k, v, a, b, A_log, dt_bias, state, dtype, cu_seqlens=None):
     o, final = chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, initial_state=state, output_final_state=True,
                              cu_seqlens=cu_seqlens)
-    o_ref, final_ref = reference(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens)
+    check_outputs({"o": o, "final_state": final}, q, k, v, a, b, A_log, dt_bias, state, dtype, cu_seqlens)
+
+
+def check_outputs(out, q, k, v, a, b, A_log, dt_bias, state, dtype, cu_seqlens=None, scale=None):
+    """A forward's out["o"] and out["final_state"] against the float64 reference (`check` without the run, for tests
+    that have just made them with an option set)."""
+    o, final = out["o"], out["final_state"]
+    o_ref, final_ref = reference(q, k, v, a, b, A_log, dt_bias, state, cu_seqlens, scale)
     assert o.shape == o_ref.shape and o.dtype == v.dtype
     assert final.shape == final_ref.shape and final.dtype == torch.float32
     assert rel_err(o, o_ref) <= TOLERANCE[dtype]
@@ -315,7 +322,7 @@ def test_fold_wu_into_the_state_pass(poisoned, monkeypatch, case, with_state):
     for name in ("o", "final_state", "h", "v_new"):  # (h is all zeros at one token without a state)
         x, ref = folded[name].double().cpu(), plain[name].double().cpu()
         assert torch.isfinite(x).all() and (x - ref).norm() <= 1e-2 * ref.norm(), name
-    check(*inputs, state, dtype, cu_seqlens=cu_seqlens)
+    check_outputs(folded, *inputs, state, dtype, cu_seqlens=cu_seqlens)
 
 
 FUSED_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seqlens, fold)
@@ -364,7 +371,7 @@ def test_output_fused_into_the_state_pass(poisoned, monkeypatch, case, with_stat
     # token at bf16 with states: 1.01e-3 on an H100, 2026-12-05); within one bf16 unit (2^-8) as a whole
     for name in ("o", "final_state"):
         assert rel_err(fused[name], plain[name].double()) <= (1e-6 if dtype == torch.float32 else 2 ** -8), name
-    check(*inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"])  # through chunk_gdn_fwd, fused too
+    check_outputs(fused, *inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"], scale=args["scale"])
 
 
 @pytest.mark.parametrize("case, with_state", [("bf16-fold", True), ("bf16-one-token", True), ("bf16-packed", False),
@@ -397,7 +404,7 @@ def test_row_norms_in_the_fused_pass(poisoned, monkeypatch, case, with_state):
     assert launched == [("w/u", True, False, False), ("pass", True, False, True)]  # (the prefetch follows them)
     for name in ("o", "final_state"):
         assert rel_err(rows[name], normed[name].double()) <= 2 ** -8, name
-    check(*inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"])
+    check_outputs(rows, *inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"], scale=args["scale"])
 
 
 @pytest.mark.parametrize("cut", [False, True])
@@ -518,7 +525,7 @@ def test_no_fold_where_it_faulted(poisoned, monkeypatch, dk, dv, fused, folds):
     monkeypatch.setattr(gdn_chunk, "hopper_miscompiles", lambda device: True)
     out = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
     assert (out["w"] is None) == folds and (out["h"] is None) == fused
-    check(*inputs, state, torch.bfloat16)
+    check_outputs(out, *inputs, state, torch.bfloat16)
 
 
 def test_output_fused_after_the_one_launch_prepare(poisoned, monkeypatch):
@@ -591,4 +598,4 @@ def test_fold_wu_leaves_fp32_alone(poisoned, monkeypatch):
     out = gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state, output_final_state=True,
                                    cu_seqlens=None)
     assert out["w"] is not None
-    check(*inputs, state, torch.float32)
+    check_outputs(out, *inputs, state, torch.float32)

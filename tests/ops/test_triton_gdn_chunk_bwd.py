@@ -65,18 +65,24 @@ def check(batch, length, key_heads, value_heads, dk, dv, dtype, *, with_state, w
     leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
     o, final = chunk_gdn(*leaves[:7], initial_state=leaves[7], output_final_state=with_dht, cu_seqlens=cu_seqlens)
     loss_of(o, final, do, dht).backward()
-    o_ref, final_ref, grads_ref = reference_grads(inputs, do, dht, cu_seqlens)
+    check_results(inputs, do, dht, cu_seqlens, o, final if with_dht else None,
+                  [None if leaf is None else leaf.grad for leaf in leaves], dtype)
 
+
+def check_results(inputs, do, dht, cu_seqlens, o, final, grads, dtype):
+    """o, the final state (unless None) and the inputs' gradients (None where an input is) of a kernel run against
+    float64 autograd through the reference."""
+    o_ref, final_ref, grads_ref = reference_grads(inputs, do, dht, cu_seqlens)
     tolerance = TOLERANCE[dtype]
     assert o.dtype == dtype and rel_err(o, o_ref) <= tolerance
-    if with_dht:
+    if final is not None:
         assert rel_err(final, final_ref) <= tolerance
     scales = summed_terms(inputs, grads_ref)
-    for name, leaf, grad_ref in zip(NAMES, leaves, grads_ref):
-        if leaf is None:
+    for name, x, grad, grad_ref in zip(NAMES, inputs, grads, grads_ref):
+        if x is None:
             continue
-        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape, name
-        err = rel_err(leaf.grad, grad_ref)
+        assert grad.dtype == x.dtype and grad.shape == x.shape, name
+        err = rel_err(grad, grad_ref)
         if name in scales:
             err *= (grad_ref.norm() / scales[name].norm()).item()
         assert err <= tolerance, f"d{name}: rel err {err:.2e}"

@@ -21,7 +21,7 @@ chunk_gated_delta_rule backward:
    exp(G_i - G_j)) for dk, dv, dbeta, dG; the reverse cumsum dG -> dg inside the chunk and the gate chain rules
    (softplus, exp(A_log), sigmoid) -> da, db and per-chunk sums for dA_log, ddt_bias.
 4. `chunk_gdn_bwd_qk_norm_kernel` (parallel): sums dq, dk over the value heads of each key head and takes them
-   through the in-kernel L2 norm. (With `BWD_QK_NORM_FUSED`, where Hk == Hv, step 3's kernels do this instead.)
+   through the in-kernel L2 norm. (Where Hk == Hv, step 3's kernels do this instead: `BWD_QK_NORM_FUSED`.)
 
 The gradients of q and k are carried per value head until step 4, stored in the input dtype (`BWD_QK_GRAD_DTYPE`);
 every accumulation is fp32; w, u, h, v_new, dv_new and the per-chunk dH are stored in the input dtype too (as the
@@ -66,8 +66,6 @@ def chunk_gdn_bwd_dqk_kernel(
     dh,  # [NT, HV, K, V]: the gradient of the state leaving each chunk
     v_new,  # [B, T, HV, V]
     do,  # [B, T, HV, V]
-    dv_new,  # [B, T, HV, V] if WITH_DW, else unused
-    dw,  # out [B, T, HV, K] if WITH_DW: -dv_new h^T, for the WY kernel
     dq,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): gradient of l2norm(q), per value head
     dk,  # out [B, T, HV, K] (BWD_QK_GRAD_DTYPE): the output's and the state update's share of d l2norm(k)
     dG,  # out [B, T, HV] fp32: their share of the gradient of the cumulative log decay G
@@ -88,7 +86,6 @@ def chunk_gdn_bwd_dqk_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
-    WITH_DW: tl.constexpr = False,  # also dw = -dv_new h^T (`BWD_DQK_DW`)
     A_GIVEN: tl.constexpr = False,  # aqk read instead of q k^T made (`BWD_AQK_FROM_FORWARD`)
     NORM_Q: tl.constexpr = False,  # (H == HV) dq taken through q's L2 norm: dq is q's gradient (`BWD_QK_NORM_FUSED`)
 ):
@@ -114,11 +111,8 @@ def chunk_gdn_bwd_dqk_kernel(
     p_dh = dh + (i_tg * HV + i_h) * K * V
     p_do = do + bos * HV * V + i_h * V
     p_vn = v_new + bos * HV * V + i_h * V
-    p_dvn = dv_new + bos * HV * V + i_h * V
-    b_dq, b_dk, b_dw, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, p_dvn, o_k, i_s, T, K, V, HV,
-                                                             BT, BK, BV, DOT_PRECISION, WITH_DW, DST_PRODUCT)
-    if WITH_DW:
-        _store_rows(dw + bos * HV * K + i_h * K, b_dw, i_s, T, HV * K, K, BT, BK)
+    b_dq, b_dk, _, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, p_vn, o_k, i_s, T, K, V, HV,
+                                                          BT, BK, BV, DOT_PRECISION, False, DST_PRODUCT)
     if A_GIVEN:
         o_c = tl.arange(0, BT)
         b_Aqk = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
@@ -298,12 +292,9 @@ BWD_WY_E_SCRATCH = False
 BWD_DQK_BK: int | None = None
 BWD_DQK_KB_WARPS, BWD_DQK_KB_STAGES = 4, 2
 BWD_DQK_KB_MAXNREG: int | None = None  # a register cap per thread (Triton's maxnreg), so more programs fit on an SM
-# The whole-row dq/dk kernel (BWD_DQK_BK None) also makes dw = -dv_new h^T from the h tiles it loads, so the WY kernel
-# reads neither h nor does those four products (one more [64, 64] product per V block here; h read once, not twice:
-# 256 MB less at 9B heads, B = 4, T = 4k). Same bits. H100 (2026-12-06, `gpu_plan.sh 54`/`56`): 0.98-1.00x at every
-# train shape, at 2 or 3 stages and beside BWD_WY_KK_FREE (offline the dq/dk kernel reaches 255 registers and spills
-# what the WY kernel saves: 255 -> 236 there).
-BWD_DQK_DW = False
+# (dw = -dv_new h^T made in the whole-row dq/dk kernel from the h tiles it loads, so the WY kernel reads no h (256 MB
+# less at 9B heads, B = 4, T = 4k; `BWD_DQK_DW`), lost on an H100 (2026-12-06, `gpu_plan.sh 54`/`56`): 0.98-1.00x at
+# every train shape (offline the dq/dk kernel reached 255 registers and spilled what the WY kernel saved). Removed.)
 # the whole-row dq/dk kernel's register cap: 128 with 2 stages (2 programs per SM, ~460 B spilled) lost, 0.91-0.92x
 BWD_DQK_MAXNREG: int | None = None
 # (dq summed over each key head's value heads inside the whole-row dq/dk kernel, one program per chunk and key head
@@ -313,20 +304,25 @@ BWD_DQK_MAXNREG: int | None = None
 # Where training's forward made tril(q k^T exp(G_i - G_j)) per chunk for its fused output (aqk [B, T, Hv, 64], the
 # w/u kernel's STORE_AQK), keep it for the backward: the dv_local kernel reads it (transposed) instead of normalising
 # q, k and multiplying them, and the whole-row dq/dk kernel takes dS * A for its share of dG instead of a q k^T
-# product. Costs what x_inv costs: 128 B per token and value head, kept from forward to backward. Untimed.
+# product. Costs what x_inv costs: 128 B per token and value head, kept from forward to backward. H100 (2026-12-07,
+# `gpu_plan.sh 57`), train: 9B heads 4 x 4k 3.036 -> 3.020 ms, 1 x 16k 3.635 -> 3.613 (1.01x); 0.8B 1.00x / 1.01x.
+# Not adopted: half a percent for 4 KB more memory per token and layer at 9B heads.
 BWD_AQK_FROM_FORWARD = False
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
 BWD_QK_GRAD_DTYPE = "input"
 # The q/k L2-norm backward's token rows per program and warps (0.177 ms at 9B heads, B = 4, T = 4k on an H100, about
-# what its 536 MB take at the copy rate, so little is expected: 64 rows and 8 warps are timed by `gpu_plan.sh 57`).
+# what its 536 MB take at the copy rate). 64 rows and 8 warps (H100, 2026-12-07, `gpu_plan.sh 57`): 1.00x at 9B heads,
+# 0.99x at 0.8B heads 1 x 16k.
 BWD_QK_NORM_ROWS, BWD_QK_NORM_WARPS = 32, 4
 # Where each key head has one value head (0.8B, 2B, the bundled model) and the dq/dk kernel holds whole rows, step 4
 # runs inside step 3: the dq/dk kernel takes dq through q's L2 norm and the WY kernel takes dk through k's (the
 # key-blocked one by a third pass over its blocks), so no norm launch and no per-value-head copies are read back
-# (~270 MB less traffic at 0.8B heads, B = 4, T = 4k). Untimed.
-BWD_QK_NORM_FUSED = False
+# (~270 MB less traffic at 0.8B heads, B = 4, T = 4k). H100 (2026-12-07, `gpu_plan.sh 57`), train: 0.8B heads
+# 4 x 4k 1.896 -> 1.837 ms (1.03x), 1 x 16k 2.384 -> 2.356 (1.01x); 9B heads (grouped, so unchanged) 1.00x.
+# False: the norm kernel runs for every head layout.
+BWD_QK_NORM_FUSED = True
 # Keep the forward's w, h and v_new for the backward instead of recomputing them (the w/u and state-pass launches,
 # 0.17 + 0.28 ms of the 2.49 ms backward at 9B heads, B = 4, T = 4k, on an H200). They cost 2 (dk + dv + dk dv / 64)
 # bytes per token and value head in 16-bit (1 KB at dk = dv = 128: 512 MB per layer for 16k tokens at 9B heads),
@@ -484,12 +480,12 @@ def chunk_gdn_bwd(
                   and q.dtype == k.dtype == dtype)
     if BKQ >= dk:
         num_shares = 1
-        dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device) if BWD_DQK_DW else None
+        dw = None  # the WY kernel makes dw from h
         dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
         chunk_gdn_bwd_dqk_kernel[chunk_grid](
-            q, k, g_cumsum, h, dh, v_new, do, dv_new, dw, dq_n, dk_n, dG, aqk, cu_seqlens, chunk_indices, scale,
+            q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, aqk, cu_seqlens, chunk_indices, scale,
             length, q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS,
-            WITH_DW=BWD_DQK_DW, A_GIVEN=aqk is not None, NORM_Q=norm_fused, num_warps=BWD_DQK_WARPS,
+            A_GIVEN=aqk is not None, NORM_Q=norm_fused, num_warps=BWD_DQK_WARPS,
             num_stages=dqk_stages, **common,
             **({} if BWD_DQK_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_MAXNREG)))
     else:  # key blocks; dw made here, and each block's share of dG
