@@ -836,9 +836,14 @@ case "${1:-}" in
       --variant "aqk:gdn_chunk_bwd.BWD_AQK_FROM_FORWARD=True" "r64w8:gdn_chunk_bwd.BWD_QK_NORM_ROWS=64,\
 gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
     ;;
-  58)  # twenty-eighth session (carry nothing, ~4 min): BWD_QK_NORM_FUSED became the default (57: 0.8B train 1.03x);
-       # the backward's tests, the model's kernel path, and the forward's tests whose float64 checks now take the
-       # outputs just made (`check_outputs`, `check_results`) instead of a second run
+  58)  # twenty-eighth session (carry nothing, ~2.5 min): BWD_QK_NORM_FUSED became the default (57: 0.8B train 1.03x):
+       # the backward's tests (their float64 checks now take the run just made, `check_results`) and the model's
+       # kernel path; 58f adds the forward's tests (`check_outputs` likewise)
+    timeout 180 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py -j 14 \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    ;;
+  58f)  # 58 and the forward's tests (~5 min)
     timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
       tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
