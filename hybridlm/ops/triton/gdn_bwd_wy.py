@@ -11,9 +11,9 @@ Two kernels compute the same thing:
   fp32 tiles instead of four [64, dk] ones, for one more read of k and dv_new and a round trip of dk through memory
   (L2). Chosen by `gdn_chunk_bwd.BWD_WY_BK` (64: 9B heads' whole backward 2.67 -> 2.49 ms on an H200; None: the
   first kernel, which also runs where one block would cover dk).
-With DW_GIVEN, either kernel reads dw from the key-blocked dq/dk kernel (`gdn_bwd_dqk.chunk_gdn_bwd_dqkw_kblocked_kernel`)
-instead of making it from h and dv_new (no h read, four fewer products on the chain at 9B heads), and adds that
-kernel's NKD shares of dG.
+With DW_GIVEN, either kernel reads dw from the key-blocked dq/dk kernel
+(`gdn_bwd_dqk.chunk_gdn_bwd_dqkw_kblocked_kernel`) instead of making it from h and dv_new (no h read, four fewer
+products on the chain at 9B heads), and adds that kernel's NKD shares of dG.
 """
 from __future__ import annotations
 

@@ -111,6 +111,7 @@ def chunk_gdn_bwd_dqk_kernel(
     p_dh = dh + (i_tg * HV + i_h) * K * V
     p_do = do + bos * HV * V + i_h * V
     p_vn = v_new + bos * HV * V + i_h * V
+    # (no dw here: its dv_new pointer is never read without WITH_DW, so p_vn stands in)
     b_dq, b_dk, _, b_ds, b_dsT, b_dg_last = _dqk_products(p_h, p_dh, p_do, p_vn, p_vn, o_k, i_s, T, K, V, HV,
                                                           BT, BK, BV, DOT_PRECISION, False, DST_PRODUCT)
     if A_GIVEN:
