@@ -60,6 +60,7 @@
 #                                   # the w/u kernel at 4 warps, the fused pass 128 wide at 8 warps
 #   bash benchmarks/gpu_plan.sh 52  # carry nothing (~6 min): 51's winners adopted: backward GPU tests, train vs old, kept
 #   bash benchmarks/gpu_plan.sh 53  # carry nothing (~2 min): 9B 8k, 2 x 16k cut vs the old rule; train kernel by kernel
+#   bash benchmarks/gpu_plan.sh 59  # carry nothing (~9 min): 58's tests; kkt_solve's recursive inverse: tests, forward
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -842,6 +843,23 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
     timeout 180 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py -j 14 \
       > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    ;;
+  59)  # twenty-ninth session (carry nothing, ~9 min): 58, then kkt_solve's inverse by recursive halving
+       # (gdn_chunk.KKT_RECURSIVE 1: six dependent 16 x 16 products a diagonal block instead of fifteen row steps;
+       # 2: the merges by halves too): its tests (tf32 on the GPU, repeated keys), then the forward
+    timeout 170 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py -j 14 \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt or repeated" -j 8 \
+      > "$OUT/gpu_tests_kkt.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests_kkt.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests_kkt.log")"
+    for model in 9B 0.8B; do
+      timeout 140 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models $model \
+        --variant "rec:gdn_chunk.KKT_RECURSIVE=1" "rec2:gdn_chunk.KKT_RECURSIVE=2" \
+        "rec2w2:gdn_chunk.KKT_RECURSIVE=2,gdn_chunk.KKT_WARPS=2" \
+        > "$OUT/forward_$model.log" 2>&1
+      grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_$model.log" | cut -c1-150
+    done
     ;;
   58f)  # 58 and the forward's tests (~5 min)
     timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \

@@ -146,6 +146,8 @@ PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the pre
     "fused": dict(KKT_PREPARE=False),
     "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False),
     "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True),
+    "kkt-recursive": dict(KKT_PREPARE=True, KKT_RECURSIVE=1),
+    "kkt-recursive2": dict(KKT_PREPARE=True, KKT_RECURSIVE=2),
 }
 
 
@@ -182,9 +184,10 @@ def x_written(x_inv, cu_seqlens):
     return lower[None, :, None, :].expand_as(x_inv)
 
 
-# the default (interleaved) in every case; the plain inverse loop in two (the suite's time)
+# the default (interleaved) in every case; the plain inverse loop and the recursive one in two (the suite's time)
 @pytest.mark.parametrize("variant, case", [("kkt-interleaved", case) for case in ("fp32", "bf16", "heads", "packed")]
-                         + [("kkt", "bf16"), ("kkt", "packed")])
+                         + [("kkt", "bf16"), ("kkt", "packed"), ("kkt-recursive", "packed"), ("kkt-recursive2", "fp32"),
+                            ("kkt-recursive2", "packed")])
 def test_kkt_prepare_matches_the_fused_one(poisoned, monkeypatch, variant, case):
     """KKT_PREPARE (the Gram matrix over key slices with the norms from its diagonal, the inverse, then w, u from
     the stored X) gives the fused prepare kernel's outputs and intermediates (g_cumsum, w, u, h, v_new, and X in the
@@ -208,6 +211,34 @@ def test_kkt_prepare_matches_the_fused_one(poisoned, monkeypatch, variant, case)
     assert rel_err(ours["x_inv"][lower], fused["x_inv"][lower]) <= tolerance
     assert ours["x_inv"][~lower].isnan().all()
     check_outputs(ours, *inputs, dtype, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("variant", ["kkt-interleaved", "kkt-recursive", "kkt-recursive2"])
+def test_kkt_inverse_of_repeated_keys(variant, monkeypatch):
+    """X = (I + A)^-1 where its power series grows most: one key repeated, beta ~ 1 and no decay, so A is beta times
+    the strictly lower ones and (-A)^n reaches C(15, 7) = 6435 inside a 16-row block while X itself stays small
+    (1 on the diagonal, -beta (1 - beta)^(i - j - 1) below). Each inverse, in bf16, against float64."""
+    from hybridlm.ops.triton.gdn_chunk import CHUNK_SIZE, _chunk_gdn_fwd
+
+    use_prepare(monkeypatch, variant)
+    length, heads, dim = 130, 2, 32
+    q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, length, 1, heads, dim, dim, torch.bfloat16, num_states=1)
+    k = k[:, :1].expand_as(k).contiguous()  # one key for every token
+    b = torch.full_like(b, 6.0)  # beta = sigmoid(6) = 0.9975
+    a = torch.full_like(a, -30.0)  # softplus(-30) ~ 1e-13: no decay
+    out = _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None, output_final_state=False,
+                         cu_seqlens=None, store_x=True)
+    kn = torch.nn.functional.normalize(k[0, :, 0].double(), dim=-1)
+    beta = torch.sigmoid(b[0].double())  # [T, Hv]
+    for start in range(0, length, CHUNK_SIZE):
+        rows = slice(start, min(start + CHUNK_SIZE, length))
+        n = rows.stop - start
+        gram = kn[rows] @ kn[rows].T
+        for head in range(heads):
+            A = (beta[rows, head, None] * gram).tril(-1)
+            X = torch.linalg.inv(torch.eye(n, dtype=torch.float64, device=A.device) + A)
+            ours = out["x_inv"][0, rows, head, :n].double().tril()
+            assert rel_err(ours, X) <= 1e-2, (start, head)
 
 
 def test_backward_after_either_prepare(poisoned, monkeypatch):

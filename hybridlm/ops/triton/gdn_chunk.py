@@ -306,6 +306,11 @@ KKT_WARPS = 1
 KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_inverses`): 255 registers with small
 # spills at 1 warp, more overlap. H200, 64k tokens (eighth session): 9B heads 0.569 ms (0.694 one after another),
 # 0.8B 0.289 (0.353)
+# KKT_RECURSIVE: the inverse by recursive halving (`gdn_prepare._chunk_inverse`): 1 = the four diagonal 16 x 16 blocks
+# (six dependent 16 x 16 tensor-core products each, tf32 for 16-bit inputs as the block merges, 188 registers without
+# spills offline) instead of fifteen dependent row steps of two cross-lane reductions (KKT_INTERLEAVE is then unused);
+# 2 = the block merges to 64 rows by halves as well (four products on the chain instead of six). 0 = neither. Untimed.
+KKT_RECURSIVE = 0
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
@@ -639,7 +644,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
-            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE,
+            DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, RECURSIVE=KKT_RECURSIVE,
             num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32))
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
         chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](

@@ -59,12 +59,43 @@ def _unit_lower_inverses(b_L0, b_L1, b_L2, b_L3, BC: tl.constexpr):
 
 
 @triton.jit
+def _merge_halves(b_X, b_L, o_i, S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """From X = (I + L_S)^-1, where L_S is L inside the diagonal S x S blocks, the same inverse for 2S x 2S blocks:
+    with C the part of L between the two S-halves of each 2S block, (D + C)^-1 = D^-1 - D^-1 C D^-1 (D^-1 C squares to
+    zero), from final blocks only, as block substitution is."""
+    m_C = ((o_i[:, None] // S) != (o_i[None, :] // S)) & ((o_i[:, None] // (2 * S)) == (o_i[None, :] // (2 * S)))
+    return b_X - _mm(b_X, _mm(tl.where(m_C, b_L, 0.), b_X, DOT_PRECISION), DOT_PRECISION)
+
+
+@triton.jit
+def _unit_lower_inverse_recursive(b_L, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(I + L)^-1 for a strictly lower 16 x 16 block by recursive halving: I - L inside the 2 x 2 diagonal blocks,
+    then three merges (`_merge_halves`) of two small products each, six dependent products in all, instead of
+    fifteen dependent row steps of two cross-lane reductions (`_unit_lower_inverse`)."""
+    tl.static_assert(BC == 16, "the halving is written for 16-row blocks")
+    o_i = tl.arange(0, BC)
+    m_2 = (o_i[:, None] // 2) == (o_i[None, :] // 2)
+    b_X = tl.where(o_i[:, None] == o_i[None, :], 1., 0.) - tl.where(m_2, b_L, 0.)
+    b_X = _merge_halves(b_X, b_L, o_i, 2, DOT_PRECISION)
+    b_X = _merge_halves(b_X, b_L, o_i, 4, DOT_PRECISION)
+    return _merge_halves(b_X, b_L, o_i, 8, DOT_PRECISION)
+
+
+@triton.jit
 def _chunk_inverse(b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr, RECURSIVE: tl.constexpr = 0):
     """X = (I + A)^-1 of a chunk's strictly lower A given as its ten 16-row blocks (fp32): the diagonal blocks by
-    forward substitution (`_unit_lower_inverse`, or `_unit_lower_inverses` with INTERLEAVE), the rest by block
-    substitution X_ij = -X_ii sum_{j <= m < i} A_im X_mj. Returns X00, X11, X22, X33, X10, X20, X21, X30, X31, X32."""
-    if INTERLEAVE:
+    forward substitution (`_unit_lower_inverse`, or `_unit_lower_inverses` with INTERLEAVE) or, with RECURSIVE >= 1,
+    by halving (`_unit_lower_inverse_recursive`); the rest by block substitution X_ij = -X_ii sum_{j <= m < i} A_im X_mj
+    or, with RECURSIVE = 2, by halving too (32-row halves from 16-row ones, then the 64-row whole: the same sixteen
+    products, four on the chain after the diagonal blocks instead of six).
+    Returns X00, X11, X22, X33, X10, X20, X21, X30, X31, X32."""
+    if RECURSIVE >= 1:
+        b_X00 = _unit_lower_inverse_recursive(b_A00, BC, DOT_PRECISION)
+        b_X11 = _unit_lower_inverse_recursive(b_A11, BC, DOT_PRECISION)
+        b_X22 = _unit_lower_inverse_recursive(b_A22, BC, DOT_PRECISION)
+        b_X33 = _unit_lower_inverse_recursive(b_A33, BC, DOT_PRECISION)
+    elif INTERLEAVE:
         b_X00, b_X11, b_X22, b_X33 = _unit_lower_inverses(b_A00, b_A11, b_A22, b_A33, BC)
     else:
         b_X00 = _unit_lower_inverse(b_A00, BC)
@@ -73,11 +104,22 @@ def _chunk_inverse(b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31
         b_X33 = _unit_lower_inverse(b_A33, BC)
     P: tl.constexpr = DOT_PRECISION
     b_X10 = -_mm(b_X11, _mm(b_A10, b_X00, P), P)
-    b_X21 = -_mm(b_X22, _mm(b_A21, b_X11, P), P)
     b_X32 = -_mm(b_X33, _mm(b_A32, b_X22, P), P)
-    b_X20 = -_mm(b_X22, _mm(b_A20, b_X00, P) + _mm(b_A21, b_X10, P), P)
-    b_X31 = -_mm(b_X33, _mm(b_A31, b_X11, P) + _mm(b_A32, b_X21, P), P)
-    b_X30 = -_mm(b_X33, _mm(b_A30, b_X00, P) + _mm(b_A31, b_X10, P) + _mm(b_A32, b_X20, P), P)
+    if RECURSIVE == 2:
+        # the lower-left 32 x 32 block is -X_bottom C X_top, with T = C X_top first
+        b_T20 = _mm(b_A20, b_X00, P) + _mm(b_A21, b_X10, P)
+        b_T21 = _mm(b_A21, b_X11, P)
+        b_T30 = _mm(b_A30, b_X00, P) + _mm(b_A31, b_X10, P)
+        b_T31 = _mm(b_A31, b_X11, P)
+        b_X20 = -_mm(b_X22, b_T20, P)
+        b_X21 = -_mm(b_X22, b_T21, P)
+        b_X30 = -(_mm(b_X32, b_T20, P) + _mm(b_X33, b_T30, P))
+        b_X31 = -(_mm(b_X32, b_T21, P) + _mm(b_X33, b_T31, P))
+    else:
+        b_X21 = -_mm(b_X22, _mm(b_A21, b_X11, P), P)
+        b_X20 = -_mm(b_X22, _mm(b_A20, b_X00, P) + _mm(b_A21, b_X10, P), P)
+        b_X31 = -_mm(b_X33, _mm(b_A31, b_X11, P) + _mm(b_A32, b_X21, P), P)
+        b_X30 = -_mm(b_X33, _mm(b_A30, b_X00, P) + _mm(b_A31, b_X10, P) + _mm(b_A32, b_X20, P), P)
     return b_X00, b_X11, b_X22, b_X33, b_X10, b_X20, b_X21, b_X30, b_X31, b_X32
 
 

@@ -115,7 +115,7 @@ def _gram_blocks(p_k, i_s0, T, stride_k, K: tl.constexpr, BC: tl.constexpr, BK: 
 
 @triton.jit
 def _inverse_stored(grams, gates, p_x, i_s0, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr, RECURSIVE: tl.constexpr):
     """From the raw Gram blocks and one value head's gates: A = beta_i r_i r_j (k_i . k_j) exp(G_i - G_j) with the
     key norms r from the Gram diagonal, X = (I + A)^-1, stored (in x_inv's dtype) at p_x."""
     b_G00, b_G11, b_G22, b_G33, b_G10, b_G20, b_G21, b_G30, b_G31, b_G32 = grams
@@ -143,7 +143,7 @@ def _inverse_stored(grams, gates, p_x, i_s0, T, HV: tl.constexpr, BT: tl.constex
     b_A32 = _scaled_block(b_G32, b_rb3, b_r2, b_gc3, b_gc2, False, BC)
 
     b_X00, b_X11, b_X22, b_X33, b_X10, b_X20, b_X21, b_X30, b_X31, b_X32 = _chunk_inverse(
-        b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC, DOT_PRECISION, INTERLEAVE)
+        b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC, DOT_PRECISION, INTERLEAVE, RECURSIVE)
 
     _store_rows(p_x, b_X00.to(dtype), i_s0, T, HV * BT, BC, BC, BC)
     _store_rows(p_x, b_X10.to(dtype), i_s1, T, HV * BT, BC, BC, BC)
@@ -180,6 +180,7 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVE: tl.constexpr,  # the four diagonal inverses in one loop (gdn_chunk.KKT_INTERLEAVE)
+    RECURSIVE: tl.constexpr = 0,  # the inverse by halving: 1 the diagonal blocks, 2 all (gdn_chunk.KKT_RECURSIVE)
 ):
     # (One program per chunk and key head, making K K^T once for the group's value heads and looping them, lost on an
     # H100: 9B heads, 16k 0.676 -> 0.726 ms, 4k 0.267 -> 0.277, train 4 x 4k 3.55 -> 3.60 (2026-12-06,
@@ -192,7 +193,8 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     i_s0 = i_t * BT
     gates = _chunk_gates(a, b, A_log, dt_bias, g_cumsum, bos, i_h, i_s0, T, HV, BC)
     grams = _gram_blocks(k + bos * stride_k + i_hk * K, i_s0, T, stride_k, K, BC, BK, DOT_PRECISION)
-    _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION, INTERLEAVE)
+    _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION, INTERLEAVE,
+                    RECURSIVE)
 
 
 @triton.jit(do_not_specialize=["T"])
