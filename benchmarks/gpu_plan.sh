@@ -844,12 +844,9 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
       > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     ;;
-  59)  # twenty-ninth session (carry nothing, ~9 min): 58, then kkt_solve's inverse by recursive halving
+  59)  # twenty-ninth session (carry nothing, ~9 min): kkt_solve's inverse by recursive halving
        # (gdn_chunk.KKT_RECURSIVE 1: six dependent 16 x 16 products a diagonal block instead of fifteen row steps;
-       # 2: the merges by halves too): its tests (tf32 on the GPU, repeated keys), then the forward
-    timeout 170 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py -j 14 \
-      > "$OUT/gpu_tests.log" 2>&1
-    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+       # 2: the merges by halves too): its tests (tf32 on the GPU, repeated keys), the forward; then 58's tests
     timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt or repeated" -j 8 \
       > "$OUT/gpu_tests_kkt.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests_kkt.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests_kkt.log")"
@@ -860,6 +857,9 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
         > "$OUT/forward_$model.log" 2>&1
       grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_$model.log" | cut -c1-150
     done
+    timeout "${TESTS_S:-170}" python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py -j 14 \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     ;;
   58f)  # 58 and the forward's tests (~5 min)
     timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
