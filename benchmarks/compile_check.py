@@ -109,9 +109,10 @@ def gdn_inputs(batch, length, hk, hv, dk, dv, dtype, varlen, state):
 
 
 PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
-    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False, FOLD_WU_INTO_H=False),
-    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True, FOLD_WU_INTO_H=False),
-    "kkt-fold": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True, FOLD_WU_INTO_H=True),
+    "kkt": dict(KKT_PREPARE=True, KKT_RECURSIVE=False, KKT_INTERLEAVE=False, FOLD_WU_INTO_H=False),
+    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_RECURSIVE=False, KKT_INTERLEAVE=True, FOLD_WU_INTO_H=False),
+    "kkt-recursive": dict(KKT_PREPARE=True, KKT_RECURSIVE=True, FOLD_WU_INTO_H=False),
+    "kkt-fold": dict(KKT_PREPARE=True, KKT_RECURSIVE=True, FOLD_WU_INTO_H=True),
     "fused": dict(KKT_PREPARE=False, FOLD_WU_INTO_H=False),
 }
 
@@ -328,10 +329,10 @@ def configurations():
             length=1, batch=2)
         add(f"gdn_fwd Hv={hv} {name} bf16 batch T=100", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM, dv=GDN_DIM,
             length=100, state=True)
-        for prepare in ("kkt-interleaved", "kkt-fold"):  # the context-parallel state pass, 16 chunks in 4 segments
+        for prepare in ("kkt-recursive", "kkt-fold"):  # the context-parallel state pass, 16 chunks in 4 segments
             add(f"gdn_fwd cp prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv, dk=GDN_DIM,
                 dv=GDN_DIM, length=1024, state=True, prepare=prepare, cp=True)
-        for prepare in ("kkt-interleaved", "kkt-fold"):  # the output made in the state pass, cut and uncut
+        for prepare in ("kkt-recursive", "kkt-fold"):  # the output made in the state pass, cut and uncut
             add(f"gdn_fwd fused_o cp prepare={prepare} Hv={hv} {name} bf16 batch", run_gdn_fwd, hk=hk, hv=hv,
                 dk=GDN_DIM, dv=GDN_DIM, length=1024, state=True, prepare=prepare, cp=True, fused=True)
             for varlen in (False, True):

@@ -61,6 +61,7 @@
 #   bash benchmarks/gpu_plan.sh 52  # carry nothing (~6 min): 51's winners adopted: backward GPU tests, train vs old, kept
 #   bash benchmarks/gpu_plan.sh 53  # carry nothing (~2 min): 9B 8k, 2 x 16k cut vs the old rule; train kernel by kernel
 #   bash benchmarks/gpu_plan.sh 59  # carry nothing (~9 min): 58's tests; kkt_solve's recursive inverse: tests, forward
+#   bash benchmarks/gpu_plan.sh 58f # carry nothing (~5 min): every GDN forward and backward GPU test at the defaults
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -844,7 +845,8 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
       > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     ;;
-  59)  # twenty-ninth session (carry nothing, ~9 min): kkt_solve's inverse by recursive halving
+  59)  # twenty-ninth session (carry nothing, ~9 min; ran, RESULTS.md; KKT_RECURSIVE is the default since, so the
+       # variants below now time the removed rec2 as plain rec): kkt_solve's inverse by recursive halving
        # (gdn_chunk.KKT_RECURSIVE 1: six dependent 16 x 16 products a diagonal block instead of fifteen row steps;
        # 2: the merges by halves too): its tests (tf32 on the GPU, repeated keys), the forward; then 58's tests
     timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt or repeated" -j 8 \

@@ -237,22 +237,23 @@ def sweep_prepare_kkt(model, length, rows):
     A_log32, dt32 = A_log.float(), dt_bias.float()
     x_ref = out["w"].new_zeros(*out["w"].shape[:3], gdn_chunk.CHUNK_SIZE)  # the shape and dtype of x_inv
 
-    def solve(g, x, num_warps, BK, interleave=gdn_chunk.KKT_INTERLEAVE):
+    def solve(g, x, num_warps, BK, interleave=gdn_chunk.KKT_INTERLEAVE, recursive=gdn_chunk.KKT_RECURSIVE):
         gdn_prepare_kkt.chunk_gdn_fwd_kkt_solve_kernel[(chunks, value_heads)](
             k, a, b, A_log32, dt32, g, x, None, None, length, k.stride(1), H=key_heads, HV=value_heads, K=d,
             BT=gdn_chunk.CHUNK_SIZE, BC=gdn_chunk.SUB_CHUNK, BK=BK, IS_VARLEN=False, DOT_PRECISION="tf32",
-            INTERLEAVE=interleave, num_warps=num_warps)
+            INTERLEAVE=interleave, RECURSIVE=recursive, num_warps=num_warps)
 
     def wu(g, x, w, u, kn, num_warps, BV):
         gdn_prepare_kkt.chunk_gdn_wu_kernel[(chunks, value_heads)](
             k, v, b, g, x, w, u, kn, None, None, length, k.stride(1), v.stride(1), BV=BV, STORE_KN=True,
             num_warps=num_warps, **dict(common, V=d))
 
-    for num_warps, BK, interleave in itertools.product(launch_options((1, 2, 4)), (32, 64), (False, True)):
+    inverses = {"rows": (False, False), "interleaved": (True, False), "recursive": (False, True)}
+    for num_warps, BK, inverse in itertools.product(launch_options((1, 2, 4)), (32, 64), inverses):
         g, x = torch.empty_like(out["g_cumsum"]), torch.zeros_like(x_ref)  # (X checked below through w and u)
-        label = f"prepare kkt-solve BK={BK}" + (" interleaved" if interleave else "")
-        timed_setting(rows, model, length, label, num_warps, 1, lambda: solve(g, x, num_warps, BK, interleave),
-                      [(g, out["g_cumsum"])])
+        label = f"prepare kkt-solve BK={BK} {inverse}"
+        timed_setting(rows, model, length, label, num_warps, 1,
+                      lambda: solve(g, x, num_warps, BK, *inverses[inverse]), [(g, out["g_cumsum"])])
     for num_warps, BV in itertools.product(launch_options((4, 8)), (32, 64, 128)):
         if BV > d:
             continue

@@ -114,11 +114,12 @@ def test_sweep_kernels_tiny_checks_every_setting():
     count = {name: sum(f"| {name}" in row for row in rows) for name in names}
     # (in the interpreter num_warps and num_stages do not change what runs: one of each) the state pass: BV 32 (dim
     # 32), keys normalised in it or not; o: BV 32, for each of the two kernels; the fused prepare kernel once; KKT:
-    # the Gram/inverse kernel at 2 BK x interleaved or not, the w/u kernel at BV 32, and the pair at the defaults;
+    # the Gram/inverse kernel at 2 BK x 3 inverses (rows, interleaved, recursive), the w/u kernel at BV 32, and the
+    # pair at the defaults;
     # conv: 3 x 3 tiles, one sequence and packed
-    assert count == {"o per-block": 1, "o looped": 1, "prepare w=": 1, "prepare kkt": 4 + 1 + 1, "conv one": 9,
+    assert count == {"o per-block": 1, "o looped": 1, "prepare w=": 1, "prepare kkt": 6 + 1 + 1, "conv one": 9,
                      "conv packed": 9}
-    assert len(rows) == 2 + 2 + 1 + 6 + 18
+    assert len(rows) == 2 + 2 + 1 + 8 + 18
     # every setting reproduces the wrapper run the same way exactly
     checks = {row: float(row.rstrip(" |").rsplit("|", 1)[1]) for row in rows}
     assert all(diff == 0 for diff in checks.values()), rows

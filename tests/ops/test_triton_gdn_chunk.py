@@ -144,10 +144,9 @@ def test_chunk_no_final_state_and_bad_input():
 
 PREPARE_VARIANTS = {  # gdn_chunk's module flags for each way of running the prepare step
     "fused": dict(KKT_PREPARE=False),
-    "kkt": dict(KKT_PREPARE=True, KKT_INTERLEAVE=False),
-    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_INTERLEAVE=True),
-    "kkt-recursive": dict(KKT_PREPARE=True, KKT_RECURSIVE=1),
-    "kkt-recursive2": dict(KKT_PREPARE=True, KKT_RECURSIVE=2),
+    "kkt": dict(KKT_PREPARE=True, KKT_RECURSIVE=False, KKT_INTERLEAVE=False),
+    "kkt-interleaved": dict(KKT_PREPARE=True, KKT_RECURSIVE=False, KKT_INTERLEAVE=True),
+    "kkt-recursive": dict(KKT_PREPARE=True, KKT_RECURSIVE=True),
 }
 
 
@@ -184,10 +183,9 @@ def x_written(x_inv, cu_seqlens):
     return lower[None, :, None, :].expand_as(x_inv)
 
 
-# the default (interleaved) in every case; the plain inverse loop and the recursive one in two (the suite's time)
-@pytest.mark.parametrize("variant, case", [("kkt-interleaved", case) for case in ("fp32", "bf16", "heads", "packed")]
-                         + [("kkt", "bf16"), ("kkt", "packed"), ("kkt-recursive", "packed"), ("kkt-recursive2", "fp32"),
-                            ("kkt-recursive2", "packed")])
+# the default (recursive) in every case; the interleaved inverse loop in two, the plain one in one (the suite's time)
+@pytest.mark.parametrize("variant, case", [("kkt-recursive", case) for case in ("fp32", "bf16", "heads", "packed")]
+                         + [("kkt-interleaved", "bf16"), ("kkt-interleaved", "packed"), ("kkt", "packed")])
 def test_kkt_prepare_matches_the_fused_one(poisoned, monkeypatch, variant, case):
     """KKT_PREPARE (the Gram matrix over key slices with the norms from its diagonal, the inverse, then w, u from
     the stored X) gives the fused prepare kernel's outputs and intermediates (g_cumsum, w, u, h, v_new, and X in the
@@ -213,7 +211,7 @@ def test_kkt_prepare_matches_the_fused_one(poisoned, monkeypatch, variant, case)
     check_outputs(ours, *inputs, dtype, cu_seqlens=cu_seqlens)
 
 
-@pytest.mark.parametrize("variant", ["kkt-interleaved", "kkt-recursive", "kkt-recursive2"])
+@pytest.mark.parametrize("variant", ["kkt-interleaved", "kkt-recursive"])
 def test_kkt_inverse_of_repeated_keys(variant, monkeypatch):
     """X = (I + A)^-1 where its power series grows most: one key repeated, beta ~ 1 and no decay, so A is beta times
     the strictly lower ones and (-A)^n reaches C(15, 7) = 6435 inside a 16-row block while X itself stays small

@@ -306,11 +306,12 @@ KKT_WARPS = 1
 KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_inverses`): 255 registers with small
 # spills at 1 warp, more overlap. H200, 64k tokens (eighth session): 9B heads 0.569 ms (0.694 one after another),
 # 0.8B 0.289 (0.353)
-# KKT_RECURSIVE: the inverse by recursive halving (`gdn_prepare._chunk_inverse`): 1 = the four diagonal 16 x 16 blocks
-# (six dependent 16 x 16 tensor-core products each, tf32 for 16-bit inputs as the block merges, 188 registers without
-# spills offline) instead of fifteen dependent row steps of two cross-lane reductions (KKT_INTERLEAVE is then unused);
-# 2 = the block merges to 64 rows by halves as well (four products on the chain instead of six). 0 = neither. Untimed.
-KKT_RECURSIVE = 0
+# KKT_RECURSIVE: the four diagonal 16 x 16 inverses by recursive halving (`gdn_prepare._unit_lower_inverse_recursive`:
+# six dependent 16 x 16 tensor-core products each, tf32 for 16-bit inputs as the block merges) instead of fifteen
+# dependent row steps of two cross-lane reductions (KKT_INTERLEAVE is then unused). 188 registers without spills
+# (255 with spills before). H100, 9B heads (2026-12-07): kkt_solve 0.145 -> 0.079 ms at 16k, 0.582 -> 0.411 at 64k;
+# the whole forward 1.05-1.12x at every shape (16k 0.660 -> 0.595), train 4 x 4k 1.03x; 2 warps 0.92-0.96x of 1.
+KKT_RECURSIVE = True
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8

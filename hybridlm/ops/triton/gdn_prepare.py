@@ -83,14 +83,14 @@ def _unit_lower_inverse_recursive(b_L, BC: tl.constexpr, DOT_PRECISION: tl.const
 
 @triton.jit
 def _chunk_inverse(b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31, b_A32, BC: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr, RECURSIVE: tl.constexpr = 0):
+                   DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr, RECURSIVE: tl.constexpr = False):
     """X = (I + A)^-1 of a chunk's strictly lower A given as its ten 16-row blocks (fp32): the diagonal blocks by
-    forward substitution (`_unit_lower_inverse`, or `_unit_lower_inverses` with INTERLEAVE) or, with RECURSIVE >= 1,
-    by halving (`_unit_lower_inverse_recursive`); the rest by block substitution X_ij = -X_ii sum_{j <= m < i} A_im X_mj
-    or, with RECURSIVE = 2, by halving too (32-row halves from 16-row ones, then the 64-row whole: the same sixteen
-    products, four on the chain after the diagonal blocks instead of six).
+    recursive halving (`_unit_lower_inverse_recursive`, RECURSIVE) or by forward substitution
+    (`_unit_lower_inverse`, or `_unit_lower_inverses` with INTERLEAVE); the rest by block substitution
+    X_ij = -X_ii sum_{j <= m < i} A_im X_mj. (The 64-row merges by halves as well, four products on the chain after
+    the diagonal blocks instead of six, timed even with this on an H100 and were removed: 2026-12-07.)
     Returns X00, X11, X22, X33, X10, X20, X21, X30, X31, X32."""
-    if RECURSIVE >= 1:
+    if RECURSIVE:
         b_X00 = _unit_lower_inverse_recursive(b_A00, BC, DOT_PRECISION)
         b_X11 = _unit_lower_inverse_recursive(b_A11, BC, DOT_PRECISION)
         b_X22 = _unit_lower_inverse_recursive(b_A22, BC, DOT_PRECISION)
@@ -104,22 +104,11 @@ def _chunk_inverse(b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31
         b_X33 = _unit_lower_inverse(b_A33, BC)
     P: tl.constexpr = DOT_PRECISION
     b_X10 = -_mm(b_X11, _mm(b_A10, b_X00, P), P)
+    b_X21 = -_mm(b_X22, _mm(b_A21, b_X11, P), P)
     b_X32 = -_mm(b_X33, _mm(b_A32, b_X22, P), P)
-    if RECURSIVE == 2:
-        # the lower-left 32 x 32 block is -X_bottom C X_top, with T = C X_top first
-        b_T20 = _mm(b_A20, b_X00, P) + _mm(b_A21, b_X10, P)
-        b_T21 = _mm(b_A21, b_X11, P)
-        b_T30 = _mm(b_A30, b_X00, P) + _mm(b_A31, b_X10, P)
-        b_T31 = _mm(b_A31, b_X11, P)
-        b_X20 = -_mm(b_X22, b_T20, P)
-        b_X21 = -_mm(b_X22, b_T21, P)
-        b_X30 = -(_mm(b_X32, b_T20, P) + _mm(b_X33, b_T30, P))
-        b_X31 = -(_mm(b_X32, b_T21, P) + _mm(b_X33, b_T31, P))
-    else:
-        b_X21 = -_mm(b_X22, _mm(b_A21, b_X11, P), P)
-        b_X20 = -_mm(b_X22, _mm(b_A20, b_X00, P) + _mm(b_A21, b_X10, P), P)
-        b_X31 = -_mm(b_X33, _mm(b_A31, b_X11, P) + _mm(b_A32, b_X21, P), P)
-        b_X30 = -_mm(b_X33, _mm(b_A30, b_X00, P) + _mm(b_A31, b_X10, P) + _mm(b_A32, b_X20, P), P)
+    b_X20 = -_mm(b_X22, _mm(b_A20, b_X00, P) + _mm(b_A21, b_X10, P), P)
+    b_X31 = -_mm(b_X33, _mm(b_A31, b_X11, P) + _mm(b_A32, b_X21, P), P)
+    b_X30 = -_mm(b_X33, _mm(b_A30, b_X00, P) + _mm(b_A31, b_X10, P) + _mm(b_A32, b_X20, P), P)
     return b_X00, b_X11, b_X22, b_X33, b_X10, b_X20, b_X21, b_X30, b_X31, b_X32
 
 

@@ -4,8 +4,9 @@
 1. `chunk_gdn_fwd_kkt_solve_kernel` (per chunk and value head): the gates, their cumulative sum, A and X. The keys
    are never held whole: the ten 16x16 blocks of the raw Gram matrix K K^T are summed over slices of BK columns,
    and the L2 norms come from its diagonal (|k_i|^2 = (K K^T)_ii), so A = beta_i r_i r_j (k_i . k_j) exp(G_i - G_j)
-   with r = rsqrt(|k|^2 + 1e-6), the reference's norm. The inverse: forward substitution on the diagonal blocks,
-   block substitution for the rest, on tensor cores in tf32 for bf16/fp16 inputs (fla's solve_tril does the same).
+   with r = rsqrt(|k|^2 + 1e-6), the reference's norm. The inverse: the diagonal 16 x 16 blocks by recursive
+   halving (`gdn_chunk.KKT_RECURSIVE`; else forward substitution), block substitution for the rest, on tensor cores
+   in tf32 for bf16/fp16 inputs (fla's solve_tril substitutes on the diagonal blocks and merges the same way).
    X is stored in the input dtype, as the backward already reads it.
 2. `chunk_gdn_wu_kernel` (the backward recomputes w, u with it too): w = X (beta k_n exp(G)) and u = X (beta v),
    each one 64 x 64 by 64 x d tensor-core product, the keys normalised there (and, with STORE_KN, stored once per
@@ -180,7 +181,7 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVE: tl.constexpr,  # the four diagonal inverses in one loop (gdn_chunk.KKT_INTERLEAVE)
-    RECURSIVE: tl.constexpr = 0,  # the inverse by halving: 1 the diagonal blocks, 2 all (gdn_chunk.KKT_RECURSIVE)
+    RECURSIVE: tl.constexpr = False,  # the diagonal inverses by halving (gdn_chunk.KKT_RECURSIVE)
 ):
     # (One program per chunk and key head, making K K^T once for the group's value heads and looping them, lost on an
     # H100: 9B heads, 16k 0.676 -> 0.726 ms, 4k 0.267 -> 0.277, train 4 x 4k 3.55 -> 3.60 (2026-12-06,
