@@ -47,7 +47,7 @@ def chunk_gdn_bwd_dv_local_kernel(
     o_i = tl.arange(0, BT)
     if A_GIVEN:  # aqk[i, j] loaded at [j, i]
         b_At = tl.load(aqk + (bos + i_s + o_i[None, :]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[:, None],
-                       mask=(i_s + o_i[None, :]) < T, other=0.)
+                       mask=((i_s + o_i[None, :]) < T) & (o_i[:, None] <= o_i[None, :]), other=0.)  # (j > i unwritten)
     else:
         b_q = (_l2norm_rows(_load_rows(q + bos * stride_q + i_hk * K, i_s, T, stride_q, K, BT, BK)) * scale).to(dtype)
         b_k = _l2norm_rows(_load_rows(k + bos * stride_k + i_hk * K, i_s, T, stride_k, K, BT, BK)).to(dtype)

@@ -117,7 +117,7 @@ def chunk_gdn_bwd_dqk_kernel(
     if A_GIVEN:
         o_c = tl.arange(0, BT)
         b_Aqk = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                        mask=m_t[:, None], other=0.)
+                        mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)  # (j > i unwritten)
     else:
         b_Aqk = b_ds  # (unused)
     b_dq, b_dk, b_dG, b_ds = _dqk_gate_shares(b_dq, b_dk, b_ds, b_dg_last, b_q, b_k, b_gc, b_g_last, o_t, m_t,

@@ -232,7 +232,8 @@ def chunk_gdn_wu_kernel(
     stride_q=0,
     scale=1.0,
     # STORE_AQK: also aqk [B, T, HV, BT] = tril(qn k_n^T exp(G_i - G_j)) per chunk, in dtype, as the output pass
-    # makes it (rows past T zero); for gdn_chunk.FUSED_OUTPUT's state pass, which then does not make it in its loop
+    # makes it; only its lower 16 x 16 block triangle is written (readers mask j <= i); for gdn_chunk.FUSED_OUTPUT's
+    # state pass, which then does not make it in its loop
     STORE_AQK: tl.constexpr = False,
     aqk=None,
     # KEY_HEAD_PROGRAMS (only without STORE_WU): one program per chunk and key head, which normalises q and k once
@@ -284,11 +285,15 @@ def chunk_gdn_wu_kernel(
     if STORE_AQK:
         o_j = tl.arange(0, BT)
         m_A = (o_j[:, None] >= o_j[None, :]) & m_t[:, None]
+        # only the lower 16 x 16 block triangle is stored (its zeros above the diagonal included, so each row writes
+        # whole 32-byte sectors): the blocks above it are never read, their sectors never written
+        m_store = (o_j[None, :] // 16 <= o_j[:, None] // 16) & m_t[:, None]
         b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
         for i_g in tl.static_range(G if KEY_HEAD_PROGRAMS else 1):
             b_gq = tl.load(g_cumsum + bos * HV + i_h + i_g + o_t * HV, mask=m_t, other=0.)
             b_A = tl.where(m_A, b_qk * tl.exp(tl.where(m_A, b_gq[:, None] - b_gq[None, :], 0.)), 0.)
-            _store_rows(aqk + bos * HV * BT + (i_h + i_g) * BT, b_A, i_s, T, HV * BT, BT, BT, BT)
+            p_A = aqk + bos * HV * BT + (i_h + i_g) * BT + o_t[:, None].to(tl.int64) * (HV * BT) + o_j[None, :]
+            tl.store(p_A, b_A.to(aqk.dtype.element_ty), mask=m_store)
     if STORE_WU:
         o_i = tl.arange(0, BT)
         b_X = tl.load(x_inv + bos * HV * BT + i_h * BT + o_t[:, None] * (HV * BT) + o_i[None, :],
