@@ -62,6 +62,7 @@
 #   bash benchmarks/gpu_plan.sh 53  # carry nothing (~2 min): 9B 8k, 2 x 16k cut vs the old rule; train kernel by kernel
 #   bash benchmarks/gpu_plan.sh 59  # carry nothing (~9 min): 58's tests; kkt_solve's recursive inverse: tests, forward
 #   bash benchmarks/gpu_plan.sh 58f # carry nothing (~5 min): every GDN forward and backward GPU test at the defaults
+#   bash benchmarks/gpu_plan.sh 60  # carry nothing (~8 min): 58f, then the heads-fastest grids (forward, train)
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -863,6 +864,20 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
     timeout "${TESTS_S:-170}" python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py -j 14 \
       > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    ;;
+  60)  # thirtieth session (carry nothing, ~8 min): every GDN GPU test at the defaults (58f's set: KKT_RECURSIVE and
+       # the aqk store are new), then the heads-fastest grids (gdn_chunk.KKT_HEADS_FASTEST, gdn_chunk_bwd.
+       # BWD_HEADS_FASTEST: the value heads of a key head side by side on each chunk, k and q read once from memory)
+    timeout 300 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
+      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward \
+      --variant "hf:gdn_chunk.KKT_HEADS_FASTEST=True" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-150
+    timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds train \
+      --variant "hfb:gdn_chunk_bwd.BWD_HEADS_FASTEST=True" "hf:gdn_chunk.KKT_HEADS_FASTEST=True,\
+gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
+    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
     ;;
   58f)  # 58 and the forward's tests (~5 min)
     timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \

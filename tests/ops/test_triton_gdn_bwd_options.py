@@ -465,3 +465,31 @@ def test_bwd_dh_pass_tma(poisoned, monkeypatch, offsets):
     assert used and used[0].get("TMA") is True
     for name, x, ref in zip(NAMES, tma, plain):
         assert rel_err(x, ref.double()) <= 1e-3, name
+
+
+@pytest.mark.parametrize("case", ["bf16-packed-grouped", "fp32-batch", "bf16-key-blocks"])
+def test_heads_fastest_grids(poisoned, monkeypatch, case):
+    """gdn_chunk.KKT_HEADS_FASTEST and gdn_chunk_bwd.BWD_HEADS_FASTEST: the chunk-parallel kernels on grids (heads,
+    chunks), the heads of each chunk side by side, give the same bits (each program does what it did, in another order)."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
+    from hybridlm.ops.triton.utils import chunk_launch
+
+    cases = {"bf16-packed-grouped": (1, 130, 2, 4, 32, 32, torch.bfloat16, [0, 5, 69, 130]),
+             "fp32-batch": (2, 100, 1, 2, 32, 32, torch.float32, None),
+             "bf16-key-blocks": (1, 70, 1, 2, 128, 64, torch.bfloat16, None)}  # (the key-blocked WY kernel)
+    case_inputs = blocked_case_inputs(*cases[case])
+    launched = []
+    names = {"chunk_gdn_fwd_kkt_solve_kernel": gdn_chunk, "chunk_gdn_bwd_dv_local_kernel": gdn_chunk_bwd,
+             "chunk_gdn_bwd_dqk_kernel": gdn_chunk_bwd, "chunk_gdn_bwd_wy_kernel": gdn_chunk_bwd,
+             "chunk_gdn_bwd_wy_kblocked_kernel": gdn_chunk_bwd}
+    for name, module in names.items():
+        record_launches(monkeypatch, module, name, lambda kwargs, name=name: (name, "HEADS_FASTEST" in kwargs), launched)
+    default = grads_with(monkeypatch, "BWD_HEADS_FASTEST", False, case_inputs)
+    monkeypatch.setattr(gdn_chunk, "KKT_HEADS_FASTEST", True)
+    fastest = grads_with(monkeypatch, "BWD_HEADS_FASTEST", True, case_inputs)
+    ran = {name for name, _ in launched}  # (one of the two WY kernels)
+    assert len(ran) == 4 and sorted(launched) == sorted((name, ordered) for ordered in (False, True) for name in ran)
+    for name, x, y in zip(NAMES, fastest, default):
+        assert torch.equal(x, y), name
+    assert chunk_launch(65535, 32, True) == ((32, 65535), {"HEADS_FASTEST": True})
+    assert chunk_launch(65536, 32, True) == ((65536, 32), {})  # (a grid's second dimension holds 65535)

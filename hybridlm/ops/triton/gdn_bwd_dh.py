@@ -6,7 +6,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.gdn_common import _chunk_bounds, _chunk_log_decay, _l2norm_rows, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_common import (
+    _chunk_bounds, _chunk_log_decay, _chunk_program, _l2norm_rows, _load_rows, _store_rows,
+)
 
 
 # The kernels taking T leave it unspecialised (as fla does): one compile for every length, and T = 1 is never a
@@ -35,8 +37,9 @@ def chunk_gdn_bwd_dv_local_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     A_GIVEN: tl.constexpr = False,  # the scores read from aqk, transposed, instead of made from q and k
+    HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = _chunk_program(HEADS_FASTEST)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
     _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops.triton.gdn_common import (
-    _chunk_bounds, _chunk_log_decay, _l2norm_bwd, _l2norm_rows, _load_rows, _store_rows,
+    _chunk_bounds, _chunk_log_decay, _chunk_program, _l2norm_bwd, _l2norm_rows, _load_rows, _store_rows,
 )
 
 
@@ -111,10 +111,11 @@ def chunk_gdn_bwd_wy_kernel(
     NKD: tl.constexpr,
     E_SCRATCH: tl.constexpr,
     NORM_K: tl.constexpr = False,  # (H == HV) dk taken through k's L2 norm: dk is k's gradient (`BWD_QK_NORM_FUSED`)
+    HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
 ):
     """dw = -dv_new h^T (or read, DW_GIVEN), the WY backward and the gates' chain rules; the dq/dk kernel's shares of
     dk and dG are added last, so they are not held through the products."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = _chunk_program(HEADS_FASTEST)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
     i_tg, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
@@ -240,9 +241,10 @@ def chunk_gdn_bwd_wy_kblocked_kernel(
     # (H == HV) dk taken through k's L2 norm (`gdn_chunk_bwd.BWD_QK_NORM_FUSED`): pass 2 sums each row's n . dn over
     # the blocks (n = l2norm(k), dn the block's final dk in dk's dtype), and a third pass rewrites the blocks
     NORM_K: tl.constexpr = False,
+    HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
 ):
     """`chunk_gdn_bwd_wy_kernel`'s results with the key columns in blocks of BKW (see the module's docstring)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = _chunk_program(HEADS_FASTEST)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
     i_tg, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)

@@ -42,7 +42,8 @@ from hybridlm.ops.triton.gdn_output import chunk_gdn_fwd_o_kernel, chunk_gdn_fwd
 from hybridlm.ops.triton.gdn_prepare import chunk_gdn_fwd_prepare_kernel
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import (
-    cdiv, check_cu_seqlens, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks, rows_packed,
+    cdiv, check_cu_seqlens, chunk_launch, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks,
+    rows_packed,
 )
 from hybridlm.ops.varlen import host_bounds
 
@@ -312,6 +313,11 @@ KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_in
 # (255 with spills before). H100, 9B heads (2026-12-07): kkt_solve 0.145 -> 0.079 ms at 16k, 0.582 -> 0.411 at 64k;
 # the whole forward 1.05-1.12x at every shape (16k 0.660 -> 0.595), train 4 x 4k 1.03x; 2 warps 0.92-0.96x of 1.
 KKT_RECURSIVE = True
+# KKT_HEADS_FASTEST: kkt_solve and the w/u kernel on a grid (heads, chunks), the heads of each chunk side by side
+# (`utils.chunk_launch`), so the value heads of a key head read its rows of k (and q) from L2 after the first; on the
+# grid (chunks, heads) the second value head's programs come a whole pass over the chunks later (at 9B heads and
+# 16k tokens k is 67 MB, beyond the 50 MB L2). Untimed.
+KKT_HEADS_FASTEST = False
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
@@ -642,16 +648,19 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
            if fuse_o and KKT_PREPARE and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
-        chunk_gdn_fwd_kkt_solve_kernel[(grid_chunks, batch * value_heads)](
+        grid, order = chunk_launch(grid_chunks, batch * value_heads, KKT_HEADS_FASTEST)
+        chunk_gdn_fwd_kkt_solve_kernel[grid](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, RECURSIVE=KKT_RECURSIVE,
-            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32))
+            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32), **order)
         per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
-        chunk_gdn_wu_kernel[(grid_chunks, batch * (key_heads if per_key_head else value_heads))](
+        grid, order = chunk_launch(grid_chunks, batch * (key_heads if per_key_head else value_heads),
+                                   KKT_HEADS_FASTEST)
+        chunk_gdn_wu_kernel[grid](
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
             v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
-            KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32),
+            KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32), **order,
             **dict(common, BK=max(32, BK)),
             **(dict(STORE_QN=q_normed is not None, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale,
                     STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)

@@ -46,12 +46,12 @@ from hybridlm.ops.triton.gdn_bwd_dqk import (
 from hybridlm.ops.triton.gdn_bwd_dh import chunk_gdn_bwd_dh_kernel, chunk_gdn_bwd_dv_local_kernel
 from hybridlm.ops.triton.gdn_bwd_wy import chunk_gdn_bwd_wy_kblocked_kernel, chunk_gdn_bwd_wy_kernel
 from hybridlm.ops.triton.gdn_common import (
-    _chunk_bounds, _chunk_log_decay, _l2norm_bwd, _l2norm_rows, _load_rows, _store_rows,
+    _chunk_bounds, _chunk_log_decay, _chunk_program, _l2norm_bwd, _l2norm_rows, _load_rows, _store_rows,
 )
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
 from hybridlm.ops.triton.utils import (
-    HOPPER_FIXED_TRITON, cdiv, descriptor, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks,
-    rows_packed, tma_capable, triton_release,
+    HOPPER_FIXED_TRITON, cdiv, chunk_launch, descriptor, dot_precision, hopper_miscompiles, next_power_of_2,
+    prepare_chunks, rows_packed, tma_capable, triton_release,
 )
 
 
@@ -88,9 +88,10 @@ def chunk_gdn_bwd_dqk_kernel(
     DST_PRODUCT: tl.constexpr,  # dS^T by its own product, not tl.trans(dS) (see `BWD_DQK_DST_PRODUCT_BKS`)
     A_GIVEN: tl.constexpr = False,  # aqk read instead of q k^T made (`BWD_AQK_FROM_FORWARD`)
     NORM_Q: tl.constexpr = False,  # (H == HV) dq taken through q's L2 norm: dq is q's gradient (`BWD_QK_NORM_FUSED`)
+    HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
 ):
     """o's and the state update's gradients: dq, and the shares of dk and dG that do not go through w and u."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = _chunk_program(HEADS_FASTEST)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
     i_tg, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
@@ -309,6 +310,10 @@ BWD_DQK_MAXNREG: int | None = None
 # `gpu_plan.sh 57`), train: 9B heads 4 x 4k 3.036 -> 3.020 ms, 1 x 16k 3.635 -> 3.613 (1.01x); 0.8B 1.00x / 1.01x.
 # Not adopted: half a percent for 4 KB more memory per token and layer at 9B heads.
 BWD_AQK_FROM_FORWARD = False
+# BWD_HEADS_FASTEST: the chunk-parallel backward kernels (w/u recompute, dv_local, dq/dk, WY) on a grid
+# (heads, chunks), the heads of each chunk side by side (`utils.chunk_launch`): the value heads of a key head read its
+# q, k rows from L2 after the first (q and k are 67 MB each at 9B heads, 4 x 4k: beyond the 50 MB L2). Untimed.
+BWD_HEADS_FASTEST = False
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.
@@ -416,7 +421,7 @@ def chunk_gdn_bwd(
         dht = dht.contiguous()
     common = dict(H=key_heads, HV=value_heads, K=dk, V=dv, BT=BT, BK=BK, IS_VARLEN=cu_seqlens is not None,
                   DOT_PRECISION=dot_precision(dtype))
-    chunk_grid = (grid_chunks, batch * value_heads)
+    chunk_grid, order = chunk_launch(grid_chunks, batch * value_heads, BWD_HEADS_FASTEST)
     if BV_dh > BV and 2 * cdiv(dv, BV_dh) * num_states * value_heads < _multiprocessors(device):
         BV_dh = BV
 
@@ -434,7 +439,7 @@ def chunk_gdn_bwd(
         u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
         chunk_gdn_wu_kernel[chunk_grid](
             k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
-            BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **common)
+            BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **order, **common)
         h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
         v_new = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
         BV_h = state_pass_block(dk, dv, num_states * value_heads, v.element_size(), device, dtype == torch.float32,
@@ -453,7 +458,7 @@ def chunk_gdn_bwd(
     dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
     chunk_gdn_bwd_dv_local_kernel[chunk_grid](
         q, k, do, g_cumsum, dv_local, aqk, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
-        BV=BV_chunk, A_GIVEN=aqk is not None, num_warps=BWD_DV_LOCAL_WARPS, **common)
+        BV=BV_chunk, A_GIVEN=aqk is not None, num_warps=BWD_DV_LOCAL_WARPS, **order, **common)
 
     dv_new = torch.empty_like(v_new)  # [B, T, Hv, dv]
     dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
@@ -487,7 +492,7 @@ def chunk_gdn_bwd(
             q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, aqk, cu_seqlens, chunk_indices, scale,
             length, q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS,
             A_GIVEN=aqk is not None, NORM_Q=norm_fused, num_warps=BWD_DQK_WARPS,
-            num_stages=dqk_stages, **common,
+            num_stages=dqk_stages, **order, **common,
             **({} if BWD_DQK_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_DQK_MAXNREG)))
     else:  # key blocks; dw made here, and each block's share of dG
         num_shares = cdiv(dk, BKQ)
@@ -507,13 +512,13 @@ def chunk_gdn_bwd(
     BKW = max(32, min(BK, BWD_WY_BK)) if BWD_WY_BK is not None else dk
     if BKW >= dk:
         chunk_gdn_bwd_wy_kernel[chunk_grid](*wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS, num_stages=dqk_stages,
-                                            **wy_flags, **common)
+                                            **wy_flags, **order, **common)
     else:
         chunk_gdn_bwd_wy_kblocked_kernel[chunk_grid](
             *wy_args, BV=BV_chunk, BKW=BKW, KK_IN_PASS2=BWD_WY_KK_LATE, KK_FREE=BWD_WY_KK_FREE, **wy_flags,
             # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
             num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
-            num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **common,
+            num_stages=2 if dtype == torch.float32 else BWD_WY_KB_STAGES, **order, **common,
             **({} if BWD_WY_KB_MAXNREG is None or dtype == torch.float32 else dict(maxnreg=BWD_WY_KB_MAXNREG)))
 
     if norm_fused:  # (step 4 ran inside step 3)

@@ -17,6 +17,16 @@ def _load_rows(p, i_s, T, stride, D, BR: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _chunk_program(HEADS_FASTEST: tl.constexpr):
+    """(chunk, batch x head) of this program: from a grid (chunks, B x heads), or with HEADS_FASTEST from a grid
+    (B x heads, chunks), whose neighbouring programs are the heads of one chunk: the value heads of one key head then
+    run side by side and read its key (and query) rows of the chunk once from memory, the rest from L2."""
+    if HEADS_FASTEST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _store_rows(p, b_x, i_s, T, stride, D, BR: tl.constexpr, BD: tl.constexpr):
     o_r = i_s + tl.arange(0, BR)
     o_d = tl.arange(0, BD)

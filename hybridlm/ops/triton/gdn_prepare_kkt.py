@@ -21,7 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.gdn_common import _chunk_bounds, _gates, _l2norm_rows_rsqrt, _load_rows, _store_rows
+from hybridlm.ops.triton.gdn_common import (
+    _chunk_bounds, _chunk_program, _gates, _l2norm_rows_rsqrt, _load_rows, _store_rows,
+)
 from hybridlm.ops.triton.gdn_prepare import _chunk_inverse
 
 
@@ -182,12 +184,13 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     DOT_PRECISION: tl.constexpr,
     INTERLEAVE: tl.constexpr,  # the four diagonal inverses in one loop (gdn_chunk.KKT_INTERLEAVE)
     RECURSIVE: tl.constexpr = False,  # the diagonal inverses by halving (gdn_chunk.KKT_RECURSIVE)
+    HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
 ):
     # (One program per chunk and key head, making K K^T once for the group's value heads and looping them, lost on an
     # H100: 9B heads, 16k 0.676 -> 0.726 ms, 4k 0.267 -> 0.277, train 4 x 4k 3.55 -> 3.60 (2026-12-06,
     # `gpu_plan.sh 32`, `kkth`; 244-300 B spilled with the Gram blocks live across the loop). Removed.)
     tl.static_assert(BT == 4 * BC, "the block solve is written for four sub-chunks")
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = _chunk_program(HEADS_FASTEST)
     i_b, i_h = i_bh // HV, i_bh % HV
     i_hk = i_h // (HV // H)
     _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
@@ -246,12 +249,13 @@ def chunk_gdn_wu_kernel(
     STORE_RSTD: tl.constexpr = False,
     rk=None,
     rq=None,
+    HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
     tl.static_assert(not (KEY_HEAD_PROGRAMS and STORE_WU), "KEY_HEAD_PROGRAMS makes no w, u")
     G: tl.constexpr = HV // H
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = _chunk_program(HEADS_FASTEST)
     if KEY_HEAD_PROGRAMS:
         i_b, i_hk = i_bh // H, i_bh % H
         i_h = i_hk * G  # the group's first value head

@@ -24,6 +24,15 @@ def next_power_of_2(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
+def chunk_launch(chunks: int, num_bh: int, heads_fastest: bool) -> tuple[tuple[int, int], dict]:
+    """The grid and launch arguments of a kernel with one program per chunk and (batch, head) pair: (chunks, num_bh),
+    or with `heads_fastest` (num_bh, chunks), whose neighbouring programs are the heads of one chunk
+    (`gdn_common._chunk_program`), where the chunks fit a grid's second dimension (65535)."""
+    if heads_fastest and chunks <= 65535:
+        return (num_bh, chunks), dict(HEADS_FASTEST=True)
+    return (chunks, num_bh), {}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots ("ieee"); bf16/fp16 operands run on tensor cores anyway."""
     return "ieee" if dtype == torch.float32 else "tf32"
