@@ -87,8 +87,8 @@ def _chunk_inverse(b_A00, b_A11, b_A22, b_A33, b_A10, b_A20, b_A21, b_A30, b_A31
     """X = (I + A)^-1 of a chunk's strictly lower A given as its ten 16-row blocks (fp32): the diagonal blocks by
     recursive halving (`_unit_lower_inverse_recursive`, RECURSIVE) or by forward substitution
     (`_unit_lower_inverse`, or `_unit_lower_inverses` with INTERLEAVE); the rest by block substitution
-    X_ij = -X_ii sum_{j <= m < i} A_im X_mj. (The 64-row merges by halves as well, four products on the chain after
-    the diagonal blocks instead of six, timed even with this on an H100 and were removed: 2026-12-07.)
+    X_ij = -X_ii sum_{j <= m < i} A_im X_mj. (Merging the 64 rows by halves as well, four products on the chain after
+    the diagonal blocks instead of six, was no faster on an H100 and was removed, 2026-12-07.)
     Returns X00, X11, X22, X33, X10, X20, X21, X30, X31, X32."""
     if RECURSIVE:
         b_X00 = _unit_lower_inverse_recursive(b_A00, BC, DOT_PRECISION)
