@@ -470,7 +470,8 @@ def test_bwd_dh_pass_tma(poisoned, monkeypatch, offsets):
 @pytest.mark.parametrize("case", ["bf16-packed-grouped", "fp32-batch", "bf16-key-blocks"])
 def test_heads_fastest_grids(poisoned, monkeypatch, case):
     """gdn_chunk.KKT_HEADS_FASTEST and gdn_chunk_bwd.BWD_HEADS_FASTEST: the chunk-parallel kernels on grids (heads,
-    chunks), the heads of each chunk side by side, give the same bits (each program does what it did, in another order)."""
+    chunks), the heads of each chunk side by side, give the same bits (each program does what it did, in another
+    order)."""
     from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
     from hybridlm.ops.triton.utils import chunk_launch
 
@@ -483,7 +484,8 @@ def test_heads_fastest_grids(poisoned, monkeypatch, case):
              "chunk_gdn_bwd_dqk_kernel": gdn_chunk_bwd, "chunk_gdn_bwd_wy_kernel": gdn_chunk_bwd,
              "chunk_gdn_bwd_wy_kblocked_kernel": gdn_chunk_bwd}
     for name, module in names.items():
-        record_launches(monkeypatch, module, name, lambda kwargs, name=name: (name, "HEADS_FASTEST" in kwargs), launched)
+        record_launches(monkeypatch, module, name, lambda kwargs, name=name: (name, "HEADS_FASTEST" in kwargs),
+                        launched)
     default = grads_with(monkeypatch, "BWD_HEADS_FASTEST", False, case_inputs)
     monkeypatch.setattr(gdn_chunk, "KKT_HEADS_FASTEST", True)
     fastest = grads_with(monkeypatch, "BWD_HEADS_FASTEST", True, case_inputs)
