@@ -98,7 +98,7 @@ def chunk_gdn_fwd_h_kernel(
     # Q_NORMED q arrives L2-normalised and scaled in dtype (the w/u kernel's STORE_QN), else raw
     FUSED_O: tl.constexpr = False,
     Q_NORMED: tl.constexpr = False,
-    A_GIVEN: tl.constexpr = False,  # aqk [B, T, HV, BT]: the decayed causal q k^T per chunk (the w/u kernel's STORE_AQK)
+    A_GIVEN: tl.constexpr = False,  # aqk [B, T, HV, BT]: the decayed causal q k^T per chunk (w/u kernel's STORE_AQK)
     aqk=None,
     q=None,
     o=None,
@@ -290,40 +290,29 @@ def chunk_gdn_fwd(
     return out["o"], out["final_state"]
 
 
-# How the prepare step runs; `benchmarks/sweep_kernels.py --kernels prepare,kkt` times both ways and their settings.
-# On an H200 at 64k tokens (seventh session, benchmarks/RESULTS.md), ms:
-# - KKT_PREPARE (the default): `gdn_prepare_kkt`'s two kernels (fla's kkt_solve + recompute_w_u split): the Gram
-#   matrix summed over key slices with the norms from its diagonal, and the inverse, at 1 warp and BK 64 (9B heads
-#   0.695, 0.8B 0.353; 2 warps 1.09 / 0.55, 4 warps 2.02 / 1.01: its 16 x 16 dots repeat in every warp); then w and
-#   u as 64 x 64 by 64 x BV products, BV 128 at 8 warps (0.747 / 0.409; BV 64 at 4 warps 0.948 / 0.630).
-#   Registers (Triton 3.6, sm_90, 9B heads): 212 at 1 warp, no spills; the w/u kernel 145-156.
-# - else `gdn_prepare.chunk_gdn_fwd_prepare_kernel`, everything in one launch at 255 registers: 9B heads 1.54 at 2
-#   warps, 2.39 at 4, 4.88 at 8 (with the tf32 block merges of `_mm`).
-# Tried and removed (benchmarks/NOTES.md): w, u moved to a kernel of their own after the fused inverse (3.79 at 9B
-# heads) and an inverse built in phases in an fp32 scratch (2.10; wrong values or an illegal address at 0.8B heads).
+# How the prepare step runs (`benchmarks/sweep_kernels.py --kernels prepare,kkt` times the settings; numbers and what
+# lost: benchmarks/NOTES.md, RESULTS.md):
+# - KKT_PREPARE (the default): `gdn_prepare_kkt`'s kkt_solve (the Gram matrix over key slices of KKT_BK, the norms
+#   from its diagonal, the inverse; 1 warp: wider repeats its 16 x 16 dots in every warp) and the w/u kernel (64 x 64
+#   by 64 x BV products); else `gdn_prepare.chunk_gdn_fwd_prepare_kernel`, all in one launch at 255 registers (2x).
+# - KKT_RECURSIVE: the four diagonal 16 x 16 inverses by recursive halving (`gdn_prepare._unit_lower_inverse_recursive`,
+#   six dependent tensor-core products each); else forward substitution, the four loops in one with KKT_INTERLEAVE.
+#   H100, 9B heads (2026-12-07): kkt_solve 0.145 -> 0.079 ms at 16k (188 registers, no spills; 255 with spills
+#   before), the forward 1.05-1.12x at every shape, train 1.03x; 2 warps 0.92-0.96x.
+# - KKT_HEADS_FASTEST: kkt_solve and the w/u kernel on a grid (heads, chunks) (`utils.chunk_launch`), so the value
+#   heads of a key head read its k (and q) rows of a chunk from L2 after the first (k is 67 MB at 9B heads and 16k
+#   tokens, beyond the 50 MB L2). Untimed.
+# - KKT_MAXNREG, KKT_WU_MAXNREG: register caps (Triton's maxnreg; None: the compiler's pick), 16-bit only. H100
+#   (2026-12-06, before KKT_RECURSIVE): w/u at 128 unchanged; kkt_solve at 168 / 128 lost 1.45x / 3x to spills.
 KKT_PREPARE = True
 KKT_BK = 64  # key columns per slice of the Gram sum
 KKT_WARPS = 1
-KKT_INTERLEAVE = True  # the four diagonal inverses in one loop (`_unit_lower_inverses`): 255 registers with small
-# spills at 1 warp, more overlap. H200, 64k tokens (eighth session): 9B heads 0.569 ms (0.694 one after another),
-# 0.8B 0.289 (0.353)
-# KKT_RECURSIVE: the four diagonal 16 x 16 inverses by recursive halving (`gdn_prepare._unit_lower_inverse_recursive`:
-# six dependent 16 x 16 tensor-core products each, tf32 for 16-bit inputs as the block merges) instead of fifteen
-# dependent row steps of two cross-lane reductions (KKT_INTERLEAVE is then unused). 188 registers without spills
-# (255 with spills before). H100, 9B heads (2026-12-07): kkt_solve 0.145 -> 0.079 ms at 16k, 0.582 -> 0.411 at 64k;
-# the whole forward 1.05-1.12x at every shape (16k 0.660 -> 0.595), train 4 x 4k 1.03x; 2 warps 0.92-0.96x of 1.
 KKT_RECURSIVE = True
-# KKT_HEADS_FASTEST: kkt_solve and the w/u kernel on a grid (heads, chunks), the heads of each chunk side by side
-# (`utils.chunk_launch`), so the value heads of a key head read its rows of k (and q) from L2 after the first; on the
-# grid (chunks, heads) the second value head's programs come a whole pass over the chunks later (at 9B heads and
-# 16k tokens k is 67 MB, beyond the 50 MB L2). Untimed.
+KKT_INTERLEAVE = True
 KKT_HEADS_FASTEST = False
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
-# register caps per thread (Triton's maxnreg; None: the compiler's pick) for kkt_solve (212-255 at 1 warp: 8 programs
-# per SM) and the w/u kernel (133-156 at 8 warps: one program per SM), so more programs fit an SM; 16-bit only. H100,
-# 9B heads (2026-12-06): w/u at 128 unchanged; kkt_solve at 168 / 128 lost 1.45x / 3x to spills. Off.
 KKT_MAXNREG: int | None = None
 KKT_WU_MAXNREG: int | None = None
 FUSED_PREPARE_WARPS = 2
@@ -353,18 +342,13 @@ FOLD_MIN_PROGRAMS = 128
 # there). False: training never folds or fuses.
 TRAIN_FORWARD_AS_INFERENCE = True
 
-# How the output step runs; `benchmarks/sweep_kernels.py --kernels o` times both kernels and their settings.
-# - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k (the prepare
-#   kernel's normalised keys) and the 64x64 decayed q k^T once and walks the V blocks; else `chunk_gdn_fwd_o_kernel`,
-#   one program per 32-wide V block, each redoing all of that (1.79 ms on the H100 at 9B heads and 64k tokens,
-#   ~3-4x its memory floor). On an H200 at 9B heads and 64k tokens (`sweep_kernels.py --kernels o`, sixth
-#   session): looped BV 64, 4 warps, 2 stages 0.882 ms (3 stages 0.954); the per-block kernel at its old default
-#   (BV 32) 1.709 ms, at its best (BV 128) 1.052. One stage faulted (illegal address) at BV 32: not used. Registers
-#   and spills: `benchmarks/compile_check.py -k o=`.
-# Registers (sm_90, Triton 3.6, 9B and 0.8B heads): bf16 at BV 64 and 4 warps 154, no spills, 80 KB of shared
-# memory (BV 32: 151-158; BV 64 at 8 warps: 161; the per-block kernel: 128). fp32 dots ("ieee") run on FMAs, which
-# hold whole operand rows per thread, so every fp32 forward kernel spills (the per-block o kernel 29 KB): the looped
-# one at 8 warps and BV 32 takes 128 registers with 1.3 KB of spills, at 4 warps and BV 64 31 KB.
+# How the output step runs where the state pass does not make it; `benchmarks/sweep_kernels.py --kernels o` times both
+# kernels and their settings (RESULTS.md, sixth session).
+# - LOOPED_O: `chunk_gdn_fwd_o_looped_kernel`, one program per chunk and value head that makes q, k and the 64x64
+#   decayed q k^T once and walks the V blocks; else `chunk_gdn_fwd_o_kernel`, one program per V block, each redoing
+#   all of that. H200, 9B heads, 64k tokens: looped BV 64, 4 warps, 2 stages 0.882 ms; the per-block kernel at its
+#   best 1.052. One stage faulted at BV 32: not used. Registers (sm_90): bf16 154, no spills; fp32 dots ("ieee") run
+#   on FMAs holding whole operand rows per thread, so every fp32 forward kernel spills (`compile_check.py -k o=`).
 LOOPED_O = True
 LOOPED_O_BV = 64  # V columns per step of the looped kernel (bf16, fp16)
 LOOPED_O_WARPS = 4
