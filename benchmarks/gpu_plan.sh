@@ -846,17 +846,16 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
       > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     ;;
-  59)  # twenty-ninth session (carry nothing, ~9 min; ran, RESULTS.md; KKT_RECURSIVE is the default since, so the
-       # variants below now time the removed rec2 as plain rec): kkt_solve's inverse by recursive halving
-       # (gdn_chunk.KKT_RECURSIVE 1: six dependent 16 x 16 products a diagonal block instead of fifteen row steps;
-       # 2: the merges by halves too): its tests (tf32 on the GPU, repeated keys), the forward; then 58's tests
+  59)  # twenty-ninth session (carry nothing, ~9 min): kkt_solve's inverse by recursive halving (gdn_chunk.
+       # KKT_RECURSIVE): its tests (tf32 on the GPU, repeated keys), the forward, then 58's tests. It ran with the
+       # variants rec / rec2 / rec2w2 (RESULTS.md); with KKT_RECURSIVE the default since, it times the old inverse
+       # (rows) and 2 warps
     timeout 60 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt or repeated" -j 8 \
       > "$OUT/gpu_tests_kkt.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests_kkt.log" | cut -c1-300 | tail -6; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests_kkt.log")"
     for model in ${MODELS:-9B 0.8B}; do  # MODELS, TESTS_S (0: none): to fit a short budget
       timeout 140 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models $model \
-        --variant "rec:gdn_chunk.KKT_RECURSIVE=1" "rec2:gdn_chunk.KKT_RECURSIVE=2" \
-        "rec2w2:gdn_chunk.KKT_RECURSIVE=2,gdn_chunk.KKT_WARPS=2" \
+        --variant "rows:gdn_chunk.KKT_RECURSIVE=False" "w2:gdn_chunk.KKT_WARPS=2" \
         > "$OUT/forward_$model.log" 2>&1
       grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_$model.log" | cut -c1-150
     done
