@@ -585,7 +585,17 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:MODULE.FLAG=VALUE[,...]",
                         help="also time ours under these options, each in a row ours[NAME] beside the default and the "
                         "peers (forward and train), e.g. fold:gdn_chunk.FOLD_WU_INTO_H=True")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="BxT",
+                        help="the forward's and train's (batch, tokens) shapes instead of the usual, e.g. 1x32768")
     args = parser.parse_args()
+    custom_shapes = None
+    if args.shapes:
+        try:
+            custom_shapes = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes]
+        except ValueError:
+            custom_shapes = []
+        if not custom_shapes or any(len(shape) != 2 or min(shape) < 1 for shape in custom_shapes):
+            raise SystemExit(f"--shapes takes BxT pairs of positive integers, e.g. 1x32768; got {args.shapes}")
     kinds = set(args.kinds.split(","))
     if not kinds <= {"forward", "train", "decode"}:
         raise SystemExit(f"--kinds takes forward, train, decode; got {args.kinds}")
@@ -606,7 +616,8 @@ def main() -> None:
     models = args.models or (["9B"] if args.quick else ["9B", "0.8B"])
     if "forward" in kinds:
         forward_ok = gate_reference(chunk_gdn_fwd)
-        shapes = [(1, 4096), (1, 16384)] if args.quick else [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]
+        shapes = custom_shapes or ([(1, 4096), (1, 16384)] if args.quick
+                                   else [(1, 4096), (1, 16384), (1, 65536), (8, 4096)])
         for model in models:
             for batch, length in shapes:
                 bench_forward(model, batch, length, peers, forward_ok, rows)
@@ -614,7 +625,7 @@ def main() -> None:
         train_ok = gate_backward(chunk_gdn)
         # both head layouts even with --quick: the training comparison is one shape each
         for model in args.models or ["9B", "0.8B"]:
-            for batch, length in ([(4, 4096)] if args.quick else [(4, 4096), (1, 16384)]):
+            for batch, length in custom_shapes or ([(4, 4096)] if args.quick else [(4, 4096), (1, 16384)]):
                 bench_train(model, batch, length, peers, train_ok, rows)
     if "decode" in kinds:
         decode_ok = gate_decode(gdn_decode_step)

@@ -63,6 +63,7 @@
 #   bash benchmarks/gpu_plan.sh 59  # carry nothing (~9 min): 58's tests; kkt_solve's recursive inverse: tests, forward
 #   bash benchmarks/gpu_plan.sh 58f # carry nothing (~5 min): every GDN forward and backward GPU test at the defaults
 #   bash benchmarks/gpu_plan.sh 60  # carry nothing (~8 min): 58f, then the heads-fastest grids (forward, train)
+#   bash benchmarks/gpu_plan.sh 61  # carry .whl (~4 min): the heads-fastest thresholds; then 44 carrying .whl2
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -877,6 +878,18 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
       --variant "hfb:gdn_chunk_bwd.BWD_HEADS_FASTEST=True" "hf:gdn_chunk.KKT_HEADS_FASTEST=True,\
 gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-150
+    ;;
+  61)  # thirtieth session, carrying .whl (so also the install of 44's first half, ~4 min): the heads-fastest grids'
+       # thresholds (KKT_HEADS_FASTEST = 512 chunks, BWD_HEADS_FASTEST = 256) against never (None) and always (0)
+    ls /tmp/site
+    timeout 130 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+      --shapes 1x16384 1x32768 2x16384 1x65536 --variant "never:gdn_chunk.KKT_HEADS_FASTEST=None" \
+      "always:gdn_chunk.KKT_HEADS_FASTEST=0" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 9B 0.8B \
+      --shapes 1x8192 2x8192 1x16384 --variant "never:gdn_chunk_bwd.BWD_HEADS_FASTEST=None" \
+      "always:gdn_chunk_bwd.BWD_HEADS_FASTEST=0" > "$OUT/train.log" 2>&1
+    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-120
     ;;
   58f)  # 58 and the forward's tests (~5 min)
     timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \

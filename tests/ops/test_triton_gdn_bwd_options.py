@@ -469,8 +469,8 @@ def test_bwd_dh_pass_tma(poisoned, monkeypatch, offsets):
 
 @pytest.mark.parametrize("case", ["bf16-packed-grouped", "fp32-batch", "bf16-key-blocks"])
 def test_heads_fastest_grids(poisoned, monkeypatch, case):
-    """gdn_chunk.KKT_HEADS_FASTEST and gdn_chunk_bwd.BWD_HEADS_FASTEST: the chunk-parallel kernels on grids (heads,
-    chunks), the heads of each chunk side by side, give the same bits (each program does what it did, in another
+    """gdn_chunk.KKT_HEADS_FASTEST and gdn_chunk_bwd.BWD_HEADS_FASTEST (0: always, None: never): the chunk-parallel
+    kernels on grids (heads, chunks), the heads of each chunk side by side, give the same bits (each program does what it did, in another
     order)."""
     from hybridlm.ops.triton import gdn_chunk, gdn_chunk_bwd
     from hybridlm.ops.triton.utils import chunk_launch
@@ -486,12 +486,15 @@ def test_heads_fastest_grids(poisoned, monkeypatch, case):
     for name, module in names.items():
         record_launches(monkeypatch, module, name, lambda kwargs, name=name: (name, "HEADS_FASTEST" in kwargs),
                         launched)
-    default = grads_with(monkeypatch, "BWD_HEADS_FASTEST", False, case_inputs)
-    monkeypatch.setattr(gdn_chunk, "KKT_HEADS_FASTEST", True)
-    fastest = grads_with(monkeypatch, "BWD_HEADS_FASTEST", True, case_inputs)
+    monkeypatch.setattr(gdn_chunk, "KKT_HEADS_FASTEST", None)
+    default = grads_with(monkeypatch, "BWD_HEADS_FASTEST", None, case_inputs)
+    monkeypatch.setattr(gdn_chunk, "KKT_HEADS_FASTEST", 0)
+    fastest = grads_with(monkeypatch, "BWD_HEADS_FASTEST", 0, case_inputs)
     ran = {name for name, _ in launched}  # (one of the two WY kernels)
     assert len(ran) == 4 and sorted(launched) == sorted((name, ordered) for ordered in (False, True) for name in ran)
     for name, x, y in zip(NAMES, fastest, default):
         assert torch.equal(x, y), name
-    assert chunk_launch(65535, 32, True) == ((32, 65535), {"HEADS_FASTEST": True})
-    assert chunk_launch(65536, 32, True) == ((65536, 32), {})  # (a grid's second dimension holds 65535)
+    assert chunk_launch(65535, 32, 0) == ((32, 65535), {"HEADS_FASTEST": True})
+    assert chunk_launch(65536, 32, 0) == ((65536, 32), {})  # (a grid's second dimension holds 65535)
+    assert chunk_launch(255, 32, 256) == ((255, 32), {}) and chunk_launch(256, 32, 256)[0] == (32, 256)
+    assert chunk_launch(1000, 32, None) == ((1000, 32), {})

@@ -299,9 +299,9 @@ def chunk_gdn_fwd(
 #   six dependent tensor-core products each); else forward substitution, the four loops in one with KKT_INTERLEAVE.
 #   H100, 9B heads (2026-12-07): kkt_solve 0.145 -> 0.079 ms at 16k (188 registers, no spills; 255 with spills
 #   before), the forward 1.05-1.12x at every shape, train 1.03x; 2 warps 0.92-0.96x.
-# - KKT_HEADS_FASTEST: kkt_solve and the w/u kernel on a grid (heads, chunks) (`utils.chunk_launch`), so the value
-#   heads of a key head read its k (and q) rows of a chunk from L2 after the first (k is 67 MB at 9B heads and 16k
-#   tokens, beyond the 50 MB L2). Untimed.
+# - KKT_HEADS_FASTEST: from this many chunks on the grid (None: never), kkt_solve and the w/u kernel on a grid (heads,
+#   chunks) (`utils.chunk_launch`): the value heads of a key head read its k (and q) rows of a chunk from L2 after the
+#   first, where a pass over all chunks would evict them. H100, 9B heads: 1 x 64k 1.07x, 1 x 16k 0.99x, 8 x 4k 0.97x.
 # - KKT_MAXNREG, KKT_WU_MAXNREG: register caps (Triton's maxnreg; None: the compiler's pick), 16-bit only. H100
 #   (2026-12-06, before KKT_RECURSIVE): w/u at 128 unchanged; kkt_solve at 168 / 128 lost 1.45x / 3x to spills.
 KKT_PREPARE = True
@@ -309,7 +309,7 @@ KKT_BK = 64  # key columns per slice of the Gram sum
 KKT_WARPS = 1
 KKT_RECURSIVE = True
 KKT_INTERLEAVE = True
-KKT_HEADS_FASTEST = False
+KKT_HEADS_FASTEST: int | None = 512
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8

@@ -310,10 +310,11 @@ BWD_DQK_MAXNREG: int | None = None
 # `gpu_plan.sh 57`), train: 9B heads 4 x 4k 3.036 -> 3.020 ms, 1 x 16k 3.635 -> 3.613 (1.01x); 0.8B 1.00x / 1.01x.
 # Not adopted: half a percent for 4 KB more memory per token and layer at 9B heads.
 BWD_AQK_FROM_FORWARD = False
-# BWD_HEADS_FASTEST: the chunk-parallel backward kernels (w/u recompute, dv_local, dq/dk, WY) on a grid
-# (heads, chunks), the heads of each chunk side by side (`utils.chunk_launch`): the value heads of a key head read its
-# q, k rows from L2 after the first (q and k are 67 MB each at 9B heads, 4 x 4k: beyond the 50 MB L2). Untimed.
-BWD_HEADS_FASTEST = False
+# BWD_HEADS_FASTEST: from this many chunks on the grid (None: never), the chunk-parallel backward kernels (w/u
+# recompute, dv_local, dq/dk, WY) on a grid (heads, chunks), the heads of each chunk side by side
+# (`utils.chunk_launch`): the value heads of a key head read its q, k rows from L2 after the first. H100 (train):
+# 1 x 16k 1.02x at 9B and 0.8B heads; 4 x 4k 0.99x (9B), 1.01x (0.8B).
+BWD_HEADS_FASTEST: int | None = 256
 # The per-value-head gradients of l2norm(q), l2norm(k) between steps 3 and 4: "input" stores them in the input dtype
 # (as fla does; sums stay fp32 in registers), "fp32" in fp32. At 9B heads, B = 4, T = 4k they are [16k, 32, 128]
 # each, written, read back and (dk) written again: 1.6 GB of traffic in fp32, half that in bf16.

@@ -24,11 +24,12 @@ def next_power_of_2(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
-def chunk_launch(chunks: int, num_bh: int, heads_fastest: bool) -> tuple[tuple[int, int], dict]:
+def chunk_launch(chunks: int, num_bh: int, heads_fastest_from: int | None) -> tuple[tuple[int, int], dict]:
     """The grid and launch arguments of a kernel with one program per chunk and (batch, head) pair: (chunks, num_bh),
-    or with `heads_fastest` (num_bh, chunks), whose neighbouring programs are the heads of one chunk
-    (`gdn_common._chunk_program`), where the chunks fit a grid's second dimension (65535)."""
-    if heads_fastest and chunks <= 65535:
+    or, where there are at least `heads_fastest_from` chunks (None: never), (num_bh, chunks), whose neighbouring
+    programs are the heads of one chunk (`gdn_common._chunk_program`), if the chunks fit a grid's second dimension
+    (65535)."""
+    if heads_fastest_from is not None and heads_fastest_from <= chunks <= 65535:
         return (num_bh, chunks), dict(HEADS_FASTEST=True)
     return (chunks, num_bh), {}
 
