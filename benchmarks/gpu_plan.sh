@@ -64,6 +64,7 @@
 #   bash benchmarks/gpu_plan.sh 58f # carry nothing (~5 min): every GDN forward and backward GPU test at the defaults
 #   bash benchmarks/gpu_plan.sh 60  # carry nothing (~8 min): 58f, then the heads-fastest grids (forward, train)
 #   bash benchmarks/gpu_plan.sh 61  # carry .whl (~4 min): the heads-fastest thresholds; then 44 carrying .whl2
+#   bash benchmarks/gpu_plan.sh 62  # carry nothing (~5 min): kkt_solve making aqk (KKT_AQK): tests, forward, train
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -889,6 +890,18 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 9B 0.8B \
       --shapes 1x8192 2x8192 1x16384 --variant "never:gdn_chunk_bwd.BWD_HEADS_FASTEST=None" \
       "always:gdn_chunk_bwd.BWD_HEADS_FASTEST=0" > "$OUT/train.log" 2>&1
+    grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-120
+    ;;
+  62)  # thirtieth session (carry nothing, ~5 min): kkt_solve making aqk, rk, rq where w/u would make only them
+       # (gdn_chunk.KKT_AQK; 255 registers, 32-44 B spilled offline): its GPU tests, then the forward beside the default
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt_solve_makes_aqk or row_norms" \
+      -j 8 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+      --shapes 1x16384 1x65536 8x4096 --variant "kaqk:gdn_chunk.KKT_AQK=True" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    timeout 60 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 9B --shapes 1x16384 \
+      --variant "kaqk:gdn_chunk.KKT_AQK=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-120
     ;;
   58f)  # 58 and the forward's tests (~5 min)

@@ -310,6 +310,10 @@ KKT_WARPS = 1
 KKT_RECURSIVE = True
 KKT_INTERLEAVE = True
 KKT_HEADS_FASTEST: int | None = 512
+# KKT_AQK: where the w/u kernel would make only aqk, rk and rq (the fold, the fused output, row norms), kkt_solve makes
+# them after X (`gdn_prepare_kkt._aqk_stored`, q k^T over slices of KKT_AQK_BK columns) and w/u is not launched
+KKT_AQK = False
+KKT_AQK_BK = 32
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
@@ -318,28 +322,21 @@ KKT_WU_MAXNREG: int | None = None
 FUSED_PREPARE_WARPS = 2
 # FOLD_WU_INTO_H (with KKT_PREPARE, 16-bit inputs): w and u are not stored; the state pass takes v_new =
 # X (beta (v - exp(G) (k h))), the same products regrouped: per chunk step it reads X (64 x 64) and v instead of w
-# (64 x dk) and u, 40 KB instead of 48 at 9B heads and BV 32 (the pass is bound by those bytes, see
-# `state_pass_block`), and the w/u kernel only stores the normalised keys; one more 64 x 64 x BV product on the
-# sequential chain. Unlike FUSE_WU_INTO_H (removed: made w and u whole in the pass, two products more, 2x slower) it
-# adds one small product. None (the default) folds where the state pass runs at least FOLD_MIN_PROGRAMS sequences (or
-# context-parallel segments) x value heads; True / False force it. H200, tenth session, CUDA graphs: with 128 or more
-# the fold won (B = 8, T = 4k: 9B 1.49 -> 1.40 ms, 0.8B 0.81 -> 0.77; B = 1, 16k cut into 8 segments: 0.882 -> 0.819;
-# 64k 3.33 -> 3.07), with 16 or 32 it lost (B = 1 uncut, 9B 16k 0.899 -> 1.065, 0.8B 64k 2.20 -> 3.36): each chunk
-# step's extra product lengthens the chain, which few programs cannot hide. Training's forward folds by the same rule
-# (TRAIN_FORWARD_AS_INFERENCE); its backward never folds (no faster on an H200, tenth session). The fp16 24/40 fault
-# once seen after a folded forward is the WY kernel's own at those dims on Hopper (`gdn_chunk_bwd.head_dims_fault`).
+# and u (40 KB instead of 48 at 9B heads, BV 32), one more 64 x 64 x BV product on the sequential chain. None (the
+# default) folds where the state pass runs at least FOLD_MIN_PROGRAMS sequences (or segments) x value heads; True /
+# False force it. H200 (tenth session): with 128 or more the fold won (B = 8, T = 4k: 9B 1.49 -> 1.40 ms; 64k cut
+# 3.33 -> 3.07), with 16 or 32 it lost (9B 16k uncut 0.899 -> 1.065): few programs cannot hide the longer chain.
+# Training's forward folds by the same rule (TRAIN_FORWARD_AS_INFERENCE); its backward never folds.
 FOLD_WU_INTO_H: bool | None = None
 # With the fold the w/u kernel only normalises k (and, for FUSED_OUTPUT, q and the decayed q k^T per value head): run
-# it one program per key head, normalising q and k and making q k^T once for the group's value heads instead of once
-# per value head. H100 (2026-12-05, `gpu_plan.sh 24`, CUDA graphs, same bits): 9B heads 16k 0.687 -> 0.675 ms, 64k
-# 2.64 -> 2.52, 4k and 8 x 4k even; 0.8B heads (one value head per key head) even.
+# it one program per key head, for the group's value heads at once. H100 (2026-12-05, `gpu_plan.sh 24`, CUDA graphs,
+# same bits): 9B heads 16k 0.687 -> 0.675 ms, 64k 2.64 -> 2.52, 4k and 8 x 4k even; 0.8B heads even.
 WU_KEY_HEAD_PROGRAMS = True
 FOLD_MIN_PROGRAMS = 128
 # TRAIN_FORWARD_AS_INFERENCE: training's forward (X kept for the backward) takes the inference forward's rules (the
 # fold, the fused output, row norms on cut segments) where its states are not kept; the backward recomputes w, u, h and
-# v_new either way, so the gradients are the same bits. H100 (2026-12-06, `gpu_plan.sh 51`), forward + backward: 9B
-# heads 4 x 4k 3.555 -> 3.282 ms, 1 x 16k 4.221 -> 3.887; 0.8B 1 x 16k 2.726 -> 2.525, 4 x 4k even (neither rule fires
-# there). False: training never folds or fuses.
+# v_new either way (same gradients). H100 (2026-12-06, `gpu_plan.sh 51`), forward + backward: 9B heads 4 x 4k 3.555 ->
+# 3.282 ms, 1 x 16k 4.221 -> 3.887; 0.8B 1 x 16k 2.726 -> 2.525, 4 x 4k even. False: training never folds or fuses.
 TRAIN_FORWARD_AS_INFERENCE = True
 
 # How the output step runs where the state pass does not make it; `benchmarks/sweep_kernels.py --kernels o` times both
@@ -631,24 +628,28 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
               if row_norms else (None, None))  # [B, T, Hk]
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
            if fuse_o and KKT_PREPARE and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
+    kkt_aqk = KKT_AQK and row_norms  # (then the w/u kernel makes aqk, rk and rq only)
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         grid, order = chunk_launch(grid_chunks, batch * value_heads, KKT_HEADS_FASTEST)
         chunk_gdn_fwd_kkt_solve_kernel[grid](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, RECURSIVE=KKT_RECURSIVE,
-            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32), **order)
-        per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
-        grid, order = chunk_launch(grid_chunks, batch * (key_heads if per_key_head else value_heads),
-                                   KKT_HEADS_FASTEST)
-        chunk_gdn_wu_kernel[grid](
-            k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
-            v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
-            KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32), **order,
-            **dict(common, BK=max(32, BK)),
-            **(dict(STORE_QN=q_normed is not None, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale,
-                    STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)
-               if fuse_o and KKT_PREPARE else {}))
+            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32), **order,
+            **(dict(MAKE_AQK=True, q=q, aqk=aqk, rk=rk, rq=rq, stride_q=q.stride(1), scale=scale,
+                    BK_QK=max(32, min(BK, KKT_AQK_BK))) if kkt_aqk else {}))
+        if not kkt_aqk:  # (kkt_solve made what it would)
+            per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
+            grid, order = chunk_launch(grid_chunks, batch * (key_heads if per_key_head else value_heads),
+                                       KKT_HEADS_FASTEST)
+            chunk_gdn_wu_kernel[grid](
+                k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
+                v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
+                KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32),
+                **order, **dict(common, BK=max(32, BK)),
+                **(dict(STORE_QN=q_normed is not None, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale,
+                        STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)
+                   if fuse_o and KKT_PREPARE else {}))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
