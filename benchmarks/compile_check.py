@@ -591,6 +591,10 @@ def compile_launch(fn, args, kwargs):
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
         return dict(ok=False, error=f"{type(error).__name__}: " + "\n".join(lines[:12]), signature=signature,
                     constexprs=constexprs)
+    if DUMP:  # the kernel's TTGIR and PTX, for reading where its registers go
+        os.makedirs(DUMP, exist_ok=True)
+        for kind in ("ttgir", "ptx"):
+            Path(DUMP, f"{fn.__name__}.{kind}").write_text(compiled.asm[kind])
     usage = ptxas_usage(compiled.asm["ptx"])
     regs = f"{usage[0]:3d} regs, spill {usage[1]}/{usage[2]} B" if usage else "regs ?"
     note = f"{regs}, smem {compiled.metadata.shared:6d} B"
@@ -628,17 +632,20 @@ def defined_kernels():
 
 
 VERBOSE = False
+DUMP = None
 
 
 def main():
-    global VERBOSE
+    global VERBOSE, DUMP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", "--filter", default="", help="only configurations whose label contains this")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
                         help="kernel options first, as bench_gdn.py --set (e.g. gdn_chunk_bwd.BWD_WY_KB_MAXNREG=168)")
+    parser.add_argument("--dump", metavar="DIR", help="write each kernel's TTGIR and PTX to DIR/<kernel>.ttgir, .ptx "
+                        "(the last configuration's where several compile the same kernel)")
     cli = parser.parse_args()
-    VERBOSE = cli.verbose
+    VERBOSE, DUMP = cli.verbose, cli.dump
     if cli.set:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_gdn import apply_settings
