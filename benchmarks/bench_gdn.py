@@ -3,6 +3,7 @@
     python benchmarks/bench_gdn.py [--quick] [--no-peers] [--kinds forward,train,decode]
                                    [--set gdn_chunk.FOLD_WU_INTO_H=True ...]
                                    [--variant fold:gdn_chunk.FOLD_WU_INTO_H=True cp:gdn_chunk.STATE_PASS_CP=True ...]
+                                   [--shapes 1x32768 2x16384 ...]  (forward and train shapes, BxT)
 
 Correctness gate first, in the same run: ours vs the float64 reference at a small shape, then ours vs each peer
 at every timed shape; a speed-up is printed only for a pair whose check passed. Timing: triton.testing.do_bench

@@ -894,15 +894,20 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     ;;
   62)  # thirtieth session (carry nothing, ~5 min): kkt_solve making aqk, rk, rq where w/u would make only them
        # (gdn_chunk.KKT_AQK; 255 registers, 32-44 B spilled offline): its GPU tests, then the forward beside the default
+       # (and the w/u kernel at 4 warps: it was tuned at 8 where it made w and u, now it makes only aqk, rk, rq there)
     timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt_solve_makes_aqk or row_norms" \
       -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
-      --shapes 1x16384 1x65536 8x4096 --variant "kaqk:gdn_chunk.KKT_AQK=True" > "$OUT/forward.log" 2>&1
+      --shapes 1x16384 1x65536 8x4096 --variant "kaqk:gdn_chunk.KKT_AQK=True" "wu4:gdn_chunk.KKT_WU_WARPS=4" \
+      > "$OUT/forward.log" 2>&1
     grep -h '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-120
     timeout 60 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 9B --shapes 1x16384 \
       --variant "kaqk:gdn_chunk.KKT_AQK=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-120
+    timeout 90 python3 benchmarks/profile_gdn_forward.py --no-peers --models 9B --lengths 16384 65536 \
+      --variant "kaqk:gdn_chunk.KKT_AQK=True" > "$OUT/profile.log" 2>&1
+    grep '^ours\|^| \|failed' "$OUT/profile.log" | cut -c1-120 | head -40
     ;;
   58f)  # 58 and the forward's tests (~5 min)
     timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \

@@ -311,7 +311,7 @@ KKT_RECURSIVE = True
 KKT_INTERLEAVE = True
 KKT_HEADS_FASTEST: int | None = 512
 # KKT_AQK: where the w/u kernel would make only aqk, rk and rq (the fold, the fused output, row norms), kkt_solve makes
-# them after X (`gdn_prepare_kkt._aqk_stored`, q k^T over slices of KKT_AQK_BK columns) and w/u is not launched
+# them after X (`gdn_prepare_kkt._aqk_stored`) and w/u is not launched. Untimed; offline 255 registers, 32-44 B spilled
 KKT_AQK = False
 KKT_AQK_BK = 32
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
