@@ -893,14 +893,13 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     grep -h '^train \|gate\|failed\|Error' "$OUT/train.log" | cut -c1-120
     ;;
   62)  # thirtieth session (carry nothing, ~5 min): kkt_solve making aqk, rk, rq where w/u would make only them
-       # (gdn_chunk.KKT_AQK; 255 registers, 32-44 B spilled offline): its GPU tests, then the forward beside the default
-       # (and the w/u kernel at 4 warps: it was tuned at 8 where it made w and u, now it makes only aqk, rk, rq there)
+       # (gdn_chunk.KKT_AQK; 255 registers, 32-44 B spilled offline): its GPU tests, the forward beside the default,
+       # train, the kernels' profile (w/u at 4 warps was even in the twenty-fifth session: not repeated)
     timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "kkt_solve_makes_aqk or row_norms" \
       -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
-      --shapes 1x16384 1x65536 8x4096 --variant "kaqk:gdn_chunk.KKT_AQK=True" "wu4:gdn_chunk.KKT_WU_WARPS=4" \
-      > "$OUT/forward.log" 2>&1
+      --shapes 1x16384 1x65536 8x4096 --variant "kaqk:gdn_chunk.KKT_AQK=True" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|gate\|failed\|Error' "$OUT/forward.log" | cut -c1-120
     timeout 60 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 9B --shapes 1x16384 \
       --variant "kaqk:gdn_chunk.KKT_AQK=True" > "$OUT/train.log" 2>&1
