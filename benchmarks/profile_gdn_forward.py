@@ -7,7 +7,7 @@ each CUDA kernel's mean device time per call, so the kernels can be set side by 
 of ours, and by how much).
 
     python benchmarks/profile_gdn_forward.py [--models 9B] [--lengths 16384] [--batch 1] [--calls 10] [--no-peers]
-                                             [--train] [--variant NAME:MODULE.FLAG=VALUE[,...] ...]
+                                             [--launches] [--train] [--variant NAME:MODULE.FLAG=VALUE[,...] ...]
 
 `--variant` profiles ours again under other kernel options (bench_gdn.py's syntax); `--train` profiles forward +
 backward instead (bench_gdn.py's train calls: ours, fla with the gates in its kernels, fla and FlashQLA given g and
@@ -28,18 +28,31 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def kernel_table(fn, calls: int) -> tuple[list[tuple[str, float, int]], float]:
+def kernel_table(fn, calls: int, launches: bool = False) -> tuple[list[tuple[str, float, int]], float]:
     """(kernel name, mean ms per call, launches per call) for each CUDA kernel `fn` launches, longest first, and the
-    summed device time per call."""
+    summed device time per call; with `launches`, one row per launch instead, in launch order (name #i: the i-th
+    launch of that kernel in a call), so e.g. the state pass's pre-passes and main pass show apart."""
     fn()  # compile and warm up outside the profile
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    rows = [(event.key, event.device_time_total / 1e3 / calls, event.count // calls)  # (us -> ms)
-            for event in prof.key_averages() if event.device_time_total > 0]
-    rows.sort(key=lambda row: -row[1])
+    if launches:
+        kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                          and e.device_time_total > 0), key=lambda e: e.time_range.start)
+        per_call = len(kernels) // calls
+        if per_call * calls != len(kernels):
+            raise RuntimeError(f"{len(kernels)} kernels in {calls} calls: the calls launch different kernels")
+        rows, seen = [], {}
+        for i, event in enumerate(kernels[:per_call]):
+            seen[event.name] = seen.get(event.name, 0) + 1
+            us = sum(kernels[c * per_call + i].device_time_total for c in range(calls)) / calls
+            rows.append((f"{event.name} #{seen[event.name]}", us / 1e3, 1))
+    else:
+        rows = [(event.key, event.device_time_total / 1e3 / calls, event.count // calls)  # (us -> ms)
+                for event in prof.key_averages() if event.device_time_total > 0]
+        rows.sort(key=lambda row: -row[1])
     return rows, sum(ms for _, ms, _ in rows)
 
 
@@ -95,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=10, help="profiled calls per implementation")
     parser.add_argument("--no-peers", action="store_true", help="profile hybridlm's kernels only")
+    parser.add_argument("--launches", action="store_true", help="one row per launch, in launch order")
     parser.add_argument("--train", action="store_true", help="forward + backward (bench_gdn.py's train calls)")
     parser.add_argument("--variant", nargs="+", default=[], metavar="NAME:MODULE.FLAG=VALUE[,...]",
                         help="ours again under these kernel options (bench_gdn.py's --variant)")
@@ -120,7 +134,7 @@ def main() -> None:
             make = train_implementations if args.train else implementations
             for name, fn in make(model, args.batch, length, peers, variants).items():
                 try:
-                    rows, total = kernel_table(fn, args.calls)
+                    rows, total = kernel_table(fn, args.calls, args.launches)
                 except Exception as error:  # noqa: BLE001 - one line per failing implementation
                     emit(f"\n{name} {model} {args.batch} x {length}: failed ({type(error).__name__}: "
                          f"{str(error)[:160]})")

@@ -139,9 +139,19 @@ def test_warmup_kernel_matches_the_reference(segment_chunks, log_decay):
         assert fallback[plan.inner, 0].all() and (first[plan.inner, 2] == segment_chunks - 1).all()
 
 
-def test_segment_rule():
-    """Segments of ~3 sqrt(heads x chunks / SMs) chunks (a power of two, at least 4); cut only few sequences of
-    at least two segments (9B heads at B = 1 and 16k tokens on 132 SMs: 32-chunk segments; B = 4 stays whole)."""
+def test_segment_rule(monkeypatch):
+    """Segments x value heads about one per SM (CP_SEGMENT_HEADS_PER_SM; segments a power of two of chunks, at least
+    4), or ~3 sqrt(heads x chunks / SMs) chunks with it None; cut only few sequences of at least two segments (9B
+    heads at B = 1 and 16k tokens on 132 SMs: 4 segments of 64 chunks; B = 4 stays whole)."""
+    monkeypatch.setattr(gdn_cp, "CP_SEGMENT_HEADS_PER_SM", 1.0)
+    assert gdn_cp.segment_chunks_for(32, 256, 132) == 64  # 9B heads, 16k: 4 x 32 = 128 segment-heads
+    assert gdn_cp.segment_chunks_for(32, 1024, 132) == 256
+    assert gdn_cp.segment_chunks_for(16, 256, 132) == 32  # 0.8B heads, 16k: 8 segments
+    assert gdn_cp.segment_chunks_for(32, 512, 132) == 128  # 2 x 16k: two segments a sequence
+    assert gdn_cp.segment_chunks_for(32, 300, 132) == 128  # 75 chunks a segment, up to a power of two
+    assert gdn_cp.segment_chunks_for(2, 8, 132) == 4
+    assert gdn_cp.segment_chunks_for(256, 1024, 132) == 1024  # more heads than SMs: one segment (not cut)
+    monkeypatch.setattr(gdn_cp, "CP_SEGMENT_HEADS_PER_SM", None)
     assert gdn_cp.segment_chunks_for(32, 256, 132) == 32
     assert gdn_cp.segment_chunks_for(32, 1024, 132) == 64
     assert gdn_cp.segment_chunks_for(2, 8, 132) == 4

@@ -135,13 +135,20 @@ KKT_WARPS = 1
 KKT_RECURSIVE = True
 KKT_INTERLEAVE = True
 KKT_HEADS_FASTEST: int | None = 512
-# KKT_AQK: where the w/u kernel would make only aqk, rk and rq (the fold, the fused output, row norms), kkt_solve makes
-# them after X (`gdn_prepare_kkt._aqk_stored`) and w/u is not launched. Untimed; offline 255 registers, 32-44 B spilled
-KKT_AQK = False
-KKT_AQK_BK = 32
+# (kkt_solve making aqk, rk, rq itself where w/u would make only them, with no w/u launch, lost on an H100: 9B heads
+# 16k 0.594 -> 0.699 ms, 64k 2.130 -> 2.468, train 1 x 16k 3.516 -> 3.631; kkt_solve 0.080 -> 0.297 ms at 16k
+# against the w/u launch's 0.104: 255 registers with spills at one warp. 2026-12-07, `gpu_plan.sh 62`. Removed.)
 KKT_WARPS_FP32 = 4  # fp32's "ieee" dots hold whole operand rows per thread: 1 warp spills 1.7 KB
 KKT_WU_BV = 128  # value columns per step of the w/u kernel
 KKT_WU_WARPS = 8
+# WU_CHUNKS, WU_STAGES: where the w/u kernel makes no w, u (the fold), each program makes WU_CHUNKS neighbouring chunks
+# in a loop of WU_STAGES stages, so one chunk's q, k loads overlap the last one's products and stores (95 -> 127
+# registers at 8 warps, sm_90). None: 2 where it makes aqk and the row norms (a cut) for two or more value heads per
+# key head, else 1. H100 (2026-12-07, `gpu_plan.sh 63`/`64`, forward ms): 9B heads 16k 0.556 -> 0.541, 32k 1.063 ->
+# 1.014, 64k 2.100 -> 2.007 (w/u 0.431 -> 0.350 at 4 chunks), 2 x 16k 1.046 -> 1.026; at 0.8B heads (one value head
+# per key head) 1-2% slower (64k w/u 0.269 -> 0.279); 9B 8 x 4k (no cut) 1.055 -> 1.094.
+WU_CHUNKS: int | None = None
+WU_STAGES = 2
 KKT_MAXNREG: int | None = None
 KKT_WU_MAXNREG: int | None = None
 FUSED_PREPARE_WARPS = 2
@@ -453,28 +460,30 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
               if row_norms else (None, None))  # [B, T, Hk]
     aqk = (torch.empty(batch, length, value_heads, BT, dtype=v.dtype, device=device)
            if fuse_o and KKT_PREPARE and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
-    kkt_aqk = KKT_AQK and row_norms  # (then the w/u kernel makes aqk, rk and rq only)
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         grid, order = chunk_launch(grid_chunks, batch * value_heads, KKT_HEADS_FASTEST)
         chunk_gdn_fwd_kkt_solve_kernel[grid](
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, RECURSIVE=KKT_RECURSIVE,
-            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32), **order,
-            **(dict(MAKE_AQK=True, q=q, aqk=aqk, rk=rk, rq=rq, stride_q=q.stride(1), scale=scale,
-                    BK_QK=max(32, min(BK, KKT_AQK_BK))) if kkt_aqk else {}))
-        if not kkt_aqk:  # (kkt_solve made what it would)
-            per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
-            grid, order = chunk_launch(grid_chunks, batch * (key_heads if per_key_head else value_heads),
-                                       KKT_HEADS_FASTEST)
-            chunk_gdn_wu_kernel[grid](
-                k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
-                v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
-                KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32),
-                **order, **dict(common, BK=max(32, BK)),
-                **(dict(STORE_QN=q_normed is not None, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale,
-                        STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)
-                   if fuse_o and KKT_PREPARE else {}))
+            num_warps=KKT_WARPS_FP32 if fp32 else KKT_WARPS, **_register_cap(KKT_MAXNREG, fp32), **order)
+        per_key_head = fold and WU_KEY_HEAD_PROGRAMS  # (only where it makes no w, u)
+        if WU_CHUNKS is None:
+            chunks = 2 if row_norms and per_key_head and value_heads >= 2 * key_heads else 1
+        else:
+            chunks = WU_CHUNKS if fold else 1
+        grid, order = chunk_launch(cdiv(grid_chunks, chunks), batch * (key_heads if per_key_head else value_heads),
+                                   KKT_HEADS_FASTEST)
+        if chunks > 1:
+            order = dict(order, CHUNKS=chunks, STAGES=WU_STAGES, num_chunks=grid_chunks)
+        chunk_gdn_wu_kernel[grid](
+            k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
+            v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
+            KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32), **order,
+            **dict(common, BK=max(32, BK)),
+            **(dict(STORE_QN=q_normed is not None, q=q, qn=q_normed, stride_q=q.stride(1), scale=scale,
+                    STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)
+               if fuse_o and KKT_PREPARE else {}))
     else:
         chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,

@@ -16,9 +16,9 @@ cut into segments of `segment_chunks` chunks that run in parallel, each from the
    plain pass puts them (segments are whole chunks of one sequence), the final state comes from each sequence's
    last segment.
 
-FlashQLA (the Qwen team's TileLang kernels) cuts sequences the same way ("gate-driven intra-card CP"); the segment
-rule below is the shape of its latency model (segments of ~3 sqrt(heads x chunks / SMs) chunks, a power of two).
-"""
+FlashQLA (the Qwen team's TileLang kernels) cuts sequences the same way ("gate-driven intra-card CP"); our segment
+rule once took the shape of its latency model (segments of ~3 sqrt(heads x chunks / SMs) chunks, a power of two) and
+now aims at one wave of the main pass (`CP_SEGMENT_HEADS_PER_SM`)."""
 from __future__ import annotations
 
 import functools
@@ -68,8 +68,23 @@ class SegmentPlan:
     final_slot: torch.Tensor
 
 
+# CP_SEGMENT_HEADS_PER_SM: segments x value heads per SM that the cut aims at, so that the main pass (two V blocks of
+# 64 at dv = 128, two programs an SM at its 255 registers) runs in one wave; None: FlashQLA's rule shape,
+# 3 sqrt(heads x chunks / SMs), which we used until 2026-12-07. H100, forward ms, fixed lengths (`gpu_plan.sh 63`):
+# 9B heads 16k 32 chunks (the sqrt rule) 0.588, 64 0.553, 16 0.633; 64k 64 (sqrt) 2.124, 128 2.086, 32 2.214; 0.8B
+# heads 16k 16 (sqrt) 0.378, 32 0.345, 64 0.512 (too few programs: not fused); 64k 32 (sqrt) 1.251, 64 1.195, 128
+# 1.161: each shape's best was about one wave. This rule at 1 against the sqrt rule (`gpu_plan.sh 64`): 9B 16k 0.589
+# -> 0.556, 32k 1.132 -> 1.063, 64k 2.123 -> 2.100, 2 x 16k 1.120 -> 1.046; 0.8B 16k 0.377 -> 0.342, 32k 0.648 ->
+# 0.620, 64k 1.245 -> 1.160, 2 x 16k 0.634 -> 0.612; training 1 x 16k 3.485 -> 3.428 (9B), 2.233 -> 2.185 (0.8B).
+CP_SEGMENT_HEADS_PER_SM: float | None = 1.0
+
+
 def segment_chunks_for(value_heads: int, total_chunks: int, multiprocessors: int) -> int:
-    """Chunks per segment: 3 sqrt(heads x chunks / SMs) rounded to a power of two, at least 4."""
+    """Chunks per segment, a power of two, at least 4: with CP_SEGMENT_HEADS_PER_SM, the shortest that makes at most
+    that many segments x value heads per SM; else 3 sqrt(heads x chunks / SMs) rounded."""
+    if CP_SEGMENT_HEADS_PER_SM is not None:
+        segments = max(1, int(CP_SEGMENT_HEADS_PER_SM * multiprocessors // value_heads))
+        return max(4, next_power_of_2(cdiv(total_chunks, segments)))
     return max(4, 2 ** round(math.log2(3 * math.sqrt(value_heads * total_chunks / multiprocessors))))
 
 

@@ -45,18 +45,13 @@ def _diagonal(b_G, BC: tl.constexpr):
 
 
 @triton.jit
-def _scaled_block(b_G, b_rb_i, b_r_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC: tl.constexpr,
-                  INCLUSIVE: tl.constexpr = False):
+def _scaled_block(b_G, b_rb_i, b_r_j, b_gc_i, b_gc_j, DIAGONAL: tl.constexpr, BC: tl.constexpr):
     """Block (i, j) of A from the raw Gram block: G_ij (beta_i r_i) r_j exp(G_i - G_j), strictly lower on the
-    diagonal, or lower with INCLUSIVE (the exponent masked there too: above the diagonal G_i - G_j > 0 could
-    overflow)."""
+    diagonal (the exponent masked there too: above the diagonal G_i - G_j > 0 could overflow)."""
     b_A = b_G * b_rb_i[:, None] * b_r_j[None, :]
     if DIAGONAL:
         o_c = tl.arange(0, BC)
-        if INCLUSIVE:
-            m_A = o_c[:, None] >= o_c[None, :]
-        else:
-            m_A = o_c[:, None] > o_c[None, :]
+        m_A = o_c[:, None] > o_c[None, :]
         return tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc_i[:, None] - b_gc_j[None, :], 0.)), 0.)
     return b_A * tl.exp(b_gc_i[:, None] - b_gc_j[None, :])
 
@@ -119,85 +114,6 @@ def _gram_blocks(p_k, i_s0, T, stride_k, K: tl.constexpr, BC: tl.constexpr, BK: 
         b_G31 = tl.dot(b_k3, tl.trans(b_k1), b_G31, input_precision=DOT_PRECISION)
         b_G32 = tl.dot(b_k3, tl.trans(b_k2), b_G32, input_precision=DOT_PRECISION)
     return b_G00, b_G11, b_G22, b_G33, b_G10, b_G20, b_G21, b_G30, b_G31, b_G32
-
-
-@triton.jit
-def _aqk_rows(p_q, p_k, p_gc, p_A, p_rk, p_rq, first, scale, i_s0, T, stride_q, stride_k, I: tl.constexpr,
-              H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """Row block I of aqk (`_aqk_stored`): its I + 1 blocks of the raw Q K^T and the rows' squared norms summed over
-    slices of BK columns (the keys' slices reloaded per row block, from L1), scaled and stored; with `first` also the
-    block's rk and rq. Nothing is carried in from before: held across the inverse, the gates and norms cost 1 warp
-    68 B of spills, and the ten blocks at once more."""
-    i_s = i_s0 + I * BC
-    o_c = tl.arange(0, BC)
-    b_P0 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_P1 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_P2 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_P3 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_sq = tl.zeros([BC], dtype=tl.float32)
-    b_s0 = tl.zeros([BC], dtype=tl.float32)
-    b_s1 = tl.zeros([BC], dtype=tl.float32)
-    b_s2 = tl.zeros([BC], dtype=tl.float32)
-    b_s3 = tl.zeros([BC], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_q = _key_slice(p_q, i_s, T, stride_q, i_k, K, BC, BK)
-        b_sq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), axis=1)
-        b_k = _key_slice(p_k, i_s0, T, stride_k, i_k, K, BC, BK)
-        b_s0 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-        b_P0 = tl.dot(b_q, tl.trans(b_k), b_P0, input_precision=DOT_PRECISION)
-        if I >= 1:
-            b_k = _key_slice(p_k, i_s0 + BC, T, stride_k, i_k, K, BC, BK)
-            b_s1 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-            b_P1 = tl.dot(b_q, tl.trans(b_k), b_P1, input_precision=DOT_PRECISION)
-        if I >= 2:
-            b_k = _key_slice(p_k, i_s0 + 2 * BC, T, stride_k, i_k, K, BC, BK)
-            b_s2 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-            b_P2 = tl.dot(b_q, tl.trans(b_k), b_P2, input_precision=DOT_PRECISION)
-        if I >= 3:
-            b_k = _key_slice(p_k, i_s0 + 3 * BC, T, stride_k, i_k, K, BC, BK)
-            b_s3 += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
-            b_P3 = tl.dot(b_q, tl.trans(b_k), b_P3, input_precision=DOT_PRECISION)
-    b_rq = tl.rsqrt(b_sq + 1e-6) * scale
-    b_gc = tl.load(p_gc + (i_s + o_c) * HV, mask=i_s + o_c < T, other=0.)
-    S: tl.constexpr = HV * BT  # (aqk's row stride)
-    b_r = tl.rsqrt(b_s0 + 1e-6)
-    b_gc_j = tl.load(p_gc + (i_s0 + o_c) * HV, mask=i_s0 + o_c < T, other=0.)
-    _store_rows(p_A, _scaled_block(b_P0, b_rq, b_r, b_gc, b_gc_j, I == 0, BC, True), i_s, T, S, BC, BC, BC)
-    if I >= 1:
-        b_r = tl.rsqrt(b_s1 + 1e-6)
-        b_gc_j = tl.load(p_gc + (i_s0 + BC + o_c) * HV, mask=i_s0 + BC + o_c < T, other=0.)
-        _store_rows(p_A + BC, _scaled_block(b_P1, b_rq, b_r, b_gc, b_gc_j, I == 1, BC, True), i_s, T, S, BC, BC, BC)
-    if I >= 2:
-        b_r = tl.rsqrt(b_s2 + 1e-6)
-        b_gc_j = tl.load(p_gc + (i_s0 + 2 * BC + o_c) * HV, mask=i_s0 + 2 * BC + o_c < T, other=0.)
-        _store_rows(p_A + 2 * BC, _scaled_block(b_P2, b_rq, b_r, b_gc, b_gc_j, I == 2, BC, True), i_s, T, S, BC, BC,
-                    BC)
-    if I >= 3:
-        b_r = tl.rsqrt(b_s3 + 1e-6)
-        _store_rows(p_A + 3 * BC, _scaled_block(b_P3, b_rq, b_r, b_gc, b_gc, True, BC, True), i_s, T, S, BC, BC, BC)
-    if first:  # (b_r is now this row block's)
-        tl.store(p_rk + (i_s + o_c) * H, b_r, mask=i_s + o_c < T)
-        tl.store(p_rq + (i_s + o_c) * H, b_rq, mask=i_s + o_c < T)
-
-
-@triton.jit
-def _aqk_stored(p_q, p_k, p_gc, p_A, p_rk, p_rq, first, scale, i_s0, T, stride_q, stride_k, H: tl.constexpr,
-                HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """aqk = tril(q_n k_n^T scale exp(G_i - G_j)) of one chunk and value head, its lower 16 x 16 block triangle
-    stored at p_A (rows HV BT apart), from the raw Q K^T, the rows' inverse norms and the stored G (p_gc, rows HV
-    apart); with `first` (the key head's first value head) also those norms, rk and rq times `scale`, at p_rk, p_rq
-    (rows H apart)."""
-    tl.debug_barrier()  # (G was stored by other threads of this program)
-    _aqk_rows(p_q, p_k, p_gc, p_A, p_rk, p_rq, first, scale, i_s0, T, stride_q, stride_k, 0, H, HV, K, BT, BC, BK,
-              DOT_PRECISION)
-    _aqk_rows(p_q, p_k, p_gc, p_A, p_rk, p_rq, first, scale, i_s0, T, stride_q, stride_k, 1, H, HV, K, BT, BC, BK,
-              DOT_PRECISION)
-    _aqk_rows(p_q, p_k, p_gc, p_A, p_rk, p_rq, first, scale, i_s0, T, stride_q, stride_k, 2, H, HV, K, BT, BC, BK,
-              DOT_PRECISION)
-    _aqk_rows(p_q, p_k, p_gc, p_A, p_rk, p_rq, first, scale, i_s0, T, stride_q, stride_k, 3, H, HV, K, BT, BC, BK,
-              DOT_PRECISION)
 
 
 @triton.jit
@@ -269,17 +185,6 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     INTERLEAVE: tl.constexpr,  # the four diagonal inverses in one loop (gdn_chunk.KKT_INTERLEAVE)
     RECURSIVE: tl.constexpr = False,  # the diagonal inverses by halving (gdn_chunk.KKT_RECURSIVE)
     HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
-    # MAKE_AQK (gdn_chunk.KKT_AQK): also what the w/u kernel makes for the fused state pass with row norms, after X
-    # is stored: aqk [B, T, HV, BT] and rk, rq [B, T, H] (`_aqk_stored`); q [B, T, H, K], token stride stride_q;
-    # the raw Q K^T summed over slices of BK_QK columns
-    MAKE_AQK: tl.constexpr = False,
-    q=None,
-    aqk=None,
-    rk=None,
-    rq=None,
-    stride_q=0,
-    scale=1.0,
-    BK_QK: tl.constexpr = 32,
 ):
     # (One program per chunk and key head, making K K^T once for the group's value heads and looping them, lost on an
     # H100: 9B heads, 16k 0.676 -> 0.726 ms, 4k 0.267 -> 0.277, train 4 x 4k 3.55 -> 3.60 (2026-12-06,
@@ -294,10 +199,6 @@ def chunk_gdn_fwd_kkt_solve_kernel(
     grams = _gram_blocks(k + bos * stride_k + i_hk * K, i_s0, T, stride_k, K, BC, BK, DOT_PRECISION)
     _inverse_stored(grams, gates, x_inv + bos * HV * BT + i_h * BT, i_s0, T, HV, BT, BC, DOT_PRECISION, INTERLEAVE,
                     RECURSIVE)
-    if MAKE_AQK:
-        _aqk_stored(q + bos * stride_q + i_hk * K, k + bos * stride_k + i_hk * K, g_cumsum + bos * HV + i_h,
-                    aqk + bos * HV * BT + i_h * BT, rk + bos * H + i_hk, rq + bos * H + i_hk, i_h % (HV // H) == 0,
-                    scale, i_s0, T, stride_q, stride_k, H, HV, K, BT, BC, BK_QK, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -349,18 +250,45 @@ def chunk_gdn_wu_kernel(
     rk=None,
     rq=None,
     HEADS_FASTEST: tl.constexpr = False,  # the grid is (B x heads, chunks) (`gdn_common._chunk_program`)
+    # CHUNKS (only without STORE_WU): each program makes CHUNKS neighbouring chunks in a loop of STAGES stages, so the
+    # next chunk's q, k loads are in flight while this one's products and stores run; the grid's chunk axis is then
+    # cdiv(num_chunks, CHUNKS) (num_chunks: the grid's chunks at CHUNKS = 1; a program past the end repeats the last)
+    CHUNKS: tl.constexpr = 1,
+    STAGES: tl.constexpr = 2,
+    num_chunks=1,
 ):
     """w = X (beta k_n exp(G)) and u = X (beta v) for one chunk and value head from the stored X: the forward's
     second prepare kernel (with STORE_KN, for the state pass) and the backward's recomputation of w, u."""
     tl.static_assert(not (KEY_HEAD_PROGRAMS and STORE_WU), "KEY_HEAD_PROGRAMS makes no w, u")
+    tl.static_assert(CHUNKS == 1 or not STORE_WU, "CHUNKS > 1 makes no w, u")
     G: tl.constexpr = HV // H
-    i_t, i_bh = _chunk_program(HEADS_FASTEST)
+    i_p, i_bh = _chunk_program(HEADS_FASTEST)
     if KEY_HEAD_PROGRAMS:
         i_b, i_hk = i_bh // H, i_bh % H
         i_h = i_hk * G  # the group's first value head
     else:
         i_b, i_h = i_bh // HV, i_bh % HV
         i_hk = i_h // G
+    if CHUNKS == 1:
+        _wu_chunk(i_p, i_b, i_h, i_hk, k, v, b, g_cumsum, x_inv, w, u, kn, cu_seqlens, chunk_indices, T, stride_k,
+                  stride_v, H, HV, K, V, BT, BK, BV, IS_VARLEN, DOT_PRECISION, STORE_KN, STORE_WU, STORE_QN, q, qn,
+                  stride_q, scale, STORE_AQK, aqk, KEY_HEAD_PROGRAMS, STORE_RSTD, rk, rq)
+    else:
+        for i_c in tl.range(0, CHUNKS, num_stages=STAGES):
+            i_t = tl.minimum(i_p * CHUNKS + i_c, num_chunks - 1)
+            _wu_chunk(i_t, i_b, i_h, i_hk, k, v, b, g_cumsum, x_inv, w, u, kn, cu_seqlens, chunk_indices, T,
+                      stride_k, stride_v, H, HV, K, V, BT, BK, BV, IS_VARLEN, DOT_PRECISION, STORE_KN, STORE_WU,
+                      STORE_QN, q, qn, stride_q, scale, STORE_AQK, aqk, KEY_HEAD_PROGRAMS, STORE_RSTD, rk, rq)
+
+
+@triton.jit
+def _wu_chunk(i_t, i_b, i_h, i_hk, k, v, b, g_cumsum, x_inv, w, u, kn, cu_seqlens, chunk_indices, T, stride_k,
+              stride_v, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              STORE_KN: tl.constexpr, STORE_WU: tl.constexpr, STORE_QN: tl.constexpr, q, qn, stride_q, scale,
+              STORE_AQK: tl.constexpr, aqk, KEY_HEAD_PROGRAMS: tl.constexpr, STORE_RSTD: tl.constexpr, rk, rq):
+    """`chunk_gdn_wu_kernel`'s work on chunk i_t (of the grid's chunk axis) for batch row i_b, value head i_h."""
+    G: tl.constexpr = HV // H
     _, i_t, bos, T = _chunk_bounds(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     dtype = k.dtype.element_ty
 
