@@ -71,6 +71,7 @@
 #                                   # with WU_CHUNKS 2; forward 8k-64k, 2 x 16k, train 1 x 16k; launches at 0.8B 64k
 #   bash benchmarks/gpu_plan.sh 65  # carry nothing (~9 min): 64's rules adopted: every GDN GPU test; forward and
 #                                   # train at the issue's shapes against the old rules
+#   bash benchmarks/gpu_plan.sh 66  # carry nothing (~2 min): CP_SEGMENT_HEADS_PER_SM around 1 (0.5, 1.5, 2)
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -951,6 +952,12 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds train --models 9B 0.8B --shapes 4x4096 1x16384 \
       --variant "$OLD" > "$OUT/train.log" 2>&1
     grep -h '^train \|failed\|Error' "$OUT/train.log" | cut -c1-120
+    ;;
+  66)  # thirty-first session (carry nothing, ~2 min): is one segment-head per SM the best of its neighbours?
+    timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+      --shapes 1x16384 1x32768 1x65536 2x16384 --variant "h05:gdn_cp.CP_SEGMENT_HEADS_PER_SM=0.5" \
+      "h15:gdn_cp.CP_SEGMENT_HEADS_PER_SM=1.5" "h2:gdn_cp.CP_SEGMENT_HEADS_PER_SM=2.0" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
