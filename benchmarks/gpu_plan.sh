@@ -72,6 +72,7 @@
 #   bash benchmarks/gpu_plan.sh 65  # carry nothing (~9 min): 64's rules adopted: every GDN GPU test; forward and
 #                                   # train at the issue's shapes against the old rules
 #   bash benchmarks/gpu_plan.sh 66  # carry nothing (~2 min): CP_SEGMENT_HEADS_PER_SM around 1 (0.5, 1.5, 2)
+#   bash benchmarks/gpu_plan.sh 67  # carry .whl2 right after `install` (~4 min): 9B 16k, 64k forward beside both peers
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -958,6 +959,12 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       --shapes 1x16384 1x32768 1x65536 2x16384 --variant "h05:gdn_cp.CP_SEGMENT_HEADS_PER_SM=0.5" \
       "h15:gdn_cp.CP_SEGMENT_HEADS_PER_SM=1.5" "h2:gdn_cp.CP_SEGMENT_HEADS_PER_SM=2.0" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    ;;
+  67)  # thirty-first session (carry .whl2 right after an install call carrying .whl): the forward at 9B heads, 16k
+       # and 64k, against fla and FlashQLA in one process, at the new segment rule
+    timeout 330 python3 benchmarks/bench_gdn.py --kinds forward --models 9B --shapes 1x16384 1x65536 \
+      > "$OUT/forward_9B.log" 2>&1
+    grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" | cut -c1-200
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
