@@ -73,6 +73,7 @@
 #                                   # train at the issue's shapes against the old rules
 #   bash benchmarks/gpu_plan.sh 66  # carry nothing (~2 min): CP_SEGMENT_HEADS_PER_SM around 1 (0.5, 1.5, 2)
 #   bash benchmarks/gpu_plan.sh 67  # carry .whl2 right after `install` (~4 min): 9B 16k, 64k forward beside both peers
+#   bash benchmarks/gpu_plan.sh 68  # carry nothing (~2 min): the unfolded pass (w, u stored) at the wave rule
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -965,6 +966,15 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     timeout 330 python3 benchmarks/bench_gdn.py --kinds forward --models 9B --shapes 1x16384 1x65536 \
       > "$OUT/forward_9B.log" 2>&1
     grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" | cut -c1-200
+    ;;
+  68)  # thirty-first session (carry nothing, ~2 min): with the fold the main pass's chain per chunk is three dependent
+       # products (k h, X r, k^T v_new); unfolded (w, u stored by the w/u kernel, ~1.3 GB more traffic at 9B 64k) it is
+       # two. Offline the unfolded cut main pass takes 255 registers, 4 B spilled, 131 KB of shared memory (one
+       # program an SM against two): timed here at the wave rule; also w/u over 4 chunks at 3 stages on uncut batches
+    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+      --shapes 1x16384 1x65536 8x4096 --variant "nofold:gdn_chunk.FOLD_WU_INTO_H=False" \
+      "c4s3:gdn_chunk.WU_CHUNKS=4,gdn_chunk.WU_STAGES=3" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
