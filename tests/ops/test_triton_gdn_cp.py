@@ -148,8 +148,13 @@ def test_segment_rule(monkeypatch):
     assert gdn_cp.segment_chunks_for(32, 1024, 132) == 256
     assert gdn_cp.segment_chunks_for(16, 256, 132) == 32  # 0.8B heads, 16k: 8 segments
     assert gdn_cp.segment_chunks_for(32, 512, 132) == 128  # 2 x 16k: two segments a sequence
-    assert gdn_cp.segment_chunks_for(32, 300, 132) == 128  # 75 chunks a segment, up to a power of two
-    assert gdn_cp.segment_chunks_for(2, 8, 132) == 4
+    # 300 chunks: 75 a segment, 128 up to a power of two, 3 segments (96 segment-heads): the sqrt rule's 32
+    assert gdn_cp.segment_chunks_for(32, 300, 132) == 32
+    assert gdn_cp.segment_chunks_for(64, 256, 132) == 128  # 64 value heads: 2 segments, 128 segment-heads
+    # 48 value heads: one wave would be 2.75 segments, 2 after the power of two (96 segment-heads, below 0.75 x 132):
+    # the sqrt rule's 32 chunks
+    assert gdn_cp.segment_chunks_for(48, 256, 132) == 32
+    assert gdn_cp.segment_chunks_for(2, 8, 132) == 4  # tiny: the sqrt rule's least, 4
     assert gdn_cp.segment_chunks_for(256, 1024, 132) == 1024  # more heads than SMs: one segment (not cut)
     monkeypatch.setattr(gdn_cp, "CP_SEGMENT_HEADS_PER_SM", None)
     assert gdn_cp.segment_chunks_for(32, 256, 132) == 32

@@ -77,14 +77,21 @@ class SegmentPlan:
 # -> 0.556, 32k 1.132 -> 1.063, 64k 2.123 -> 2.100, 2 x 16k 1.120 -> 1.046; 0.8B 16k 0.377 -> 0.342, 32k 0.648 ->
 # 0.620, 64k 1.245 -> 1.160, 2 x 16k 0.634 -> 0.612; training 1 x 16k 3.485 -> 3.428 (9B), 2.233 -> 2.185 (0.8B).
 CP_SEGMENT_HEADS_PER_SM: float | None = 1.0
+# ... unless the power-of-two lengths leave fewer than this many segment-heads per SM (48 value heads at 16k: two
+# segments, 96 segment-heads on 132 SMs): below it the main pass's 1.5 programs an SM that fuse the output
+# (`gdn_chunk.FUSED_MIN_PROGRAMS_PER_SM`, two V blocks) are not reached, and the sqrt rule is kept. Untimed there.
+CP_MIN_SEGMENT_HEADS_PER_SM = 0.75
 
 
 def segment_chunks_for(value_heads: int, total_chunks: int, multiprocessors: int) -> int:
     """Chunks per segment, a power of two, at least 4: with CP_SEGMENT_HEADS_PER_SM, the shortest that makes at most
-    that many segments x value heads per SM; else 3 sqrt(heads x chunks / SMs) rounded."""
+    that many segments x value heads per SM (if that leaves at least CP_MIN_SEGMENT_HEADS_PER_SM); else
+    3 sqrt(heads x chunks / SMs) rounded."""
     if CP_SEGMENT_HEADS_PER_SM is not None:
         segments = max(1, int(CP_SEGMENT_HEADS_PER_SM * multiprocessors // value_heads))
-        return max(4, next_power_of_2(cdiv(total_chunks, segments)))
+        length = max(4, next_power_of_2(cdiv(total_chunks, segments)))
+        if cdiv(total_chunks, length) * value_heads >= CP_MIN_SEGMENT_HEADS_PER_SM * multiprocessors:
+            return length
     return max(4, 2 ** round(math.log2(3 * math.sqrt(value_heads * total_chunks / multiprocessors))))
 
 
