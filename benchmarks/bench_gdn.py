@@ -47,7 +47,9 @@ from hybridlm.ops.conv import causal_conv1d  # noqa: E402
 from hybridlm.ops.delta_rule import chunk_gated_delta_rule, gdn_gates, l2norm, recurrent_gated_delta_rule  # noqa: E402
 
 DEVICE = "cuda"
-HEADS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128)}  # (key heads, value heads, head dim)
+# (key heads, value heads, head dim): Qwen3.5-9B's and 0.8B's GDN layers, and wider value-head layouts (48, 64 value
+# heads) to check the rules that count value heads per SM (gdn_cp.segment_chunks_for) on them
+HEADS = {"9B": (16, 32, 128), "0.8B": (16, 16, 128), "Hv48": (16, 48, 128), "Hv64": (16, 64, 128)}
 REF_TOLERANCE = 1e-2  # bf16 kernel vs float64 reference, relative (norm) error
 PEER_TOLERANCE = 2e-2  # bf16 vs bf16 implementation: both carry bf16 round-off
 VARIANTS: dict[str, list] = {}  # --variant: ours timed again under each set of kernel options
@@ -578,7 +580,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--no-peers", action="store_true", help="time hybridlm's kernels only")
     parser.add_argument("--kinds", default="forward,train,decode", help="comma-separated subset to run")
-    parser.add_argument("--models", nargs="+", choices=["9B", "0.8B"], default=None,
+    parser.add_argument("--models", nargs="+", choices=sorted(HEADS), default=None,
                         help="head layouts to time (default: both; 9B only with --quick, except train)")
     parser.add_argument("--set", nargs="+", default=[], metavar="MODULE.FLAG=VALUE",
                         help="kernel options of hybridlm.ops.triton to change first, "

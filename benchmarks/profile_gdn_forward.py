@@ -103,7 +103,7 @@ def train_implementations(model: str, batch: int, length: int, peers: dict, vari
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["9B"], choices=["9B", "0.8B"])
+    parser.add_argument("--models", nargs="+", default=["9B"], choices=["9B", "0.8B", "Hv48", "Hv64"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[16384])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=10, help="profiled calls per implementation")
