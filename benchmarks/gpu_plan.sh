@@ -976,10 +976,12 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       "c4s3:gdn_chunk.WU_CHUNKS=4,gdn_chunk.WU_STAGES=3" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
-  69)  # thirty-first session (carry nothing, ~2 min): the segment rule at wider value-head layouts (bench_gdn's Hv48,
+  69)  # thirty-first session (carry nothing, ~5 min): the segment rule at wider value-head layouts (bench_gdn's Hv48,
        # Hv64: 16 key heads, 128 dims). The wave rule gives Hv64 2 / 4 segments at 16k / 64k and falls back to the sqrt
        # rule for Hv48 (32 / 64 chunks); fixed lengths beside them
-    timeout 170 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models Hv64 Hv48 \
+       # (Ran 2026-12-07 with Hv64 first: only Hv64 16k fitted 170 s, each new layout compiles every kernel; now Hv48
+       # 16k first, the guard's case)
+    timeout 300 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models Hv48 Hv64 \
       --shapes 1x16384 1x65536 --variant "sqrt:gdn_cp.CP_SEGMENT_HEADS_PER_SM=None" \
       "s64:gdn_chunk.CP_SEGMENT_CHUNKS=64" "s128:gdn_chunk.CP_SEGMENT_CHUNKS=128" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120

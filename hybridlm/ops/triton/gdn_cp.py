@@ -79,7 +79,8 @@ class SegmentPlan:
 CP_SEGMENT_HEADS_PER_SM: float | None = 1.0
 # ... unless the power-of-two lengths leave fewer than this many segment-heads per SM (48 value heads at 16k: two
 # segments, 96 segment-heads on 132 SMs): below it the main pass's 1.5 programs an SM that fuse the output
-# (`gdn_chunk.FUSED_MIN_PROGRAMS_PER_SM`, two V blocks) are not reached, and the sqrt rule is kept. Untimed there.
+# (`gdn_chunk.FUSED_MIN_PROGRAMS_PER_SM`, two V blocks) are not reached, and the sqrt rule is kept. Untimed there; at
+# 64 value heads, 16k (H100, `gpu_plan.sh 69`), the wave rule's 2 segments 1.011 ms, the sqrt rule's 8 1.087, 4 1.038.
 CP_MIN_SEGMENT_HEADS_PER_SM = 0.75
 
 
