@@ -967,13 +967,16 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       > "$OUT/forward_9B.log" 2>&1
     grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" | cut -c1-200
     ;;
-  68)  # thirty-first session (carry nothing, ~2 min): with the fold the main pass's chain per chunk is three dependent
+  68)  # thirty-first session (carry nothing, ~4 min): with the fold the main pass's chain per chunk is three dependent
        # products (k h, X r, k^T v_new); unfolded (w, u stored by the w/u kernel, ~1.3 GB more traffic at 9B 64k) it is
        # two. Offline the unfolded cut main pass takes 255 registers, 4 B spilled, 131 KB of shared memory (one
-       # program an SM against two): timed here at the wave rule; also w/u over 4 chunks at 3 stages on uncut batches
-    timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+       # program an SM against two): timed here at the wave rule; also w/u over 4 chunks at 3 stages on uncut batches.
+       # The fused main pass at 1 stage (offline 255 registers, no spill, 49 KB, against 92 B spilled and 106 KB at 2)
+       # and at 8 warps (255, no spill; one program an SM) beside them
+    timeout 240 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
       --shapes 1x16384 1x65536 8x4096 --variant "nofold:gdn_chunk.FOLD_WU_INTO_H=False" \
-      "c4s3:gdn_chunk.WU_CHUNKS=4,gdn_chunk.WU_STAGES=3" > "$OUT/forward.log" 2>&1
+      "c4s3:gdn_chunk.WU_CHUNKS=4,gdn_chunk.WU_STAGES=3" "st1:gdn_chunk.FUSED_OUTPUT_STAGES=1" \
+      "w8:gdn_chunk.FUSED_OUTPUT_WARPS=8" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
   69)  # thirty-first session (carry nothing, ~5 min): the segment rule at wider value-head layouts (bench_gdn's Hv48,
