@@ -879,7 +879,8 @@ gdn_chunk_bwd.BWD_QK_NORM_WARPS=8"
        # the aqk store are new), then the heads-fastest grids (gdn_chunk.KKT_HEADS_FASTEST, gdn_chunk_bwd.
        # BWD_HEADS_FASTEST: the value heads of a key head side by side on each chunk, k and q read once from memory)
     timeout 300 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
-      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
+      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_fused_pass.py \
+      tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -10; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 100 python3 benchmarks/bench_gdn.py --no-peers --kinds forward \
       --variant "hf:gdn_chunk.KKT_HEADS_FASTEST=True" > "$OUT/forward.log" 2>&1
@@ -909,7 +910,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
   63)  # thirty-first session (carry nothing, ~6 min): the w/u kernel over WU_CHUNKS chunks a program (95 -> 127
        # registers, q/k loads pipelined: 66 KB of shared memory at 2 stages, 100 at 3); the cut's segment length
        # (CP_SEGMENT_CHUNKS; the rule gives 32 at 9B 16k, 64 at 64k); each launch of the forward on its own
-    timeout 120 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_chunk.py -k "wu_chunks or row_norms" \
+    timeout 120 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py -k "wu_chunks or row_norms" \
       -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -8; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 200 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
@@ -926,7 +927,8 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     ;;
   58f)  # 58 and the forward's tests (~5 min)
     timeout 330 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
-      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
+      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_fused_pass.py \
+      tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     ;;
   64)  # thirty-first session (carry nothing, ~5 min): 63's best fixed segment lengths were each about one wave of
@@ -945,7 +947,8 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     ;;
   65)  # thirty-first session (carry nothing, ~9 min): the wave rule for segments and WU_CHUNKS 2 adopted
     timeout 320 python3 benchmarks/gpu_tests.py $BWD_TESTS tests/model/test_kernel_path.py \
-      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
+      tests/ops/test_triton_gdn_chunk.py tests/ops/test_triton_gdn_fused_pass.py \
+      tests/ops/test_triton_gdn_cp.py -j 14 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | cut -c1-300 | tail -14; echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     OLD="old:gdn_cp.CP_SEGMENT_HEADS_PER_SM=None,gdn_chunk.WU_CHUNKS=1"
     timeout 150 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B --variant "$OLD" \
@@ -967,16 +970,19 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       > "$OUT/forward_9B.log" 2>&1
     grep -h '^forward \|gate\|failed\|Error' "$OUT/forward_9B.log" | cut -c1-200
     ;;
-  68)  # thirty-first session (carry nothing, ~4 min): with the fold the main pass's chain per chunk is three dependent
+  68)  # thirty-first session (carry nothing, ~5 min): with the fold the main pass's chain per chunk is three dependent
        # products (k h, X r, k^T v_new); unfolded (w, u stored by the w/u kernel, ~1.3 GB more traffic at 9B 64k) it is
        # two. Offline the unfolded cut main pass takes 255 registers, 4 B spilled, 131 KB of shared memory (one
        # program an SM against two): timed here at the wave rule; also w/u over 4 chunks at 3 stages on uncut batches.
        # The fused main pass at 1 stage (offline 255 registers, no spill, 49 KB, against 92 B spilled and 106 KB at 2)
-       # and at 8 warps (255, no spill; one program an SM) beside them
-    timeout 240 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+       # and at 8 warps (255, no spill; one program an SM) beside them; and q h, k h stacked into one product
+       # (STATE_PASS_STACK_QH: four wgmma round trips a step instead of five; 184 B spilled at 1 stage, 116 at 2).
+       # Run its GPU tests first if it wins: `gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py -k stacked`
+    timeout 300 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
       --shapes 1x16384 1x65536 8x4096 --variant "nofold:gdn_chunk.FOLD_WU_INTO_H=False" \
       "c4s3:gdn_chunk.WU_CHUNKS=4,gdn_chunk.WU_STAGES=3" "st1:gdn_chunk.FUSED_OUTPUT_STAGES=1" \
-      "w8:gdn_chunk.FUSED_OUTPUT_WARPS=8" > "$OUT/forward.log" 2>&1
+      "w8:gdn_chunk.FUSED_OUTPUT_WARPS=8" "stk1:gdn_chunk.STATE_PASS_STACK_QH=True,gdn_chunk.FUSED_OUTPUT_STAGES=1" \
+      "stk2:gdn_chunk.STATE_PASS_STACK_QH=True" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
   69)  # thirty-first session (carry nothing, ~5 min): the segment rule at wider value-head layouts (bench_gdn's Hv48,
