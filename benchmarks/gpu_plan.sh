@@ -74,6 +74,9 @@
 #   bash benchmarks/gpu_plan.sh 66  # carry nothing (~2 min): CP_SEGMENT_HEADS_PER_SM around 1 (0.5, 1.5, 2)
 #   bash benchmarks/gpu_plan.sh 67  # carry .whl2 right after `install` (~4 min): 9B 16k, 64k forward beside both peers
 #   bash benchmarks/gpu_plan.sh 68  # carry nothing (~2 min): the unfolded pass (w, u stored) at the wave rule
+#   bash benchmarks/gpu_plan.sh 70  # carry nothing (~5 min): the cached launch path: cost, GPU tests, host time
+#   bash benchmarks/gpu_plan.sh 71  # carry nothing (~8 min): every launch through the cached path: all GPU tests,
+#                                   # one launch's cost, model prefill at 512 / 4096 tokens with the path on and off
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -994,6 +997,36 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       --shapes 1x16384 1x65536 --variant "sqrt:gdn_cp.CP_SEGMENT_HEADS_PER_SM=None" \
       "s64:gdn_chunk.CP_SEGMENT_CHUNKS=64" "s128:gdn_chunk.CP_SEGMENT_CHUNKS=128" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    ;;
+  70)  # thirty-second session (carry nothing, ~5 min): the cached launch path (launch.FAST_LAUNCH): one launch's host
+       # cost by path, its GPU tests with the forward's (every forward launch goes through it), then host / graph /
+       # eager time of the forward with it and without, and the host profile with it
+    timeout 60 python3 benchmarks/launch_cost.py > "$OUT/launch_cost.log" 2>&1
+    grep '^| \|^triton\|Error' "$OUT/launch_cost.log"
+    timeout 240 python3 benchmarks/gpu_tests.py tests/cuda/test_launch.py tests/ops/test_triton_gdn_chunk.py \
+      tests/ops/test_triton_gdn_cp.py tests/ops/test_triton_gdn_fused_pass.py -j 16 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    sleep 2
+    timeout 200 python3 benchmarks/profile_gdn_host.py --models 9B 0.8B --shapes 1x16384 1x4096 8x4096 1x65536 \
+      --variant "slow:launch.FAST_LAUNCH=False" "fast:launch.FAST_LAUNCH=True" --profile-top 30 > "$OUT/host.log" 2>&1
+    grep '^| \|Error' "$OUT/host.log" | cut -c1-120
+    ;;
+  71)  # thirty-second session, for the next (carry nothing, ~8 min): every Triton launch now goes through the cached
+       # path with generated keys (untimed on the GPU): one launch's cost, every GPU test, then the model's prefill at
+       # 512 / 4096 tokens with the path on and off (HYBRIDLM_FAST_LAUNCH=0), where a 4k prefill was host-bound
+    timeout 60 python3 benchmarks/launch_cost.py > "$OUT/launch_cost.log" 2>&1
+    grep '^| \|^triton\|Error' "$OUT/launch_cost.log"
+    timeout 330 python3 benchmarks/gpu_tests.py tests/cuda tests/ops tests/model/test_kernel_path.py -j 16 \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    sleep 2
+    for fast in 1 0; do
+      HYBRIDLM_FAST_LAUNCH=$fast timeout 70 python3 benchmarks/bench_e2e.py --parts prefill --models 0.8B 9B --no-hf \
+        --prefill 512 4096 --log "$OUT/prefill_fast$fast.log" > /dev/null 2>&1
+      echo "fast launch $fast:"; grep -h 'prefill' "$OUT/prefill_fast$fast.log" | tail -4
+    done
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import cdiv, check_cu_seqlens, next_power_of_2, prepare_chunks
 
 BLOCK_T = 32
@@ -130,7 +131,7 @@ def causal_conv1d_fwd(
         if final_state is not None:
             final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return y, final_state
-    causal_conv1d_fwd_kernel[(cdiv(channels, BLOCK_C), grid_t, 1 if cu_seqlens is not None else batch)](
+    launch(causal_conv1d_fwd_kernel, (cdiv(channels, BLOCK_C), grid_t, 1 if cu_seqlens is not None else batch),
         x, weight, initial_state, y, final_state, cu_seqlens, chunk_indices, length, x.stride(1),
         C=channels, W=width, BT=BLOCK_T, BC=BLOCK_C, BW=next_power_of_2(max(width - 1, 1)),
         SILU=activation == "silu", USE_INITIAL_STATE=initial_state is not None,

@@ -40,6 +40,7 @@ from hybridlm.ops.triton.gdn_output import chunk_gdn_fwd_o_kernel, chunk_gdn_fwd
 from hybridlm.ops.triton.gdn_prepare import chunk_gdn_fwd_prepare_kernel
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_fwd_kkt_solve_kernel, chunk_gdn_wu_kernel
 from hybridlm.ops.triton.gdn_state_pass import chunk_gdn_fwd_h_kernel
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import (
     cdiv, check_cu_seqlens, chunk_launch, dot_precision, hopper_miscompiles, next_power_of_2, prepare_chunks,
     rows_packed,
@@ -366,12 +367,12 @@ def _segmented_state_pass(plan, keys, w, u, g_cumsum, h, v_new, initial_state, f
     # 1. what each segment with a successor leaves from zero (over its warmup chunks), and the fallbacks' transitions
     BV = state_pass_block(dk, dv, segments * value_heads, keys.element_size(), device, fp32, narrowest)
     ht = torch.empty(segments, value_heads, dk, dv, dtype=torch.float32, device=device)
-    chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
+    launch(chunk_gdn_fwd_h_kernel, (cdiv(dv, BV), segments * value_heads),
         keys, w, u, g_cumsum, None, None, None, ht, *tables, BV=BV, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, HAS_FIRST_CHUNK=True, first_chunk=first, **fold_args, **seg)
     BV_m = state_pass_block(dk, dk, segments * value_heads, keys.element_size(), device, fp32, narrowest)
     mt = torch.empty(segments, value_heads, dk, dk, dtype=torch.float32, device=device)
-    chunk_gdn_fwd_h_kernel[(cdiv(dk, BV_m), segments * value_heads)](
+    launch(chunk_gdn_fwd_h_kernel, (cdiv(dk, BV_m), segments * value_heads),
         keys, w, None, g_cumsum, None, None, None, mt, *tables, BV=BV_m, USE_INITIAL_STATE=False,
         STORE_FINAL_STATE=True, STORE_H=False, ZERO_U=True, IDENTITY_INIT=True, HAS_FIRST_CHUNK=True,
         first_chunk=first_m, **fold_args, **dict(seg, V=dk))
@@ -380,12 +381,12 @@ def _segmented_state_pass(plan, keys, w, u, g_cumsum, h, v_new, initial_state, f
     BK = common["BK"]
     BV_c = min(32, max(16, next_power_of_2(dv)))
     sequences = len(plan.last_segment)
-    gdn_cp.gdn_cp_chain_kernel[(cdiv(dv, BV_c), sequences * value_heads)](
+    launch(gdn_cp.gdn_cp_chain_kernel, (cdiv(dv, BV_c), sequences * value_heads),
         initial_state, ht, mt, fallback, plan.first_segment, h_in, HV=value_heads, K=dk, V=dv, BK=BK, BV=BV_c,
         BKC=min(32, BK), USE_INITIAL_STATE=initial_state is not None, num_warps=4)
     # 3. the state pass proper, every segment at once
     BV = main_bv or BV
-    chunk_gdn_fwd_h_kernel[(cdiv(dv, BV), segments * value_heads)](
+    launch(chunk_gdn_fwd_h_kernel, (cdiv(dv, BV), segments * value_heads),
         keys, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
         STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, **fold_args,
         **dict(seg, **(fused_args or {})))
@@ -467,7 +468,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
            if fuse_o and KKT_PREPARE and FUSED_OUTPUT_QK_GIVEN else None)  # [B, T, Hv, 64]
     if KKT_PREPARE:  # tiles at least 32 wide, as in the backward (16-wide 16-bit dots fault in Triton 3.6, sm_90)
         grid, order = chunk_launch(grid_chunks, batch * value_heads, KKT_HEADS_FASTEST)
-        chunk_gdn_fwd_kkt_solve_kernel[grid](
+        launch(chunk_gdn_fwd_kkt_solve_kernel, grid,
             k, a, b, A_log, dt_bias, g_cumsum, x_inv, cu_seqlens, chunk_indices, length, k.stride(1), H=key_heads,
             HV=value_heads, K=dk, BT=BT, BC=BC, BK=max(32, min(BK, KKT_BK)), IS_VARLEN=cu_seqlens is not None,
             DOT_PRECISION=precision, INTERLEAVE=KKT_INTERLEAVE, RECURSIVE=KKT_RECURSIVE,
@@ -481,7 +482,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                                    KKT_HEADS_FASTEST)
         if chunks > 1:
             order = dict(order, CHUNKS=chunks, STAGES=WU_STAGES, num_chunks=grid_chunks)
-        chunk_gdn_wu_kernel[grid](
+        launch(chunk_gdn_wu_kernel, grid,
             k, v, b, g_cumsum, x_inv, w, u, k_normed, cu_seqlens, chunk_indices, length, k.stride(1),
             v.stride(1), BV=max(32, min(BV_full, KKT_WU_BV)), STORE_KN=not row_norms, STORE_WU=not fold,
             KEY_HEAD_PROGRAMS=per_key_head, num_warps=KKT_WU_WARPS, **_register_cap(KKT_WU_MAXNREG, fp32), **order,
@@ -490,7 +491,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                     STORE_AQK=aqk is not None, aqk=aqk, STORE_RSTD=row_norms, rk=rk, rq=rq)
                if fuse_o and KKT_PREPARE else {}))
     else:
-        chunk_gdn_fwd_prepare_kernel[(grid_chunks, batch * value_heads)](
+        launch(chunk_gdn_fwd_prepare_kernel, (grid_chunks, batch * value_heads),
             k, v, a, b, A_log, dt_bias, g_cumsum, w, u, x_inv, k_normed, cu_seqlens, chunk_indices, length,
             k.stride(1), v.stride(1), BC=BC, BV=BV_full, STORE_X=store_x, STORE_KN=True,
             num_warps=4 if fp32 else FUSED_PREPARE_WARPS, **common)
@@ -517,7 +518,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                                     and (row_norms or q_normed is not None)),
                           **(dict(rq=rq) if row_norms else {}))
     if plan is None:
-        state_pass_kernel(length, cu_seqlens is not None)[(cdiv(dv, BV_h), num_states * value_heads)](
+        launch(state_pass_kernel(length, cu_seqlens is not None), (cdiv(dv, BV_h), num_states * value_heads),
             k_pass, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
             k_pass.stride(1), BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
             STORE_FINAL_STATE=output_final_state, NORM_K=False, PREFETCH_ROWS=prefetch_rows, **fold_args, **common,
@@ -529,11 +530,11 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
 
     if not fuse_o and LOOPED_O:  # (fused: the state pass made o)
         BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)
-        chunk_gdn_fwd_o_looped_kernel[(grid_chunks, batch * value_heads)](
+        launch(chunk_gdn_fwd_o_looped_kernel, (grid_chunks, batch * value_heads),
             q, k_normed, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1),
             BV=BV_o, num_warps=LOOPED_O_WARPS_FP32 if fp32 else LOOPED_O_WARPS, num_stages=LOOPED_O_STAGES, **common)
     elif not fuse_o:
-        chunk_gdn_fwd_o_kernel[(cdiv(dv, BV), grid_chunks, batch * value_heads)](
+        launch(chunk_gdn_fwd_o_kernel, (cdiv(dv, BV), grid_chunks, batch * value_heads),
             q, k, v_new, h, g_cumsum, o, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
             BV=BV, num_warps=4, **common)
     return dict(o=o, final_state=final_state, g_cumsum=g_cumsum, w=w, u=u, x_inv=x_inv, h=h, v_new=v_new, aqk=aqk,

@@ -49,6 +49,7 @@ from hybridlm.ops.triton.gdn_common import (
     _chunk_bounds, _chunk_log_decay, _chunk_program, _l2norm_bwd, _l2norm_rows, _load_rows, _store_rows,
 )
 from hybridlm.ops.triton.gdn_prepare_kkt import chunk_gdn_wu_kernel
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import (
     HOPPER_FIXED_TRITON, cdiv, chunk_launch, descriptor, dot_precision, hopper_miscompiles, next_power_of_2,
     prepare_chunks, rows_packed, tma_capable, triton_release,
@@ -438,7 +439,7 @@ def chunk_gdn_bwd(
     if forward_states is None:  # w, u recomputed from the saved X, then the chunk states h, v_new (the h kernel)
         w = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
         u = torch.empty(batch, length, value_heads, dv, dtype=dtype, device=device)  # [B, T, Hv, dv]
-        chunk_gdn_wu_kernel[chunk_grid](
+        launch(chunk_gdn_wu_kernel, chunk_grid,
             k, v, b, g_cumsum, x_inv, w, u, None, cu_seqlens, chunk_indices, length, k.stride(1), v.stride(1),
             BV=max(32, min(BV_full, BWD_WU_BV)), STORE_KN=False, num_warps=BWD_WU_WARPS, **order, **common)
         h = torch.empty(num_chunks, value_heads, dk, dv, dtype=dtype, device=device)  # [NT, Hv, dk, dv]
@@ -448,7 +449,7 @@ def chunk_gdn_bwd(
         plan = (segment_plan(sequence_bounds(cu_seqlens_given, batch, length), value_heads, device)
                 if may_split(batch * length, value_heads) else None)
         if plan is None:
-            state_pass_kernel(length, cu_seqlens is not None)[(cdiv(dv, BV_h), num_states * value_heads)](
+            launch(state_pass_kernel(length, cu_seqlens is not None), (cdiv(dv, BV_h), num_states * value_heads),
                 k, w, u, g_cumsum, h, v_new, initial_state, None, cu_seqlens, chunk_offsets, length, k.stride(1),
                 BV=BV_h, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=False,
                 **plain_state_pass_launch(dtype == torch.float32), **common)
@@ -457,7 +458,7 @@ def chunk_gdn_bwd(
                                   narrowest=32, norm_k=True)
 
     dv_local = torch.empty_like(v_new)  # [B, T, Hv, dv]
-    chunk_gdn_bwd_dv_local_kernel[chunk_grid](
+    launch(chunk_gdn_bwd_dv_local_kernel, chunk_grid,
         q, k, do, g_cumsum, dv_local, aqk, cu_seqlens, chunk_indices, scale, length, q.stride(1), k.stride(1),
         BV=BV_chunk, A_GIVEN=aqk is not None, num_warps=BWD_DV_LOCAL_WARPS, **order, **common)
 
@@ -465,7 +466,7 @@ def chunk_gdn_bwd(
     dh = torch.empty_like(h)  # [NT, Hv, dk, dv]
     dh0 = (torch.empty(num_states, value_heads, dk, dv, dtype=torch.float32, device=device)
            if initial_state is not None else None)
-    chunk_gdn_bwd_dh_kernel[(cdiv(dv, BV_dh), num_states * value_heads)](
+    launch(chunk_gdn_bwd_dh_kernel, (cdiv(dv, BV_dh), num_states * value_heads),
         q, k, w, g_cumsum, do, dv_local, dv_new, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, length,
         q.stride(1), k.stride(1), BV=BV_dh, USE_FINAL_STATE_GRADIENT=dht is not None,
         STORE_INITIAL_STATE_GRADIENT=initial_state is not None, num_warps=BWD_DH_WARPS,
@@ -489,7 +490,7 @@ def chunk_gdn_bwd(
         num_shares = 1
         dw = None  # the WY kernel makes dw from h
         dG = torch.empty(batch, length, value_heads, dtype=torch.float32, device=device)  # [B, T, Hv]
-        chunk_gdn_bwd_dqk_kernel[chunk_grid](
+        launch(chunk_gdn_bwd_dqk_kernel, chunk_grid,
             q, k, g_cumsum, h, dh, v_new, do, dq_n, dk_n, dG, aqk, cu_seqlens, chunk_indices, scale,
             length, q.stride(1), k.stride(1), BV=BV_chunk, DST_PRODUCT=BK in BWD_DQK_DST_PRODUCT_BKS,
             A_GIVEN=aqk is not None, NORM_Q=norm_fused, num_warps=BWD_DQK_WARPS,
@@ -499,7 +500,7 @@ def chunk_gdn_bwd(
         num_shares = cdiv(dk, BKQ)
         dw = torch.empty(batch, length, value_heads, dk, dtype=dtype, device=device)  # [B, T, Hv, dk]
         dG = torch.empty(num_shares, batch, length, value_heads, dtype=torch.float32, device=device)  # [NK, B, T, Hv]
-        chunk_gdn_bwd_dqkw_kblocked_kernel[(num_shares * grid_chunks, batch * value_heads)](
+        launch(chunk_gdn_bwd_dqkw_kblocked_kernel, (num_shares * grid_chunks, batch * value_heads),
             q, k, g_cumsum, h, dh, v_new, do, dv_new, dq_n, dk_n, dw, dG, cu_seqlens, chunk_indices, scale, length,
             q.stride(1), k.stride(1), batch * length * value_heads, BV=BV_chunk, BKQ=BKQ,
             num_warps=8 if dtype == torch.float32 else BWD_DQK_KB_WARPS,
@@ -512,10 +513,10 @@ def chunk_gdn_bwd(
     wy_flags = dict(DW_GIVEN=dw is not None, NKD=num_shares, E_SCRATCH=BWD_WY_E_SCRATCH, NORM_K=norm_fused)
     BKW = max(32, min(BK, BWD_WY_BK)) if BWD_WY_BK is not None else dk
     if BKW >= dk:
-        chunk_gdn_bwd_wy_kernel[chunk_grid](*wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS, num_stages=dqk_stages,
-                                            **wy_flags, **order, **common)
+        launch(chunk_gdn_bwd_wy_kernel, chunk_grid, *wy_args, BV=BV_chunk, num_warps=BWD_WY_WARPS,
+               num_stages=dqk_stages, **wy_flags, **order, **common)
     else:
-        chunk_gdn_bwd_wy_kblocked_kernel[chunk_grid](
+        launch(chunk_gdn_bwd_wy_kblocked_kernel, chunk_grid,
             *wy_args, BV=BV_chunk, BKW=BKW, KK_IN_PASS2=BWD_WY_KK_LATE, KK_FREE=BWD_WY_KK_FREE, **wy_flags,
             # fp32's "ieee" dots hold whole operand rows per thread: 4 warps spilled 50 KB at the tests' shapes
             num_warps=8 if dtype == torch.float32 else BWD_WY_KB_WARPS,
@@ -528,7 +529,7 @@ def chunk_gdn_bwd(
     rows, BR = batch * length, BWD_QK_NORM_ROWS
     dq = torch.empty(batch, length, key_heads, dk, dtype=q.dtype, device=device)  # [B, T, Hk, dk]
     dk_out = torch.empty_like(dq)
-    chunk_gdn_bwd_qk_norm_kernel[(cdiv(rows, BR), key_heads)](
+    launch(chunk_gdn_bwd_qk_norm_kernel, (cdiv(rows, BR), key_heads),
         q, k, dq_n, dk_n, dq, dk_out, rows, q.stride(1), k.stride(1), H=key_heads, HV=value_heads, K=dk, BR=BR,
         BK=BK, num_warps=BWD_QK_NORM_WARPS)
     return dict(dq=dq, dk=dk_out, dv=dv_out, da=da, db=db, dA_log=dA_log.sum(0), ddt_bias=ddt_bias.sum(0), dh0=dh0)

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import cdiv, next_power_of_2
 
 CP_LOG_DECAY = -10.0  # a pre-pass may start where the gates have decayed by e^-10 over the chunks up to the boundary
@@ -166,7 +167,7 @@ def warmup_tables(g_cumsum: torch.Tensor, plan: SegmentPlan, log_decay: float | 
     log_decay = CP_LOG_DECAY if log_decay is None else log_decay
     value_heads = g_cumsum.shape[-1]
     tables = torch.empty(3, plan.num_segments, value_heads, dtype=torch.int32, device=g_cumsum.device)
-    gdn_cp_warmup_kernel[(plan.num_segments,)](
+    launch(gdn_cp_warmup_kernel, (plan.num_segments,),
         g_cumsum, plan.cu_seqlens, plan.final_slot, tables, float(log_decay), plan.num_segments, HV=value_heads,
         S=plan.segment_chunks, BS=next_power_of_2(plan.segment_chunks),
         BH=next_power_of_2(value_heads), BT=64, num_warps=1)

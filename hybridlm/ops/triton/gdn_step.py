@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_enabled, pdl_wait
 
 
@@ -367,14 +368,14 @@ def gdn_decode_step(
         BV_split = min(BV_full, SPLIT_BV)
         num_slices = cdiv(value_head_dim, BV_split)
         o_raw = o if not fuse_norm else torch.empty_like(o)
-        gdn_decode_split_kernel[(batch, num_value_heads, num_slices)](
+        launch(gdn_decode_split_kernel, (batch, num_value_heads, num_slices),
             qkv_raw, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, recurrent_state_pool,
             slot_ids, o_raw, o, _arrivals(o.device, batch * num_key_heads), scale, norm_eps, qkv_raw.stride(0),
             z.stride(0) if fuse_norm else 0, H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim,
             W=width, BK=BK, BV=BV_split, BVF=BV_full, BW=BW, NV=num_slices, PROD_IN_X_DTYPE=prod_in_x_dtype,
             FUSE_NORM=fuse_norm, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
         return o
-    gdn_decode_step_kernel[(batch, num_key_heads)](
+    launch(gdn_decode_step_kernel, (batch, num_key_heads),
         qkv_raw, z, a, b, conv_weight, A_log, dt_bias, norm_weight, conv_state_pool, recurrent_state_pool, slot_ids,
         o, scale, norm_eps, qkv_raw.stride(0), z.stride(0) if fuse_norm else 0,
         H=num_key_heads, HV=num_value_heads, K=key_head_dim, V=value_head_dim, W=width,

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import cdiv, dot_precision, next_power_of_2, pdl_enabled, pdl_wait
 
 MAX_ROWS = 16  # more rows: the weight is read once either way and the tensor-core GEMM (F.linear) wins
@@ -289,7 +290,7 @@ def _gemv(prologue: tl.constexpr, x: torch.Tensor, x2: torch.Tensor | None, norm
     # with PDL, each program prefetches its weight rows (about one line per thread and step) before it waits
     small = n * k * weight.element_size() <= PREFETCH_MAX_BYTES
     prefetch = max(1, 128 // config.block_n) if pdl and PREFETCH and small else 0
-    gemv_kernel[(cdiv(n, config.block_n),)](
+    launch(gemv_kernel, (cdiv(n, config.block_n),),
         x2d, x2d2, x2d if norm_weight is None else norm_weight, weight, y, y if summed is None else summed, eps,
         rows, n, k, x2d.stride(0), x2d2.stride(0), *head_strides, weight.stride(0), y.stride(0),
         PROLOGUE=prologue.value, HD=head_dim,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import cdiv, next_power_of_2
 
 
@@ -59,7 +60,7 @@ def gated_rms_norm_fwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor
     BR = max(1, min(16, 4096 // BD))
     prod_in_x_dtype = torch.promote_types(weight.dtype, x.dtype) == x.dtype
     if rows:
-        gated_rms_norm_fwd_kernel[(cdiv(rows, BR),)](
+        launch(gated_rms_norm_fwd_kernel, (cdiv(rows, BR),),
             x2, gate2, weight.contiguous(), y, eps, rows, D=dim, BR=BR, BD=BD, PROD_IN_X_DTYPE=prod_in_x_dtype,
             num_warps=4)
     return y.reshape(x.shape)
@@ -110,7 +111,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, resid
     BD = next_power_of_2(dim)
     BR = max(1, min(16, 4096 // BD))
     if rows:
-        rms_norm_fwd_kernel[(cdiv(rows, BR),)](
+        launch(rms_norm_fwd_kernel, (cdiv(rows, BR),),
             x2, residual2, weight.contiguous(), y, summed, eps, rows, D=dim, BR=BR, BD=BD,
             HAS_RESIDUAL=residual is not None, num_warps=4 if BD <= 1024 else 8)
     if residual is None:
@@ -142,8 +143,8 @@ def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     rows, block = gate.shape[0], min(1024, next_power_of_2(max(columns, 1)))
     if rows and columns:
-        silu_mul_fwd_kernel[(rows, cdiv(columns, block))](gate, up, y, columns, gate.stride(0), up.stride(0),
-                                                                BLOCK=block, num_warps=4)
+        launch(silu_mul_fwd_kernel, (rows, cdiv(columns, block)), gate, up, y, columns, gate.stride(0),
+               up.stride(0), BLOCK=block, num_warps=4)
     return y.view(shape)
 
 
@@ -175,7 +176,7 @@ def sigmoid_gate_fwd(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     BD = next_power_of_2(dim)
     BR = max(1, min(16, 4096 // BD))
     if rows:
-        sigmoid_gate_fwd_kernel[(cdiv(rows, BR),)](
+        launch(sigmoid_gate_fwd_kernel, (cdiv(rows, BR),),
             o, gate, y, rows, length, heads, o.stride(0), o.stride(1), o.stride(2), gate.stride(0), gate.stride(1),
             gate.stride(2), D=dim, BR=BR, BD=BD, num_warps=4)
     return y

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import cdiv, dot_precision, next_power_of_2, pdl_enabled, pdl_wait
 
 
@@ -112,9 +113,9 @@ def write_kv_fwd(key_pool: torch.Tensor, value_pool: torch.Tensor, k: torch.Tens
     BR = max(1, min(16, 4096 // BD))
     pdl = pdl_enabled(k.device)
     if rows:
-        write_kv_kernel[(cdiv(rows, BR),)](key_pool, value_pool, k, v, slot_mapping, rows, heads, k.stride(0),
-                                                 k.stride(1), v.stride(0), v.stride(1), D=dim, BR=BR, BD=BD,
-                                                 USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+        launch(write_kv_kernel, (cdiv(rows, BR),), key_pool, value_pool, k, v, slot_mapping, rows, heads,
+               k.stride(0), k.stride(1), v.stride(0), v.stride(1), D=dim, BR=BR, BD=BD, USE_PDL=pdl, num_warps=4,
+               launch_pdl=pdl)
 
 
 @triton.jit
@@ -173,12 +174,12 @@ def paged_decode_attention_fwd(
         partial_ml = torch.empty(num_queries, query_heads, P, 2, dtype=torch.float32, device=q.device)
     else:
         partial_o = partial_ml = o
-    paged_decode_attention_kernel[(num_queries, kv_heads, P)](
+    launch(paged_decode_attention_kernel, (num_queries, kv_heads, P),
         q, key_pool, value_pool, block_tables, rows, context_lens, o, partial_o, partial_ml, scale,
         block_tables.stride(0), HQ=query_heads, HKV=kv_heads, D=dim, BS=block_size, G=group,
         BG=max(16, next_power_of_2(group)), BD=BD, P=P, DOT_PRECISION=dot_precision(q.dtype), USE_PDL=pdl,
         num_warps=4, launch_pdl=pdl)
     if P > 1:
-        paged_decode_combine_kernel[(num_queries * query_heads,)](partial_o, partial_ml, o, D=dim, BD=BD, P=P,
-                                                                   USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+        launch(paged_decode_combine_kernel, (num_queries * query_heads,), partial_o, partial_ml, o, D=dim, BD=BD,
+               P=P, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return o

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import descriptor, dot_precision, next_power_of_2, tma_capable
 from hybridlm.ops.varlen import host_bounds
 
@@ -310,7 +311,7 @@ def paged_prefill_attention_fwd(
     BQ = BM // group
     o = torch.empty(num_tokens, query_heads, dim, dtype=q.dtype, device=q.device)
     num_tiles = num_tokens // BQ + num_sequences
-    paged_prefill_attention_kernel[(num_tiles, kv_heads)](
+    launch(paged_prefill_attention_kernel, (num_tiles, kv_heads),
         q, key_pool, value_pool, block_tables, rows, cu_seqlens, starts, o, scale * LOG2E, num_sequences,
         q.stride(0), key_pool.stride(0), key_pool.stride(1), block_tables.stride(0),
         HQ=query_heads, D=dim, BS=block_size, G=group, BQ=BQ, BM=BM, BN=BN, BD=BD,

@@ -21,6 +21,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from hybridlm.ops.rope import RopeInputs
+from hybridlm.ops.triton.launch import launch
 from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_enabled, pdl_wait
 
 # The CPU interpreter runs no libdevice calls: numpy's cos and sin there (within an ulp or two of PyTorch's)
@@ -201,7 +202,7 @@ def rms_norm_rope_fwd(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, 
     rows = tokens * heads
     BR, BD = _blocks(dim)
     if rows:
-        rms_norm_rope_fwd_kernel[(cdiv(rows, BR),)](
+        launch(rms_norm_rope_fwd_kernel, (cdiv(rows, BR),),
             x, weight.contiguous(), cos.reshape(tokens, rotary).contiguous(), sin.reshape(tokens, rotary).contiguous(),
             y, eps, rows, x.stride(1), x.stride(2), H=heads, D=dim, RD=rotary, BR=BR, BD=BD, num_warps=4)
     return y
@@ -244,7 +245,7 @@ def qk_rms_norm_rope_fwd(q: torch.Tensor, q_weight: torch.Tensor, k: torch.Tenso
     else:  # built once per forward by ATen and shared by every attention layer (`RopeInputs.cos_sin`)
         cos, sin = (t.reshape(tokens, rotary).contiguous() for t in rope.cos_sin())
     if q_rows + k_rows:
-        qk_rms_norm_rope_fwd_kernel[(cdiv(q_rows, BR) + cdiv(k_rows, BR),)](
+        launch(qk_rms_norm_rope_fwd_kernel, (cdiv(q_rows, BR) + cdiv(k_rows, BR),),
             q, q_weight.contiguous(), q_out, k, k_weight.contiguous(), k_out, cos, sin, positions,
             inv_freq.contiguous(), float(rope.attention_scaling), eps, q_rows, k_rows, q.stride(1), q.stride(2),
             k.stride(1), k.stride(2), positions.stride(0), HQ=q_heads, HK=k_heads, D=dim, RD=rotary, BR=BR, BD=BD,
