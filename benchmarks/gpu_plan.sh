@@ -76,7 +76,8 @@
 #   bash benchmarks/gpu_plan.sh 68  # carry nothing (~2 min): the unfolded pass (w, u stored) at the wave rule
 #   bash benchmarks/gpu_plan.sh 70  # carry nothing (~5 min): the cached launch path: cost, GPU tests, host time
 #   bash benchmarks/gpu_plan.sh 71  # carry nothing (~8 min): every launch through the cached path: all GPU tests,
-#                                   # one launch's cost, model prefill at 512 / 4096 tokens with the path on and off
+#                                   # one launch's cost, model prefill at 512 / 4096 tokens with the path on and off;
+#                                   # train 4 x 4k with kept forward states beside the default
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -1014,7 +1015,8 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     ;;
   71)  # thirty-second session, for the next (carry nothing, ~8 min): every Triton launch now goes through the cached
        # path with generated keys (untimed on the GPU): one launch's cost, every GPU test, then the model's prefill at
-       # 512 / 4096 tokens with the path on and off (HYBRIDLM_FAST_LAUNCH=0), where a 4k prefill was host-bound
+       # 512 / 4096 tokens with the path on and off (HYBRIDLM_FAST_LAUNCH=0), where a 4k prefill was host-bound; then
+       # train 4 x 4k with the forward's states kept (BWD_REUSE_FORWARD_STATES, --gdn-keep-states) beside the default
     timeout 60 python3 benchmarks/launch_cost.py > "$OUT/launch_cost.log" 2>&1
     grep '^| \|^triton\|Error' "$OUT/launch_cost.log"
     timeout 330 python3 benchmarks/gpu_tests.py tests/cuda tests/ops tests/model/test_kernel_path.py -j 16 \
@@ -1027,6 +1029,9 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
         --prefill 512 4096 --log "$OUT/prefill_fast$fast.log" > /dev/null 2>&1
       echo "fast launch $fast:"; grep -h 'prefill' "$OUT/prefill_fast$fast.log" | tail -4
     done
+    timeout 120 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
+      --variant "kept:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" > "$OUT/train_kept.log" 2>&1
+    grep -h '^train \|failed\|Error' "$OUT/train_kept.log" | cut -c1-120
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
