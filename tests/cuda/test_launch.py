@@ -77,3 +77,29 @@ def test_launch_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, x * 3.0)
+
+
+def test_a_launcher_that_refuses_sends_the_process_to_triton(monkeypatch):
+    """Where the C launcher refuses what Triton's path takes (a changed launcher), the call still runs, through
+    Triton, and later calls go there too."""
+    if not launch_module.FAST_LAUNCH:
+        pytest.skip("the cached path is off")
+    x = torch.randn(1000, device="cuda")
+    y = torch.empty(1000, device="cuda")
+    launch(_scaled_copy, (8,), x, y, 1000, 1, 2.0, BLOCK=128)
+    plans = launch_module._PLANS[id(_scaled_copy)][1]
+    for plan in plans.values():
+        for key, (compiled, used) in list(plan.compiled.items()):
+            class Refusing:
+                function, packed_metadata = compiled.function, compiled.packed_metadata
+
+                @staticmethod
+                def run(*args):
+                    raise TypeError("a launcher of another signature")
+            plan.compiled[key] = (Refusing(), used)
+    monkeypatch.setattr(launch_module, "FAST_LAUNCH", True)
+    y.zero_()
+    launch(_scaled_copy, (8,), x, y, 1000, 1, 2.0, BLOCK=128)
+    torch.testing.assert_close(y, x * 2.0)
+    assert launch_module.FAST_LAUNCH is False
+    launch_module._PLANS.pop(id(_scaled_copy), None)  # (the refusing entries go with it)

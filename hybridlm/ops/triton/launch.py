@@ -9,9 +9,11 @@ launch, and a short prefill's forward is bound by it (benchmarks/NOTES.md, "host
 compiles or finds the kernel); its compiled kernel is kept under a key that is at least as fine as Triton's own
 specialisation (each tensor's dtype and 16-byte alignment, each integer's class: 1, a multiple of 16, 32 or 64 bits;
 constexprs and launch options by value), so later calls of that kind go to the C launcher directly. Anything this
-path does not model (the interpreter, CPU tensors, autotuned or hooked kernels, callable grids, launch hooks, argument
-types other than tensors, ints, floats, bools and None) takes Triton's path unchanged. `FAST_LAUNCH = False` (or
-HYBRIDLM_FAST_LAUNCH=0) turns it off.
+path does not model (the interpreter, autotuned or hooked kernels, callable grids, launch hooks, argument types other
+than tensors, ints, floats, bools and None) takes Triton's path unchanged; a launch with CPU tensors is never cached,
+and the C launcher refuses one on every launch as Triton's path does. Should the C launcher refuse a cached launch's
+arguments where Triton's path takes them (a Triton whose launcher changed), the process goes back to Triton's path
+for good. `FAST_LAUNCH = False` (or HYBRIDLM_FAST_LAUNCH=0) turns it off.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def launch(kernel, grid, *args, **kwargs):
         if cacheable and not _hooked() and not getattr(kernel, "pre_run_hooks", ()):
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
             # the globals the kernel read when it compiled: Triton refuses a launch where one has changed since
-            plan.compiled[key] = (compiled, tuple(kernel.used_global_vals.items()))
+            plan.compiled[key] = (compiled, tuple(getattr(kernel, "used_global_vals", {}).items()))
         return compiled
     compiled, used_globals = entry
     if _hooked():
@@ -141,8 +143,21 @@ def launch(kernel, grid, *args, **kwargs):
     grid_1 = grid[1] if len(grid) > 1 else 1
     grid_2 = grid[2] if len(grid) > 2 else 1
     stream = driver.active.get_current_stream(device)
-    compiled.run(grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, None, None, None, *full)
+    try:
+        compiled.run(grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *full)
+    except TypeError:
+        result = _slow(kernel, grid, args, kwargs)  # raises where the arguments are at fault
+        _give_up()
+        return result
     return compiled
+
+
+def _give_up() -> None:
+    """Triton's path took a launch the cached one could not make: this Triton's launcher differs from the one this
+    path was written for (3.6-3.9), so every later launch goes through Triton."""
+    global FAST_LAUNCH
+    FAST_LAUNCH = False
 
 
 _MISSING = object()
