@@ -78,6 +78,8 @@
 #   bash benchmarks/gpu_plan.sh 71  # carry nothing (~8 min): every launch through the cached path: all GPU tests,
 #                                   # one launch's cost, model prefill at 512 / 4096 tokens with the path on and off;
 #                                   # train 4 x 4k with kept forward states beside the default
+#   bash benchmarks/gpu_plan.sh 72  # carry nothing (~8 min): the GPU tests 71 did
+#                                   # not reach; stacked [q; k] h and the unfolded pass at 64k, 8 x 4k, 16k
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -1032,6 +1034,19 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     timeout 120 python3 benchmarks/bench_gdn.py --no-peers --quick --kinds train \
       --variant "kept:gdn_chunk_bwd.BWD_REUSE_FORWARD_STATES=True" > "$OUT/train_kept.log" 2>&1
     grep -h '^train \|failed\|Error' "$OUT/train_kept.log" | cut -c1-120
+    ;;
+  72)  # thirty-third session (carry nothing): the GPU test ids 71 did not reach (benchmarks/gpu_tests_rest.txt), then
+       # 68's most promising variants (stacked [q; k] h at 1 and 2 stages, the unfolded pass) at the shapes still short
+    timeout 240 python3 benchmarks/gpu_tests.py $(cat benchmarks/gpu_tests_rest.txt) -j 16 \
+      > "$OUT/gpu_tests_rest.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests_rest.log" | tail -8
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests_rest.log") of $(wc -l < benchmarks/gpu_tests_rest.txt)"
+    sleep 2
+    timeout 240 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+      --shapes 1x65536 8x4096 1x16384 --variant "stk2:gdn_chunk.STATE_PASS_STACK_QH=True" \
+      "stk1:gdn_chunk.STATE_PASS_STACK_QH=True,gdn_chunk.FUSED_OUTPUT_STAGES=1" \
+      "nofold:gdn_chunk.FOLD_WU_INTO_H=False" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
