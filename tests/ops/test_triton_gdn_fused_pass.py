@@ -1,6 +1,5 @@
 """The fused state pass's options (gdn_chunk: the output made in the pass, row norms, the w/u kernel's chunks per
-program, stacked q h / k h, prefetched row factors) against the plain path and the float64 reference (CPU: the
-Triton interpreter)."""
+program, prefetched row factors) against the plain path and the float64 reference (CPU: the Triton interpreter)."""
 from __future__ import annotations
 
 import os
@@ -152,42 +151,3 @@ def test_prefetched_row_factors_change_nothing(poisoned, monkeypatch, cut):
             assert torch.equal(outs[1][name], outs[0][name]), name
         else:
             assert rel_err(outs[1][name], outs[0][name].double()) <= 1e-3, name
-
-
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # rows past T (never stored)
-@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
-@pytest.mark.parametrize("case, row_norms, cut", [("bf16-fold", True, True), ("bf16-fold", True, False),
-                                                  ("bf16-fold", False, False), ("bf16-packed", True, False),
-                                                  ("bf16-one-token", True, False), ("fp16-odd-dims", False, False)])
-def test_stacked_qh_kh_change_nothing(poisoned, monkeypatch, case, row_norms, cut):
-    """STATE_PASS_STACK_QH: the fused, folded pass making q h and k h as one product [q; k] h (split after) gives the
-    same output and final state as two products (the same sums per element), cut into segments or not, with row
-    norms or normalised copies, packed sequences, one token, odd dims."""
-    from hybridlm.ops.triton import gdn_chunk, gdn_cp
-
-    if cut:
-        monkeypatch.setattr(gdn_chunk, "CP_SEGMENT_CHUNKS", 1)
-        monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
-        monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
-    monkeypatch.setattr(gdn_chunk, "STATE_PASS_CP", cut)
-
-    inputs, args, dtype, dk, dv = fused_case(case, True)
-    skip_where_triton_faults(dk, dv)
-    if DEVICE == "cuda" and max(dk, dv) < 64 and gdn_chunk.hopper_miscompiles(torch.device(DEVICE)):
-        pytest.skip("narrow heads keep w and u with the fused output on this GPU: no fold")
-    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", True), ("ROW_NORMS_IN_PASS", row_norms),
-                        ("STATE_PASS_STACK_QH", False)):
-        monkeypatch.setattr(gdn_chunk, flag, value)
-    two = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
-    monkeypatch.setattr(gdn_chunk, "STATE_PASS_STACK_QH", True)
-    launched = []
-    for kernel in ("chunk_gdn_fwd_h_kernel", "_chunk_gdn_fwd_h_kernel_any_length"):
-        record_launches(monkeypatch, gdn_chunk, kernel, lambda kw: kw.get("STACK_QH"), launched)
-    one = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
-    assert launched[-1] is True and len(launched) == (3 if cut else 1)  # (a cut's pre-passes make no output)
-    for name in ("o", "final_state"):
-        if DEVICE == "cpu":
-            assert torch.equal(one[name], two[name]), name
-        else:  # (the stacked product may sum in another order)
-            assert rel_err(one[name], two[name].double()) <= 2 ** -8, name
-    check_outputs(one, *inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"], scale=args["scale"])

@@ -262,11 +262,9 @@ FUSED_OUTPUT_STAGES = 2  # at 3 the pipelined loads take 148 KB of shared memory
 # 16k 0.674 -> 0.861 ms, 64k 2.52 -> 3.32, 8 x 4k 1.18 -> 1.56; at 1 stage (49 KB of shared memory instead of 123)
 # 0.82-0.86x; and the packed GPU test gave a wrong o (0.55). Removed, 2026-12-05, `gpu_plan.sh 29`.)
 FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pass_block's pick
-# STATE_PASS_STACK_QH: the fused, folded pass makes q h and k h as one product [q; k] h and splits it, so the two
-# share one wgmma round trip (Triton 3.6 waits on each product in line: five round trips a chunk step, four with
-# this). Untimed. Offline (sm_90, 9B heads, the cut's main pass): 255 registers, 116 B spilled and 131 KB of shared
-# memory at 2 stages (one program an SM), 184 B and 64 KB at 1 stage; without it 92 B / 104 KB, 0 B / 48 KB.
-STATE_PASS_STACK_QH = False
+# (STATE_PASS_STACK_QH, q h and k h as one product [q; k] h split after, one wgmma round trip a step fewer: lost on
+# an H100, 9B heads 64k 2.03 -> 3.30 ms (2.56 at 1 stage), 8 x 4k 1.05 -> 1.74 (1.34), 0.8B alike; it spills
+# 116-184 B. Removed, 2026-12-07, `gpu_plan.sh 72`.)
 # the decayed causal q k^T of each chunk made by the w/u kernel (a [B, T, Hv, 64] tensor in the input dtype, 67 MB at
 # 9B heads and 16k tokens, written and read once) instead of inside the fused pass's loop, where it cost a
 # 64 x 64 x dk product per V block and step and the registers to hold it (sm_90, Triton 3.6, 9B heads, the cut's
@@ -514,8 +512,6 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
                           num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES,
-                          STACK_QH=(STATE_PASS_STACK_QH and fold and aqk is not None
-                                    and (row_norms or q_normed is not None)),
                           **(dict(rq=rq) if row_norms else {}))
     if plan is None:
         launch(state_pass_kernel(length, cu_seqlens is not None), (cdiv(dv, BV_h), num_states * value_heads),

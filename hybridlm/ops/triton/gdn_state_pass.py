@@ -11,17 +11,6 @@ from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _row_factor
 
 
 @triton.jit
-def _stacked_rows(p_q, p_k, i_s, T, stride_q, stride_k, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """Rows i_s .. i_s + BT of q above the same rows of k: a [2 BT, BK] tile (zeros past T or K)."""
-    o_r = tl.arange(0, 2 * BT)
-    o_t = i_s + o_r % BT
-    o_d = tl.arange(0, BK)
-    p = tl.where(o_r[:, None] < BT, p_q + o_t[:, None].to(tl.int64) * stride_q,
-                 p_k + o_t[:, None].to(tl.int64) * stride_k) + o_d[None, :]
-    return tl.load(p, mask=(o_t[:, None] < T) & (o_d[None, :] < K), other=0.)
-
-
-@triton.jit
 def chunk_gdn_fwd_h_kernel(
     k,  # [B, T, H, K], token stride stride_k
     w,  # [B, T, HV, K]
@@ -83,13 +72,8 @@ def chunk_gdn_fwd_h_kernel(
     # PREFETCH_ROWS (`STATE_PASS_PREFETCH_ROWS`): each step loads the next chunk's G (and norms) and makes its row
     # factors, so the step's own come from registers instead of loads on the state's chain
     PREFETCH_ROWS: tl.constexpr = False,
-    # STACK_QH (`STATE_PASS_STACK_QH`; FUSED_O, FOLD_WU, q k^T given, keys not normalised here): q h, k h as one product
-    # [q; k] h of 2 BT rows, split after, so both take one wgmma round trip instead of two in line
-    STACK_QH: tl.constexpr = False,
 ):
     tl.static_assert(not (ROW_NORMS and NORM_K), "ROW_NORMS takes raw keys with their norms given")
-    tl.static_assert(not STACK_QH or (FUSED_O and FOLD_WU and A_GIVEN and not NORM_K and (ROW_NORMS or Q_NORMED)),
-                     "STACK_QH takes the fused output with q k^T given and q, k as the products take them")
     tl.static_assert(not (ROW_NORMS and FUSED_O and not A_GIVEN), "ROW_NORMS with FUSED_O takes q k^T given")
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
@@ -155,16 +139,10 @@ def chunk_gdn_fwd_h_kernel(
         if NORM_K:
             b_k = _l2norm_rows(b_k).to(dtype)
         if FUSED_O:  # the products that need no v_new first: they are off the chain through the state update
-            if STACK_QH:
-                b_qkh = tl.dot(_stacked_rows(p_q, p_k, i_s, T, stride_q, stride_k, K, BT, BK), b_hd,
-                               input_precision=DOT_PRECISION)  # [2 BT, BV]
-                b_qh, b_kh = tl.split(tl.permute(tl.reshape(b_qkh, [2, BT, BV]), [1, 2, 0]))
-                b_o = b_qh * b_q_scale[:, None]
-            else:
-                b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
-                if not ROW_NORMS and not Q_NORMED:
-                    b_q = (_l2norm_rows(b_q) * scale).to(dtype)
-                b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
+            b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
+            if not ROW_NORMS and not Q_NORMED:
+                b_q = (_l2norm_rows(b_q) * scale).to(dtype)
+            b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
             if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
                               mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
@@ -178,10 +156,7 @@ def chunk_gdn_fwd_h_kernel(
                           mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
-            if STACK_QH:
-                b_r = -b_kh * b_kh_scale[:, None]
-            else:
-                b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * b_kh_scale[:, None]
+            b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * b_kh_scale[:, None]
             if not ZERO_U:
                 b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
             b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
