@@ -538,17 +538,21 @@ def configurations():
 
 @contextlib.contextmanager
 def recorded_launches(into):
-    """Within the block, `kernel[grid](*args, **kwargs)` records (kernel, args, kwargs) instead of launching."""
-    original = JITFunction.run
+    """Within the block, `kernel[grid](*args, **kwargs)` records (kernel, args, kwargs) instead of launching; the
+    cached launch path (`launch.FAST_LAUNCH`, which asks the driver for the device) is off, so every launch comes
+    here."""
+    from hybridlm.ops.triton import launch
+
+    original, fast = JITFunction.run, launch.FAST_LAUNCH
 
     def record(self, *args, grid, warmup, **kwargs):
         into.append((self, args, kwargs))
 
-    JITFunction.run = record
+    JITFunction.run, launch.FAST_LAUNCH = record, False
     try:
         yield into
     finally:
-        JITFunction.run = original
+        JITFunction.run, launch.FAST_LAUNCH = original, fast
 
 
 def specialise(fn, args, kwargs):

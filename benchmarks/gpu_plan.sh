@@ -80,6 +80,8 @@
 #                                   # train 4 x 4k with kept forward states beside the default
 #   bash benchmarks/gpu_plan.sh 72  # carry nothing (~8 min): the GPU tests 71 did
 #                                   # not reach; stacked [q; k] h and the unfolded pass at 64k, 8 x 4k, 16k
+#   bash benchmarks/gpu_plan.sh 73  # carry nothing (~1 min): a 0.8B prefill of 512 / 4096 tokens: device ops, host profile
+#   bash benchmarks/gpu_plan.sh 74  # carry nothing (~3 min): fused-pass GPU tests; prefill eager vs one CUDA graph
 # The peers' wheels exceed one call's 64 MiB: `.whl` holds tilelang alone (49.6 MB; with the 17.3 MB tree, bundled
 # model included, just under), `.whl2` fla, FlashQLA, tvm-ffi, dlpack and z3 (34.5 MB). Carry `.whl` in a first call
 # (`install`) and `.whl2` in the next, issued at once while the machine is warm (both install into /tmp/site).
@@ -1047,6 +1049,25 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       "stk1:gdn_chunk.STATE_PASS_STACK_QH=True,gdn_chunk.FUSED_OUTPUT_STAGES=1" \
       "nofold:gdn_chunk.FOLD_WU_INTO_H=False" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    ;;
+  73)  # thirty-third session (carry nothing, ~1 min): where a short prefill's host time goes. 0.8B takes ~20 ms for
+       # 512 tokens and for 4096 alike (71), so the host bounds both: device time by op, then cProfile's top functions
+    timeout 150 python3 benchmarks/profile_prefill.py --shape 0.8B --lengths 512 4096 --top 12 --cprofile 40 \
+      > "$OUT/prefill_profile.log" 2>&1
+    grep -A45 '^host profile\|^0.8B, ' "$OUT/prefill_profile.log" | cut -c1-150 | grep -v '^ *$' | head -120
+    ;;
+  74)  # thirty-third session (carry nothing, ~3 min): the fused pass's GPU tests after STATE_PASS_STACK_QH went, then
+       # what a prefill replayed from one CUDA graph takes beside eager (the prize of graphs per length bucket)
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py -j 16 \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -6
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    sleep 2
+    for shape in 0.8B 9B; do
+      timeout 100 python3 benchmarks/profile_prefill.py --shape $shape --lengths 128 512 2048 --top 1 --graph \
+        > "$OUT/prefill_graph_$shape.log" 2>&1
+      grep '^| \|Error' "$OUT/prefill_graph_$shape.log" | tail -4
+    done
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
