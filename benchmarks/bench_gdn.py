@@ -20,7 +20,9 @@ What each side does (so the ratios are read right):
   timed, as the anchor in ../shared/BENCHMARKS.md), "FlashQLA+norm" raw q, k with use_qk_l2norm_in_kernel=True (its
   own torch-compiled norm): the work our call does, bar the gates (fla's gate kernels: ~0.01 ms at 16k tokens).
 - train (forward + backward, torch.autograd.grad of o against a fixed do, no states): ours = chunk_gdn from raw
-  a, b with gradients for q, k, v, a, b, A_log, dt_bias; "fla" = fla's chunk_gated_delta_rule doing the same
+  a, b with gradients for q, k, v, a, b, A_log, dt_bias, recomputing the forward's states in the backward as fla
+  does; "ours[kept]" the same keeping them (`BWD_REUSE_FORWARD_STATES`, as `hybridlm train` does under activation
+  checkpointing; its peak memory is logged); "fla" = fla's chunk_gated_delta_rule doing the same
   work in its Triton kernels (use_gate_in_kernel, use_beta_sigmoid_in_kernel, use_qk_l2norm_in_kernel: those
   flags also keep fla's dispatcher off its FlashQLA backend); "fla g,beta" = fla given g, beta precomputed (not
   timed, gradients stop at g, beta) in its own kernels, and "FlashQLA" the same call to FlashQLA (what fla's
@@ -345,7 +347,12 @@ def bench_train(model, batch, length, peers, ours_ok, rows):
     except Exception as error:
         log(f"  ours failed at train {model} B={batch} T={length}: {type(error).__name__}: {error}")
         return
-    for name, settings in VARIANTS.items():
+    from hybridlm.ops.triton import gdn_chunk_bwd
+
+    # "kept": the forward's w, h, v_new kept for the backward (more memory, two launches fewer), as `hybridlm train`
+    # runs under activation checkpointing; the default row recomputes them, as fla does
+    kept = {"kept": [(gdn_chunk_bwd, "BWD_REUSE_FORWARD_STATES", True)]}
+    for name, settings in {**kept, **VARIANTS}.items():
         with settings_applied(settings):
             try:
                 out_var, peak = peak_mib(ours)
