@@ -80,13 +80,15 @@ def test_profile_engine_step_table_and_torch_profile():
 
 
 def test_profile_prefill_tiny_prints_its_table():
-    """profile_prefill.py on the tiny model (CPU): the profiler's table and the summary row of each length."""
+    """profile_prefill.py on the tiny model (CPU): the profiler's table, the host profile (--cprofile) and the
+    summary row of each length (no CUDA graph on the CPU: "-")."""
     script = str(ROOT / "benchmarks" / "profile_prefill.py")
-    result = subprocess.run([sys.executable, script, "--lengths", "32", "96", "--top", "3"], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run([sys.executable, script, "--lengths", "32", "96", "--top", "3", "--cprofile", "4",
+                             "--graph"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Self CPU" in result.stdout
-    rows = re.findall(r"^\| tiny \| (\d+) \| [0-9.]+ \| [0-9,]+ \| [0-9.]+ \|$", result.stdout, flags=re.M)
+    assert result.stdout.count("host profile, 10 forwards of") == 2 and "tottime" in result.stdout
+    rows = re.findall(r"^\| tiny \| (\d+) \| [0-9.]+ \| [0-9,]+ \| [0-9.]+ \| - \|$", result.stdout, flags=re.M)
     assert rows == ["32", "96"], result.stdout[-1500:]
 
 
