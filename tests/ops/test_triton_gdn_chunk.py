@@ -520,3 +520,33 @@ def test_fold_wu_leaves_fp32_alone(poisoned, monkeypatch):
                                    cu_seqlens=None)
     assert out["w"] is not None
     check_outputs(out, *inputs, state, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tokens_with_minus_inf_gates_leave_the_state_alone(dtype):
+    """A token whose raw gates are a = b = -inf has decay exp(0) = 1 and beta = 0: the state passes it unchanged, so a
+    prompt padded on the right to a fixed length (a prefill captured per length bucket) ends in the state of its real
+    tokens and gives them the same outputs, in the reference and in the kernels, across chunk boundaries."""
+    generator = torch.Generator().manual_seed(11)
+    length, real, heads, value_heads, dim = 160, 70, 2, 4, 64
+    q, k = (torch.randn(1, length, heads, dim, generator=generator) for _ in range(2))
+    v = torch.randn(1, length, value_heads, dim, generator=generator)
+    a, b = (torch.randn(1, length, value_heads, generator=generator) for _ in range(2))
+    A_log, dt_bias = torch.rand(value_heads, generator=generator), torch.rand(value_heads, generator=generator)
+    state = torch.randn(1, value_heads, dim, dim, generator=generator)
+    padded_a, padded_b = a.clone(), b.clone()
+    padded_a[:, real:], padded_b[:, real:] = float("-inf"), float("-inf")
+    # the reference, in float64
+    g, beta = gdn_gates(padded_a.double(), padded_b.double(), A_log.double(), dt_bias.double())
+    o_pad, s_pad = chunk_gated_delta_rule(q.double(), k.double(), v.double(), g, beta, initial_state=state.double(),
+                                          output_final_state=True)
+    g, beta = gdn_gates(a[:, :real].double(), b[:, :real].double(), A_log.double(), dt_bias.double())
+    o_ref, s_ref = chunk_gated_delta_rule(q[:, :real].double(), k[:, :real].double(), v[:, :real].double(), g, beta,
+                                          initial_state=state.double(), output_final_state=True)
+    assert not o_pad.isnan().any() and rel_err(o_pad[:, :real], o_ref) <= 1e-8 and rel_err(s_pad, s_ref) <= 1e-8
+    # the kernels
+    moved = [x.to(DEVICE, dtype) for x in (q, k, v, padded_a, padded_b)]
+    o, final = chunk_gdn_fwd(*moved, A_log.to(DEVICE), dt_bias.to(DEVICE), initial_state=state.to(DEVICE),
+                             output_final_state=True)
+    assert not o.isnan().any() and not final.isnan().any()
+    assert rel_err(o[:, :real], o_ref) <= TOLERANCE[dtype] and rel_err(final, s_ref) <= TOLERANCE[dtype]
