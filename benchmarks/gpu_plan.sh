@@ -1070,6 +1070,21 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       grep '^| \|Error' "$OUT/prefill_graph_$shape.log" | tail -4
     done
     ;;
+  75)  # thirty-fourth session (carry nothing, ~5 min): the fused pass's GPU tests after STATE_PASS_STACK_QH went; the
+       # prefill CUDA graphs (engine/prefill_graphs.py) against the eager engine; time to first token with and without
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py -j 16 \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -6
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    timeout 120 python3 -m pytest -q -x tests/cuda/test_model_on_cuda.py -k "graphs or fused_decode" \
+      > "$OUT/pytest_graphs.log" 2>&1
+    tail -3 "$OUT/pytest_graphs.log"
+    for shape in 0.8B 9B; do
+      timeout 130 python3 benchmarks/bench_ttft.py --shape $shape --lengths 64 512 2048 \
+        > "$OUT/ttft_$shape.log" 2>&1
+      grep '^| \|Error\|built' "$OUT/ttft_$shape.log" | tail -8
+    done
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

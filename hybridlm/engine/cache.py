@@ -155,6 +155,7 @@ class DecodeContext(_StateRows):
     """
 
     pad_mask = None
+    padding = None
     keeps_state = True
     decode = True
     single_token_decode = True
@@ -196,6 +197,7 @@ class PagedContext(_StateRows):
     """
 
     pad_mask = None
+    padding = None
     keeps_state = True
     decode = False
     single_token_decode = False

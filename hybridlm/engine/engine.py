@@ -39,6 +39,9 @@ class EngineConfig:
     snapshot_fraction: float = 0.1
     cuda_graphs: bool = True  # capture the decode step per batch-size bucket (CUDA, dense models)
     paged_prefill_kernel: bool = True  # CUDA: a mixed step's attention in one paged-prefill launch
+    # CUDA, dense models: a step that prefills one sequence's chunk of up to this many tokens replays a CUDA graph
+    # captured for its length bucket (64, 128, ... 2048) instead of running eagerly; 0 turns them off
+    prefill_graphs: int = 0
     # decode sampled on the device (greedy, or the engine's samplers without a repetition penalty): launch the next
     # step on this step's tokens still on the device, then read them back, so the host's scheduling and
     # detokenising overlap the GPU instead of stalling it
@@ -51,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.prefill_graphs < 0:
+            raise ValueError(f"prefill_graphs must be >= 0 (0 turns them off), got {self.prefill_graphs}")
 
 
 def cache_budget(model: HybridLM, config: EngineConfig) -> int:
@@ -82,7 +87,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, EngineCache(model, self.plan), self.config.max_num_seqs,
                                   cuda_graphs=self.config.cuda_graphs,
-                                  paged_prefill_kernel=self.config.paged_prefill_kernel)
+                                  paged_prefill_kernel=self.config.paged_prefill_kernel,
+                                  prefill_graphs=min(self.config.prefill_graphs, self.config.max_num_batched_tokens))
         self.requests: dict[str, Sequence] = {}
         self._samplers: dict[str, Callable] = {}
         self._texts: dict[str, TextStream] = {}

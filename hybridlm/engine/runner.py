@@ -7,6 +7,7 @@ import torch
 
 from hybridlm.engine.cache import DecodeContext, EngineCache, PagedContext, device_tensor
 from hybridlm.engine.graphs import DecodeGraphs
+from hybridlm.engine.prefill_graphs import PrefillGraphs, length_buckets
 from hybridlm.engine.scheduler import Chunk, SchedulerOutput
 from hybridlm.model import HybridLM
 from hybridlm.ops import dispatch
@@ -27,7 +28,8 @@ def graphs_supported(model: HybridLM) -> str | None:
 
 class ModelRunner:
     def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True,
-                 paged_prefill_kernel: bool = True) -> None:
+                 paged_prefill_kernel: bool = True, prefill_graphs: int = 0) -> None:
+        """`prefill_graphs`: capture one-sequence prefills up to this many tokens per length bucket (0: none)."""
         self.model = model
         self.cache = cache
         self.device = model.device
@@ -42,6 +44,15 @@ class ModelRunner:
                 self.graphs.capture()
             else:
                 logger.info("decode runs without CUDA graphs: %s", reason)
+        self.prefill_graphs = None
+        if prefill_graphs and length_buckets(prefill_graphs):
+            reason = graphs_supported(model)
+            if reason is None:
+                pool = self.graphs.pool if self.graphs is not None else None
+                self.prefill_graphs = PrefillGraphs(model, cache, prefill_graphs, pool=pool)
+                self.prefill_graphs.capture()
+            else:
+                logger.info("prefill runs without CUDA graphs: %s", reason)
 
     def _prepare_states(self, output: SchedulerOutput) -> None:
         """Fresh sequences start from zero; prefix-cache hits start from their snapshot."""
@@ -106,9 +117,16 @@ class ModelRunner:
         decode = all(c.length == 1 and c.start > 0 and c.samples for c in chunks)
         if input_ids is not None and not decode:
             raise ValueError("input ids on the device are for decode steps only")
+        logits = None
         if decode:
             logits = self._decode(chunks, input_ids)
-        else:
+        elif self.prefill_graphs is not None and len(chunks) == 1:
+            chunk = chunks[0]
+            tokens = chunk.sequence.token_slice(chunk.start, chunk.start + chunk.length)
+            logits = self.prefill_graphs.run(tokens, chunk.start, chunk.sequence.state_slot, chunk.sequence.block_table)
+            if logits is not None and not chunk.samples:
+                logits = logits[:0]
+        if logits is None:
             tokens = [t for c in chunks for t in c.sequence.token_slice(c.start, c.start + c.length)]
             context = PagedContext(
                 self.cache,

@@ -21,6 +21,9 @@ class ForwardContext:
     cu_seqlens [N+1] or None: N documents packed in one row.
     """
 
+    # [1, T, 1] bool, True on rows past a padded prefill's real tokens (the engine's prefill graphs), else None
+    padding = None
+
     def __init__(
         self,
         input_ids: torch.Tensor,

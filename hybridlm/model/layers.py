@@ -142,10 +142,15 @@ class GatedDeltaNet(nn.Module):
         if pools is not None and dispatch.use_kernels(x):
             return self._fused_decode(x, *pools, projected)
         conv_state, recurrent_state = context.gdn_states(self.layer_idx)
-        keep, cu_seqlens = context.keeps_state, context.cu_seqlens
+        keep, cu_seqlens, padding = context.keeps_state, context.cu_seqlens, context.padding
         qkv, z, a, b = self._inputs(x) if projected is None else projected
-        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], initial_state=conv_state,
-                                        output_final_state=keep, cu_seqlens=cu_seqlens)
+        conv_input = qkv
+        if padding is not None:  # right padding of a fixed-length prefill: gates of -inf pass the state unchanged
+            a, b = (t.masked_fill(padding, float("-inf")) for t in (a, b))
+        qkv, final_conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], initial_state=conv_state,
+                                        output_final_state=keep and padding is None, cu_seqlens=cu_seqlens)
+        if keep:  # the last K-1 real inputs, which a padded row must not displace
+            conv_state = final_conv if padding is None else context.last_conv_inputs(conv_input, conv_state)
         key_dim = self.num_key_heads * self.key_head_dim
         q, k, v = qkv.split([key_dim, key_dim, self.num_value_heads * self.value_head_dim], dim=-1)
         q = q.reshape(batch, length, self.num_key_heads, self.key_head_dim)

@@ -9,6 +9,7 @@ import hybridlm
 from hybridlm.engine.engine import Engine, EngineConfig
 from hybridlm.ops import dispatch
 from tests.checkpoints import VOCAB
+from tests.engine.test_prefill_graphs import record_runs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -136,3 +137,37 @@ def test_paged_decode_kernel_full_size(batch):
                                                 lengths.int().cuda(), 0.0625)
     got = paged_decode_attention_fwd(q, key_pool, value_pool, tables, rows, lengths.int().cuda(), 0.0625)
     assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_prefill_cuda_graphs_match_eager(models):
+    """One request at a time (so that every prefill step holds one sequence): prompts of 1 to 300 tokens (300: a
+    288-token chunk, longer than the largest bucket, runs eagerly), and one that shares a 128-token prefix with an
+    earlier one (the graph starts from a restored snapshot at start 128). Greedy tokens as the eager engine's; the
+    graphs were replayed."""
+    directory, _, cuda = models
+    llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (1, 3, 64, 65, 200, 300)]
+    prompts.append(prompts[4][:128] + prompts[1])  # prefilled 128 + 3: a snapshot is saved at 128
+    prompts.append(prompts[6][:128] + [5, 6])  # restores that snapshot, prefills 2 tokens at start 128
+    greedy = hybridlm.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    def run(prefill_graphs):
+        engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
+                                                                 max_num_seqs=4, prefill_graphs=prefill_graphs))
+        graphs, replays = engine.runner.prefill_graphs, []
+        if prefill_graphs:
+            assert graphs is not None and graphs.buckets == [64, 128, 256] and graphs.graphs
+            replays = record_runs(graphs)
+        outputs = []
+        for prompt in prompts:
+            sequence = engine.add_request(prompt, greedy)
+            while engine.has_work:
+                engine.step()
+            outputs.append(sequence.output_token_ids)
+        return outputs, replays
+
+    expected, _ = run(0)
+    got, replays = run(256)
+    assert got == expected
+    assert (288, 0, False) in replays and (2, 128, True) in replays and (1, 0, True) in replays

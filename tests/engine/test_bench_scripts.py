@@ -92,6 +92,17 @@ def test_profile_prefill_tiny_prints_its_table():
     assert rows == ["32", "96"], result.stdout[-1500:]
 
 
+def test_bench_ttft_tiny_prints_its_table():
+    """bench_ttft.py on the tiny model (CPU, where no prefill graph is captured): a row per length, tokens agree."""
+    script = str(ROOT / "benchmarks" / "bench_ttft.py")
+    result = subprocess.run([sys.executable, script, "--lengths", "16", "80", "--repeats", "1", "--new-tokens", "3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "graphs: engine built" in result.stdout and "prefill graphs none" in result.stdout
+    rows = re.findall(r"^\| tiny \| (\d+) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \| 3/3 \|$", result.stdout, flags=re.M)
+    assert rows == ["16", "80"], result.stdout[-1500:]
+
+
 def test_count_launches_fused_below_unfused():
     """count_launches.py on the tiny shape: the fused norms, RoPE and SwiGLU take fewer launches than PyTorch ops."""
     script = str(ROOT / "benchmarks" / "count_launches.py")

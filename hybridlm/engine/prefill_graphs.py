@@ -1,0 +1,182 @@
+"""CUDA graphs of a one-sequence prefill step, one per length bucket.
+
+A short prompt's prefill is bound by the host: a forward launches a few hundred kernels and does a thousand small
+tensor calls around them, which on an H100 took longer than the GPU's work up to ~4k tokens (0.8B: 13.5 ms of wall
+time against 2.5 ms of GPU time at 512 tokens; `benchmarks/RESULTS.md`, thirty-third session). Each bucket's forward
+is captured once over static input tensors; a chunk of n <= L tokens runs padded on the right to its bucket L.
+
+The padding is exact (`docs/prefill_graphs.md`): a padded row's GDN gates are -inf (decay 1, beta 0: the state
+passes unchanged), the conv's final state is gathered at the last real inputs, the conv and attention are causal so
+real rows never see padded ones, padded rows' attention outputs are zeroed (their queries may read stale blocks),
+their K/V go to the cache's scratch block, and the logits come from row n - 1. Everything that depends on n is read
+on the device, so one graph serves every n <= L.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hybridlm.engine.cache import EngineCache, _StateRows
+from hybridlm.model import HybridLM
+from hybridlm.ops import dispatch
+from hybridlm.ops.paged_attention import paged_prefill_attention_reference
+
+logger = logging.getLogger(__name__)
+
+LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+# rows of the static input: token ids, positions, KV slots, then the scalars [n, state slot, start, 0, L]
+IDS, POSITIONS, MAPPING, SCALARS = range(4)
+
+
+def length_buckets(largest: int) -> list[int]:
+    """The buckets up to `largest` tokens (at most the largest of LENGTH_BUCKETS; longer chunks run eagerly)."""
+    return [b for b in LENGTH_BUCKETS if b <= largest]
+
+
+class PaddedPrefillContext(_StateRows):
+    """ForwardContext of one sequence's prefill chunk padded to a fixed length L: every input is a device tensor
+    (rows of `inputs` [4, >= L], int64), so that the forward can be captured in a CUDA graph and replayed for any
+    real length n <= L. The engine's pools are read and written as PagedContext does."""
+
+    pad_mask = None
+    keeps_state = True
+    decode = False
+    single_token_decode = False
+    cu_seqlens = None  # one sequence: the GDN ops take their batch form, with the slot's state as initial state
+
+    def __init__(self, cache: EngineCache, inputs: torch.Tensor, length: int) -> None:
+        self.cache, self.length = cache, length
+        scalars = inputs[SCALARS]
+        self.count = scalars[0:1]  # n, the real tokens
+        self.slots = scalars[1:2]
+        self.positions = inputs[POSITIONS, :length][None]  # [1, L]
+        self.slot_mapping = inputs[MAPPING, :length]
+        self.valid = torch.arange(length, device=inputs.device) < self.count  # [L]
+        self.padding = (~self.valid)[None, :, None]  # [1, L, 1]
+        self.rows = scalars[1:2].to(torch.int32)
+        self.starts = scalars[2:3].to(torch.int32)
+        self.cu_seqlens32 = scalars[3:5].to(torch.int32)  # [0, L]
+
+    def decode_pools(self, layer: int) -> None:
+        return None
+
+    def logits_indices(self) -> torch.Tensor:
+        return self.count - 1
+
+    def last_conv_inputs(self, x: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """The conv state after the real tokens: the last K-1 pre-conv inputs before row n of the carried inputs
+        followed by x. x [1, L, C]; initial [1, C, K-1] -> [1, C, K-1]."""
+        width = initial.shape[-1]
+        stream = torch.cat([initial.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [1, C, K-1+L]
+        return stream.index_select(2, self.count + torch.arange(width, device=x.device))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [1, Hq, L, D], k, v [1, Hkv, L, D] -> [1, Hq, L, D]; padded rows come out zero."""
+        self.cache.write_kv(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), self.slot_mapping)
+        flat_q = q[0].transpose(0, 1)  # [L, Hq, D]
+        arguments = (flat_q, self.cache.keys[layer], self.cache.values[layer], self.cache.block_tables, self.rows,
+                     self.cu_seqlens32, self.starts, scale)
+        if dispatch.use_kernels(flat_q, self.cache.keys[layer]):
+            o = dispatch.kernels().paged_prefill_attention_fwd(*arguments, max_len=self.length)
+        else:
+            o = paged_prefill_attention_reference(*arguments)
+        # a padded query may read blocks past the sequence's own (stale or never written): keep its row finite
+        o = torch.where(self.valid[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+        return o.transpose(0, 1)[None]
+
+    def finish(self) -> None:
+        pass
+
+
+def padded_inputs(cache: EngineCache, tokens: list[int], start: int, slot: int, block_table: list[int],
+                  length: int) -> list[list[int]]:
+    """The rows of a PaddedPrefillContext's input for a chunk of `tokens` at positions start, start + 1, ... of the
+    sequence in state slot `slot`, padded to `length`."""
+    count, size = len(tokens), cache.plan.block_size
+    if not 0 < count <= length:
+        raise ValueError(f"a padded prefill of length {length} takes 1 to {length} tokens, got {count}")
+    if start + length > cache.block_tables.shape[1] * size:
+        raise ValueError(f"positions {start} .. {start + length - 1} run past the block table "
+                         f"({cache.block_tables.shape[1] * size} tokens)")
+    scratch = cache.scratch_block * size
+    mapping = [block_table[p // size] * size + p % size for p in range(start, start + count)]
+    mapping += [scratch + i % size for i in range(length - count)]
+    scalars = [count, slot, start, 0, length] + [0] * (length - 5)
+    return [list(tokens) + [0] * (length - count), list(range(start, start + length)), mapping, scalars]
+
+
+class PrefillGraphs:
+    """Captured one-sequence prefill forwards; `run` returns the logits of the chunk's last token [1, vocab] (a view
+    of graph memory, valid until the next replay), or None when the chunk fits no bucket. Before `capture` (as on
+    the CPU, in tests) `run` takes the same padded forward eagerly."""
+
+    def __init__(self, model: HybridLM, cache: EngineCache, largest: int, pool=None) -> None:
+        self.model, self.cache = model, cache
+        self.buckets = length_buckets(largest)
+        if not self.buckets:
+            raise ValueError(f"no prefill bucket fits {largest} tokens (the smallest is {LENGTH_BUCKETS[0]})")
+        top = self.buckets[-1]
+        self.inputs = torch.zeros(4, top, dtype=torch.long, device=model.device)
+        # two pinned staging buffers used in turn, so that a copy still pending never sees its source rewritten
+        pinned = model.device.type == "cuda"
+        self._hosts = [torch.zeros(4, top, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = pool
+        self.table_tokens = cache.block_tables.shape[1] * cache.plan.block_size
+
+    def _forward(self, length: int) -> torch.Tensor:
+        context = PaddedPrefillContext(self.cache, self.inputs, length)
+        ids = self.inputs[IDS, :length][None]
+        return self.model.forward_with_context(ids, context, logits_indices=context.logits_indices())
+
+    def _fill(self, length: int) -> None:
+        """Harmless inputs for capture: one token of position 0 in the scratch slot -1 ... writes go to scratch."""
+        rows = padded_inputs(self.cache, [0], 0, self.cache.plan.num_state_slots - 1,
+                             [self.cache.scratch_block], length)
+        rows[MAPPING] = [self.cache.scratch_block * self.cache.plan.block_size + i % self.cache.plan.block_size
+                         for i in range(length)]
+        self.inputs[:, :length].copy_(torch.tensor(rows, dtype=torch.long))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so that smaller graphs reuse its memory pool."""
+        device = self.model.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up off the capture: every bucket's kernel variants compile here
+            for length in reversed(self.buckets):
+                self._fill(length)
+                self._forward(length)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        for length in reversed(self.buckets):
+            self._fill(length)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[length] = self._forward(length)
+            self.pool = graph.pool()
+            self.graphs[length] = graph
+        torch.cuda.synchronize(device)
+        logger.info("captured prefill CUDA graphs for lengths %s", self.buckets)
+
+    def fits(self, start: int, count: int) -> int | None:
+        """The bucket for a chunk of `count` tokens from position `start`, or None."""
+        bucket = next((b for b in self.buckets if b >= count), None)
+        if bucket is None or start + bucket > self.table_tokens:
+            return None
+        return bucket
+
+    def run(self, tokens: list[int], start: int, slot: int, block_table: list[int]) -> torch.Tensor | None:
+        bucket = self.fits(start, len(tokens))
+        if bucket is None:
+            return None
+        rows = padded_inputs(self.cache, tokens, start, slot, block_table, bucket)
+        self._hosts.reverse()
+        host = self._hosts[0][:, :bucket]
+        host.copy_(torch.tensor(rows, dtype=torch.long))
+        self.inputs[:, :bucket].copy_(host, non_blocking=True)
+        if not self.graphs:
+            return self._forward(bucket)
+        self.graphs[bucket].replay()
+        return self.outputs[bucket]
