@@ -113,9 +113,11 @@ class PrefillGraphs:
 
     def __init__(self, model: HybridLM, cache: EngineCache, largest: int, pool=None) -> None:
         self.model, self.cache = model, cache
-        self.buckets = length_buckets(largest)
+        self.table_tokens = cache.block_tables.shape[1] * cache.plan.block_size  # positions a block table reaches
+        self.buckets = length_buckets(min(largest, self.table_tokens))
         if not self.buckets:
-            raise ValueError(f"no prefill bucket fits {largest} tokens (the smallest is {LENGTH_BUCKETS[0]})")
+            raise ValueError(f"no prefill bucket fits {min(largest, self.table_tokens)} tokens (the smallest is "
+                             f"{LENGTH_BUCKETS[0]})")
         top = self.buckets[-1]
         self.inputs = torch.zeros(4, top, dtype=torch.long, device=model.device)
         # two pinned staging buffers used in turn, so that a copy still pending never sees its source rewritten
@@ -124,7 +126,6 @@ class PrefillGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = pool
-        self.table_tokens = cache.block_tables.shape[1] * cache.plan.block_size
 
     def _forward(self, length: int) -> torch.Tensor:
         context = PaddedPrefillContext(self.cache, self.inputs, length)

@@ -45,7 +45,8 @@ class ModelRunner:
             else:
                 logger.info("decode runs without CUDA graphs: %s", reason)
         self.prefill_graphs = None
-        if prefill_graphs and length_buckets(prefill_graphs):
+        table_tokens = cache.block_tables.shape[1] * cache.plan.block_size
+        if cuda_graphs and prefill_graphs and length_buckets(min(prefill_graphs, table_tokens)):
             reason = graphs_supported(model)
             if reason is None:
                 pool = self.graphs.pool if self.graphs is not None else None

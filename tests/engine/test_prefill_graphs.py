@@ -88,6 +88,8 @@ def test_buckets_and_fit(llm):
     assert graphs.fits(graphs.table_tokens - 64, 10) == 64 and graphs.fits(graphs.table_tokens - 63, 10) is None
     with pytest.raises(ValueError, match="no prefill bucket fits 32 tokens"):
         PrefillGraphs(llm.model, fresh_cache(llm.model), 32)
+    # no bucket reaches past the block table (the model's 512 positions): a padded query reads the table row
+    assert PrefillGraphs(llm.model, fresh_cache(llm.model), 2048).buckets == [64, 128, 256, 512]
 
 
 def record_runs(graphs: PrefillGraphs) -> list[tuple[int, int, bool]]:
