@@ -133,11 +133,11 @@ class PrefillGraphs:
         return self.model.forward_with_context(ids, context, logits_indices=context.logits_indices())
 
     def _fill(self, length: int) -> None:
-        """Harmless inputs for capture: one token of position 0 in the scratch slot -1 ... writes go to scratch."""
-        rows = padded_inputs(self.cache, [0], 0, self.cache.plan.num_state_slots - 1,
-                             [self.cache.scratch_block], length)
-        rows[MAPPING] = [self.cache.scratch_block * self.cache.plan.block_size + i % self.cache.plan.block_size
-                         for i in range(length)]
+        """Inputs for the warm-up and capture: one token at position 0 of the last state slot (no sequence holds a
+        slot while the engine starts; a sequence's first step resets its slot), every K/V write to the scratch
+        block."""
+        rows = padded_inputs(self.cache, [0], 0, self.cache.plan.num_state_slots - 1, [self.cache.scratch_block],
+                             length)
         self.inputs[:, :length].copy_(torch.tensor(rows, dtype=torch.long))
 
     @torch.inference_mode()
