@@ -9,7 +9,9 @@ request has a token; a fresh random prompt each time, so that the prefix cache n
 of both engines on the same prompts (`--new-tokens`, decode in the decode graphs): how many prompts agree in all.
 Random bf16 weights have near ties, so a different GEMM tiling at the padded length may flip a token now and then;
 the CPU tests check the padded forward itself against the eager one (`tests/engine/test_prefill_graphs.py`).
-`--shape tiny` runs on the CPU, where no graph is captured (a check of the script, not a measurement).
+`--cprofile N` also prints cProfile's N functions with the most own time over 5 eager first tokens at the first
+length (where an eager prefill step's host time goes). `--shape tiny` runs on the CPU, where no graph is captured (a
+check of the script, not a measurement).
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--largest", type=int, default=2048, help="the graphs' largest bucket (prefill_graphs)")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also print cProfile's N functions with the most own time in eager prefill steps")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(bundled_model_dir())
     if args.shape == "tiny":
@@ -91,6 +95,17 @@ def main() -> None:
         rows.append((length, times["eager"], times["graphs"], agree, len(prompts)))
         print(f"{length} tokens: eager {times['eager']:.2f} ms, graphs {times['graphs']:.2f} ms, "
               f"greedy agree {agree}/{len(prompts)}", flush=True)
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(5):
+            first_token_ms(engines["eager"], prompt(args.lengths[0]))
+        profiler.disable()
+        print(f"host profile, 5 eager first tokens of {args.lengths[0]}-token prompts:")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
     print(f"\n| shape | prompt tokens | TTFT eager ms | TTFT graphs ms | speed-up | greedy {args.new_tokens} tokens "
           "agree |")
     print("|---|---|---|---|---|---|")

@@ -1085,6 +1085,17 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       grep '^| \|Error\|built' "$OUT/ttft_$shape.log" | tail -8
     done
     ;;
+  76)  # thirty-fifth session (carry nothing, ~4 min): every tests/cuda test with prefill graphs on by default (the
+       # default changed after 75), then where an eager prefill step's host time goes (the engine's step took ~30 ms at
+       # 0.8B against 13.5 for a plain forward at 512 tokens: mixed steps under load still pay it)
+    timeout 240 python3 benchmarks/gpu_tests.py tests/cuda -j 8 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -6
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    sleep 2
+    timeout 120 python3 benchmarks/bench_ttft.py --shape 0.8B --lengths 512 --repeats 5 --cprofile 30 \
+      > "$OUT/ttft_profile.log" 2>&1
+    grep '^| \|Error' "$OUT/ttft_profile.log" | tail -3
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

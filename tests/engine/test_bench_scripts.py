@@ -93,12 +93,14 @@ def test_profile_prefill_tiny_prints_its_table():
 
 
 def test_bench_ttft_tiny_prints_its_table():
-    """bench_ttft.py on the tiny model (CPU, where no prefill graph is captured): a row per length, tokens agree."""
+    """bench_ttft.py on the tiny model (CPU, where no prefill graph is captured): a row per length, tokens agree; the
+    host profile of eager steps (--cprofile)."""
     script = str(ROOT / "benchmarks" / "bench_ttft.py")
-    result = subprocess.run([sys.executable, script, "--lengths", "16", "80", "--repeats", "1", "--new-tokens", "3"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, script, "--lengths", "16", "80", "--repeats", "1", "--new-tokens", "3",
+                             "--cprofile", "3"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "graphs: engine built" in result.stdout and "prefill graphs none" in result.stdout
+    assert "host profile, 5 eager first tokens of 16-token prompts" in result.stdout and "tottime" in result.stdout
     rows = re.findall(r"^\| tiny \| (\d+) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \| 3/3 \|$", result.stdout, flags=re.M)
     assert rows == ["16", "80"], result.stdout[-1500:]
 
