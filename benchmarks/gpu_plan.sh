@@ -1096,6 +1096,14 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       > "$OUT/ttft_profile.log" 2>&1
     grep '^| \|Error' "$OUT/ttft_profile.log" | tail -3
     ;;
+  77)  # thirty-fifth session, after 76 passed (carry nothing, ~8 min): serving with split_mixed_steps on against off
+       # (256 requests on 0.8B: throughput, TTFT, inter-token times; ours only)
+    for split in True False; do
+      timeout 280 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option split_mixed_steps=$split \
+        --log "$OUT/serving_split_$split.log" > /dev/null 2>&1
+      echo "split_mixed_steps=$split"; grep -i 'tok/s\|ttft\|Error' "$OUT/serving_split_$split.log" | tail -4
+    done
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

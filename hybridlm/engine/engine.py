@@ -43,6 +43,10 @@ class EngineConfig:
     # a CUDA graph captured for its length bucket (64, 128, ... 2048) instead of running eagerly (H100: time to first
     # token 6x lower at 512 tokens on 0.8B, 2.8x on 9B; benchmarks/RESULTS.md); 0 turns them off
     prefill_graphs: int = 2048
+    # with prefill graphs: a step of one prefill chunk beside decode rows (a request joining a running batch) runs as
+    # the chunk's prefill replay, then the decode rows' step, instead of one eager mixed step (the weights are read
+    # twice, the host's ~30 ms for an eager step is saved). Off until a GPU run checks it against the eager engine
+    split_mixed_steps: bool = False
     # decode sampled on the device (greedy, or the engine's samplers without a repetition penalty): launch the next
     # step on this step's tokens still on the device, then read them back, so the host's scheduling and
     # detokenising overlap the GPU instead of stalling it
@@ -89,7 +93,8 @@ class Engine:
         self.runner = ModelRunner(model, EngineCache(model, self.plan), self.config.max_num_seqs,
                                   cuda_graphs=self.config.cuda_graphs,
                                   paged_prefill_kernel=self.config.paged_prefill_kernel,
-                                  prefill_graphs=min(self.config.prefill_graphs, self.config.max_num_batched_tokens))
+                                  prefill_graphs=min(self.config.prefill_graphs, self.config.max_num_batched_tokens),
+                                  split_mixed_steps=self.config.split_mixed_steps)
         self.requests: dict[str, Sequence] = {}
         self._samplers: dict[str, Callable] = {}
         self._texts: dict[str, TextStream] = {}

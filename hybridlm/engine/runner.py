@@ -28,12 +28,15 @@ def graphs_supported(model: HybridLM) -> str | None:
 
 class ModelRunner:
     def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True,
-                 paged_prefill_kernel: bool = True, prefill_graphs: int = 0) -> None:
-        """`prefill_graphs`: capture one-sequence prefills up to this many tokens per length bucket (0: none)."""
+                 paged_prefill_kernel: bool = True, prefill_graphs: int = 0, split_mixed_steps: bool = False) -> None:
+        """`prefill_graphs`: capture one-sequence prefills up to this many tokens per length bucket (0: none).
+        `split_mixed_steps`: a step of one prefill chunk beside decode rows runs as a prefill replay, then the decode
+        rows' step (see EngineConfig)."""
         self.model = model
         self.cache = cache
         self.device = model.device
         self.paged_prefill_kernel = paged_prefill_kernel
+        self.split_mixed_steps = split_mixed_steps
         self._tables: dict[int, list[int]] = {}  # state slot -> the block table last written to cache.block_tables
         model.fuse_input_projections()  # one GEMM instead of four per GDN layer (weights shared, not copied)
         self.graphs = None
@@ -108,6 +111,25 @@ class ModelRunner:
         context = DecodeContext(self.cache, positions_t, slots_t.to(torch.int32), mapping_t, lengths_t.to(torch.int32))
         return self.model.forward_with_context(ids_t[:, None], context)[:, 0]
 
+    def _graph_prefill(self, chunks: list[Chunk]) -> torch.Tensor | None:
+        """A step with one prefill chunk through the prefill graphs: alone, or (`split_mixed_steps`) beside decode
+        rows, which then take the decode path (their graphs) after it. None when the step does not qualify."""
+        prefill = [c for c in chunks if not (c.length == 1 and c.start > 0 and c.samples)]
+        if len(prefill) != 1 or (len(chunks) > 1 and not self.split_mixed_steps):
+            return None
+        chunk = prefill[0]
+        if self.prefill_graphs.fits(chunk.start, chunk.length) is None:
+            return None
+        tokens = chunk.sequence.token_slice(chunk.start, chunk.start + chunk.length)
+        logits = self.prefill_graphs.run(tokens, chunk.start, chunk.sequence.state_slot, chunk.sequence.block_table)
+        if len(chunks) == 1:
+            return logits if chunk.samples else logits[:0]
+        # the graphs may share memory: the prefill's logits must be copied out before the decode graph replays
+        first = logits.clone() if chunk.samples else logits[:0]
+        rows = self._decode([c for c in chunks if c is not chunk])
+        at = chunks.index(chunk)  # chunk order: the decode rows before it, its logits, the rows after it
+        return torch.cat([rows[:at], first, rows[at:]])
+
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; return logits [n, vocab] (model dtype) for the chunks that sample, in chunk order.
@@ -121,12 +143,8 @@ class ModelRunner:
         logits = None
         if decode:
             logits = self._decode(chunks, input_ids)
-        elif self.prefill_graphs is not None and len(chunks) == 1:
-            chunk = chunks[0]
-            tokens = chunk.sequence.token_slice(chunk.start, chunk.start + chunk.length)
-            logits = self.prefill_graphs.run(tokens, chunk.start, chunk.sequence.state_slot, chunk.sequence.block_table)
-            if logits is not None and not chunk.samples:
-                logits = logits[:0]
+        elif self.prefill_graphs is not None:
+            logits = self._graph_prefill(chunks)
         if logits is None:
             tokens = [t for c in chunks for t in c.sequence.token_slice(c.start, c.start + c.length)]
             context = PagedContext(

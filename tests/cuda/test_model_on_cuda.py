@@ -171,3 +171,32 @@ def test_prefill_cuda_graphs_match_eager(models):
     got, replays = run(256)
     assert got == expected
     assert (288, 0, False) in replays and (2, 128, True) in replays and (1, 0, True) in replays
+
+
+def test_mixed_steps_split_into_graphs_match_eager(models):
+    """`split_mixed_steps`: a request joining a running batch is prefilled by its graph and the batch's decode rows
+    take the decode graphs in the same step. Requests join one a step, greedy and seeded rows: the same tokens as
+    the eager engine's mixed steps."""
+    directory, _, cuda = models
+    llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
+    generator = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 17, 64, 65, 130, 7, 200)]
+    params = [hybridlm.SamplingParams(max_tokens=12 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i,
+                                      ignore_eos=True) for i in range(len(prompts))]
+
+    def run(prefill_graphs, split):
+        engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
+                                                                 max_num_seqs=8, prefill_graphs=prefill_graphs,
+                                                                 split_mixed_steps=split))
+        replays = record_runs(engine.runner.prefill_graphs) if prefill_graphs else []
+        sequences, pending = [], list(zip(prompts, params))
+        while pending or engine.has_work:
+            if pending:
+                sequences.append(engine.add_request(*pending.pop(0)))
+            engine.step()
+        return [s.output_token_ids for s in sequences], replays
+
+    expected, _ = run(0, False)
+    got, replays = run(256, True)
+    assert got == expected
+    assert len(replays) >= len(prompts) - 1  # every prompt but the first joined a running batch

@@ -105,22 +105,36 @@ def record_runs(graphs: PrefillGraphs) -> list[tuple[int, int, bool]]:
     return calls
 
 
-@pytest.mark.parametrize("lengths, join_every", [([5, 70, 130, 64, 1, 200], 4), ([200], 0)],
-                         ids=["mixed", "alone"])
-def test_engine_with_padded_prefills_equals_reference(llm, lengths, join_every):
-    """The engine routing one-sequence prefill steps through the padded forward (uncaptured on the CPU): greedy
-    tokens as the plain reference, with chunked prompts (a 200-token prompt alone: 160 tokens eagerly, since no
-    bucket holds them, then the rest padded from start 160) and decode steps between."""
+@pytest.mark.parametrize("lengths, join_every, split", [
+    ([5, 70, 130, 64, 1, 200], 4, False), ([5, 70, 130, 64, 1, 200], 4, True), ([200], 0, False),
+], ids=["mixed", "mixed-split", "alone"])
+def test_engine_with_padded_prefills_equals_reference(llm, lengths, join_every, split):
+    """The engine routing prefill steps through the padded forward (uncaptured on the CPU): greedy tokens as the plain
+    reference, with chunked prompts (a 200-token prompt alone: 160 tokens eagerly, since no bucket holds them, then
+    the rest padded from start 160) and decode steps between; with `split_mixed_steps`, requests joining a running
+    batch take the padded forward and the decode rows the decode path in the same step."""
     batch = prompts(lengths, seed=3)
     expected = [reference(llm, p) for p in batch]
-    config = EngineConfig(max_num_batched_tokens=160, block_size=BLOCK, max_num_seqs=4)
+    config = EngineConfig(max_num_batched_tokens=160, block_size=BLOCK, max_num_seqs=4, split_mixed_steps=split)
     engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, config)
-    graphs = engine.runner.prefill_graphs = PrefillGraphs(llm.model, engine.runner.cache, 128)
-    calls = record_runs(graphs)
+    runner = engine.runner
+    assert runner.split_mixed_steps == split
+    graphs = runner.prefill_graphs = PrefillGraphs(llm.model, runner.cache, 128)
+    calls, steps, original = record_runs(graphs), [], runner._graph_prefill
+
+    def traced(chunks):  # steps: (chunks in the step, whether its prefill ran padded)
+        before = len(calls)
+        logits = original(chunks)
+        steps.append((len(chunks), len(calls) > before))
+        return logits
+
+    runner._graph_prefill = traced
     sequences = run(engine, [(p, GREEDY) for p in batch], join_every)
     assert [s.output_token_ids for s in sequences] == expected
-    if lengths == [200]:
-        assert calls[0] == (160, 0, False) and all(padded for *_, padded in calls[1:])
-        assert sum(n for n, *_ in calls) == 200 and calls[1][1] == 160
+    if lengths == [200]:  # 160 tokens eagerly (no bucket holds them), the rest padded from 160
+        assert calls and all(padded for *_, padded in calls) and calls[0][1] == 160
+        assert sum(n for n, *_ in calls) == 40
     else:
-        assert any(padded for *_, padded in calls)
+        assert any(ran for n, ran in steps if n == 1)
+        assert any(n > 1 for n, _ in steps)  # requests joined running batches
+        assert any(ran for n, ran in steps if n > 1) == split, steps
