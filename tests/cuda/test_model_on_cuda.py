@@ -70,26 +70,36 @@ def test_engine_with_fused_decode_matches_cpu(models):
     assert [s.output_token_ids for s in sequences] == expected
 
 
+def joining_requests(seed: int) -> list[tuple[list[int], hybridlm.SamplingParams]]:
+    """Seven prompts of 3 to 200 tokens with their sampling: greedy and seeded rows, 12 to 30 new tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 17, 64, 65, 130, 7, 200)]
+    return [(p, hybridlm.SamplingParams(max_tokens=12 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i,
+                                        ignore_eos=True)) for i, p in enumerate(prompts)]
+
+
+def run_joining(engine: Engine, requests) -> list[list[int]]:
+    """One new request per step until all have joined, then steps until all finish; each one's output tokens."""
+    sequences, pending = [], list(requests)
+    while pending or engine.has_work:
+        if pending:
+            sequences.append(engine.add_request(*pending.pop(0)))
+        engine.step()
+    return [s.output_token_ids for s in sequences]
+
+
 def test_decode_cuda_graphs_match_eager(models):
     """Requests of different lengths join at different steps; greedy and seeded sampling; a graph bucket larger
     than the batch (padding rows) must change nothing."""
     directory, _, cuda = models
     llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
-    generator = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 17, 64, 65, 130, 7, 200)]
-    params = [hybridlm.SamplingParams(max_tokens=12 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i,
-                                      ignore_eos=True) for i in range(len(prompts))]
+    requests = joining_requests(3)
 
     def run(cuda_graphs):
         engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
                                                                  max_num_seqs=12, cuda_graphs=cuda_graphs))
         assert (engine.runner.graphs is not None) == cuda_graphs
-        sequences, pending = [], list(zip(prompts, params))
-        while pending or engine.has_work:
-            if pending:  # one new request per step
-                sequences.append(engine.add_request(*pending.pop(0)))
-            engine.step()
-        return [s.output_token_ids for s in sequences]
+        return run_joining(engine, requests)
 
     assert run(True) == run(False)
 
@@ -179,24 +189,16 @@ def test_mixed_steps_split_into_graphs_match_eager(models):
     the eager engine's mixed steps."""
     directory, _, cuda = models
     llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
-    generator = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 17, 64, 65, 130, 7, 200)]
-    params = [hybridlm.SamplingParams(max_tokens=12 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i,
-                                      ignore_eos=True) for i in range(len(prompts))]
+    requests = joining_requests(8)
 
     def run(prefill_graphs, split):
         engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
                                                                  max_num_seqs=8, prefill_graphs=prefill_graphs,
                                                                  split_mixed_steps=split))
         replays = record_runs(engine.runner.prefill_graphs) if prefill_graphs else []
-        sequences, pending = [], list(zip(prompts, params))
-        while pending or engine.has_work:
-            if pending:
-                sequences.append(engine.add_request(*pending.pop(0)))
-            engine.step()
-        return [s.output_token_ids for s in sequences], replays
+        return run_joining(engine, requests), replays
 
     expected, _ = run(0, False)
     got, replays = run(256, True)
     assert got == expected
-    assert len(replays) >= len(prompts) - 1  # every prompt but the first joined a running batch
+    assert len(replays) >= len(requests) - 1  # every prompt but the first joined a running batch
