@@ -344,6 +344,17 @@ def serve(
     max_num_seqs: Annotated[int, typer.Option(help="Sequences decoded together.")] = 64,
     max_waiting: Annotated[int, typer.Option(help="Queued sequences beyond those before 429.")] = 256,
     block_size: Annotated[int, typer.Option(help="Prefix-cache granularity in tokens.")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        help="Tokens one step takes at most (longer prompts are prefilled in chunks).")] = 8192,
+    cache_memory: Annotated[Optional[float], typer.Option(
+        help="KV and state cache budget in GiB [default: on a GPU, --gpu-memory-utilization of its memory minus what "
+             "is in use and room for a step's activations; on the CPU, at most 1 GiB].")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(
+        help="Share of the GPU's memory the process may fill when --cache-memory is not given.")] = 0.9,
+    cuda_graphs: Annotated[bool, typer.Option(
+        "--cuda-graphs/--no-cuda-graphs", help="Capture decode steps and short prefills in CUDA graphs.")] = True,
+    prefill_graphs: Annotated[int, typer.Option(
+        help="Prefill chunks of one sequence up to this many tokens replay a CUDA graph (0: never).")] = 2048,
     shutdown_grace: Annotated[float, typer.Option(help="Seconds in-flight requests get on shutdown.")] = 30.0,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -367,10 +378,15 @@ def serve(
     except ImportError as error:
         _fail(ImportError(f"{error}; install the server's dependencies: pip install 'hybridlm[serve]'"))
     try:
+        if cache_memory is not None and cache_memory <= 0:
+            raise ValueError(f"--cache-memory must be a positive number of GiB, got {cache_memory}")
+        engine_config = EngineConfig(
+            max_num_seqs=max_num_seqs, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+            cache_memory_bytes=None if cache_memory is None else int(cache_memory * 2**30),
+            gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs, prefill_graphs=prefill_graphs)
         run(_model_dir(model), host=host, port=port, api_key=api_key, model_name=served_model_name,
             device=device, dtype=dtype, strict_config=strict_config, max_waiting=max_waiting,
-            engine_config=EngineConfig(max_num_seqs=max_num_seqs, block_size=block_size),
-            enable_thinking=think, shutdown_grace_seconds=shutdown_grace)
+            engine_config=engine_config, enable_thinking=think, shutdown_grace_seconds=shutdown_grace)
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(error)
 

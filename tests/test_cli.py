@@ -212,3 +212,25 @@ def test_serve_defaults_to_float32_on_the_cpu(model_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _cpu_serving_dtype(Path(model_dir), None, True) == "float32"  # a tiny model fits
     assert _cpu_serving_dtype(Path(model_dir), "cuda", True) is None  # the GPU keeps the checkpoint's dtype
+
+
+def test_serve_passes_its_engine_options(model_dir, monkeypatch):
+    """The engine's limits and graph switches reach the server's EngineConfig; bad values are named, nothing starts."""
+    import hybridlm.serve
+
+    calls = []
+    monkeypatch.setattr(hybridlm.serve, "run", lambda directory, **kwargs: calls.append(kwargs))
+    result = invoke("serve", "--model", model_dir, "--max-num-batched-tokens", "512", "--cache-memory", "0.25",
+                    "--gpu-memory-utilization", "0.5", "--no-cuda-graphs", "--prefill-graphs", "0")
+    assert result.exit_code == 0, result.stderr
+    config = calls[0]["engine_config"]
+    assert (config.max_num_batched_tokens, config.cache_memory_bytes, config.gpu_memory_utilization,
+            config.cuda_graphs, config.prefill_graphs) == (512, 2**28, 0.5, False, 0)
+    defaults = invoke("serve", "--model", model_dir)
+    assert defaults.exit_code == 0 and calls[1]["engine_config"].cuda_graphs and calls[1]["engine_config"].prefill_graphs
+    for option, value, message in (("--gpu-memory-utilization", "1.5", "gpu_memory_utilization must be in (0, 1]"),
+                                   ("--prefill-graphs", "-1", "prefill_graphs must be >= 0"),
+                                   ("--cache-memory", "0", "--cache-memory must be a positive number of GiB")):
+        refused = invoke("serve", "--model", model_dir, option, value)
+        assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
+    assert len(calls) == 2
