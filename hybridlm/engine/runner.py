@@ -127,7 +127,7 @@ class ModelRunner:
         # the graphs may share memory: the prefill's logits must be copied out before the decode graph replays
         first = logits.clone() if chunk.samples else logits[:0]
         rows = self._decode([c for c in chunks if c is not chunk])
-        at = chunks.index(chunk)  # chunk order: the decode rows before it, its logits, the rows after it
+        at = next(i for i, c in enumerate(chunks) if c is chunk)  # chunk order: rows before it, it, rows after it
         return torch.cat([rows[:at], first, rows[at:]])
 
     @torch.inference_mode()
