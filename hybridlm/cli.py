@@ -324,11 +324,17 @@ def train(
         result = run_training(config)
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(error)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary
-        return
-    heldout = "n/a" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
-    typer.echo(f"[{result.steps} steps, {result.tokens_seen:,} tokens, train loss {result.train_loss:.4f}, "
-               f"held-out loss {heldout}, {result.tokens_per_s:,.0f} tok/s] model: {result.model_dir}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        heldout = "n/a" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
+        typer.echo(f"[{result.steps} steps, {result.tokens_seen:,} tokens, train loss {result.train_loss:.4f}, "
+                   f"held-out loss {heldout}, {result.tokens_per_s:,.0f} tok/s] model: {result.model_dir}", err=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The run is finished and saved, and every rank has left the process group. Leave now, without the
+        # interpreter's teardown: there a rank aborted now and then ("terminate called without an active exception",
+        # a distributed thread destroyed while joinable), and torchrun reported a finished run as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()
