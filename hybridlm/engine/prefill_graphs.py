@@ -34,6 +34,11 @@ def length_buckets(largest: int) -> list[int]:
     return [b for b in LENGTH_BUCKETS if b <= largest]
 
 
+def table_tokens(cache: EngineCache) -> int:
+    """The positions a block table reaches: a padded query reads its row of the table, so no bucket goes past it."""
+    return cache.block_tables.shape[1] * cache.plan.block_size
+
+
 class PaddedPrefillContext(_StateRows):
     """ForwardContext of one sequence's prefill chunk padded to a fixed length L: every input is a device tensor
     (rows of `inputs` [4, >= L], int64), so that the forward can be captured in a CUDA graph and replayed for any
@@ -96,9 +101,9 @@ def padded_inputs(cache: EngineCache, tokens: list[int], start: int, slot: int, 
     count, size = len(tokens), cache.plan.block_size
     if not 0 < count <= length:
         raise ValueError(f"a padded prefill of length {length} takes 1 to {length} tokens, got {count}")
-    if start + length > cache.block_tables.shape[1] * size:
+    if start + length > table_tokens(cache):
         raise ValueError(f"positions {start} .. {start + length - 1} run past the block table "
-                         f"({cache.block_tables.shape[1] * size} tokens)")
+                         f"({table_tokens(cache)} tokens)")
     scratch = cache.scratch_block * size
     mapping = [block_table[p // size] * size + p % size for p in range(start, start + count)]
     mapping += [scratch + i % size for i in range(length - count)]
@@ -113,7 +118,7 @@ class PrefillGraphs:
 
     def __init__(self, model: HybridLM, cache: EngineCache, largest: int, pool=None) -> None:
         self.model, self.cache = model, cache
-        self.table_tokens = cache.block_tables.shape[1] * cache.plan.block_size  # positions a block table reaches
+        self.table_tokens = table_tokens(cache)
         self.buckets = length_buckets(min(largest, self.table_tokens))
         if not self.buckets:
             raise ValueError(f"no prefill bucket fits {min(largest, self.table_tokens)} tokens (the smallest is "

@@ -7,7 +7,7 @@ import torch
 
 from hybridlm.engine.cache import DecodeContext, EngineCache, PagedContext, device_tensor
 from hybridlm.engine.graphs import DecodeGraphs
-from hybridlm.engine.prefill_graphs import PrefillGraphs, length_buckets
+from hybridlm.engine.prefill_graphs import PrefillGraphs, length_buckets, table_tokens
 from hybridlm.engine.scheduler import Chunk, SchedulerOutput
 from hybridlm.model import HybridLM
 from hybridlm.ops import dispatch
@@ -48,8 +48,7 @@ class ModelRunner:
             else:
                 logger.info("decode runs without CUDA graphs: %s", reason)
         self.prefill_graphs = None
-        table_tokens = cache.block_tables.shape[1] * cache.plan.block_size
-        if cuda_graphs and prefill_graphs and length_buckets(min(prefill_graphs, table_tokens)):
+        if cuda_graphs and prefill_graphs and length_buckets(min(prefill_graphs, table_tokens(cache))):
             reason = graphs_supported(model)
             if reason is None:
                 pool = self.graphs.pool if self.graphs is not None else None
