@@ -9,9 +9,9 @@ request has a token; a fresh random prompt each time, so that the prefix cache n
 of both engines on the same prompts (`--new-tokens`, decode in the decode graphs): how many prompts agree in all.
 Random bf16 weights have near ties, so a different GEMM tiling at the padded length may flip a token now and then;
 the CPU tests check the padded forward itself against the eager one (`tests/engine/test_prefill_graphs.py`).
-`--cprofile N` also prints cProfile's N functions with the most own time over 5 eager first tokens at the first
-length (where an eager prefill step's host time goes). `--shape tiny` runs on the CPU, where no graph is captured (a
-check of the script, not a measurement).
+`--cprofile N` also prints cProfile's N functions with the most own time, then the most time inside them, over 5 eager
+first tokens at the first length (where an eager prefill step's host time goes). `--shape tiny` runs on the CPU, where
+no graph is captured (a check of the script, not a measurement).
 """
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def first_token_ms(engine: Engine, prompt: list[int]) -> float:
     while engine.has_work:
         engine.step()
     return elapsed
+
+
+def plain_forward_ms(model, prompt: list[int]) -> float:
+    """`model.forward` of the prompt with the last token's logits read back: the engine's work without its paged
+    context, scheduling and sampling."""
+    ids = torch.tensor([prompt], device=model.device)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(ids, logits_to_keep=1).argmax(-1).item()
+    return (time.perf_counter() - start) * 1e3
 
 
 def greedy(engine: Engine, prompt: list[int], new_tokens: int) -> list[int]:
@@ -89,11 +101,14 @@ def main() -> None:
         for name, engine in engines.items():
             first_token_ms(engine, prompt(length))  # warm-up (kernel variants of this length compile here)
             times[name] = statistics.median(first_token_ms(engine, prompt(length)) for _ in range(args.repeats))
+        plain_forward_ms(model, prompt(length))
+        times["plain"] = statistics.median(plain_forward_ms(model, prompt(length)) for _ in range(args.repeats))
         prompts = [prompt(length) for _ in range(3)]
         agree = sum(greedy(engines["eager"], p, args.new_tokens) == greedy(engines["graphs"], p, args.new_tokens)
                     for p in prompts)
-        rows.append((length, times["eager"], times["graphs"], agree, len(prompts)))
-        print(f"{length} tokens: eager {times['eager']:.2f} ms, graphs {times['graphs']:.2f} ms, "
+        rows.append((length, times["plain"], times["eager"], times["graphs"], agree, len(prompts)))
+        print(f"{length} tokens: model.forward {times['plain']:.2f} ms, eager {times['eager']:.2f} ms, "
+              f"graphs {times['graphs']:.2f} ms, "
               f"greedy agree {agree}/{len(prompts)}", flush=True)
     if args.cprofile:
         import cProfile
@@ -105,12 +120,14 @@ def main() -> None:
             first_token_ms(engines["eager"], prompt(args.lengths[0]))
         profiler.disable()
         print(f"host profile, 5 eager first tokens of {args.lengths[0]}-token prompts:")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
-    print(f"\n| shape | prompt tokens | TTFT eager ms | TTFT graphs ms | speed-up | greedy {args.new_tokens} tokens "
-          "agree |")
-    print("|---|---|---|---|---|---|")
-    for length, eager, graphs, agree, count in rows:
-        print(f"| {args.shape} | {length} | {eager:.2f} | {graphs:.2f} | {eager / graphs:.2f}x | {agree}/{count} |")
+        for order in ("tottime", "cumulative"):
+            pstats.Stats(profiler).sort_stats(order).print_stats(args.cprofile)
+    print(f"\n| shape | prompt tokens | model.forward ms | TTFT eager ms | TTFT graphs ms | speed-up | greedy "
+          f"{args.new_tokens} tokens agree |")
+    print("|---|---|---|---|---|---|---|")
+    for length, plain, eager, graphs, agree, count in rows:
+        print(f"| {args.shape} | {length} | {plain:.2f} | {eager:.2f} | {graphs:.2f} | {eager / graphs:.2f}x | "
+              f"{agree}/{count} |")
 
 
 if __name__ == "__main__":

@@ -1106,7 +1106,8 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     ;;
   78)  # thirty-fifth session (carry nothing, ~5 min): 77 again with the Triton disk cache warm first (77's first run
        # paid ~19 s of compiles that its second did not: the warm-up replays prefill graphs, so the eager mixed steps'
-       # kernel variants compiled inside the measurement), then split on / off / on; and the fixed prefill-graph test
+       # kernel variants compiled inside the measurement), then split on / off / on / off; the fixed
+       # prefill-graph test; the engine's eager step against a plain model.forward, with cProfile by own and inner time
     timeout 100 python3 -m pytest -q -x tests/cuda/test_model_on_cuda.py -k "prefill_cuda_graphs or split" \
       > "$OUT/graph_tests.log" 2>&1; tail -2 "$OUT/graph_tests.log"
     timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --log "$OUT/serving_warm.log" \
@@ -1117,6 +1118,9 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
         --log "$OUT/serving_$run.log" > /dev/null 2>&1
       echo "split_mixed_steps=$split"; grep -i 'tok/s\|TTFT p\|TPOT p\|Error' "$OUT/serving_$run.log" | head -3
     done
+    timeout 100 python3 benchmarks/bench_ttft.py --shape 0.8B --lengths 512 --repeats 5 --cprofile 35 \
+      > "$OUT/ttft_profile.log" 2>&1
+    grep '^| \|Error' "$OUT/ttft_profile.log" | tail -3
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
