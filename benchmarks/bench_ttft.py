@@ -10,8 +10,10 @@ of both engines on the same prompts (`--new-tokens`, decode in the decode graphs
 Random bf16 weights have near ties, so a different GEMM tiling at the padded length may flip a token now and then;
 the CPU tests check the padded forward itself against the eager one (`tests/engine/test_prefill_graphs.py`).
 `--cprofile N` also prints cProfile's N functions with the most own time, then the most time inside them, over 5 eager
-first tokens at the first length (where an eager prefill step's host time goes). `--shape tiny` runs on the CPU, where
-no graph is captured (a check of the script, not a measurement).
+first tokens at the first length (where an eager prefill step's host time goes), then by own time over 5 plain
+`model.forward` calls; and torch.profiler's table of device time for one eager first token and one plain forward
+(whether the GPU or the host bounds the eager step). `--shape tiny` runs on the CPU, where no graph is captured (a
+check of the script, not a measurement).
 """
 from __future__ import annotations
 
@@ -57,6 +59,20 @@ def plain_forward_ms(model, prompt: list[int]) -> float:
     with torch.inference_mode():
         model(ids, logits_to_keep=1).argmax(-1).item()
     return (time.perf_counter() - start) * 1e3
+
+
+def device_profile(model, engine: Engine, engine_prompt: list[int], plain_prompt: list[int], rows: int) -> None:
+    """torch.profiler over one eager first token, then one plain forward: the kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    order = "cuda_time_total" if model.device.type == "cuda" else "cpu_time_total"
+    for name, run in (("eager first token", lambda: first_token_ms(engine, engine_prompt)),
+                      ("plain model.forward", lambda: plain_forward_ms(model, plain_prompt))):
+        with profile(activities=activities) as prof:
+            run()
+        print(f"device profile, one {name} of {len(engine_prompt)} tokens:")
+        print(prof.key_averages().table(sort_by=order, row_limit=rows, max_name_column_width=60))
 
 
 def greedy(engine: Engine, prompt: list[int], new_tokens: int) -> list[int]:
@@ -122,6 +138,14 @@ def main() -> None:
         print(f"host profile, 5 eager first tokens of {args.lengths[0]}-token prompts:")
         for order in ("tottime", "cumulative"):
             pstats.Stats(profiler).sort_stats(order).print_stats(args.cprofile)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(5):
+            plain_forward_ms(model, prompt(args.lengths[0]))
+        profiler.disable()
+        print(f"host profile, 5 plain model.forward calls of {args.lengths[0]}-token prompts:")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
+        device_profile(model, engines["eager"], prompt(args.lengths[0]), prompt(args.lengths[0]), args.cprofile)
     print(f"\n| shape | prompt tokens | model.forward ms | TTFT eager ms | TTFT graphs ms | speed-up | greedy "
           f"{args.new_tokens} tokens agree |")
     print("|---|---|---|---|---|---|---|")

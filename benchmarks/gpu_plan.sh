@@ -1122,6 +1122,12 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       > "$OUT/ttft_profile.log" 2>&1
     grep '^| \|Error' "$OUT/ttft_profile.log" | tail -3
     ;;
+  79)  # thirty-fifth session (carry nothing, ~3 min): why an eager engine prefill step (30 ms at 0.8B, 512 tokens) costs
+       # twice a plain model.forward (15 ms): cProfile of both, torch.profiler's device time of both
+    timeout 150 python3 benchmarks/bench_ttft.py --shape 0.8B --lengths 512 --repeats 5 --cprofile 25 \
+      > "$OUT/ttft_profile.log" 2>&1
+    grep 'function calls\|^| \|Error\|CUDA time total\|CPU time total' "$OUT/ttft_profile.log" | tail -12
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2
