@@ -1125,7 +1125,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
   79)  # thirty-fifth session (carry nothing, ~3 min): why an eager engine prefill step (30 ms at 0.8B, 512 tokens) costs
        # twice a plain model.forward (15 ms): cProfile of both, torch.profiler's device time of both; first every
        # tests/cuda test with split_mixed_steps on by default
-    timeout 150 python3 benchmarks/gpu_tests.py tests/cuda -j 8 > "$OUT/gpu_tests.log" 2>&1
+    timeout 120 python3 benchmarks/gpu_tests.py tests/cuda -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -4
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     timeout 150 python3 benchmarks/bench_ttft.py --shape 0.8B --lengths 512 --repeats 5 --cprofile 25 \
