@@ -106,6 +106,9 @@ def main() -> None:
         captured = engines[name].runner.prefill_graphs
         print(f"{name}: engine built in {time.perf_counter() - start:.1f} s; prefill graphs "
               f"{captured.buckets if captured is not None else 'none'}", flush=True)
+        if captured is not None and captured.replay_ms:  # the calibration behind PrefillGraphs.worth_replaying
+            print("  replay ms per bucket: " + ", ".join(f"{b}: {ms:.2f}" for b, ms in captured.replay_ms.items())
+                  + f"; eager forward of {captured.buckets[0]} tokens {captured.eager_host_ms:.2f} ms", flush=True)
     generator = torch.Generator().manual_seed(0)
 
     def prompt(length: int) -> list[int]:

@@ -1132,6 +1132,26 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       > "$OUT/ttft_profile.log" 2>&1
     grep 'function calls\|^| \|Error\|CUDA time total\|CPU time total' "$OUT/ttft_profile.log" | tail -12
     ;;
+  80)  # thirty-sixth session (carry nothing, ~7 min): steps of several prefill chunks replay one graph each (where
+       # the replays' times, measured at capture, beat the eager step's), buckets 384 / 768 / 1536 added: the engine's
+       # graph tests, then serving split on / off / on / off with the Triton cache warm first, then TTFT at the new
+       # buckets (0.8B and 9B)
+    timeout 150 python3 -m pytest -q -x tests/cuda/test_model_on_cuda.py -k "prefill or split or several" \
+      > "$OUT/graph_tests.log" 2>&1; tail -2 "$OUT/graph_tests.log"
+    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --log "$OUT/serving_warm.log" \
+      > /dev/null 2>&1
+    for run in 1True 2False 3True 4False; do
+      split=${run:1}
+      timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option split_mixed_steps=$split \
+        --log "$OUT/serving_$run.log" > /dev/null 2>&1
+      echo "split_mixed_steps=$split"; grep -i 'tok/s\|TTFT p\|TPOT p\|Error' "$OUT/serving_$run.log" | head -3
+    done
+    for shape in 0.8B 9B; do
+      timeout 150 python3 benchmarks/bench_ttft.py --shape $shape --lengths 300 700 1100 --repeats 5 \
+        > "$OUT/ttft_$shape.log" 2>&1
+      grep 'replay ms\|^| \|Error' "$OUT/ttft_$shape.log" | tail -5
+    done
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

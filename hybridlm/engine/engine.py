@@ -43,10 +43,11 @@ class EngineConfig:
     # a CUDA graph captured for its length bucket (64, 128, ... 2048) instead of running eagerly (H100: time to first
     # token 6x lower at 512 tokens on 0.8B, 2.8x on 9B; benchmarks/RESULTS.md); 0 turns them off
     prefill_graphs: int = 2048
-    # with prefill graphs: a step of one prefill chunk beside decode rows (a request joining a running batch) runs as
-    # the chunk's prefill replay, then the decode rows' step, instead of one eager mixed step (the weights are read
-    # twice, the host's ~30 ms for an eager step is saved; H100, 0.8B, 256 requests: 12,803 / 12,908 tok/s against
-    # 12,550 / 12,012 unsplit, TTFT p50 1.49-1.55 s against 1.57-1.71; benchmarks/RESULTS.md)
+    # with prefill graphs: a step of several chunks (requests joining a running batch, several prompts prefilled at
+    # once) replays each prefill chunk's graph, then the decode rows' step, instead of one eager mixed step, wherever
+    # the replays' device times (measured at capture) sum to less than the eager step should take (the weights are
+    # read once per replay, the host's ~30 ms for an eager step is saved; H100, 0.8B, 256 requests, one prefill
+    # chunk a step: 12,803 / 12,908 tok/s against 12,550 / 12,012 unsplit; benchmarks/RESULTS.md)
     split_mixed_steps: bool = True
     # decode sampled on the device (greedy, or the engine's samplers without a repetition penalty): launch the next
     # step on this step's tokens still on the device, then read them back, so the host's scheduling and

@@ -13,7 +13,9 @@ on the device, so one graph serves every n <= L.
 """
 from __future__ import annotations
 
+import bisect
 import logging
+import time
 
 import torch
 
@@ -24,7 +26,9 @@ from hybridlm.ops.paged_attention import paged_prefill_attention_reference
 
 logger = logging.getLogger(__name__)
 
-LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+# steps of 1.5x and 2x past 256, so that no chunk pads to more than 1.5x its length there
+LENGTH_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+STAGING_BUFFERS = 4  # pinned host copies of the inputs, used in turn (a step may replay several graphs)
 # rows of the static input: token ids, positions, KV slots, then the scalars [n, state slot, start, 0, L]
 IDS, POSITIONS, MAPPING, SCALARS = range(4)
 
@@ -125,12 +129,17 @@ class PrefillGraphs:
                              f"{LENGTH_BUCKETS[0]})")
         top = self.buckets[-1]
         self.inputs = torch.zeros(4, top, dtype=torch.long, device=model.device)
-        # two pinned staging buffers used in turn, so that a copy still pending never sees its source rewritten
+        # pinned staging buffers used in turn; a buffer is refilled only once the device has copied it out
         pinned = model.device.type == "cuda"
-        self._hosts = [torch.zeros(4, top, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._hosts = [torch.zeros(4, top, dtype=torch.long, pin_memory=pinned) for _ in range(STAGING_BUFFERS)]
+        self._copied: list[torch.cuda.Event | None] = [None] * STAGING_BUFFERS
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = pool
+        # measured after capture (`calibrate`): each bucket's replay and an eager forward's host time, in ms
+        self.replay_ms: dict[int, float] = {}
+        self.eager_host_ms = 0.0
 
     def _forward(self, length: int) -> torch.Tensor:
         context = PaddedPrefillContext(self.cache, self.inputs, length)
@@ -164,7 +173,61 @@ class PrefillGraphs:
             self.pool = graph.pool()
             self.graphs[length] = graph
         torch.cuda.synchronize(device)
-        logger.info("captured prefill CUDA graphs for lengths %s", self.buckets)
+        self.calibrate()
+        logger.info("captured prefill CUDA graphs for lengths %s (replays %s ms; an eager forward %.1f ms)",
+                    self.buckets, [round(self.replay_ms[b], 2) for b in self.buckets], self.eager_host_ms)
+
+    @torch.inference_mode()
+    def calibrate(self, repeats: int = 3) -> None:
+        """Time each bucket's replay on the device, and the wall time of an eager forward of the smallest bucket
+        (bound by the host wherever graphs pay), for `worth_replaying`. Inputs as at capture."""
+        device = self.model.device
+        smallest = self.buckets[0]
+        self._fill(smallest)
+        walls = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            begin = time.perf_counter()
+            self._forward(smallest)
+            torch.cuda.synchronize(device)
+            walls.append(time.perf_counter() - begin)
+        self.eager_host_ms = 1e3 * sorted(walls)[repeats // 2]
+        for length in self.buckets:
+            self._fill(length)
+            graph = self.graphs[length]
+            graph.replay()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(repeats):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            self.replay_ms[length] = begin.elapsed_time(end) / repeats
+
+    def device_ms(self, tokens: int) -> float:
+        """The device time of a forward over `tokens` tokens, from the replays' times: linear between buckets,
+        the smallest's below it, proportional past the largest."""
+        lengths = self.buckets
+        if tokens <= lengths[0]:
+            return self.replay_ms[lengths[0]]
+        if tokens >= lengths[-1]:
+            return self.replay_ms[lengths[-1]] * tokens / lengths[-1]
+        i = bisect.bisect_left(lengths, tokens)
+        low, high = lengths[i - 1], lengths[i]
+        share = (tokens - low) / (high - low)
+        return self.replay_ms[low] + share * (self.replay_ms[high] - self.replay_ms[low])
+
+    def worth_replaying(self, buckets: list[int], tokens: int, decode_rows: bool) -> bool:
+        """Whether replaying the graphs of `buckets` (and then a decode step, costed as the smallest bucket's
+        replay) should take no longer than one eager step over the same `tokens`, which costs at least the host's
+        time for an eager forward and at least the device time of its tokens. Before calibration (on the CPU,
+        in tests): always."""
+        if not self.replay_ms:
+            return True
+        replays = sum(self.replay_ms[b] for b in buckets)
+        if decode_rows:
+            replays += self.replay_ms[self.buckets[0]]
+        return replays <= max(self.eager_host_ms, self.device_ms(tokens))
 
     def fits(self, start: int, count: int) -> int | None:
         """The bucket for a chunk of `count` tokens from position `start`, or None."""
@@ -178,10 +241,15 @@ class PrefillGraphs:
         if bucket is None:
             return None
         rows = padded_inputs(self.cache, tokens, start, slot, block_table, bucket)
-        self._hosts.reverse()
-        host = self._hosts[0][:, :bucket]
+        turn = self._turn = (self._turn + 1) % STAGING_BUFFERS
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # the copy that last read this buffer is done
+        host = self._hosts[turn][:, :bucket]
         host.copy_(torch.tensor(rows, dtype=torch.long))
         self.inputs[:, :bucket].copy_(host, non_blocking=True)
+        if host.is_pinned():
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
         if not self.graphs:
             return self._forward(bucket)
         self.graphs[bucket].replay()

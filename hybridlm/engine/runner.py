@@ -30,7 +30,7 @@ class ModelRunner:
     def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True,
                  paged_prefill_kernel: bool = True, prefill_graphs: int = 0, split_mixed_steps: bool = False) -> None:
         """`prefill_graphs`: capture one-sequence prefills up to this many tokens per length bucket (0: none).
-        `split_mixed_steps`: a step of one prefill chunk beside decode rows runs as a prefill replay, then the decode
+        `split_mixed_steps`: a step of several chunks runs as one prefill replay per prefill chunk, then the decode
         rows' step (see EngineConfig)."""
         self.model = model
         self.cache = cache
@@ -111,23 +111,31 @@ class ModelRunner:
         return self.model.forward_with_context(ids_t[:, None], context)[:, 0]
 
     def _graph_prefill(self, chunks: list[Chunk]) -> torch.Tensor | None:
-        """A step with one prefill chunk through the prefill graphs: alone, or (`split_mixed_steps`) beside decode
-        rows, which then take the decode path (their graphs) after it. None when the step does not qualify."""
+        """A step's prefill chunks through the prefill graphs, one replay each: a chunk alone, or
+        (`split_mixed_steps`) several chunks and decode rows, which then take the decode path (their graphs). None
+        when the step does not qualify: a chunk fits no bucket, or the replays should cost more than the eager
+        step (`PrefillGraphs.worth_replaying`)."""
+        graphs = self.prefill_graphs
         prefill = [c for c in chunks if not (c.length == 1 and c.start > 0 and c.samples)]
-        if len(prefill) != 1 or (len(chunks) > 1 and not self.split_mixed_steps):
+        if not prefill or (len(chunks) > 1 and not self.split_mixed_steps):
             return None
-        chunk = prefill[0]
-        if self.prefill_graphs.fits(chunk.start, chunk.length) is None:
+        buckets = [graphs.fits(c.start, c.length) for c in prefill]
+        if None in buckets or not graphs.worth_replaying(buckets, sum(c.length for c in chunks),
+                                                          len(prefill) < len(chunks)):
             return None
-        tokens = chunk.sequence.token_slice(chunk.start, chunk.start + chunk.length)
-        logits = self.prefill_graphs.run(tokens, chunk.start, chunk.sequence.state_slot, chunk.sequence.block_table)
-        if len(chunks) == 1:
-            return logits if chunk.samples else logits[:0]
-        # the graphs may share memory: the prefill's logits must be copied out before the decode graph replays
-        first = logits.clone() if chunk.samples else logits[:0]
-        rows = self._decode([c for c in chunks if c is not chunk])
-        at = next(i for i, c in enumerate(chunks) if c is chunk)  # chunk order: rows before it, it, rows after it
-        return torch.cat([rows[:at], first, rows[at:]])
+        rows: dict[int, torch.Tensor] = {}
+        for chunk in prefill:
+            tokens = chunk.sequence.token_slice(chunk.start, chunk.start + chunk.length)
+            logits = graphs.run(tokens, chunk.start, chunk.sequence.state_slot, chunk.sequence.block_table)
+            if len(chunks) == 1:
+                return logits if chunk.samples else logits[:0]
+            # the graphs share memory: each replay's logits are copied out before the next graph replays
+            rows[id(chunk)] = logits.clone() if chunk.samples else logits[:0]
+        decode = [c for c in chunks if id(c) not in rows]
+        if decode:
+            decoded = self._decode(decode)
+            rows.update((id(c), decoded[i:i + 1]) for i, c in enumerate(decode))
+        return torch.cat([rows[id(c)] for c in chunks])
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,11 +78,12 @@ def joining_requests(seed: int) -> list[tuple[list[int], hybridlm.SamplingParams
                                         ignore_eos=True)) for i, p in enumerate(prompts)]
 
 
-def run_joining(engine: Engine, requests) -> list[list[int]]:
-    """One new request per step until all have joined, then steps until all finish; each one's output tokens."""
+def run_joining(engine: Engine, requests, per_step: int = 1) -> list[list[int]]:
+    """`per_step` new requests a step until all have joined, then steps until all finish; each one's output
+    tokens."""
     sequences, pending = [], list(requests)
     while pending or engine.has_work:
-        if pending:
+        for _ in range(min(per_step, len(pending))):
             sequences.append(engine.add_request(*pending.pop(0)))
         engine.step()
     return [s.output_token_ids for s in sequences]
@@ -204,3 +205,34 @@ def test_mixed_steps_split_into_graphs_match_eager(models):
     got, replays = run(256, True)
     assert got == expected
     assert len(replays) >= len(requests) - 1  # every prompt but the first joined a running batch
+
+
+def test_steps_of_several_prefills_replay_a_graph_each_and_match_eager(models):
+    """`split_mixed_steps` with requests joining two a step: steps of two prefill chunks (beside decode rows after
+    the first) replay one prefill graph per chunk, in one step; the same tokens as the eager engine."""
+    directory, _, cuda = models
+    llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
+    requests = joining_requests(9)
+
+    def run(prefill_graphs):
+        engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
+                                                                 max_num_seqs=8, prefill_graphs=prefill_graphs))
+        graphs = engine.runner.prefill_graphs
+        if prefill_graphs:  # calibrated at capture; a tiny model's replays cost far less than an eager step
+            assert set(graphs.replay_ms) == set(graphs.buckets) and graphs.eager_host_ms > 0
+        steps, original = [], engine.runner._graph_prefill
+        replays = record_runs(graphs) if prefill_graphs else []
+
+        def traced(chunks):
+            before = len(replays)
+            logits = original(chunks)
+            steps.append(len(replays) - before)
+            return logits
+
+        engine.runner._graph_prefill = traced
+        return run_joining(engine, requests, per_step=2), steps
+
+    expected, _ = run(0)
+    got, steps = run(256)
+    assert got == expected
+    assert steps[:3] == [2, 2, 2], steps  # three steps of two new prompts each (3 + 17, 64 + 65, 130 + 7)

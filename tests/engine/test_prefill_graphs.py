@@ -89,7 +89,20 @@ def test_buckets_and_fit(llm):
     with pytest.raises(ValueError, match="no prefill bucket fits 32 tokens"):
         PrefillGraphs(llm.model, fresh_cache(llm.model), 32)
     # no bucket reaches past the block table (the model's 512 positions): a padded query reads the table row
-    assert PrefillGraphs(llm.model, fresh_cache(llm.model), 2048).buckets == [64, 128, 256, 512]
+    assert PrefillGraphs(llm.model, fresh_cache(llm.model), 2048).buckets == [64, 128, 256, 384, 512]
+
+
+def test_replays_are_taken_where_they_should_cost_less_than_the_eager_step(llm):
+    graphs = PrefillGraphs(llm.model, fresh_cache(llm.model), 512)
+    assert graphs.worth_replaying([512, 512], 600, decode_rows=True)  # uncalibrated (CPU): always
+    graphs.replay_ms = {64: 1.0, 128: 1.5, 256: 2.0, 384: 3.0, 512: 4.0}
+    graphs.eager_host_ms = 4.5
+    assert [graphs.device_ms(n) for n in (1, 64, 192, 448, 512, 1024)] == [1.0, 1.0, 1.75, 3.5, 4.0, 8.0]
+    assert graphs.worth_replaying([512], 300, decode_rows=False)  # 4 ms against the host's 4.5
+    assert not graphs.worth_replaying([512], 300, decode_rows=True)  # + a decode step's 1 ms
+    assert graphs.worth_replaying([64, 128, 256], 300, decode_rows=False)  # 4.5 ms
+    assert not graphs.worth_replaying([512, 512], 600, decode_rows=False)  # 8 ms against the device's 4.7 for 600
+    assert graphs.worth_replaying([512, 512], 1024, decode_rows=False)  # 8 ms against the device's 8 for 1024
 
 
 def record_runs(graphs: PrefillGraphs) -> list[tuple[int, int, bool]]:
@@ -107,12 +120,14 @@ def record_runs(graphs: PrefillGraphs) -> list[tuple[int, int, bool]]:
 
 @pytest.mark.parametrize("lengths, join_every, split", [
     ([5, 70, 130, 64, 1, 200], 4, False), ([5, 70, 130, 64, 1, 200], 4, True), ([200], 0, False),
-], ids=["mixed", "mixed-split", "alone"])
+    ([5, 70, 30, 64, 1], 0, True),
+], ids=["mixed", "mixed-split", "alone", "at-once-split"])
 def test_engine_with_padded_prefills_equals_reference(llm, lengths, join_every, split):
     """The engine routing prefill steps through the padded forward (uncaptured on the CPU): greedy tokens as the plain
     reference, with chunked prompts (a 200-token prompt alone: 160 tokens eagerly, since no bucket holds them, then
     the rest padded from start 160) and decode steps between; with `split_mixed_steps`, requests joining a running
-    batch take the padded forward and the decode rows the decode path in the same step."""
+    batch take the padded forward and the decode rows the decode path in the same step, and prompts added at once
+    are prefilled one padded forward each in the same step."""
     batch = prompts(lengths, seed=3)
     expected = [reference(llm, p) for p in batch]
     config = EngineConfig(max_num_batched_tokens=160, block_size=BLOCK, max_num_seqs=4, split_mixed_steps=split)
@@ -122,10 +137,10 @@ def test_engine_with_padded_prefills_equals_reference(llm, lengths, join_every, 
     graphs = runner.prefill_graphs = PrefillGraphs(llm.model, runner.cache, 128)
     calls, steps, original = record_runs(graphs), [], runner._graph_prefill
 
-    def traced(chunks):  # steps: (chunks in the step, whether its prefill ran padded)
+    def traced(chunks):  # steps: (chunks in the step, padded forwards it ran)
         before = len(calls)
         logits = original(chunks)
-        steps.append((len(chunks), len(calls) > before))
+        steps.append((len(chunks), len(calls) - before))
         return logits
 
     runner._graph_prefill = traced
@@ -134,6 +149,8 @@ def test_engine_with_padded_prefills_equals_reference(llm, lengths, join_every, 
     if lengths == [200]:  # 160 tokens eagerly (no bucket holds them), the rest padded from 160
         assert calls and all(padded for *_, padded in calls) and calls[0][1] == 160
         assert sum(n for n, *_ in calls) == 40
+    elif join_every == 0:  # the first step holds chunks of four prompts (160 tokens a step), each one replay
+        assert steps[0] == (4, 4) and all(padded for *_, padded in calls), steps
     else:
         assert any(ran for n, ran in steps if n == 1)
         assert any(n > 1 for n, _ in steps)  # requests joined running batches
