@@ -17,6 +17,7 @@ import bisect
 import logging
 import time
 
+import numpy as np
 import torch
 
 from hybridlm.engine.cache import EngineCache, _StateRows
@@ -99,20 +100,23 @@ class PaddedPrefillContext(_StateRows):
 
 
 def padded_inputs(cache: EngineCache, tokens: list[int], start: int, slot: int, block_table: list[int],
-                  length: int) -> list[list[int]]:
-    """The rows of a PaddedPrefillContext's input for a chunk of `tokens` at positions start, start + 1, ... of the
-    sequence in state slot `slot`, padded to `length`."""
+                  length: int) -> np.ndarray:
+    """The rows [4, length] (int64) of a PaddedPrefillContext's input for a chunk of `tokens` at positions start,
+    start + 1, ... of the sequence in state slot `slot`, padded to `length`."""
     count, size = len(tokens), cache.plan.block_size
     if not 0 < count <= length:
         raise ValueError(f"a padded prefill of length {length} takes 1 to {length} tokens, got {count}")
     if start + length > table_tokens(cache):
         raise ValueError(f"positions {start} .. {start + length - 1} run past the block table "
                          f"({table_tokens(cache)} tokens)")
-    scratch = cache.scratch_block * size
-    mapping = [block_table[p // size] * size + p % size for p in range(start, start + count)]
-    mapping += [scratch + i % size for i in range(length - count)]
-    scalars = [count, slot, start, 0, length] + [0] * (length - 5)
-    return [list(tokens) + [0] * (length - count), list(range(start, start + length)), mapping, scalars]
+    rows = np.zeros((4, length), dtype=np.int64)
+    rows[IDS, :count] = tokens
+    rows[POSITIONS] = np.arange(start, start + length)
+    real = rows[POSITIONS, :count]
+    rows[MAPPING, :count] = np.asarray(block_table, dtype=np.int64)[real // size] * size + real % size
+    rows[MAPPING, count:] = cache.scratch_block * size + np.arange(length - count) % size
+    rows[SCALARS, :5] = (count, slot, start, 0, length)
+    return rows
 
 
 class PrefillGraphs:
@@ -152,7 +156,7 @@ class PrefillGraphs:
         block."""
         rows = padded_inputs(self.cache, [0], 0, self.cache.plan.num_state_slots - 1, [self.cache.scratch_block],
                              length)
-        self.inputs[:, :length].copy_(torch.tensor(rows, dtype=torch.long))
+        self.inputs[:, :length].copy_(torch.from_numpy(rows))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -245,7 +249,7 @@ class PrefillGraphs:
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()  # the copy that last read this buffer is done
         host = self._hosts[turn][:, :bucket]
-        host.copy_(torch.tensor(rows, dtype=torch.long))
+        host.copy_(torch.from_numpy(rows))
         self.inputs[:, :bucket].copy_(host, non_blocking=True)
         if host.is_pinned():
             self._copied[turn] = torch.cuda.Event()
