@@ -182,6 +182,7 @@ def throughput_part(name: str, ours, hf_model, tokenizer, gate_passed: bool | No
     # steps need is compiled here: on a fresh machine (empty Triton cache) a short warm-up left ~15 s of compiling
     # inside the measurement (H100, 2026-11-23: 2,960 tok/s cold vs 11,118 with a warm cache, same steady state)
     warm_up(engine, vocab, [len(p) for p in prompts], 2)
+    engine.runner.step_counts.clear()
     log(f"  throughput: {requests} requests, prompts {low}-{high} tokens ({total_prompt:,} in all), "
         f"{new_tokens} new tokens each, max_num_seqs {max_num_seqs}, {chunk} tokens per step")
     run = run_engine(engine, prompts, greedy(new_tokens),
@@ -189,6 +190,7 @@ def throughput_part(name: str, ours, hf_model, tokenizer, gate_passed: bool | No
     assert all(len(s.output_token_ids) == new_tokens and s.finish_reason == "length" for s in run.sequences)
     mine = run.output_tokens / run.wall_s
     log(f"  throughput: hybridlm {run.output_tokens:,} tokens in {run.wall_s:.1f} s = {mine:,.0f} tok/s")
+    log("  steps: " + ", ".join(f"{path} {count}" for path, count in sorted(engine.runner.step_counts.items())))
     del engine
     free_memory()
     theirs, note = float("nan"), "transformers not run"

@@ -69,10 +69,19 @@ def device_profile(model, engine: Engine, engine_prompt: list[int], plain_prompt
     order = "cuda_time_total" if model.device.type == "cuda" else "cpu_time_total"
     for name, run in (("eager first token", lambda: first_token_ms(engine, engine_prompt)),
                       ("plain model.forward", lambda: plain_forward_ms(model, plain_prompt))):
+        cuda = model.device.type == "cuda"
+        before = torch.cuda.memory_stats(model.device) if cuda else {}
         with profile(activities=activities) as prof:
             run()
         print(f"device profile, one {name} of {len(engine_prompt)} tokens:")
         print(prof.key_averages().table(sort_by=order, row_limit=rows, max_name_column_width=60))
+        # host-side waits (synchronising copies, allocator segments) show up by own CPU time
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+        if cuda:
+            after = torch.cuda.memory_stats(model.device)
+            print("allocator: " + ", ".join(f"{key} +{after.get(key, 0) - before.get(key, 0)}" for key in
+                                            ("segment.all.allocated", "segment.all.freed", "num_alloc_retries",
+                                             "num_sync_all_streams", "num_device_alloc", "num_device_free")))
 
 
 def greedy(engine: Engine, prompt: list[int], new_tokens: int) -> list[int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
@@ -38,6 +39,8 @@ class ModelRunner:
         self.paged_prefill_kernel = paged_prefill_kernel
         self.split_mixed_steps = split_mixed_steps
         self._tables: dict[int, list[int]] = {}  # state slot -> the block table last written to cache.block_tables
+        # steps by the path they took ("decode", "prefill graphs", "eager: <why>") and "prefill replays" (chunks)
+        self.step_counts: Counter[str] = Counter()
         model.fuse_input_projections()  # one GEMM instead of four per GDN layer (weights shared, not copied)
         self.graphs = None
         if cuda_graphs:
@@ -118,11 +121,17 @@ class ModelRunner:
         graphs = self.prefill_graphs
         prefill = [c for c in chunks if not (c.length == 1 and c.start > 0 and c.samples)]
         if not prefill or (len(chunks) > 1 and not self.split_mixed_steps):
+            self.step_counts["eager: several chunks, split off"] += 1
             return None
         buckets = [graphs.fits(c.start, c.length) for c in prefill]
-        if None in buckets or not graphs.worth_replaying(buckets, sum(c.length for c in chunks),
-                                                          len(prefill) < len(chunks)):
+        if None in buckets:
+            self.step_counts["eager: a chunk fits no bucket"] += 1
             return None
+        if not graphs.worth_replaying(buckets, sum(c.length for c in chunks), len(prefill) < len(chunks)):
+            self.step_counts["eager: replays would cost more"] += 1
+            return None
+        self.step_counts["prefill graphs"] += 1
+        self.step_counts["prefill replays"] += len(prefill)
         rows: dict[int, torch.Tensor] = {}
         for chunk in prefill:
             tokens = chunk.sequence.token_slice(chunk.start, chunk.start + chunk.length)
@@ -149,9 +158,12 @@ class ModelRunner:
             raise ValueError("input ids on the device are for decode steps only")
         logits = None
         if decode:
+            self.step_counts["decode"] += 1
             logits = self._decode(chunks, input_ids)
         elif self.prefill_graphs is not None:
             logits = self._graph_prefill(chunks)
+        else:
+            self.step_counts["eager: no prefill graphs"] += 1
         if logits is None:
             tokens = [t for c in chunks for t in c.sequence.token_slice(c.start, c.start + c.length)]
             context = PagedContext(
