@@ -1166,6 +1166,9 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     timeout 150 python3 benchmarks/bench_ttft.py --shape 0.8B --lengths 512 --repeats 5 --cprofile 18 \
       > "$OUT/ttft_profile.log" 2>&1
     grep 'allocator\|^| \|Error' "$OUT/ttft_profile.log" | tail -5
+    # 80's 9B greedy tokens at 1100 tokens (bucket 1536) agreed 0/3 with eager: padding error, or rounding?
+    timeout 150 python3 benchmarks/probe_padding.py --shape 9B --cases 1100:1536 700:768 300:384 1100:1100 \
+      --baseline 1100 700 > "$OUT/padding.log" 2>&1; grep '^| \|Error' "$OUT/padding.log"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2

@@ -431,3 +431,16 @@ def test_forward_peer_calls_reach_each_peer_with_its_inputs():
     (_, normed, kwargs), = seen
     assert torch.equal(normed[0], q * 2) and torch.equal(normed[1], k * 2) and normed[2] is v
     assert "use_qk_l2norm_in_kernel" not in kwargs and kwargs["initial_state"] is state
+
+
+def test_probe_padding_tiny_agrees():
+    """probe_padding.py on the tiny model (CPU, fp32): the padded forward's logits, states and KV as the eager
+    step's, and the shapes-only baseline as close."""
+    script = str(ROOT / "benchmarks" / "probe_padding.py")
+    result = subprocess.run([sys.executable, script, "--cases", "40:64", "64:64", "--baseline", "40"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| tiny (padded \d+ -> \d+|eager 40 against row 39 of 104) \| (\S+) \| True \| .*\| (\S+) \|$",
+                      result.stdout, flags=re.M)
+    assert [name for name, *_ in rows] == ["padded 40 -> 64", "padded 64 -> 64", "eager 40 against row 39 of 104"]
+    assert all(float(logits) < 1e-5 and float(kv) < 1e-5 for _, logits, kv in rows), result.stdout
