@@ -1152,23 +1152,17 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       grep 'replay ms\|^| \|Error' "$OUT/ttft_$shape.log" | tail -5
     done
     ;;
-  81)  # thirty-sixth session (carry nothing, ~4 min): which path the throughput workload's steps take (80 showed no
-       # gain from several replays a step: 12,939 / 12,693 tok/s split against 10,739 / 12,800), and why the eager
-       # engine step costs 35 ms against 14 ms for model.forward on a fast host (allocator segments? synchronising
-       # copies? profiler tables by own CPU time)
-    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --log "$OUT/serving_warm.log" \
-      > /dev/null 2>&1
-    for split in True False; do
-      timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option split_mixed_steps=$split \
-        --log "$OUT/serving_$split.log" > /dev/null 2>&1
-      echo "split_mixed_steps=$split"; grep -i 'tok/s\|TTFT p\|steps:\|Error' "$OUT/serving_$split.log" | head -4
-    done
+  81)  # thirty-sixth session (carry nothing, ~4 min): 80's 9B greedy tokens at 1100 tokens (bucket 1536) agreed 0/3
+       # with eager: padding error, or rounding? Then why the eager engine step costs 35 ms against 14 ms for
+       # model.forward on a fast host (profiler tables by own CPU time, allocator segments), and which path the
+       # throughput workload's steps take (80 showed no gain from several replays a step)
+    timeout 150 python3 benchmarks/probe_padding.py --shape 9B --cases 1100:1536 700:768 300:384 1100:1100 \
+      --baseline 1100 700 > "$OUT/padding.log" 2>&1; grep '^| \|Error' "$OUT/padding.log"
     timeout 150 python3 benchmarks/bench_ttft.py --shape 0.8B --lengths 512 --repeats 5 --cprofile 18 \
       > "$OUT/ttft_profile.log" 2>&1
     grep 'allocator\|^| \|Error' "$OUT/ttft_profile.log" | tail -5
-    # 80's 9B greedy tokens at 1100 tokens (bucket 1536) agreed 0/3 with eager: padding error, or rounding?
-    timeout 150 python3 benchmarks/probe_padding.py --shape 9B --cases 1100:1536 700:768 300:384 1100:1100 \
-      --baseline 1100 700 > "$OUT/padding.log" 2>&1; grep '^| \|Error' "$OUT/padding.log"
+    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --log "$OUT/serving.log" > /dev/null 2>&1
+    grep -i 'tok/s\|TTFT p\|steps:\|Error' "$OUT/serving.log" | head -4
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
