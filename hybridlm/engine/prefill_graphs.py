@@ -141,7 +141,7 @@ class PrefillGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = pool
-        # measured after capture (`calibrate`): each bucket's replay and an eager forward's host time, in ms
+        # measured after capture (`calibrate`): each bucket's replay and an eager forward's wall time, in ms
         self.replay_ms: dict[int, float] = {}
         self.eager_host_ms = 0.0
 
