@@ -124,6 +124,16 @@ VARIANTS_FOLD="fold:gdn_chunk.FOLD_WU_INTO_H=True"
 VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
 VARIANTS_BOTH="fold+cp:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"
 
+serving_split_runs() {  # the 0.8B throughput workload once per argument (run number + split_mixed_steps value)
+  local run split
+  for run in "$@"; do
+    split=${run:1}
+    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option split_mixed_steps=$split \
+      --log "$OUT/serving_$run.log" > /dev/null 2>&1
+    echo "split_mixed_steps=$split"; grep -i 'tok/s\|TTFT p\|TPOT p\|steps:\|Error' "$OUT/serving_$run.log" | head -4
+  done
+}
+
 case "${1:-}" in
   install)  # only the carried wheels into /tmp/site (above): the first of two calls on one warm machine
     ls /tmp/site
@@ -1112,12 +1122,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       > "$OUT/graph_tests.log" 2>&1; tail -2 "$OUT/graph_tests.log"
     timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --log "$OUT/serving_warm.log" \
       > /dev/null 2>&1
-    for run in 1True 2False 3True 4False; do
-      split=${run:1}
-      timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option split_mixed_steps=$split \
-        --log "$OUT/serving_$run.log" > /dev/null 2>&1
-      echo "split_mixed_steps=$split"; grep -i 'tok/s\|TTFT p\|TPOT p\|Error' "$OUT/serving_$run.log" | head -3
-    done
+    serving_split_runs 1True 2False 3True 4False
     timeout 100 python3 benchmarks/bench_ttft.py --shape 0.8B --lengths 512 --repeats 5 --cprofile 35 \
       > "$OUT/ttft_profile.log" 2>&1
     grep '^| \|Error' "$OUT/ttft_profile.log" | tail -3
@@ -1140,12 +1145,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       > "$OUT/graph_tests.log" 2>&1; tail -2 "$OUT/graph_tests.log"
     timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --log "$OUT/serving_warm.log" \
       > /dev/null 2>&1
-    for run in 1True 2False 3True 4False; do
-      split=${run:1}
-      timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option split_mixed_steps=$split \
-        --log "$OUT/serving_$run.log" > /dev/null 2>&1
-      echo "split_mixed_steps=$split"; grep -i 'tok/s\|TTFT p\|TPOT p\|Error' "$OUT/serving_$run.log" | head -3
-    done
+    serving_split_runs 1True 2False 3True 4False
     for shape in 0.8B 9B; do
       timeout 150 python3 benchmarks/bench_ttft.py --shape $shape --lengths 300 700 1100 --repeats 5 \
         > "$OUT/ttft_$shape.log" 2>&1
