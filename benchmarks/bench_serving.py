@@ -191,6 +191,10 @@ def throughput_part(name: str, ours, hf_model, tokenizer, gate_passed: bool | No
     mine = run.output_tokens / run.wall_s
     log(f"  throughput: hybridlm {run.output_tokens:,} tokens in {run.wall_s:.1f} s = {mine:,.0f} tok/s")
     log("  steps: " + ", ".join(f"{path} {count}" for path, count in sorted(engine.runner.step_counts.items())))
+    for graphs in (engine.runner.prefill_graphs, engine.runner.packed_graphs):
+        if graphs is not None and graphs.replay_ms:
+            log(f"  {graphs.kind} replay ms: " + ", ".join(f"{b} {ms:.2f}" for b, ms in graphs.replay_ms.items())
+                + f"; an eager forward {graphs.eager_host_ms:.1f} ms")
     del engine
     free_memory()
     theirs, note = float("nan"), "transformers not run"

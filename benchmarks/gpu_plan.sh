@@ -124,14 +124,20 @@ VARIANTS_FOLD="fold:gdn_chunk.FOLD_WU_INTO_H=True"
 VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
 VARIANTS_BOTH="fold+cp:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"
 
-serving_split_runs() {  # the 0.8B throughput workload once per argument (run number + split_mixed_steps value)
-  local run split
+serving_option_runs() {  # the 0.8B throughput workload once per argument after the first (run number + value of
+                         # the engine option named first)
+  local option=$1 run value
+  shift
   for run in "$@"; do
-    split=${run:1}
-    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option split_mixed_steps=$split \
+    value=${run:1}
+    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option $option=$value \
       --log "$OUT/serving_$run.log" > /dev/null 2>&1
-    echo "split_mixed_steps=$split"; grep -i 'tok/s\|TTFT p\|TPOT p\|steps:\|Error' "$OUT/serving_$run.log" | head -4
+    echo "$option=$value"; grep -i 'tok/s\|TTFT p\|TPOT p\|steps:\|replay ms\|Error' "$OUT/serving_$run.log" | head -6
   done
+}
+
+serving_split_runs() {  # the same for split_mixed_steps
+  serving_option_runs split_mixed_steps "$@"
 }
 
 case "${1:-}" in
@@ -1163,6 +1169,13 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     grep 'allocator\|^| \|Error' "$OUT/ttft_profile.log" | tail -5
     timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --log "$OUT/serving.log" > /dev/null 2>&1
     grep -i 'tok/s\|TTFT p\|steps:\|Error' "$OUT/serving.log" | head -4
+    ;;
+  82)  # thirty-seventh session (carry nothing, ~7 min): a step of several prefill chunks replays one packed graph
+       # (engine/packed_prefill.py): the engine's graph tests, then the 0.8B throughput workload with packed_prefill
+       # on and off, each once to fill the Triton cache, then on / off / on / off
+    timeout 150 python3 -m pytest -q -x tests/cuda/test_model_on_cuda.py -k "prefill or split or several or packed" \
+      > "$OUT/graph_tests.log" 2>&1; tail -2 "$OUT/graph_tests.log"
+    serving_option_runs packed_prefill 0True 9False 1True 2False 3True 4False
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2

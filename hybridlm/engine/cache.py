@@ -78,13 +78,15 @@ def plan_cache(
 
 
 class EngineCache:
-    """The pools. One KV block past the plan's (`scratch_block`) and the state row -1 are never handed out:
-    padding rows of a CUDA graph captured for a larger batch write there and read nothing."""
+    """The pools. One KV block past the plan's (`scratch_block`) and one state row past the snapshots'
+    (`scratch_state`) are never handed out: padding rows of a CUDA graph write there, and what they read there
+    reaches no real row. (The decode step's padding rows carry slot id -1 instead, which its kernel skips.)"""
 
     def __init__(self, model: HybridLM, plan: CachePlan) -> None:
         layout, device, dtype = model.cache_layout, model.device, model.dtype
         self.plan = plan
-        slots = plan.num_state_slots + plan.num_snapshot_slots
+        self.scratch_state = plan.num_state_slots + plan.num_snapshot_slots
+        slots = self.scratch_state + 1
         # [slots, C, K-1] and [slots, Hv, dk, dv] (fp32) per GDN layer: views of one tensor per kind, so that copying
         # or clearing a sequence's state in every layer is one launch per kind, not one per layer and pool (a
         # 256-row decode step that saved snapshots spent 72 launches and ~0.6 ms on it)

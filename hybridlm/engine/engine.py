@@ -49,6 +49,10 @@ class EngineConfig:
     # read once per replay, the host's ~30 ms for an eager step is saved; H100, 0.8B, 256 requests, one prefill
     # chunk a step: 12,803 / 12,908 tok/s against 12,550 / 12,012 unsplit; benchmarks/RESULTS.md)
     split_mixed_steps: bool = True
+    # with split_mixed_steps: a step of several prefill chunks (up to 8) replays one graph over them packed into one
+    # row (`engine/packed_prefill.py`: a bucket per 256 ... 2560 tokens), instead of one replay per chunk, wherever
+    # that replay should cost less
+    packed_prefill: bool = True
     # decode sampled on the device (greedy, or the engine's samplers without a repetition penalty): launch the next
     # step on this step's tokens still on the device, then read them back, so the host's scheduling and
     # detokenising overlap the GPU instead of stalling it
@@ -96,7 +100,8 @@ class Engine:
                                   cuda_graphs=self.config.cuda_graphs,
                                   paged_prefill_kernel=self.config.paged_prefill_kernel,
                                   prefill_graphs=min(self.config.prefill_graphs, self.config.max_num_batched_tokens),
-                                  split_mixed_steps=self.config.split_mixed_steps)
+                                  split_mixed_steps=self.config.split_mixed_steps,
+                                  packed_prefill=self.config.packed_prefill)
         self.requests: dict[str, Sequence] = {}
         self._samplers: dict[str, Callable] = {}
         self._texts: dict[str, TextStream] = {}

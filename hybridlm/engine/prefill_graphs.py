@@ -83,20 +83,28 @@ class PaddedPrefillContext(_StateRows):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q [1, Hq, L, D], k, v [1, Hkv, L, D] -> [1, Hq, L, D]; padded rows come out zero."""
-        self.cache.write_kv(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), self.slot_mapping)
-        flat_q = q[0].transpose(0, 1)  # [L, Hq, D]
-        arguments = (flat_q, self.cache.keys[layer], self.cache.values[layer], self.cache.block_tables, self.rows,
-                     self.cu_seqlens32, self.starts, scale)
-        if dispatch.use_kernels(flat_q, self.cache.keys[layer]):
-            o = dispatch.kernels().paged_prefill_attention_fwd(*arguments, max_len=self.length)
-        else:
-            o = paged_prefill_attention_reference(*arguments)
-        # a padded query may read blocks past the sequence's own (stale or never written): keep its row finite
-        o = torch.where(self.valid[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
-        return o.transpose(0, 1)[None]
+        return attend_padded(self, layer, q, k, v, scale, self.rows, self.cu_seqlens32, self.starts)
 
     def finish(self) -> None:
         pass
+
+
+def attend_padded(context, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  rows: torch.Tensor, cu_seqlens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """A padded context's attention (`context`: cache, slot_mapping, length, valid): write K/V (padded rows' to the
+    scratch block), attend over the paged pools with these int32 tables (a grid for `context.length` tokens), and
+    zero the padded rows' outputs: a padded query may read blocks that are stale or were never written, and
+    `torch.where` keeps a NaN read there out of the result. q [1, Hq, L, D], k, v [1, Hkv, L, D] -> [1, Hq, L, D]."""
+    cache = context.cache
+    cache.write_kv(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), context.slot_mapping)
+    flat_q = q[0].transpose(0, 1)  # [L, Hq, D]
+    arguments = (flat_q, cache.keys[layer], cache.values[layer], cache.block_tables, rows, cu_seqlens, starts, scale)
+    if dispatch.use_kernels(flat_q, cache.keys[layer]):
+        o = dispatch.kernels().paged_prefill_attention_fwd(*arguments, max_len=context.length)
+    else:
+        o = paged_prefill_attention_reference(*arguments)
+    o = torch.where(context.valid[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return o.transpose(0, 1)[None]
 
 
 def padded_inputs(cache: EngineCache, tokens: list[int], start: int, slot: int, block_table: list[int],
@@ -124,18 +132,20 @@ class PrefillGraphs:
     of graph memory, valid until the next replay), or None when the chunk fits no bucket. Before `capture` (as on
     the CPU, in tests) `run` takes the same padded forward eagerly."""
 
+    kind = "prefill"
+
     def __init__(self, model: HybridLM, cache: EngineCache, largest: int, pool=None) -> None:
         self.model, self.cache = model, cache
         self.table_tokens = table_tokens(cache)
-        self.buckets = length_buckets(min(largest, self.table_tokens))
+        self.buckets = self.bucket_lengths(largest, self.table_tokens)
         if not self.buckets:
             raise ValueError(f"no prefill bucket fits {min(largest, self.table_tokens)} tokens (the smallest is "
                              f"{LENGTH_BUCKETS[0]})")
-        top = self.buckets[-1]
-        self.inputs = torch.zeros(4, top, dtype=torch.long, device=model.device)
+        self.inputs = torch.zeros(self.input_shape(self.buckets[-1]), dtype=torch.long, device=model.device)
         # pinned staging buffers used in turn; a buffer is refilled only once the device has copied it out
         pinned = model.device.type == "cuda"
-        self._hosts = [torch.zeros(4, top, dtype=torch.long, pin_memory=pinned) for _ in range(STAGING_BUFFERS)]
+        self._hosts = [torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=pinned)
+                       for _ in range(STAGING_BUFFERS)]
         self._copied: list[torch.cuda.Event | None] = [None] * STAGING_BUFFERS
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -144,6 +154,26 @@ class PrefillGraphs:
         # measured after capture (`calibrate`): each bucket's replay and an eager forward's wall time, in ms
         self.replay_ms: dict[int, float] = {}
         self.eager_host_ms = 0.0
+
+    @staticmethod
+    def bucket_lengths(largest: int, table_tokens: int) -> list[int]:
+        return length_buckets(min(largest, table_tokens))
+
+    def input_shape(self, length: int) -> tuple[int, ...]:
+        return (4, length)
+
+    def _stage(self, values: np.ndarray, index: tuple[slice, ...]) -> None:
+        """Copy `values` into inputs[index] through the next pinned staging buffer (no host sync: the buffer's
+        last copy is waited for only if it has not run yet)."""
+        turn = self._turn = (self._turn + 1) % STAGING_BUFFERS
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # the copy that last read this buffer is done
+        host = self._hosts[turn][index]
+        host.copy_(torch.from_numpy(values))
+        self.inputs[index].copy_(host, non_blocking=True)
+        if host.is_pinned():
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
 
     def _forward(self, length: int) -> torch.Tensor:
         context = PaddedPrefillContext(self.cache, self.inputs, length)
@@ -178,8 +208,8 @@ class PrefillGraphs:
             self.graphs[length] = graph
         torch.cuda.synchronize(device)
         self.calibrate()
-        logger.info("captured prefill CUDA graphs for lengths %s (replays %s ms; an eager forward %.1f ms)",
-                    self.buckets, [round(self.replay_ms[b], 2) for b in self.buckets], self.eager_host_ms)
+        logger.info("captured %s CUDA graphs for lengths %s (replays %s ms; an eager forward %.1f ms)",
+                    self.kind, self.buckets, [round(self.replay_ms[b], 2) for b in self.buckets], self.eager_host_ms)
 
     @torch.inference_mode()
     def calibrate(self, repeats: int = 3) -> None:
@@ -244,16 +274,8 @@ class PrefillGraphs:
         bucket = self.fits(start, len(tokens))
         if bucket is None:
             return None
-        rows = padded_inputs(self.cache, tokens, start, slot, block_table, bucket)
-        turn = self._turn = (self._turn + 1) % STAGING_BUFFERS
-        if self._copied[turn] is not None:
-            self._copied[turn].synchronize()  # the copy that last read this buffer is done
-        host = self._hosts[turn][:, :bucket]
-        host.copy_(torch.from_numpy(rows))
-        self.inputs[:, :bucket].copy_(host, non_blocking=True)
-        if host.is_pinned():
-            self._copied[turn] = torch.cuda.Event()
-            self._copied[turn].record()
+        self._stage(padded_inputs(self.cache, tokens, start, slot, block_table, bucket),
+                    (slice(None), slice(0, bucket)))
         if not self.graphs:
             return self._forward(bucket)
         self.graphs[bucket].replay()

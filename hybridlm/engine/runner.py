@@ -8,6 +8,7 @@ import torch
 
 from hybridlm.engine.cache import DecodeContext, EngineCache, PagedContext, device_tensor
 from hybridlm.engine.graphs import DecodeGraphs
+from hybridlm.engine.packed_prefill import PackedPrefillGraphs, packed_buckets
 from hybridlm.engine.prefill_graphs import PrefillGraphs, length_buckets, table_tokens
 from hybridlm.engine.scheduler import Chunk, SchedulerOutput
 from hybridlm.model import HybridLM
@@ -29,10 +30,12 @@ def graphs_supported(model: HybridLM) -> str | None:
 
 class ModelRunner:
     def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True,
-                 paged_prefill_kernel: bool = True, prefill_graphs: int = 0, split_mixed_steps: bool = False) -> None:
+                 paged_prefill_kernel: bool = True, prefill_graphs: int = 0, split_mixed_steps: bool = False,
+                 packed_prefill: bool = False) -> None:
         """`prefill_graphs`: capture one-sequence prefills up to this many tokens per length bucket (0: none).
         `split_mixed_steps`: a step of several chunks runs as one prefill replay per prefill chunk, then the decode
-        rows' step (see EngineConfig)."""
+        rows' step; with `packed_prefill`, as one replay over the prefill chunks packed together where that costs
+        less (see EngineConfig)."""
         self.model = model
         self.cache = cache
         self.device = model.device
@@ -50,13 +53,17 @@ class ModelRunner:
                 self.graphs.capture()
             else:
                 logger.info("decode runs without CUDA graphs: %s", reason)
-        self.prefill_graphs = None
+        self.prefill_graphs = self.packed_graphs = None
         if cuda_graphs and prefill_graphs and length_buckets(min(prefill_graphs, table_tokens(cache))):
             reason = graphs_supported(model)
             if reason is None:
                 pool = self.graphs.pool if self.graphs is not None else None
                 self.prefill_graphs = PrefillGraphs(model, cache, prefill_graphs, pool=pool)
                 self.prefill_graphs.capture()
+                if split_mixed_steps and packed_prefill and packed_buckets(prefill_graphs, table_tokens(cache)):
+                    self.packed_graphs = PackedPrefillGraphs(model, cache, prefill_graphs,
+                                                             pool=self.prefill_graphs.pool)
+                    self.packed_graphs.capture()
             else:
                 logger.info("prefill runs without CUDA graphs: %s", reason)
 
@@ -127,12 +134,21 @@ class ModelRunner:
         if None in buckets:
             self.step_counts["eager: a chunk fits no bucket"] += 1
             return None
-        if not graphs.worth_replaying(buckets, sum(c.length for c in chunks), len(prefill) < len(chunks)):
+        tokens, decode_rows = sum(c.length for c in chunks), len(prefill) < len(chunks)
+        packed = self._packed_bucket(prefill, buckets, tokens, decode_rows)
+        if packed is None and not graphs.worth_replaying(buckets, tokens, decode_rows):
             self.step_counts["eager: replays would cost more"] += 1
             return None
         self.step_counts["prefill graphs"] += 1
-        self.step_counts["prefill replays"] += len(prefill)
         rows: dict[int, torch.Tensor] = {}
+        if packed is not None:
+            self.step_counts["packed prefill replays"] += 1
+            logits = self.packed_graphs.run([(c.sequence.token_slice(c.start, c.start + c.length), c.start,
+                                              c.sequence.state_slot, c.sequence.block_table) for c in prefill])
+            logits = logits.clone() if decode_rows else logits  # the decode graphs share its memory pool
+            rows.update((id(c), logits[i:i + 1] if c.samples else logits[:0]) for i, c in enumerate(prefill))
+            prefill = []
+        self.step_counts["prefill replays"] += len(prefill)
         for chunk in prefill:
             tokens = chunk.sequence.token_slice(chunk.start, chunk.start + chunk.length)
             logits = graphs.run(tokens, chunk.start, chunk.sequence.state_slot, chunk.sequence.block_table)
@@ -145,6 +161,20 @@ class ModelRunner:
             decoded = self._decode(decode)
             rows.update((id(c), decoded[i:i + 1]) for i, c in enumerate(decode))
         return torch.cat([rows[id(c)] for c in chunks])
+
+    def _packed_bucket(self, prefill: list[Chunk], buckets: list[int], tokens: int, decode_rows: bool) -> int | None:
+        """The packed graph's bucket for a step of several prefill chunks, where one packed replay should cost less
+        than their replays one by one and than the eager step; else None."""
+        packed = self.packed_graphs
+        if packed is None or len(prefill) < 2:
+            return None
+        bucket = packed.fits([c.length for c in prefill])
+        if bucket is None or not packed.worth_replaying([bucket], tokens, decode_rows):
+            return None
+        one_by_one = self.prefill_graphs.replay_ms
+        if one_by_one and packed.replay_ms[bucket] > sum(one_by_one[b] for b in buckets):
+            return None
+        return bucket
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:

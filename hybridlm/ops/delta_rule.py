@@ -102,8 +102,9 @@ def _split_packed(fn, q, k, v, g, beta, initial_state, cu_seqlens, **kwargs):
     cu_seqlens = cu_seqlens.to(v.device)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     groups: dict[int, list[int]] = {}
+    empty = []  # sequences of no tokens (a fixed-size table's unused rows): their state passes unchanged
     for index, length in enumerate(lengths.tolist()):
-        groups.setdefault((length - 1).bit_length(), []).append(index)
+        (empty if length == 0 else groups.setdefault((length - 1).bit_length(), [])).append(index)
     o, final = torch.empty_like(v), None
     for members in groups.values():
         members = torch.tensor(members, device=v.device)
@@ -124,6 +125,14 @@ def _split_packed(fn, q, k, v, g, beta, initial_state, cu_seqlens, **kwargs):
         if final is None:
             final = s_group.new_empty(len(lengths), *s_group.shape[1:])
         final[members] = s_group
+    if empty:
+        shape = (len(lengths), v.shape[2], q.shape[3], v.shape[3])
+        if final is None:
+            final = (initial_state.new_empty(shape) if initial_state is not None
+                     else v.new_empty(shape, dtype=torch.promote_types(v.dtype, torch.float32)))
+        members = torch.tensor(empty, device=v.device)
+        final[members] = (initial_state[members].to(final.dtype) if initial_state is not None
+                          else final.new_zeros(len(empty), *shape[1:]))
     return o, final
 
 

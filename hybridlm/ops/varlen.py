@@ -42,3 +42,22 @@ def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
 def host_memo(cu_seqlens: torch.Tensor) -> dict:
     """A dict that lives with this tensor's host bounds (tables derived from them: chunk indices and so on)."""
     return _host_view(cu_seqlens)[2]
+
+
+def chunk_tables_key(chunk_size: int, device: torch.device) -> tuple:
+    """Where `host_memo` keeps the chunk tables of one chunk size on one device (`ops.triton.utils.prepare_chunks`)."""
+    return "chunks", chunk_size, torch.device(device)
+
+
+def attach_chunk_tables(cu_seqlens: torch.Tensor, chunk_size: int, cu_seqlens32: torch.Tensor,
+                        chunk_indices: torch.Tensor, chunk_offsets: torch.Tensor, num_chunks: int) -> None:
+    """Give a cu_seqlens that carries host bounds its chunk tables as device tensors the caller owns (int32:
+    cu_seqlens, chunk_indices [num_chunks, 2] of (sequence, chunk within it), chunk_offsets [N + 1]), so that the
+    kernels read those instead of building their own from the bounds. A CUDA graph captured over such tensors
+    replays with whatever tables the caller writes into them later, provided their shapes (the grids) stay."""
+    if chunk_indices.shape != (num_chunks, 2) or chunk_offsets.shape != cu_seqlens32.shape:
+        raise ValueError(f"chunk tables of {num_chunks} chunks need indices [{num_chunks}, 2] and offsets shaped as "
+                         f"cu_seqlens {tuple(cu_seqlens32.shape)}, got {tuple(chunk_indices.shape)} and "
+                         f"{tuple(chunk_offsets.shape)}")
+    host_memo(cu_seqlens)[chunk_tables_key(chunk_size, cu_seqlens32.device)] = (
+        cu_seqlens32, chunk_indices, chunk_offsets, num_chunks)

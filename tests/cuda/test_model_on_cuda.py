@@ -216,7 +216,8 @@ def test_steps_of_several_prefills_replay_a_graph_each_and_match_eager(models):
 
     def run(prefill_graphs):
         engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
-                                                                 max_num_seqs=8, prefill_graphs=prefill_graphs))
+                                                                 max_num_seqs=8, prefill_graphs=prefill_graphs,
+                                                                 packed_prefill=False))
         graphs = engine.runner.prefill_graphs
         if prefill_graphs:  # calibrated at capture; a tiny model's replays cost far less than an eager step
             assert set(graphs.replay_ms) == set(graphs.buckets) and graphs.eager_host_ms > 0
@@ -236,3 +237,25 @@ def test_steps_of_several_prefills_replay_a_graph_each_and_match_eager(models):
     got, steps = run(256)
     assert got == expected
     assert steps[:3] == [2, 2, 2], steps  # three steps of two new prompts each (3 + 17, 64 + 65, 130 + 7)
+
+
+def test_steps_of_several_prefills_replay_one_packed_graph_and_match_eager(models):
+    """Requests joining three a step: their prefill chunks (beside decode rows after the first step) replay one
+    packed graph, whose host bounds are the capture's; the same tokens as the eager engine."""
+    directory, _, cuda = models
+    llm = hybridlm.LLM(directory, device="cpu", dtype="float32")
+    requests = joining_requests(9)
+
+    def run(prefill_graphs):
+        engine = Engine(cuda, llm.tokenizer, config=EngineConfig(block_size=16, cache_memory_bytes=64 << 20,
+                                                                 max_num_seqs=8, prefill_graphs=prefill_graphs))
+        packed = engine.runner.packed_graphs
+        if prefill_graphs:
+            assert packed is not None and set(packed.replay_ms) == set(packed.buckets) == {256, 512}
+            packed.replay_ms = dict.fromkeys(packed.buckets, 0.0)  # taken whenever it fits, whatever it costs
+        return run_joining(engine, requests, per_step=3), engine.runner.step_counts
+
+    expected, _ = run(0)
+    got, counts = run(256)
+    assert got == expected
+    assert counts["packed prefill replays"] >= 3, counts

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.varlen import host_bounds, host_memo
+from hybridlm.ops.varlen import chunk_tables_key, host_bounds, host_memo
 
 
 def cdiv(a: int, b: int) -> int:
@@ -107,7 +107,7 @@ def prepare_chunks(cu_seqlens: torch.Tensor, chunk_size: int, device: torch.devi
     """
     bounds, memo = host_bounds(cu_seqlens), host_memo(cu_seqlens)
     device = cu_seqlens.device if device is None else torch.device(device)
-    key = (chunk_size, device)
+    key = chunk_tables_key(chunk_size, device)
     if key not in memo:
         per_sequence = [cdiv(b - a, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])]
         indices = [(i, t) for i, n in enumerate(per_sequence) for t in range(n)]
