@@ -1172,9 +1172,10 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     ;;
   82)  # thirty-seventh session (carry nothing, ~7 min): a step of several prefill chunks replays one packed graph
        # (engine/packed_prefill.py): the engine's graph tests, then the 0.8B throughput workload with packed_prefill
-       # on and off, each once to fill the Triton cache, then on / off / on / off
-    timeout 150 python3 -m pytest -q -x tests/cuda/test_model_on_cuda.py -k "prefill or split or several or packed" \
-      > "$OUT/graph_tests.log" 2>&1; tail -2 "$OUT/graph_tests.log"
+       # on and off, each once to fill the Triton cache, then on / off / on / off; first every tests/cuda test
+    timeout 150 python3 benchmarks/gpu_tests.py tests/cuda -j 8 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -4
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     serving_option_runs packed_prefill 0True 9False 1True 2False 3True 4False
     ;;
   *)
