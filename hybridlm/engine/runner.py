@@ -17,6 +17,15 @@ from hybridlm.ops import dispatch
 logger = logging.getLogger(__name__)
 
 
+def packed_supported(model: HybridLM) -> str | None:
+    """Why a packed prefill step cannot be captured, or None if it can: it needs the GDN kernels (the reference's
+    packed path reads the sequence bounds on the host)."""
+    config = model.config
+    if not model.cache_layout.recurrent_layers:
+        return None
+    return dispatch.kernels().head_dims_fault(model.device, config.linear_key_head_dim, config.linear_value_head_dim)
+
+
 def graphs_supported(model: HybridLM) -> str | None:
     """Why the decode step cannot be captured in a CUDA graph, or None if it can."""
     if model.device.type != "cuda":
@@ -60,7 +69,10 @@ class ModelRunner:
                 pool = self.graphs.pool if self.graphs is not None else None
                 self.prefill_graphs = PrefillGraphs(model, cache, prefill_graphs, pool=pool)
                 self.prefill_graphs.capture()
-                if split_mixed_steps and packed_prefill and packed_buckets(prefill_graphs, table_tokens(cache)):
+                unpacked = packed_supported(model)
+                if unpacked is not None:
+                    logger.info("prefill chunks replay one graph each, not packed: %s", unpacked)
+                elif split_mixed_steps and packed_prefill and packed_buckets(prefill_graphs, table_tokens(cache)):
                     self.packed_graphs = PackedPrefillGraphs(model, cache, prefill_graphs,
                                                              pool=self.prefill_graphs.pool)
                     self.packed_graphs.capture()
