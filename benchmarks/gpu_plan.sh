@@ -125,12 +125,13 @@ VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
 VARIANTS_BOTH="fold+cp:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"
 
 serving_option_runs() {  # the 0.8B throughput workload once per argument after the first (run number + value of
-                         # the engine option named first)
+                         # the engine option named first); $SERVING_ARGS: more bench_e2e.py arguments (the workload)
   local option=$1 run value
   shift
   for run in "$@"; do
     value=${run:1}
-    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf --engine-option $option=$value \
+    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf ${SERVING_ARGS:-} \
+      --engine-option $option=$value \
       --log "$OUT/serving_$run.log" > /dev/null 2>&1
     echo "$option=$value"; grep -i 'tok/s\|TTFT p\|TPOT p\|steps:\|replay ms\|Error' "$OUT/serving_$run.log" | head -6
   done
@@ -1177,6 +1178,12 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -4
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     serving_option_runs packed_prefill 0True 9False 1True 2False 3True 4False
+    ;;
+  83)  # thirty-seventh session (carry nothing, ~5 min): a burst of short prompts (64 requests of 32-256 tokens at
+       # once, 32 new tokens each): steps of more than 8 prefill chunks take several packed replays; packed_prefill
+       # off (first, to fill the Triton cache), on, off, on, off
+    SERVING_ARGS="--requests 64 --prompt-min 32 --prompt-max 256 --new-tokens 32 --max-num-seqs 64" \
+      serving_option_runs packed_prefill 0False 1True 2False 3True 4False
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2

@@ -147,18 +147,20 @@ class ModelRunner:
             self.step_counts["eager: a chunk fits no bucket"] += 1
             return None
         tokens, decode_rows = sum(c.length for c in chunks), len(prefill) < len(chunks)
-        packed = self._packed_bucket(prefill, buckets, tokens, decode_rows)
-        if packed is None and not graphs.worth_replaying(buckets, tokens, decode_rows):
+        groups = self._packed_groups(prefill, buckets, tokens, decode_rows)
+        if groups is None and not graphs.worth_replaying(buckets, tokens, decode_rows):
             self.step_counts["eager: replays would cost more"] += 1
             return None
         self.step_counts["prefill graphs"] += 1
         rows: dict[int, torch.Tensor] = {}
-        if packed is not None:
+        for group in groups or []:
             self.step_counts["packed prefill replays"] += 1
             logits = self.packed_graphs.run([(c.sequence.token_slice(c.start, c.start + c.length), c.start,
-                                              c.sequence.state_slot, c.sequence.block_table) for c in prefill])
-            logits = logits.clone() if decode_rows else logits  # the decode graphs share its memory pool
-            rows.update((id(c), logits[i:i + 1] if c.samples else logits[:0]) for i, c in enumerate(prefill))
+                                              c.sequence.state_slot, c.sequence.block_table) for c in group])
+            if decode_rows or len(groups) > 1:  # the graphs share one memory pool: copied out before the next replay
+                logits = logits.clone()
+            rows.update((id(c), logits[i:i + 1] if c.samples else logits[:0]) for i, c in enumerate(group))
+        if groups:
             prefill = []
         self.step_counts["prefill replays"] += len(prefill)
         for chunk in prefill:
@@ -174,19 +176,26 @@ class ModelRunner:
             rows.update((id(c), decoded[i:i + 1]) for i, c in enumerate(decode))
         return torch.cat([rows[id(c)] for c in chunks])
 
-    def _packed_bucket(self, prefill: list[Chunk], buckets: list[int], tokens: int, decode_rows: bool) -> int | None:
-        """The packed graph's bucket for a step of several prefill chunks, where one packed replay should cost less
-        than their replays one by one and than the eager step; else None."""
+    def _packed_groups(self, prefill: list[Chunk], buckets: list[int], tokens: int,
+                       decode_rows: bool) -> list[list[Chunk]] | None:
+        """A step of several prefill chunks in groups for the packed graphs (in order, each as many chunks as one
+        packed replay holds), where those replays should cost less than the chunks' one-sequence replays and than
+        the eager step; else None."""
         packed = self.packed_graphs
         if packed is None or len(prefill) < 2:
             return None
-        bucket = packed.fits([c.length for c in prefill])
-        if bucket is None or not packed.worth_replaying([bucket], tokens, decode_rows):
+        groups: list[list[Chunk]] = [[]]
+        for chunk in prefill:
+            if packed.fits([c.length for c in groups[-1] + [chunk]]) is None:
+                groups.append([])
+            groups[-1].append(chunk)
+        group_buckets = [packed.fits([c.length for c in group]) for group in groups]
+        if None in group_buckets or not packed.worth_replaying(group_buckets, tokens, decode_rows):
             return None
         one_by_one = self.prefill_graphs.replay_ms
-        if one_by_one and packed.replay_ms[bucket] > sum(one_by_one[b] for b in buckets):
+        if one_by_one and (sum(packed.replay_ms[b] for b in group_buckets) > sum(one_by_one[b] for b in buckets)):
             return None
-        return bucket
+        return groups
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:

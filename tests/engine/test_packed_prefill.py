@@ -144,22 +144,28 @@ def test_packed_prefill_on_the_kernels_reads_only_device_tables(llm, kernels_for
         torch.testing.assert_close(caches[1].conv[layer][:2], caches[0].conv[layer][:2], rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("lengths, join_every", [([5, 70, 30, 64, 1], 0), ([5, 70, 130, 64, 1, 200], 2)],
-                         ids=["at-once", "joining"])
-def test_engine_with_packed_prefills_equals_reference(llm, lengths, join_every):
+@pytest.mark.parametrize("lengths, join_every, max_num_seqs", [
+    ([5, 70, 30, 64, 1], 0, 4), ([5, 70, 130, 64, 1, 200], 2, 4), ([9, 3, 20, 1, 14, 7, 2, 11, 5, 30, 8], 0, 12),
+], ids=["at-once", "joining", "eleven-at-once"])
+def test_engine_with_packed_prefills_equals_reference(llm, lengths, join_every, max_num_seqs):
     """The engine sending steps of several prefill chunks through the packed forward (uncaptured on the CPU), the
-    decode rows of a mixed step through the decode path: greedy tokens as the plain reference."""
+    decode rows of a mixed step through the decode path: greedy tokens as the plain reference. Eleven prompts at
+    once take two packed replays in one step (eight chunks, then three)."""
     batch = prompts(lengths, seed=3)
     expected = [reference(llm, p) for p in batch]
-    config = EngineConfig(max_num_batched_tokens=160, block_size=BLOCK, max_num_seqs=4)
+    config = EngineConfig(max_num_batched_tokens=160, block_size=BLOCK, max_num_seqs=max_num_seqs)
     engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, config)
     runner = engine.runner
     runner.prefill_graphs = PrefillGraphs(llm.model, runner.cache, 128)
-    runner.packed_graphs = PackedPrefillGraphs(llm.model, runner.cache, 128)
-    assert runner.packed_graphs.buckets == [256, 512]
+    packed = runner.packed_graphs = PackedPrefillGraphs(llm.model, runner.cache, 128)
+    assert packed.buckets == [256, 512]
+    replays, original = [], packed.run
+    packed.run = lambda chunks: replays.append(len(chunks)) or original(chunks)
     sequences = run(engine, [(p, GREEDY) for p in batch], join_every)
     assert [s.output_token_ids for s in sequences] == expected
-    assert runner.step_counts["packed prefill replays"] > 0, runner.step_counts
+    assert replays, runner.step_counts
+    if len(lengths) > 8:
+        assert replays[:2] == [8, 3], replays
 
 
 def test_packed_buckets():
