@@ -55,15 +55,19 @@ def test_state_carries_across_calls():
 
 
 @pytest.mark.parametrize("rule", [chunk_gated_delta_rule, recurrent_gated_delta_rule])
-def test_packed_sequences_do_not_leak_state(rule):
-    lengths = [5, 64, 31]
-    q, k, v, g, beta, _ = gdn_inputs(1, sum(lengths))
-    states = torch.randn(3, 4, 16, 8, dtype=torch.float64)
-    cu_seqlens = torch.tensor([0, 5, 69, 100])
+@pytest.mark.parametrize("bounds", [[0, 5, 69, 100], [0, 5, 5, 69, 100, 100]], ids=["packed", "with-empty"])
+def test_packed_sequences_do_not_leak_state(rule, bounds):
+    """Each packed sequence as if alone; an empty one (a fixed-size table's unused row) keeps its state."""
+    q, k, v, g, beta, _ = gdn_inputs(1, bounds[-1])
+    states = torch.randn(len(bounds) - 1, 4, 16, 8, dtype=torch.float64)
+    cu_seqlens = torch.tensor(bounds)
     packed, packed_states = rule(q, k, v, g, beta, initial_state=states, output_final_state=True,
                                  cu_seqlens=cu_seqlens)
-    for i in range(3):
+    for i in range(len(bounds) - 1):
         s, e = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        if s == e:
+            torch.testing.assert_close(packed_states[i], states[i], atol=0, rtol=0)
+            continue
         alone, alone_state = rule(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e],
                                   initial_state=states[i : i + 1], output_final_state=True)
         torch.testing.assert_close(packed[:, s:e], alone, atol=1e-12, rtol=0)
