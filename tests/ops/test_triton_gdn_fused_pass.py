@@ -21,6 +21,8 @@ FUSED_CASES = {  # (batch, length, key heads, value heads, dk, dv, dtype, cu_seq
     "fp16-odd-dims": (1, 70, 1, 4, 24, 40, torch.float16, None, False),
     "bf16-one-token": (2, 1, 2, 4, 32, 32, torch.bfloat16, None, True),
     "bf16-packed": (1, 130, 2, 4, 16, 32, torch.bfloat16, [0, 5, 69, 130], False),
+    # the engine's packed prefill graphs: sequences on chunk boundaries, empty ones between, folded
+    "bf16-packed-empty-fold": (1, 192, 2, 4, 32, 64, torch.bfloat16, [0, 64, 64, 128, 128, 192], True),
 }
 
 
