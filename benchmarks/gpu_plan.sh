@@ -1185,6 +1185,24 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     SERVING_ARGS="--requests 64 --prompt-min 32 --prompt-max 256 --new-tokens 32 --max-num-seqs 64" \
       serving_option_runs packed_prefill 0False 1True 2False 3True 4False
     ;;
+  84)  # thirty-eighth session (carry nothing, ~7 min): packed buckets up to the step's budget (8192 by default, at
+       # most 16 chunks a replay, groups by least calibrated replay time), the scheduler charging each prefill chunk
+       # its aligned length (a full 2048-token step now fits the 2048 bucket, no 2560), calibration timing eager
+       # forwards at the smallest and largest bucket: every tests/cuda test, then the 0.8B throughput workload at
+       # 2048 tokens a step, packed on (first, to fill the Triton cache), on, off, on, off (82 had on 14,802 / off
+       # 11,361 tok/s); the logs name the capture's seconds and replay / eager ms
+    timeout 150 python3 benchmarks/gpu_tests.py tests/cuda -j 8 > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -4
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    serving_option_runs packed_prefill 0True 1True 2False 3True 4False
+    ;;
+  85)  # thirty-eighth session (carry nothing, ~6 min): 84's workload at the engine's default 8192 tokens a step, where
+       # packed graphs of 3072 ... 8192 tokens are new (steps of ~16 chunks and ~80 decode rows ran eagerly: 56.6 ms
+       # median against ~35 ms of device time, RESULTS.md), packed on / off twice after a warm-up; then 83's burst
+    SERVING_ARGS="--chunk 8192" serving_option_runs packed_prefill 0True 1True 2False 3True 4False
+    SERVING_ARGS="--requests 64 --prompt-min 32 --prompt-max 256 --new-tokens 32 --max-num-seqs 64" \
+      serving_option_runs packed_prefill 5True 6False 7True
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

@@ -18,6 +18,7 @@ from hybridlm.engine.block_manager import BlockManager
 from hybridlm.engine.cache import EngineCache, device_tensor, plan_cache
 from hybridlm.engine.detokenize import TextStream
 from hybridlm.engine.generate import StreamRecord, check_prompt
+from hybridlm.engine.packed_prefill import ALIGN
 from hybridlm.engine.params import SamplingParams
 from hybridlm.engine.runner import ModelRunner
 from hybridlm.engine.sampler import Sampler
@@ -49,9 +50,11 @@ class EngineConfig:
     # read once per replay, the host's ~30 ms for an eager step is saved; H100, 0.8B, 256 requests, one prefill
     # chunk a step: 12,803 / 12,908 tok/s against 12,550 / 12,012 unsplit; benchmarks/RESULTS.md)
     split_mixed_steps: bool = True
-    # with split_mixed_steps: a step of several prefill chunks (up to 8) replays one graph over them packed into one
-    # row (`engine/packed_prefill.py`: a bucket per 256 ... 2560 tokens), instead of one replay per chunk, wherever
-    # that replay should cost less
+    # with split_mixed_steps: a step of several prefill chunks replays a graph over them packed into one row
+    # (`engine/packed_prefill.py`: buckets of 256 ... max_num_batched_tokens tokens, at most 8192; 8 to 16 chunks a
+    # replay, more take several), instead of one replay per chunk or an eager step, wherever that should cost less;
+    # the scheduler then charges each prefill chunk its length aligned to 64 tokens, so that a full step fits its
+    # bucket
     packed_prefill: bool = True
     # decode sampled on the device (greedy, or the engine's samplers without a repetition penalty): launch the next
     # step on this step's tokens still on the device, then read them back, so the host's scheduling and
@@ -101,7 +104,10 @@ class Engine:
                                   paged_prefill_kernel=self.config.paged_prefill_kernel,
                                   prefill_graphs=min(self.config.prefill_graphs, self.config.max_num_batched_tokens),
                                   split_mixed_steps=self.config.split_mixed_steps,
-                                  packed_prefill=self.config.packed_prefill)
+                                  packed_prefill=self.config.max_num_batched_tokens if self.config.packed_prefill
+                                  else 0)
+        if self.runner.packed_graphs is not None:  # each prefill chunk charged its aligned length: a step fits a bucket
+            self.scheduler.prefill_align = ALIGN
         self.requests: dict[str, Sequence] = {}
         self._samplers: dict[str, Callable] = {}
         self._texts: dict[str, TextStream] = {}

@@ -8,8 +8,9 @@ function of L alone, so that one captured graph serves any set of chunks whose t
 
 - each chunk is right-padded to a multiple of 64 tokens (`ALIGN`), so the row holds exactly L / 64 GDN chunks
   (L / 32 conv blocks) and the chunk tables the kernels read (`ops.varlen.attach_chunk_tables`) keep their shapes;
-- there are always `SEQUENCES` + 1 sequence rows: the real chunks, then empty rows, then one row that takes the
-  rest of the L tokens; empty and last rows use the scratch state row and write their K/V to the scratch block;
+- a bucket has a fixed number of sequence rows (`capacity` + 1: 9 up to 4096 tokens): the real chunks, then empty
+  rows, then one row that takes the rest of the L tokens; empty and last rows use the scratch state row and write
+  their K/V to the scratch block;
 - attention sees each chunk's padding as a sequence of its own (start 0, block-table row 0), so a real query never
   reads its own padded positions' (unwritten) K/V slots; padded rows' attention outputs are zeroed.
 
@@ -27,14 +28,19 @@ from hybridlm.ops.varlen import attach_chunk_tables, attach_host_bounds
 
 ALIGN = 64  # the GDN chunk; a multiple of the conv kernel's 32-token blocks
 CONV_BLOCK = 32
-SEQUENCES = 8  # real chunks a packed step holds at most
-# token buckets: a full step of 2048 tokens and eight chunks' alignment padding fit the largest
-PACKED_BUCKETS = (256, 512, 1024, 1536, 2048, 2560)
+SEQUENCES = 8  # real chunks a packed bucket holds at least; one more per ROW_TOKENS past 8 x ROW_TOKENS
+ROW_TOKENS = 512
+# token buckets below the step's (the engine's scheduler charges each prefill chunk its aligned length, so a step's
+# chunks fit a bucket of its token budget, `Scheduler.prefill_align`); the step's own budget is the largest bucket
+PACKED_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096, 6144)
+PACKED_MAX = 8192  # the largest bucket: a step past it takes several replays (or runs eagerly)
+# cost of a replay in tokens, for grouping before calibration (`PackedPrefillGraphs.plan`)
+UNCALIBRATED_REPLAY_TOKENS = 512
 
 
 class PackedLayout:
     """Where everything sits in the flat int64 input of a packed step of `length` tokens and `rows` sequence rows
-    (SEQUENCES + 1); `conv_width` = the conv kernel's width - 1."""
+    (`capacity(length)` + 1); `conv_width` = the conv kernel's width - 1."""
 
     def __init__(self, length: int, rows: int, conv_width: int) -> None:
         if length % ALIGN:
@@ -56,9 +62,18 @@ class PackedLayout:
 
 
 def packed_buckets(largest: int, table_tokens: int) -> list[int]:
-    """The buckets for steps of up to `largest` tokens, alignment included; none past the block table (a padded
-    row's query reads a table row up to its position)."""
-    return [b for b in PACKED_BUCKETS if b <= min(largest + SEQUENCES * ALIGN, table_tokens)]
+    """The buckets for steps of up to `largest` tokens, each chunk aligned to ALIGN: PACKED_BUCKETS below the
+    largest, which is `largest` aligned, at most PACKED_MAX and never past the block table (a padded row's query reads
+    a table row up to its position); none below two aligned chunks."""
+    top = min(aligned(largest), table_tokens // ALIGN * ALIGN, PACKED_MAX)
+    if top < 2 * ALIGN:
+        return []
+    return [b for b in PACKED_BUCKETS if b < top] + [top]
+
+
+def capacity(bucket: int) -> int:
+    """The real chunks a packed step of `bucket` tokens holds at most (its layout has one row more)."""
+    return max(SEQUENCES, bucket // ROW_TOKENS)
 
 
 def aligned(count: int) -> int:
@@ -182,18 +197,18 @@ class PackedPrefillContext(_StateRows):
 
 
 class PackedPrefillGraphs(PrefillGraphs):
-    """Captured packed prefill forwards, one per token bucket (PACKED_BUCKETS up to `largest` + the alignment of
-    SEQUENCES chunks, and never past the block table). `run` returns the logits of each chunk's last token
-    [chunks, vocab] (a view of graph memory, valid until the next replay), or None when the chunks fit no bucket.
-    Before `capture` (the CPU, in tests) `run` takes the same packed forward eagerly. Capture, calibration and
-    `worth_replaying` are PrefillGraphs'."""
+    """Captured packed prefill forwards, one per token bucket (`packed_buckets`: up to `largest` tokens of aligned
+    chunks, never past the block table). `run` returns the logits of each chunk's last token [chunks, vocab] (a view
+    of graph memory, valid until the next replay), or None when the chunks fit no bucket; `plan` groups a step's
+    chunks into replays. Before `capture` (the CPU, in tests) `run` takes the same packed forward eagerly. Capture,
+    calibration and `worth_replaying` are PrefillGraphs'."""
 
     kind = "packed prefill"
 
     def __init__(self, model, cache: EngineCache, largest: int, pool=None) -> None:
         self.conv_width = model.cache_layout.conv_state_shape[1]
         super().__init__(model, cache, largest, pool)
-        self.layouts = {b: PackedLayout(b, SEQUENCES + 1, self.conv_width) for b in self.buckets}
+        self.layouts = {b: PackedLayout(b, capacity(b) + 1, self.conv_width) for b in self.buckets}
         self._bounds: list[int] = []
 
     @staticmethod
@@ -201,7 +216,7 @@ class PackedPrefillGraphs(PrefillGraphs):
         return packed_buckets(largest, table_tokens)
 
     def input_shape(self, length: int) -> tuple[int, ...]:
-        return (PackedLayout(length, SEQUENCES + 1, self.conv_width).size,)
+        return (PackedLayout(length, capacity(length) + 1, self.conv_width).size,)
 
     def _forward(self, length: int) -> torch.Tensor:
         layout = self.layouts[length]
@@ -214,12 +229,40 @@ class PackedPrefillGraphs(PrefillGraphs):
         values, self._bounds = capture_inputs(self.cache, self.layouts[length])
         self.inputs[:values.size].copy_(torch.from_numpy(values))
 
+    def _bucket(self, tokens: int, chunks: int) -> int | None:
+        return next((b for b in self.buckets if b >= tokens and capacity(b) >= chunks), None)
+
     def fits(self, counts: list[int]) -> int | None:
         """The bucket for chunks of `counts` tokens, or None."""
-        if not 0 < len(counts) <= SEQUENCES:
+        return self._bucket(packed_tokens(counts), len(counts)) if counts else None
+
+    def plan(self, counts: list[int]) -> list[tuple[int, int, int]] | None:
+        """Chunks of `counts` tokens, in order, as consecutive groups (begin, end, bucket), one replay each, at the
+        least summed replay time (calibrated; before calibration a bucket's tokens plus UNCALIBRATED_REPLAY_TOKENS);
+        None if a chunk fits no bucket."""
+        def cost(bucket: int) -> float:
+            return self.replay_ms[bucket] if self.replay_ms else bucket + UNCALIBRATED_REPLAY_TOKENS
+
+        ends = np.concatenate([[0], np.cumsum([aligned(n) for n in counts])]).tolist()
+        # best[i]: (the least cost of the first i chunks, their last group's begin, its bucket)
+        best: list[tuple[float, int, int]] = [(0.0, 0, 0)]
+        for end in range(1, len(counts) + 1):
+            best.append((float("inf"), 0, 0))
+            for begin in range(end - 1, -1, -1):
+                bucket = self._bucket(ends[end] - ends[begin], end - begin)
+                if bucket is None:  # a longer group fits no better
+                    break
+                total = best[begin][0] + cost(bucket)
+                if total < best[end][0]:
+                    best[end] = (total, begin, bucket)
+        if not counts or best[-1][0] == float("inf"):
             return None
-        tokens = packed_tokens(counts)
-        return next((b for b in self.buckets if b >= tokens), None)
+        groups, end = [], len(counts)
+        while end:
+            _, begin, bucket = best[end]
+            groups.append((begin, end, bucket))
+            end = begin
+        return groups[::-1]
 
     def run(self, chunks: list[tuple[list[int], int, int, list[int]]]) -> torch.Tensor | None:
         """`chunks`: (tokens, start position, state slot, block table) of each."""

@@ -153,7 +153,8 @@ class PrefillGraphs:
         self.pool = pool
         # measured after capture (`calibrate`): each bucket's replay and an eager forward's wall time, in ms
         self.replay_ms: dict[int, float] = {}
-        self.eager_host_ms = 0.0
+        self.eager_ms: dict[int, float] = {}  # an eager forward's wall time at the smallest and largest bucket
+        self.eager_host_ms = 0.0  # the smallest's
 
     @staticmethod
     def bucket_lengths(largest: int, table_tokens: int) -> list[int]:
@@ -191,6 +192,7 @@ class PrefillGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first so that smaller graphs reuse its memory pool."""
+        started = time.perf_counter()
         device = self.model.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -208,24 +210,28 @@ class PrefillGraphs:
             self.graphs[length] = graph
         torch.cuda.synchronize(device)
         self.calibrate()
-        logger.info("captured %s CUDA graphs for lengths %s (replays %s ms; an eager forward %.1f ms)",
-                    self.kind, self.buckets, [round(self.replay_ms[b], 2) for b in self.buckets], self.eager_host_ms)
+        logger.info("captured %s CUDA graphs for lengths %s in %.1f s (replays %s ms; eager forwards %s ms)",
+                    self.kind, self.buckets, time.perf_counter() - started,
+                    [round(self.replay_ms[b], 2) for b in self.buckets],
+                    {b: round(ms, 1) for b, ms in self.eager_ms.items()})
 
     @torch.inference_mode()
     def calibrate(self, repeats: int = 3) -> None:
-        """Time each bucket's replay on the device, and the wall time of an eager forward of the smallest bucket
-        (bound by the host wherever graphs pay), for `worth_replaying`. Inputs as at capture."""
+        """Time each bucket's replay on the device, and the wall time of an eager forward of the smallest and of the
+        largest bucket (the first bound by the host wherever graphs pay, the second by the device or by both where
+        they do not overlap), for `worth_replaying`. Inputs as at capture."""
         device = self.model.device
-        smallest = self.buckets[0]
-        self._fill(smallest)
-        walls = []
-        for _ in range(repeats):
-            torch.cuda.synchronize(device)
-            begin = time.perf_counter()
-            self._forward(smallest)
-            torch.cuda.synchronize(device)
-            walls.append(time.perf_counter() - begin)
-        self.eager_host_ms = 1e3 * sorted(walls)[repeats // 2]
+        for length in dict.fromkeys((self.buckets[0], self.buckets[-1])):
+            self._fill(length)
+            walls = []
+            for _ in range(repeats):
+                torch.cuda.synchronize(device)
+                begin = time.perf_counter()
+                self._forward(length)
+                torch.cuda.synchronize(device)
+                walls.append(time.perf_counter() - begin)
+            self.eager_ms[length] = 1e3 * sorted(walls)[repeats // 2]
+        self.eager_host_ms = self.eager_ms[self.buckets[0]]
         for length in self.buckets:
             self._fill(length)
             graph = self.graphs[length]
@@ -238,30 +244,39 @@ class PrefillGraphs:
             end.synchronize()
             self.replay_ms[length] = begin.elapsed_time(end) / repeats
 
-    def device_ms(self, tokens: int) -> float:
-        """The device time of a forward over `tokens` tokens, from the replays' times: linear between buckets,
-        the smallest's below it, proportional past the largest."""
-        lengths = self.buckets
+    @staticmethod
+    def _interpolate(times: dict[int, float], tokens: int) -> float:
+        """Linear between the lengths timed, the smallest's below them, proportional past the largest."""
+        lengths = sorted(times)
         if tokens <= lengths[0]:
-            return self.replay_ms[lengths[0]]
+            return times[lengths[0]]
         if tokens >= lengths[-1]:
-            return self.replay_ms[lengths[-1]] * tokens / lengths[-1]
+            return times[lengths[-1]] * tokens / lengths[-1]
         i = bisect.bisect_left(lengths, tokens)
         low, high = lengths[i - 1], lengths[i]
         share = (tokens - low) / (high - low)
-        return self.replay_ms[low] + share * (self.replay_ms[high] - self.replay_ms[low])
+        return times[low] + share * (times[high] - times[low])
+
+    def device_ms(self, tokens: int) -> float:
+        """The device time of a forward over `tokens` tokens, from the replays' times."""
+        return self._interpolate(self.replay_ms, tokens)
+
+    def eager_step_ms(self, tokens: int) -> float:
+        """What an eager step over `tokens` tokens should take: at least the host's time for an eager forward, the
+        device time of its tokens, and the eager forwards' wall times timed at calibration, interpolated."""
+        timed = self._interpolate(self.eager_ms, tokens) if self.eager_ms else 0.0
+        return max(self.eager_host_ms, self.device_ms(tokens), timed)
 
     def worth_replaying(self, buckets: list[int], tokens: int, decode_rows: bool) -> bool:
         """Whether replaying the graphs of `buckets` (and then a decode step, costed as the smallest bucket's
-        replay) should take no longer than one eager step over the same `tokens`, which costs at least the host's
-        time for an eager forward and at least the device time of its tokens. Before calibration (on the CPU,
-        in tests): always."""
+        replay) should take no longer than one eager step over the same `tokens` (`eager_step_ms`). Before
+        calibration (on the CPU, in tests): always."""
         if not self.replay_ms:
             return True
         replays = sum(self.replay_ms[b] for b in buckets)
         if decode_rows:
             replays += self.replay_ms[self.buckets[0]]
-        return replays <= max(self.eager_host_ms, self.device_ms(tokens))
+        return replays <= self.eager_step_ms(tokens)
 
     def fits(self, start: int, count: int) -> int | None:
         """The bucket for a chunk of `count` tokens from position `start`, or None."""

@@ -40,11 +40,11 @@ def graphs_supported(model: HybridLM) -> str | None:
 class ModelRunner:
     def __init__(self, model: HybridLM, cache: EngineCache, max_batch: int, cuda_graphs: bool = True,
                  paged_prefill_kernel: bool = True, prefill_graphs: int = 0, split_mixed_steps: bool = False,
-                 packed_prefill: bool = False) -> None:
+                 packed_prefill: int = 0) -> None:
         """`prefill_graphs`: capture one-sequence prefills up to this many tokens per length bucket (0: none).
         `split_mixed_steps`: a step of several chunks runs as one prefill replay per prefill chunk, then the decode
-        rows' step; with `packed_prefill`, as one replay over the prefill chunks packed together where that costs
-        less (see EngineConfig)."""
+        rows' step; with `packed_prefill` (the largest step's tokens, each chunk aligned: the scheduler's budget; 0:
+        off), as replays over the prefill chunks packed together where that costs less (see EngineConfig)."""
         self.model = model
         self.cache = cache
         self.device = model.device
@@ -72,8 +72,8 @@ class ModelRunner:
                 unpacked = packed_supported(model)
                 if unpacked is not None:
                     logger.info("prefill chunks replay one graph each, not packed: %s", unpacked)
-                elif split_mixed_steps and packed_prefill and packed_buckets(prefill_graphs, table_tokens(cache)):
-                    self.packed_graphs = PackedPrefillGraphs(model, cache, prefill_graphs,
+                elif split_mixed_steps and packed_prefill and packed_buckets(packed_prefill, table_tokens(cache)):
+                    self.packed_graphs = PackedPrefillGraphs(model, cache, packed_prefill,
                                                              pool=self.prefill_graphs.pool)
                     self.packed_graphs.capture()
             else:
@@ -133,21 +133,22 @@ class ModelRunner:
         return self.model.forward_with_context(ids_t[:, None], context)[:, 0]
 
     def _graph_prefill(self, chunks: list[Chunk]) -> torch.Tensor | None:
-        """A step's prefill chunks through the prefill graphs, one replay each: a chunk alone, or
-        (`split_mixed_steps`) several chunks and decode rows, which then take the decode path (their graphs). None
-        when the step does not qualify: a chunk fits no bucket, or the replays should cost more than the eager
-        step (`PrefillGraphs.worth_replaying`)."""
+        """A step's prefill chunks through the prefill graphs: a chunk alone, or (`split_mixed_steps`) several
+        chunks and decode rows, which then take the decode path (their graphs). The prefill chunks replay the packed
+        graphs in groups (`_packed_groups`) where that costs less, else one one-sequence graph each. None when the
+        step does not qualify: a chunk fits no bucket, or the replays should cost more than the eager step
+        (`PrefillGraphs.worth_replaying`)."""
         graphs = self.prefill_graphs
         prefill = [c for c in chunks if not (c.length == 1 and c.start > 0 and c.samples)]
         if not prefill or (len(chunks) > 1 and not self.split_mixed_steps):
             self.step_counts["eager: several chunks, split off"] += 1
             return None
         buckets = [graphs.fits(c.start, c.length) for c in prefill]
-        if None in buckets:
-            self.step_counts["eager: a chunk fits no bucket"] += 1
-            return None
         tokens, decode_rows = sum(c.length for c in chunks), len(prefill) < len(chunks)
         groups = self._packed_groups(prefill, buckets, tokens, decode_rows)
+        if groups is None and None in buckets:
+            self.step_counts["eager: a chunk fits no bucket"] += 1
+            return None
         if groups is None and not graphs.worth_replaying(buckets, tokens, decode_rows):
             self.step_counts["eager: replays would cost more"] += 1
             return None
@@ -176,26 +177,26 @@ class ModelRunner:
             rows.update((id(c), decoded[i:i + 1]) for i, c in enumerate(decode))
         return torch.cat([rows[id(c)] for c in chunks])
 
-    def _packed_groups(self, prefill: list[Chunk], buckets: list[int], tokens: int,
+    def _packed_groups(self, prefill: list[Chunk], buckets: list[int | None], tokens: int,
                        decode_rows: bool) -> list[list[Chunk]] | None:
-        """A step of several prefill chunks in groups for the packed graphs (in order, each as many chunks as one
-        packed replay holds), where those replays should cost less than the chunks' one-sequence replays and than
-        the eager step; else None."""
+        """A step's prefill chunks in groups for the packed graphs (`PackedPrefillGraphs.plan`: consecutive, each
+        one replay, at the least summed replay time), where those replays should cost less than the eager step and
+        than the chunks' one-sequence replays (`buckets`; None where a chunk fits none: a chunk alone then takes a
+        packed replay too); else None."""
         packed = self.packed_graphs
-        if packed is None or len(prefill) < 2:
+        if packed is None or (len(prefill) < 2 and None not in buckets):
             return None
-        groups: list[list[Chunk]] = [[]]
-        for chunk in prefill:
-            if packed.fits([c.length for c in groups[-1] + [chunk]]) is None:
-                groups.append([])
-            groups[-1].append(chunk)
-        group_buckets = [packed.fits([c.length for c in group]) for group in groups]
-        if None in group_buckets or not packed.worth_replaying(group_buckets, tokens, decode_rows):
+        plan = packed.plan([c.length for c in prefill])
+        if plan is None:
+            return None
+        group_buckets = [bucket for _, _, bucket in plan]
+        if not packed.worth_replaying(group_buckets, tokens, decode_rows):
             return None
         one_by_one = self.prefill_graphs.replay_ms
-        if one_by_one and (sum(packed.replay_ms[b] for b in group_buckets) > sum(one_by_one[b] for b in buckets)):
+        if (one_by_one and None not in buckets
+                and sum(packed.replay_ms[b] for b in group_buckets) > sum(one_by_one[b] for b in buckets)):
             return None
-        return groups
+        return [prefill[begin:end] for begin, end, _ in plan]
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor:

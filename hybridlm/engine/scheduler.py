@@ -7,6 +7,9 @@ released and it waits to be recomputed (its K/V blocks usually stay findable in 
 
 Prefill chunks that stop short of the prompt end stop on block boundaries, and the prompt is cut at its
 last block boundary, so the recurrent state is available exactly where the prefix cache can use it.
+
+With `prefill_align` (the engine sets it where packed prefill graphs run: 64) a prefill chunk costs its length
+rounded up to a multiple of it, as the packed row holds it, so a step's chunks fit the bucket of its budget.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_align = 1  # what a prefill chunk's cost is rounded up to (module docstring)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.decode_snapshots: dict[str, bytes] = {}  # request id -> hash of its latest decode snapshot
@@ -122,7 +126,20 @@ class Scheduler:
             elif start + length < end:  # a partial chunk ends on a block boundary
                 aligned = ((start + length) // size) * size - start
                 length = aligned if aligned > 0 else length
+        align = self.prefill_align
+        if self._cost(sequence, start, length) > budget >= align:  # a partial chunk whose aligned length fits
+            length = budget // align * align
+            aligned = ((start + length) // size) * size - start
+            length = aligned if aligned > 0 else length
         return length
+
+    def _cost(self, sequence: Sequence, start: int, length: int) -> int:
+        """A chunk's charge on the step's budget: a decode token 1, a prefill chunk its length rounded up to
+        `prefill_align` (where it leaves less than that, the step's last chunk may go over by the rest: with a
+        budget that is a multiple of the alignment, the aligned chunks still fit it)."""
+        if length == 1 and start > 0 and start + 1 == sequence.num_tokens:
+            return 1
+        return -(-length // self.prefill_align) * self.prefill_align
 
     def _hashes(self, sequence: Sequence, limit: int) -> list[bytes]:
         """The sequence's block hashes, extended to the full blocks of its first `limit` tokens (hashed once each:
@@ -170,7 +187,7 @@ class Scheduler:
         scheduled: set[int] = set()
         # running sequences, oldest first; preempt the newest when blocks run out
         for sequence in list(self.running):
-            if sequence not in self.running or budget == 0:
+            if sequence not in self.running or budget <= 0:
                 continue
             length = self._chunk_length(sequence, budget)
             while True:
@@ -188,7 +205,7 @@ class Scheduler:
             end = sequence.num_computed + length
             output.chunks.append(Chunk(sequence, sequence.num_computed, length, save_to=self._snapshot_slot(sequence, end)))
             scheduled.add(id(sequence))
-            budget -= length
+            budget -= self._cost(sequence, sequence.num_computed, length)
         # waiting sequences, in arrival order, while everything they need is free (not right after a
         # preemption: the freed blocks are spoken for by the running sequences' next tokens)
         while self.waiting and not output.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -216,7 +233,7 @@ class Scheduler:
             end = matched + length
             output.chunks.append(Chunk(sequence, matched, length, restore_from=snapshot,
                                        reset_state=snapshot is None, save_to=self._snapshot_slot(sequence, end)))
-            budget -= length
+            budget -= self._cost(sequence, matched, length)
         return output
 
     def commit(self, output: SchedulerOutput) -> None:

@@ -142,3 +142,34 @@ def test_too_long_prompt_is_refused_at_once():
     scheduler = Scheduler(BlockManager(2, 4, 1, 0), max_num_seqs=1, max_num_batched_tokens=8)
     with pytest.raises(ValueError, match="needs 3 KV blocks but the whole cache has 2"):
         scheduler.add(make(8))
+
+
+def test_aligned_prefill_costs_fit_the_budget():
+    """With `prefill_align` (packed prefill graphs), each prefill chunk costs its length rounded up to 64: a full
+    step's aligned prefill chunks fit the budget (the packed bucket), its tokens too, and every prompt finishes."""
+    scheduler = Scheduler(BlockManager(256, 64, 8, 8), max_num_seqs=8, max_num_batched_tokens=256)
+    scheduler.prefill_align = 64
+    sequences = [make(n, max_tokens=3) for n in (100, 30, 200, 10, 300, 70)]
+    for s in sequences:
+        scheduler.add(s)
+    steps = 0
+    while scheduler.has_work and steps < 100:
+        out = scheduler.schedule()
+        prefill = [c for c in out.chunks if not (c.length == 1 and c.start > 0 and c.samples)]
+        decode = len(out.chunks) - len(prefill)
+        assert sum(-(-c.length // 64) * 64 for c in prefill) <= 256, [(c.start, c.length) for c in out.chunks]
+        assert sum(c.length for c in prefill) + decode <= 256
+        scheduler.commit(out)
+        for c in out.chunks:
+            if c.samples:
+                c.sequence.output_token_ids.append(7)
+                if len(c.sequence.output_token_ids) == 3:
+                    scheduler.finish(c.sequence, "length")
+        steps += 1
+    assert not scheduler.has_work and all(s.is_finished for s in sequences)
+    # the first step: 100 cut at 64, 30 (aligned 64), 200 cut at 128: 256 aligned tokens
+    first = Scheduler(BlockManager(256, 64, 8, 8), max_num_seqs=8, max_num_batched_tokens=256)
+    first.prefill_align = 64
+    for n in (100, 30, 200):
+        first.add(make(n))
+    assert [(c.start, c.length) for c in first.schedule().chunks] == [(0, 64), (0, 30), (0, 128)]

@@ -10,8 +10,9 @@ import torch
 
 from hybridlm.engine.cache import EngineCache, PagedContext
 from hybridlm.engine.engine import Engine, EngineConfig
-from hybridlm.engine.packed_prefill import (ALIGN, PackedLayout, PackedPrefillContext, PackedPrefillGraphs,
-                                            capture_inputs, packed_buckets, packed_inputs, packed_tokens)
+from hybridlm.engine.packed_prefill import (ALIGN, PACKED_MAX, PackedLayout, PackedPrefillContext,
+                                            PackedPrefillGraphs, capacity, capture_inputs, packed_buckets,
+                                            packed_inputs, packed_tokens)
 from hybridlm.engine.prefill_graphs import PrefillGraphs
 from tests.engine.test_engine import GREEDY, prompts, reference, run
 from tests.engine.test_prefill_graphs import BLOCK, llm  # noqa: F401 (a fixture)
@@ -144,32 +145,57 @@ def test_packed_prefill_on_the_kernels_reads_only_device_tables(llm, kernels_for
         torch.testing.assert_close(caches[1].conv[layer][:2], caches[0].conv[layer][:2], rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("lengths, join_every, max_num_seqs", [
-    ([5, 70, 30, 64, 1], 0, 4), ([5, 70, 130, 64, 1, 200], 2, 4), ([9, 3, 20, 1, 14, 7, 2, 11, 5, 30, 8], 0, 12),
-], ids=["at-once", "joining", "eleven-at-once"])
-def test_engine_with_packed_prefills_equals_reference(llm, lengths, join_every, max_num_seqs):
+@pytest.mark.parametrize("lengths, join_every, max_num_seqs, budget, align", [
+    ([5, 70, 30, 64, 1], 0, 4, 160, 1), ([5, 70, 130, 64, 1, 200], 2, 4, 160, 1),
+    ([9, 3, 20, 1, 14, 7, 2, 11, 5, 30, 8], 0, 12, 160, 1), ([5, 70, 130, 64, 1, 200, 33], 0, 8, 192, ALIGN),
+], ids=["at-once", "joining", "eleven-at-once", "aligned"])
+def test_engine_with_packed_prefills_equals_reference(llm, lengths, join_every, max_num_seqs, budget, align):
     """The engine sending steps of several prefill chunks through the packed forward (uncaptured on the CPU), the
     decode rows of a mixed step through the decode path: greedy tokens as the plain reference. Eleven prompts at
-    once take two packed replays in one step (eight chunks, then three)."""
+    once take two packed replays in one step. "aligned": the scheduler charges aligned chunks (as the engine sets it
+    where packed graphs run), so every step's chunks fit the one bucket of its budget, chunks longer than any
+    one-sequence graph included."""
     batch = prompts(lengths, seed=3)
     expected = [reference(llm, p) for p in batch]
-    config = EngineConfig(max_num_batched_tokens=160, block_size=BLOCK, max_num_seqs=max_num_seqs)
+    config = EngineConfig(max_num_batched_tokens=budget, block_size=BLOCK, max_num_seqs=max_num_seqs)
     engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, config)
+    engine.scheduler.prefill_align = align
     runner = engine.runner
     runner.prefill_graphs = PrefillGraphs(llm.model, runner.cache, 128)
-    packed = runner.packed_graphs = PackedPrefillGraphs(llm.model, runner.cache, 128)
-    assert packed.buckets == [256, 512]
+    packed = runner.packed_graphs = PackedPrefillGraphs(llm.model, runner.cache, 512 if align == 1 else budget)
+    assert packed.buckets == ([256, 512] if align == 1 else [budget])
     replays, original = [], packed.run
     packed.run = lambda chunks: replays.append(len(chunks)) or original(chunks)
     sequences = run(engine, [(p, GREEDY) for p in batch], join_every)
     assert [s.output_token_ids for s in sequences] == expected
     assert replays, runner.step_counts
     if len(lengths) > 8:
-        assert replays[:2] == [8, 3], replays
+        assert len(replays) >= 2 and sum(replays[:2]) == 11, replays
+    if align > 1:
+        assert runner.step_counts["eager: a chunk fits no bucket"] == 0, runner.step_counts
 
 
 def test_packed_buckets():
-    assert packed_buckets(2048, 10**6) == [256, 512, 1024, 1536, 2048, 2560]
-    assert packed_buckets(128, 512) == [256, 512]  # a step of 128 tokens and its chunks' alignment
-    assert packed_buckets(2048, 512) == [256, 512]  # never past the block table
-    assert packed_buckets(2048, 200) == []
+    assert packed_buckets(2048, 10**6) == [256, 512, 1024, 1536, 2048]
+    assert packed_buckets(8192, 10**6) == [256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+    assert packed_buckets(3000, 10**6) == [256, 512, 1024, 1536, 2048, 3008]  # the budget aligned
+    assert packed_buckets(32768, 10**6)[-1] == PACKED_MAX
+    assert packed_buckets(128, 512) == [128]
+    assert packed_buckets(2048, 500) == [256, 448]  # never past the block table
+    assert packed_buckets(2048, 100) == []
+    assert [capacity(b) for b in (256, 2048, 4096, 6144, 8192)] == [8, 8, 8, 12, 16]
+
+
+def test_packed_plan_groups_chunks_at_the_least_cost(llm):
+    model = llm.model
+    cache = fresh_cache(model)
+    packed = PackedPrefillGraphs(model, cache, 512)
+    assert packed.buckets == [256, 512] and packed.plan([]) is None
+    assert packed.plan([600]) is None  # fits no bucket
+    assert packed.plan([100, 100]) == [(0, 2, 256)]
+    # eleven one-block chunks: eight in the 512 bucket (the capacity), three in 256
+    assert [(end - begin, bucket) for begin, end, bucket in packed.plan([5] * 11)] in ([(8, 512), (3, 256)],
+                                                                                       [(3, 256), (8, 512)])
+    packed.replay_ms = {256: 1.0, 512: 5.0}  # calibrated: two small replays beat one large
+    assert packed.plan([100, 100, 100, 100]) == [(0, 2, 256), (2, 4, 256)]
+    assert packed.fits([5] * 9) is None and packed.fits([5] * 8) == 512

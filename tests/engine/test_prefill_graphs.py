@@ -103,6 +103,13 @@ def test_replays_are_taken_where_they_should_cost_less_than_the_eager_step(llm):
     assert graphs.worth_replaying([64, 128, 256], 300, decode_rows=False)  # 4.5 ms
     assert not graphs.worth_replaying([512, 512], 600, decode_rows=False)  # 8 ms against the device's 4.7 for 600
     assert graphs.worth_replaying([512, 512], 1024, decode_rows=False)  # 8 ms against the device's 8 for 1024
+    # eager forwards timed at the smallest and largest bucket: a large step's eager cost where host and device
+    # do not overlap (4.5 ms at 64, 9 ms at 512: 6.75 for 288 tokens, proportional past 512)
+    graphs.eager_ms = {64: 4.5, 512: 9.0}
+    assert graphs.eager_step_ms(288) == pytest.approx(6.75)
+    assert graphs.eager_step_ms(600) == pytest.approx(9 * 600 / 512)
+    assert graphs.worth_replaying([512], 288, decode_rows=True)  # 5 ms against 6.75
+    assert graphs.worth_replaying([512, 512], 600, decode_rows=False)  # 8 ms against 10.55
 
 
 def record_runs(graphs: PrefillGraphs) -> list[tuple[int, int, bool]]:
