@@ -194,7 +194,8 @@ def throughput_part(name: str, ours, hf_model, tokenizer, gate_passed: bool | No
     for graphs in (engine.runner.prefill_graphs, engine.runner.packed_graphs):
         if graphs is not None and graphs.replay_ms:
             log(f"  {graphs.kind} replay ms: " + ", ".join(f"{b} {ms:.2f}" for b, ms in graphs.replay_ms.items())
-                + "; eager forwards " + ", ".join(f"{b} {ms:.1f}" for b, ms in graphs.eager_ms.items()) + " ms")
+                + "; eager forwards " + ", ".join(f"{b} {ms:.1f}" for b, ms in graphs.eager_ms.items())
+                + f" ms; captured in {graphs.capture_s:.1f} s")
     del engine
     free_memory()
     theirs, note = float("nan"), "transformers not run"

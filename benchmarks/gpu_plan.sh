@@ -125,15 +125,16 @@ VARIANTS_CP="cp:gdn_chunk.STATE_PASS_CP=True"
 VARIANTS_BOTH="fold+cp:gdn_chunk.FOLD_WU_INTO_H=True,gdn_chunk.STATE_PASS_CP=True"
 
 serving_option_runs() {  # the 0.8B throughput workload once per argument after the first (run number + value of
-                         # the engine option named first); $SERVING_ARGS: more bench_e2e.py arguments (the workload)
+                         # the engine option named first); $SERVING_ARGS: more bench_e2e.py arguments (the workload),
+                         # $SERVING_TIMEOUT: seconds a run may take (100)
   local option=$1 run value
   shift
   for run in "$@"; do
     value=${run:1}
-    timeout 100 python3 benchmarks/bench_e2e.py --parts throughput --no-hf ${SERVING_ARGS:-} \
+    timeout ${SERVING_TIMEOUT:-100} python3 benchmarks/bench_e2e.py --parts throughput --no-hf ${SERVING_ARGS:-} \
       --engine-option $option=$value \
       --log "$OUT/serving_$run.log" > /dev/null 2>&1
-    echo "$option=$value"; grep -i 'tok/s\|TTFT p\|TPOT p\|steps:\|replay ms\|Error' "$OUT/serving_$run.log" | head -6
+    echo "$option=$value"; grep -i 'tok/s\|TTFT p\|TPOT p\|steps:\|replay ms\|Error' "$OUT/serving_$run.log" | head -8
   done
 }
 
@@ -1202,6 +1203,12 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     SERVING_ARGS="--chunk 8192" serving_option_runs packed_prefill 0True 1True 2False 3True 4False
     SERVING_ARGS="--requests 64 --prompt-min 32 --prompt-max 256 --new-tokens 32 --max-num-seqs 64" \
       serving_option_runs packed_prefill 5True 6False 7True
+    ;;
+  86)  # thirty-eighth session (carry nothing, ~9 min): 9B serving (random weights, 256 requests, 128-2048 tokens)
+       # with packed prefill on and off at 2048 and 8192 tokens a step: at 9B a full step is device-bound, so the
+       # calibrated rule should keep it eager where packing does not pay; nothing should be lost
+    SERVING_TIMEOUT=150 SERVING_ARGS="--serving-model 9B" serving_option_runs packed_prefill 0True 1False 2True
+    SERVING_TIMEOUT=150 SERVING_ARGS="--serving-model 9B --chunk 8192" serving_option_runs packed_prefill 3True 4False
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2

@@ -155,6 +155,7 @@ class PrefillGraphs:
         self.replay_ms: dict[int, float] = {}
         self.eager_ms: dict[int, float] = {}  # an eager forward's wall time at the smallest and largest bucket
         self.eager_host_ms = 0.0  # the smallest's
+        self.capture_s = 0.0  # warm-up, capture and calibration, seconds
 
     @staticmethod
     def bucket_lengths(largest: int, table_tokens: int) -> list[int]:
@@ -210,8 +211,9 @@ class PrefillGraphs:
             self.graphs[length] = graph
         torch.cuda.synchronize(device)
         self.calibrate()
+        self.capture_s = time.perf_counter() - started
         logger.info("captured %s CUDA graphs for lengths %s in %.1f s (replays %s ms; eager forwards %s ms)",
-                    self.kind, self.buckets, time.perf_counter() - started,
+                    self.kind, self.buckets, self.capture_s,
                     [round(self.replay_ms[b], 2) for b in self.buckets],
                     {b: round(ms, 1) for b, ms in self.eager_ms.items()})
 
