@@ -10,6 +10,7 @@ from hybridlm.engine.cache import EngineCache, PagedContext, plan_cache
 from hybridlm.engine.packed_prefill import PackedPrefillGraphs
 from hybridlm.engine.runner import packed_supported
 from tests.checkpoints import VOCAB, write_checkpoint
+from tests.engine.test_packed_prefill import with_tables_and_states
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,14 +29,8 @@ def model(tmp_path_factory):
 
 
 def cache_of(model) -> EngineCache:
-    cache = EngineCache(model, plan_cache(model.cache_layout, model.dtype, 64 << 20, max_num_seqs=4,
-                                          block_size=BLOCK))
-    for slot, table in TABLES.items():
-        cache.block_tables[slot, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    generator = torch.Generator().manual_seed(11)  # random states, as sequences restored from snapshots have
-    for pool in (*cache.conv.values(), *cache.recurrent.values()):
-        pool.copy_(torch.randn(pool.shape, generator=generator).to(pool.dtype))
-    return cache
+    plan = plan_cache(model.cache_layout, model.dtype, 64 << 20, max_num_seqs=4, block_size=BLOCK)
+    return with_tables_and_states(EngineCache(model, plan), TABLES, 11)
 
 
 @torch.inference_mode()

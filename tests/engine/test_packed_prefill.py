@@ -22,14 +22,18 @@ from tests.model.test_kernel_path import kernels_forced  # noqa: F401 (a fixture
 TABLES = {0: [5, 1, 7, 3, 9, 0, 8], 1: [2, 4, 6, 10, 11, 12, 13], 3: [14, 15, 16, 17, 18, 19, 20]}
 
 
-def fresh_cache(model) -> EngineCache:
-    cache = one_sequence_cache(model)  # blocks of BLOCK tokens, four state slots
-    for slot, table in TABLES.items():
+def with_tables_and_states(cache: EngineCache, tables: dict[int, list[int]], seed: int) -> EngineCache:
+    """`cache` with these block tables and random states (as sequences restored from snapshots have)."""
+    for slot, table in tables.items():
         cache.block_tables[slot, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    generator = torch.Generator().manual_seed(7)  # random states, as sequences restored from snapshots have
+    generator = torch.Generator().manual_seed(seed)
     for pool in (*cache.conv.values(), *cache.recurrent.values()):
         pool.copy_(torch.randn(pool.shape, generator=generator).to(pool.dtype))
     return cache
+
+
+def fresh_cache(model) -> EngineCache:
+    return with_tables_and_states(one_sequence_cache(model), TABLES, 7)  # blocks of BLOCK tokens, 4 state slots
 
 
 def layout_of(model, length: int) -> PackedLayout:
