@@ -592,8 +592,12 @@ def compile_launch(fn, args, kwargs):
         with contextlib.redirect_stdout(sys.stderr if VERBOSE else io.StringIO()):
             compiled = triton.compile(src, target=TARGET, options=options.__dict__)
     except Exception as error:  # noqa: BLE001 - reported per launch
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        return dict(ok=False, error=f"{type(error).__name__}: " + "\n".join(lines[:12]), signature=signature,
+        causes = [error]
+        while causes[-1].__cause__ is not None and len(causes) < 8:  # an error in a called @jit function is nested
+            causes.append(causes[-1].__cause__)
+        lines = [line for line in str(causes[-1]).strip().splitlines() if line.strip()]
+        shown = lines if len(lines) <= 12 else lines[:4] + ["..."] + lines[-8:]  # the message is at the end
+        return dict(ok=False, error=f"{type(error).__name__}: " + "\n".join(shown), signature=signature,
                     constexprs=constexprs)
     if DUMP:  # the kernel's TTGIR and PTX, for reading where its registers go
         os.makedirs(DUMP, exist_ok=True)

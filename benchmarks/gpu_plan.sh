@@ -1210,6 +1210,29 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     SERVING_TIMEOUT=150 SERVING_ARGS="--serving-model 9B" serving_option_runs packed_prefill 0True 1False 2True
     SERVING_TIMEOUT=150 SERVING_ARGS="--serving-model 9B --chunk 8192" serving_option_runs packed_prefill 3True 4False
     ;;
+  87)  # thirty-eighth session (carry nothing, ~6 min): the state pass carrying S^T (gdn_chunk.STATE_PASS_TRANSPOSED):
+       # every product on the state's chain takes its left operand from registers (flash attention's P V pattern);
+       # the plain pass stores S, r and v_new to shared memory before each product (five stores, fences and barriers
+       # a chunk step, TTGIR). With whole 128-wide values at 8 warps the state's V rows split across the two
+       # warpgroups (FlashQLA's one CTA a head), which the plain form cannot do without replicating its A operands.
+       # Offline (Triton 3.6, sm_90), the fused main pass: T128 (BV 128, 8 warps, 1 stage, no row norms, no
+       # prefetched row factors) 255 registers, no spill, 37 KB, cut and batch alike; with row norms 396 B spilled
+       # (each per-token factor costs 16 registers a thread in the transposed layout, against 2); T64 at 4 warps and
+       # 2 stages 540 B; the default plain pass 92 B (cut), 4 B (batch). GPU tests of the variant first.
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py -k transposed -j 8 \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -4
+    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
+    local_plain="gdn_chunk.ROW_NORMS_IN_PASS=False,gdn_chunk.STATE_PASS_PREFETCH_ROWS=False"
+    wide="gdn_chunk.STATE_PASS_TRANSPOSED=True,gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8"
+    timeout 380 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
+      --shapes 1x16384 1x65536 8x4096 --variant "norows:$local_plain" \
+      "T128s1:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=1,$local_plain" \
+      "T128s2:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=2,$local_plain" \
+      "T64s1:gdn_chunk.STATE_PASS_TRANSPOSED=True,gdn_chunk.FUSED_OUTPUT_STAGES=1,$local_plain" \
+      "T128rows:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=1" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

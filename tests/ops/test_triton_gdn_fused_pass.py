@@ -153,3 +153,55 @@ def test_prefetched_row_factors_change_nothing(poisoned, monkeypatch, cut):
             assert torch.equal(outs[1][name], outs[0][name]), name
         else:
             assert rel_err(outs[1][name], outs[0][name].double()) <= 1e-3, name
+
+
+@pytest.mark.parametrize("case, fused, wide", [
+    *((case, fused, False) for case in ("fp32", "bf16-fold", "bf16-packed-empty-fold", "bf16-one-token",
+                                        "fp16-odd-dims", "bf16-two-v-blocks") for fused in (False, True)),
+    ("bf16-two-v-blocks", True, True), ("bf16-fold", True, True)])
+def test_transposed_state_pass_changes_nothing(poisoned, monkeypatch, case, fused, wide):
+    """STATE_PASS_TRANSPOSED (the pass carries S^T and forms each product transposed): the same h, v_new (stored in
+    their usual layouts), output and final state, fused or not, folded or not, and it passes float64. `wide`: the
+    fused pass over whole 128-wide values at 8 warps and 1 stage (the layout `gpu_plan.sh 87` times: the state's V
+    rows split across two warpgroups)."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    inputs, args, dtype, dk, dv = fused_case(case, True)
+    skip_where_triton_faults(dk, dv)
+    monkeypatch.setattr(gdn_chunk, "FOLD_WU_INTO_H", FUSED_CASES[case][-1])
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT", fused)
+    if wide:
+        for flag, value in (("FUSED_OUTPUT_BV", 128), ("FUSED_OUTPUT_WARPS", 8), ("FUSED_OUTPUT_STAGES", 1)):
+            monkeypatch.setattr(gdn_chunk, flag, value)
+    outs = []
+    for transposed in (False, True):
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_TRANSPOSED", transposed)
+        outs.append(gdn_chunk._chunk_gdn_fwd(*inputs, **args))
+    for name in ("o", "final_state") + (() if fused else ("h", "v_new")):
+        assert rel_err(outs[1][name], outs[0][name].double()) <= (1e-5 if dtype == torch.float32 else 2 ** -8), name
+    check_outputs(outs[1], *inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"], scale=args["scale"])
+
+
+def test_transposed_state_pass_over_the_cut(poisoned, monkeypatch):
+    """STATE_PASS_TRANSPOSED through the context-parallel cut (its main pass fused with row norms and prefetched row
+    factors, after the plain pre-passes): the output and final state of the plain pass."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_cp
+
+    skip_where_triton_faults(32, 64)
+    *inputs, state = make_inputs(1, 330, 1, 4, 32, 64, torch.bfloat16, 1)
+    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", True), ("ROW_NORMS_IN_PASS", True),
+                        ("STATE_PASS_CP", True), ("CP_SEGMENT_CHUNKS", 2)):
+        monkeypatch.setattr(gdn_chunk, flag, value)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
+    outs, launches = [], []
+    record_launches(monkeypatch, gdn_chunk, "chunk_gdn_fwd_h_kernel", lambda kw: kw.get("TRANSPOSED", False),
+                    launches)
+    for transposed in (False, True):
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_TRANSPOSED", transposed)
+        outs.append(gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state, output_final_state=True,
+                                             cu_seqlens=None))
+    assert launches == [False] * 5 + [True]  # two pre-passes (always plain) and the main pass, twice
+    for name in ("o", "final_state"):
+        assert rel_err(outs[1][name], outs[0][name].double()) <= 2 ** -8, name
+    check_outputs(outs[1], *inputs, state, torch.bfloat16, cu_seqlens=None, scale=None)

@@ -11,6 +11,46 @@ from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _row_factor
 
 
 @triton.jit
+def _per_row(b_f, TRANSPOSED: tl.constexpr):
+    """A vector over a chunk's rows, shaped to scale the rows of a [BT, BV] tile (its columns when TRANSPOSED)."""
+    if TRANSPOSED:  # (no early return: Triton 3.6 compiles the code after it too)
+        b_y = b_f[None, :]
+    else:
+        b_y = b_f[:, None]
+    return b_y
+
+
+@triton.jit
+def _oriented(b_x, TRANSPOSED: tl.constexpr):
+    """A [BT, BV] tile in the pass's orientation ([BV, BT] when TRANSPOSED), and back."""
+    if TRANSPOSED:
+        b_y = tl.trans(b_x)
+    else:
+        b_y = b_x
+    return b_y
+
+
+@triton.jit
+def _rows_times_state(b_x, b_hd, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """x S for rows x [BT, BK] of the chunk: [BT, BV], or (x S)^T = S^T x^T [BV, BT] with S^T given."""
+    if TRANSPOSED:
+        b_y = tl.dot(b_hd, tl.trans(b_x), input_precision=DOT_PRECISION)
+    else:
+        b_y = tl.dot(b_x, b_hd, input_precision=DOT_PRECISION)
+    return b_y
+
+
+@triton.jit
+def _matrix_times(b_M, b_y, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """M y for M [R, BT] (a chunk's [BT, BT] matrix, or k^T) and y [BT, BV], or (M y)^T = y^T M^T with y^T given."""
+    if TRANSPOSED:
+        b_z = tl.dot(b_y, tl.trans(b_M), input_precision=DOT_PRECISION)
+    else:
+        b_z = tl.dot(b_M, b_y, input_precision=DOT_PRECISION)
+    return b_z
+
+
+@triton.jit
 def chunk_gdn_fwd_h_kernel(
     k,  # [B, T, H, K], token stride stride_k
     w,  # [B, T, HV, K]
@@ -72,6 +112,12 @@ def chunk_gdn_fwd_h_kernel(
     # PREFETCH_ROWS (`STATE_PASS_PREFETCH_ROWS`): each step loads the next chunk's G (and norms) and makes its row
     # factors, so the step's own come from registers instead of loads on the state's chain
     PREFETCH_ROWS: tl.constexpr = False,
+    # TRANSPOSED (`STATE_PASS_TRANSPOSED`): the pass carries S^T [BV, BK] and forms every product transposed
+    # (r^T = S^T k^T ..., v_new^T = r'^T X^T, o^T = S^T q^T + v_new^T A^T, S^T += v_new'^T k), so that on Hopper
+    # the left operand of each product on the state's chain (S^T, r^T, v_new^T) can stay in registers, as flash
+    # attention's P does, instead of being stored to shared memory before each product (the plain form's TTGIR,
+    # Triton 3.6: five such stores a chunk step); only the loaded tiles (k, q, X, A) are shared-memory operands
+    TRANSPOSED: tl.constexpr = False,
 ):
     tl.static_assert(not (ROW_NORMS and NORM_K), "ROW_NORMS takes raw keys with their norms given")
     tl.static_assert(not (ROW_NORMS and FUSED_O and not A_GIVEN), "ROW_NORMS with FUSED_O takes q k^T given")
@@ -92,11 +138,18 @@ def chunk_gdn_fwd_h_kernel(
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if IDENTITY_INIT:
-        b_h = tl.where(o_k[:, None] == o_v[None, :], 1., b_h)
+    if TRANSPOSED:  # S^T [BV, BK] over S's [K, V] storage
+        m_kv = (o_v[:, None] < V) & (o_k[None, :] < K)
+        o_kv = o_k[None, :] * V + o_v[:, None]
+        b_h = tl.zeros([BV, BK], dtype=tl.float32)
+        if IDENTITY_INIT:
+            b_h = tl.where(o_v[:, None] == o_k[None, :], 1., b_h)
+    else:
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        o_kv = o_k[:, None] * V + o_v[None, :]
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        if IDENTITY_INIT:
+            b_h = tl.where(o_k[:, None] == o_v[None, :], 1., b_h)
     if USE_INITIAL_STATE:
         b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
     i_t0 = 0
@@ -142,7 +195,7 @@ def chunk_gdn_fwd_h_kernel(
             b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
             if not ROW_NORMS and not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
-            b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
+            b_o = _rows_times_state(b_q, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_q_scale, TRANSPOSED)
             if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
                               mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
@@ -156,24 +209,24 @@ def chunk_gdn_fwd_h_kernel(
                           mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
-            b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * b_kh_scale[:, None]
+            b_r = -_rows_times_state(b_k, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_kh_scale, TRANSPOSED)
             if not ZERO_U:
-                b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
-            b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+                b_r += _oriented(_load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32), TRANSPOSED)
+            b_v = _matrix_times(b_X, (b_r * _per_row(b_beta, TRANSPOSED)).to(dtype), DOT_PRECISION, TRANSPOSED)
         else:
             b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
-            b_v = -tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
+            b_v = -_rows_times_state(b_w, b_hd, DOT_PRECISION, TRANSPOSED)
             if not ZERO_U:
-                b_v += _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
+                b_v += _oriented(_load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32), TRANSPOSED)
         if STORE_H:
-            _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
+            _store_rows(p_vn, _oriented(b_v, TRANSPOSED), i_s, T, HV * V, V - i_v * BV, BT, BV)
         if FUSED_O:  # v_new rounded to the input dtype, as the output pass reads it back
-            b_o += tl.dot(b_A, b_v.to(dtype), input_precision=DOT_PRECISION)
-            _store_rows(p_o, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
+            b_o += _matrix_times(b_A, b_v.to(dtype), DOT_PRECISION, TRANSPOSED)
+            _store_rows(p_o, _oriented(b_o, TRANSPOSED), i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
-        b_v = tl.where(m_t[:, None], b_v * b_update_scale[:, None], 0.).to(dtype)
-        b_h = b_h * b_last_decay + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
+        b_v = tl.where(_per_row(m_t, TRANSPOSED), b_v * _per_row(b_update_scale, TRANSPOSED), 0.).to(dtype)
+        b_h = b_h * b_last_decay + _matrix_times(tl.trans(b_k), b_v, DOT_PRECISION, TRANSPOSED)
 
     if STORE_FINAL_STATE:
         if FINAL_SLOT:
