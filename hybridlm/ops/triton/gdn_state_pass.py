@@ -31,18 +31,9 @@ def _oriented(b_x, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_state(b_x, b_hd, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """x S for rows x [BT, BK] of the chunk: [BT, BV], or (x S)^T = S^T x^T [BV, BT] with S^T given."""
-    if TRANSPOSED:
-        b_y = tl.dot(b_hd, tl.trans(b_x), input_precision=DOT_PRECISION)
-    else:
-        b_y = tl.dot(b_x, b_hd, input_precision=DOT_PRECISION)
-    return b_y
-
-
-@triton.jit
 def _matrix_times(b_M, b_y, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """M y for M [R, BT] (a chunk's [BT, BT] matrix, or k^T) and y [BT, BV], or (M y)^T = y^T M^T with y^T given."""
+    """M y, or with TRANSPOSED its transpose y^T M^T from y^T: a chunk's rows times the state (x S, S^T x^T), its
+    [BT, BT] matrices times a [BT, BV] tile, k^T times one (the state's update)."""
     if TRANSPOSED:
         b_z = tl.dot(b_y, tl.trans(b_M), input_precision=DOT_PRECISION)
     else:
@@ -195,7 +186,7 @@ def chunk_gdn_fwd_h_kernel(
             b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
             if not ROW_NORMS and not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
-            b_o = _rows_times_state(b_q, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_q_scale, TRANSPOSED)
+            b_o = _matrix_times(b_q, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_q_scale, TRANSPOSED)
             if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
                               mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
@@ -209,13 +200,13 @@ def chunk_gdn_fwd_h_kernel(
                           mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
-            b_r = -_rows_times_state(b_k, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_kh_scale, TRANSPOSED)
+            b_r = -_matrix_times(b_k, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_kh_scale, TRANSPOSED)
             if not ZERO_U:
                 b_r += _oriented(_load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32), TRANSPOSED)
             b_v = _matrix_times(b_X, (b_r * _per_row(b_beta, TRANSPOSED)).to(dtype), DOT_PRECISION, TRANSPOSED)
         else:
             b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
-            b_v = -_rows_times_state(b_w, b_hd, DOT_PRECISION, TRANSPOSED)
+            b_v = -_matrix_times(b_w, b_hd, DOT_PRECISION, TRANSPOSED)
             if not ZERO_U:
                 b_v += _oriented(_load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32), TRANSPOSED)
         if STORE_H:
