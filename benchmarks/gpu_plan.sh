@@ -1218,9 +1218,11 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
        # Offline (Triton 3.6, sm_90), the fused main pass: T128 (BV 128, 8 warps, 1 stage, no row norms, no
        # prefetched row factors) 255 registers, no spill, 37 KB, cut and batch alike; with row norms 396 B spilled
        # (each per-token factor costs 16 registers a thread in the transposed layout, against 2); T64 at 4 warps and
-       # 2 stages 540 B; the default plain pass 92 B (cut), 4 B (batch). GPU tests of the variant first.
-    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py -k transposed -j 8 \
-      > "$OUT/gpu_tests.log" 2>&1
+       # 2 stages 540 B; the default plain pass 92 B (cut), 4 B (batch). Also "blk" (STATE_PASS_BLOCK_MASKS: X and A
+       # read by 16 x 16 block triangles, copied asynchronously: the default pass spills nothing but takes 123 KB of
+       # shared memory, one program an SM). GPU tests of both first.
+    timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py \
+      -k "transposed or block_masked" -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -4
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     local_plain="gdn_chunk.ROW_NORMS_IN_PASS=False,gdn_chunk.STATE_PASS_PREFETCH_ROWS=False"
@@ -1230,7 +1232,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       "T128s1:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=1,$local_plain" \
       "T128s2:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=2,$local_plain" \
       "T64s1:gdn_chunk.STATE_PASS_TRANSPOSED=True,gdn_chunk.FUSED_OUTPUT_STAGES=1,$local_plain" \
-      "T128rows:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=1" > "$OUT/forward.log" 2>&1
+      "blk:gdn_chunk.STATE_PASS_BLOCK_MASKS=True" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
   *)

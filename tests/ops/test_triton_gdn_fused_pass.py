@@ -205,3 +205,30 @@ def test_transposed_state_pass_over_the_cut(poisoned, monkeypatch):
     for name in ("o", "final_state"):
         assert rel_err(outs[1][name], outs[0][name].double()) <= 2 ** -8, name
     check_outputs(outs[1], *inputs, state, torch.bfloat16, cu_seqlens=None, scale=None)
+
+
+@pytest.mark.parametrize("case, transposed", [("bf16-fold", False), ("bf16-packed-empty-fold", False),
+                                              ("bf16-one-token", False), ("bf16-fold", True)])
+def test_block_masked_tiles_change_nothing(poisoned, monkeypatch, case, transposed):
+    """STATE_PASS_BLOCK_MASKS (X and A read under their 16 x 16 block triangle): their writers store the diagonal
+    blocks' zeros above the diagonal (NaN-poisoned buffers would show an element they left), so the pass gets the
+    same tiles and the same output and final state."""
+    from hybridlm.ops.triton import gdn_chunk
+
+    inputs, args, dtype, dk, dv = fused_case(case, True)
+    skip_where_triton_faults(dk, dv)
+    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", True), ("STATE_PASS_TRANSPOSED", transposed)):
+        monkeypatch.setattr(gdn_chunk, flag, value)
+    outs, launches = [], []
+    for name in ("chunk_gdn_fwd_h_kernel", "_chunk_gdn_fwd_h_kernel_any_length"):
+        record_launches(monkeypatch, gdn_chunk, name, lambda kw: kw.get("BLOCK_MASKS", False), launches)
+    for masks in (False, True):
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_BLOCK_MASKS", masks)
+        outs.append(gdn_chunk._chunk_gdn_fwd(*inputs, **args))
+    assert launches == [False, True], launches
+    for name in ("o", "final_state"):
+        if DEVICE == "cpu":  # the same operations on the same values
+            assert torch.equal(outs[1][name], outs[0][name]), name
+        else:
+            assert rel_err(outs[1][name], outs[0][name].double()) <= 2 ** -8, name
+    check_outputs(outs[1], *inputs, args["initial_state"], dtype, cu_seqlens=args["cu_seqlens"], scale=args["scale"])

@@ -237,6 +237,11 @@ CP_SEGMENT_CHUNKS: int | None = None
 # The cut's pre-passes keep the plain form (they spill transposed). Same values (the interpreter); untimed
 # (thirty-eighth session, no GPU): `gpu_plan.sh 87` times it. Training's backward recompute keeps the plain pass.
 STATE_PASS_TRANSPOSED = False
+# STATE_PASS_BLOCK_MASKS: the folded passes read X and A (q k^T) under their 16 x 16 block triangle, as kkt_solve and
+# the w/u kernel store them (zeros above the diagonal inside the diagonal blocks), so Triton copies them into shared
+# memory asynchronously and pipelines them. Offline (Triton 3.6, sm_90), the default fused main pass: no spill
+# (92 B before) but 123 KB of shared memory (106 before): one program an SM instead of two. Untimed (`gpu_plan.sh 87`).
+STATE_PASS_BLOCK_MASKS = False
 # FUSED_OUTPUT: the output made inside the state pass (`chunk_gdn_fwd_h_kernel`'s FUSED_O, FlashQLA's layout), so
 # neither h (T / 64 x Hv x dk x dv: 268 MB at 9B heads and 16k tokens) nor v_new (134 MB) is written and read back,
 # ~0.8 GB of traffic (~0.19 ms at an H200's copy rate), and the output launch is gone. The cost: per chunk step the
@@ -514,6 +519,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
     if row_norms:  # (every pass of the state: the cut's pre-passes too)
         fold_args.update(ROW_NORMS=True, rk=rk)
+    if STATE_PASS_BLOCK_MASKS and fold:
+        fold_args.update(BLOCK_MASKS=True)
     k_pass = k if row_norms else k_normed
     fused_args = None
     if fuse_o:

@@ -42,6 +42,16 @@ def _matrix_times(b_M, b_y, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexp
 
 
 @triton.jit
+def _lower(o_c, BLOCK_MASKS: tl.constexpr):
+    """The lower triangle of a chunk's [BT, BT] matrix (o_c = arange(BT)): element by element, or by 16 x 16 blocks."""
+    if BLOCK_MASKS:
+        m = o_c[:, None] // 16 >= o_c[None, :] // 16
+    else:
+        m = o_c[:, None] >= o_c[None, :]
+    return m
+
+
+@triton.jit
 def chunk_gdn_fwd_h_kernel(
     k,  # [B, T, H, K], token stride stride_k
     w,  # [B, T, HV, K]
@@ -109,6 +119,10 @@ def chunk_gdn_fwd_h_kernel(
     # attention's P does, instead of being stored to shared memory before each product (the plain form's TTGIR,
     # Triton 3.6: five such stores a chunk step); only the loaded tiles (k, q, X, A) are shared-memory operands
     TRANSPOSED: tl.constexpr = False,
+    # BLOCK_MASKS (`STATE_PASS_BLOCK_MASKS`): X and A are read under their 16 x 16 block triangle, as their writers
+    # store them (the diagonal blocks' zeros above the diagonal included), instead of element by element: a mask
+    # constant over 16 columns lets Triton copy the tiles asynchronously into shared memory (and pipeline them)
+    BLOCK_MASKS: tl.constexpr = False,
 ):
     tl.static_assert(not (ROW_NORMS and NORM_K), "ROW_NORMS takes raw keys with their norms given")
     tl.static_assert(not (ROW_NORMS and FUSED_O and not A_GIVEN), "ROW_NORMS with FUSED_O takes q k^T given")
@@ -189,7 +203,7 @@ def chunk_gdn_fwd_h_kernel(
             b_o = _matrix_times(b_q, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_q_scale, TRANSPOSED)
             if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
-                              mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
+                              mask=m_t[:, None] & _lower(o_i, BLOCK_MASKS), other=0.)
             else:
                 b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
                 # causal, rows past T zeroed (their G is 0 here, so exp(G_i - G_j) could overflow there)
@@ -197,7 +211,7 @@ def chunk_gdn_fwd_h_kernel(
                 b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
         if FOLD_WU:  # w h = X (beta exp(G) (k h)) and u = X (beta v), so v_new = X (beta (v - exp(G) (k h)))
             b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
+                          mask=m_t[:, None] & _lower(o_c, BLOCK_MASKS), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
             b_r = -_matrix_times(b_k, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_kh_scale, TRANSPOSED)
