@@ -19,6 +19,8 @@ state is gathered at its last real inputs, as in the one-sequence graphs (`prefi
 """
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import torch
 
@@ -210,6 +212,9 @@ class PackedPrefillGraphs(PrefillGraphs):
         super().__init__(model, cache, largest, pool)
         self.layouts = {b: PackedLayout(b, capacity(b) + 1, self.conv_width) for b in self.buckets}
         self._bounds: list[int] = []
+        # _first_holding[n]: the index of the first bucket that holds n chunks (capacity grows with the bucket)
+        self._first_holding = [next(i for i, b in enumerate(self.buckets) if capacity(b) >= n)
+                               for n in range(capacity(self.buckets[-1]) + 1)]
 
     @staticmethod
     def bucket_lengths(largest: int, table_tokens: int) -> list[int]:
@@ -230,7 +235,11 @@ class PackedPrefillGraphs(PrefillGraphs):
         self.inputs[:values.size].copy_(torch.from_numpy(values))
 
     def _bucket(self, tokens: int, chunks: int) -> int | None:
-        return next((b for b in self.buckets if b >= tokens and capacity(b) >= chunks), None)
+        """The smallest bucket of at least `tokens` tokens that holds `chunks` chunks, or None."""
+        if chunks >= len(self._first_holding):
+            return None
+        i = max(bisect.bisect_left(self.buckets, tokens), self._first_holding[chunks])
+        return self.buckets[i] if i < len(self.buckets) else None
 
     def fits(self, counts: list[int]) -> int | None:
         """The bucket for chunks of `counts` tokens, or None."""
