@@ -1211,6 +1211,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     SERVING_TIMEOUT=150 SERVING_ARGS="--serving-model 9B --chunk 8192" serving_option_runs packed_prefill 3True 4False
     ;;
   87)  # thirty-eighth session (carry nothing, ~6 min): the state pass carrying S^T (gdn_chunk.STATE_PASS_TRANSPOSED):
+       # (its options, STATE_PASS_TRANSPOSED and STATE_PASS_BLOCK_MASKS, lost in 89 and were removed)
        # every product on the state's chain takes its left operand from registers (flash attention's P V pattern);
        # the plain pass stores S, r and v_new to shared memory before each product (five stores, fences and barriers
        # a chunk step, TTGIR). With whole 128-wide values at 8 warps the state's V rows split across the two
@@ -1236,6 +1237,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
   88)  # thirty-ninth session (carry nothing, ~8 min): 84's tests and 87's timings in one call (device time is scarce):
+       # (its options, STATE_PASS_TRANSPOSED and STATE_PASS_BLOCK_MASKS, lost in 89 and were removed)
        # every tests/cuda test (the bf16 packed prefill graph included) and the transposed / block-masked state pass
        # tests, then 87's forward variants less T64s1 (540 B spilled offline)
     timeout 200 python3 benchmarks/gpu_tests.py tests/cuda tests/ops/test_triton_gdn_fused_pass.py \
@@ -1253,6 +1255,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
     ;;
   89)  # thirty-ninth session (carry nothing, ~6 min): 88 cut down for a short budget: the same tests, then 9B heads
        # only, the default against norows, T128s1 and blk
+       # (its options, STATE_PASS_TRANSPOSED and STATE_PASS_BLOCK_MASKS, lost in 89 and were removed)
     timeout 150 python3 benchmarks/gpu_tests.py tests/cuda tests/ops/test_triton_gdn_fused_pass.py \
       -k "cuda or transposed or block_masked" -j 12 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -6

@@ -231,17 +231,12 @@ def plain_state_pass_launch(fp32: bool) -> dict:
 # CP_SEGMENT_CHUNKS (None: `gdn_cp`'s rule) fixes the segment length (tests use 2).
 STATE_PASS_CP = True
 CP_SEGMENT_CHUNKS: int | None = None
-# STATE_PASS_TRANSPOSED: the forward's state pass (the plain pass, the cut's main pass) carries the state
-# transposed (`chunk_gdn_fwd_h_kernel`'s TRANSPOSED), so that the left operand of every product on the state's
-# chain is a register tensor (flash attention's P -> P V pattern) instead of a shared-memory copy made each step.
-# The cut's pre-passes keep the plain form (they spill transposed). Same values (the interpreter); untimed
-# (thirty-eighth session, no GPU): `gpu_plan.sh 87` times it. Training's backward recompute keeps the plain pass.
-STATE_PASS_TRANSPOSED = False
-# STATE_PASS_BLOCK_MASKS: the folded passes read X and A (q k^T) under their 16 x 16 block triangle, as kkt_solve and
-# the w/u kernel store them (zeros above the diagonal inside the diagonal blocks), so Triton copies them into shared
-# memory asynchronously and pipelines them. Offline (Triton 3.6, sm_90), the default fused main pass: no spill
-# (92 B before) but 123 KB of shared memory (106 before): one program an SM instead of two. Untimed (`gpu_plan.sh 87`).
-STATE_PASS_BLOCK_MASKS = False
+# (STATE_PASS_TRANSPOSED, the state pass carrying S^T so that every product on the state's chain takes its left
+# operand from registers, flash attention's P V pattern, at whole 128-wide values, 8 warps, 1 stage, without row norms
+# (offline: 255 registers, no spill, 37 KB): lost on an H100, 9B heads 1 x 16k 0.542 -> 0.686 ms, 64k 2.006 -> 2.628,
+# 8 x 4k 1.047 -> 1.237 (0.85x / 0.83x / 0.85x of the plain pass without row norms, its fair reference).
+# STATE_PASS_BLOCK_MASKS, X and A read under their 16 x 16 block triangle and copied asynchronously (no spill, 123 KB
+# of shared memory, one program an SM): lost too, 0.655 / 2.442 / 1.340 ms. Removed, 2026-12-08, `gpu_plan.sh 89`.)
 # FUSED_OUTPUT: the output made inside the state pass (`chunk_gdn_fwd_h_kernel`'s FUSED_O, FlashQLA's layout), so
 # neither h (T / 64 x Hv x dk x dv: 268 MB at 9B heads and 16k tokens) nor v_new (134 MB) is written and read back,
 # ~0.8 GB of traffic (~0.19 ms at an H200's copy rate), and the output launch is gone. The cost: per chunk step the
@@ -359,16 +354,14 @@ def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device
 
 
 def _segmented_state_pass(plan, keys, w, u, g_cumsum, h, v_new, initial_state, final_state, length, fold_args,
-                          common, narrowest, norm_k=False, fused_args=None, main_bv=None, prefetch_rows=False,
-                          transposed=False):
+                          common, narrowest, norm_k=False, fused_args=None, main_bv=None, prefetch_rows=False):
     """`chunk_gdn_fwd_h_kernel` over the segments of `plan` (gdn_cp's three steps): the same h, v_new and final
     state as the plain pass, up to rounding and (for segments whose gates decay fast) terms below e^CP_LOG_DECAY.
     `keys`: normalised, or raw with `norm_k` (normalised in the loop, as the backward runs it) or with
     ROW_NORMS in `fold_args` (their inverse norms given); token stride keys.stride(1).
     `fused_args` (FUSED_OUTPUT): the main pass makes the output instead of storing h and v_new (both None), with
     these launch settings and V blocks of `main_bv` (None: the pre-pass's). `prefetch_rows`: every pass takes the
-    next chunk's row factors during each step (STATE_PASS_PREFETCH_ROWS); `transposed`: the main pass carries the
-    state transposed (STATE_PASS_TRANSPOSED; the pre-passes keep the plain form)."""
+    next chunk's row factors during each step (STATE_PASS_PREFETCH_ROWS)."""
     value_heads, dk, dv = common["HV"], common["K"], common["V"]
     segments, device, fp32 = plan.num_segments, g_cumsum.device, common["DOT_PRECISION"] == "ieee"
     stride_k = keys.stride(1)
@@ -399,8 +392,7 @@ def _segmented_state_pass(plan, keys, w, u, g_cumsum, h, v_new, initial_state, f
     BV = main_bv or BV
     launch(chunk_gdn_fwd_h_kernel, (cdiv(dv, BV), segments * value_heads),
         keys, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
-        STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, TRANSPOSED=transposed,
-        **fold_args,
+        STORE_FINAL_STATE=final_state is not None, FINAL_SLOT=True, final_slot=plan.final_slot, **fold_args,
         **dict(seg, **(fused_args or {})))
 
 
@@ -519,8 +511,6 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
     if row_norms:  # (every pass of the state: the cut's pre-passes too)
         fold_args.update(ROW_NORMS=True, rk=rk)
-    if STATE_PASS_BLOCK_MASKS and fold:
-        fold_args.update(BLOCK_MASKS=True)
     k_pass = k if row_norms else k_normed
     fused_args = None
     if fuse_o:
@@ -534,13 +524,12 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
         launch(state_pass_kernel(length, cu_seqlens is not None), (cdiv(dv, BV_h), num_states * value_heads),
             k_pass, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
             k_pass.stride(1), BV=BV_h, USE_INITIAL_STATE=initial_state is not None,
-            STORE_FINAL_STATE=output_final_state, NORM_K=False, PREFETCH_ROWS=prefetch_rows,
-            TRANSPOSED=STATE_PASS_TRANSPOSED, **fold_args, **common, **(fused_args or plain_state_pass_launch(fp32)))
+            STORE_FINAL_STATE=output_final_state, NORM_K=False, PREFETCH_ROWS=prefetch_rows, **fold_args, **common,
+            **(fused_args or plain_state_pass_launch(fp32)))
     else:
         _segmented_state_pass(plan, k_pass, w, u, g_cumsum, h, v_new, initial_state, final_state, length,
                               fold_args, common, narrowest=32 if fold else unfolded_narrowest, fused_args=fused_args,
-                              main_bv=BV_h if fuse_o else None, prefetch_rows=prefetch_rows,
-                              transposed=STATE_PASS_TRANSPOSED)
+                              main_bv=BV_h if fuse_o else None, prefetch_rows=prefetch_rows)
 
     if not fuse_o and LOOPED_O:  # (fused: the state pass made o)
         BV_o = min(BV_full, LOOPED_O_BV_FP32 if fp32 else LOOPED_O_BV)

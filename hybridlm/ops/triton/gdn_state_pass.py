@@ -11,47 +11,6 @@ from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _row_factor
 
 
 @triton.jit
-def _per_row(b_f, TRANSPOSED: tl.constexpr):
-    """A vector over a chunk's rows, shaped to scale the rows of a [BT, BV] tile (its columns when TRANSPOSED)."""
-    if TRANSPOSED:  # (no early return: Triton 3.6 compiles the code after it too)
-        b_y = b_f[None, :]
-    else:
-        b_y = b_f[:, None]
-    return b_y
-
-
-@triton.jit
-def _oriented(b_x, TRANSPOSED: tl.constexpr):
-    """A [BT, BV] tile in the pass's orientation ([BV, BT] when TRANSPOSED), and back."""
-    if TRANSPOSED:
-        b_y = tl.trans(b_x)
-    else:
-        b_y = b_x
-    return b_y
-
-
-@triton.jit
-def _matrix_times(b_M, b_y, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """M y, or with TRANSPOSED its transpose y^T M^T from y^T: a chunk's rows times the state (x S, S^T x^T), its
-    [BT, BT] matrices times a [BT, BV] tile, k^T times one (the state's update)."""
-    if TRANSPOSED:
-        b_z = tl.dot(b_y, tl.trans(b_M), input_precision=DOT_PRECISION)
-    else:
-        b_z = tl.dot(b_M, b_y, input_precision=DOT_PRECISION)
-    return b_z
-
-
-@triton.jit
-def _lower(o_c, BLOCK_MASKS: tl.constexpr):
-    """The lower triangle of a chunk's [BT, BT] matrix (o_c = arange(BT)): element by element, or by 16 x 16 blocks."""
-    if BLOCK_MASKS:
-        m = o_c[:, None] // 16 >= o_c[None, :] // 16
-    else:
-        m = o_c[:, None] >= o_c[None, :]
-    return m
-
-
-@triton.jit
 def chunk_gdn_fwd_h_kernel(
     k,  # [B, T, H, K], token stride stride_k
     w,  # [B, T, HV, K]
@@ -113,16 +72,6 @@ def chunk_gdn_fwd_h_kernel(
     # PREFETCH_ROWS (`STATE_PASS_PREFETCH_ROWS`): each step loads the next chunk's G (and norms) and makes its row
     # factors, so the step's own come from registers instead of loads on the state's chain
     PREFETCH_ROWS: tl.constexpr = False,
-    # TRANSPOSED (`STATE_PASS_TRANSPOSED`): the pass carries S^T [BV, BK] and forms every product transposed
-    # (r^T = S^T k^T ..., v_new^T = r'^T X^T, o^T = S^T q^T + v_new^T A^T, S^T += v_new'^T k), so that on Hopper
-    # the left operand of each product on the state's chain (S^T, r^T, v_new^T) can stay in registers, as flash
-    # attention's P does, instead of being stored to shared memory before each product (the plain form's TTGIR,
-    # Triton 3.6: five such stores a chunk step); only the loaded tiles (k, q, X, A) are shared-memory operands
-    TRANSPOSED: tl.constexpr = False,
-    # BLOCK_MASKS (`STATE_PASS_BLOCK_MASKS`): X and A are read under their 16 x 16 block triangle, as their writers
-    # store them (the diagonal blocks' zeros above the diagonal included), instead of element by element: a mask
-    # constant over 16 columns lets Triton copy the tiles asynchronously into shared memory (and pipeline them)
-    BLOCK_MASKS: tl.constexpr = False,
 ):
     tl.static_assert(not (ROW_NORMS and NORM_K), "ROW_NORMS takes raw keys with their norms given")
     tl.static_assert(not (ROW_NORMS and FUSED_O and not A_GIVEN), "ROW_NORMS with FUSED_O takes q k^T given")
@@ -143,18 +92,11 @@ def chunk_gdn_fwd_h_kernel(
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    if TRANSPOSED:  # S^T [BV, BK] over S's [K, V] storage
-        m_kv = (o_v[:, None] < V) & (o_k[None, :] < K)
-        o_kv = o_k[None, :] * V + o_v[:, None]
-        b_h = tl.zeros([BV, BK], dtype=tl.float32)
-        if IDENTITY_INIT:
-            b_h = tl.where(o_v[:, None] == o_k[None, :], 1., b_h)
-    else:
-        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-        o_kv = o_k[:, None] * V + o_v[None, :]
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        if IDENTITY_INIT:
-            b_h = tl.where(o_k[:, None] == o_v[None, :], 1., b_h)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if IDENTITY_INIT:
+        b_h = tl.where(o_k[:, None] == o_v[None, :], 1., b_h)
     if USE_INITIAL_STATE:
         b_h += tl.load(initial_state + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
     i_t0 = 0
@@ -200,10 +142,10 @@ def chunk_gdn_fwd_h_kernel(
             b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
             if not ROW_NORMS and not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
-            b_o = _matrix_times(b_q, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_q_scale, TRANSPOSED)
+            b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
             if A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
-                              mask=m_t[:, None] & _lower(o_i, BLOCK_MASKS), other=0.)
+                              mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
             else:
                 b_A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
                 # causal, rows past T zeroed (their G is 0 here, so exp(G_i - G_j) could overflow there)
@@ -211,27 +153,27 @@ def chunk_gdn_fwd_h_kernel(
                 b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
         if FOLD_WU:  # w h = X (beta exp(G) (k h)) and u = X (beta v), so v_new = X (beta (v - exp(G) (k h)))
             b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                          mask=m_t[:, None] & _lower(o_c, BLOCK_MASKS), other=0.)
+                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
             b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
                               0.)
-            b_r = -_matrix_times(b_k, b_hd, DOT_PRECISION, TRANSPOSED) * _per_row(b_kh_scale, TRANSPOSED)
+            b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * b_kh_scale[:, None]
             if not ZERO_U:
-                b_r += _oriented(_load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32), TRANSPOSED)
-            b_v = _matrix_times(b_X, (b_r * _per_row(b_beta, TRANSPOSED)).to(dtype), DOT_PRECISION, TRANSPOSED)
+                b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
+            b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
         else:
             b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
-            b_v = -_matrix_times(b_w, b_hd, DOT_PRECISION, TRANSPOSED)
+            b_v = -tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
             if not ZERO_U:
-                b_v += _oriented(_load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32), TRANSPOSED)
+                b_v += _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
         if STORE_H:
-            _store_rows(p_vn, _oriented(b_v, TRANSPOSED), i_s, T, HV * V, V - i_v * BV, BT, BV)
+            _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
         if FUSED_O:  # v_new rounded to the input dtype, as the output pass reads it back
-            b_o += _matrix_times(b_A, b_v.to(dtype), DOT_PRECISION, TRANSPOSED)
-            _store_rows(p_o, _oriented(b_o, TRANSPOSED), i_s, T, HV * V, V - i_v * BV, BT, BV)
+            b_o += tl.dot(b_A, b_v.to(dtype), input_precision=DOT_PRECISION)
+            _store_rows(p_o, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
-        b_v = tl.where(_per_row(m_t, TRANSPOSED), b_v * _per_row(b_update_scale, TRANSPOSED), 0.).to(dtype)
-        b_h = b_h * b_last_decay + _matrix_times(tl.trans(b_k), b_v, DOT_PRECISION, TRANSPOSED)
+        b_v = tl.where(m_t[:, None], b_v * b_update_scale[:, None], 0.).to(dtype)
+        b_h = b_h * b_last_decay + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
         if FINAL_SLOT:
