@@ -1236,24 +1236,7 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       "blk:gdn_chunk.STATE_PASS_BLOCK_MASKS=True" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
-  88)  # thirty-ninth session (carry nothing, ~8 min): 84's tests and 87's timings in one call (device time is scarce):
-       # (its options, STATE_PASS_TRANSPOSED and STATE_PASS_BLOCK_MASKS, lost in 89 and were removed)
-       # every tests/cuda test (the bf16 packed prefill graph included) and the transposed / block-masked state pass
-       # tests, then 87's forward variants less T64s1 (540 B spilled offline)
-    timeout 200 python3 benchmarks/gpu_tests.py tests/cuda tests/ops/test_triton_gdn_fused_pass.py \
-      -k "cuda or transposed or block_masked" -j 12 > "$OUT/gpu_tests.log" 2>&1
-    grep -v '^PASS' "$OUT/gpu_tests.log" | tail -6
-    echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
-    local_plain="gdn_chunk.ROW_NORMS_IN_PASS=False,gdn_chunk.STATE_PASS_PREFETCH_ROWS=False"
-    wide="gdn_chunk.STATE_PASS_TRANSPOSED=True,gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8"
-    timeout 340 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B 0.8B \
-      --shapes 1x16384 1x65536 8x4096 --variant "norows:$local_plain" \
-      "T128s1:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=1,$local_plain" \
-      "T128s2:$wide,gdn_chunk.FUSED_OUTPUT_STAGES=2,$local_plain" \
-      "blk:gdn_chunk.STATE_PASS_BLOCK_MASKS=True" > "$OUT/forward.log" 2>&1
-    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
-    ;;
-  89)  # thirty-ninth session (carry nothing, ~6 min): 88 cut down for a short budget: the same tests, then 9B heads
+  89)  # thirty-ninth session (carry nothing, ~6 min): 84's tests and 87's timings cut down for a short budget: 9B heads
        # only, the default against norows, T128s1 and blk
        # (its options, STATE_PASS_TRANSPOSED and STATE_PASS_BLOCK_MASKS, lost in 89 and were removed)
     timeout 150 python3 benchmarks/gpu_tests.py tests/cuda tests/ops/test_triton_gdn_fused_pass.py \
