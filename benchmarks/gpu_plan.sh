@@ -1251,6 +1251,24 @@ gdn_chunk_bwd.BWD_HEADS_FASTEST=True" > "$OUT/train.log" 2>&1
       "blk:gdn_chunk.STATE_PASS_BLOCK_MASKS=True" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
+  90)  # fortieth session (carry nothing, ~5 min, Firecracker machines only: ncu reads counters there): why the fused
+       # state pass's chunk step is slow, from Nsight Compute's warp-state and scheduler counters (the transposed
+       # pass, every chain operand in registers, lost 0.84x in 89, so shared-memory round trips are not the bound).
+       # 9B heads 1 x 64k (three launches: the cut's two pre-passes and the main pass) and 8 x 4k (one launch).
+    ncu --version | tail -1
+    for shape in "65536 1 3" "4096 8 1"; do
+      set -- $shape
+      timeout 200 ncu --clock-control none -k regex:chunk_gdn_fwd_h_kernel --launch-skip $3 --launch-count $3 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section LaunchStats --section MemoryWorkloadAnalysis \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        python3 benchmarks/one_gdn_forward.py --model 9B --batch $2 --length $1 > "$OUT/ncu_$2x$1.txt" 2>&1
+      echo "== 9B $2 x $1"
+      grep -E "chunk_gdn_fwd_h_kernel|Duration|stalled|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps|\
+Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==ERR|Error" "$OUT/ncu_$2x$1.txt" | \
+        grep -v "ratio  *0[.,]0" | cut -c1-110 | head -60
+    done
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

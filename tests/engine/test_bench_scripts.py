@@ -179,13 +179,15 @@ def test_gluon_chain_probe_refuses_without_hopper():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_profile_gdn_forward_refuses_without_cuda():
-    """profile_gdn_forward.py profiles CUDA kernels: without a GPU it stops with a message that says so; a model it
-    does not know is refused by name first."""
-    script = str(ROOT / "benchmarks" / "profile_gdn_forward.py")
+@pytest.mark.parametrize("name, model_option", [("profile_gdn_forward.py", "--models"),
+                                                ("one_gdn_forward.py", "--model")])
+def test_gdn_profiling_scripts_refuse_without_cuda(name, model_option):
+    """profile_gdn_forward.py and one_gdn_forward.py (ncu's target) run CUDA kernels: without a GPU they stop with a
+    message that says so; a model they do not know is refused by name first."""
+    script = str(ROOT / "benchmarks" / name)
     result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "needs a CUDA GPU" in result.stderr
-    result = subprocess.run([sys.executable, script, "--models", "7B"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, script, model_option, "7B"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "7B" in result.stderr
 
 
