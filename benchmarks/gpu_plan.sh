@@ -1269,6 +1269,18 @@ Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==E
         grep -v "ratio  *0[.,]0" | cut -c1-110 | head -60
     done
     ;;
+  91)  # fortieth session (carry nothing, ~8 min): 90's stall profile, then the fused pass under register caps that
+       # let three or four 4-warp programs share an SM (FUSED_OUTPUT_MAXNREG; one stage keeps shared memory at 41-57 KB;
+       # offline, sm_90, Triton 3.6, the cut's main pass: BV 32 at 168 registers spills 16-176 B, BV 64 at 168 392 B,
+       # BV 64 at 128 ~1 KB), 9B heads
+    bash "$0" 90
+    one="gdn_chunk.FUSED_OUTPUT_STAGES=1"
+    timeout 260 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
+      --shapes 1x16384 1x65536 8x4096 --variant "s1:$one" "r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168" \
+      "b32r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168,gdn_chunk.FUSED_OUTPUT_BV=32" \
+      "r128s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=128" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
     exit 2

@@ -153,3 +153,29 @@ def test_prefetched_row_factors_change_nothing(poisoned, monkeypatch, cut):
             assert torch.equal(outs[1][name], outs[0][name]), name
         else:
             assert rel_err(outs[1][name], outs[0][name].double()) <= 1e-3, name
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_register_cap_of_the_fused_pass_changes_nothing(poisoned, monkeypatch, cut):
+    """FUSED_OUTPUT_MAXNREG reaches the fused pass's launches (the cut's main pass included; the pre-passes keep the
+    compiler's pick) as Triton's maxnreg and leaves o and the final state bit for bit as they were."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_cp
+
+    skip_where_triton_faults(32, 64)
+    *inputs, state = make_inputs(1, 330, 1, 4, 32, 64, torch.bfloat16, 1)  # (the cut takes one sequence)
+    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=None)
+    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", True), ("STATE_PASS_CP", cut),
+                        ("CP_SEGMENT_CHUNKS", 2)):
+        monkeypatch.setattr(gdn_chunk, flag, value)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
+    plain = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "FUSED_OUTPUT_MAXNREG", 168)
+    launches = []
+    record_launches(monkeypatch, gdn_chunk, "chunk_gdn_fwd_h_kernel",
+                    lambda kwargs: (kwargs.get("FUSED_O", False), kwargs.get("maxnreg")), launches)
+    capped = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert (True, 168) in launches and all(cap == (168 if fused else None) for fused, cap in launches), launches
+    assert len(launches) == (3 if cut else 1), launches
+    for name in ("o", "final_state"):
+        assert torch.equal(capped[name], plain[name]), name

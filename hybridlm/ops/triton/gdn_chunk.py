@@ -268,6 +268,9 @@ FUSED_OUTPUT_STAGES = 2  # at 3 the pipelined loads take 148 KB of shared memory
 # 16k 0.674 -> 0.861 ms, 64k 2.52 -> 3.32, 8 x 4k 1.18 -> 1.56; at 1 stage (49 KB of shared memory instead of 123)
 # 0.82-0.86x; and the packed GPU test gave a wrong o (0.55). Removed, 2026-12-05, `gpu_plan.sh 29`.)
 FUSED_OUTPUT_BV: int | None = 64  # (at most dv's power of two); None: state_pass_block's pick
+# FUSED_OUTPUT_MAXNREG: a register cap for the fused pass (Triton's maxnreg; None: the compiler's pick, 255 at 9B heads,
+# so two 4-warp programs an SM). At 168 three fit where shared memory allows (V blocks of 32 or one stage).
+FUSED_OUTPUT_MAXNREG: int | None = None
 # (STATE_PASS_STACK_QH, q h and k h as one product [q; k] h split after, one wgmma round trip a step fewer: lost on
 # an H100, 9B heads 64k 2.03 -> 3.30 ms (2.56 at 1 stage), 8 x 4k 1.05 -> 1.74 (1.34), 0.8B alike; it spills
 # 116-184 B. Removed, 2026-12-07, `gpu_plan.sh 72`.)
@@ -519,7 +522,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                           stride_q=q.stride(1) if q_normed is None else key_heads * dk,
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
                           num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES,
-                          **(dict(rq=rq) if row_norms else {}))
+                          **_register_cap(FUSED_OUTPUT_MAXNREG, fp32), **(dict(rq=rq) if row_norms else {}))
     if plan is None:
         launch(state_pass_kernel(length, cu_seqlens is not None), (cdiv(dv, BV_h), num_states * value_heads),
             k_pass, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
