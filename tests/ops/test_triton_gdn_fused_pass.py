@@ -179,3 +179,35 @@ def test_register_cap_of_the_fused_pass_changes_nothing(poisoned, monkeypatch, c
     assert len(launches) == (3 if cut else 1), launches
     for name in ("o", "final_state"):
         assert torch.equal(capped[name], plain[name]), name
+
+
+@pytest.mark.parametrize("cut", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefetched_tiles_change_nothing(poisoned, monkeypatch, cut, fused):
+    """STATE_PASS_PREFETCH_TILES (the next chunk's X, beta and fused q k^T loaded during each step, under the block
+    triangle): the same output and final state, cut into segments (pre-passes included) or not, fused or not; a
+    ragged last chunk, and the step past the last chunk loading nothing."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_cp
+
+    skip_where_triton_faults(32, 64)
+    *inputs, state = make_inputs(1, 330, 1, 4, 32, 64, torch.bfloat16, 1)
+    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", fused), ("STATE_PASS_CP", cut),
+                        ("CP_SEGMENT_CHUNKS", 2)):
+        monkeypatch.setattr(gdn_chunk, flag, value)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
+    outs, launches = [], []
+    record_launches(monkeypatch, gdn_chunk, "chunk_gdn_fwd_h_kernel",
+                    lambda kwargs: kwargs.get("PREFETCH_TILES"), launches)
+    for prefetch in (False, True):
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_PREFETCH_TILES", prefetch)
+        outs.append(gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state, output_final_state=True,
+                                             cu_seqlens=None))
+    assert launches == [False] * (len(launches) // 2) + [True] * (len(launches) // 2), launches
+    assert len(launches) == (6 if cut else 2), launches
+    for name in ("o", "final_state"):
+        if DEVICE == "cpu":  # the same operations in the same order
+            assert torch.equal(outs[1][name], outs[0][name]), name
+        else:
+            assert rel_err(outs[1][name], outs[0][name].double()) <= 1e-3, name
+    check_outputs(outs[1], *inputs, state, torch.bfloat16, scale=None)

@@ -294,6 +294,12 @@ FUSED_OUTPUT_QK_GIVEN = True
 # (The prefetch alone: 9B 16k 1.02x, 64k 0.99x, 8 x 4k 0.90x.)
 ROW_NORMS_IN_PASS: bool | None = None
 STATE_PASS_PREFETCH_ROWS: bool | None = None
+# STATE_PASS_PREFETCH_TILES (folded passes): each step loads the next chunk's X, beta and (fused) q k^T, under the
+# 16 x 16 block triangle, once this chunk's have gone into their products. Without it the step loads its own X and
+# q k^T under the element triangle j <= i, which no vector load covers: the compiled main pass (sm_90, Triton 3.6,
+# 9B heads, the cut) issues them as 2-byte `ld.global` in the loop, on the state's chain, beside the pipelined
+# asynchronous copies of k, q and v. Off until timed.
+STATE_PASS_PREFETCH_TILES = False
 # (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
 # 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.
 # Having kkt_solve make the decayed q k^T and the normalised q, k in a second pass over the key slices after its
@@ -511,7 +517,8 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     o = torch.empty(batch, length, value_heads, dv, dtype=v.dtype, device=device)  # [B, T, Hv, dv]
     # (with the fold, BV_h is at least 32: X met a 16-wide block (64 x 64 by 64 x 16, 16-bit), which faulted in the
     # w/u kernel, Triton 3.6)
-    fold_args = dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1)) if fold else {}
+    fold_args = (dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1),
+                      PREFETCH_TILES=STATE_PASS_PREFETCH_TILES) if fold else {})
     if row_norms:  # (every pass of the state: the cut's pre-passes too)
         fold_args.update(ROW_NORMS=True, rk=rk)
     k_pass = k if row_norms else k_normed

@@ -11,6 +11,24 @@ from hybridlm.ops.triton.gdn_common import _l2norm_rows, _load_rows, _row_factor
 
 
 @triton.jit
+def _block_tril_tile(p, bos, i_t, T, HV: tl.constexpr, BT: tl.constexpr, i_h):
+    """Chunk i_t's [BT, BT] tile of a [B, T, HV, BT] tensor (X or q k^T, lower triangular, stored as its lower 16 x 16
+    block triangle with zeros above the diagonal) under that block triangle: zeros above it and past T."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_c = tl.arange(0, BT)
+    m = (o_t[:, None] < T) & (o_c[None, :] // 16 <= o_c[:, None] // 16)
+    return tl.load(p + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :], mask=m, other=0.)
+
+
+@triton.jit
+def _beta_rows(b, bos, i_t, T, HV: tl.constexpr, BT: tl.constexpr, i_h):
+    """sigmoid(b) for chunk i_t's rows, fp32 (0 past T)."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    return tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)), 0.)
+
+
+@triton.jit
 def chunk_gdn_fwd_h_kernel(
     k,  # [B, T, H, K], token stride stride_k
     w,  # [B, T, HV, K]
@@ -72,6 +90,10 @@ def chunk_gdn_fwd_h_kernel(
     # PREFETCH_ROWS (`STATE_PASS_PREFETCH_ROWS`): each step loads the next chunk's G (and norms) and makes its row
     # factors, so the step's own come from registers instead of loads on the state's chain
     PREFETCH_ROWS: tl.constexpr = False,
+    # PREFETCH_TILES (`STATE_PASS_PREFETCH_TILES`, with FOLD_WU): X and beta (and with A_GIVEN the q k^T tile) of the
+    # next chunk are loaded during each step, right after this chunk's have gone into their products, under the 16 x 16
+    # block triangle (whole 16-byte vectors) instead of the element triangle (2-byte loads issued on the chain)
+    PREFETCH_TILES: tl.constexpr = False,
 ):
     tl.static_assert(not (ROW_NORMS and NORM_K), "ROW_NORMS takes raw keys with their norms given")
     tl.static_assert(not (ROW_NORMS and FUSED_O and not A_GIVEN), "ROW_NORMS with FUSED_O takes q k^T given")
@@ -121,6 +143,13 @@ def chunk_gdn_fwd_h_kernel(
         o_i = tl.arange(0, BT)
     if PREFETCH_ROWS:
         f_gc, f_kh, f_up, f_q, f_last = _row_factors(p_gc, rk, rq, bos, i_t0, T, H, HV, BT, i_hk, ROW_NORMS, FUSED_O)
+    prefetch_a: tl.constexpr = PREFETCH_TILES and FUSED_O and A_GIVEN
+    if PREFETCH_TILES:
+        tl.static_assert(FOLD_WU, "PREFETCH_TILES takes X from the fold")
+        f_X = _block_tril_tile(x_inv, bos, i_t0, T, HV, BT, i_h)
+        f_beta = _beta_rows(b, bos, i_t0, T, HV, BT, i_h)
+    if prefetch_a:
+        f_A = _block_tril_tile(aqk, bos, i_t0, T, HV, BT, i_h)
     for i_t in range(i_t0, NT):
         b_hd = b_h.to(dtype)  # the state entering the chunk as the dot and the output pass take it
         if STORE_H:
@@ -143,7 +172,9 @@ def chunk_gdn_fwd_h_kernel(
             if not ROW_NORMS and not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
             b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
-            if A_GIVEN:
+            if prefetch_a:
+                b_A = f_A
+            elif A_GIVEN:
                 b_A = tl.load(aqk + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_i[None, :],
                               mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
             else:
@@ -152,14 +183,19 @@ def chunk_gdn_fwd_h_kernel(
                 m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
                 b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.)), 0.).to(dtype)
         if FOLD_WU:  # w h = X (beta exp(G) (k h)) and u = X (beta v), so v_new = X (beta (v - exp(G) (k h)))
-            b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
-                          mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
-            b_beta = tl.where(m_t, tl.sigmoid(tl.load(b + (bos + o_t) * HV + i_h, mask=m_t, other=0.).to(tl.float32)),
-                              0.)
+            if PREFETCH_TILES:
+                b_X, b_beta = f_X, f_beta
+            else:
+                b_X = tl.load(x_inv + (bos + o_t[:, None]).to(tl.int64) * (HV * BT) + i_h * BT + o_c[None, :],
+                              mask=m_t[:, None] & (o_c[:, None] >= o_c[None, :]), other=0.)
+                b_beta = _beta_rows(b, bos, i_t, T, HV, BT, i_h)
             b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * b_kh_scale[:, None]
             if not ZERO_U:
                 b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
             b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
+            if PREFETCH_TILES:  # the next chunk's, in flight until the next step needs them
+                f_X = _block_tril_tile(x_inv, bos, i_t + 1, T, HV, BT, i_h)
+                f_beta = _beta_rows(b, bos, i_t + 1, T, HV, BT, i_h)
         else:
             b_w = _load_rows(p_w, i_s, T, HV * K, K, BT, BK)  # [BT, BK]
             b_v = -tl.dot(b_w, b_hd, input_precision=DOT_PRECISION)
@@ -169,6 +205,8 @@ def chunk_gdn_fwd_h_kernel(
             _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
         if FUSED_O:  # v_new rounded to the input dtype, as the output pass reads it back
             b_o += tl.dot(b_A, b_v.to(dtype), input_precision=DOT_PRECISION)
+            if prefetch_a:
+                f_A = _block_tril_tile(aqk, bos, i_t + 1, T, HV, BT, i_h)
             _store_rows(p_o, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
