@@ -1269,24 +1269,32 @@ Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==E
         grep -v "ratio  *0[.,]0" | cut -c1-110 | head -60
     done
     ;;
-  91)  # fortieth session (carry nothing, ~7 min; 90, the stall profile, is its own call): the fused pass with the next
-       # chunk's X, beta and q k^T loaded a step ahead under the block triangle (STATE_PASS_PREFETCH_TILES: the compiled
-       # pass loads them with 2-byte loads on the chain), with three stages where one program fills an SM (the
-       # pipeliner issues the k, q, v copies for step t + 1 at the end of step t and waits at once at two stages), and
-       # under register caps that let three or four 4-warp programs share an SM (FUSED_OUTPUT_MAXNREG, one stage;
-       # offline, sm_90, the cut's main pass: BV 32 at 168 registers spills 16-176 B, BV 64 at 168 392 B, at 128 ~1 KB)
+  91)  # fortieth session (carry nothing, ~6 min; 90, the stall profile, and 92, register caps, run apart): the
+       # fused pass with the next chunk's X, beta and q k^T loaded a step ahead under the block triangle
+       # (STATE_PASS_PREFETCH_TILES: the compiled pass loads them with 2-byte loads on the chain; tilesrows adds the
+       # row factors, which uncut batches still load on the chain), and with three stages where one program fills an
+       # SM (at two the pipeliner issues the k, q, v copies for step t + 1 at the end of step t and waits at once;
+       # half: two segments at 64k, so one wave of one program an SM)
     timeout 120 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py \
       -k "prefetched_tiles or register_cap" -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -6
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     tiles="gdn_chunk.STATE_PASS_PREFETCH_TILES=True"
-    one="gdn_chunk.FUSED_OUTPUT_STAGES=1"
     half="gdn_cp.CP_SEGMENT_HEADS_PER_SM=0.5,gdn_cp.CP_MIN_SEGMENT_HEADS_PER_SM=0.4"
     timeout 420 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
       --shapes 1x16384 1x65536 8x4096 --variant "tiles:$tiles" \
+      "tilesrows:$tiles,gdn_chunk.STATE_PASS_PREFETCH_ROWS=True" \
       "tw8b128s3:$tiles,gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8,gdn_chunk.FUSED_OUTPUT_STAGES=3" \
-      "tw8s3:$tiles,gdn_chunk.FUSED_OUTPUT_WARPS=8,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half" \
-      "r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168" \
+      "tw8s3h:$tiles,gdn_chunk.FUSED_OUTPUT_WARPS=8,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half" \
+      "ts3h:$tiles,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half" > "$OUT/forward.log" 2>&1
+    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+    ;;
+  92)  # fortieth session (carry nothing, ~4 min): the fused pass under register caps that let three or four 4-warp
+       # programs share an SM (FUSED_OUTPUT_MAXNREG, one stage; offline, sm_90, Triton 3.6, the cut's main pass: BV 32
+       # at 168 registers spills 16-176 B, BV 64 at 168 392 B, at 128 ~1 KB; c2: eight segments at 64k and 16k)
+    one="gdn_chunk.FUSED_OUTPUT_STAGES=1"
+    timeout 300 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
+      --shapes 1x16384 1x65536 8x4096 --variant "r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168" \
       "b32r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168,gdn_chunk.FUSED_OUTPUT_BV=32" \
       "r128s1c2:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=128,gdn_cp.CP_SEGMENT_HEADS_PER_SM=2.0" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
