@@ -1269,32 +1269,40 @@ Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==E
         grep -v "ratio  *0[.,]0" | cut -c1-110 | head -60
     done
     ;;
-  91)  # fortieth session (carry nothing, ~6 min; 90, the stall profile, and 92, register caps, run apart): the
-       # fused pass with the next chunk's X, beta and q k^T loaded a step ahead under the block triangle
-       # (STATE_PASS_PREFETCH_TILES: the compiled pass loads them with 2-byte loads on the chain; tilesrows adds the
-       # row factors, which uncut batches still load on the chain), and with three stages where one program fills an
-       # SM (at two the pipeliner issues the k, q, v copies for step t + 1 at the end of step t and waits at once;
-       # half: two segments at 64k, so one wave of one program an SM)
+  91)  # fortieth session (carry nothing, ~6 min; 90, the stall profile, and 92 run apart): the fused pass with the
+       # next chunk's X, beta and q k^T loaded a step ahead under the block triangle (STATE_PASS_PREFETCH_TILES: the
+       # compiled pass loads them with 2-byte loads on the chain; tilesrows adds the row factors, which uncut batches
+       # still load on the chain), and with k and v loaded a step ahead into registers and the output made last
+       # (STATE_PASS_PREFETCH_KV: at two stages the pipeliner issues step t + 1's copies at the end of step t and waits
+       # at once). Offline (sm_90, Triton 3.6, the cut's main pass): tiles 88 B spilled (default 92), tiles + kv 716 B
+       # at V blocks of 64, 432 at 32, 20 at 8 warps (255 registers: one program an SM; half: two segments at 64k and
+       # 16k, one wave)
     timeout 120 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py \
       -k "prefetched_tiles or register_cap" -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -6
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     tiles="gdn_chunk.STATE_PASS_PREFETCH_TILES=True"
+    kv="$tiles,gdn_chunk.STATE_PASS_PREFETCH_KV=True"
     half="gdn_cp.CP_SEGMENT_HEADS_PER_SM=0.5,gdn_cp.CP_MIN_SEGMENT_HEADS_PER_SM=0.4"
     timeout 420 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
       --shapes 1x16384 1x65536 8x4096 --variant "tiles:$tiles" \
-      "tilesrows:$tiles,gdn_chunk.STATE_PASS_PREFETCH_ROWS=True" \
-      "tw8b128s3:$tiles,gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8,gdn_chunk.FUSED_OUTPUT_STAGES=3" \
-      "tw8s3h:$tiles,gdn_chunk.FUSED_OUTPUT_WARPS=8,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half" \
-      "ts3h:$tiles,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half" > "$OUT/forward.log" 2>&1
+      "tilesrows:$tiles,gdn_chunk.STATE_PASS_PREFETCH_ROWS=True" "tkv:$kv" \
+      "tkv32h:$kv,gdn_chunk.FUSED_OUTPUT_BV=32,$half" \
+      "tkvw8h:$kv,gdn_chunk.FUSED_OUTPUT_WARPS=8,$half" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
     ;;
-  92)  # fortieth session (carry nothing, ~4 min): the fused pass under register caps that let three or four 4-warp
-       # programs share an SM (FUSED_OUTPUT_MAXNREG, one stage; offline, sm_90, Triton 3.6, the cut's main pass: BV 32
-       # at 168 registers spills 16-176 B, BV 64 at 168 392 B, at 128 ~1 KB; c2: eight segments at 64k and 16k)
+  92)  # fortieth session (carry nothing, ~6 min): three stages where one program fills an SM (the copies of step t + 1
+       # then land during step t), and register caps that let three or four 4-warp programs share an SM
+       # (FUSED_OUTPUT_MAXNREG, one stage; offline, the cut's main pass: BV 32 at 168 registers spills 16-176 B, BV 64
+       # at 168 392 B, at 128 ~1 KB; c2: eight segments at 64k and 16k)
+    tiles="gdn_chunk.STATE_PASS_PREFETCH_TILES=True"
+    half="gdn_cp.CP_SEGMENT_HEADS_PER_SM=0.5,gdn_cp.CP_MIN_SEGMENT_HEADS_PER_SM=0.4"
     one="gdn_chunk.FUSED_OUTPUT_STAGES=1"
-    timeout 300 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
-      --shapes 1x16384 1x65536 8x4096 --variant "r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168" \
+    timeout 420 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
+      --shapes 1x16384 1x65536 8x4096 --variant \
+      "tw8b128s3:$tiles,gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8,gdn_chunk.FUSED_OUTPUT_STAGES=3" \
+      "ts3h:$tiles,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half" \
+      "r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168" \
       "b32r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168,gdn_chunk.FUSED_OUTPUT_BV=32" \
       "r128s1c2:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=128,gdn_cp.CP_SEGMENT_HEADS_PER_SM=2.0" > "$OUT/forward.log" 2>&1
     grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120

@@ -183,10 +183,12 @@ def test_register_cap_of_the_fused_pass_changes_nothing(poisoned, monkeypatch, c
 
 @pytest.mark.parametrize("cut", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_prefetched_tiles_change_nothing(poisoned, monkeypatch, cut, fused):
+@pytest.mark.parametrize("kv", [False, True])
+def test_prefetched_tiles_change_nothing(poisoned, monkeypatch, cut, fused, kv):
     """STATE_PASS_PREFETCH_TILES (the next chunk's X, beta and fused q k^T loaded during each step, under the block
-    triangle): the same output and final state, cut into segments (pre-passes included) or not, fused or not; a
-    ragged last chunk, and the step past the last chunk loading nothing."""
+    triangle), alone or with STATE_PASS_PREFETCH_KV (k and v too, the fused output made after the update): the same
+    output and final state, cut into segments (pre-passes included) or not, fused or not; a ragged last chunk, and
+    the step past the last chunk loading nothing."""
     from hybridlm.ops.triton import gdn_chunk, gdn_cp
 
     skip_where_triton_faults(32, 64)
@@ -198,9 +200,10 @@ def test_prefetched_tiles_change_nothing(poisoned, monkeypatch, cut, fused):
     monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
     outs, launches = [], []
     record_launches(monkeypatch, gdn_chunk, "chunk_gdn_fwd_h_kernel",
-                    lambda kwargs: kwargs.get("PREFETCH_TILES"), launches)
+                    lambda kwargs: kwargs.get("PREFETCH_TILES") and kwargs.get("PREFETCH_KV") == kv, launches)
     for prefetch in (False, True):
         monkeypatch.setattr(gdn_chunk, "STATE_PASS_PREFETCH_TILES", prefetch)
+        monkeypatch.setattr(gdn_chunk, "STATE_PASS_PREFETCH_KV", prefetch and kv)
         outs.append(gdn_chunk._chunk_gdn_fwd(*inputs, scale=None, initial_state=state, output_final_state=True,
                                              cu_seqlens=None))
     assert launches == [False] * (len(launches) // 2) + [True] * (len(launches) // 2), launches

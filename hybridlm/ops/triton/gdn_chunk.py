@@ -300,6 +300,13 @@ STATE_PASS_PREFETCH_ROWS: bool | None = None
 # 9B heads, the cut) issues them as 2-byte `ld.global` in the loop, on the state's chain, beside the pipelined
 # asynchronous copies of k, q and v. Off until timed.
 STATE_PASS_PREFETCH_TILES = False
+# STATE_PASS_PREFETCH_KV (folded passes): k and v of the next chunk loaded into registers during each step as well, and
+# (fused, q k^T given) the output made after the update. With two stages Triton's pipeliner issues the asynchronous
+# copies of step t + 1 (k, q, v) at the end of step t and waits for them at the start of step t + 1 (its schedule puts
+# a stage's loads after the stage it overlaps: nothing is left in flight between them in this loop), so each step
+# waits one global load on the chain; three stages hide it but take 147 KB of shared memory (one program an SM).
+# Offline it spills (the cut's main pass: 716 B at V blocks of 64, 432 at 32, 20 at 8 warps). Off until timed.
+STATE_PASS_PREFETCH_KV = False
 # (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
 # 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.
 # Having kkt_solve make the decayed q k^T and the normalised q, k in a second pass over the key slices after its
@@ -518,7 +525,7 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
     # (with the fold, BV_h is at least 32: X met a 16-wide block (64 x 64 by 64 x 16, 16-bit), which faulted in the
     # w/u kernel, Triton 3.6)
     fold_args = (dict(FOLD_WU=True, x_inv=x_inv, v=v, b=b, stride_v=v.stride(1),
-                      PREFETCH_TILES=STATE_PASS_PREFETCH_TILES) if fold else {})
+                      PREFETCH_TILES=STATE_PASS_PREFETCH_TILES, PREFETCH_KV=STATE_PASS_PREFETCH_KV) if fold else {})
     if row_norms:  # (every pass of the state: the cut's pre-passes too)
         fold_args.update(ROW_NORMS=True, rk=rk)
     k_pass = k if row_norms else k_normed

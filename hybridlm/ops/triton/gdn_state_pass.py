@@ -94,6 +94,7 @@ def chunk_gdn_fwd_h_kernel(
     # next chunk are loaded during each step, right after this chunk's have gone into their products, under the 16 x 16
     # block triangle (whole 16-byte vectors) instead of the element triangle (2-byte loads issued on the chain)
     PREFETCH_TILES: tl.constexpr = False,
+    PREFETCH_KV: tl.constexpr = False,
 ):
     tl.static_assert(not (ROW_NORMS and NORM_K), "ROW_NORMS takes raw keys with their norms given")
     tl.static_assert(not (ROW_NORMS and FUSED_O and not A_GIVEN), "ROW_NORMS with FUSED_O takes q k^T given")
@@ -144,12 +145,22 @@ def chunk_gdn_fwd_h_kernel(
     if PREFETCH_ROWS:
         f_gc, f_kh, f_up, f_q, f_last = _row_factors(p_gc, rk, rq, bos, i_t0, T, H, HV, BT, i_hk, ROW_NORMS, FUSED_O)
     prefetch_a: tl.constexpr = PREFETCH_TILES and FUSED_O and A_GIVEN
+    # PREFETCH_KV (with FOLD_WU): k and v of the next chunk loaded into registers during each step (not through the
+    # pipeliner, which issues step t + 1's copies at the end of step t and waits for them at once), and with q k^T
+    # given (ROW_NORMS or Q_NORMED q) the output made last, so the wait for q's copy comes after the state's chain
+    late_q: tl.constexpr = PREFETCH_KV and FUSED_O and A_GIVEN and (ROW_NORMS or Q_NORMED)
+    if PREFETCH_KV:
+        tl.static_assert(FOLD_WU, "PREFETCH_KV takes v from the fold")
     if PREFETCH_TILES:
         tl.static_assert(FOLD_WU, "PREFETCH_TILES takes X from the fold")
         f_X = _block_tril_tile(x_inv, bos, i_t0, T, HV, BT, i_h)
         f_beta = _beta_rows(b, bos, i_t0, T, HV, BT, i_h)
     if prefetch_a:
         f_A = _block_tril_tile(aqk, bos, i_t0, T, HV, BT, i_h)
+    if PREFETCH_KV:
+        f_k = _load_rows(p_k, i_t0 * BT, T, stride_k, K, BT, BK)
+        if not ZERO_U:
+            f_vr = _load_rows(p_v, i_t0 * BT, T, stride_v, V - i_v * BV, BT, BV)
     for i_t in range(i_t0, NT):
         b_hd = b_h.to(dtype)  # the state entering the chunk as the dot and the output pass take it
         if STORE_H:
@@ -164,14 +175,19 @@ def chunk_gdn_fwd_h_kernel(
         else:
             b_gc, b_kh_scale, b_update_scale, b_q_scale, b_last_decay = _row_factors(p_gc, rk, rq, bos, i_t, T, H,
                                                                                      HV, BT, i_hk, ROW_NORMS, FUSED_O)
-        b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
+        if PREFETCH_KV:
+            b_k = f_k
+            f_k = _load_rows(p_k, i_s + BT, T, stride_k, K, BT, BK)
+        else:
+            b_k = _load_rows(p_k, i_s, T, stride_k, K, BT, BK)
         if NORM_K:
             b_k = _l2norm_rows(b_k).to(dtype)
-        if FUSED_O:  # the products that need no v_new first: they are off the chain through the state update
+        if FUSED_O and not late_q:  # the products that need no v_new first: off the chain through the update
             b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
             if not ROW_NORMS and not Q_NORMED:
                 b_q = (_l2norm_rows(b_q) * scale).to(dtype)
             b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
+        if FUSED_O:
             if prefetch_a:
                 b_A = f_A
             elif A_GIVEN:
@@ -191,7 +207,11 @@ def chunk_gdn_fwd_h_kernel(
                 b_beta = _beta_rows(b, bos, i_t, T, HV, BT, i_h)
             b_r = -tl.dot(b_k, b_hd, input_precision=DOT_PRECISION) * b_kh_scale[:, None]
             if not ZERO_U:
-                b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
+                if PREFETCH_KV:
+                    b_r += f_vr.to(tl.float32)
+                    f_vr = _load_rows(p_v, i_s + BT, T, stride_v, V - i_v * BV, BT, BV)
+                else:
+                    b_r += _load_rows(p_v, i_s, T, stride_v, V - i_v * BV, BT, BV).to(tl.float32)
             b_v = tl.dot(b_X, (b_r * b_beta[:, None]).to(dtype), input_precision=DOT_PRECISION)
             if PREFETCH_TILES:  # the next chunk's, in flight until the next step needs them
                 f_X = _block_tril_tile(x_inv, bos, i_t + 1, T, HV, BT, i_h)
@@ -203,15 +223,24 @@ def chunk_gdn_fwd_h_kernel(
                 b_v += _load_rows(p_u, i_s, T, HV * V, V - i_v * BV, BT, BV).to(tl.float32)
         if STORE_H:
             _store_rows(p_vn, b_v, i_s, T, HV * V, V - i_v * BV, BT, BV)
-        if FUSED_O:  # v_new rounded to the input dtype, as the output pass reads it back
+        if FUSED_O and not late_q:  # v_new rounded to the input dtype, as the output pass reads it back
             b_o += tl.dot(b_A, b_v.to(dtype), input_precision=DOT_PRECISION)
             if prefetch_a:
                 f_A = _block_tril_tile(aqk, bos, i_t + 1, T, HV, BT, i_h)
             _store_rows(p_o, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
         # S <- exp(G_last) S + (k exp(G_last - G))^T v_new
+        if late_q:
+            b_vd = b_v.to(dtype)
         b_v = tl.where(m_t[:, None], b_v * b_update_scale[:, None], 0.).to(dtype)
         b_h = b_h * b_last_decay + tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PRECISION)
+        if late_q:  # the output last, from the state that entered the chunk: q's copy has had the step to land
+            b_q = _load_rows(p_q, i_s, T, stride_q, K, BT, BK)
+            b_o = tl.dot(b_q, b_hd, input_precision=DOT_PRECISION) * b_q_scale[:, None]
+            b_o += tl.dot(b_A, b_vd, input_precision=DOT_PRECISION)
+            if prefetch_a:
+                f_A = _block_tril_tile(aqk, bos, i_t + 1, T, HV, BT, i_h)
+            _store_rows(p_o, b_o, i_s, T, HV * V, V - i_v * BV, BT, BV)
 
     if STORE_FINAL_STATE:
         if FINAL_SLOT:
