@@ -214,3 +214,31 @@ def test_prefetched_tiles_change_nothing(poisoned, monkeypatch, cut, fused, kv):
         else:
             assert rel_err(outs[1][name], outs[0][name].double()) <= 1e-3, name
     check_outputs(outs[1], *inputs, state, torch.bfloat16, scale=None)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="Gluon kernels need a CUDA GPU (the interpreter does not run them)")
+@pytest.mark.parametrize("bv", [32, 64])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_gluon_main_pass_matches_the_triton_pass(poisoned, monkeypatch, bv, ragged):
+    """STATE_PASS_GLUON (the cut's main pass in Gluon, its copies placed by hand): the Triton pass's o and final
+    state within one bf16 unit, and float64's, over several segments (grouped value heads, a ragged last chunk,
+    an initial state)."""
+    from hybridlm.ops.triton import gdn_chunk, gdn_cp
+
+    *inputs, state = make_inputs(1, 1000 if ragged else 1024, 2, 4, 128, 128, torch.bfloat16, 1)
+    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", True), ("STATE_PASS_CP", True),
+                        ("CP_SEGMENT_CHUNKS", 4), ("STATE_PASS_GLUON_BV", bv)):
+        monkeypatch.setattr(gdn_chunk, flag, value)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
+    monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
+    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=None)
+    triton_pass = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    monkeypatch.setattr(gdn_chunk, "STATE_PASS_GLUON", True)
+    applies = []
+    real = gdn_chunk._gluon_pass_applies
+    monkeypatch.setattr(gdn_chunk, "_gluon_pass_applies", lambda *a: applies.append(real(*a)) or applies[-1])
+    gluon_pass = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
+    assert applies == [True], applies
+    for name in ("o", "final_state"):
+        assert rel_err(gluon_pass[name], triton_pass[name].double()) <= 2 ** -8, name
+    check_outputs(gluon_pass, *inputs, state, torch.bfloat16, scale=None)

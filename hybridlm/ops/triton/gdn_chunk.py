@@ -31,6 +31,7 @@ batches make, where it wins (fourteenth session).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -307,6 +308,12 @@ STATE_PASS_PREFETCH_TILES = False
 # waits one global load on the chain; three stages hide it but take 147 KB of shared memory (one program an SM).
 # Offline it spills (the cut's main pass: 716 B at V blocks of 64, 432 at 32, 20 at 8 warps). Off until timed.
 STATE_PASS_PREFETCH_KV = False
+# STATE_PASS_GLUON: the cut's main pass (folded, fused, row norms, q k^T given; dk 128, 16-bit, CUDA) as the Gluon
+# kernel of `gdn_state_pass_gluon`, which places its own copies (chunk t + 1's issued at the start of step t) and
+# waits three times a step instead of five. Offline (sm_90, Triton 3.6): V blocks of 32 251 registers, no spill,
+# 96 KB of shared memory; of 64 255 registers, 368 B spilled, 112 KB (two programs an SM either way). Off: never run.
+STATE_PASS_GLUON = False
+STATE_PASS_GLUON_BV = 32
 # (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
 # 9B heads, 16k 0.687 -> 0.883 ms, 64k 2.64 -> 3.47, 8 x 4k 1.18 -> 1.35; `qkkh` in `gpu_plan.sh 24`. Removed.
 # Having kkt_solve make the decayed q k^T and the normalised q, k in a second pass over the key slices after its
@@ -358,6 +365,14 @@ def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) ->
     return tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1)
 
 
+def _gluon_pass_applies(keys, fold_args, fused_args, dk) -> bool:
+    """Whether the cut's main pass runs as `gdn_state_pass_gluon` (STATE_PASS_GLUON, on a CUDA GPU): the folded,
+    fused pass with row norms and q k^T given, dk = 128, 16-bit."""
+    return (STATE_PASS_GLUON and keys.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and dk == 128
+            and keys.dtype in (torch.bfloat16, torch.float16) and fold_args.get("ROW_NORMS", False)
+            and fused_args.get("A_GIVEN", False) and not fused_args.get("Q_NORMED", False))
+
+
 def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device) -> gdn_cp.SegmentPlan | None:
     """The context-parallel segments for these sequences, or None where the plain state pass fits better."""
     total_chunks = sum(cdiv(b - a, CHUNK_SIZE) for a, b in zip(bounds[:-1], bounds[1:]))
@@ -405,6 +420,14 @@ def _segmented_state_pass(plan, keys, w, u, g_cumsum, h, v_new, initial_state, f
         initial_state, ht, mt, fallback, plan.first_segment, h_in, HV=value_heads, K=dk, V=dv, BK=BK, BV=BV_c,
         BKC=min(32, BK), USE_INITIAL_STATE=initial_state is not None, num_warps=4)
     # 3. the state pass proper, every segment at once
+    if fused_args is not None and _gluon_pass_applies(keys, fold_args, fused_args, dk):
+        from hybridlm.ops.triton.gdn_state_pass_gluon import gdn_fused_pass_gluon_kernel
+        gdn_fused_pass_gluon_kernel[(cdiv(dv, STATE_PASS_GLUON_BV), segments * value_heads)](
+            keys, fused_args["q"], fold_args["v"], fold_args["b"], g_cumsum, fold_args["x_inv"], fused_args["aqk"],
+            fold_args["rk"], fused_args["rq"], fused_args["o"], h_in, final_state, plan.final_slot, plan.cu_seqlens,
+            stride_k, fused_args["stride_q"], fold_args["stride_v"], H=common["H"], HV=value_heads, K=dk, V=dv,
+            BT=CHUNK_SIZE, BV=STATE_PASS_GLUON_BV, STORE_FINAL_STATE=final_state is not None, num_warps=4)
+        return
     BV = main_bv or BV
     launch(chunk_gdn_fwd_h_kernel, (cdiv(dv, BV), segments * value_heads),
         keys, w, u, g_cumsum, h, v_new, h_in, final_state, *tables, BV=BV, USE_INITIAL_STATE=True,
