@@ -1274,8 +1274,8 @@ Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==E
        # V blocks of 32 251 registers, no spill, 96 KB; of 64 368 B spilled, 112 KB), and the Triton pass with the
        # next chunk's X, beta, q k^T (STATE_PASS_PREFETCH_TILES) and k, v (STATE_PASS_PREFETCH_KV) loaded a step ahead.
        # Why: Triton's pipeliner issues step t + 1's copies at the end of step t and waits at once, and loads X and
-       # q k^T with 2-byte loads on the chain (benchmarks/NOTES.md, fortieth session). The Gluon pass runs only where
-       # the sequence is cut (16k and 64k here); 8 x 4k shows the Triton options alone.
+       # q k^T with 2-byte loads on the chain (benchmarks/NOTES.md, fortieth session). The Gluon pass takes the cut's
+       # main pass (16k, 64k) and the uncut fused pass (8 x 4k).
     timeout 150 python3 benchmarks/gpu_tests.py tests/ops/test_triton_gdn_fused_pass.py \
       -k "prefetched_tiles or register_cap or gluon" -j 8 > "$OUT/gpu_tests.log" 2>&1
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8

@@ -218,20 +218,25 @@ def test_prefetched_tiles_change_nothing(poisoned, monkeypatch, cut, fused, kv):
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Gluon kernels need a CUDA GPU (the interpreter does not run them)")
 @pytest.mark.parametrize("bv", [32, 64])
-@pytest.mark.parametrize("ragged", [False, True])
-def test_gluon_main_pass_matches_the_triton_pass(poisoned, monkeypatch, bv, ragged):
-    """STATE_PASS_GLUON (the cut's main pass in Gluon, its copies placed by hand): the Triton pass's o and final
-    state within one bf16 unit, and float64's, over several segments (grouped value heads, a ragged last chunk,
-    an initial state)."""
+@pytest.mark.parametrize("case", ["cut", "cut-ragged", "rows", "packed"])
+def test_gluon_state_pass_matches_the_triton_pass(poisoned, monkeypatch, bv, case):
+    """STATE_PASS_GLUON (the fused, folded state pass in Gluon, its copies placed by hand): the Triton pass's o and
+    final state within one bf16 unit, and float64's: the cut's main pass over several segments (row norms, a ragged
+    last chunk), uncut rows and packed sequences (q and k normalised beforehand); grouped value heads, initial
+    states."""
     from hybridlm.ops.triton import gdn_chunk, gdn_cp
 
-    *inputs, state = make_inputs(1, 1000 if ragged else 1024, 2, 4, 128, 128, torch.bfloat16, 1)
-    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", True), ("STATE_PASS_CP", True),
+    batch, length, offsets = {"cut": (1, 1024, None), "cut-ragged": (1, 1000, None), "rows": (2, 700, None),
+                              "packed": (1, 1000, [0, 300, 301, 1000])}[case]
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    *inputs, state = make_inputs(batch, length, 2, 4, 128, 128, torch.bfloat16,
+                                 batch if offsets is None else len(offsets) - 1)
+    for flag, value in (("FOLD_WU_INTO_H", True), ("FUSED_OUTPUT", True), ("STATE_PASS_CP", case.startswith("cut")),
                         ("CP_SEGMENT_CHUNKS", 4), ("STATE_PASS_GLUON_BV", bv)):
         monkeypatch.setattr(gdn_chunk, flag, value)
     monkeypatch.setattr(gdn_cp, "CP_MIN_HEAD_CHUNKS", 0)
     monkeypatch.setattr(gdn_cp, "CP_MIN_CHUNKS", 0)
-    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=None)
+    args = dict(scale=None, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
     triton_pass = gdn_chunk._chunk_gdn_fwd(*inputs, **args)
     monkeypatch.setattr(gdn_chunk, "STATE_PASS_GLUON", True)
     applies = []
@@ -241,4 +246,4 @@ def test_gluon_main_pass_matches_the_triton_pass(poisoned, monkeypatch, bv, ragg
     assert applies == [True], applies
     for name in ("o", "final_state"):
         assert rel_err(gluon_pass[name], triton_pass[name].double()) <= 2 ** -8, name
-    check_outputs(gluon_pass, *inputs, state, torch.bfloat16, scale=None)
+    check_outputs(gluon_pass, *inputs, state, torch.bfloat16, cu_seqlens=cu_seqlens, scale=None)

@@ -308,10 +308,11 @@ STATE_PASS_PREFETCH_TILES = False
 # waits one global load on the chain; three stages hide it but take 147 KB of shared memory (one program an SM).
 # Offline it spills (the cut's main pass: 716 B at V blocks of 64, 432 at 32, 20 at 8 warps). Off until timed.
 STATE_PASS_PREFETCH_KV = False
-# STATE_PASS_GLUON: the cut's main pass (folded, fused, row norms, q k^T given; dk 128, 16-bit, CUDA) as the Gluon
-# kernel of `gdn_state_pass_gluon`, which places its own copies (chunk t + 1's issued at the start of step t) and
-# waits three times a step instead of five. Offline (sm_90, Triton 3.6): V blocks of 32 251 registers, no spill,
-# 96 KB of shared memory; of 64 255 registers, 368 B spilled, 112 KB (two programs an SM either way). Off: never run.
+# STATE_PASS_GLUON: the fused, folded state pass (q k^T given; dk 128, 16-bit, CUDA; the cut's main pass and uncut
+# rows or packed sequences) as the Gluon kernel of `gdn_state_pass_gluon`, which places its own copies (chunk t + 1's
+# issued at the start of step t) and waits three times a step instead of five. Offline (sm_90, Triton 3.6, the cut's
+# pass): V blocks of 32 251 registers, no spill, 96 KB of shared memory; of 64 255 registers, 368 B spilled, 112 KB
+# (two programs an SM either way). Off: never run (`benchmarks/gluon_compile_check.py` compiles it).
 STATE_PASS_GLUON = False
 STATE_PASS_GLUON_BV = 32
 # (Storing q k^T once per key head without the decay, for the pass to decay per value head, lost on an H100:
@@ -365,12 +366,30 @@ def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) ->
     return tuple(range(0, (batch + 1) * length, length)) if length else (0,) * (batch + 1)
 
 
-def _gluon_pass_applies(keys, fold_args, fused_args, dk) -> bool:
-    """Whether the cut's main pass runs as `gdn_state_pass_gluon` (STATE_PASS_GLUON, on a CUDA GPU): the folded,
-    fused pass with row norms and q k^T given, dk = 128, 16-bit."""
+def _gluon_pass_applies(keys, fold_args, fused_args, dk, length) -> bool:
+    """Whether the fused, folded state pass runs as `gdn_state_pass_gluon` (STATE_PASS_GLUON, on a CUDA GPU): q k^T
+    given, and q either raw with row norms or normalised (never both), dk = 128, 16-bit, more than one token a row."""
     return (STATE_PASS_GLUON and keys.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and dk == 128
-            and keys.dtype in (torch.bfloat16, torch.float16) and fold_args.get("ROW_NORMS", False)
-            and fused_args.get("A_GIVEN", False) and not fused_args.get("Q_NORMED", False))
+            and length > 1 and keys.dtype in (torch.bfloat16, torch.float16) and fold_args.get("FOLD_WU", False)
+            and fused_args.get("A_GIVEN", False)
+            and fold_args.get("ROW_NORMS", False) != fused_args.get("Q_NORMED", False))
+
+
+def _gluon_pass(rows, keys, g_cumsum, initial_state, final_state, cu_seqlens, length, fold_args, fused_args, common,
+                final_slot=None):
+    """`gdn_state_pass_gluon.gdn_fused_pass_gluon_kernel` over `rows` sequences (segments, with `final_slot`) x value
+    heads, with the arguments the Triton pass would take."""
+    from hybridlm.ops.triton.gdn_state_pass_gluon import gdn_fused_pass_gluon_kernel
+
+    row_norms = fold_args.get("ROW_NORMS", False)
+    gdn_fused_pass_gluon_kernel[(cdiv(common["V"], STATE_PASS_GLUON_BV), rows * common["HV"])](
+        keys, fused_args["q"], fold_args["v"], fold_args["b"], g_cumsum, fold_args["x_inv"], fused_args["aqk"],
+        fold_args["rk"] if row_norms else None, fused_args["rq"] if row_norms else None, fused_args["o"],
+        initial_state, final_state, final_slot, cu_seqlens, length, keys.stride(1), fused_args["stride_q"],
+        fold_args["stride_v"], H=common["H"], HV=common["HV"], K=common["K"], V=common["V"], BT=CHUNK_SIZE,
+        BV=STATE_PASS_GLUON_BV, STORE_FINAL_STATE=final_state is not None, IS_VARLEN=cu_seqlens is not None,
+        USE_INITIAL_STATE=initial_state is not None, FINAL_SLOT=final_slot is not None, ROW_NORMS=row_norms,
+        num_warps=4)
 
 
 def segment_plan(bounds: tuple[int, ...], value_heads: int, device: torch.device) -> gdn_cp.SegmentPlan | None:
@@ -420,13 +439,9 @@ def _segmented_state_pass(plan, keys, w, u, g_cumsum, h, v_new, initial_state, f
         initial_state, ht, mt, fallback, plan.first_segment, h_in, HV=value_heads, K=dk, V=dv, BK=BK, BV=BV_c,
         BKC=min(32, BK), USE_INITIAL_STATE=initial_state is not None, num_warps=4)
     # 3. the state pass proper, every segment at once
-    if fused_args is not None and _gluon_pass_applies(keys, fold_args, fused_args, dk):
-        from hybridlm.ops.triton.gdn_state_pass_gluon import gdn_fused_pass_gluon_kernel
-        gdn_fused_pass_gluon_kernel[(cdiv(dv, STATE_PASS_GLUON_BV), segments * value_heads)](
-            keys, fused_args["q"], fold_args["v"], fold_args["b"], g_cumsum, fold_args["x_inv"], fused_args["aqk"],
-            fold_args["rk"], fused_args["rq"], fused_args["o"], h_in, final_state, plan.final_slot, plan.cu_seqlens,
-            stride_k, fused_args["stride_q"], fold_args["stride_v"], H=common["H"], HV=value_heads, K=dk, V=dv,
-            BT=CHUNK_SIZE, BV=STATE_PASS_GLUON_BV, STORE_FINAL_STATE=final_state is not None, num_warps=4)
+    if fused_args is not None and _gluon_pass_applies(keys, fold_args, fused_args, dk, length):
+        _gluon_pass(segments, keys, g_cumsum, h_in, final_state, plan.cu_seqlens, length, fold_args, fused_args,
+                    common, final_slot=plan.final_slot)
         return
     BV = main_bv or BV
     launch(chunk_gdn_fwd_h_kernel, (cdiv(dv, BV), segments * value_heads),
@@ -560,7 +575,10 @@ def _chunk_gdn_fwd(q, k, v, a, b, A_log, dt_bias, *, scale, initial_state, outpu
                           Q_NORMED=q_normed is not None, A_GIVEN=aqk is not None, aqk=aqk, STORE_H=False,
                           num_warps=FUSED_OUTPUT_WARPS, num_stages=FUSED_OUTPUT_STAGES,
                           **_register_cap(FUSED_OUTPUT_MAXNREG, fp32), **(dict(rq=rq) if row_norms else {}))
-    if plan is None:
+    if plan is None and fuse_o and _gluon_pass_applies(k_pass, fold_args, fused_args, dk, length):
+        _gluon_pass(num_states, k_pass, g_cumsum, initial_state, final_state, cu_seqlens, length, fold_args,
+                    fused_args, common)
+    elif plan is None:
         launch(state_pass_kernel(length, cu_seqlens is not None), (cdiv(dv, BV_h), num_states * value_heads),
             k_pass, w, u, g_cumsum, h, v_new, initial_state, final_state, cu_seqlens, chunk_offsets, length,
             k_pass.stride(1), BV=BV_h, USE_INITIAL_STATE=initial_state is not None,

@@ -1,7 +1,7 @@
-"""The context-parallel cut's main state pass (`gdn_state_pass.chunk_gdn_fwd_h_kernel` with FOLD_WU, FUSED_O,
-A_GIVEN, ROW_NORMS, IS_VARLEN, USE_INITIAL_STATE and FINAL_SLOT) written in Gluon (`triton.experimental.gluon`), so
-that the loop places its own copies and waits: `gdn_chunk.STATE_PASS_GLUON` (off; GPU-tested against the Triton pass,
-the interpreter does not run Gluon).
+"""The fused, folded state pass (`gdn_state_pass.chunk_gdn_fwd_h_kernel` with FOLD_WU, FUSED_O and A_GIVEN: the
+cut's main pass with ROW_NORMS and segment tables, or the uncut pass over rows or packed sequences with q and k
+normalised beforehand) written in Gluon (`triton.experimental.gluon`), so that the loop places its own copies and
+waits: `gdn_chunk.STATE_PASS_GLUON` (off; GPU-tested against the Triton pass, the interpreter does not run Gluon).
 
 Per chunk step, for chunk t of a segment (4 warps, one value head, a block of BV value columns):
 1. the asynchronous copies of chunk t + 1's k and q go out first, into the other of two buffers, and its v, X, q k^T,
@@ -61,13 +61,14 @@ def gdn_fused_pass_gluon_kernel(
     g_cumsum,  # [B, T, HV] fp32, cumulative within each chunk
     x_inv,  # [B, T, HV, BT]: (I + A)^-1 per chunk, its lower 16 x 16 block triangle stored
     aqk,  # [B, T, HV, BT]: the decayed causal q_n k_n^T scale per chunk, stored alike
-    rk,  # [B, T, H] fp32: 1 / |k| per row
-    rq,  # [B, T, H] fp32: scale / |q| per row
+    rk,  # [B, T, H] fp32: 1 / |k| per row (ROW_NORMS)
+    rq,  # [B, T, H] fp32: scale / |q| per row (ROW_NORMS)
     o,  # out [B, T, HV, V]
-    initial_state,  # [N, HV, K, V] fp32: the state entering each segment
-    final_state,  # out [*, HV, K, V] fp32 at final_slot[segment] (-1: none)
+    initial_state,  # [N, HV, K, V] fp32: the state entering each row (segment) if USE_INITIAL_STATE
+    final_state,  # out [*, HV, K, V] fp32 at final_slot[row] (-1: none) with FINAL_SLOT, else at row
     final_slot,
-    cu_seqlens,  # [N + 1] the segments' token bounds
+    cu_seqlens,  # [N + 1] the sequences' (segments') token bounds if IS_VARLEN
+    T,  # tokens per row without IS_VARLEN
     stride_k,
     stride_q,
     stride_v,
@@ -78,14 +79,21 @@ def gdn_fused_pass_gluon_kernel(
     BT: gl.constexpr,
     BV: gl.constexpr,
     STORE_FINAL_STATE: gl.constexpr,
+    IS_VARLEN: gl.constexpr = True,
+    USE_INITIAL_STATE: gl.constexpr = True,
+    FINAL_SLOT: gl.constexpr = True,  # else the final state of program row i_n goes to row i_n
+    ROW_NORMS: gl.constexpr = True,  # else k arrives normalised, q normalised and scaled (rk, rq unused)
 ):
     gl.static_assert(K == 128, "the Gluon pass is written for dk = 128")
     gl.static_assert(BT == 64, "the Gluon pass is written for 64-token chunks")
     i_v, i_nh = gl.program_id(0), gl.program_id(1)
     i_n, i_h = i_nh // HV, i_nh % HV
     i_hk = i_h // (HV // H)
-    bos = gl.load(cu_seqlens + i_n).to(gl.int64)
-    T = (gl.load(cu_seqlens + i_n + 1).to(gl.int64) - bos).to(gl.int32)
+    if IS_VARLEN:
+        bos = gl.load(cu_seqlens + i_n).to(gl.int64)
+        T = (gl.load(cu_seqlens + i_n + 1).to(gl.int64) - bos).to(gl.int32)
+    else:
+        bos = i_n.to(gl.int64) * T
     NT = gl.cdiv(T, BT)
     dtype: gl.constexpr = o.dtype.element_ty
 
@@ -114,14 +122,15 @@ def gdn_fused_pass_gluon_kernel(
     p_a = aqk + i_h * BT
     p_b = b + i_h
     p_g = g_cumsum + i_h
-    p_rk = rk + i_hk
-    p_rq = rq + i_hk
 
     o_kr = gl.arange(0, K, layout=gl.SliceLayout(1, acc_l))
     o_vc = i_v * BV + gl.arange(0, BV, layout=col_l)
     m_kv = (o_kr[:, None] < K) & (o_vc[None, :] < V)
     o_kv = o_kr[:, None] * V + o_vc[None, :]
-    b_h = gl.load(initial_state + i_nh.to(gl.int64) * K * V + o_kv, mask=m_kv, other=0.)
+    if USE_INITIAL_STATE:
+        b_h = gl.load(initial_state + i_nh.to(gl.int64) * K * V + o_kv, mask=m_kv, other=0.)
+    else:
+        b_h = gl.zeros([K, BV], gl.float32, layout=acc_l)
 
     # chunk 0 of the segment: its copies, and its register tiles and rows
     _copy_tile(k_smem.index(0), p_k, bos, 0, T, stride_k, BT, K, kq_l)
@@ -132,8 +141,12 @@ def gdn_fused_pass_gluon_kernel(
     f_a = _tile(p_a, bos, 0, T, HV * BT, BT, BT, BT, tile_l, BLOCK_TRIL=True)
     f_g = _rows(p_g, bos, 0, T, HV, BT, row_l)
     f_b = _rows(p_b, bos, 0, T, HV, BT, row_l)
-    f_rk = _rows(p_rk, bos, 0, T, H, BT, row_l)
-    f_rq = _rows(p_rq, bos, 0, T, H, BT, row_l)
+    if ROW_NORMS:
+        f_rk = _rows(rk + i_hk, bos, 0, T, H, BT, row_l)
+        f_rq = _rows(rq + i_hk, bos, 0, T, H, BT, row_l)
+    else:  # (unused: the rows are 1)
+        f_rk = gl.full([BT], 1., gl.float32, layout=row_l)
+        f_rq = f_rk
     f_last = gl.load(p_g + (bos + gl.minimum(BT, T) - 1) * HV)
     for i_t in range(0, NT):
         s = i_t % 2
@@ -147,16 +160,21 @@ def gdn_fused_pass_gluon_kernel(
         f_a = _tile(p_a, bos, i_t + 1, T, HV * BT, BT, BT, BT, tile_l, BLOCK_TRIL=True)
         f_g = _rows(p_g, bos, i_t + 1, T, HV, BT, row_l)
         f_b = _rows(p_b, bos, i_t + 1, T, HV, BT, row_l)
-        f_rk = _rows(p_rk, bos, i_t + 1, T, H, BT, row_l)
-        f_rq = _rows(p_rq, bos, i_t + 1, T, H, BT, row_l)
+        if ROW_NORMS:
+            f_rk = _rows(rk + i_hk, bos, i_t + 1, T, H, BT, row_l)
+            f_rq = _rows(rq + i_hk, bos, i_t + 1, T, H, BT, row_l)
         f_last = gl.load(p_g + (bos + gl.minimum(i_t * BT + 2 * BT, T) - 1) * HV)
 
         o_t = i_t * BT + gl.arange(0, BT, layout=row_l)
         m_t = o_t < T
         b_beta = gl.where(m_t, 1. / (1. + gl.exp(-b_beta)), 0.)
-        b_kh_scale = gl.exp(b_g) * b_rk
-        b_update_scale = gl.exp(b_g_last - b_g) * b_rk
-        b_q_scale = gl.exp(b_g) * b_rq
+        b_kh_scale = gl.exp(b_g)
+        b_update_scale = gl.exp(b_g_last - b_g)
+        b_q_scale = gl.exp(b_g)
+        if ROW_NORMS:
+            b_kh_scale = b_kh_scale * b_rk
+            b_update_scale = b_update_scale * b_rk
+            b_q_scale = b_q_scale * b_rq
 
         h_smem.store(b_h.to(dtype))
         x_smem.store(b_x)
@@ -184,6 +202,9 @@ def gdn_fused_pass_gluon_kernel(
     cp.wait_group(0)
 
     if STORE_FINAL_STATE:
-        i_f = gl.load(final_slot + i_n)
-        if i_f >= 0:
-            gl.store(final_state + (i_f * HV + i_h).to(gl.int64) * K * V + o_kv, b_h, mask=m_kv)
+        if FINAL_SLOT:
+            i_f = gl.load(final_slot + i_n)
+            if i_f >= 0:
+                gl.store(final_state + (i_f * HV + i_h).to(gl.int64) * K * V + o_kv, b_h, mask=m_kv)
+        else:
+            gl.store(final_state + i_nh.to(gl.int64) * K * V + o_kv, b_h, mask=m_kv)
