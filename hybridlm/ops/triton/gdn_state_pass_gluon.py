@@ -201,10 +201,9 @@ def gdn_fused_pass_gluon_kernel(
                  mask=m_t[:, None] & (o_vc[None, :] < V))
     cp.wait_group(0)
 
-    if STORE_FINAL_STATE:
+    if STORE_FINAL_STATE:  # at row final_slot[i_n] (none where it is -1) with FINAL_SLOT, else at row i_n
+        i_f = i_n
         if FINAL_SLOT:
             i_f = gl.load(final_slot + i_n)
-            if i_f >= 0:
-                gl.store(final_state + (i_f * HV + i_h).to(gl.int64) * K * V + o_kv, b_h, mask=m_kv)
-        else:
-            gl.store(final_state + i_nh.to(gl.int64) * K * V + o_kv, b_h, mask=m_kv)
+        if i_f >= 0:
+            gl.store(final_state + (i_f * HV + i_h).to(gl.int64) * K * V + o_kv, b_h, mask=m_kv)
