@@ -1271,7 +1271,7 @@ Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==E
     ;;
   91)  # fortieth session (carry nothing, ~6 min; 90, the stall profile, 92 and 93 run apart): the cut's main pass in
        # Gluon (STATE_PASS_GLUON: chunk t + 1's copies issued at the start of step t, three waits a step; offline
-       # V blocks of 32 251 registers, no spill, 96 KB; of 64 368 B spilled, 112 KB), and the Triton pass with the
+       # V blocks of 32 251 registers, no spill, 96 KB; of 64 356 B spilled, 112 KB), and the Triton pass with the
        # next chunk's X, beta, q k^T (STATE_PASS_PREFETCH_TILES) and k, v (STATE_PASS_PREFETCH_KV) loaded a step ahead.
        # Why: Triton's pipeliner issues step t + 1's copies at the end of step t and waits at once, and loads X and
        # q k^T with 2-byte loads on the chain (benchmarks/NOTES.md, fortieth session). The Gluon pass takes the cut's

@@ -311,7 +311,7 @@ STATE_PASS_PREFETCH_KV = False
 # STATE_PASS_GLUON: the fused, folded state pass (q k^T given; dk 128, 16-bit, CUDA; the cut's main pass and uncut
 # rows or packed sequences) as the Gluon kernel of `gdn_state_pass_gluon`, which places its own copies (chunk t + 1's
 # issued at the start of step t) and waits three times a step instead of five. Offline (sm_90, Triton 3.6, the cut's
-# pass): V blocks of 32 251 registers, no spill, 96 KB of shared memory; of 64 255 registers, 368 B spilled, 112 KB
+# pass): V blocks of 32 251 registers, no spill, 96 KB of shared memory; of 64 255 registers, 356 B spilled, 112 KB
 # (two programs an SM either way). Off: never run (`benchmarks/gluon_compile_check.py` compiles it).
 STATE_PASS_GLUON = False
 STATE_PASS_GLUON_BV = 32
