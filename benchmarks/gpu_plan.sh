@@ -141,6 +141,14 @@ serving_option_runs() {  # the 0.8B throughput workload once per argument after 
 serving_split_runs() {  # the same for split_mixed_steps
   serving_option_runs split_mixed_steps "$@"
 }
+nine_b_forward_variants() {  # ours only at 9B heads, 1 x 16k, 1 x 64k and 8 x 4k, beside each --variant
+  # NAME:SETTINGS after the first argument (the timeout in seconds); the lines of the table and any failure
+  local limit=$1
+  shift
+  timeout "$limit" python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
+    --shapes 1x16384 1x65536 8x4096 --variant "$@" > "$OUT/forward.log" 2>&1
+  grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+}
 
 case "${1:-}" in
   install)  # only the carried wheels into /tmp/site (above): the first of two calls on one warm machine
@@ -1281,11 +1289,9 @@ Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==E
     grep -v '^PASS' "$OUT/gpu_tests.log" | tail -8
     echo "passed: $(grep -c '^PASS' "$OUT/gpu_tests.log")"
     tiles="gdn_chunk.STATE_PASS_PREFETCH_TILES=True"
-    timeout 400 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
-      --shapes 1x16384 1x65536 8x4096 --variant "gluon:gdn_chunk.STATE_PASS_GLUON=True" \
+    nine_b_forward_variants 400 "gluon:gdn_chunk.STATE_PASS_GLUON=True" \
       "gluon64:gdn_chunk.STATE_PASS_GLUON=True,gdn_chunk.STATE_PASS_GLUON_BV=64" "tiles:$tiles" \
-      "tkv:$tiles,gdn_chunk.STATE_PASS_PREFETCH_KV=True" > "$OUT/forward.log" 2>&1
-    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+      "tkv:$tiles,gdn_chunk.STATE_PASS_PREFETCH_KV=True"
     ;;
   92)  # fortieth session (carry nothing, ~6 min): more of the Triton pass's options: the row factors a step ahead too
        # (uncut batches still load them on the chain), k and v ahead at V blocks of 32 or at 8 warps (offline spills:
@@ -1294,22 +1300,18 @@ Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|==E
     tiles="gdn_chunk.STATE_PASS_PREFETCH_TILES=True"
     kv="$tiles,gdn_chunk.STATE_PASS_PREFETCH_KV=True"
     half="gdn_cp.CP_SEGMENT_HEADS_PER_SM=0.5,gdn_cp.CP_MIN_SEGMENT_HEADS_PER_SM=0.4"
-    timeout 450 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
-      --shapes 1x16384 1x65536 8x4096 --variant "tilesrows:$tiles,gdn_chunk.STATE_PASS_PREFETCH_ROWS=True" \
+    nine_b_forward_variants 450 "tilesrows:$tiles,gdn_chunk.STATE_PASS_PREFETCH_ROWS=True" \
       "tkv32h:$kv,gdn_chunk.FUSED_OUTPUT_BV=32,$half" "tkvw8h:$kv,gdn_chunk.FUSED_OUTPUT_WARPS=8,$half" \
       "tw8b128s3:$tiles,gdn_chunk.FUSED_OUTPUT_BV=128,gdn_chunk.FUSED_OUTPUT_WARPS=8,gdn_chunk.FUSED_OUTPUT_STAGES=3" \
-      "ts3h:$tiles,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half" > "$OUT/forward.log" 2>&1
-    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+      "ts3h:$tiles,gdn_chunk.FUSED_OUTPUT_STAGES=3,$half"
     ;;
   93)  # fortieth session (carry nothing, ~4 min): the fused pass under register caps that let three or four 4-warp
        # programs share an SM (FUSED_OUTPUT_MAXNREG, one stage; offline, sm_90, Triton 3.6, the cut's main pass: BV 32
        # at 168 registers spills 16-176 B, BV 64 at 168 392 B, at 128 ~1 KB; c2: eight segments at 64k and 16k)
     one="gdn_chunk.FUSED_OUTPUT_STAGES=1"
-    timeout 300 python3 benchmarks/bench_gdn.py --no-peers --kinds forward --models 9B \
-      --shapes 1x16384 1x65536 8x4096 --variant "r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168" \
+    nine_b_forward_variants 300 "r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168" \
       "b32r168s1:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=168,gdn_chunk.FUSED_OUTPUT_BV=32" \
-      "r128s1c2:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=128,gdn_cp.CP_SEGMENT_HEADS_PER_SM=2.0" > "$OUT/forward.log" 2>&1
-    grep -h '^forward \|failed\|Error' "$OUT/forward.log" | cut -c1-120
+      "r128s1c2:$one,gdn_chunk.FUSED_OUTPUT_MAXNREG=128,gdn_cp.CP_SEGMENT_HEADS_PER_SM=2.0"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_plan.sh install|1|2|...|58" >&2
